@@ -1,0 +1,366 @@
+"""The ``pii_*`` settings: one declarative table, parsed once into a frozen object.
+
+Each :class:`Option` has a real Python type, a default, a converter that
+validates and a one-line doc (docs/configuration.md is generated from this
+table).  Celery's own string ``typemap`` is not used: it has drifted from its
+table (``KeyError: 'bytes'``).
+
+Settings come from ``app.conf`` (so Django's ``CELERY_PII_*`` with
+``config_from_object(..., namespace="CELERY")`` works too).  An unknown
+``pii_*`` key, a wrong type or an out-of-range value raises
+:class:`~celery_pii.exceptions.ConfigurationError` naming the setting and the
+fix.  Messages never echo a value: ``pii_master_key`` may hold key material.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Final
+
+from ._crypto import Algorithm
+from ._retention import RetentionPolicy
+from .exceptions import ConfigurationError
+
+__all__ = ["DETECT_MODES", "OPTIONS", "Option", "Settings", "settings_from_conf"]
+
+DETECT_MODES: Final = ("off", "warn", "encrypt", "refuse")
+INNER_SERIALIZERS: Final = ("json", "msgpack")
+KEY_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every ``pii_*`` setting, validated.  Field names drop the ``pii_`` prefix."""
+
+    master_key: str
+    key_store_url: str
+    algorithm: Algorithm
+    default_key: str
+    inner_serializer: str
+    compression_threshold: int | None
+    key_cache_ttl: float
+    rotation_interval: timedelta
+    rotation_max_messages: int
+    max_key_versions: int
+    default_retention: RetentionPolicy
+    detect: str
+    redact_headers: bool
+    allow_plaintext: bool
+    quarantine_queue: str
+    key_store_connect_timeout: float
+    key_unavailable_retry_delay: float
+    kms_endpoint_url: str | None
+    kms_region: str | None
+    actor: str | None
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated by the caller)."""
+        return dataclasses.replace(self, **changes)
+
+
+Converter = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One ``pii_*`` setting: its default, converter and documentation."""
+
+    name: str
+    default: Any
+    convert: Converter
+    doc: str
+    type_doc: str
+
+    @property
+    def field(self) -> str:
+        """The :class:`Settings` field this option fills."""
+        return self.name.removeprefix("pii_")
+
+
+def _fail(setting: str, expectation: str) -> ConfigurationError:
+    return ConfigurationError(f"setting {setting}: {expectation}")
+
+
+def _string(pattern: re.Pattern[str] | None = None, hint: str = "") -> Converter:
+    def convert(value: Any, setting: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise _fail(setting, "must be a non-empty string")
+        if pattern is not None and not pattern.match(value):
+            raise _fail(setting, hint)
+        return value
+
+    return convert
+
+
+def _optional_string(value: Any, setting: str) -> str | None:
+    if value is None:
+        return None
+    return _string()(value, setting)  # type: ignore[no-any-return]
+
+
+def _choice(choices: tuple[str, ...]) -> Converter:
+    def convert(value: Any, setting: str) -> str:
+        if value not in choices:
+            raise _fail(setting, "must be one of " + ", ".join(repr(c) for c in choices))
+        return str(value)
+
+    return convert
+
+
+def _integer(low: int, high: int, *, allow_none: bool = False) -> Converter:
+    def convert(value: Any, setting: str) -> int | None:
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            none = " or None" if allow_none else ""
+            raise _fail(setting, f"must be an integer from {low} to {high}{none}")
+        return value
+
+    return convert
+
+
+def _seconds(low: float, high: float) -> Converter:
+    def convert(value: Any, setting: str) -> float:
+        if isinstance(value, timedelta):
+            value = value.total_seconds()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise _fail(setting, f"must be a number of seconds (or a timedelta) from {low} to {high}")
+        return float(value)
+
+    return convert
+
+
+def _duration(value: Any, setting: str) -> timedelta:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = timedelta(seconds=value)
+    if not isinstance(value, timedelta) or value <= timedelta(0):
+        raise _fail(setting, "must be a positive datetime.timedelta (or seconds)")
+    return value
+
+
+def _boolean(value: Any, setting: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(setting, "must be True or False")
+    return value
+
+
+def _algorithm(value: Any, setting: str) -> Algorithm:
+    if isinstance(value, Algorithm):
+        return value
+    try:
+        return Algorithm(value)
+    except ValueError:
+        choices = ", ".join(repr(a.value) for a in Algorithm)
+        raise _fail(setting, f"must be one of {choices}") from None
+
+
+def _retention(value: Any, setting: str) -> RetentionPolicy:
+    if not isinstance(value, RetentionPolicy) or value.is_default:
+        raise _fail(setting, "must be a RetentionPolicy other than use_default()")
+    return value
+
+
+def _master_key_spec(value: Any, setting: str) -> str:
+    # Only the form is checked here; the key itself is loaded by _sources,
+    # which never echoes it either.
+    if not isinstance(value, str) or ":" not in value:
+        raise _fail(
+            setting,
+            "must be a key source: 'env:NAME', 'file:PATH', 'static:BASE64' (tests only) "
+            "or 'aws-kms://KEY-ID'",
+        )
+    return value
+
+
+_KEY_ID_HINT = "must be 1-128 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
+
+OPTIONS: Final[tuple[Option, ...]] = (
+    Option(
+        "pii_master_key",
+        "env:CELERY_PII_MASTER_KEY",
+        _master_key_spec,
+        "Key source of the master key that wraps data keys (it never encrypts payloads): "
+        "`env:NAME`, `file:PATH`, `static:BASE64` (tests only, warns) or `aws-kms://KEY-ID`.",
+        "str",
+    ),
+    Option(
+        "pii_key_store_url",
+        "sqlite:///celery_pii_keys.db",
+        _string(),
+        "SQLAlchemy URL of the key store (PostgreSQL, MySQL/MariaDB, SQLite).",
+        "str",
+    ),
+    Option(
+        "pii_algorithm",
+        Algorithm.AES_256_GCM,
+        _algorithm,
+        "AEAD algorithm for newly generated data keys: `aes-256-gcm` or `chacha20-poly1305`.",
+        "str",
+    ),
+    Option(
+        "pii_default_key",
+        "default",
+        _string(KEY_ID_PATTERN, _KEY_ID_HINT),
+        "Key id for tasks that name none with the `pii_key=` task option.",
+        "str",
+    ),
+    Option(
+        "pii_inner_serializer",
+        "json",
+        _choice(INNER_SERIALIZERS),
+        "How the rest of the message body is encoded: `json` or `msgpack` (extra `msgpack`).",
+        "str",
+    ),
+    Option(
+        "pii_compression_threshold",
+        1024,
+        _integer(0, 2**31, allow_none=True),
+        "Bytes; sealed plaintext above it is zlib-compressed before encryption. `None` disables.",
+        "int | None",
+    ),
+    Option(
+        "pii_key_cache_ttl",
+        3600.0,
+        _seconds(1, 86400 * 7),
+        "Seconds a data key stays in process memory; other processes stop using a destroyed "
+        "key within this time.",
+        "float",
+    ),
+    Option(
+        "pii_rotation_interval",
+        timedelta(days=90),
+        _duration,
+        "Age after which `celery_pii.rotate_keys` makes a new key version.",
+        "timedelta",
+    ),
+    Option(
+        "pii_rotation_max_messages",
+        2**31,
+        _integer(1, 2**32),
+        "Encryptions under one key version after which it rotates (random 96-bit nonces).",
+        "int",
+    ),
+    Option(
+        "pii_max_key_versions",
+        5,
+        _integer(1, 1000),
+        "Versions kept decryptable per key id (one active, the rest retired); "
+        "`rotate_keys` destroys older ones.",
+        "int",
+    ),
+    Option(
+        "pii_default_retention",
+        RetentionPolicy.keep_indefinitely(),
+        _retention,
+        "Retention for tasks without `pii_retention=`.",
+        "RetentionPolicy",
+    ),
+    Option(
+        "pii_detect",
+        "off",
+        _choice(DETECT_MODES),
+        "Automatic PII detection on publish: `off`, `warn` (log and count undeclared PII), "
+        "`encrypt` (seal what it finds), `refuse` (publishing undeclared PII raises).",
+        "str",
+    ),
+    Option(
+        "pii_redact_headers",
+        True,
+        _boolean,
+        "Replace argsrepr/kwargsrepr and every other repr of PII with redacted text.",
+        "bool",
+    ),
+    Option(
+        "pii_allow_plaintext",
+        False,
+        _boolean,
+        "Rollout mode: workers also accept legacy plaintext `json` messages.",
+        "bool",
+    ),
+    Option(
+        "pii_quarantine_queue",
+        "celery_pii.quarantine",
+        _string(),
+        "Queue where messages that fail authentication are parked, never silently dropped.",
+        "str",
+    ),
+    Option(
+        "pii_key_store_connect_timeout",
+        5.0,
+        _seconds(0.1, 300),
+        "Seconds to wait for the key store before raising `KeyStoreUnavailable`.",
+        "float",
+    ),
+    Option(
+        "pii_key_unavailable_retry_delay",
+        5.0,
+        _seconds(0, 3600),
+        "Seconds before a task whose key store was unreachable is retried (doubling, at most "
+        "ten times that).",
+        "float",
+    ),
+    Option(
+        "pii_kms_endpoint_url",
+        None,
+        _optional_string,
+        "Endpoint of the AWS KMS API for `aws-kms://` master keys (default: AWS's own).",
+        "str | None",
+    ),
+    Option(
+        "pii_kms_region",
+        None,
+        _optional_string,
+        "AWS region for `aws-kms://` master keys (default: the standard AWS settings).",
+        "str | None",
+    ),
+    Option(
+        "pii_actor",
+        None,
+        _optional_string,
+        "Name recorded as the actor in key audit records (default: host and pid).",
+        "str | None",
+    ),
+)
+
+_BY_NAME: Final = {option.name: option for option in OPTIONS}
+
+
+def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
+    """Read and validate every ``pii_*`` setting from a Celery ``app.conf``.
+
+    Raises:
+        ConfigurationError: an unknown ``pii_*`` key or an invalid value; the
+            message names the setting and what it must be.
+    """
+    # Reading first also finalizes a lazy Celery configuration, which is when
+    # it learns its namespace prefix (needed by _pii_keys).
+    raw = {option.name: conf.get(option.name, option.default) for option in OPTIONS}
+    for key in _pii_keys(conf):
+        if key not in _BY_NAME:
+            close = difflib.get_close_matches(key, _BY_NAME, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            msg = f"unknown setting {key}{hint}; the pii_* settings are listed in docs/configuration.md"
+            raise ConfigurationError(msg)
+    values = {option.field: option.convert(raw[option.name], option.name) for option in OPTIONS}
+    return Settings(**values)
+
+
+def _pii_keys(conf: Mapping[str, Any]) -> set[str]:
+    # With config_from_object(..., namespace="CELERY"), Django-style keys are
+    # stored as CELERY_PII_*; Celery resolves them on get() but keys() shows
+    # them as written.
+    prefix: str = getattr(conf, "__dict__", {}).get("prefix") or ""
+    found = set()
+    for key in conf:
+        name = key
+        if prefix and name.upper().startswith(prefix.upper()):
+            name = name[len(prefix) :]
+        name = name.lower()
+        if name.startswith("pii_"):
+            found.add(name)
+    return found

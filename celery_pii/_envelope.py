@@ -1,0 +1,241 @@
+"""The sealed envelope: versioned, length-framed, bound to its place.
+
+One envelope holds every sealed value of one task call (one AEAD operation
+per message and key, not one per field).  Layout, all integers big-endian::
+
+    offset  size  field
+    0       1     envelope version (1)
+    1       1     flags: bit 0 compressed, bit 1 result (not a task call)
+    2       1     algorithm code
+    3       4     key version
+    7       1+n   key id (length byte, UTF-8)
+    .       1+n   task id the values are bound to (length byte; empty = any)
+    .       2     number of positional arguments when sealed
+    .       4+n   locations (length, compact JSON list of location lists)
+    .       12    nonce
+    .       rest  ciphertext || 16-byte tag
+
+Everything before the nonce is the *header*; the associated data is the
+header followed by the task name, so the envelope version, key id and
+version, algorithm, task id, field locations and task name are all
+authenticated: a value moved to another task or field, or a header edited
+to an older version, fails to open.
+
+The sealed plaintext is the JSON list of values (kombu's JSON, so datetimes,
+decimals and UUIDs keep their type), zlib-compressed above a threshold.
+
+This module does no I/O and imports no Celery; keys are handed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kombu.utils import json as kombu_json
+
+from ._crypto import NONCE_SIZE, TAG_SIZE, Algorithm, DataKey, compress, decompress
+from ._paths import Location
+from .exceptions import DecryptionFailed, EncryptionFailed
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_LOCATIONS",
+    "Envelope",
+    "Kind",
+    "parse",
+    "seal",
+]
+
+ENVELOPE_VERSION: Final = 1
+MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
+MAX_PLAINTEXT_BYTES: Final = 64 * 1024 * 1024
+MAX_LOCATIONS: Final = 1_000_000
+MAX_LOCATION_DEPTH: Final = 64
+
+_FLAG_COMPRESSED: Final = 0x01
+_FLAG_RESULT: Final = 0x02
+_MAX_SHORT: Final = 255
+_MAX_ARGS: Final = 0xFFFF
+_FIXED = struct.Struct(">BBBI")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+class Kind(enum.Enum):
+    """What the sealed values belong to."""
+
+    TASK = 0  # arguments of a task call: opened where the task runs
+    RESULT = 1  # a stored result: opened by whoever reads it with keys
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed (not yet authenticated) envelope."""
+
+    key_id: str
+    key_version: int
+    algorithm: Algorithm
+    kind: Kind
+    task_id: str
+    args_len: int
+    locations: tuple[Location, ...]
+    compressed: bool
+    header: bytes
+    sealed: memoryview
+
+    def open(self, key: DataKey, *, task_name: str) -> list[Any]:
+        """Authenticate and decrypt; returns the values in location order.
+
+        Raises:
+            DecryptionFailed: tampered, wrong key, wrong task, bad format.
+        """
+        if key.key_id != self.key_id or key.version != self.key_version:
+            raise DecryptionFailed
+        plaintext = key.open(self.sealed, _associated_data(self.header, task_name))
+        if self.compressed:
+            plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
+        try:
+            values: object = kombu_json.loads(plaintext)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError, RecursionError):
+            raise DecryptionFailed from None
+        if not isinstance(values, list) or len(values) != len(self.locations):
+            raise DecryptionFailed
+        return values
+
+
+def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
+    key: DataKey,
+    values: Sequence[Any],
+    *,
+    locations: Sequence[Location],
+    task_name: str,
+    task_id: str,
+    args_len: int,
+    kind: Kind = Kind.TASK,
+    compression_threshold: int | None = None,
+    _nonce: bytes | None = None,
+) -> str:
+    """Seal ``values`` found at ``locations``; returns the envelope as ASCII text.
+
+    Raises:
+        TypeError: a value cannot be encoded as JSON.
+        EncryptionFailed: the task id or argument count does not fit.
+    """
+    text: str = kombu_json.dumps(  # type: ignore[no-untyped-call]
+        list(values), separators=(",", ":"), ensure_ascii=False
+    )
+    plaintext = text.encode()
+    flags = _FLAG_RESULT if kind is Kind.RESULT else 0
+    if compression_threshold is not None and len(plaintext) > compression_threshold:
+        plaintext = compress(plaintext)
+        flags |= _FLAG_COMPRESSED
+    header = _header(key, flags, task_id, args_len, locations)
+    associated_data = _associated_data(header, task_name)
+    if _nonce is None:
+        sealed = key.seal(plaintext, associated_data)
+    else:  # known-answer tests only
+        sealed = key._seal_with_nonce(_nonce, plaintext, associated_data)  # noqa: SLF001
+    return base64.b64encode(header + sealed).decode("ascii")
+
+
+def _header(key: DataKey, flags: int, task_id: str, args_len: int, locations: Sequence[Location]) -> bytes:
+    key_id = key.key_id.encode()
+    bound_id = task_id.encode()
+    if len(bound_id) > _MAX_SHORT or not 0 <= args_len <= _MAX_ARGS:
+        msg = "task id longer than 255 bytes or more than 65535 positional arguments"
+        raise EncryptionFailed(msg)
+    where = json.dumps(locations, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"".join(
+        (
+            _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version),
+            bytes((len(key_id),)),
+            key_id,
+            bytes((len(bound_id),)),
+            bound_id,
+            _U16.pack(args_len),
+            _U32.pack(len(where)),
+            where,
+        )
+    )
+
+
+def _associated_data(header: bytes, task_name: str) -> bytes:
+    return header + task_name.encode()
+
+
+def parse(token: object) -> Envelope:
+    """Parse an envelope without authenticating it.
+
+    Raises:
+        DecryptionFailed: not an envelope of a version we read.
+    """
+    if not isinstance(token, str) or len(token) > MAX_ENVELOPE_BYTES * 4 // 3 + 4:
+        raise DecryptionFailed
+    try:
+        data = base64.b64decode(token, validate=True)
+    except (binascii.Error, ValueError):
+        raise DecryptionFailed from None
+    try:
+        return _parse_bytes(data)
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError):
+        raise DecryptionFailed from None
+
+
+def _parse_bytes(data: bytes) -> Envelope:
+    version, flags, alg_code, key_version = _FIXED.unpack_from(data, 0)
+    if version != ENVELOPE_VERSION or flags & ~(_FLAG_COMPRESSED | _FLAG_RESULT):
+        raise DecryptionFailed
+    pos = _FIXED.size
+    key_id, pos = _short_text(data, pos)
+    task_id, pos = _short_text(data, pos)
+    (args_len,) = _U16.unpack_from(data, pos)
+    (where_len,) = _U32.unpack_from(data, pos + 2)
+    pos += 6
+    where = data[pos : pos + where_len]
+    pos += where_len
+    if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE or not key_id:
+        raise DecryptionFailed
+    return Envelope(
+        key_id=key_id,
+        key_version=key_version,
+        algorithm=Algorithm.from_code(alg_code),
+        kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,
+        task_id=task_id,
+        args_len=args_len,
+        locations=_parse_locations(where),
+        compressed=bool(flags & _FLAG_COMPRESSED),
+        header=data[:pos],
+        sealed=memoryview(data)[pos:],
+    )
+
+
+def _short_text(data: bytes, pos: int) -> tuple[str, int]:
+    length = data[pos]
+    end = pos + 1 + length
+    if end > len(data):
+        raise DecryptionFailed
+    return data[pos + 1 : end].decode(), end
+
+
+def _parse_locations(raw: bytes) -> tuple[Location, ...]:
+    parsed = json.loads(raw)
+    if not isinstance(parsed, list) or len(parsed) > MAX_LOCATIONS:
+        raise DecryptionFailed
+    locations = []
+    for item in parsed:
+        if not isinstance(item, list) or not 0 < len(item) <= MAX_LOCATION_DEPTH:
+            raise DecryptionFailed
+        for part in item:
+            # bool is an int subclass; JSON never produces it for an index.
+            if not (isinstance(part, str) or (type(part) is int and part >= 0)):
+                raise DecryptionFailed
+        locations.append(tuple(item))
+    return tuple(locations)

@@ -1,0 +1,361 @@
+"""Field paths: the grammar users write in ``pii_fields`` and where it points.
+
+Grammar (DESIGN §1)::
+
+    path     := first rest*
+    first    := NAME | "[" INT "]" | "[*]" | "[" JSON-STRING "]"
+    rest     := "." NAME | "[" INT "]" | "[*]" | "[" JSON-STRING "]"
+    NAME     := letter or "_", then letters, digits, "_" or "-"
+
+``customer.email``, ``items[*].serial``, ``rows[3][1]``, ``headers["x.y"]``.
+
+A parsed path is a tuple of parts: ``str`` (dict key or parameter name),
+``int`` (list index) or :data:`WILDCARD`.
+
+A *location* is a concrete path inside a task call ``(args, kwargs)``: its
+first part is an ``int`` for a positional argument or a ``str`` for a keyword
+argument; the rest are dict keys and list indices.  The envelope records
+locations, so opening never needs the task's signature.
+
+This module does no I/O and imports no Celery.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, TypeAlias
+
+from .exceptions import ConfigurationError
+
+__all__ = [
+    "WILDCARD",
+    "Binder",
+    "Location",
+    "Part",
+    "format_path",
+    "get_at",
+    "parse_path",
+    "replace_in_copies",
+    "set_in_place",
+]
+
+
+class _Wildcard:
+    """The ``[*]`` part: every element of a list."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "WILDCARD"
+
+
+WILDCARD: Final = _Wildcard()
+
+Part: TypeAlias = "str | int | _Wildcard"
+Location: TypeAlias = "tuple[str | int, ...]"
+
+# A path longer than this is refused: no real payload nests this deep, and a
+# bound keeps every walk over paths linear in the input.
+MAX_PATH_PARTS: Final = 64
+MAX_PATH_LENGTH: Final = 1024
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_INDEX = re.compile(r"\[(?:(\*)|(0|[1-9][0-9]{0,8}))\]")
+_NAME_ONLY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
+_json_decoder = json.JSONDecoder()
+
+
+def parse_path(text: object, *, task: str | None = None) -> tuple[Part, ...]:
+    """Parse a field path into its parts.
+
+    Arguments:
+        text: the path, e.g. ``"items[*].serial"`` (anything else is refused).
+        task: the task name, used only in the error message.
+
+    Raises:
+        ConfigurationError: the path is malformed; the message names the
+            path and the task.
+    """
+    if not isinstance(text, str):
+        msg = f"{_where(task)}field paths must be strings"
+        raise ConfigurationError(msg)
+    if not text or len(text) > MAX_PATH_LENGTH:
+        raise _malformed(text, task, "empty or longer than 1024 characters")
+    parts: list[Part] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos] == "[":
+            pos = _parse_bracket(text, pos, parts, task)
+        else:
+            if parts:
+                if text[pos] != ".":
+                    raise _malformed(text, task, f"unexpected character at offset {pos}")
+                pos += 1
+            match = _NAME.match(text, pos)
+            if match is None:
+                raise _malformed(text, task, f"expected a name at offset {pos}")
+            parts.append(match.group())
+            pos = match.end()
+        if len(parts) > MAX_PATH_PARTS:
+            raise _malformed(text, task, f"more than {MAX_PATH_PARTS} parts")
+    return tuple(parts)
+
+
+def _parse_bracket(text: str, pos: int, parts: list[Part], task: str | None) -> int:
+    match = _INDEX.match(text, pos)
+    if match is not None:
+        parts.append(WILDCARD if match.group(1) else int(match.group(2)))
+        return match.end()
+    if text.startswith('["', pos):
+        try:
+            key, end = _json_decoder.raw_decode(text, pos + 1)
+        except ValueError:
+            key, end = None, pos
+        if isinstance(key, str) and text.startswith("]", end):
+            parts.append(key)
+            return end + 1
+    raise _malformed(text, task, f"bad bracket at offset {pos}")
+
+
+def _where(task: str | None) -> str:
+    return f"task {task!r}: " if task else ""
+
+
+def _malformed(text: object, task: str | None, why: str) -> ConfigurationError:
+    # Paths are configuration written by the developer, not payload, so the
+    # path itself may be quoted (shortened, in case a value was pasted in).
+    shown = str(text)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ConfigurationError(f"{_where(task)}malformed field path {shown!r}: {why}")
+
+
+def format_path(parts: Sequence[Part]) -> str:
+    """Render parts (or a location) in the field-path grammar.
+
+    ``format_path(("customer", "email")) == "customer.email"``,
+    ``format_path((0, "email")) == "[0].email"``.
+    """
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        if isinstance(part, str):
+            if _NAME_ONLY.match(part):
+                out.append(part if i == 0 else "." + part)
+            else:
+                out.append("[" + json.dumps(part, ensure_ascii=False) + "]")
+        elif isinstance(part, int):
+            out.append(f"[{part}]")
+        else:
+            out.append("[*]")
+    return "".join(out)
+
+
+class Binder:
+    """Turns declared field paths into concrete locations in a task call.
+
+    Built once per task from its function signature; positional arguments are
+    matched to parameter names, so ``charge.delay("4111...")`` and
+    ``charge.delay(card_number="4111...")`` seal the same field.
+    """
+
+    __slots__ = ("_fields", "_index", "_named", "_var_keyword", "_var_positional", "paths")
+
+    def __init__(
+        self,
+        fun: Callable[..., Any],
+        paths: Sequence[str],
+        *,
+        task: str,
+    ) -> None:
+        """Validate ``paths`` against ``fun``'s parameters.
+
+        Raises:
+            ConfigurationError: a path is malformed or names no parameter.
+        """
+        try:
+            signature = inspect.signature(fun)
+        except (TypeError, ValueError):
+            signature = None
+        positional: list[str] = []
+        named: set[str] = set()
+        var_positional = var_keyword = None
+        if signature is None:
+            var_positional, var_keyword = "args", "kwargs"
+        else:
+            for param in signature.parameters.values():
+                if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                    positional.append(param.name)
+                    named.add(param.name)
+                elif param.kind is param.KEYWORD_ONLY:
+                    named.add(param.name)
+                elif param.kind is param.VAR_POSITIONAL:
+                    var_positional = param.name
+                else:
+                    var_keyword = param.name
+        self._index = {name: i for i, name in enumerate(positional)}
+        self._named = frozenset(named)
+        self._var_positional = var_positional
+        self._var_keyword = var_keyword
+        self.paths = tuple(paths)
+        fields: list[tuple[str, tuple[Part, ...]]] = []
+        for text in self.paths:
+            parts = parse_path(text, task=task)
+            head = parts[0]
+            if not isinstance(head, str):
+                raise _malformed(text, task, "must start with a parameter name")
+            known = head in named or head in (var_positional, var_keyword)
+            if not known and var_keyword is None:
+                msg = f"task {task!r}: field path {text!r} names no parameter of the task function"
+                raise ConfigurationError(msg)
+            fields.append((head, parts[1:]))
+        self._fields = tuple(fields)
+
+    def locate(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, prefix: int = 0
+    ) -> Iterator[tuple[Location, Any]]:
+        """Yield ``(location, value)`` for every declared field present.
+
+        Arguments:
+            args: positional arguments of the call, as it will be published.
+            kwargs: keyword arguments of the call.
+            prefix: positional arguments that Celery will prepend later (a
+                chain step receives its parent's return value first).
+        """
+        for head, rest in self._fields:
+            for root, tail in self._roots(head, rest, args, kwargs, prefix):
+                container = args if isinstance(root, int) else kwargs
+                yield from _walk(container[root], (root,), tail)  # type: ignore[index]
+
+    def display(self, location: Location, *, prefix: int = 0) -> str:
+        """The parameter-name path of a location, for messages and reprs."""
+        head = location[0]
+        if isinstance(head, int):
+            index = head + prefix
+            names = list(self._index)
+            if index < len(names):
+                return format_path((names[index], *location[1:]))
+            extra = index - len(names)
+            return format_path((self._var_positional or "args", extra, *location[1:]))
+        return format_path(location)
+
+    def _roots(
+        self,
+        head: str,
+        rest: tuple[Part, ...],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        prefix: int,
+    ) -> Iterator[tuple[str | int, tuple[Part, ...]]]:
+        if head in kwargs:
+            yield head, rest
+            return
+        index = self._index.get(head)
+        if index is not None:
+            index -= prefix
+            if 0 <= index < len(args):
+                yield index, rest
+            return
+        if head == self._var_positional:
+            start = max(len(self._index) - prefix, 0)
+            yield from _select_positional(start, len(args), rest)
+        elif head == self._var_keyword:
+            yield from _select_keywords(kwargs, self._named, rest)
+
+
+def _select_positional(
+    start: int, stop: int, rest: tuple[Part, ...]
+) -> Iterator[tuple[str | int, tuple[Part, ...]]]:
+    if not rest or rest[0] is WILDCARD:
+        for i in range(start, stop):
+            yield i, rest[1:]
+    elif isinstance(rest[0], int) and start + rest[0] < stop:
+        yield start + rest[0], rest[1:]
+
+
+def _select_keywords(
+    kwargs: Mapping[str, Any], named: frozenset[str], rest: tuple[Part, ...]
+) -> Iterator[tuple[str | int, tuple[Part, ...]]]:
+    if not rest:
+        for key in kwargs:
+            if key not in named:
+                yield key, ()
+    elif isinstance(rest[0], str) and rest[0] in kwargs:
+        yield rest[0], rest[1:]
+
+
+def _walk(value: Any, location: Location, rest: tuple[Part, ...]) -> Iterator[tuple[Location, Any]]:
+    if not rest:
+        yield location, value
+        return
+    part, tail = rest[0], rest[1:]
+    if isinstance(part, str):
+        if isinstance(value, dict) and part in value:
+            yield from _walk(value[part], (*location, part), tail)
+    elif isinstance(value, (list, tuple)):
+        if part is WILDCARD:
+            for i, item in enumerate(value):
+                yield from _walk(item, (*location, i), tail)
+        elif isinstance(part, int) and part < len(value):
+            yield from _walk(value[part], (*location, part), tail)
+
+
+def get_at(args: Sequence[Any], kwargs: Mapping[str, Any], location: Location) -> Any:
+    """The value at ``location``; ``KeyError``/``IndexError`` when absent."""
+    head = location[0]
+    value = args[head] if isinstance(head, int) else kwargs[head]
+    for part in location[1:]:
+        value = value[part]
+    return value
+
+
+def replace_in_copies(
+    args: Sequence[Any], kwargs: Mapping[str, Any], replacements: Mapping[Location, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """Return ``(args, kwargs)`` with values replaced at the given locations.
+
+    Only the containers on the way to a replaced value are copied; the
+    caller's objects are never changed (a reused signature must not be
+    sealed twice, and the caller's data must stay theirs).
+    """
+    trie: dict[Any, Any] = {}
+    for location, value in replacements.items():
+        node = trie
+        for part in location[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # pragma: no cover - nested location under a replaced one
+                break
+        else:
+            node[location[-1]] = _Leaf(value)
+    new_args = list(args)
+    new_kwargs = dict(kwargs)
+    for head, node in trie.items():
+        target: Any = new_args if isinstance(head, int) else new_kwargs
+        target[head] = _apply_trie(target[head], node)
+    return new_args, new_kwargs
+
+
+class _Leaf:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _apply_trie(value: Any, node: Any) -> Any:
+    if isinstance(node, _Leaf):
+        return node.value
+    copy: Any = list(value) if isinstance(value, (list, tuple)) else dict(value)
+    for part, child in node.items():
+        copy[part] = _apply_trie(copy[part], child)
+    return copy
+
+
+def set_in_place(args: list[Any], kwargs: dict[str, Any], location: Location, value: Any) -> None:
+    """Set the value at ``location`` in freshly decoded (worker-owned) data."""
+    head = location[0]
+    container: Any = args if isinstance(head, int) else kwargs
+    for part in location[:-1]:
+        container = container[part]
+    container[location[-1]] = value

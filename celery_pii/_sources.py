@@ -1,0 +1,178 @@
+"""Master-key sources: where the key that wraps data keys comes from.
+
+``pii_master_key`` names a source: ``env:NAME``, ``file:PATH``,
+``static:BASE64`` (tests only; warns) or, with the ``aws`` extra,
+``aws-kms://KEY-ID``.  Local sources hold base64 of exactly 32 bytes.
+
+A master key only wraps and unwraps data keys; it never touches payloads.
+Each master key has a *reference* (``MasterKey.ref``) stored beside every
+wrapped key, so the key store can tell at start-up whether it was given the
+right master key, and a re-wrap can proceed row by row.
+
+Errors name the setting, the environment variable or the file, never the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from ._crypto import KEY_SIZE, Algorithm, DataKey
+from .exceptions import ConfigurationError, DecryptionFailed
+
+if TYPE_CHECKING:
+    from ._config import Settings
+
+__all__ = [
+    "LocalMasterKey",
+    "MasterKey",
+    "StaticMasterKeyWarning",
+    "generate_master_key",
+    "load_master_key",
+    "register_master_key_source",
+]
+
+_SETTING: Final = "pii_master_key"
+_GENERATE_HINT: Final = "generate one with `celery -A proj pii master-key generate`"
+_WRAP_FORMAT: Final = b"\x01"
+
+
+class StaticMasterKeyWarning(UserWarning):
+    """A ``static:`` master key sits in configuration: fine for tests only."""
+
+
+class MasterKey(Protocol):
+    """What the key store needs from a master key."""
+
+    @property
+    def ref(self) -> str:
+        """A non-secret name of this master key, stored beside wrapped keys."""
+        ...
+
+    def wrap(self, material: bytes, *, context: bytes) -> bytes:
+        """Wrap data-key material, binding ``context`` (key id, version, algorithm)."""
+        ...
+
+    def unwrap(self, wrapped: bytes, *, context: bytes) -> bytes:
+        """Unwrap; ``DecryptionFailed`` if the key or context do not match."""
+        ...
+
+
+class LocalMasterKey:
+    """A 32-byte master key held in process memory (env:, file:, static:)."""
+
+    __slots__ = ("_aead", "ref")
+
+    def __init__(self, material: bytes) -> None:
+        if len(material) != KEY_SIZE:
+            msg = f"master key must be {KEY_SIZE} bytes"
+            raise ValueError(msg)
+        self._aead = DataKey("master", 0, Algorithm.AES_256_GCM, material)
+        digest = hmac.new(material, b"celery-pii master key reference", hashlib.sha256)
+        self.ref = "local:" + digest.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"<LocalMasterKey {self.ref}>"
+
+    def wrap(self, material: bytes, *, context: bytes) -> bytes:
+        """Wrap with AES-256-GCM; ``context`` is the associated data."""
+        return _WRAP_FORMAT + self._aead.seal(material, context)
+
+    def unwrap(self, wrapped: bytes, *, context: bytes) -> bytes:
+        """Unwrap what :meth:`wrap` made.
+
+        Raises:
+            DecryptionFailed: wrong master key, wrong context or damaged data.
+        """
+        if not wrapped.startswith(_WRAP_FORMAT):
+            raise DecryptionFailed
+        return self._aead.open(wrapped[1:], context)
+
+
+SourceLoader = Callable[[str, "Settings | None"], MasterKey]
+_SOURCES: dict[str, SourceLoader] = {}
+
+
+def register_master_key_source(scheme: str, loader: SourceLoader) -> None:
+    """Make ``pii_master_key = "<scheme>:..."`` load through ``loader``.
+
+    ``loader(rest, settings)`` gets what follows ``scheme:``.
+    """
+    _SOURCES[scheme] = loader
+
+
+def load_master_key(spec: str, settings: Settings | None = None) -> MasterKey:
+    """Load the master key a ``pii_master_key`` value names.
+
+    Raises:
+        ConfigurationError: unknown source, missing variable or file, bad
+            base64 or wrong length; the message never contains the key.
+    """
+    scheme, sep, rest = spec.partition(":")
+    loader = _SOURCES.get(scheme) if sep else None
+    if loader is None:
+        known = ", ".join(sorted(f"{name}:" for name in _SOURCES))
+        msg = f"setting {_SETTING}: unknown key source (known: {known})"
+        raise ConfigurationError(msg)
+    return loader(rest, settings)
+
+
+def generate_master_key() -> str:
+    """A new random master key, base64-encoded for ``env:`` or ``file:``."""
+    return base64.b64encode(os.urandom(KEY_SIZE)).decode("ascii")
+
+
+def _decode(text: str, origin: str) -> LocalMasterKey:
+    try:
+        material = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            material = base64.urlsafe_b64decode(text.strip())
+        except (binascii.Error, ValueError):
+            msg = f"setting {_SETTING}: {origin} is not valid base64; {_GENERATE_HINT}"
+            raise ConfigurationError(msg) from None
+    if len(material) != KEY_SIZE:
+        msg = f"setting {_SETTING}: {origin} must hold base64 of exactly {KEY_SIZE} bytes; {_GENERATE_HINT}"
+        raise ConfigurationError(msg)
+    return LocalMasterKey(material)
+
+
+def _from_env(name: str, _settings: Settings | None) -> MasterKey:
+    if not name:
+        msg = f"setting {_SETTING}: 'env:' needs a variable name, e.g. env:CELERY_PII_MASTER_KEY"
+        raise ConfigurationError(msg)
+    value = os.environ.get(name)
+    if not value:
+        msg = f"setting {_SETTING}: environment variable {name} is not set; {_GENERATE_HINT}"
+        raise ConfigurationError(msg)
+    return _decode(value, f"environment variable {name}")
+
+
+def _from_file(path: str, _settings: Settings | None) -> MasterKey:
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"setting {_SETTING}: cannot read key file {path!r} ({type(exc).__name__})"
+        raise ConfigurationError(msg) from None
+    return _decode(text, f"key file {path!r}")
+
+
+def _from_static(text: str, _settings: Settings | None) -> MasterKey:
+    warnings.warn(
+        f"{_SETTING} uses a static: key written in configuration; use env: or file: outside tests",
+        StaticMasterKeyWarning,
+        stacklevel=3,
+    )
+    return _decode(text, "the static: key")
+
+
+register_master_key_source("env", _from_env)
+register_master_key_source("file", _from_file)
+register_master_key_source("static", _from_static)

@@ -1,0 +1,132 @@
+"""Tests for celery_pii._config."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+from celery import Celery
+
+from celery_pii import RetentionPolicy
+from celery_pii._config import OPTIONS, Settings, settings_from_conf
+from celery_pii._crypto import Algorithm
+from celery_pii.exceptions import ConfigurationError
+
+
+def _conf(**settings):
+    app = Celery("t", set_as_current=False)
+    app.conf.update(settings)
+    return app.conf
+
+
+class TestTable:
+    """Tests for the declarative table itself."""
+
+    def test_table_and_settings_agree(self):
+        """Every option fills exactly one Settings field and every field has an option."""
+        assert [o.field for o in OPTIONS] == [f.name for f in dataclasses.fields(Settings)]
+        assert all(o.name.startswith("pii_") and o.doc.endswith(".") for o in OPTIONS)
+
+    def test_defaults_are_valid(self):
+        """Every default passes its own validation."""
+        settings = settings_from_conf(_conf())
+        assert settings.algorithm is Algorithm.AES_256_GCM
+        assert settings.rotation_interval == timedelta(days=90)
+        assert settings.default_retention == RetentionPolicy.keep_indefinitely()
+        assert settings.compression_threshold == 1024
+        assert settings.detect == "off"
+
+    def test_frozen(self):
+        """Settings cannot be changed after parsing."""
+        settings = settings_from_conf(_conf())
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            settings.detect = "warn"  # type: ignore[misc]
+
+
+class TestValidation:
+    """Tests for reading settings from app.conf."""
+
+    def test_values_are_read(self):
+        """Valid values are converted to their real types."""
+        settings = settings_from_conf(
+            _conf(
+                pii_algorithm="chacha20-poly1305",
+                pii_rotation_interval=3600,
+                pii_key_cache_ttl=timedelta(minutes=5),
+                pii_compression_threshold=None,
+                pii_detect="encrypt",
+                pii_default_retention=RetentionPolicy.delete_after(timedelta(days=30)),
+            )
+        )
+        assert settings.algorithm is Algorithm.CHACHA20_POLY1305
+        assert settings.rotation_interval == timedelta(hours=1)
+        assert settings.key_cache_ttl == 300.0
+        assert settings.compression_threshold is None
+        assert settings.detect == "encrypt"
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("pii_algorithm", "aes-128-cbc"),
+            ("pii_detect", "maybe"),
+            ("pii_max_key_versions", 0),
+            ("pii_max_key_versions", True),
+            ("pii_max_key_versions", "5"),
+            ("pii_compression_threshold", -1),
+            ("pii_key_cache_ttl", 0),
+            ("pii_rotation_interval", timedelta(0)),
+            ("pii_rotation_interval", "90d"),
+            ("pii_redact_headers", "yes"),
+            ("pii_allow_plaintext", 1),
+            ("pii_default_key", "has space"),
+            ("pii_default_key", ""),
+            ("pii_inner_serializer", "pickle"),
+            ("pii_default_retention", "30 days"),
+            ("pii_default_retention", RetentionPolicy.use_default()),
+            ("pii_master_key", "just-a-key-without-scheme"),
+            ("pii_rotation_max_messages", 2**40),
+        ],
+    )
+    def test_bad_values_name_the_setting(self, name, value):
+        """A wrong type or out-of-range value raises ConfigurationError naming the setting, not the value."""
+        with pytest.raises(ConfigurationError) as info:
+            settings_from_conf(_conf(**{name: value}))
+        assert name in str(info.value)
+        if isinstance(value, str) and len(value) > 3:
+            assert value not in str(info.value)
+
+    def test_unknown_pii_setting(self):
+        """An unknown pii_* key is refused with a suggestion."""
+        with pytest.raises(ConfigurationError, match=r"unknown setting pii_detekt.*did you mean pii_detect"):
+            settings_from_conf(_conf(pii_detekt="warn"))
+
+    def test_other_settings_are_ignored(self):
+        """Non-pii settings are not our business."""
+        settings_from_conf(_conf(task_serializer="json", piinot="x"))
+
+    def test_master_key_value_is_never_echoed(self):
+        """Even an invalid master key spec does not appear in the message."""
+        with pytest.raises(ConfigurationError) as info:
+            settings_from_conf(_conf(pii_master_key="c2VjcmV0LWtleS1tYXRlcmlhbA=="))
+        assert "c2VjcmV0" not in str(info.value)
+
+
+class TestDjango:
+    """Settings given Django-style, CELERY_PII_* with namespace='CELERY'."""
+
+    def test_namespace(self, tmp_path, monkeypatch):
+        """CELERY_PII_* keys are read, and unknown ones are refused."""
+        (tmp_path / "djsettings.py").write_text(
+            "CELERY_PII_DETECT = 'warn'\nCELERY_PII_MAX_KEY_VERSIONS = 7\nCELERY_TASK_SERIALIZER = 'pii'\n"
+        )
+        (tmp_path / "djbad.py").write_text("CELERY_PII_NOPE = 1\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj", set_as_current=False)
+        app.config_from_object("djsettings", namespace="CELERY")
+        settings = settings_from_conf(app.conf)
+        assert (settings.detect, settings.max_key_versions) == ("warn", 7)
+        bad = Celery("dj2", set_as_current=False)
+        bad.config_from_object("djbad", namespace="CELERY")
+        with pytest.raises(ConfigurationError, match="pii_nope"):
+            settings_from_conf(bad.conf)

@@ -1,0 +1,213 @@
+"""Tests for celery_pii._envelope."""
+
+from __future__ import annotations
+
+import base64
+import math
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from celery_pii import _envelope
+from celery_pii._crypto import Algorithm, DataKey
+from celery_pii._envelope import Kind, parse, seal
+from celery_pii.exceptions import DecryptionFailed, EncryptionFailed
+
+KEY = DataKey("orders", 2, Algorithm.AES_256_GCM, bytes(range(32)))
+LOCATIONS = [(0,), ("customer", "email")]
+VALUES = ["4111 1111 1111 1111", "ann@example.com"]
+
+
+def _seal(**overrides):
+    options = {"locations": LOCATIONS, "task_name": "shop.charge", "task_id": "id-1", "args_len": 2}
+    options.update(overrides)
+    return seal(overrides.pop("key", KEY), VALUES, **{k: v for k, v in options.items() if k != "key"})
+
+
+def _open(token, key=KEY, task_name="shop.charge"):
+    return parse(token).open(key, task_name=task_name)
+
+
+class TestEnvelope:
+    """Tests for sealing and opening envelopes."""
+
+    def test_known_answer(self):
+        """A fixed key and nonce give these exact bytes: the wire format is pinned."""
+        token = _seal(_nonce=bytes(12))
+        locations = b'[[0],["customer","email"]]'
+        header = (
+            "01"  # envelope version
+            "00"  # flags
+            "01"  # aes-256-gcm
+            "00000002"  # key version
+            "06"
+            + b"orders".hex()  # key id
+            + "04"
+            + b"id-1".hex()  # bound task id
+            + "0002"  # positional arguments when sealed
+            + f"{len(locations):08x}"
+            + locations.hex()
+        )
+        ciphertext_and_tag = (
+            "559e81ef841da38c39999815291da0a8f272676219a34c0de1f0ddc3a0873c3b3e338392499dd524"
+            "6e78be740c31b6967c89a32d7177d07653"
+        )
+        assert base64.b64decode(token).hex() == header + "00" * 12 + ciphertext_and_tag
+        assert _open(token) == VALUES
+
+    def test_round_trip_and_metadata(self):
+        """Opening returns the values; the header names key, version, task id and locations."""
+        token = _seal()
+        envelope = parse(token)
+        assert (envelope.key_id, envelope.key_version, envelope.task_id) == ("orders", 2, "id-1")
+        assert envelope.locations == tuple(LOCATIONS)
+        assert envelope.kind is Kind.TASK
+        assert envelope.open(KEY, task_name="shop.charge") == VALUES
+
+    def test_every_byte_is_protected(self):
+        """Flipping any single bit of any byte makes the envelope fail to open."""
+        raw = bytearray(base64.b64decode(_seal()))
+        for i in range(len(raw)):
+            tampered = bytearray(raw)
+            tampered[i] ^= 0x01
+            with pytest.raises(DecryptionFailed) as info:
+                _open(base64.b64encode(bytes(tampered)).decode())
+            assert str(info.value) == DecryptionFailed.MESSAGE
+
+    def test_every_truncation_fails(self):
+        """Every prefix of an envelope fails to open."""
+        raw = base64.b64decode(_seal())
+        for cut in range(len(raw)):
+            with pytest.raises(DecryptionFailed):
+                _open(base64.b64encode(raw[:cut]).decode())
+
+    def test_bound_to_task_name(self):
+        """An envelope moved to another task fails authentication."""
+        with pytest.raises(DecryptionFailed):
+            _open(_seal(), task_name="shop.refund")
+
+    def test_wrong_key_version_or_material(self):
+        """A key with another version, id or material does not open it."""
+        token = _seal()
+        for key in (
+            DataKey("orders", 3, Algorithm.AES_256_GCM, bytes(range(32))),
+            DataKey("other", 2, Algorithm.AES_256_GCM, bytes(range(32))),
+            DataKey("orders", 2, Algorithm.AES_256_GCM, bytes(32)),
+        ):
+            with pytest.raises(DecryptionFailed):
+                _open(token, key=key)
+
+    def test_version_downgrade_rejected(self):
+        """An envelope claiming another format version is refused before any key lookup."""
+        raw = bytearray(base64.b64decode(_seal()))
+        raw[0] = 0
+        with pytest.raises(DecryptionFailed):
+            parse(base64.b64encode(bytes(raw)).decode())
+
+    @pytest.mark.parametrize(
+        "garbage", ["", "!!!", "AAAA", 42, None, "A" * 1000, base64.b64encode(b"\x01" * 7)]
+    )
+    def test_garbage_is_decryption_failed(self, garbage):
+        """Anything that is not an envelope raises DecryptionFailed."""
+        with pytest.raises(DecryptionFailed):
+            parse(garbage)
+
+    @pytest.mark.parametrize("algorithm", list(Algorithm))
+    def test_compression_flagged_and_transparent(self, algorithm):
+        """Plaintext above the threshold is compressed, flagged, and opens the same."""
+        key = DataKey("k", 1, algorithm, bytes(32))
+        values = ["x" * 5000]
+        small = seal(key, values, locations=[("a",)], task_name="t", task_id="", args_len=0)
+        packed = seal(
+            key, values, locations=[("a",)], task_name="t", task_id="", args_len=0, compression_threshold=1024
+        )
+        assert parse(packed).compressed and not parse(small).compressed
+        assert len(packed) < len(small) / 10
+        assert parse(packed).open(key, task_name="t") == values
+
+    def test_result_kind(self):
+        """Result envelopes are flagged as such (and the flag is authenticated)."""
+        token = seal(
+            KEY, [1], locations=[("result",)], task_name="t", task_id="i", args_len=0, kind=Kind.RESULT
+        )
+        assert parse(token).kind is Kind.RESULT
+
+    def test_overlong_task_id_is_refused(self):
+        """A task id that does not fit raises EncryptionFailed without the id."""
+        with pytest.raises(EncryptionFailed) as info:
+            _seal(task_id="x" * 300)
+        assert "xxxx" not in str(info.value)
+
+    def test_kombu_types_keep_their_type(self):
+        """datetime, Decimal and nested mixes come back with their types."""
+        values = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("12.30"), {"a": [1, None]}]
+        token = seal(KEY, values, locations=[("a",), ("b",), ("c",)], task_name="t", task_id="", args_len=0)
+        assert parse(token).open(KEY, task_name="t") == values
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _same(a, b):
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+class TestValueCodec:
+    """Property tests: every JSON-like value comes back with the same type and value."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(values=st.lists(JSON_VALUES, min_size=1, max_size=5), threshold=st.sampled_from([None, 0, 64]))
+    def test_round_trip_exact(self, values, threshold):
+        """str, big int, float (incl. -0.0), bool, None, dict, list and mixes round-trip exactly."""
+        locations = [(f"f{i}",) for i in range(len(values))]
+        token = seal(
+            KEY,
+            values,
+            locations=locations,
+            task_name="t",
+            task_id="",
+            args_len=0,
+            compression_threshold=threshold,
+        )
+        opened = parse(token).open(KEY, task_name="t")
+        assert _same(opened, values)
+
+    def test_non_finite_floats(self):
+        """inf and nan survive too."""
+        token = seal(
+            KEY,
+            [math.inf, -math.inf, math.nan],
+            locations=[("a",), ("b",), ("c",)],
+            task_name="t",
+            task_id="",
+            args_len=0,
+        )
+        pos, neg, nan = parse(token).open(KEY, task_name="t")
+        assert pos == math.inf and neg == -math.inf and math.isnan(nan)
+
+
+def test_limits_are_defined():
+    """The parser's bounds exist and are sane (used by the hostile-input tests)."""
+    assert _envelope.MAX_LOCATIONS >= 100_000
+    assert _envelope.MAX_ENVELOPE_BYTES >= 1024 * 1024

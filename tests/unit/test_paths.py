@@ -1,0 +1,207 @@
+"""Tests for celery_pii._paths."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from celery_pii._paths import (
+    WILDCARD,
+    Binder,
+    format_path,
+    get_at,
+    parse_path,
+    replace_in_copies,
+    set_in_place,
+)
+from celery_pii.exceptions import ConfigurationError
+
+
+class TestGrammar:
+    """Tests for parse_path and format_path."""
+
+    @pytest.mark.parametrize(
+        ("text", "parts"),
+        [
+            ("card_number", ("card_number",)),
+            ("customer.email", ("customer", "email")),
+            ("items[*].serial", ("items", WILDCARD, "serial")),
+            ("rows[3][1]", ("rows", 3, 1)),
+            ('headers["x.y z"].v', ("headers", "x.y z", "v")),
+            ("x-request-id", ("x-request-id",)),
+            ("[0].email", (0, "email")),
+        ],
+    )
+    def test_parse(self, text, parts):
+        """Names, indices, wildcards and quoted keys parse into parts."""
+        assert parse_path(text) == parts
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "a[",
+            "a[x]",
+            "a[-1]",
+            "a[01]",
+            "a b",
+            "a.[0]",
+            '["unterminated]',
+            "1abc",
+            "a" * 2000,
+            ".".join(["a"] * 100),
+        ],
+    )
+    def test_malformed_names_task_and_path(self, text):
+        """A malformed path raises ConfigurationError naming the task and the path."""
+        with pytest.raises(ConfigurationError) as info:
+            parse_path(text, task="shop.charge")
+        assert "shop.charge" in str(info.value)
+        assert "malformed field path" in str(info.value)
+
+    def test_non_string(self):
+        """A path that is not a string is refused."""
+        with pytest.raises(ConfigurationError, match="must be strings"):
+            parse_path(3, task="t")  # type: ignore[arg-type]
+
+    @settings(max_examples=300)
+    @given(
+        st.lists(
+            st.one_of(
+                st.text(min_size=1, max_size=10), st.integers(min_value=0, max_value=10**6), st.just(WILDCARD)
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def test_format_then_parse_is_identity(self, parts):
+        """Any parts render to a path that parses back to the same parts."""
+        assert parse_path(format_path(parts)) == tuple(parts)
+
+
+def charge(card_number, amount, customer=None, *extra, items=(), **options):
+    """A task function with every kind of parameter."""
+
+
+class TestBinder:
+    """Tests for binding declared paths to a call."""
+
+    def _locate(self, fields, args, kwargs, **kw):
+        return list(Binder(charge, fields, task="t").locate(args, kwargs, **kw))
+
+    def test_positional_and_keyword_give_the_same_field(self):
+        """card_number is found whether passed by position or by name."""
+        assert self._locate(["card_number"], ("4111", 5), {}) == [((0,), "4111")]
+        assert self._locate(["card_number"], (), {"card_number": "4111"}) == [(("card_number",), "4111")]
+
+    def test_nested_and_wildcards(self):
+        """Dict keys, list indices and [*] resolve to concrete locations."""
+        items = [{"serial": "a"}, {"serial": "b"}, {"other": 1}]
+        found = self._locate(
+            ["customer.email", "items[*].serial", "items[1]"], (1, 2, {"email": "e"}), {"items": items}
+        )
+        assert found == [
+            ((2, "email"), "e"),
+            (("items", 0, "serial"), "a"),
+            (("items", 1, "serial"), "b"),
+            (("items", 1), {"serial": "b"}),
+        ]
+
+    def test_absent_paths_are_fine(self):
+        """A declared path missing from the call yields nothing, including through wrong types."""
+        assert (
+            self._locate(["customer.email", "items[5]", "items[*].x"], (1, 2, "not a dict"), {"items": [1]})
+            == []
+        )
+
+    def test_var_positional_and_var_keyword(self):
+        """*extra elements and **options keys are addressable by their parameter names."""
+        found = self._locate(
+            ["extra[1]", "options.token", "ssn"], (1, 2, 3, "x", "y"), {"token": "t", "ssn": "s"}
+        )
+        assert found == [((4,), "y"), (("token",), "t"), (("ssn",), "s")]
+        assert self._locate(["extra"], (1, 2, 3, "x", "y"), {}) == [((3,), "x"), ((4,), "y")]
+
+    def test_prefix_for_partial_signatures(self):
+        """With one argument to be prepended, the step's first own argument is the second parameter."""
+        assert self._locate(["amount"], (7,), {}, prefix=1) == [((0,), 7)]
+        assert self._locate(["card_number"], (7,), {}, prefix=1) == []
+
+    def test_bound_task_self_is_skipped(self):
+        """A bound method's self is not a parameter to bind."""
+
+        class Task:
+            def run(self, ssn):
+                """Bound run."""
+
+        assert list(Binder(Task().run, ["ssn"], task="t").locate(("s",), {})) == [((0,), "s")]
+
+    def test_unknown_parameter_is_an_error_at_registration(self):
+        """A path naming no parameter of a function without **kwargs is refused with task and path."""
+
+        def plain(a, b):
+            """No **kwargs."""
+
+        with pytest.raises(ConfigurationError, match=r"'t\.x'.*'c\.d'"):
+            Binder(plain, ["c.d"], task="t.x")
+
+    def test_path_must_start_with_a_name(self):
+        """A path starting with an index is not a parameter path."""
+        with pytest.raises(ConfigurationError):
+            Binder(charge, ["[0]"], task="t")
+
+    def test_display_uses_parameter_names(self):
+        """Locations render as parameter paths for messages and reprs."""
+        binder = Binder(charge, ["card_number"], task="t")
+        assert binder.display((0,)) == "card_number"
+        assert binder.display((2, "email")) == "customer.email"
+        assert binder.display((4,)) == "extra[1]"
+        assert binder.display((0,), prefix=1) == "amount"
+        assert binder.display(("items", 0)) == "items[0]"
+
+    @settings(max_examples=200)
+    @given(
+        card=st.text(), amount=st.integers(), by_name=st.booleans(), emails=st.lists(st.text(), max_size=4)
+    )
+    def test_binding_finds_each_value_once(self, card, amount, by_name, emails):
+        """Property: every declared value present is located exactly once, at a location holding it."""
+        customer = {"contacts": [{"email": e} for e in emails]}
+        args, kwargs = (
+            ((), {"card_number": card, "amount": amount, "customer": customer})
+            if by_name
+            else ((card, amount, customer), {})
+        )
+        found = self._locate(["card_number", "customer.contacts[*].email"], args, kwargs)
+        assert [value for _, value in found] == [card, *emails]
+        for location, value in found:
+            assert get_at(args, kwargs, location) == value
+
+
+class TestCopies:
+    """Tests for replace_in_copies and set_in_place."""
+
+    def test_caller_objects_are_untouched(self):
+        """Replacing nested values copies only the path; the caller's dicts and lists stay as they were."""
+        customer = {"email": "ann@example.com", "tier": "gold", "tags": ["a"]}
+        args, kwargs = ("4111", customer), {"items": [{"serial": "s1"}, {"serial": "s2"}]}
+        new_args, new_kwargs = replace_in_copies(
+            args, kwargs, {(0,): "X", (1, "email"): "Y", ("items", 1, "serial"): "Z"}
+        )
+        assert new_args == ["X", {"email": "Y", "tier": "gold", "tags": ["a"]}]
+        assert new_kwargs == {"items": [{"serial": "s1"}, {"serial": "Z"}]}
+        assert customer["email"] == "ann@example.com"
+        assert kwargs["items"][1]["serial"] == "s2"
+        assert new_args[1]["tags"] is customer["tags"]  # untouched branches are shared, not copied
+
+    def test_set_in_place(self):
+        """Opening writes into the worker's own decoded objects."""
+        args, kwargs = ["X", {"email": "Y"}], {"items": [{"serial": "Z"}]}
+        set_in_place(args, kwargs, (1, "email"), "ann@example.com")
+        set_in_place(args, kwargs, ("items", 0, "serial"), "s")
+        set_in_place(args, kwargs, (0,), "4111")
+        assert args == ["4111", {"email": "ann@example.com"}]
+        assert kwargs == {"items": [{"serial": "s"}]}

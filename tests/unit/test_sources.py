@@ -1,0 +1,105 @@
+"""Tests for celery_pii._sources."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from celery_pii._sources import (
+    LocalMasterKey,
+    StaticMasterKeyWarning,
+    generate_master_key,
+    load_master_key,
+    register_master_key_source,
+)
+from celery_pii.exceptions import ConfigurationError, DecryptionFailed
+
+KEY = generate_master_key()
+
+
+class TestLoading:
+    """Tests for the env:, file: and static: sources."""
+
+    def test_env(self, monkeypatch):
+        """env:NAME reads base64 of 32 bytes from the environment."""
+        monkeypatch.setenv("PII_TEST_MK", KEY)
+        assert load_master_key("env:PII_TEST_MK").ref == load_master_key(f"static:{KEY}").ref
+
+    def test_file(self, tmp_path):
+        """file:PATH reads the key, ignoring surrounding whitespace."""
+        path = tmp_path / "mk"
+        path.write_text(KEY + "\n")
+        assert isinstance(load_master_key(f"file:{path}"), LocalMasterKey)
+
+    def test_static_warns(self):
+        """static: works but warns that it is for tests only."""
+        with pytest.warns(StaticMasterKeyWarning):
+            load_master_key(f"static:{KEY}")
+
+    def test_urlsafe_base64_accepted(self):
+        """URL-safe base64 is accepted too."""
+        raw = bytes(range(250, 256)) * 5 + b"\xfb\xff"
+        load_master_key("static:" + base64.urlsafe_b64encode(raw).decode())
+
+    @pytest.mark.parametrize(
+        ("spec", "expected"),
+        [
+            ("env:PII_TEST_MISSING", "environment variable PII_TEST_MISSING is not set"),
+            ("env:", "needs a variable name"),
+            ("file:/nonexistent/mk", "cannot read key file '/nonexistent/mk'"),
+            ("static:not*base64*at*all", "not valid base64"),
+            ("static:" + base64.b64encode(b"short").decode(), "exactly 32 bytes"),
+            ("vault:secret/x", "unknown key source"),
+        ],
+    )
+    def test_errors_name_the_setting(self, spec, expected, monkeypatch):
+        """Each failure names pii_master_key and what is wrong, never the key."""
+        monkeypatch.delenv("PII_TEST_MISSING", raising=False)
+        with pytest.raises(ConfigurationError) as info:
+            load_master_key(spec)
+        message = str(info.value)
+        assert "pii_master_key" in message
+        assert expected in message
+
+    def test_wrong_length_key_never_echoed(self, monkeypatch):
+        """A 31-byte key in the environment is refused without echoing it."""
+        value = base64.b64encode(b"k" * 31).decode()
+        monkeypatch.setenv("PII_TEST_MK", value)
+        with pytest.raises(ConfigurationError) as info:
+            load_master_key("env:PII_TEST_MK")
+        assert value not in str(info.value)
+
+    def test_registry_plugs_in_new_schemes(self):
+        """A registered scheme is used for its prefix (how aws-kms:// plugs in)."""
+        seen = []
+
+        def loader(rest, settings):
+            seen.append(rest)
+            return LocalMasterKey(bytes(32))
+
+        register_master_key_source("pii-test-scheme", loader)
+        load_master_key("pii-test-scheme://abc")
+        assert seen == ["//abc"]
+
+
+class TestLocalMasterKey:
+    """Tests for wrapping with a local master key."""
+
+    def test_wrap_round_trip_bound_to_context(self):
+        """Wrapped material unwraps only with the same context and key."""
+        master = LocalMasterKey(bytes(32))
+        wrapped = master.wrap(b"m" * 32, context=b"orders/1/aes")
+        assert master.unwrap(wrapped, context=b"orders/1/aes") == b"m" * 32
+        with pytest.raises(DecryptionFailed):
+            master.unwrap(wrapped, context=b"orders/2/aes")
+        with pytest.raises(DecryptionFailed):
+            LocalMasterKey(bytes([1]) * 32).unwrap(wrapped, context=b"orders/1/aes")
+
+    def test_ref_is_stable_and_not_the_key(self):
+        """The reference identifies the key without revealing it."""
+        material = bytes(range(32))
+        master = LocalMasterKey(material)
+        assert master.ref == LocalMasterKey(material).ref != LocalMasterKey(bytes(32)).ref
+        assert material.hex()[:16] not in master.ref
+        assert master.ref in repr(master)
