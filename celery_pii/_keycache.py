@@ -1,0 +1,134 @@
+"""In-process cache of unwrapped data keys, and usage counters.
+
+Publishing and opening look keys up here first: a hit is a dict lookup and a
+clock read, with no database round trip.  Entries expire after
+``pii_key_cache_ttl`` seconds, which bounds how long another process may keep
+using a key this process has not seen destroyed (the destroying process
+evicts at once).
+
+Usage counts (encryptions per key version) are accumulated here and flushed
+by the key manager in batches, never one database write per message.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Final
+
+from ._crypto import DataKey
+
+__all__ = ["KeyCache"]
+
+#: Flush usage counts after this many encryptions or seconds, whichever first.
+FLUSH_EVERY_USES: Final = 1000
+FLUSH_EVERY_SECONDS: Final = 10.0
+
+
+class KeyCache:
+    """Unwrapped data keys by (key id, version) and the active version per key id."""
+
+    __slots__ = (
+        "_active",
+        "_destroyed",
+        "_lock",
+        "_pending_uses",
+        "_usage",
+        "_usage_since",
+        "_versions",
+        "hits",
+        "misses",
+        "ttl",
+    )
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._active: dict[str, tuple[DataKey, float]] = {}
+        self._versions: dict[tuple[str, int], tuple[DataKey, float]] = {}
+        self._destroyed: dict[tuple[str, int], float] = {}
+        self._usage: dict[tuple[str, int], int] = {}
+        self._usage_since = time.monotonic()
+        self._pending_uses = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def active(self, key_id: str) -> DataKey | None:
+        """The cached active version of ``key_id``, counting one use of it."""
+        entry = self._active.get(key_id)
+        if entry is not None and entry[1] > time.monotonic():
+            self.hits += 1
+            key = entry[0]
+            usage_key = (key.key_id, key.version)
+            self._usage[usage_key] = self._usage.get(usage_key, 0) + 1
+            self._pending_uses += 1
+            return key
+        self.misses += 1
+        return None
+
+    def version(self, key_id: str, version: int) -> DataKey | None:
+        """A cached version of ``key_id`` (for opening)."""
+        entry = self._versions.get((key_id, version))
+        if entry is not None and entry[1] > time.monotonic():
+            self.hits += 1
+            return entry[0]
+        self.misses += 1
+        return None
+
+    def is_destroyed(self, key_id: str, version: int) -> bool:
+        """True if this process recently saw that version destroyed."""
+        expiry = self._destroyed.get((key_id, version))
+        return expiry is not None and expiry > time.monotonic()
+
+    def put(self, key: DataKey, *, active: bool) -> None:
+        """Cache a key (and make it the active one for its id)."""
+        expiry = time.monotonic() + self.ttl
+        self._versions[(key.key_id, key.version)] = (key, expiry)
+        if active:
+            self._active[key.key_id] = (key, expiry)
+
+    def forget(self, key_id: str, version: int | None = None, *, destroyed: bool = False) -> None:
+        """Evict a key id (all versions) or one version; remember destruction."""
+        expiry = time.monotonic() + self.ttl
+        for cached in [k for k in self._versions if k[0] == key_id and version in (None, k[1])]:
+            del self._versions[cached]
+            if destroyed:
+                self._destroyed[cached] = expiry
+        if destroyed and version is not None:
+            self._destroyed[(key_id, version)] = expiry
+        active = self._active.get(key_id)
+        if active is not None and version in (None, active[0].version):
+            del self._active[key_id]
+
+    def clear(self) -> None:
+        """Drop every cached key."""
+        self._active.clear()
+        self._versions.clear()
+        self._destroyed.clear()
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def flush_due(self) -> bool:
+        """True when enough uses or time have accumulated to flush counts."""
+        if not self._pending_uses:
+            return False
+        return (
+            self._pending_uses >= FLUSH_EVERY_USES
+            or time.monotonic() - self._usage_since >= FLUSH_EVERY_SECONDS
+        )
+
+    def take_usage(self) -> dict[tuple[str, int], int]:
+        """Hand over the accumulated counts (and reset them)."""
+        with self._lock:
+            usage, self._usage = self._usage, {}
+            self._pending_uses = 0
+            self._usage_since = time.monotonic()
+        return usage
+
+    def give_back_usage(self, usage: dict[tuple[str, int], int]) -> None:
+        """Return counts that could not be flushed, to try again later."""
+        with self._lock:
+            for key, count in usage.items():
+                self._usage[key] = self._usage.get(key, 0) + count
+                self._pending_uses += count

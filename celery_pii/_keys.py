@@ -1,0 +1,630 @@
+"""KeyManager: data keys, their versions, rotation, destruction and audit.
+
+Like ``MultiFernet``: one version of a key id encrypts (the *active* one),
+every live version decrypts (*retired* ones are decrypt-only), and rotation
+is an API.  Destroyed versions keep their row (audit, stats) but lose their
+material, and anything sealed under them raises :class:`KeyDestroyed`.
+
+Keys named by tasks are created on first use.  Per-subject keys are named by
+a keyed hash of the subject id (the id itself may be personal data and never
+reaches the key store or a log); retention buckets append their deadline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ._crypto import Algorithm, DataKey, new_key_material
+from ._keycache import KeyCache
+from ._sources import MasterKey
+from ._store import ACTIVE, DESTROYED, RETIRED, AuditRow, KeyRow, KeyStore, utcnow
+from .exceptions import (
+    ConfigurationError,
+    DecryptionFailed,
+    EncryptionFailed,
+    KeyDestroyed,
+    KeyNotFound,
+    KeyStoreUnavailable,
+)
+
+__all__ = ["AuditRecord", "KeyManager", "KeySpec", "KeyStats"]
+
+logger = logging.getLogger("celery_pii.keys")
+
+#: Key ids starting with this are the library's own (never rotated automatically).
+RESERVED_PREFIX: Final = "celery_pii."
+SUBJECT_INDEX_KEY: Final = RESERVED_PREFIX + "subject-index"
+_RETRIES: Final = 5
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStats:
+    """Counts over the key store, plus this process's cache counters."""
+
+    total_keys: int
+    active_keys: int
+    retired_keys: int
+    destroyed_keys: int
+    rotations_performed: int
+    cache_hits: int
+    cache_misses: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One entry of the append-only audit trail."""
+
+    timestamp: datetime
+    key_id: str
+    version: int | None
+    operation: str
+    actor: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """Which key to seal under, and what a newly created one records."""
+
+    key_id: str
+    subject_id: str | None = None
+    expires_at: datetime | None = None
+    retention_deadline: datetime | None = None
+
+
+def _context(key_id: str, version: int, algorithm: str) -> bytes:
+    # Associated data of a wrapped key: moving wrapped material to another
+    # row (key id, version or algorithm) makes it fail to unwrap.
+    return f"celery-pii key\x00{key_id}\x00{version}\x00{algorithm}".encode()
+
+
+class KeyManager:
+    """Generate, rotate, retire, destroy and look up data keys (``pii.keys``)."""
+
+    def __init__(  # noqa: PLR0913 - keyword-only configuration, read from Settings
+        self,
+        store: KeyStore,
+        master: MasterKey,
+        *,
+        algorithm: Algorithm = Algorithm.AES_256_GCM,
+        rotation_interval: timedelta = timedelta(days=90),
+        rotation_max_messages: int = 2**31,
+        max_key_versions: int = 5,
+        cache_ttl: float = 3600.0,
+        actor: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.master = master
+        self.algorithm = algorithm
+        self.rotation_interval = rotation_interval
+        self.rotation_max_messages = rotation_max_messages
+        self.max_key_versions = max_key_versions
+        self.cache = KeyCache(cache_ttl)
+        self._actor = actor
+        self._clock = clock
+        self._subject_secret: bytes | None = None
+        _flush_at_exit(self)
+
+    def __repr__(self) -> str:
+        return f"<KeyManager {self.store.url}>"
+
+    @property
+    def actor(self) -> str:
+        """Who audit records name: the configured actor, or host/pid."""
+        return self._actor or f"{socket.gethostname()}/{os.getpid()}"
+
+    # -- the publish and consume paths -------------------------------------------------------
+
+    def encryption_key(self, spec: KeySpec) -> DataKey:
+        """The active version of ``spec.key_id``, created on first use.
+
+        Raises:
+            KeyStoreUnavailable: not cached and the store cannot be reached.
+            EncryptionFailed: a retention bucket whose deadline has passed.
+        """
+        key = self.cache.active(spec.key_id)
+        if key is None:
+            key = self._load_active(spec)
+        if self.cache.flush_due():
+            self.flush_usage()
+        return key
+
+    def decryption_key(self, key_id: str, version: int) -> DataKey:
+        """Any live version of a key, for opening.
+
+        Raises:
+            KeyNotFound: no such key id or version.
+            KeyDestroyed: that version was destroyed.
+            KeyStoreUnavailable: not cached and the store cannot be reached.
+        """
+        key = self.cache.version(key_id, version)
+        if key is not None:
+            return key
+        if self.cache.is_destroyed(key_id, version):
+            raise _destroyed(key_id, version)
+        with self.store.transaction() as session:
+            row = session.scalars(
+                select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version)
+            ).one_or_none()
+            if row is None:
+                msg = f"key {key_id!r} version {version} not found in the key store"
+                raise KeyNotFound(msg)
+            destroyed = row.status == DESTROYED
+            key = None if destroyed else self._unwrap(row)
+        if key is None:
+            # The refused message is audited by whoever refused it (it knows the task).
+            self.cache.forget(key_id, version, destroyed=True)
+            raise _destroyed(key_id, version)
+        self.cache.put(key, active=False)
+        return key
+
+    def _load_active(self, spec: KeySpec) -> DataKey:
+        now = self._clock()
+        if spec.expires_at is not None and spec.expires_at <= now:
+            msg = f"key {spec.key_id!r}: its retention deadline has passed; nothing was sealed"
+            raise EncryptionFailed(msg)
+        for _ in range(_RETRIES):
+            try:
+                with self.store.transaction() as session:
+                    row = self._active_row(session, spec.key_id)
+                    if row is None:
+                        row = self._insert_version(session, spec, now, reason="first use")
+                    key = self._unwrap(row)
+                break
+            except IntegrityError:  # another process created it first: read theirs
+                continue
+        else:  # pragma: no cover - only under pathological contention
+            msg = f"key {spec.key_id!r}: could not create its first version"
+            raise KeyStoreUnavailable(msg)
+        self.cache.put(key, active=True)
+        return self.cache.active(spec.key_id) or key
+
+    # -- the KeyManager API of DESIGN §1 -----------------------------------------------------
+
+    def generate_key(self, key_id: str, algorithm: Algorithm | str | None = None) -> int:
+        """Create version 1 of a new key id (or the next version after destruction).
+
+        Returns:
+            The new version number.
+
+        Raises:
+            ConfigurationError: the key id is malformed or already has an active version.
+        """
+        _check_key_id(key_id)
+        chosen = Algorithm(algorithm) if algorithm is not None else self.algorithm
+
+        def work(session: Session) -> int:
+            if self._active_row(session, key_id) is not None:
+                msg = f"key {key_id!r} already exists; rotate it instead"
+                raise ConfigurationError(msg)
+            spec = KeySpec(key_id)
+            return self._insert_version(
+                session, spec, self._clock(), reason="generate", algorithm=chosen
+            ).version
+
+        return self._transact(work)
+
+    def rotate_key(self, key_id: str) -> int:
+        """Make a new active version; the previous one is retired (still decrypts).
+
+        Versions beyond ``pii_max_key_versions`` are destroyed, oldest first.
+
+        Returns:
+            The new version number.
+
+        Raises:
+            KeyNotFound: the key id has no versions at all.
+        """
+
+        def work(session: Session) -> int:
+            rows = self._lock_rows(session, key_id)
+            if not rows:
+                msg = f"key {key_id!r} not found in the key store"
+                raise KeyNotFound(msg)
+            return self._rotate_locked(session, rows, reason="manual").version
+
+        return self._transact(work)
+
+    def retire_key(self, key_id: str, version: int) -> None:
+        """Stop a version from encrypting; it still decrypts.
+
+        Raises:
+            KeyNotFound: no such version.
+            KeyDestroyed: it was destroyed.
+        """
+        with self.store.transaction() as session:
+            row = session.scalars(
+                select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version).with_for_update()
+            ).one_or_none()
+            if row is None:
+                msg = f"key {key_id!r} version {version} not found in the key store"
+                raise KeyNotFound(msg)
+            if row.status == DESTROYED:
+                raise _destroyed(key_id, version)
+            if row.status == ACTIVE:
+                row.status, row.retired_at, row.next_rotation_at = RETIRED, self._clock(), None
+                self._audit(session, key_id, version, "retire")
+        self.cache.forget(key_id, version)
+
+    def destroy_key(self, key_id: str, version: int | None = None) -> int:
+        """Destroy every version of ``key_id`` (or one version): crypto-shredding.
+
+        Returns:
+            How many versions were destroyed by this call.
+        """
+        with self.store.transaction() as session:
+            query = select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.status != DESTROYED)
+            if version is not None:
+                query = query.where(KeyRow.version == version)
+            rows = session.scalars(query.with_for_update()).all()
+            for row in rows:
+                self._destroy_row(session, row, reason="manual")
+        for row in rows:
+            self.cache.forget(row.key_id, row.version, destroyed=True)
+        return len(rows)
+
+    def perform_automatic_rotation(self, now: datetime | None = None, *, batch_size: int = 200) -> list[str]:
+        """Rotate every key older than ``pii_rotation_interval`` or past ``pii_rotation_max_messages``.
+
+        Safe to run from two processes at once: rows being rotated elsewhere
+        are skipped, and a rotated key is no longer due, so each due key gets
+        exactly one new version.  Works in batches (bounded memory).
+
+        Returns:
+            The key ids rotated by this call.
+        """
+        self.flush_usage()
+        now = now or self._clock()
+        rotated: list[str] = []
+        after_id = 0
+
+        def one_batch(session: Session) -> tuple[list[str], int, int]:
+            rows = session.scalars(
+                select(KeyRow)
+                .where(
+                    KeyRow.id > after_id,
+                    KeyRow.status == ACTIVE,
+                    (KeyRow.next_rotation_at <= now) | (KeyRow.usage_count >= self.rotation_max_messages),
+                )
+                .order_by(KeyRow.id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            done = []
+            for row in rows:
+                if row.key_id.startswith(RESERVED_PREFIX):
+                    continue
+                reason = "max_messages" if row.usage_count >= self.rotation_max_messages else "age"
+                self._rotate_locked(session, self._lock_rows(session, row.key_id), reason=reason, now=now)
+                done.append(row.key_id)
+            return done, len(rows), rows[-1].id if rows else after_id
+
+        while True:
+            done, seen, after_id = self._transact(one_batch)
+            rotated.extend(done)
+            if seen < batch_size:
+                return rotated
+
+    def get_stats(self) -> KeyStats:
+        """Counts of key versions by status, rotations, and this process's cache counters."""
+        with self.store.transaction() as session:
+            grouped = session.execute(select(KeyRow.status, func.count()).group_by(KeyRow.status))
+            counts: dict[str, int] = {status: count for status, count in grouped}  # noqa: C416 - typed rows
+            rotations = session.scalar(
+                select(func.count()).select_from(AuditRow).where(AuditRow.operation == "rotate")
+            )
+        return KeyStats(
+            total_keys=sum(counts.values()),
+            active_keys=counts.get(ACTIVE, 0),
+            retired_keys=counts.get(RETIRED, 0),
+            destroyed_keys=counts.get(DESTROYED, 0),
+            rotations_performed=rotations or 0,
+            cache_hits=self.cache.hits,
+            cache_misses=self.cache.misses,
+        )
+
+    def audit_trail(
+        self,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        limit: int | None = None,
+    ) -> list[AuditRecord]:
+        """Audit records, oldest first, optionally for one key id and a time window."""
+        query = select(AuditRow).order_by(AuditRow.timestamp, AuditRow.id)
+        if key_id is not None:
+            query = query.where(AuditRow.key_id == key_id)
+        if since is not None:
+            query = query.where(AuditRow.timestamp >= since)
+        if until is not None:
+            query = query.where(AuditRow.timestamp <= until)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.store.transaction() as session:
+            return [
+                AuditRecord(r.timestamp, r.key_id, r.version, r.operation, r.actor, dict(r.details or {}))
+                for r in session.scalars(query)
+            ]
+
+    # -- subjects, retention, audit events ------------------------------------------------------
+
+    def subject_key_id(self, subject_id: object) -> tuple[str, str]:
+        """``(key id, subject hash)`` of a data subject's key.
+
+        The hash is keyed by a secret kept in the key store, so a subject id
+        (often an email or a user id) cannot be guessed back from a key id.
+        """
+        secret = self._subject_secret or self._load_subject_secret()
+        digest = hmac.new(secret, str(subject_id).encode(), hashlib.sha256).hexdigest()[:32]
+        return f"subject.{digest}", digest
+
+    def destroy_subject(self, subject_id: object) -> int:
+        """Destroy every key of one data subject (erasure); returns versions destroyed."""
+        _, digest = self.subject_key_id(subject_id)
+        with self.store.transaction() as session:
+            rows = session.scalars(
+                select(KeyRow)
+                .where(KeyRow.subject_id == digest, KeyRow.status != DESTROYED)
+                .with_for_update()
+            ).all()
+            for row in rows:
+                self._destroy_row(session, row, reason="forget_subject")
+            if not rows:
+                self._audit(session, f"subject.{digest}", None, "forget_subject", versions=0)
+        for row in rows:
+            self.cache.forget(row.key_id, row.version, destroyed=True)
+        return len(rows)
+
+    def destroy_expired(self, now: datetime | None = None, *, batch_size: int = 500) -> list[tuple[str, int]]:
+        """Destroy one batch of versions whose ``expires_at`` has passed (retention)."""
+        now = now or self._clock()
+        with self.store.transaction() as session:
+            rows = session.scalars(
+                select(KeyRow)
+                .where(KeyRow.expires_at <= now, KeyRow.status != DESTROYED)
+                .order_by(KeyRow.id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for row in rows:
+                self._destroy_row(session, row, reason="retention", now=now)
+        destroyed = [(row.key_id, row.version) for row in rows]
+        for key_id, version in destroyed:
+            self.cache.forget(key_id, version, destroyed=True)
+        return destroyed
+
+    def record(self, operation: str, key_id: str, version: int | None = None, **details: Any) -> None:
+        """Append an audit record (e.g. ``tamper_detected``); details name ids, never values."""
+        with self.store.transaction() as session:
+            self._audit(session, key_id, version, operation, **details)
+
+    def check_master_key(self) -> None:
+        """Fail at start-up, not at first decrypt, if the master key does not match the store.
+
+        Raises:
+            ConfigurationError: keys exist but none can be unwrapped with this master key.
+            KeyStoreUnavailable: the store cannot be reached.
+        """
+        self.store.check_schema()
+        with self.store.transaction() as session:
+            mine = session.scalars(
+                select(KeyRow)
+                .where(KeyRow.master_key_ref == self.master.ref, KeyRow.wrapped_key.is_not(None))
+                .limit(1)
+            ).first()
+            other = None
+            if mine is None:
+                other = session.scalars(
+                    select(KeyRow).where(KeyRow.wrapped_key.is_not(None)).limit(1)
+                ).first()
+            if mine is not None:
+                self._unwrap(mine, for_check=True)
+            elif other is not None:
+                msg = (
+                    "setting pii_master_key: this master key does not match the key store "
+                    f"(its keys were wrapped by master key {other.master_key_ref}); "
+                    "use the master key the store was created with"
+                )
+                raise ConfigurationError(msg)
+
+    def flush_usage(self) -> None:
+        """Write accumulated usage counts (one UPDATE per key version, not per message)."""
+        usage = self.cache.take_usage()
+        if not usage:
+            return
+        now = self._clock()
+        try:
+            with self.store.transaction() as session:
+                for (key_id, version), count in usage.items():
+                    row = session.scalars(
+                        select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version)
+                    ).one_or_none()
+                    if row is not None:
+                        row.usage_count = (row.usage_count or 0) + count
+                        row.last_used_at = now
+        except KeyStoreUnavailable:
+            self.cache.give_back_usage(usage)
+            logger.warning("celery-pii: usage counts kept in memory; the key store is unreachable")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _active_row(session: Session, key_id: str) -> KeyRow | None:
+        return session.scalars(
+            select(KeyRow)
+            .where(KeyRow.key_id == key_id, KeyRow.status == ACTIVE)
+            .order_by(KeyRow.version.desc())
+        ).first()
+
+    @staticmethod
+    def _lock_rows(session: Session, key_id: str) -> Sequence[KeyRow]:
+        # Lock, then read again: under READ COMMITTED the second statement sees
+        # versions committed while we waited for the lock.
+        locked = select(KeyRow).where(KeyRow.key_id == key_id).order_by(KeyRow.version).with_for_update()
+        session.scalars(locked).all()
+        return session.scalars(locked.execution_options(populate_existing=True)).all()
+
+    def _insert_version(  # noqa: PLR0913 - keyword-only details of the new row
+        self,
+        session: Session,
+        spec: KeySpec,
+        now: datetime,
+        *,
+        reason: str,
+        algorithm: Algorithm | None = None,
+        previous: KeyRow | None = None,
+    ) -> KeyRow:
+        _check_key_id(spec.key_id)
+        latest = session.scalar(select(func.max(KeyRow.version)).where(KeyRow.key_id == spec.key_id))
+        version = (latest or 0) + 1
+        algorithm = algorithm or self.algorithm
+        material = new_key_material()
+        row = KeyRow(
+            key_id=spec.key_id,
+            version=version,
+            algorithm=algorithm.value,
+            wrapped_key=self.master.wrap(material, context=_context(spec.key_id, version, algorithm.value)),
+            master_key_ref=self.master.ref,
+            status=ACTIVE,
+            created_at=now,
+            created_by=self.actor,
+            next_rotation_at=now + self.rotation_interval,
+            usage_count=0,
+            subject_id=previous.subject_id if previous else spec.subject_id,
+            expires_at=previous.expires_at if previous else spec.expires_at,
+            retention_deadline=previous.retention_deadline if previous else spec.retention_deadline,
+        )
+        session.add(row)
+        session.flush()
+        operation = "rotate" if previous is not None else "generate"
+        details: dict[str, Any] = {"reason": reason, "algorithm": algorithm.value}
+        if previous is not None:
+            details["previous_version"] = previous.version
+        self._audit(session, spec.key_id, version, operation, **details)
+        return row
+
+    def _rotate_locked(
+        self, session: Session, rows: Sequence[KeyRow], *, reason: str, now: datetime | None = None
+    ) -> KeyRow:
+        now = now or self._clock()
+        latest = rows[-1]
+        for row in rows:
+            if row.status == ACTIVE:
+                row.status, row.retired_at, row.rotated_at, row.next_rotation_at = RETIRED, now, now, None
+        new = self._insert_version(session, KeySpec(latest.key_id), now, reason=reason, previous=latest)
+        live = [row for row in rows if row.status != DESTROYED]
+        for row in live[: max(0, len(live) + 1 - self.max_key_versions)]:
+            self._destroy_row(session, row, reason="max_key_versions", now=now)
+            self.cache.forget(row.key_id, row.version, destroyed=True)
+        self.cache.forget(latest.key_id)
+        return new
+
+    def _destroy_row(
+        self, session: Session, row: KeyRow, *, reason: str, now: datetime | None = None
+    ) -> None:
+        row.status, row.wrapped_key = DESTROYED, None
+        row.destroyed_at = now or self._clock()
+        row.next_rotation_at = None
+        self._audit(session, row.key_id, row.version, "destroy", reason=reason)
+
+    def _unwrap(self, row: KeyRow, *, for_check: bool = False) -> DataKey:
+        try:
+            if row.wrapped_key is None:
+                raise _destroyed(row.key_id, row.version)
+            algorithm = Algorithm(row.algorithm)
+            context = _context(row.key_id, row.version, row.algorithm)
+            material = self.master.unwrap(row.wrapped_key, context=context)
+        except (DecryptionFailed, ValueError):
+            if for_check:
+                msg = (
+                    "setting pii_master_key: this master key does not match the key store "
+                    f"(key {row.key_id!r} v{row.version} cannot be unwrapped)"
+                )
+                raise ConfigurationError(msg) from None
+            msg = f"key {row.key_id!r} v{row.version} cannot be unwrapped: wrong master key or damaged row"
+            raise KeyNotFound(msg) from None
+        return DataKey(row.key_id, row.version, algorithm, material)
+
+    def _load_subject_secret(self) -> bytes:
+        key = self._load_active(KeySpec(SUBJECT_INDEX_KEY))
+        with self.store.transaction() as session:
+            row = session.scalars(
+                select(KeyRow).where(KeyRow.key_id == key.key_id, KeyRow.version == key.version)
+            ).one()
+            if row.wrapped_key is None:  # pragma: no cover - the index key is never destroyed
+                raise _destroyed(row.key_id, row.version)
+            secret = self.master.unwrap(
+                row.wrapped_key, context=_context(row.key_id, row.version, row.algorithm)
+            )
+        self._subject_secret = secret
+        return secret
+
+    def _audit(
+        self, session: Session, key_id: str, version: int | None, operation: str, **details: Any
+    ) -> None:
+        session.add(
+            AuditRow(
+                timestamp=self._clock(),
+                key_id=key_id,
+                version=version,
+                operation=operation,
+                actor=self.actor,
+                details=details,
+            )
+        )
+
+    def _transact(self, work: Callable[[Session], _T]) -> _T:
+        # Two writers can pick the same next version number; the unique
+        # constraint stops the second, which then runs again and sees the first.
+        for attempt in range(_RETRIES):
+            try:
+                with self.store.transaction() as session:
+                    return work(session)
+            except IntegrityError:  # noqa: PERF203 - retrying is the point
+                if attempt == _RETRIES - 1:
+                    msg = "key store write kept conflicting with concurrent writers"
+                    raise KeyStoreUnavailable(msg) from None
+        raise AssertionError  # pragma: no cover - the loop always returns or raises
+
+
+def _destroyed(key_id: str, version: int) -> KeyDestroyed:
+    return KeyDestroyed(f"key {key_id!r} version {version} was destroyed; data sealed under it is gone")
+
+
+def _check_key_id(key_id: str) -> None:
+    from ._config import KEY_ID_PATTERN  # noqa: PLC0415 - avoid a cycle at import time
+
+    if not isinstance(key_id, str) or not KEY_ID_PATTERN.match(key_id):
+        msg = "key ids are 1-128 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
+        raise ConfigurationError(msg)
+
+
+def _flush_at_exit(manager: KeyManager) -> None:
+    ref = weakref.ref(manager)
+
+    def flush() -> None:
+        alive = ref()
+        if alive is not None:
+            try:
+                alive.flush_usage()
+            except Exception:  # noqa: BLE001 - never fail interpreter shutdown
+                logger.debug("celery-pii: could not flush usage counts at exit")
+
+    atexit.register(flush)

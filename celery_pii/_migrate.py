@@ -1,0 +1,65 @@
+"""Run the key store's Alembic migrations from Python (the CLI wraps this)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Final, TextIO
+
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import URL, Connection
+
+__all__ = ["VERSION_TABLE", "alembic_config", "current_revision", "downgrade", "migrate"]
+
+VERSION_TABLE: Final = "celery_pii_alembic_version"
+
+
+def _script_location() -> str:
+    # The revisions ship as the package celery_pii.migrations (the top-level
+    # migrations/ folder of the repository).  Resolving the package, rather
+    # than Alembic's "celery_pii:migrations" resource form, also works for
+    # editable installs, where that package does not sit inside celery_pii/.
+    return str(resources.files("celery_pii.migrations"))
+
+
+def alembic_config(url_or_connection: str | URL | Connection, *, stdout: TextIO | None = None) -> Config:
+    """An Alembic ``Config`` for our migrations, bound to a URL or a shared connection."""
+    config = Config(stdout=stdout) if stdout is not None else Config()
+    config.set_main_option("script_location", _script_location())
+    if isinstance(url_or_connection, Connection):
+        config.attributes["connection"] = url_or_connection
+    else:
+        url = url_or_connection
+        text = url.render_as_string(hide_password=False) if isinstance(url, URL) else url
+        # Config is a ConfigParser: a literal % must be doubled.
+        config.set_main_option("sqlalchemy.url", text.replace("%", "%%"))
+    return config
+
+
+def migrate(url_or_connection: str | URL | Connection, *, revision: str = "head") -> None:
+    """Create or upgrade the key store's tables.
+
+    Arguments:
+        url_or_connection: a SQLAlchemy URL, or an open ``Connection`` to
+            migrate inside the caller's transaction.
+        revision: the target revision (``"head"`` for the newest).
+    """
+    command.upgrade(alembic_config(url_or_connection), revision)
+
+
+def downgrade(url_or_connection: str | URL | Connection, *, revision: str = "base") -> None:
+    """Downgrade the key store's tables (``"base"`` drops them all)."""
+    command.downgrade(alembic_config(url_or_connection), revision)
+
+
+def current_revision(url: str | URL) -> str | None:
+    """The revision the key store is at, or ``None`` before the first migration."""
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            return context.get_current_revision()
+    finally:
+        engine.dispose()

@@ -1,0 +1,269 @@
+"""The SQL key store: typed models and the few statements the key manager needs.
+
+Rows hold *wrapped* key material only (wrapped by the master key, never
+stored); destroying a key version deletes its material and keeps its row, so
+the audit trail and ``get_stats`` still see it.
+
+The store knows no Celery and no serializer.  Every database error that a
+retry could cure surfaces as :class:`KeyStoreUnavailable` (with the error's
+class name only: driver messages can carry SQL parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    exc,
+    inspect,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from .exceptions import ConfigurationError, KeyStoreUnavailable
+
+__all__ = [
+    "ACTIVE",
+    "DESTROYED",
+    "RETIRED",
+    "AuditRow",
+    "Base",
+    "KeyRow",
+    "KeyStore",
+    "utcnow",
+]
+
+ACTIVE: Final = "active"
+RETIRED: Final = "retired"
+DESTROYED: Final = "destroyed"
+
+KEYS_TABLE: Final = "celery_pii_keys"
+AUDIT_TABLE: Final = "celery_pii_key_audit"
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC everywhere (MariaDB and SQLite keep no zone), read back aware."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # MySQL/MariaDB DATETIME drops microseconds unless asked to keep them;
+        # audit order and time windows need them.
+        if dialect.name in {"mysql", "mariadb"}:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:  # noqa: ARG002
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            msg = "key store timestamps must be timezone-aware"
+            raise ValueError(msg)
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:  # noqa: ARG002
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with stable constraint names (so migrations can drop them)."""
+
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+_BIG_ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+class KeyRow(Base):
+    """One version of one data key."""
+
+    __tablename__ = KEYS_TABLE
+    __table_args__ = (
+        UniqueConstraint("key_id", "version"),
+        Index("ix_celery_pii_keys_status", "status"),
+        Index("ix_celery_pii_keys_next_rotation_at", "next_rotation_at"),
+        Index("ix_celery_pii_keys_expires_at", "expires_at"),
+        Index("ix_celery_pii_keys_subject_id", "subject_id"),
+    )
+
+    id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(160))
+    version: Mapped[int] = mapped_column(Integer)
+    algorithm: Mapped[str] = mapped_column(String(32))
+    #: Data key wrapped by the master key; NULL once destroyed.
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: Non-secret name of the master key that wrapped it (see _sources.MasterKey.ref).
+    master_key_ref: Mapped[str | None] = mapped_column(String(160))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(255))
+    #: When a rotation replaced this version as the active one.
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When enforce_retention destroys this version (retention buckets).
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When rotate_keys makes a new version (active versions only).
+    next_rotation_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    usage_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Keyed hash of the data subject's id, for per-subject keys and erasure.
+    subject_id: Mapped[str | None] = mapped_column(String(64))
+    #: Latest message deadline sealed under a retention-bucket key.
+    retention_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditRow(Base):
+    """An append-only record of something done to (or with) a key."""
+
+    __tablename__ = AUDIT_TABLE
+    __table_args__ = (
+        Index("ix_celery_pii_key_audit_key_id", "key_id"),
+        Index("ix_celery_pii_key_audit_timestamp", "timestamp"),
+    )
+
+    id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
+    key_id: Mapped[str] = mapped_column(String(160))
+    version: Mapped[int | None] = mapped_column(Integer)
+    operation: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(255))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+# Errors a retry can cure: the server is down, restarting, or a connection
+# was cut.  Anything else (a bug, a missing table) is not retried.
+_TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError)
+
+
+class KeyStore:
+    """The database behind a key manager: engine, sessions, error mapping."""
+
+    def __init__(self, url: str | URL, *, connect_timeout: float = 5.0) -> None:
+        """Create the engine (connections are opened lazily).
+
+        Raises:
+            ConfigurationError: the URL cannot be parsed or names no installed driver.
+        """
+        try:
+            parsed = make_url(url)
+            self.engine = create_engine(
+                parsed,
+                pool_pre_ping=True,
+                connect_args=_connect_args(parsed, connect_timeout),
+                **_pool_options(parsed),
+            )
+        except (exc.ArgumentError, ImportError, ValueError) as error:
+            msg = (
+                f"setting pii_key_store_url: cannot use this URL ({type(error).__name__}); "
+                "expected e.g. postgresql+psycopg://user@host/db (extra 'postgres'), "
+                "mysql+pymysql://user@host/db (extra 'mysql') or sqlite:///path.db"
+            )
+            raise ConfigurationError(msg) from None
+        if self.engine.dialect.name == "sqlite":
+            _serialize_sqlite_writers(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # A prefork worker child must not share its parent's connections.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self.engine.dispose(close=False)
+
+    @property
+    def url(self) -> str:
+        """The URL with any password hidden."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in a transaction; outages become ``KeyStoreUnavailable``."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except _TRANSIENT as error:
+            msg = f"key store unreachable ({type(error).__name__})"
+            raise KeyStoreUnavailable(msg) from None
+
+    def check_schema(self) -> None:
+        """Make sure the celery-pii tables exist.
+
+        Raises:
+            ConfigurationError: they do not (migrations were not run).
+            KeyStoreUnavailable: the database cannot be reached.
+        """
+        try:
+            with self.engine.connect() as connection:
+                tables = set(inspect(connection).get_table_names())
+        except _TRANSIENT as error:
+            msg = f"key store unreachable ({type(error).__name__}) at {self.url}"
+            raise KeyStoreUnavailable(msg) from None
+        if not {KEYS_TABLE, AUDIT_TABLE} <= tables:
+            msg = (
+                f"setting pii_key_store_url: the key store at {self.url} has no celery-pii tables; "
+                "run `celery -A proj pii db upgrade` or celery_pii.migrate(url)"
+            )
+            raise ConfigurationError(msg)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        return {"connect_timeout": max(1, round(timeout))}
+    if backend in {"mysql", "mariadb"}:
+        return {"connect_timeout": max(1, round(timeout)), "read_timeout": 30, "write_timeout": 30}
+    if backend == "sqlite":
+        return {"timeout": timeout}
+    return {}
+
+
+def _pool_options(url: URL) -> dict[str, Any]:
+    if url.get_backend_name() == "sqlite":
+        return {}
+    # Fail fast when the pool is exhausted rather than hang a publish.
+    return {"pool_size": 5, "max_overflow": 10, "pool_timeout": 10, "pool_recycle": 3600}
+
+
+def _serialize_sqlite_writers(engine: Engine) -> None:
+    # SQLite's default deferred transactions let two writers deadlock; taking
+    # the write lock at BEGIN makes concurrent rotations queue instead.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

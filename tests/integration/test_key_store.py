@@ -1,0 +1,446 @@
+"""The SQL key store and KeyManager on PostgreSQL, MariaDB and SQLite (real databases)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+from celery_pii._crypto import Algorithm
+from celery_pii._keys import KeyManager, KeySpec
+from celery_pii._migrate import VERSION_TABLE, alembic_config, current_revision, downgrade, migrate
+from celery_pii._sources import LocalMasterKey
+from celery_pii._store import KeyStore, utcnow
+from celery_pii.exceptions import (
+    ConfigurationError,
+    EncryptionFailed,
+    KeyDestroyed,
+    KeyNotFound,
+    KeyStoreUnavailable,
+)
+
+from .conftest import MASTER
+
+pytestmark = pytest.mark.integration
+
+
+def _tables(url):
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _execute(url, sql, **params):
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as connection:
+            result = connection.execute(sa.text(sql), params)
+            return result.fetchall() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
+class TestMigrations:
+    """Alembic migrations: upgrade from empty, downgrade, models == migrations, host left alone."""
+
+    def test_upgrade_check_downgrade(self, empty_db):
+        """Upgrade creates only our tables and version table; check passes; downgrade removes them."""
+        _execute(empty_db, "CREATE TABLE host_things (id INTEGER PRIMARY KEY)")
+        _execute(empty_db, "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        root = logging.getLogger()
+        before = (list(root.handlers), root.level, logging.getLogger("sqlalchemy").level)
+        migrate(empty_db)
+        assert (list(root.handlers), root.level, logging.getLogger("sqlalchemy").level) == before
+        assert _tables(empty_db) == {
+            "host_things",
+            "alembic_version",
+            VERSION_TABLE,
+            "celery_pii_keys",
+            "celery_pii_key_audit",
+        }
+        assert current_revision(empty_db) == "0001_key_store"
+        assert _execute(empty_db, "SELECT * FROM alembic_version") == []  # the host's version table untouched
+        command.check(alembic_config(empty_db))  # raises if models and migrations disagree
+        migrate(empty_db)  # idempotent
+        downgrade(empty_db)
+        assert _tables(empty_db) == {"host_things", "alembic_version", VERSION_TABLE}
+        assert current_revision(empty_db) is None
+
+    def test_migrate_over_shared_connection(self, empty_db):
+        """A caller's open connection can be migrated inside its own transaction."""
+        engine = sa.create_engine(empty_db, poolclass=sa.pool.NullPool)
+        with engine.begin() as connection:
+            migrate(connection)
+        engine.dispose()
+        assert "celery_pii_keys" in _tables(empty_db)
+
+    def test_missing_tables_are_a_configuration_error(self, empty_db):
+        """A store that was never migrated fails at start-up with the command to run."""
+        manager = KeyManager(KeyStore(empty_db), MASTER)
+        with pytest.raises(ConfigurationError, match="pii db upgrade"):
+            manager.check_master_key()
+        manager.store.dispose()
+
+
+class TestEnvelopeEncryption:
+    """Data keys are wrapped by the master key, never stored in the clear."""
+
+    def test_material_is_wrapped_and_master_never_stored(self, manager, db_url):
+        """The row holds wrapped material; neither the data key nor the master key appear in it."""
+        manager.generate_key("orders")
+        key = manager.decryption_key("orders", 1)
+        row = _execute(db_url, "SELECT wrapped_key, master_key_ref FROM celery_pii_keys")[0]
+        wrapped = bytes(row[0])
+        material = key._cipher  # the cipher holds the material; check through a round trip instead
+        assert material is not None
+        assert bytes(range(32)) not in wrapped
+        assert len(wrapped) == 1 + 12 + 32 + 16
+        assert row[1] == MASTER.ref
+
+    def test_wrapped_material_is_bound_to_its_row(self, manager, db_url):
+        """Copying one key's wrapped material into another row makes that row fail to unwrap."""
+        manager.generate_key("a")
+        manager.generate_key("b")
+        engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+        with engine.begin() as connection:
+            wrapped = connection.exec_driver_sql(
+                "SELECT wrapped_key FROM celery_pii_keys WHERE key_id='a'"
+            ).scalar()
+            connection.execute(
+                sa.text("UPDATE celery_pii_keys SET wrapped_key=:w WHERE key_id='b'"), {"w": wrapped}
+            )
+        engine.dispose()
+        with pytest.raises(KeyNotFound, match="cannot be unwrapped"):
+            manager.decryption_key("b", 1)
+
+    def test_wrong_master_key_detected_at_start_up(self, manager, make_manager):
+        """A master key that does not match the store fails check_master_key, naming the setting."""
+        manager.generate_key("orders")
+        manager.check_master_key()
+        other = make_manager(master=LocalMasterKey(bytes(32)))
+        with pytest.raises(ConfigurationError, match="pii_master_key") as info:
+            other.check_master_key()
+        assert bytes(32).hex() not in str(info.value)
+
+    def test_empty_store_accepts_any_master_key(self, make_manager):
+        """With no keys yet, there is nothing to mismatch."""
+        make_manager(master=LocalMasterKey(bytes(32))).check_master_key()
+
+
+class TestKeyManager:
+    """The KeyManager API of DESIGN §1."""
+
+    def test_generate_then_use(self, manager):
+        """generate_key makes version 1 active; it encrypts and decrypts."""
+        assert manager.generate_key("orders", algorithm="chacha20-poly1305") == 1
+        key = manager.encryption_key(KeySpec("orders"))
+        assert (key.key_id, key.version, key.algorithm) == ("orders", 1, Algorithm.CHACHA20_POLY1305)
+        sealed = key.seal(b"x", b"ad")
+        assert manager.decryption_key("orders", 1).open(sealed, b"ad") == b"x"
+        with pytest.raises(ConfigurationError, match="already exists"):
+            manager.generate_key("orders")
+
+    def test_first_use_creates_and_audits(self, manager):
+        """A key named by a task is created on first use, with a 'generate' audit record."""
+        key = manager.encryption_key(KeySpec("payments"))
+        assert key.version == 1
+        trail = manager.audit_trail("payments")
+        assert [(r.operation, r.version, r.details["reason"]) for r in trail] == [
+            ("generate", 1, "first use")
+        ]
+        assert trail[0].actor
+
+    def test_rotation_retires_and_old_versions_still_decrypt(self, manager):
+        """After rotation the new version encrypts and the retired one still decrypts."""
+        old = manager.encryption_key(KeySpec("orders"))
+        sealed = old.seal(b"v1 data", b"ad")
+        assert manager.rotate_key("orders") == 2
+        assert manager.encryption_key(KeySpec("orders")).version == 2
+        assert manager.decryption_key("orders", 1).open(sealed, b"ad") == b"v1 data"
+        stats = manager.get_stats()
+        assert (stats.total_keys, stats.active_keys, stats.retired_keys, stats.rotations_performed) == (
+            2,
+            1,
+            1,
+            1,
+        )
+
+    def test_max_key_versions(self, make_manager):
+        """Versions beyond pii_max_key_versions are destroyed, oldest first, and audited."""
+        manager = make_manager(max_key_versions=3)
+        manager.generate_key("orders")
+        for _ in range(4):
+            manager.rotate_key("orders")
+        stats = manager.get_stats()
+        assert (stats.active_keys, stats.retired_keys, stats.destroyed_keys) == (1, 2, 2)
+        with pytest.raises(KeyDestroyed):
+            manager.decryption_key("orders", 2)
+        assert manager.decryption_key("orders", 3).version == 3
+        destroys = [r for r in manager.audit_trail("orders") if r.operation == "destroy"]
+        assert [(r.version, r.details["reason"]) for r in destroys] == [
+            (1, "max_key_versions"),
+            (2, "max_key_versions"),
+        ]
+
+    def test_retire(self, manager):
+        """A retired active version stops encrypting; the next use creates a new version."""
+        manager.generate_key("orders")
+        manager.retire_key("orders", 1)
+        assert manager.encryption_key(KeySpec("orders")).version == 2
+        manager.decryption_key("orders", 1)
+        with pytest.raises(KeyNotFound, match="'orders' version 9"):
+            manager.retire_key("orders", 9)
+
+    def test_destroy(self, manager):
+        """Destroying deletes material, keeps rows, and evicts this process's cache at once."""
+        sealed = manager.encryption_key(KeySpec("orders")).seal(b"x", b"")
+        manager.decryption_key("orders", 1)  # cached
+        assert manager.destroy_key("orders") == 1
+        with pytest.raises(KeyDestroyed, match="'orders' version 1"):
+            manager.decryption_key("orders", 1)
+        assert sealed  # the ciphertext still exists but nothing can open it
+        assert manager.get_stats().destroyed_keys == 1
+        assert manager.destroy_key("orders") == 0
+        assert [r.operation for r in manager.audit_trail("orders")] == ["generate", "destroy"]
+
+    def test_unknown_keys(self, manager):
+        """Unknown key ids and versions raise KeyNotFound naming the key id only."""
+        with pytest.raises(KeyNotFound, match="'nope' version 1"):
+            manager.decryption_key("nope", 1)
+        with pytest.raises(KeyNotFound, match="'nope'"):
+            manager.rotate_key("nope")
+
+    def test_automatic_rotation_by_age_and_count(self, make_manager):
+        """Keys older than the interval or past the message count rotate; others do not."""
+        manager = make_manager(rotation_interval=timedelta(days=1), rotation_max_messages=50)
+        for key_id in ("old", "busy", "fresh"):
+            manager.encryption_key(KeySpec(key_id))
+        for _ in range(60):
+            manager.encryption_key(KeySpec("busy"))
+        rotated = manager.perform_automatic_rotation(now=utcnow() + timedelta(hours=1))
+        assert rotated == ["busy"]
+        rotated = manager.perform_automatic_rotation(now=utcnow() + timedelta(days=2))
+        assert sorted(rotated) == ["busy", "fresh", "old"]
+        assert manager.perform_automatic_rotation(now=utcnow() + timedelta(days=2)) == []
+
+    def test_audit_trail_filters(self, manager):
+        """audit_trail filters by key id and time window, oldest first."""
+        manager.generate_key("a")
+        middle = utcnow()
+        time.sleep(0.01)
+        manager.generate_key("b")
+        assert [r.key_id for r in manager.audit_trail()] == ["a", "b"]
+        assert [r.key_id for r in manager.audit_trail(since=middle)] == ["b"]
+        assert [r.key_id for r in manager.audit_trail(until=middle)] == ["a"]
+        assert [r.key_id for r in manager.audit_trail("b")] == ["b"]
+
+    def test_bad_key_id(self, manager):
+        """Malformed key ids are refused."""
+        with pytest.raises(ConfigurationError, match="key ids"):
+            manager.generate_key("has space")
+
+
+class TestCache:
+    """The in-process key cache."""
+
+    def test_hit_touches_no_database(self, manager):
+        """Once cached, encryption and decryption lookups issue no SQL."""
+        statements = []
+        sa.event.listen(
+            manager.store.engine, "before_cursor_execute", lambda *args: statements.append(args[2])
+        )
+        manager.encryption_key(KeySpec("orders"))
+        manager.decryption_key("orders", 1)
+        statements.clear()
+        for _ in range(500):
+            manager.encryption_key(KeySpec("orders"))
+            manager.decryption_key("orders", 1)
+        assert statements == []
+        stats = manager.get_stats()
+        assert stats.cache_hits >= 1000
+        assert stats.cache_misses >= 1
+
+    def test_other_processes_stop_serving_destroyed_keys_within_ttl(self, make_manager):
+        """A second manager keeps its cached copy only until the TTL runs out."""
+        first, second = make_manager(cache_ttl=0.5), make_manager(cache_ttl=0.5)
+        first.encryption_key(KeySpec("orders"))
+        second.decryption_key("orders", 1)
+        first.destroy_key("orders")
+        second.decryption_key("orders", 1)  # still cached: documented behaviour
+        time.sleep(0.6)
+        with pytest.raises(KeyDestroyed):
+            second.decryption_key("orders", 1)
+
+    def test_usage_counts_are_flushed_in_batches(self, manager, db_url):
+        """2,500 encryptions cost a handful of UPDATEs, and the count is exact after a flush."""
+        updates = []
+        sa.event.listen(
+            manager.store.engine,
+            "before_cursor_execute",
+            lambda _c, _cur, sql, *_rest: (
+                updates.append(sql) if sql.lstrip().upper().startswith("UPDATE") else None
+            ),
+        )
+        for _ in range(2500):
+            manager.encryption_key(KeySpec("orders"))
+        manager.flush_usage()
+        assert 1 <= len(updates) <= 4
+        assert _execute(db_url, "SELECT usage_count FROM celery_pii_keys")[0][0] == 2500
+
+
+class TestSubjects:
+    """Per-subject keys and erasure."""
+
+    def test_subject_keys_and_forget(self, manager, db_url):
+        """A subject's key id is a keyed hash; destroying the subject shreds all its versions."""
+        key_id, digest = manager.subject_key_id("ann@example.com")
+        assert "ann" not in key_id and digest in key_id
+        assert manager.subject_key_id("ann@example.com") == (key_id, digest)
+        assert manager.subject_key_id("bob@example.com")[0] != key_id
+        key = manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        manager.rotate_key(key_id)
+        other = manager.encryption_key(
+            KeySpec(manager.subject_key_id(7)[0], subject_id=manager.subject_key_id(7)[1])
+        )
+        assert manager.destroy_subject("ann@example.com") == 2
+        with pytest.raises(KeyDestroyed):
+            manager.decryption_key(key.key_id, 1)
+        with pytest.raises(KeyDestroyed):
+            manager.decryption_key(key.key_id, 2)
+        assert manager.decryption_key(other.key_id, 1)
+        reasons = {r.details.get("reason") for r in manager.audit_trail(key_id) if r.operation == "destroy"}
+        assert reasons == {"forget_subject"}
+        assert "ann@example.com" not in str(_execute(db_url, "SELECT * FROM celery_pii_key_audit"))
+
+    def test_subject_hash_survives_a_new_manager(self, make_manager):
+        """The subject index key lives in the store, so every process derives the same key id."""
+        assert make_manager().subject_key_id(42) == make_manager().subject_key_id(42)
+
+
+class TestRetentionKeys:
+    """Bucket keys with an expiry."""
+
+    def test_destroy_expired(self, manager):
+        """Versions whose expiry passed are destroyed by destroy_expired, others stay."""
+        now = utcnow()
+        manager.encryption_key(KeySpec("orders@1", expires_at=now + timedelta(seconds=5)))
+        manager.encryption_key(KeySpec("orders@2", expires_at=now + timedelta(days=5)))
+        assert manager.destroy_expired(now=now + timedelta(seconds=10)) == [("orders@1", 1)]
+        with pytest.raises(KeyDestroyed):
+            manager.decryption_key("orders@1", 1)
+        manager.decryption_key("orders@2", 1)
+
+    def test_expired_bucket_refuses_to_seal(self, manager):
+        """Sealing under a bucket whose deadline passed fails instead of writing dead data."""
+        with pytest.raises(EncryptionFailed, match="retention deadline"):
+            manager.encryption_key(KeySpec("orders@0", expires_at=utcnow() - timedelta(seconds=1)))
+
+
+class TestFailures:
+    """An unreachable store fails fast with KeyStoreUnavailable."""
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "postgresql+psycopg://postgres@127.0.0.1:1/test",
+            "mysql+pymysql://root@127.0.0.1:1/test",
+            "postgresql+psycopg://postgres@10.255.255.1:5432/test",
+        ],
+    )
+    def test_unreachable(self, url):
+        """A closed port or an unroutable host raises within the connect timeout."""
+        manager = KeyManager(KeyStore(url, connect_timeout=1), MASTER)
+        started = time.monotonic()
+        with pytest.raises(KeyStoreUnavailable, match="unreachable") as info:
+            manager.encryption_key(KeySpec("orders"))
+        assert time.monotonic() - started < 10
+        assert "postgres@" not in str(info.value)
+
+    def test_bad_url(self):
+        """A URL without an installed driver is a configuration error naming the setting."""
+        with pytest.raises(ConfigurationError, match="pii_key_store_url"):
+            KeyStore("nosuchdb+driver://x/y")
+
+
+def _rotate_in_child(url, barrier, results, automatic):
+    manager = KeyManager(KeyStore(url), MASTER, rotation_interval=timedelta(seconds=1))
+    barrier.wait(timeout=30)
+    if automatic:
+        results.put(manager.perform_automatic_rotation(now=utcnow() + timedelta(days=100)))
+    else:
+        results.put(manager.rotate_key("shared"))
+    manager.store.dispose()
+
+
+@pytest.mark.usefixtures("manager")
+class TestConcurrency:
+    """Racing rotations: exactly one new version per logical rotation."""
+
+    def _versions(self, url, key_id="shared"):
+        query = "SELECT version, status FROM celery_pii_keys WHERE key_id=:k ORDER BY version"
+        rows = _execute(url, query, k=key_id)
+        return [tuple(r) for r in rows]
+
+    def test_processes_rotating_explicitly(self, manager, db_url):
+        """N processes each calling rotate_key at once give N new, distinct, consecutive versions."""
+        manager.generate_key("shared")
+        context = multiprocessing.get_context("fork")
+        barrier, results = context.Barrier(4), context.Queue()
+        children = [
+            context.Process(target=_rotate_in_child, args=(db_url, barrier, results, False)) for _ in range(4)
+        ]
+        for child in children:
+            child.start()
+        got = sorted(results.get(timeout=60) for _ in children)
+        for child in children:
+            child.join(timeout=30)
+        assert got == [2, 3, 4, 5]
+        versions = self._versions(db_url)
+        assert [v for v, _ in versions] == [1, 2, 3, 4, 5]
+        assert [s for _, s in versions].count("active") == 1
+
+    def test_processes_rotating_automatically(self, manager, db_url):
+        """Two beat-like processes running automatic rotation at once make exactly one new version per key."""
+        for key_id in ("shared", "other"):
+            manager.generate_key(key_id)
+        context = multiprocessing.get_context("fork")
+        barrier, results = context.Barrier(2), context.Queue()
+        children = [
+            context.Process(target=_rotate_in_child, args=(db_url, barrier, results, True)) for _ in range(2)
+        ]
+        for child in children:
+            child.start()
+        rotated = [results.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(timeout=30)
+        assert sorted(rotated[0] + rotated[1]) == ["other", "shared"]
+        assert [v for v, _ in self._versions(db_url)] == [1, 2]
+        assert [v for v, _ in self._versions(db_url, "other")] == [1, 2]
+
+    def test_threads_rotating(self, manager, db_url):
+        """Threads sharing one manager rotate without duplicates or lost versions."""
+        manager.generate_key("shared")
+        got, errors = [], []
+
+        def rotate():
+            try:
+                got.append(manager.rotate_key("shared"))
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=rotate) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        assert sorted(got) == [2, 3, 4, 5]
+        assert [v for v, _ in self._versions(db_url)] == [1, 2, 3, 4, 5]
