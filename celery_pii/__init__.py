@@ -7,6 +7,9 @@ function runs.  See README.md and docs/.
 
 from __future__ import annotations
 
+from ._celery import PII, get_pii, setup_pii
+from ._keys import AuditRecord, KeyManager, KeyStats
+from ._migrate import migrate
 from ._retention import RetentionPolicy
 from .exceptions import (
     ConfigurationError,
@@ -21,13 +24,20 @@ from .exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PII",
+    "AuditRecord",
     "ConfigurationError",
     "DecryptionFailed",
     "EncryptionFailed",
     "KeyDestroyed",
+    "KeyManager",
     "KeyNotFound",
+    "KeyStats",
     "KeyStoreUnavailable",
     "PIIError",
     "RetentionPolicy",
     "__version__",
+    "get_pii",
+    "migrate",
+    "setup_pii",
 ]

@@ -30,7 +30,10 @@ __all__ = ["DETECT_MODES", "OPTIONS", "Option", "Settings", "settings_from_conf"
 
 DETECT_MODES: Final = ("off", "warn", "encrypt", "refuse")
 INNER_SERIALIZERS: Final = ("json", "msgpack")
-KEY_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}\Z")
+# Any key id in the store (derived ids add "@bucket" or start "subject.").
+KEY_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,159}\Z")
+# Key ids users choose: "@" and ":" are reserved for derived ids, "celery_pii." for ours.
+USER_KEY_ID_PATTERN: Final = re.compile(r"(?!celery_pii\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +180,7 @@ def _master_key_spec(value: Any, setting: str) -> str:
     return value
 
 
-_KEY_ID_HINT = "must be 1-128 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
+_KEY_ID_HINT = "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 OPTIONS: Final[tuple[Option, ...]] = (
     Option(
@@ -205,7 +208,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "pii_default_key",
         "default",
-        _string(KEY_ID_PATTERN, _KEY_ID_HINT),
+        _string(USER_KEY_ID_PATTERN, _KEY_ID_HINT),
         "Key id for tasks that name none with the `pii_key=` task option.",
         "str",
     ),

@@ -9,8 +9,7 @@ per message and key, not one per field).  Layout, all integers big-endian::
     2       1     algorithm code
     3       4     key version
     7       1+n   key id (length byte, UTF-8)
-    .       1+n   task id the values are bound to (length byte; empty = any)
-    .       2     number of positional arguments when sealed
+    .       1+n   task id the values are bound to (length byte)
     .       4+n   locations (length, compact JSON list of location lists)
     .       12    nonce
     .       rest  ciphertext || 16-byte tag
@@ -63,9 +62,7 @@ MAX_LOCATION_DEPTH: Final = 64
 _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
 _MAX_SHORT: Final = 255
-_MAX_ARGS: Final = 0xFFFF
 _FIXED = struct.Struct(">BBBI")
-_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
 
@@ -85,7 +82,6 @@ class Envelope:
     algorithm: Algorithm
     kind: Kind
     task_id: str
-    args_len: int
     locations: tuple[Location, ...]
     compressed: bool
     header: bytes
@@ -103,7 +99,7 @@ class Envelope:
         if self.compressed:
             plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
         try:
-            values: object = kombu_json.loads(plaintext)  # type: ignore[no-untyped-call]
+            values: object = kombu_json.loads(plaintext)
         except (ValueError, TypeError, RecursionError):
             raise DecryptionFailed from None
         if not isinstance(values, list) or len(values) != len(self.locations):
@@ -118,7 +114,6 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     locations: Sequence[Location],
     task_name: str,
     task_id: str,
-    args_len: int,
     kind: Kind = Kind.TASK,
     compression_threshold: int | None = None,
     _nonce: bytes | None = None,
@@ -127,9 +122,9 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
 
     Raises:
         TypeError: a value cannot be encoded as JSON.
-        EncryptionFailed: the task id or argument count does not fit.
+        EncryptionFailed: the task id does not fit.
     """
-    text: str = kombu_json.dumps(  # type: ignore[no-untyped-call]
+    text: str = kombu_json.dumps(
         list(values), separators=(",", ":"), ensure_ascii=False
     )
     plaintext = text.encode()
@@ -137,7 +132,7 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)
         flags |= _FLAG_COMPRESSED
-    header = _header(key, flags, task_id, args_len, locations)
+    header = _header(key, flags, task_id, locations)
     associated_data = _associated_data(header, task_name)
     if _nonce is None:
         sealed = key.seal(plaintext, associated_data)
@@ -146,11 +141,11 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     return base64.b64encode(header + sealed).decode("ascii")
 
 
-def _header(key: DataKey, flags: int, task_id: str, args_len: int, locations: Sequence[Location]) -> bytes:
+def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location]) -> bytes:
     key_id = key.key_id.encode()
     bound_id = task_id.encode()
-    if len(bound_id) > _MAX_SHORT or not 0 <= args_len <= _MAX_ARGS:
-        msg = "task id longer than 255 bytes or more than 65535 positional arguments"
+    if len(bound_id) > _MAX_SHORT:
+        msg = "task id longer than 255 bytes"
         raise EncryptionFailed(msg)
     where = json.dumps(locations, separators=(",", ":"), ensure_ascii=False).encode()
     return b"".join(
@@ -160,7 +155,6 @@ def _header(key: DataKey, flags: int, task_id: str, args_len: int, locations: Se
             key_id,
             bytes((len(bound_id),)),
             bound_id,
-            _U16.pack(args_len),
             _U32.pack(len(where)),
             where,
         )
@@ -196,9 +190,8 @@ def _parse_bytes(data: bytes) -> Envelope:
     pos = _FIXED.size
     key_id, pos = _short_text(data, pos)
     task_id, pos = _short_text(data, pos)
-    (args_len,) = _U16.unpack_from(data, pos)
-    (where_len,) = _U32.unpack_from(data, pos + 2)
-    pos += 6
+    (where_len,) = _U32.unpack_from(data, pos)
+    pos += _U32.size
     where = data[pos : pos + where_len]
     pos += where_len
     if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE or not key_id:
@@ -209,7 +202,6 @@ def _parse_bytes(data: bytes) -> Envelope:
         algorithm=Algorithm.from_code(alg_code),
         kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,
         task_id=task_id,
-        args_len=args_len,
         locations=_parse_locations(where),
         compressed=bool(flags & _FLAG_COMPRESSED),
         header=data[:pos],

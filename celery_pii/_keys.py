@@ -612,7 +612,7 @@ def _check_key_id(key_id: str) -> None:
     from ._config import KEY_ID_PATTERN  # noqa: PLC0415 - avoid a cycle at import time
 
     if not isinstance(key_id, str) or not KEY_ID_PATTERN.match(key_id):
-        msg = "key ids are 1-128 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
+        msg = "key ids are 1-160 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
         raise ConfigurationError(msg)
 
 

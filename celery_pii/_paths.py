@@ -212,33 +212,29 @@ class Binder:
             fields.append((head, parts[1:]))
         self._fields = tuple(fields)
 
-    def locate(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, prefix: int = 0
-    ) -> Iterator[tuple[Location, Any]]:
+    def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
         """Yield ``(location, value)`` for every declared field present.
 
         Arguments:
             args: positional arguments of the call, as it will be published.
             kwargs: keyword arguments of the call.
-            prefix: positional arguments that Celery will prepend later (a
-                chain step receives its parent's return value first).
         """
         for head, rest in self._fields:
-            for root, tail in self._roots(head, rest, args, kwargs, prefix):
-                container = args if isinstance(root, int) else kwargs
-                yield from _walk(container[root], (root,), tail)  # type: ignore[index]
+            for root, tail in self._roots(head, rest, args, kwargs):
+                if isinstance(root, int):
+                    yield from _walk(args[root], ("args", root), tail)
+                else:
+                    yield from _walk(kwargs[root], ("kwargs", root), tail)
 
-    def display(self, location: Location, *, prefix: int = 0) -> str:
-        """The parameter-name path of a location, for messages and reprs."""
-        head = location[0]
-        if isinstance(head, int):
-            index = head + prefix
+    def display(self, location: Location) -> str:
+        """The parameter-name path of a call location, for messages and reprs."""
+        root, head, rest = location[0], location[1], location[2:]
+        if root == "args" and isinstance(head, int):
             names = list(self._index)
-            if index < len(names):
-                return format_path((names[index], *location[1:]))
-            extra = index - len(names)
-            return format_path((self._var_positional or "args", extra, *location[1:]))
-        return format_path(location)
+            if head < len(names):
+                return format_path((names[head], *rest))
+            return format_path((self._var_positional or "args", head - len(names), *rest))
+        return format_path((head, *rest))
 
     def _roots(
         self,
@@ -246,20 +242,17 @@ class Binder:
         rest: tuple[Part, ...],
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
-        prefix: int,
     ) -> Iterator[tuple[str | int, tuple[Part, ...]]]:
         if head in kwargs:
             yield head, rest
             return
         index = self._index.get(head)
         if index is not None:
-            index -= prefix
-            if 0 <= index < len(args):
+            if index < len(args):
                 yield index, rest
             return
         if head == self._var_positional:
-            start = max(len(self._index) - prefix, 0)
-            yield from _select_positional(start, len(args), rest)
+            yield from _select_positional(len(self._index), len(args), rest)
         elif head == self._var_keyword:
             yield from _select_keywords(kwargs, self._named, rest)
 
@@ -301,39 +294,32 @@ def _walk(value: Any, location: Location, rest: tuple[Part, ...]) -> Iterator[tu
             yield from _walk(value[part], (*location, part), tail)
 
 
-def get_at(args: Sequence[Any], kwargs: Mapping[str, Any], location: Location) -> Any:
-    """The value at ``location``; ``KeyError``/``IndexError`` when absent."""
-    head = location[0]
-    value = args[head] if isinstance(head, int) else kwargs[head]
-    for part in location[1:]:
+def get_at(root: Mapping[str, Any], location: Location) -> Any:
+    """The value at ``location``; ``KeyError``/``IndexError``/``TypeError`` when absent."""
+    value: Any = root
+    for part in location:
         value = value[part]
     return value
 
 
-def replace_in_copies(
-    args: Sequence[Any], kwargs: Mapping[str, Any], replacements: Mapping[Location, Any]
-) -> tuple[list[Any], dict[str, Any]]:
-    """Return ``(args, kwargs)`` with values replaced at the given locations.
+def replace_in_copies(root: Mapping[str, Any], replacements: Mapping[Location, Any]) -> dict[str, Any]:
+    """Return a copy of ``root`` with values replaced at the given locations.
 
-    Only the containers on the way to a replaced value are copied; the
-    caller's objects are never changed (a reused signature must not be
-    sealed twice, and the caller's data must stay theirs).
+    Only the containers on the way to a replaced value are copied (tuples
+    become lists, as JSON would make them); the caller's objects are never
+    changed: a reused signature must not be sealed twice, and the caller's
+    data must stay theirs.
     """
     trie: dict[Any, Any] = {}
     for location, value in replacements.items():
         node = trie
         for part in location[:-1]:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):  # pragma: no cover - nested location under a replaced one
-                break
-        else:
-            node[location[-1]] = _Leaf(value)
-    new_args = list(args)
-    new_kwargs = dict(kwargs)
-    for head, node in trie.items():
-        target: Any = new_args if isinstance(head, int) else new_kwargs
-        target[head] = _apply_trie(target[head], node)
-    return new_args, new_kwargs
+        node[location[-1]] = _Leaf(value)
+    copy = dict(root)
+    for part, child in trie.items():
+        copy[part] = _apply_trie(copy[part], child)
+    return copy
 
 
 class _Leaf:
@@ -352,10 +338,19 @@ def _apply_trie(value: Any, node: Any) -> Any:
     return copy
 
 
-def set_in_place(args: list[Any], kwargs: dict[str, Any], location: Location, value: Any) -> None:
-    """Set the value at ``location`` in freshly decoded (worker-owned) data."""
-    head = location[0]
-    container: Any = args if isinstance(head, int) else kwargs
+def set_in_place(root: Mapping[str, Any], location: Location, value: Any) -> None:
+    """Set the value at ``location`` in freshly decoded (worker-owned) data.
+
+    Raises:
+        KeyError, IndexError, TypeError: the location does not exist.
+    """
+    container: Any = root
     for part in location[:-1]:
         container = container[part]
-    container[location[-1]] = value
+    last = location[-1]
+    if isinstance(container, list) and isinstance(last, int):
+        container[last] = value  # IndexError if absent: never appends
+    elif isinstance(container, dict) and last in container:
+        container[last] = value
+    else:
+        raise KeyError(last)

@@ -17,12 +17,12 @@ from celery_pii._envelope import Kind, parse, seal
 from celery_pii.exceptions import DecryptionFailed, EncryptionFailed
 
 KEY = DataKey("orders", 2, Algorithm.AES_256_GCM, bytes(range(32)))
-LOCATIONS = [(0,), ("customer", "email")]
+LOCATIONS = [("args", 0), ("kwargs", "customer", "email")]
 VALUES = ["4111 1111 1111 1111", "ann@example.com"]
 
 
 def _seal(**overrides):
-    options = {"locations": LOCATIONS, "task_name": "shop.charge", "task_id": "id-1", "args_len": 2}
+    options = {"locations": LOCATIONS, "task_name": "shop.charge", "task_id": "id-1"}
     options.update(overrides)
     return seal(overrides.pop("key", KEY), VALUES, **{k: v for k, v in options.items() if k != "key"})
 
@@ -37,7 +37,7 @@ class TestEnvelope:
     def test_known_answer(self):
         """A fixed key and nonce give these exact bytes: the wire format is pinned."""
         token = _seal(_nonce=bytes(12))
-        locations = b'[[0],["customer","email"]]'
+        locations = b'[["args",0],["kwargs","customer","email"]]'
         header = (
             "01"  # envelope version
             "00"  # flags
@@ -47,13 +47,12 @@ class TestEnvelope:
             + b"orders".hex()  # key id
             + "04"
             + b"id-1".hex()  # bound task id
-            + "0002"  # positional arguments when sealed
             + f"{len(locations):08x}"
             + locations.hex()
         )
         ciphertext_and_tag = (
             "559e81ef841da38c39999815291da0a8f272676219a34c0de1f0ddc3a0873c3b3e338392499dd524"
-            "6e78be740c31b6967c89a32d7177d07653"
+            "6e643ffc9052b13d16f1611ba9f7374dc6"
         )
         assert base64.b64decode(token).hex() == header + "00" * 12 + ciphertext_and_tag
         assert _open(token) == VALUES
@@ -120,9 +119,9 @@ class TestEnvelope:
         """Plaintext above the threshold is compressed, flagged, and opens the same."""
         key = DataKey("k", 1, algorithm, bytes(32))
         values = ["x" * 5000]
-        small = seal(key, values, locations=[("a",)], task_name="t", task_id="", args_len=0)
+        small = seal(key, values, locations=[("a",)], task_name="t", task_id="")
         packed = seal(
-            key, values, locations=[("a",)], task_name="t", task_id="", args_len=0, compression_threshold=1024
+            key, values, locations=[("a",)], task_name="t", task_id="", compression_threshold=1024
         )
         assert parse(packed).compressed and not parse(small).compressed
         assert len(packed) < len(small) / 10
@@ -131,7 +130,7 @@ class TestEnvelope:
     def test_result_kind(self):
         """Result envelopes are flagged as such (and the flag is authenticated)."""
         token = seal(
-            KEY, [1], locations=[("result",)], task_name="t", task_id="i", args_len=0, kind=Kind.RESULT
+            KEY, [1], locations=[("result",)], task_name="t", task_id="i", kind=Kind.RESULT
         )
         assert parse(token).kind is Kind.RESULT
 
@@ -144,7 +143,7 @@ class TestEnvelope:
     def test_kombu_types_keep_their_type(self):
         """datetime, Decimal and nested mixes come back with their types."""
         values = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("12.30"), {"a": [1, None]}]
-        token = seal(KEY, values, locations=[("a",), ("b",), ("c",)], task_name="t", task_id="", args_len=0)
+        token = seal(KEY, values, locations=[("a",), ("b",), ("c",)], task_name="t", task_id="")
         assert parse(token).open(KEY, task_name="t") == values
 
 
@@ -187,7 +186,6 @@ class TestValueCodec:
             locations=locations,
             task_name="t",
             task_id="",
-            args_len=0,
             compression_threshold=threshold,
         )
         opened = parse(token).open(KEY, task_name="t")
@@ -201,7 +199,6 @@ class TestValueCodec:
             locations=[("a",), ("b",), ("c",)],
             task_name="t",
             task_id="",
-            args_len=0,
         )
         pos, neg, nan = parse(token).open(KEY, task_name="t")
         assert pos == math.inf and neg == -math.inf and math.isnan(nan)

@@ -90,13 +90,13 @@ def charge(card_number, amount, customer=None, *extra, items=(), **options):
 class TestBinder:
     """Tests for binding declared paths to a call."""
 
-    def _locate(self, fields, args, kwargs, **kw):
-        return list(Binder(charge, fields, task="t").locate(args, kwargs, **kw))
+    def _locate(self, fields, args, kwargs):
+        return list(Binder(charge, fields, task="t").locate(args, kwargs))
 
     def test_positional_and_keyword_give_the_same_field(self):
         """card_number is found whether passed by position or by name."""
-        assert self._locate(["card_number"], ("4111", 5), {}) == [((0,), "4111")]
-        assert self._locate(["card_number"], (), {"card_number": "4111"}) == [(("card_number",), "4111")]
+        assert self._locate(["card_number"], ("4111", 5), {}) == [(("args", 0), "4111")]
+        assert self._locate(["card_number"], (), {"card_number": "4111"}) == [(("kwargs", "card_number"), "4111")]
 
     def test_nested_and_wildcards(self):
         """Dict keys, list indices and [*] resolve to concrete locations."""
@@ -105,10 +105,10 @@ class TestBinder:
             ["customer.email", "items[*].serial", "items[1]"], (1, 2, {"email": "e"}), {"items": items}
         )
         assert found == [
-            ((2, "email"), "e"),
-            (("items", 0, "serial"), "a"),
-            (("items", 1, "serial"), "b"),
-            (("items", 1), {"serial": "b"}),
+            (("args", 2, "email"), "e"),
+            (("kwargs", "items", 0, "serial"), "a"),
+            (("kwargs", "items", 1, "serial"), "b"),
+            (("kwargs", "items", 1), {"serial": "b"}),
         ]
 
     def test_absent_paths_are_fine(self):
@@ -123,13 +123,8 @@ class TestBinder:
         found = self._locate(
             ["extra[1]", "options.token", "ssn"], (1, 2, 3, "x", "y"), {"token": "t", "ssn": "s"}
         )
-        assert found == [((4,), "y"), (("token",), "t"), (("ssn",), "s")]
-        assert self._locate(["extra"], (1, 2, 3, "x", "y"), {}) == [((3,), "x"), ((4,), "y")]
-
-    def test_prefix_for_partial_signatures(self):
-        """With one argument to be prepended, the step's first own argument is the second parameter."""
-        assert self._locate(["amount"], (7,), {}, prefix=1) == [((0,), 7)]
-        assert self._locate(["card_number"], (7,), {}, prefix=1) == []
+        assert found == [(("args", 4), "y"), (("kwargs", "token"), "t"), (("kwargs", "ssn"), "s")]
+        assert self._locate(["extra"], (1, 2, 3, "x", "y"), {}) == [(("args", 3), "x"), (("args", 4), "y")]
 
     def test_bound_task_self_is_skipped(self):
         """A bound method's self is not a parameter to bind."""
@@ -138,7 +133,7 @@ class TestBinder:
             def run(self, ssn):
                 """Bound run."""
 
-        assert list(Binder(Task().run, ["ssn"], task="t").locate(("s",), {})) == [((0,), "s")]
+        assert list(Binder(Task().run, ["ssn"], task="t").locate(("s",), {})) == [(("args", 0), "s")]
 
     def test_unknown_parameter_is_an_error_at_registration(self):
         """A path naming no parameter of a function without **kwargs is refused with task and path."""
@@ -157,11 +152,10 @@ class TestBinder:
     def test_display_uses_parameter_names(self):
         """Locations render as parameter paths for messages and reprs."""
         binder = Binder(charge, ["card_number"], task="t")
-        assert binder.display((0,)) == "card_number"
-        assert binder.display((2, "email")) == "customer.email"
-        assert binder.display((4,)) == "extra[1]"
-        assert binder.display((0,), prefix=1) == "amount"
-        assert binder.display(("items", 0)) == "items[0]"
+        assert binder.display(("args", 0)) == "card_number"
+        assert binder.display(("args", 2, "email")) == "customer.email"
+        assert binder.display(("args", 4)) == "extra[1]"
+        assert binder.display(("kwargs", "items", 0)) == "items[0]"
 
     @settings(max_examples=200)
     @given(
@@ -178,7 +172,7 @@ class TestBinder:
         found = self._locate(["card_number", "customer.contacts[*].email"], args, kwargs)
         assert [value for _, value in found] == [card, *emails]
         for location, value in found:
-            assert get_at(args, kwargs, location) == value
+            assert get_at({"args": args, "kwargs": kwargs}, location) == value
 
 
 class TestCopies:
@@ -188,20 +182,32 @@ class TestCopies:
         """Replacing nested values copies only the path; the caller's dicts and lists stay as they were."""
         customer = {"email": "ann@example.com", "tier": "gold", "tags": ["a"]}
         args, kwargs = ("4111", customer), {"items": [{"serial": "s1"}, {"serial": "s2"}]}
-        new_args, new_kwargs = replace_in_copies(
-            args, kwargs, {(0,): "X", (1, "email"): "Y", ("items", 1, "serial"): "Z"}
+        root = {"args": args, "kwargs": kwargs, "chain": None}
+        new = replace_in_copies(
+            root,
+            {("args", 0): "X", ("args", 1, "email"): "Y", ("kwargs", "items", 1, "serial"): "Z"},
         )
-        assert new_args == ["X", {"email": "Y", "tier": "gold", "tags": ["a"]}]
-        assert new_kwargs == {"items": [{"serial": "s1"}, {"serial": "Z"}]}
+        assert new["args"] == ["X", {"email": "Y", "tier": "gold", "tags": ["a"]}]
+        assert new["kwargs"] == {"items": [{"serial": "s1"}, {"serial": "Z"}]}
+        assert new["chain"] is None
         assert customer["email"] == "ann@example.com"
         assert kwargs["items"][1]["serial"] == "s2"
-        assert new_args[1]["tags"] is customer["tags"]  # untouched branches are shared, not copied
+        assert args[0] == "4111"
+        assert new["args"][1]["tags"] is customer["tags"]  # untouched branches are shared, not copied
 
     def test_set_in_place(self):
         """Opening writes into the worker's own decoded objects."""
         args, kwargs = ["X", {"email": "Y"}], {"items": [{"serial": "Z"}]}
-        set_in_place(args, kwargs, (1, "email"), "ann@example.com")
-        set_in_place(args, kwargs, ("items", 0, "serial"), "s")
-        set_in_place(args, kwargs, (0,), "4111")
+        root = {"args": args, "kwargs": kwargs}
+        set_in_place(root, ("args", 1, "email"), "ann@example.com")
+        set_in_place(root, ("kwargs", "items", 0, "serial"), "s")
+        set_in_place(root, ("args", 0), "4111")
         assert args == ["4111", {"email": "ann@example.com"}]
         assert kwargs == {"items": [{"serial": "s"}]}
+
+    @pytest.mark.parametrize("location", [("args", 5), ("kwargs", "nope"), ("kwargs", "items", 0, "x"), ("chain", 0)])
+    def test_set_in_place_never_creates(self, location):
+        """A location that does not exist raises instead of growing the data."""
+        root = {"args": ["a"], "kwargs": {"items": [{"serial": "s"}]}, "chain": None}
+        with pytest.raises((KeyError, IndexError, TypeError)):
+            set_in_place(root, location, "v")

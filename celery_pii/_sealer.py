@@ -1,0 +1,314 @@
+"""Sealing task calls and results, and opening them again.
+
+A *message root* names the parts of a task message that can hold PII::
+
+    {"args": [...], "kwargs": {...},                      # the call itself
+     "callbacks": [...], "errbacks": [...],                # link / link_error
+     "chain": [...], "chord": {...}}                       # later canvas steps
+
+Every sealed value of one message goes into **one** envelope (one AEAD
+operation) whose locations are paths from that root.  The call's own fields
+are the task's declared ``pii_fields``; embedded canvas steps of PII tasks
+(or of tasks this process does not know) have every argument sealed, bound to
+the *parent* message, because the worker opens them before Celery publishes
+them as messages of their own, where they are sealed again under their own
+task's fields, id and key.
+
+This module knows no Celery objects beyond plain dicts and lists; it imports
+no Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from . import _envelope
+from ._config import Settings
+from ._envelope import Kind
+from ._keys import KeyManager, KeySpec
+from ._paths import Location, replace_in_copies, set_in_place
+from ._specs import TaskSpec
+from ._store import utcnow
+from .exceptions import DecryptionFailed, EncryptionFailed
+
+__all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer"]
+
+#: What a sealed value looks like in the message body (and so in ``inspect``).
+MARKER: Final = "[pii:sealed]"
+#: The body key (request attribute on the worker) that carries the envelope.
+EMBED_KEY: Final = "pii"
+#: The key of a sealed result inside the stored result.
+RESULT_KEY: Final = "__celery_pii__"
+#: Fields of a stored result's meta that are sealed.
+RESULT_FIELDS: Final = ("result", "traceback", "args", "kwargs")
+#: Canvas parts of a task message that embed later steps.
+EMBED_PARTS: Final = ("callbacks", "errbacks", "chain", "chord")
+# Associated-data "task name" of result envelopes: results are bound to their
+# task id (checked against the stored meta), and never open as task arguments.
+_RESULT_AD: Final = "celery-pii result"
+_CHORD_UNLOCK: Final = "celery.chord_unlock"
+
+SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A sealed message: copies of the root with markers, and the envelope."""
+
+    root: dict[str, Any]
+    token: str
+    key_id: str
+    locations: tuple[Location, ...]
+
+
+@dataclass(slots=True)
+class Opened:
+    """What opening a message produced: the plaintext values (for scrubbing) and the key used."""
+
+    values: list[Any] = field(default_factory=list)
+    key_ids: list[str] = field(default_factory=list)
+
+
+class Sealer:
+    """Seals and opens message roots and results with keys from a KeyManager."""
+
+    def __init__(self, keys: KeyManager, settings: Settings, lookup: SpecLookup) -> None:
+        """Create a sealer.
+
+        Arguments:
+            keys: where data keys come from.
+            settings: the validated ``pii_*`` settings.
+            lookup: ``name -> (registered here?, spec or None)`` for tasks by name.
+        """
+        self.keys = keys
+        self.settings = settings
+        self.lookup = lookup
+
+    # -- publish --------------------------------------------------------------------------
+
+    def seal_message(
+        self, name: str, task_id: str, root: Mapping[str, Any], *, now: datetime | None = None
+    ) -> Sealed | None:
+        """Seal the PII of one task message; ``None`` when there is nothing to seal.
+
+        Raises:
+            EncryptionFailed: a declared subject is absent, or a value cannot be encoded.
+            KeyStoreUnavailable: the key is not cached and the store is down.
+        """
+        _, spec = self.lookup(name)
+        found = list(self._call_fields(name, spec, root))
+        specs = [spec] if spec is not None else []
+        for part in EMBED_PARTS:
+            for location, value, step_spec in _embedded(root.get(part), (part,), self.lookup):
+                found.append((location, value))
+                if step_spec is not None:
+                    specs.append(step_spec)
+        if not found:
+            return None
+        key_spec = self.key_spec(name, spec, root, specs, now=now or utcnow())
+        key = self.keys.encryption_key(key_spec)
+        locations = tuple(location for location, _ in found)
+        try:
+            token = _envelope.seal(
+                key,
+                [value for _, value in found],
+                locations=locations,
+                task_name=name,
+                task_id=task_id,
+                compression_threshold=self.settings.compression_threshold,
+            )
+        except (TypeError, ValueError) as error:
+            kind = type(error).__name__
+            msg = f"task {name!r}: a PII value cannot be encoded ({kind}); nothing was published"
+            raise EncryptionFailed(msg) from None
+        sealed_root = replace_in_copies(root, dict.fromkeys(locations, MARKER))
+        return Sealed(sealed_root, token, key.key_id, locations)
+
+    def _call_fields(
+        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any]
+    ) -> Iterator[tuple[Location, Any]]:
+        args: Sequence[Any] = root.get("args") or ()
+        kwargs: Mapping[str, Any] = root.get("kwargs") or {}
+        if spec is not None and spec.binder is not None:
+            for location, value in spec.binder.locate(args, kwargs):
+                if not _is_marker(value):  # already sealed: leave it alone
+                    yield location, value
+        if name == _CHORD_UNLOCK and len(args) > 1:
+            # chord_unlock carries the chord body as its second argument.
+            for location, value, _ in _embedded(args[1], ("args", 1), self.lookup):
+                yield location, value
+
+    def key_spec(
+        self,
+        name: str,
+        spec: TaskSpec | None,
+        root: Mapping[str, Any],
+        specs: Sequence[TaskSpec],
+        *,
+        now: datetime,
+    ) -> KeySpec:
+        """The key a message is sealed under: the task's key or its subject's, per retention bucket.
+
+        The earliest retention bucket among the task and the embedded steps wins,
+        so embedded data is never kept longer than its own task allows.
+        """
+        base, digest = (spec.key_id if spec is not None else self.settings.default_key), None
+        if spec is not None and spec.subject is not None:
+            args, kwargs = root.get("args") or (), root.get("kwargs") or {}
+            subject = next(iter(spec.subject.locate(args, kwargs)), None)
+            if subject is None or _is_marker(subject[1]):
+                msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
+                raise EncryptionFailed(msg)
+            base, digest = self.keys.subject_key_id(subject[1])
+        policies = [s.retention for s in specs] or [self.settings.default_retention]
+        buckets = [b for b in (p.bucket(now) for p in policies) if b is not None]
+        if not buckets:
+            return KeySpec(base, subject_id=digest)
+        bucket = min(buckets)
+        return KeySpec(
+            f"{base}@{bucket:%Y%m%dT%H%M%SZ}", subject_id=digest, expires_at=bucket, retention_deadline=bucket
+        )
+
+    # -- consume --------------------------------------------------------------------------
+
+    def open_message(
+        self, name: str, task_id: str, root: Mapping[str, Any], tokens: Sequence[object]
+    ) -> Opened:
+        """Open every envelope of a message into ``root``, in place.
+
+        Nothing is written unless every envelope opens: a failure leaves the
+        message sealed (so it can be parked in quarantine as it came).
+
+        Raises:
+            DecryptionFailed: tampered, moved to another task, or malformed.
+            KeyDestroyed, KeyNotFound, KeyStoreUnavailable: from the key store.
+        """
+        opened = Opened()
+        pending = []
+        for token in tokens:
+            envelope = _envelope.parse(token)
+            if envelope.kind is not Kind.TASK or envelope.task_id != task_id:
+                raise DecryptionFailed
+            key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
+            pending.append((envelope, envelope.open(key, task_name=name)))
+            opened.key_ids.append(envelope.key_id)
+        try:
+            for envelope, values in pending:
+                for location, value in zip(envelope.locations, values, strict=True):
+                    set_in_place(root, location, value)
+                opened.values.extend(values)
+        except (KeyError, IndexError, TypeError):  # the body no longer has that place
+            raise DecryptionFailed from None
+        return opened
+
+    # -- results --------------------------------------------------------------------------
+
+    def seal_result(self, obj: Any, *, task_id: str, key_spec: KeySpec) -> Any:
+        """Seal a stored result: the sensitive fields of a result meta, or a whole value."""
+        key = self.keys.encryption_key(key_spec)
+        if _is_meta(obj):
+            fields = [name for name in RESULT_FIELDS if obj.get(name) is not None]
+            if not fields:
+                return obj
+            token = self._seal_result_values(key, [obj[name] for name in fields], fields, task_id)
+            sealed = dict(obj, **dict.fromkeys(fields, MARKER))
+            sealed[RESULT_KEY] = token
+            return sealed
+        return {RESULT_KEY: self._seal_result_values(key, [obj], ["value"], task_id)}
+
+    def _seal_result_values(self, key: Any, values: list[Any], fields: list[str], task_id: str) -> str:
+        try:
+            return _envelope.seal(
+                key,
+                values,
+                locations=[(name,) for name in fields],
+                task_name=_RESULT_AD,
+                task_id=task_id,
+                kind=Kind.RESULT,
+                compression_threshold=self.settings.compression_threshold,
+            )
+        except (TypeError, ValueError) as error:
+            msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
+            raise EncryptionFailed(msg) from None
+
+    def open_result(self, obj: dict[str, Any]) -> Any:
+        """Open what :meth:`seal_result` made.
+
+        Raises:
+            DecryptionFailed: tampered, or bound to another task id.
+            KeyDestroyed: retention or erasure shredded it.
+        """
+        envelope = _envelope.parse(obj[RESULT_KEY])
+        if envelope.kind is not Kind.RESULT:
+            raise DecryptionFailed
+        if "task_id" in obj and obj["task_id"] != envelope.task_id:
+            raise DecryptionFailed
+        key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
+        values = envelope.open(key, task_name=_RESULT_AD)
+        names = [str(location[0]) for location in envelope.locations]
+        if names == ["value"]:
+            return values[0]
+        opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
+        opened.update(zip(names, values, strict=True))
+        return opened
+
+
+def is_sealed_result(obj: object) -> bool:
+    """True for a result sealed by :meth:`Sealer.seal_result`."""
+    return isinstance(obj, dict) and RESULT_KEY in obj
+
+
+def _is_meta(obj: object) -> bool:
+    return isinstance(obj, dict) and "status" in obj and "task_id" in obj
+
+
+def _is_marker(value: object) -> bool:
+    return isinstance(value, str) and value == MARKER
+
+
+def _embedded(
+    value: Any, path: Location, lookup: SpecLookup
+) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
+    """Values to seal in embedded canvas: one signature, a list of them, or nested canvas."""
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _embedded(item, (*path, i), lookup)
+        return
+    if not isinstance(value, Mapping) or "task" not in value:
+        return
+    kwargs = value.get("kwargs") or {}
+    kind = value.get("subtask_type")
+    if kind in _CONTAINERS and isinstance(kwargs, Mapping):
+        for part in _CONTAINERS[kind]:
+            yield from _embedded(kwargs.get(part), (*path, "kwargs", part), lookup)
+    else:
+        yield from _step_arguments(value, kind, kwargs, path, lookup)
+    options = value.get("options") or {}
+    if isinstance(options, Mapping):
+        for option in ("link", "link_error"):
+            yield from _embedded(options.get(option), (*path, "options", option), lookup)
+
+
+# Canvas containers and where their steps sit inside their kwargs.
+_CONTAINERS: Final = {"group": ("tasks",), "chain": ("tasks",), "chord": ("header", "body")}
+
+
+def _step_arguments(
+    value: Mapping[str, Any], kind: object, kwargs: Any, path: Location, lookup: SpecLookup
+) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
+    registered, spec = lookup(str(value["task"]))
+    # A step of a PII task, of a task this process cannot see, or of some other
+    # canvas primitive (map, chunks) has all of its arguments sealed: we cannot
+    # tell which of them are PII.  The parent's worker opens them again.
+    if kind is None and registered and (spec is None or not spec.is_pii):
+        return
+    for i, item in enumerate(value.get("args") or ()):
+        if not _is_marker(item):
+            yield (*path, "args", i), item, spec
+    if isinstance(kwargs, Mapping):
+        for key, item in kwargs.items():
+            if not _is_marker(item):
+                yield (*path, "kwargs", key), item, spec

@@ -1,0 +1,146 @@
+"""The kombu serializer ``pii`` (content type ``application/x-celery-pii``).
+
+It wraps an inner serializer (``json`` or ``msgpack``) in a two-byte frame::
+
+    byte 0   frame version (1)
+    byte 1   inner codec: b"j" JSON, b"m" msgpack
+    rest     the inner serializer's bytes
+
+Task bodies are sealed *before* they get here, by ``setup_pii``'s publish
+step (which sees the task name and id).  This serializer is the guard: a task
+body that did not pass that step is refused (``EncryptionFailed``), so
+nothing reaches a broker in plaintext through the ``pii`` content type.
+Control and inspect messages pass through; eager-mode bodies (a 2-tuple that
+never leaves the process) too.
+
+``loads`` never opens task arguments: the consumer process decodes every
+message once for ``inspect``/Flower, and those must keep ciphertext.  Stored
+results, which only processes with keys read, are opened here.
+
+The serializer knows nothing of Celery's app; ``setup_pii`` hands it the
+callables it needs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any, Final
+
+from kombu.utils import json as kombu_json
+
+from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
+
+__all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
+
+NAME: Final = "pii"
+CONTENT_TYPE: Final = "application/x-celery-pii"
+CONTENT_ENCODING: Final = "binary"
+FRAME_VERSION: Final = 1
+_CODECS: Final = {"json": b"j", "msgpack": b"m"}
+_EMBED_KEYS: Final = frozenset(("callbacks", "errbacks", "chain", "chord"))
+
+#: The last task body that passed the publish step, in this thread/context.
+#: ``dumps`` accepts a task body only if it *is* that object (identity):
+#: the body tuple is built by ``as_task_v2`` and handed to ``dumps`` unchanged.
+publish_ticket: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "celery_pii_publish_ticket", default=None
+)
+
+ResultHook = Callable[[Any], Any]
+
+
+def _msgpack() -> Any:
+    try:
+        import msgpack  # noqa: PLC0415 - optional extra, imported on use
+    except ImportError:
+        msg = "setting pii_inner_serializer: 'msgpack' needs the extra: pip install 'celery-pii[msgpack]'"
+        raise ConfigurationError(msg) from None
+    return msgpack
+
+
+def _decode(codec: bytes, body: bytes) -> Any:
+    if codec not in (b"j", b"m"):
+        raise DecryptionFailed
+    try:
+        if codec == b"j":
+            return kombu_json.loads(body)
+        return _msgpack().unpackb(body, raw=False)
+    except (ValueError, TypeError, RecursionError):
+        raise DecryptionFailed from None
+    except Exception as error:
+        if type(error).__module__.startswith("msgpack"):  # its errors share no base class
+            raise DecryptionFailed from None
+        raise
+
+
+def is_task_body(obj: object) -> bool:
+    """True for a protocol-2 task body ``(args, kwargs, embed)``."""
+    return type(obj) is tuple and len(obj) == 3 and isinstance(obj[2], dict) and obj[2].keys() >= _EMBED_KEYS
+
+
+class PIISerializer:
+    """Encoder and decoder registered with kombu as ``pii``."""
+
+    def __init__(
+        self,
+        inner: str = "json",
+        *,
+        seal_result: ResultHook | None = None,
+        open_result: ResultHook | None = None,
+    ) -> None:
+        """Create the serializer.
+
+        Arguments:
+            inner: ``json`` or ``msgpack``: how bodies are encoded inside the frame.
+            seal_result: called on anything that is not a task body; returns what
+                to encode (it seals results while a PII task runs).
+            open_result: called on decoded values; opens sealed results.
+        """
+        if inner not in _CODECS:
+            msg = "setting pii_inner_serializer: must be 'json' or 'msgpack'"
+            raise ConfigurationError(msg)
+        if inner == "msgpack":
+            _msgpack()
+        self.inner = inner
+        self._header = bytes((FRAME_VERSION,)) + _CODECS[inner]
+        self._seal_result = seal_result
+        self._open_result = open_result
+
+    def dumps(self, obj: Any) -> bytes:
+        """Encode; task bodies must have passed the publish step.
+
+        Raises:
+            EncryptionFailed: a task body that was not sealed by ``setup_pii``.
+        """
+        if is_task_body(obj):
+            if publish_ticket.get() is not obj:
+                msg = (
+                    "a task body reached the 'pii' serializer without passing celery-pii's publish "
+                    "step; call setup_pii(app) on the app that publishes it (nothing was published)"
+                )
+                raise EncryptionFailed(msg)
+        elif self._seal_result is not None:
+            obj = self._seal_result(obj)
+        return self._header + self._encode(obj)
+
+    def _encode(self, obj: Any) -> bytes:
+        if self.inner == "json":
+            text: str = kombu_json.dumps(obj)
+            return text.encode()
+        packed: bytes = _msgpack().packb(obj, use_bin_type=True)
+        return packed
+
+    def loads(self, data: bytes | str) -> Any:
+        """Decode a frame; stored results are opened, task arguments never.
+
+        Raises:
+            DecryptionFailed: not a frame of a known version (kombu wraps it in DecodeError).
+        """
+        raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+        if len(raw) < 2 or raw[0] != FRAME_VERSION:
+            raise DecryptionFailed
+        value = _decode(raw[1:2], raw[2:])
+        if self._open_result is not None:
+            value = self._open_result(value)
+        return value

@@ -1,0 +1,135 @@
+"""What celery-pii knows about each task: its PII options, validated once.
+
+Users declare options on the task decorator (``@app.task(pii_fields=...)``);
+Celery turns them into class attributes.  They are read and validated when
+the task is registered (or when ``setup_pii`` runs, for tasks registered
+before it), so a malformed path fails at import time, not at first publish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._config import DETECT_MODES, USER_KEY_ID_PATTERN, Settings
+from ._paths import Binder, parse_path
+from ._retention import RetentionPolicy
+from .exceptions import ConfigurationError
+
+__all__ = ["TASK_OPTIONS", "TaskSpec", "spec_for_task"]
+
+#: Task options celery-pii reads (DESIGN §1).
+TASK_OPTIONS: Final = ("pii_fields", "pii_key", "pii_retention", "pii_subject", "pii_detect")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """The PII configuration of one task."""
+
+    name: str
+    binder: Binder | None
+    key_id: str
+    retention: RetentionPolicy
+    subject: Binder | None
+    subject_path: str | None
+    detect: str
+
+    @property
+    def seals(self) -> bool:
+        """True if publishing this task seals declared fields."""
+        return self.binder is not None or self.subject is not None
+
+    @property
+    def is_pii(self) -> bool:
+        """True if the task handles PII at all (declared or detected)."""
+        return self.seals or self.detect != "off"
+
+
+def check_user_key_id(key_id: object, where: str) -> str:
+    """Validate a key id chosen by a user (``pii_key=`` or ``pii_default_key``).
+
+    Raises:
+        ConfigurationError: the id is empty, too long, uses reserved characters.
+    """
+    if not isinstance(key_id, str) or not USER_KEY_ID_PATTERN.match(key_id):
+        msg = (
+            f"{where}: key ids are 1-64 letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit (and not 'celery_pii.', which is reserved)"
+        )
+        raise ConfigurationError(msg)
+    return key_id
+
+
+def spec_for_task(task: Any, settings: Settings) -> TaskSpec | None:
+    """Build the spec of a registered task, or ``None`` if it has no PII options.
+
+    Raises:
+        ConfigurationError: an option is invalid; the message names the task and option.
+    """
+    name = str(getattr(task, "name", None) or type(task).__name__)
+    options = {option: getattr(task, option, None) for option in TASK_OPTIONS}
+    if all(value is None for value in options.values()):
+        return None
+    return build_spec(name, task.run, options, settings)
+
+
+def default_spec(name: str, settings: Settings) -> TaskSpec:
+    """The spec of a task without options: only the app-wide detection mode applies."""
+    return TaskSpec(
+        name=name,
+        binder=None,
+        key_id=settings.default_key,
+        retention=settings.default_retention,
+        subject=None,
+        subject_path=None,
+        detect=settings.detect,
+    )
+
+
+def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settings) -> TaskSpec:
+    """Validate task options against the task function's signature.
+
+    Raises:
+        ConfigurationError: naming the task and the option at fault.
+    """
+    fields = options.get("pii_fields")
+    if fields is not None and (isinstance(fields, str) or not all(isinstance(p, str) for p in fields)):
+        msg = f"task {name!r}: pii_fields must be a list of field paths (strings)"
+        raise ConfigurationError(msg)
+    binder = Binder(fun, list(fields), task=name) if fields else None
+
+    key_id = options.get("pii_key")
+    key_id = settings.default_key if key_id is None else check_user_key_id(key_id, f"task {name!r}: pii_key")
+
+    retention = options.get("pii_retention")
+    if retention is None:
+        retention = settings.default_retention
+    elif not isinstance(retention, RetentionPolicy):
+        msg = (
+            f"task {name!r}: pii_retention must be a RetentionPolicy (e.g. RetentionPolicy.delete_after(...))"
+        )
+        raise ConfigurationError(msg)
+    retention = retention.resolve(settings.default_retention)
+
+    subject_path = options.get("pii_subject")
+    subject = None
+    if subject_path is not None:
+        parse_path(subject_path, task=name)
+        subject = Binder(fun, [subject_path], task=name)
+
+    detect = options.get("pii_detect")
+    if detect is None:
+        detect = settings.detect
+    elif detect not in DETECT_MODES:
+        msg = f"task {name!r}: pii_detect must be one of " + ", ".join(repr(m) for m in DETECT_MODES)
+        raise ConfigurationError(msg)
+    return TaskSpec(
+        name=name,
+        binder=binder,
+        key_id=key_id,
+        retention=retention,
+        subject=subject,
+        subject_path=subject_path,
+        detect=detect,
+    )
