@@ -124,9 +124,7 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         TypeError: a value cannot be encoded as JSON.
         EncryptionFailed: the task id does not fit.
     """
-    text: str = kombu_json.dumps(
-        list(values), separators=(",", ":"), ensure_ascii=False
-    )
+    text: str = kombu_json.dumps(list(values), separators=(",", ":"), ensure_ascii=False)
     plaintext = text.encode()
     flags = _FLAG_RESULT if kind is Kind.RESULT else 0
     if compression_threshold is not None and len(plaintext) > compression_threshold:

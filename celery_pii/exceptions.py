@@ -63,5 +63,7 @@ class DecryptionFailed(PIIError):
 
     MESSAGE = "sealed data could not be authenticated"
 
-    def __init__(self) -> None:
+    def __init__(self, *_ignored: object) -> None:
+        # Extra arguments are accepted (and dropped) so Celery can rebuild the
+        # exception from a stored result, which passes the message back in.
         super().__init__(self.MESSAGE)

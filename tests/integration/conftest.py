@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -111,3 +113,231 @@ def make_manager(db_url):
 def manager(make_manager):
     """A KeyManager on the test database."""
     return make_manager()
+
+
+# -- Celery apps on the real Redis / RabbitMQ and PostgreSQL ---------------------------------------
+
+TEST_MASTER_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # bytes(range(32)), test only
+BROKER_DB, BACKEND_DB = 3, 4
+APP_DIR = str(Path(__file__).parent)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _master_key_env():
+    """Every app in the tests reads its master key from CELERY_PII_MASTER_KEY."""
+    previous = os.environ.get("CELERY_PII_MASTER_KEY")
+    os.environ["CELERY_PII_MASTER_KEY"] = TEST_MASTER_KEY
+    yield
+    if previous is None:
+        os.environ.pop("CELERY_PII_MASTER_KEY", None)
+    else:
+        os.environ["CELERY_PII_MASTER_KEY"] = previous
+
+
+@pytest.fixture(scope="session")
+def key_store_url():
+    """A migrated PostgreSQL key store (its own schema) shared by the Celery tests."""
+    url, drop = _fresh_postgres()
+    migrate(url)
+    yield url
+    drop()
+
+
+@pytest.fixture(scope="session")
+def testapp_module():
+    """The pii_testapp module (importable by worker subprocesses too)."""
+    import importlib
+    import sys
+
+    if APP_DIR not in sys.path:
+        sys.path.insert(0, APP_DIR)
+    return importlib.import_module("pii_testapp")
+
+
+@pytest.fixture
+def queue_name():
+    """A queue of this test's own, so concurrent runs never share messages."""
+    return f"pii-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_app(testapp_module, key_store_url, queue_name):
+    """Build a PII test app on Redis (or another broker) with this test's queue."""
+
+    def make(broker=None, backend=None, key_store=None, **conf):
+        # In-process workers must leave pytest's log capture on the root logger alone.
+        conf.setdefault("worker_hijack_root_logger", False)
+        return testapp_module.make_app(
+            broker=broker or f"{REDIS_URL}/{BROKER_DB}",
+            backend=backend or f"{REDIS_URL}/{BACKEND_DB}",
+            key_store=key_store or key_store_url,
+            queue=queue_name,
+            **conf,
+        )
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    """A PII test app on Redis with result_extended and events on."""
+    return make_app(result_extended=True, task_send_sent_event=True, worker_send_task_events=True)
+
+
+@pytest.fixture
+def worker(app):
+    """An in-process solo worker consuming the app's queue."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20, loglevel="INFO") as w:
+        yield w
+
+
+# -- helpers to look at what really went over the wire ---------------------------------------------
+
+
+def redis_client(db):
+    """A raw Redis client on the test server."""
+    import redis
+
+    host_port = REDIS_URL.split("://", 1)[1]
+    host, _, port = host_port.partition(":")
+    return redis.Redis(host=host, port=int(port or 6379), db=db)
+
+
+def queued_messages(queue, db=BROKER_DB):
+    """Raw kombu messages (dicts) waiting in a Redis queue, oldest first."""
+    import json
+
+    with redis_client(db) as client:
+        return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
+
+
+def message_bytes(message):
+    """Every byte of a raw Redis kombu message: the envelope JSON and the decoded body."""
+    import base64
+    import json
+
+    body = message["body"]
+    decoded = (
+        base64.b64decode(body) if message.get("properties", {}).get("body_encoding") == "base64" else body
+    )
+    return (
+        json.dumps(message).encode() + b"\n" + (decoded if isinstance(decoded, bytes) else decoded.encode())
+    )
+
+
+class EventCapture:
+    """Collects every Celery event of an app in a background thread."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app = app
+        self.events = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._receiver = None
+
+    def _run(self):
+        with self.app.connection_for_read() as connection:
+            self._receiver = self.app.events.Receiver(connection, handlers={"*": self.events.append})
+            self._ready.set()
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def __enter__(self):
+        self._thread.start()
+        self._ready.wait(10)
+        import time
+
+        time.sleep(0.3)  # the receiver's queue is bound once consume starts
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        time.sleep(0.5)
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(10)
+
+    def of_type(self, kind):
+        """Events of one type (e.g. 'task-sent')."""
+        return [event for event in self.events if event.get("type") == kind]
+
+
+class TcpProxy:
+    """A real TCP proxy in front of a service, which a test can cut and restore (a network outage)."""
+
+    def __init__(self, target_host, target_port):
+        import socket
+        import threading
+
+        self.target = (target_host, target_port)
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        self._up = threading.Event()
+        self._up.set()
+        self._connections = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if not self._up.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def cut(self):
+        """Refuse new connections and sever the open ones."""
+        import socket
+
+        self._up.clear()
+        with self._lock:
+            for sock in self._connections:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                except OSError:
+                    pass
+            self._connections.clear()
+
+    def restore(self):
+        """Accept connections again."""
+        self._up.set()
+
+    def close(self):
+        """Stop the proxy."""
+        self.cut()
+        self._server.close()

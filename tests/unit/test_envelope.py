@@ -120,18 +120,14 @@ class TestEnvelope:
         key = DataKey("k", 1, algorithm, bytes(32))
         values = ["x" * 5000]
         small = seal(key, values, locations=[("a",)], task_name="t", task_id="")
-        packed = seal(
-            key, values, locations=[("a",)], task_name="t", task_id="", compression_threshold=1024
-        )
+        packed = seal(key, values, locations=[("a",)], task_name="t", task_id="", compression_threshold=1024)
         assert parse(packed).compressed and not parse(small).compressed
         assert len(packed) < len(small) / 10
         assert parse(packed).open(key, task_name="t") == values
 
     def test_result_kind(self):
         """Result envelopes are flagged as such (and the flag is authenticated)."""
-        token = seal(
-            KEY, [1], locations=[("result",)], task_name="t", task_id="i", kind=Kind.RESULT
-        )
+        token = seal(KEY, [1], locations=[("result",)], task_name="t", task_id="i", kind=Kind.RESULT)
         assert parse(token).kind is Kind.RESULT
 
     def test_overlong_task_id_is_refused(self):

@@ -96,7 +96,9 @@ class TestBinder:
     def test_positional_and_keyword_give_the_same_field(self):
         """card_number is found whether passed by position or by name."""
         assert self._locate(["card_number"], ("4111", 5), {}) == [(("args", 0), "4111")]
-        assert self._locate(["card_number"], (), {"card_number": "4111"}) == [(("kwargs", "card_number"), "4111")]
+        assert self._locate(["card_number"], (), {"card_number": "4111"}) == [
+            (("kwargs", "card_number"), "4111")
+        ]
 
     def test_nested_and_wildcards(self):
         """Dict keys, list indices and [*] resolve to concrete locations."""
@@ -205,7 +207,9 @@ class TestCopies:
         assert args == ["4111", {"email": "ann@example.com"}]
         assert kwargs == {"items": [{"serial": "s"}]}
 
-    @pytest.mark.parametrize("location", [("args", 5), ("kwargs", "nope"), ("kwargs", "items", 0, "x"), ("chain", 0)])
+    @pytest.mark.parametrize(
+        "location", [("args", 5), ("kwargs", "nope"), ("kwargs", "items", 0, "x"), ("chain", 0)]
+    )
     def test_set_in_place_never_creates(self, location):
         """A location that does not exist raises instead of growing the data."""
         root = {"args": ["a"], "kwargs": {"items": [{"serial": "s"}]}, "chain": None}

@@ -1,0 +1,1 @@
+"""Benchmarks for celery-pii (run as modules: python -m benchmarks.<name>)."""

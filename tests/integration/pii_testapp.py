@@ -1,0 +1,131 @@
+"""The Celery app the integration tests run, in-process or as `celery -A pii_testapp worker`.
+
+Configured from the environment (PII_TESTAPP_*) when imported by a worker
+subprocess, or built with ``make_app(...)`` in the test process.  Test data is
+fake: Luhn-valid test cards, 9xx-area SSNs (invalid), example.com emails.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Reject
+
+from celery_pii import RetentionPolicy, setup_pii
+
+#: What inline-called tasks received (in-process workers only; never a broker or log).
+RECEIVED: list[Any] = []
+
+
+def make_app(*, broker: str, backend: str, key_store: str, queue: str, **conf: Any) -> Celery:
+    """A PII app with the test tasks, routed to its own queue."""
+    app = Celery("pii_testapp", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_serializer="pii",
+        result_serializer="pii",
+        accept_content=["pii"],
+        result_accept_content=["pii"],
+        pii_master_key="env:CELERY_PII_MASTER_KEY",
+        pii_key_store_url=key_store,
+        task_default_queue=queue,
+        task_default_exchange=queue,
+        task_default_routing_key=queue,
+        pii_quarantine_queue=f"{queue}.quarantine",
+        broker_connection_retry_on_startup=True,
+        control_exchange=f"{queue}.control",
+        event_exchange=f"{queue}.events",
+        result_expires=3600,
+        broker_transport_options={"visibility_timeout": 60},
+    )
+    app.conf.update(conf)
+    setup_pii(app)
+    _define_tasks(app)
+    return app
+
+
+def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test task
+    @app.task(shared=False, name="t.charge", pii_fields=["card_number", "customer.email", "items[*].serial"])
+    def charge(card_number, amount, customer=None, items=()):
+        return {"card_number": card_number, "amount": amount, "customer": customer, "items": list(items)}
+
+    @app.task(shared=False, name="t.echo", pii_fields=["value"])
+    def echo(value, label="x"):
+        return {"value": value, "type": type(value).__name__, "label": label}
+
+    @app.task(shared=False, name="t.fail", pii_fields=["card_number"])
+    def fail(card_number):
+        msg = f"card {card_number} declined"
+        raise ValueError(msg)
+
+    @app.task(shared=False, name="t.retry_once", bind=True, pii_fields=["ssn"])
+    def retry_once(self, ssn):
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.2)
+        return {"ssn": ssn, "retries": self.request.retries}
+
+    @app.task(shared=False, name="t.always_retry", bind=True, max_retries=1, pii_fields=["ssn"])
+    def always_retry(self, ssn):
+        raise self.retry(countdown=0.2)
+
+    @app.task(shared=False, name="t.notify", pii_fields=["email"])
+    def notify(previous, email):
+        return {"previous": previous, "email": email}
+
+    @app.task(shared=False, name="t.collect", pii_fields=["email"])
+    def collect(results, email):
+        return {"results": results, "email": email}
+
+    @app.task(shared=False, name="t.profile", pii_subject="user_id", pii_fields=["email"])
+    def profile(user_id, email):
+        return {"user_id": user_id, "email": email}
+
+    @app.task(shared=False, name="t.plain")
+    def plain(x):
+        return x
+
+    @app.task(shared=False, name="t.on_error", pii_fields=["email"])
+    def on_error(request, exc, traceback, email):
+        RECEIVED.append({"email": email, "exc": type(exc).__name__})
+        return {"email": email, "exc": type(exc).__name__}
+
+    @app.task(shared=False, name="t.slow", pii_fields=["email"])
+    def slow(email, seconds=2.0):
+        import time
+
+        time.sleep(seconds)
+        return email
+
+    @app.task(shared=False, name="t.reject_if", pii_fields=["email"])
+    def reject_if(email):
+        raise Reject("no", requeue=False)
+
+    @app.task(
+        shared=False,
+        name="t.retention_short",
+        pii_fields=["email"],
+        pii_retention=RetentionPolicy.delete_after(_short()),
+    )
+    def retention_short(email):
+        return email
+
+
+def _short():
+    from datetime import timedelta
+
+    return timedelta(seconds=float(os.environ.get("PII_TESTAPP_RETENTION_SECONDS", "5")))
+
+
+if os.environ.get("PII_TESTAPP_BROKER"):
+    app = make_app(
+        broker=os.environ["PII_TESTAPP_BROKER"],
+        backend=os.environ["PII_TESTAPP_BACKEND"],
+        key_store=os.environ["PII_TESTAPP_KEY_STORE"],
+        queue=os.environ["PII_TESTAPP_QUEUE"],
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        result_extended=True,
+        task_acks_late=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
+        task_reject_on_worker_lost=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
+    )

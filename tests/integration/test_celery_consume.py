@@ -1,0 +1,228 @@
+"""The worker side: opening where a failure stops the task, quarantine, outages, results, logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from celery.exceptions import MaxRetriesExceededError
+from kombu import Connection, Exchange, Producer, Queue
+
+from celery_pii import DecryptionFailed, KeyDestroyed, get_pii
+from celery_pii._quarantine import QUARANTINE_HEADER
+from celery_pii._sealer import MARKER
+
+from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL, EventCapture, TcpProxy, queued_messages, redis_client
+from .test_celery_roundtrip import CARD, EMAIL, SSN, assert_no_plaintext
+
+pytestmark = pytest.mark.integration
+
+
+def _start(app, **options):
+    options.setdefault("pool", "solo")
+    return start_worker(app, perform_ping_check=False, shutdown_timeout=20, **options)
+
+
+def _tamper(queue):
+    """Flip one byte inside the sealed envelope of the first queued message."""
+    client = redis_client(BROKER_DB)
+    raw = client.rpop(queue)
+    message = json.loads(raw)
+    body = base64.b64decode(message["body"])
+    frame, inner = body[:2], json.loads(body[2:])
+    envelope = bytearray(base64.b64decode(inner[2]["pii"][0]))
+    envelope[-5] ^= 0x01
+    inner[2]["pii"][0] = base64.b64encode(bytes(envelope)).decode()
+    message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
+    client.rpush(queue, json.dumps(message))
+    return message["headers"]["id"]
+
+
+class TestAuthenticationFailures:
+    """Tampered or undecodable messages are parked, not run, and the worker carries on."""
+
+    def test_tampered_message_is_quarantined(self, app, caplog):
+        """The task does not run, the sealed message is parked with an audit record and an ERROR log."""
+        app.tasks["t.charge"].delay(CARD, 1)
+        task_id = _tamper(app.conf.task_default_queue)
+        good = app.tasks["t.charge"].delay(CARD, 2)
+        with caplog.at_level(logging.INFO), _start(app):
+            bad = app.AsyncResult(task_id)
+            with pytest.raises(DecryptionFailed):
+                bad.get(timeout=20)
+            assert good.get(timeout=20)["amount"] == 2
+        parked = queued_messages(app.conf.pii_quarantine_queue)
+        assert len(parked) == 1
+        assert parked[0]["headers"]["id"] == task_id
+        assert parked[0]["headers"][QUARANTINE_HEADER]["reason"] == "authentication failed"
+        assert_no_plaintext(json.dumps(parked[0]))
+        errors = [
+            r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and task_id in r.getMessage()
+        ]
+        assert any("failed authentication" in line and "default" in line for line in errors)
+        audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
+        assert any(r.details.get("task_id") == task_id for r in audit)
+
+    def test_undecodable_message_is_quarantined(self, app):
+        """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
+        queue = app.conf.task_default_queue
+        with Connection(app.conf.broker_url) as connection:
+            exchange = Exchange(queue, type="direct")
+            Producer(connection).publish(
+                b"\x01jthis is not json",
+                exchange=exchange,
+                routing_key=queue,
+                declare=[Queue(queue, exchange, routing_key=queue)],
+                content_type="application/x-celery-pii",
+                content_encoding="binary",
+                headers={"task": "t.charge", "id": "broken-1", "lang": "py"},
+            )
+        good = app.tasks["t.charge"].delay(CARD, 3)
+        with _start(app):
+            assert good.get(timeout=20)["amount"] == 3
+            deadline = time.monotonic() + 10
+            while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        assert base64.b64decode(parked["body"]) == b"\x01jthis is not json"
+        assert parked["headers"][QUARANTINE_HEADER]["reason"] == "undecodable"
+
+
+class TestKeyOutcomes:
+    """Destroyed keys fail clearly; an unreachable key store delays, never drops."""
+
+    def test_forgotten_subject_fails_with_key_destroyed(self, app):
+        """After forget_subject, a queued task of that subject fails with KeyDestroyed; others proceed."""
+        forgotten = app.tasks["t.profile"].delay("user-1", EMAIL)
+        kept = app.tasks["t.profile"].delay("user-2", "carol@example.com")
+        pii = get_pii(app)
+        assert pii.forget_subject("user-1") >= 1
+        with _start(app):
+            with pytest.raises(KeyDestroyed, match="was destroyed"):
+                forgotten.get(timeout=20)
+            assert kept.get(timeout=20)["email"] == "carol@example.com"
+        denied = [r for r in pii.keys.audit_trail() if r.operation == "decrypt_denied"]
+        assert any(r.details.get("task_id") == forgotten.id for r in denied)
+
+    def test_unreachable_key_store_retries(self, make_app, key_store_url):
+        """With the key store cut off and a cold cache, the task is retried and runs once it returns."""
+        host, port = "127.0.0.1", 5432
+        proxy = TcpProxy(host, port)
+        try:
+            worker_app = make_app(
+                key_store=key_store_url.replace(f"{host}:{port}", f"{host}:{proxy.port}"),
+                pii_key_unavailable_retry_delay=0.5,
+                pii_key_store_connect_timeout=1,
+            )
+            publisher = make_app()
+            result = publisher.tasks["t.charge"].delay(CARD, 7)
+            proxy.cut()
+            with _start(worker_app):
+                time.sleep(2.5)
+                assert result.state in ("PENDING", "RETRY")
+                proxy.restore()
+                assert result.get(timeout=30)["card_number"] == CARD
+        finally:
+            proxy.close()
+
+
+class TestResultsAndLogs:
+    """Results are sealed at rest; failures, retries and logs carry no plaintext."""
+
+    def test_result_and_extended_args_sealed(self, app, worker):
+        """The stored result and result_extended args are ciphertext; get() returns plaintext."""
+        result = app.tasks["t.charge"].delay(CARD, 5, {"email": EMAIL})
+        assert result.get(timeout=20)["customer"]["email"] == EMAIL
+        stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}")
+        assert_no_plaintext(stored)
+        meta = json.loads(stored[2:])
+        assert meta["status"] == "SUCCESS"
+        assert meta["result"] == meta["args"] == MARKER
+
+    def test_failure_text_and_traceback_scrubbed(self, app, worker, caplog):
+        """The exception message, traceback and logs of a failed PII task hold no plaintext."""
+        with caplog.at_level(logging.DEBUG):
+            result = app.tasks["t.fail"].delay(CARD)
+            with pytest.raises(ValueError, match=r"card \[pii:redacted\] declined") as info:
+                result.get(timeout=20)
+        assert_no_plaintext(str(info.value))
+        assert_no_plaintext(result.traceback or "")
+        assert_no_plaintext(redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}"))
+        assert_no_plaintext("\n".join(caplog.text.splitlines()))
+
+    def test_retry_and_max_retries(self, app, worker, caplog):
+        """Retries are re-published sealed; MaxRetriesExceededError's text is scrubbed."""
+        with caplog.at_level(logging.DEBUG), EventCapture(app) as events:
+            assert app.tasks["t.retry_once"].delay(SSN).get(timeout=30) == {"ssn": SSN, "retries": 1}
+            exhausted = app.tasks["t.always_retry"].delay(SSN)
+            with pytest.raises(MaxRetriesExceededError) as info:
+                exhausted.get(timeout=30)
+        assert_no_plaintext(str(info.value))
+        assert_no_plaintext(caplog.text)
+        assert events.of_type("task-retried")
+        assert_no_plaintext(json.dumps(events.events, default=str))
+
+    def test_worker_logs_at_debug_have_no_plaintext(self, app, caplog):
+        """Received, succeeded and failed log lines at DEBUG carry no sealed value."""
+        with caplog.at_level(logging.DEBUG), _start(app, loglevel="DEBUG"):
+            app.tasks["t.charge"].delay(CARD, 1, {"email": EMAIL}).get(timeout=20)
+            app.tasks["t.echo"].delay(EMAIL).get(timeout=20)
+        lines = [caplog.text] + [str(getattr(r, "data", "")) for r in caplog.records]
+        assert_no_plaintext("\n".join(lines))
+        assert any("succeeded" in r.getMessage() for r in caplog.records)
+
+    def test_inspect_shows_ciphertext(self, app):
+        """inspect active/reserved/scheduled replies hold markers, never plaintext."""
+        slow = app.tasks["t.slow"]
+        with _start(app, pool="threads", concurrency=1):
+            running = slow.delay(EMAIL, 3.0)
+            queued = slow.delay(EMAIL, 0.1)
+            scheduled = slow.apply_async((EMAIL,), countdown=30)
+            time.sleep(1.0)
+            inspect = app.control.inspect(timeout=3)
+            replies = [inspect.active(), inspect.reserved(), inspect.scheduled()]
+            assert running.get(timeout=20) == EMAIL
+            queued.get(timeout=20)
+            scheduled.revoke()
+        text = json.dumps(replies, default=str)
+        assert_no_plaintext(text)
+        assert MARKER in text
+
+
+class TestRollout:
+    """pii_allow_plaintext lets workers run legacy json messages during a rollout."""
+
+    def _legacy_publish(self, app):
+        from celery import Celery
+
+        legacy = Celery("legacy", broker=app.conf.broker_url, set_as_current=False)
+        legacy.conf.update(task_serializer="json", task_default_queue=app.conf.task_default_queue)
+        return legacy.send_task("t.charge", args=(CARD, 4))
+
+    def test_legacy_json_runs_in_rollout_mode(self, make_app):
+        """A worker with accept_content=['pii','json'] and pii_allow_plaintext runs plaintext messages."""
+        app = make_app(accept_content=["pii", "json"], pii_allow_plaintext=True)
+        sent = self._legacy_publish(app)
+        with _start(app):
+            assert app.AsyncResult(sent.id).get(timeout=20)["card_number"] == CARD
+
+    def test_legacy_json_is_parked_without_rollout(self, app, caplog):
+        """Without rollout mode, a plaintext message is parked (not lost) and its body never logged."""
+        sent = self._legacy_publish(app)
+        with caplog.at_level(logging.DEBUG), _start(app):
+            deadline = time.monotonic() + 10
+            while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        assert parked["headers"]["id"] == sent.id
+        assert parked["headers"][QUARANTINE_HEADER]["reason"] == "content type not accepted"
+        assert_no_plaintext(caplog.text)
+
+
+def test_redis_urls_are_the_test_ones():
+    """The tests use their own Redis databases."""
+    assert REDIS_URL.startswith("redis://")

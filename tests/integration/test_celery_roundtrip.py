@@ -1,0 +1,174 @@
+"""Publishing and running PII tasks through a real Redis broker and worker: exact round trips."""
+
+from __future__ import annotations
+
+import pytest
+from celery import chain, chord, group
+from kombu import serialization
+from kombu.exceptions import EncodeError
+
+from celery_pii import get_pii
+from celery_pii._sealer import MARKER
+
+from .conftest import EventCapture, message_bytes, queued_messages
+
+pytestmark = pytest.mark.integration
+
+CARD = "4111 1111 1111 1111"
+CARD2 = "5555555555554444"
+EMAIL = "ann.example@example.com"
+EMAIL2 = "bob@example.org"
+SSN = "912-34-5678"
+SECRETS = (CARD, CARD2, EMAIL, EMAIL2, SSN, "4111111111111111")
+
+
+def assert_no_plaintext(data, secrets=SECRETS):
+    """None of the known values appears in data (bytes or str)."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    for secret in secrets:
+        assert secret not in text, "plaintext PII found"
+
+
+class TestRoundTrip:
+    """What the task receives is exactly what the caller passed."""
+
+    def test_positional_keyword_nested_wildcard(self, app, worker):
+        """Positional and keyword, nested and [*] fields come back exact; the caller's data is untouched."""
+        customer = {"email": EMAIL, "tier": "gold"}
+        items = [{"serial": "SN-1", "sku": 1}, {"serial": "SN-2", "sku": 2}]
+        by_position = app.tasks["t.charge"].delay(CARD, 99.5, customer, items)
+        by_name = app.tasks["t.charge"].apply_async(
+            kwargs={"card_number": CARD, "amount": 1, "customer": customer}
+        )
+        assert by_position.get(timeout=20) == {
+            "card_number": CARD,
+            "amount": 99.5,
+            "customer": customer,
+            "items": items,
+        }
+        assert by_name.get(timeout=20)["card_number"] == CARD
+        assert customer == {"email": EMAIL, "tier": "gold"}
+        assert items[0]["serial"] == "SN-1"
+
+    @pytest.mark.parametrize(
+        "value",
+        ["ünïcødé ✓ 名前", 2**100, -7, 3.25, True, False, None, {"a": [1, {"b": None}]}, [1, "x", 2.5], ""],
+    )
+    def test_types(self, app, worker, value):
+        """Sealed values keep their type: str, big int, float, bool, None, dict, list."""
+        result = app.tasks["t.echo"].delay(value).get(timeout=20)
+        assert result["value"] == value
+        assert result["type"] == type(value).__name__
+
+    def test_reused_signature_is_not_sealed_twice(self, app, worker):
+        """Sending one signature twice seals two copies; its own kwargs stay plaintext."""
+        signature = app.tasks["t.echo"].s(value=CARD)
+        first, second = signature.delay(), signature.delay()
+        assert signature.kwargs == {"value": CARD}
+        assert first.get(timeout=20)["value"] == second.get(timeout=20)["value"] == CARD
+
+    def test_already_sealed_values_are_left_alone(self, app, worker):
+        """A value that is already the sealed marker is not sealed again."""
+        sealed = get_pii(app).sealer.seal_message("t.echo", "id-1", {"args": [MARKER], "kwargs": {}})
+        assert sealed is None
+
+    def test_eager_mode(self, make_app):
+        """task_always_eager runs through the serializer and returns plaintext."""
+        app = make_app(task_always_eager=True)
+        assert app.tasks["t.charge"].delay(CARD, 5).get()["card_number"] == CARD
+
+
+class TestWire:
+    """What sits in the broker: ciphertext and redacted headers."""
+
+    def test_message_has_no_plaintext_and_redacted_reprs(self, app):
+        """Body, decoded body, headers and properties hold no PII; argsrepr marks the sealed fields."""
+        with EventCapture(app) as events:
+            app.tasks["t.charge"].delay(CARD, 10, {"email": EMAIL, "tier": "gold"})
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        headers = message["headers"]
+        assert headers["argsrepr"] == f"('{MARKER}', 10, {{'email': '{MARKER}', 'tier': 'gold'}})"
+        assert headers["kwargsrepr"] == "{}"
+        assert message["content-type"] == "application/x-celery-pii"
+        (sent,) = events.of_type("task-sent")
+        assert MARKER in sent["args"]
+        assert_no_plaintext(repr(sent))
+
+    def test_serializer_refuses_unsealed_task_bodies(self, app):
+        """A task body that did not pass setup_pii's publish step is refused, not sent."""
+        body = ((CARD,), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        with pytest.raises(EncodeError, match="setup_pii") as info:
+            serialization.dumps(body, serializer="pii")
+        assert_no_plaintext(str(info.value))
+
+    def test_app_without_setup_cannot_publish_plaintext(self, app):
+        """Another app in the process using the pii serializer without setup_pii cannot publish."""
+        from celery import Celery
+
+        other = Celery("other", broker=app.conf.broker_url, set_as_current=False)
+        other.conf.update(task_serializer="pii", task_default_queue=app.conf.task_default_queue)
+        with pytest.raises(EncodeError):
+            other.send_task("t.charge", args=(CARD, 1))
+        assert queued_messages(app.conf.task_default_queue) == []
+
+    def test_control_messages_pass_through(self, app, worker):
+        """inspect/control messages are encoded by the same serializer and still work."""
+        replies = app.control.inspect(timeout=5).ping()
+        assert replies and all(reply == {"ok": "pong"} for reply in replies.values())
+
+
+class TestCanvas:
+    """Embedded steps are sealed under their own task's fields and open when published."""
+
+    def test_chain(self, app, worker):
+        """A chain's later step (embedded in the first message) receives exact plaintext."""
+        result = chain(app.tasks["t.charge"].s(CARD, 1), app.tasks["t.notify"].s(EMAIL)).delay()
+        final = result.get(timeout=30)
+        assert final["email"] == EMAIL
+        assert final["previous"]["card_number"] == CARD
+
+    def test_chain_message_embeds_sealed_steps(self, app):
+        """The first message of a chain carries later steps' arguments sealed."""
+        chain(app.tasks["t.charge"].s(CARD, 1), app.tasks["t.notify"].s(EMAIL)).delay()
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+
+    def test_link_and_link_error(self, app, worker, testapp_module):
+        """link and link_error steps get plaintext; an inline errback too."""
+        testapp_module.RECEIVED.clear()
+        linked = app.tasks["t.charge"].apply_async((CARD, 2), link=app.tasks["t.notify"].s(EMAIL))
+        assert linked.get(timeout=20)["card_number"] == CARD
+        failed = app.tasks["t.fail"].apply_async((CARD2,), link_error=app.tasks["t.on_error"].s(EMAIL2))
+        with pytest.raises(ValueError):
+            failed.get(timeout=20)
+        child = linked.children[0] if linked.children else None
+        if child is not None:
+            assert child.get(timeout=20)["email"] == EMAIL
+        assert {"email": EMAIL2, "exc": "ValueError"} in testapp_module.RECEIVED
+
+    def test_group_and_chord_native_join(self, app, worker):
+        """A chord on Redis (native join): header and body receive plaintext."""
+        header = group(app.tasks["t.echo"].s(value) for value in (CARD, EMAIL))
+        result = chord(header)(app.tasks["t.collect"].s(EMAIL2))
+        final = result.get(timeout=30)
+        assert final["email"] == EMAIL2
+        assert sorted(r["value"] for r in final["results"]) == sorted([CARD, EMAIL])
+
+    def test_chord_unlock_on_database_backend(self, make_app, key_store_url):
+        """Without native join, celery.chord_unlock carries the body: sealed, and it still completes."""
+        from celery.contrib.testing.worker import start_worker
+
+        backend = "db+" + key_store_url
+        app = make_app(backend=backend, result_extended=True)
+        header = group(app.tasks["t.echo"].s(value) for value in (CARD,))
+        result = chord(header)(app.tasks["t.collect"].s(EMAIL2))
+        messages = queued_messages(app.conf.task_default_queue)
+        unlock = [m for m in messages if m["headers"]["task"] == "celery.chord_unlock"]
+        assert unlock, "chord_unlock was published"
+        for message in messages:
+            assert_no_plaintext(message_bytes(message))
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            final = result.get(timeout=60)
+        assert final["email"] == EMAIL2
+        assert [r["value"] for r in final["results"]] == [CARD]

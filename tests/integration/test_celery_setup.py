@@ -1,0 +1,164 @@
+"""setup_pii(): idempotent, refuses plaintext-prone configuration, reaches every task."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery, shared_task
+from kombu import serialization
+
+from celery_pii import ConfigurationError, get_pii, setup_pii
+from celery_pii._keys import KeySpec
+from celery_pii._serializer import CONTENT_TYPE
+
+from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL
+
+pytestmark = pytest.mark.integration
+
+
+def _app(key_store_url, **conf):
+    app = Celery(
+        "setup-test",
+        broker=f"{REDIS_URL}/{BROKER_DB}",
+        backend=f"{REDIS_URL}/{BACKEND_DB}",
+        set_as_current=False,
+    )
+    settings = {
+        "task_serializer": "pii",
+        "result_serializer": "pii",
+        "accept_content": ["pii"],
+        "result_accept_content": ["pii"],
+        "pii_key_store_url": key_store_url,
+    }
+    settings.update(conf)
+    app.conf.update(settings)
+    return app
+
+
+class TestSetup:
+    """Installing celery-pii on an app."""
+
+    def test_idempotent_and_findable(self, key_store_url):
+        """setup_pii returns the same PII object every time; get_pii finds it."""
+        app = _app(key_store_url)
+        pii = setup_pii(app)
+        assert setup_pii(app) is pii
+        assert get_pii(app) is pii
+        assert serialization.registry.name_to_type["pii"] == CONTENT_TYPE
+        assert "celery_pii.tasks" in app.conf.imports
+
+    def test_get_pii_without_setup(self):
+        """get_pii on an app without celery-pii says how to fix it."""
+        with pytest.raises(ConfigurationError, match="setup_pii"):
+            get_pii(Celery("bare", set_as_current=False))
+
+    @pytest.mark.parametrize(
+        ("conf", "setting"),
+        [
+            ({"task_serializer": "json"}, "task_serializer"),
+            ({"accept_content": ["pii", "json"]}, "accept_content"),
+            ({"accept_content": ["json"]}, "accept_content"),
+            ({"accept_content": ["pii", "pickle"], "pii_allow_plaintext": True}, "accept_content"),
+            ({"result_accept_content": ["pii", "json"]}, "result_accept_content"),
+            ({"result_serializer": "json"}, "result_serializer"),
+            ({"task_protocol": 1}, "task_protocol"),
+            ({"pii_detekt": "warn"}, "pii_detekt"),
+            ({"pii_master_key": "env:PII_TEST_UNSET_VARIABLE"}, "pii_master_key"),
+            ({"pii_key_store_url": "postgresql+psycopg://postgres@127.0.0.1:1/test"}, "pii_key_store_url"),
+        ],
+    )
+    def test_refuses_plaintext_prone_config(self, key_store_url, conf, setting):
+        """A configuration that would let plaintext through refuses to start, naming the setting."""
+        with pytest.raises(ConfigurationError, match=setting):
+            setup_pii(_app(key_store_url, **conf))
+
+    def test_rollout_mode_admits_json(self, key_store_url):
+        """With pii_allow_plaintext=True, workers may also accept legacy json."""
+        setup_pii(_app(key_store_url, accept_content=["pii", "json"], pii_allow_plaintext=True))
+
+    def test_wrong_master_key_refused_at_start(self, key_store_url, monkeypatch):
+        """A master key that cannot unwrap the store's keys stops setup, not the first decrypt."""
+        get_pii(_configured(key_store_url)).keys.encryption_key(KeySpec("default"))
+        monkeypatch.setenv("CELERY_PII_MASTER_KEY", "BBECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+        with pytest.raises(ConfigurationError, match="does not match the key store"):
+            setup_pii(_app(key_store_url))
+
+
+def _configured(key_store_url):
+    app = _app(key_store_url)
+    setup_pii(app)
+    return app
+
+
+class TestTaskRegistration:
+    """Every task gets the opening step; malformed options fail at registration."""
+
+    def test_tasks_before_and_after_setup(self, key_store_url):
+        """@app.task before and after setup_pii, and shared_task, all get specs and the opening step."""
+        app = _app(key_store_url)
+
+        @app.task(shared=False, name="reg.before", pii_fields=["ssn"])
+        def before(ssn):
+            return ssn
+
+        pii = setup_pii(app)
+
+        @app.task(shared=False, name="reg.after", pii_fields=["email"])
+        def after(email):
+            return email
+
+        @shared_task(name="reg.shared", pii_fields=["card"])
+        def shared(card):
+            return card
+
+        app.finalize()
+        assert {"reg.before", "reg.after", "reg.shared"} <= pii.specs.keys()
+        for name in ("reg.before", "reg.after", "reg.shared", "celery.chord_unlock"):
+            task_class = type(app.tasks[name])
+            assert task_class.__dict__.get("_celery_pii_opening"), name
+
+    def test_malformed_path_fails_at_registration(self, key_store_url):
+        """A bad path raises when the task is declared, naming the task and the path."""
+        app = _app(key_store_url)
+        setup_pii(app)
+
+        @app.task(shared=False, name="reg.bad", pii_fields=["customer..email"])
+        def bad(customer):
+            return customer
+
+        # Tasks register when the app finalizes (at worker start, or the first publish).
+        with pytest.raises(ConfigurationError, match=r"'reg.bad'.*'customer\.\.email'"):
+            app.finalize()
+
+    def test_unknown_parameter_fails_at_registration(self, key_store_url):
+        """A path naming no parameter is refused at declaration."""
+        app = _app(key_store_url)
+        setup_pii(app)
+
+        @app.task(shared=False, name="reg.unknown", pii_fields=["nope"])
+        def unknown(email):
+            return email
+
+        with pytest.raises(ConfigurationError, match="names no parameter"):
+            app.finalize()
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"pii_fields": "email"}, "list of field paths"),
+            ({"pii_key": "bad key"}, "pii_key"),
+            ({"pii_key": "celery_pii.x"}, "pii_key"),
+            ({"pii_retention": 30}, "pii_retention"),
+            ({"pii_detect": "loud"}, "pii_detect"),
+            ({"pii_subject": "user..id"}, "malformed"),
+        ],
+    )
+    def test_invalid_options(self, key_store_url, options, message):
+        """Each invalid task option is refused at declaration, naming it."""
+        app = _app(key_store_url)
+        setup_pii(app)
+        app.finalize()  # a finalized app registers tasks as they are declared
+        with pytest.raises(ConfigurationError, match=message):
+
+            @app.task(shared=False, name="reg.options", **options)
+            def task(email, user_id=None):
+                return email
