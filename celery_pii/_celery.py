@@ -133,7 +133,11 @@ class PII:
         root = call.root()
         carried = _carried.get()
         tokens: list[str] = list(carried[1]) if carried is not None and carried[0] == task_id else []
-        sealed = self.sealer.seal_message(name, task_id, root)
+        running = _running.get()
+        # Published from inside a PII task (a chain step gets its return value,
+        # callbacks too): anything in the call may be derived from PII.
+        derived = running is not None and (running.is_pii or bool(running.scrubber))
+        sealed = self.sealer.seal_message(name, task_id, root, seal_all=derived)
         _, spec = self._lookup(name)
         if sealed is not None:
             root = sealed.root
@@ -418,22 +422,31 @@ def _seal_result_hook(obj: Any) -> Any:
 def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
         return value
+    candidates = _candidate_instances()
+    for pii in candidates[:-1]:
+        # Several apps in one process (tests, multi-tenant hosts): the result
+        # opens with the keys of whichever app's store holds its key.
+        try:
+            return pii.sealer.open_result(value)
+        except (KeyNotFound, DecryptionFailed):  # noqa: PERF203 - trying each app is the point
+            continue
+    return candidates[-1].sealer.open_result(value)
+
+
+def _candidate_instances() -> list[PII]:
+    """PII instances to open a result with, the likeliest first."""
+    from celery import current_app  # noqa: PLC0415 - only for results read outside a task
+
     running = _running.get()
-    pii = running.pii if running is not None else _default_pii()
-    return pii.sealer.open_result(value)
-
-
-def _default_pii() -> PII:
-    instances = list(_instances)
-    if len(instances) == 1:
-        return instances[0]
-    from celery import current_app  # noqa: PLC0415
-
-    found = getattr(current_app._get_current_object(), _APP_ATTRIBUTE, None)  # noqa: SLF001
-    if found is None:
-        msg = "a sealed result was read, but it is unclear which setup_pii() app's keys to use"
+    first = running.pii if running is not None else None
+    if first is None:
+        first = getattr(current_app._get_current_object(), _APP_ATTRIBUTE, None)  # noqa: SLF001
+    ordered = [first] if first is not None else []
+    ordered += [pii for pii in list(_instances) if pii is not first]
+    if not ordered:
+        msg = "a sealed result was read in a process where setup_pii() was never called"
         raise ConfigurationError(msg)
-    return found  # type: ignore[no-any-return]
+    return ordered
 
 
 def _register_serializer(settings: Settings) -> PIISerializer:

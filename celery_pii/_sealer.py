@@ -90,16 +90,26 @@ class Sealer:
     # -- publish --------------------------------------------------------------------------
 
     def seal_message(
-        self, name: str, task_id: str, root: Mapping[str, Any], *, now: datetime | None = None
+        self,
+        name: str,
+        task_id: str,
+        root: Mapping[str, Any],
+        *,
+        seal_all: bool = False,
+        now: datetime | None = None,
     ) -> Sealed | None:
         """Seal the PII of one task message; ``None`` when there is nothing to seal.
+
+        With ``seal_all``, every argument of the call is sealed, not only the
+        declared fields: a message published by a running PII task (a chain's
+        next step gets the PII task's return value) may carry PII anywhere.
 
         Raises:
             EncryptionFailed: a declared subject is absent, or a value cannot be encoded.
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
         _, spec = self.lookup(name)
-        found = list(self._call_fields(name, spec, root))
+        found = list(self._call_fields(name, spec, root, seal_all=seal_all))
         specs = [spec] if spec is not None else []
         for part in EMBED_PARTS:
             for location, value, step_spec in _embedded(root.get(part), (part,), self.lookup):
@@ -128,11 +138,14 @@ class Sealer:
         return Sealed(sealed_root, token, key.key_id, locations)
 
     def _call_fields(
-        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any]
+        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
     ) -> Iterator[tuple[Location, Any]]:
         args: Sequence[Any] = root.get("args") or ()
         kwargs: Mapping[str, Any] = root.get("kwargs") or {}
-        if spec is not None and spec.binder is not None:
+        if seal_all:
+            for location, value, _ in _arguments(args, kwargs, ()):
+                yield location, value
+        elif spec is not None and spec.binder is not None:
             for location, value in spec.binder.locate(args, kwargs):
                 if not _is_marker(value):  # already sealed: leave it alone
                     yield location, value
@@ -305,10 +318,16 @@ def _step_arguments(
     # tell which of them are PII.  The parent's worker opens them again.
     if kind is None and registered and (spec is None or not spec.is_pii):
         return
-    for i, item in enumerate(value.get("args") or ()):
+    for location, item, _ in _arguments(value.get("args") or (), kwargs, path):
+        yield location, item, spec
+
+
+def _arguments(args: Any, kwargs: Any, path: Location) -> Iterator[tuple[Location, Any, None]]:
+    """Every positional and keyword argument that is not already sealed."""
+    for i, item in enumerate(args):
         if not _is_marker(item):
-            yield (*path, "args", i), item, spec
+            yield (*path, "args", i), item, None
     if isinstance(kwargs, Mapping):
         for key, item in kwargs.items():
             if not _is_marker(item):
-                yield (*path, "kwargs", key), item, spec
+                yield (*path, "kwargs", key), item, None

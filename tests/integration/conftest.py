@@ -341,3 +341,188 @@ class TcpProxy:
         """Stop the proxy."""
         self.cut()
         self._server.close()
+
+
+# -- real worker processes --------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """`celery -A pii_testapp worker` in a subprocess, logging at DEBUG to a file."""
+
+    def __init__(self, *, broker, backend, key_store, queue, pool, concurrency, logfile, acks_late=False):
+        import subprocess
+        import sys
+
+        self.logfile = logfile
+        env = dict(os.environ)
+        env.update(
+            PII_TESTAPP_BROKER=broker,
+            PII_TESTAPP_BACKEND=backend,
+            PII_TESTAPP_KEY_STORE=key_store,
+            PII_TESTAPP_QUEUE=queue,
+            PII_TESTAPP_ACKS_LATE="1" if acks_late else "0",
+            PYTHONPATH=os.pathsep.join([APP_DIR, env.get("PYTHONPATH", "")]),
+        )
+        command = [
+            sys.executable, "-m", "celery", "-A", "pii_testapp", "worker",
+            "-P", pool, "-c", str(concurrency), "-l", "DEBUG", "--logfile", str(logfile),
+            "-Q", queue, "-E", "--without-mingle", "--without-gossip", "--without-heartbeat",
+            "-n", f"{queue}@%h",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self, timeout=60):
+        """Block until the worker logs that it is ready."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    "worker exited: " + self.process.stderr.read().decode(errors="replace")[-2000:]
+                )
+            if Path(self.logfile).exists() and " ready." in Path(self.logfile).read_text(errors="replace"):
+                return self
+            time.sleep(0.2)
+        raise TimeoutError("worker did not become ready")
+
+    def stop(self, timeout=30):
+        """Warm shutdown (SIGTERM), then SIGKILL if it hangs."""
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def log(self):
+        """Everything the worker logged."""
+        return Path(self.logfile).read_text(errors="replace")
+
+
+@pytest.fixture
+def start_worker_process(key_store_url, queue_name, tmp_path):
+    """Start real worker processes for this test (stopped at the end)."""
+    started = []
+
+    def start(broker=None, backend=None, pool="prefork", concurrency=2, acks_late=False):
+        worker = WorkerProcess(
+            broker=broker or f"{REDIS_URL}/{BROKER_DB}",
+            backend=backend or f"{REDIS_URL}/{BACKEND_DB}",
+            key_store=key_store_url,
+            queue=queue_name,
+            pool=pool,
+            concurrency=concurrency,
+            logfile=tmp_path / f"worker-{len(started)}.log",
+            acks_late=acks_late,
+        )
+        started.append(worker)
+        return worker.wait_ready()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+class RedisMonitor:
+    """Every command any client sends to Redis (all databases), as MONITOR shows it."""
+
+    def __init__(self):
+        import threading
+
+        self.commands = []
+        self._client = redis_client(0)
+        self._monitor = self._client.monitor()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with self._monitor as monitor:
+            for command in monitor.listen():
+                self.commands.append(command["command"])
+                if self._stop.is_set():
+                    return
+
+    def __enter__(self):
+        import time
+
+        self._thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        with redis_client(0) as poke:
+            poke.ping()
+        self._thread.join(10)
+        self._client.close()
+
+    def captured(self):
+        """The raw command text plus every base64 message body in it, decoded."""
+        import base64
+        import re
+
+        raw = "\n".join(self.commands)
+        bodies = []
+        for match in re.finditer(r'"body": "([A-Za-z0-9+/=]+)"', raw):
+            try:
+                bodies.append(base64.b64decode(match.group(1)).decode("utf-8", "replace"))
+            except ValueError:
+                continue
+        return raw + "\n" + "\n".join(bodies)
+
+
+class RabbitFirehose:
+    """Every message published to or delivered by RabbitMQ (the firehose tracer), with bodies."""
+
+    def __init__(self, url):
+        self.url = url
+        self.messages = []
+
+    def __enter__(self):
+        import subprocess
+
+        from kombu import Connection, Exchange, Queue
+
+        subprocess.run(["rabbitmqctl", "trace_on"], check=True, capture_output=True)
+        self._connection = Connection(self.url)
+        self._queue = Queue(
+            f"pii-firehose-{uuid.uuid4().hex[:8]}",
+            Exchange("amq.rabbitmq.trace", type="topic", passive=True),
+            routing_key="#",
+            exclusive=True,
+        )
+        self._queue = self._queue(self._connection.default_channel)
+        self._queue.declare()
+        return self
+
+    def __exit__(self, *exc):
+        import subprocess
+
+        self.drain()
+        subprocess.run(["rabbitmqctl", "trace_off"], check=False, capture_output=True)
+        self._connection.release()
+
+    def drain(self):
+        """Collect what the tracer has copied so far."""
+        while True:
+            message = self._queue.get(no_ack=True)
+            if message is None:
+                return
+            self.messages.append((message.headers, message.body))
+
+    def captured(self):
+        """Headers and raw bodies of every traced message, as text."""
+        import json
+
+        return "\n".join(
+            json.dumps(headers, default=str) + "\n" + body.decode("utf-8", "replace")
+            if isinstance(body, bytes)
+            else str(body)
+            for headers, body in self.messages
+        )
