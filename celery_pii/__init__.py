@@ -11,6 +11,7 @@ from ._celery import PII, get_pii, setup_pii
 from ._keys import AuditRecord, KeyManager, KeyStats
 from ._migrate import migrate
 from ._retention import RetentionPolicy
+from ._sources import generate_master_key
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -37,6 +38,7 @@ __all__ = [
     "PIIError",
     "RetentionPolicy",
     "__version__",
+    "generate_master_key",
     "get_pii",
     "migrate",
     "setup_pii",

@@ -11,6 +11,7 @@ EXPECTED = sorted(
         "AuditRecord",
         "KeyManager",
         "KeyStats",
+        "generate_master_key",
         "get_pii",
         "migrate",
         "setup_pii",
