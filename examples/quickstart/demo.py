@@ -34,7 +34,7 @@ def make_app(folder: Path, broker: str | None) -> Celery:
     app = Celery(
         "quickstart",
         broker=broker or "filesystem://",
-        backend=f"file://{folder / 'results'}" if not broker else broker,
+        backend=broker or f"file://{folder / 'results'}",
         set_as_current=False,
     )
     app.conf.update(
@@ -64,7 +64,7 @@ def raw_message(app: Celery, folder: Path) -> dict[str, object]:
     if app.conf.broker_url.startswith("filesystem"):
         (path,) = (folder / "broker").glob("*.msg")
         return json.loads(path.read_text())
-    import redis  # only with --broker redis://
+    import redis  # noqa: PLC0415 - only needed with --broker redis://
 
     client = redis.Redis.from_url(app.conf.broker_url)
     return json.loads(client.lindex(app.conf.task_default_queue, -1))
