@@ -79,7 +79,7 @@ class DataKey:
     repr names the key id and version only, never material.
     """
 
-    __slots__ = ("_cipher", "algorithm", "key_id", "version")
+    __slots__ = ("_cipher", "algorithm", "key_id", "usage_key", "version")
 
     def __init__(self, key_id: str, version: int, algorithm: Algorithm, material: bytes) -> None:
         if len(material) != KEY_SIZE:
@@ -88,6 +88,7 @@ class DataKey:
         self.key_id = key_id
         self.version = version
         self.algorithm = algorithm
+        self.usage_key = (key_id, version)
         self._cipher: AESGCM | ChaCha20Poly1305 = _CIPHERS[algorithm](material)
 
     def __repr__(self) -> str:

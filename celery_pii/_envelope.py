@@ -5,7 +5,8 @@ per message and key, not one per field).  Layout, all integers big-endian::
 
     offset  size  field
     0       1     envelope version (1)
-    1       1     flags: bit 0 compressed, bit 1 result (not a task call)
+    1       1     flags: bit 0 compressed, bit 1 result (not a task call),
+                  bit 2 values use kombu's typed JSON
     2       1     algorithm code
     3       4     key version
     7       1+n   key id (length byte, UTF-8)
@@ -20,8 +21,10 @@ version, algorithm, task id, field locations and task name are all
 authenticated: a value moved to another task or field, or a header edited
 to an older version, fails to open.
 
-The sealed plaintext is the JSON list of values (kombu's JSON, so datetimes,
-decimals and UUIDs keep their type), zlib-compressed above a threshold.
+The sealed plaintext is the JSON list of values, zlib-compressed above a
+threshold.  Plain JSON types go through the standard library's C encoder;
+only when a value needs kombu's typed JSON (datetime, Decimal, UUID, bytes)
+is that used, and flagged, so the common case stays fast.
 
 This module does no I/O and imports no Celery; keys are handed in.
 """
@@ -34,7 +37,6 @@ import enum
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from kombu.utils import json as kombu_json
@@ -61,9 +63,20 @@ MAX_LOCATION_DEPTH: Final = 64
 
 _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
+_FLAG_TYPED: Final = 0x04
+_KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED
 _MAX_SHORT: Final = 255
 _FIXED = struct.Struct(">BBBI")
 _U32 = struct.Struct(">I")
+_json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json_loads = json.loads
+
+# Tasks seal the same few location lists over and over: their encoded and
+# parsed forms are cached (bounded) so neither side re-runs JSON on them.
+_CACHE_LIMIT: Final = 4096
+_CACHEABLE_LOCATIONS: Final = 64  # longer lists ([*] over big lists) vary per message
+_encoded_locations: dict[tuple[Location, ...], bytes] = {}
+_parsed_locations: dict[bytes, tuple[Location, ...]] = {}
 
 
 class Kind(enum.Enum):
@@ -73,19 +86,47 @@ class Kind(enum.Enum):
     RESULT = 1  # a stored result: opened by whoever reads it with keys
 
 
-@dataclass(frozen=True, slots=True)
 class Envelope:
     """A parsed (not yet authenticated) envelope."""
 
-    key_id: str
-    key_version: int
-    algorithm: Algorithm
-    kind: Kind
-    task_id: str
-    locations: tuple[Location, ...]
-    compressed: bool
-    header: bytes
-    sealed: memoryview
+    __slots__ = (
+        "algorithm",
+        "compressed",
+        "header",
+        "key_id",
+        "key_version",
+        "kind",
+        "locations",
+        "sealed",
+        "task_id",
+        "typed",
+    )
+
+    def __init__(  # noqa: PLR0913, PLR0917 - one argument per header field; built in one place
+        self,
+        key_id: str,
+        key_version: int,
+        algorithm: Algorithm,
+        flags: int,
+        task_id: str,
+        locations: tuple[Location, ...],
+        header: bytes,
+        sealed: memoryview,
+    ) -> None:
+        self.key_id = key_id
+        self.key_version = key_version
+        self.algorithm = algorithm
+        self.kind = Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK
+        self.compressed = bool(flags & _FLAG_COMPRESSED)
+        self.typed = bool(flags & _FLAG_TYPED)
+        self.task_id = task_id
+        self.locations = locations
+        self.header = header
+        self.sealed = sealed
+
+    def __repr__(self) -> str:
+        count = len(self.locations)
+        return f"<Envelope {self.key_id!r} v{self.key_version} task {self.task_id!r} {count} value(s)>"
 
     def open(self, key: DataKey, *, task_name: str) -> list[Any]:
         """Authenticate and decrypt; returns the values in location order.
@@ -95,14 +136,14 @@ class Envelope:
         """
         if key.key_id != self.key_id or key.version != self.key_version:
             raise DecryptionFailed
-        plaintext = key.open(self.sealed, _associated_data(self.header, task_name))
+        plaintext = key.open(self.sealed, self.header + task_name.encode())
         if self.compressed:
             plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
         try:
-            values: object = kombu_json.loads(plaintext)
+            values: object = kombu_json.loads(plaintext) if self.typed else _json_loads(plaintext)
         except (ValueError, TypeError, RecursionError):
             raise DecryptionFailed from None
-        if not isinstance(values, list) or len(values) != len(self.locations):
+        if type(values) is not list or len(values) != len(self.locations):
             raise DecryptionFailed
         return values
 
@@ -124,14 +165,19 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         TypeError: a value cannot be encoded as JSON.
         EncryptionFailed: the task id does not fit.
     """
-    text: str = kombu_json.dumps(list(values), separators=(",", ":"), ensure_ascii=False)
-    plaintext = text.encode()
     flags = _FLAG_RESULT if kind is Kind.RESULT else 0
+    values = list(values)
+    try:
+        plaintext = _json_dumps(values).encode()
+    except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
+        text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+        plaintext = text.encode()
+        flags |= _FLAG_TYPED
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)
         flags |= _FLAG_COMPRESSED
     header = _header(key, flags, task_id, locations)
-    associated_data = _associated_data(header, task_name)
+    associated_data = header + task_name.encode()
     if _nonce is None:
         sealed = key.seal(plaintext, associated_data)
     else:  # known-answer tests only
@@ -145,7 +191,7 @@ def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location
     if len(bound_id) > _MAX_SHORT:
         msg = "task id longer than 255 bytes"
         raise EncryptionFailed(msg)
-    where = json.dumps(locations, separators=(",", ":"), ensure_ascii=False).encode()
+    where = _encode_locations(tuple(locations))
     return b"".join(
         (
             _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version),
@@ -159,8 +205,16 @@ def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location
     )
 
 
-def _associated_data(header: bytes, task_name: str) -> bytes:
-    return header + task_name.encode()
+def _encode_locations(locations: tuple[Location, ...]) -> bytes:
+    where = _encoded_locations.get(locations)
+    if where is None:
+        where = _json_dumps(locations).encode()
+        if len(locations) > _CACHEABLE_LOCATIONS:
+            return where
+        if len(_encoded_locations) >= _CACHE_LIMIT:
+            _encoded_locations.clear()
+        _encoded_locations[locations] = where
+    return where
 
 
 def parse(token: object) -> Envelope:
@@ -183,7 +237,7 @@ def parse(token: object) -> Envelope:
 
 def _parse_bytes(data: bytes) -> Envelope:
     version, flags, alg_code, key_version = _FIXED.unpack_from(data, 0)
-    if version != ENVELOPE_VERSION or flags & ~(_FLAG_COMPRESSED | _FLAG_RESULT):
+    if version != ENVELOPE_VERSION or flags & ~_KNOWN_FLAGS:
         raise DecryptionFailed
     pos = _FIXED.size
     key_id, pos = _short_text(data, pos)
@@ -195,15 +249,14 @@ def _parse_bytes(data: bytes) -> Envelope:
     if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE or not key_id:
         raise DecryptionFailed
     return Envelope(
-        key_id=key_id,
-        key_version=key_version,
-        algorithm=Algorithm.from_code(alg_code),
-        kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,
-        task_id=task_id,
-        locations=_parse_locations(where),
-        compressed=bool(flags & _FLAG_COMPRESSED),
-        header=data[:pos],
-        sealed=memoryview(data)[pos:],
+        key_id,
+        key_version,
+        Algorithm.from_code(alg_code),
+        flags,
+        task_id,
+        _decode_locations(where),
+        data[:pos],
+        memoryview(data)[pos:],
     )
 
 
@@ -213,6 +266,19 @@ def _short_text(data: bytes, pos: int) -> tuple[str, int]:
     if end > len(data):
         raise DecryptionFailed
     return data[pos + 1 : end].decode(), end
+
+
+def _decode_locations(raw: bytes) -> tuple[Location, ...]:
+    cached = _parsed_locations.get(raw)
+    if cached is not None:
+        return cached
+    parsed = _parse_locations(raw)
+    if len(parsed) > _CACHEABLE_LOCATIONS:
+        return parsed
+    if len(_parsed_locations) >= _CACHE_LIMIT:
+        _parsed_locations.clear()
+    _parsed_locations[raw] = parsed
+    return parsed
 
 
 def _parse_locations(raw: bytes) -> tuple[Location, ...]:

@@ -109,6 +109,11 @@ class RetentionPolicy:
         return self.kind is _Kind.DEFAULT
 
     @property
+    def is_indefinite(self) -> bool:
+        """True for :meth:`keep_indefinitely`."""
+        return self.kind is _Kind.INDEFINITE
+
+    @property
     def is_immediate(self) -> bool:
         """True for :meth:`delete_immediately`."""
         return self.kind is _Kind.IMMEDIATE

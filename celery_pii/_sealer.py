@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from . import _envelope
 from ._config import Settings
@@ -54,8 +54,7 @@ _CHORD_UNLOCK: Final = "celery.chord_unlock"
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
 
-@dataclass(frozen=True, slots=True)
-class Sealed:
+class Sealed(NamedTuple):
     """A sealed message: copies of the root with markers, and the envelope."""
 
     root: dict[str, Any]
@@ -112,13 +111,16 @@ class Sealer:
         found = list(self._call_fields(name, spec, root, seal_all=seal_all))
         specs = [spec] if spec is not None else []
         for part in EMBED_PARTS:
-            for location, value, step_spec in _embedded(root.get(part), (part,), self.lookup):
+            embedded = root.get(part)
+            if embedded is None:
+                continue
+            for location, value, step_spec in _embedded(embedded, (part,), self.lookup):
                 found.append((location, value))
                 if step_spec is not None:
                     specs.append(step_spec)
         if not found:
             return None
-        key_spec = self.key_spec(name, spec, root, specs, now=now or utcnow())
+        key_spec = self.key_spec(name, spec, root, specs, now=now)
         key = self.keys.encryption_key(key_spec)
         locations = tuple(location for location, _ in found)
         try:
@@ -161,13 +163,21 @@ class Sealer:
         root: Mapping[str, Any],
         specs: Sequence[TaskSpec],
         *,
-        now: datetime,
+        now: datetime | None = None,
     ) -> KeySpec:
         """The key a message is sealed under: the task's key or its subject's, per retention bucket.
 
         The earliest retention bucket among the task and the embedded steps wins,
         so embedded data is never kept longer than its own task allows.
         """
+        if (
+            spec is not None
+            and spec.subject is None
+            and spec.retention.is_indefinite
+            and all(s.retention.is_indefinite for s in specs)
+        ):
+            return spec.key_spec  # the common case: one fixed key, built once
+        now = now or utcnow()
         base, digest = (spec.key_id if spec is not None else self.settings.default_key), None
         if spec is not None and spec.subject is not None:
             args, kwargs = root.get("args") or (), root.get("kwargs") or {}

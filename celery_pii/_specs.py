@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._config import DETECT_MODES, USER_KEY_ID_PATTERN, Settings
+from ._keys import KeySpec
 from ._paths import Binder, parse_path
 from ._retention import RetentionPolicy
 from .exceptions import ConfigurationError
@@ -34,6 +35,8 @@ class TaskSpec:
     subject: Binder | None
     subject_path: str | None
     detect: str
+    #: The key of this task when no subject or retention bucket applies.
+    key_spec: KeySpec
 
     @property
     def seals(self) -> bool:
@@ -84,6 +87,7 @@ def default_spec(name: str, settings: Settings) -> TaskSpec:
         subject=None,
         subject_path=None,
         detect=settings.detect,
+        key_spec=KeySpec(settings.default_key),
     )
 
 
@@ -132,4 +136,5 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
         subject=subject,
         subject_path=subject_path,
         detect=detect,
+        key_spec=KeySpec(key_id),
     )
