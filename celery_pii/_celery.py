@@ -21,9 +21,10 @@ Where each job lives, and why (see ``../shared/CELERY_INTERNALS.md``):
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import logging
 import weakref
-from dataclasses import dataclass
 from typing import Any, Final
 
 from celery import Celery, signals
@@ -67,15 +68,44 @@ _CELERY_LOGGERS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
 class _Running:
-    """The task running in this thread: what its results and logs need."""
+    """The task running in this thread: what its results, logs and exceptions need.
 
-    pii: PII
-    task_id: str
-    is_pii: bool
-    scrubber: Scrubber | None
-    result_key: KeySpec | None
+    The scrubber and the result key are built on first use: most tasks raise
+    nothing and many store no result, and this runs before every task.
+    """
+
+    __slots__ = ("_result_key", "_scrubber", "is_pii", "name", "pii", "spec", "task_id", "values")
+
+    def __init__(  # noqa: PLR0913, PLR0917 - the running task's facts
+        self,
+        pii: PII,
+        name: str,
+        task_id: str,
+        spec: TaskSpec | None,
+        values: list[Any],
+        result_key: KeySpec | None,
+    ) -> None:
+        self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
+        self.is_pii = spec is not None and spec.is_pii
+        self._result_key = result_key
+        self._scrubber: Scrubber | None = None
+
+    @property
+    def scrubber(self) -> Scrubber:
+        """Replaces the values opened for this task."""
+        if self._scrubber is None:
+            self._scrubber = Scrubber(self.values)
+        return self._scrubber
+
+    @property
+    def result_key(self) -> KeySpec | None:
+        """The key results of this task are sealed under (``None``: not a PII task)."""
+        if self._result_key is None and self.is_pii:
+            self._result_key = self.pii.sealer.key_spec(
+                self.name, self.spec, {}, [self.spec] if self.spec else []
+            )
+        return self._result_key
 
 
 _running: contextvars.ContextVar[_Running | None] = contextvars.ContextVar("celery_pii_running", default=None)
@@ -136,7 +166,7 @@ class PII:
         running = _running.get()
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
-        derived = running is not None and (running.is_pii or bool(running.scrubber))
+        derived = running is not None and (running.is_pii or bool(running.values))
         sealed = self.sealer.seal_message(name, task_id, root, seal_all=derived)
         _, spec = self._lookup(name)
         if sealed is not None:
@@ -175,8 +205,10 @@ class PII:
         if not (is_pii or values):
             _running.set(None)
             return
-        result_key = self._result_key(name, spec, args, kwargs) if is_pii else None
-        _running.set(_Running(self, task_id, is_pii, Scrubber(values), result_key))
+        # A subject's key depends on this call's arguments: find it now, before
+        # the task function can change them.  Other keys are found on first use.
+        result_key = self._result_key(name, spec, args, kwargs) if spec is not None and spec.subject else None
+        _running.set(_Running(self, name, task_id, spec, values, result_key))
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> list[Any]:
         name = task.name
@@ -353,20 +385,34 @@ def _install_opening(cls: type[Any], *, is_pii: bool) -> None:
         cls.before_start = before_start
         cls._celery_pii_opening = True
     if is_pii and not cls.__dict__.get("_celery_pii_scrubbing"):
-
-        def __call__(self: Task, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
-            try:
-                return super(cls, self).__call__(*args, **kwargs)
-            except Exception as exc:
-                running = _running.get()
-                if running is not None and running.scrubber:
-                    running.scrubber.exception(exc)
-                raise
-
-        setattr(cls, "__call__", __call__)  # noqa: B010 - mypy forbids assigning methods
+        _wrap_run(cls)
         # Return values of PII tasks stay out of logs and events (see docs/security.md).
         cls.resultrepr_maxsize = 0
         cls._celery_pii_scrubbing = True
+
+
+def _wrap_run(cls: type[Any]) -> None:
+    """Scrub exceptions leaving the task function before Celery formats, logs or stores them.
+
+    ``run`` is wrapped rather than ``__call__``: Celery's tracer calls ``run``
+    directly unless ``__call__`` is overridden, and an override would cost every
+    task a second request context.
+    """
+    raw = inspect.getattr_static(cls, "run")
+    is_static = isinstance(raw, staticmethod)
+    fun = raw.__func__ if is_static else raw
+
+    @functools.wraps(fun)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fun(*args, **kwargs)
+        except Exception as exc:
+            running = _running.get()
+            if running is not None and running.scrubber:
+                running.scrubber.exception(exc)
+            raise
+
+    cls.run = staticmethod(run) if is_static else run
 
 
 def _hook_registry(app: Celery, pii: PII) -> None:

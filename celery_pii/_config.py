@@ -26,7 +26,7 @@ from ._crypto import Algorithm
 from ._retention import RetentionPolicy
 from .exceptions import ConfigurationError
 
-__all__ = ["DETECT_MODES", "OPTIONS", "Option", "Settings", "settings_from_conf"]
+__all__ = ["DETECT_MODES", "OPTIONS", "Option", "Settings", "reference_markdown", "settings_from_conf"]
 
 DETECT_MODES: Final = ("off", "warn", "encrypt", "refuse")
 INNER_SERIALIZERS: Final = ("json", "msgpack")
@@ -224,7 +224,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         1024,
         _integer(0, 2**31, allow_none=True),
         "Bytes; sealed plaintext above it is zlib-compressed before encryption. `None` disables.",
-        "int | None",
+        "int or None",
     ),
     Option(
         "pii_key_cache_ttl",
@@ -312,21 +312,21 @@ OPTIONS: Final[tuple[Option, ...]] = (
         None,
         _optional_string,
         "Endpoint of the AWS KMS API for `aws-kms://` master keys (default: AWS's own).",
-        "str | None",
+        "str or None",
     ),
     Option(
         "pii_kms_region",
         None,
         _optional_string,
         "AWS region for `aws-kms://` master keys (default: the standard AWS settings).",
-        "str | None",
+        "str or None",
     ),
     Option(
         "pii_actor",
         None,
         _optional_string,
         "Name recorded as the actor in key audit records (default: host and pid).",
-        "str | None",
+        "str or None",
     ),
 )
 
@@ -367,3 +367,36 @@ def _pii_keys(conf: Mapping[str, Any]) -> set[str]:
         if name.startswith("pii_"):
             found.add(name)
     return found
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from :data:`OPTIONS` so the two cannot drift.
+
+    Regenerate with ``python -c "from celery_pii._config import reference_markdown as r;
+    print(r(), end='')" > docs/configuration.md``.
+    """
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from the settings table in celery_pii/_config.py; do not edit by hand. -->",
+        "",
+        "Every setting is read from `app.conf` (Celery style: lowercase, `pii_` prefix), so Django",
+        'projects can set them as `CELERY_PII_*` with `app.config_from_object("django.conf:settings",',
+        'namespace="CELERY")`. They are validated once, when `setup_pii(app)` runs: an unknown `pii_*`',
+        "key, a wrong type or an out-of-range value raises `ConfigurationError` naming the setting.",
+        "",
+        "| setting | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for option in OPTIONS:
+        default = option.default
+        shown = default.value if isinstance(default, Algorithm) else default
+        lines.append(f"| `{option.name}` | {option.type_doc} | `{shown!r}` | {option.doc} |")
+    lines += [
+        "",
+        "Per-task options: `pii_fields` (field paths, see field-paths.md), `pii_key` (key id),",
+        "`pii_retention` (a `RetentionPolicy`), `pii_subject` (field path of the data subject's id),",
+        "`pii_detect` (overrides `pii_detect` for one task).",
+        "",
+    ]
+    return "\n".join(lines)

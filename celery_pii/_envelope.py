@@ -186,23 +186,34 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
 
 
 def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location]) -> bytes:
-    key_id = key.key_id.encode()
     bound_id = task_id.encode()
     if len(bound_id) > _MAX_SHORT:
         msg = "task id longer than 255 bytes"
         raise EncryptionFailed(msg)
     where = _encode_locations(tuple(locations))
     return b"".join(
-        (
-            _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version),
-            bytes((len(key_id),)),
-            key_id,
-            bytes((len(bound_id),)),
-            bound_id,
-            _U32.pack(len(where)),
-            where,
-        )
+        (_key_prefix(key, flags), bytes((len(bound_id),)), bound_id, _U32.pack(len(where)), where)
     )
+
+
+_key_prefixes: dict[tuple[str, int, int, int], bytes] = {}
+
+
+def _key_prefix(key: DataKey, flags: int) -> bytes:
+    """Version, flags, algorithm, key version and key id: the same for every message of a key."""
+    cache_key = (key.key_id, key.version, key.algorithm.code, flags)
+    prefix = _key_prefixes.get(cache_key)
+    if prefix is None:
+        key_id = key.key_id.encode()
+        prefix = (
+            _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version)
+            + bytes((len(key_id),))
+            + key_id
+        )
+        if len(_key_prefixes) >= _CACHE_LIMIT:
+            _key_prefixes.clear()
+        _key_prefixes[cache_key] = prefix
+    return prefix
 
 
 def _encode_locations(locations: tuple[Location, ...]) -> bytes:
@@ -239,11 +250,14 @@ def _parse_bytes(data: bytes) -> Envelope:
     version, flags, alg_code, key_version = _FIXED.unpack_from(data, 0)
     if version != ENVELOPE_VERSION or flags & ~_KNOWN_FLAGS:
         raise DecryptionFailed
-    pos = _FIXED.size
-    key_id, pos = _short_text(data, pos)
-    task_id, pos = _short_text(data, pos)
-    (where_len,) = _U32.unpack_from(data, pos)
-    pos += _U32.size
+    pos = _FIXED.size + 1
+    end = pos + data[pos - 1]
+    key_id = data[pos:end].decode()
+    pos = end + 1
+    end = pos + data[pos - 1]
+    task_id = data[pos:end].decode()
+    (where_len,) = _U32.unpack_from(data, end)
+    pos = end + _U32.size
     where = data[pos : pos + where_len]
     pos += where_len
     if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE or not key_id:
@@ -258,14 +272,6 @@ def _parse_bytes(data: bytes) -> Envelope:
         data[:pos],
         memoryview(data)[pos:],
     )
-
-
-def _short_text(data: bytes, pos: int) -> tuple[str, int]:
-    length = data[pos]
-    end = pos + 1 + length
-    if end > len(data):
-        raise DecryptionFailed
-    return data[pos + 1 : end].decode(), end
 
 
 def _decode_locations(raw: bytes) -> tuple[Location, ...]:

@@ -444,7 +444,7 @@ class KeyManager:
                 )
                 raise ConfigurationError(msg)
 
-    def flush_usage(self) -> None:
+    def flush_usage(self, *, quiet: bool = False) -> None:
         """Write accumulated usage counts (one UPDATE per key version, not per message)."""
         usage = self.cache.take_usage()
         if not usage:
@@ -461,7 +461,8 @@ class KeyManager:
                         row.last_used_at = now
         except KeyStoreUnavailable:
             self.cache.give_back_usage(usage)
-            logger.warning("celery-pii: usage counts kept in memory; the key store is unreachable")
+            log = logger.debug if quiet else logger.warning
+            log("celery-pii: usage counts kept in memory; the key store is unreachable")
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -623,7 +624,7 @@ def _flush_at_exit(manager: KeyManager) -> None:
         alive = ref()
         if alive is not None:
             try:
-                alive.flush_usage()
+                alive.flush_usage(quiet=True)
             except Exception:  # noqa: BLE001 - never fail interpreter shutdown
                 logger.debug("celery-pii: could not flush usage counts at exit")
 

@@ -160,7 +160,16 @@ class Binder:
     ``charge.delay(card_number="4111...")`` seal the same field.
     """
 
-    __slots__ = ("_fields", "_index", "_named", "_var_keyword", "_var_positional", "paths")
+    __slots__ = (
+        "_all_simple",
+        "_fields",
+        "_index",
+        "_named",
+        "_simple",
+        "_var_keyword",
+        "_var_positional",
+        "paths",
+    )
 
     def __init__(
         self,
@@ -211,14 +220,42 @@ class Binder:
                 raise ConfigurationError(msg)
             fields.append((head, parts[1:]))
         self._fields = tuple(fields)
+        # The common shape, "a named parameter then dict keys", is resolved
+        # without generators: it runs for every message published.
+        self._simple: tuple[tuple[str, int | None, tuple[str, ...]], ...] = tuple(
+            (head, self._index.get(head), tuple(str(p) for p in rest))
+            for head, rest in fields
+            if head not in (var_positional, var_keyword) and all(isinstance(p, str) for p in rest)
+        )
+        self._all_simple = len(self._simple) == len(fields)
 
-    def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
-        """Yield ``(location, value)`` for every declared field present.
+    def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[Location, Any]]:
+        """Every declared field present in the call, as ``(location, value)``.
 
         Arguments:
             args: positional arguments of the call, as it will be published.
             kwargs: keyword arguments of the call.
         """
+        if not self._all_simple:
+            return list(self._locate_any(args, kwargs))
+        found: list[tuple[Location, Any]] = []
+        for head, index, rest in self._simple:
+            location: tuple[str, str | int]
+            if head in kwargs:
+                value, location = kwargs[head], ("kwargs", head)
+            elif index is not None and index < len(args):
+                value, location = args[index], ("args", index)
+            else:
+                continue
+            for part in rest:
+                if not isinstance(value, dict) or part not in value:
+                    break
+                value = value[part]
+            else:
+                found.append(((*location, *rest), value))
+        return found
+
+    def _locate_any(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
         for head, rest in self._fields:
             for root, tail in self._roots(head, rest, args, kwargs):
                 if isinstance(root, int):
@@ -310,31 +347,20 @@ def replace_in_copies(root: Mapping[str, Any], replacements: Mapping[Location, A
     changed: a reused signature must not be sealed twice, and the caller's
     data must stay theirs.
     """
-    trie: dict[Any, Any] = {}
-    for location, value in replacements.items():
-        node = trie
-        for part in location[:-1]:
-            node = node.setdefault(part, {})
-        node[location[-1]] = _Leaf(value)
     copy = dict(root)
-    for part, child in trie.items():
-        copy[part] = _apply_trie(copy[part], child)
-    return copy
-
-
-class _Leaf:
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-def _apply_trie(value: Any, node: Any) -> Any:
-    if isinstance(node, _Leaf):
-        return node.value
-    copy: Any = list(value) if isinstance(value, (list, tuple)) else dict(value)
-    for part, child in node.items():
-        copy[part] = _apply_trie(copy[part], child)
+    copied: dict[Location, Any] = {}  # location prefix -> the copy made for it
+    for location, value in replacements.items():
+        parent: Any = copy
+        for depth in range(1, len(location)):
+            prefix = location[:depth]
+            node = copied.get(prefix)
+            if node is None:
+                original = parent[location[depth - 1]]
+                node = list(original) if isinstance(original, (list, tuple)) else dict(original)
+                parent[location[depth - 1]] = node
+                copied[prefix] = node
+            parent = node
+        parent[location[-1]] = value
     return copy
 
 

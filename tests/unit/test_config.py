@@ -130,3 +130,15 @@ class TestDjango:
         bad.config_from_object("djbad", namespace="CELERY")
         with pytest.raises(ConfigurationError, match="pii_nope"):
             settings_from_conf(bad.conf)
+
+
+def test_configuration_doc_is_current():
+    """docs/configuration.md is exactly what the settings table generates."""
+    from pathlib import Path
+
+    from celery_pii._config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), (
+        "regenerate it from celery_pii._config.reference_markdown()"
+    )
