@@ -10,7 +10,7 @@ from __future__ import annotations
 from ._celery import PII, get_pii, setup_pii
 from ._keys import AuditRecord, KeyManager, KeyStats
 from ._migrate import migrate
-from ._retention import RetentionPolicy
+from ._retention import RetentionPolicy, RetentionReport
 from ._sources import generate_master_key
 from .exceptions import (
     ConfigurationError,
@@ -37,6 +37,7 @@ __all__ = [
     "KeyStoreUnavailable",
     "PIIError",
     "RetentionPolicy",
+    "RetentionReport",
     "__version__",
     "generate_master_key",
     "get_pii",

@@ -25,6 +25,7 @@ import functools
 import inspect
 import logging
 import weakref
+from datetime import datetime
 from typing import Any, Final
 
 from celery import Celery, signals
@@ -37,7 +38,8 @@ from ._config import Settings, settings_from_conf
 from ._keys import KeyManager, KeySpec
 from ._quarantine import make_quarantine_step, park
 from ._redact import RedactingFilter, Scrubber, redacted_repr
-from ._sealer import EMBED_KEY, Sealer, is_sealed_result
+from ._retention import RetentionReport, enforce
+from ._sealer import EMBED_KEY, Opened, Sealer, is_sealed_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer, publish_ticket
 from ._sources import load_master_key
 from ._specs import TaskSpec, default_spec, spec_for_task
@@ -139,6 +141,30 @@ class PII:
         """
         return self.keys.destroy_subject(subject_id)
 
+    def enforce_retention(self, now: datetime | None = None) -> RetentionReport:
+        """Destroy the keys of retention buckets whose deadline has passed (one bounded run).
+
+        Every copy of data sealed under them (queues, dead letters, backups,
+        stored results) becomes unreadable.  ``now`` lets tests and operators
+        evaluate deadlines at a chosen instant.
+        """
+        return enforce(self.keys.destroy_expired, now or utcnow())
+
+    def rotate_keys(self, now: datetime | None = None, *, max_keys: int = 10_000) -> dict[str, Any]:
+        """Rotate due keys and trim versions beyond ``pii_max_key_versions`` (one bounded run).
+
+        Returns:
+            A report of counts and key ids (no values).
+        """
+        rotated = self.keys.perform_automatic_rotation(now, max_keys=max_keys)
+        trimmed = self.keys.enforce_max_versions()
+        return {
+            "rotated": len(rotated),
+            "rotated_key_ids": rotated,
+            "destroyed_versions": len(trimmed),
+            "complete": len(rotated) < max_keys,
+        }
+
     # -- task registry ------------------------------------------------------------------------
 
     def _lookup(self, name: str) -> tuple[bool, TaskSpec | None]:
@@ -154,6 +180,9 @@ class PII:
         spec = spec_for_task(task, self.settings)
         if spec is not None:
             self.specs[spec.name] = spec
+            if spec.retention.is_immediate:
+                # delete_immediately(): nothing of the outcome is ever stored.
+                type(task).ignore_result = True
         _install_opening(type(task), is_pii=spec is not None and spec.is_pii)
 
     # -- publish -------------------------------------------------------------------------------
@@ -190,6 +219,7 @@ class PII:
         spec = self.specs.get(name)
         tokens = getattr(request, EMBED_KEY, None)
         values: list[Any] = []
+        message_key: str | None = None
         if tokens:
             root = {
                 "args": args,
@@ -199,21 +229,28 @@ class PII:
                 "chain": request.chain,
                 "chord": request.chord,
             }
-            values = self._open_or_handle(task, task_id, root, tokens)
+            opened = self._open_or_handle(task, task_id, root, tokens)
+            values, message_key = opened.values, opened.key_ids[0]
             setattr(request, EMBED_KEY, None)
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
             _running.set(None)
             return
-        # A subject's key depends on this call's arguments: find it now, before
-        # the task function can change them.  Other keys are found on first use.
-        result_key = self._result_key(name, spec, args, kwargs) if spec is not None and spec.subject else None
+        # Results are sealed under the message's own key (its subject, its
+        # retention bucket), so they become unreadable together.  Without one,
+        # a subject's key depends on this call's arguments: find it now, before
+        # the task function can change them; other keys are found on first use.
+        result_key = None
+        if message_key is not None:
+            result_key = KeySpec(message_key)
+        elif spec is not None and spec.subject is not None:
+            result_key = self._result_key(name, spec, args, kwargs)
         _running.set(_Running(self, name, task_id, spec, values, result_key))
 
-    def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> list[Any]:
+    def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         name = task.name
         try:
-            return self.sealer.open_message(name, task_id, root, list(tokens)).values
+            return self.sealer.open_message(name, task_id, root, list(tokens))
         except KeyStoreUnavailable:
             retries = task.request.retries or 0
             delay = self.settings.key_unavailable_retry_delay

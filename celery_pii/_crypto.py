@@ -79,15 +79,25 @@ class DataKey:
     repr names the key id and version only, never material.
     """
 
-    __slots__ = ("_cipher", "algorithm", "key_id", "usage_key", "version")
+    __slots__ = ("_cipher", "algorithm", "expires_at", "key_id", "usage_key", "version")
 
-    def __init__(self, key_id: str, version: int, algorithm: Algorithm, material: bytes) -> None:
+    def __init__(
+        self,
+        key_id: str,
+        version: int,
+        algorithm: Algorithm,
+        material: bytes,
+        *,
+        expires_at: float | None = None,
+    ) -> None:
         if len(material) != KEY_SIZE:
             msg = f"data key {key_id!r} v{version}: material must be {KEY_SIZE} bytes"
             raise ValueError(msg)
         self.key_id = key_id
         self.version = version
         self.algorithm = algorithm
+        #: POSIX time of the retention deadline (the key's ``expires_at``), if any.
+        self.expires_at = expires_at
         self.usage_key = (key_id, version)
         self._cipher: AESGCM | ChaCha20Poly1305 = _CIPHERS[algorithm](material)
 

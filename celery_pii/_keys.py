@@ -155,7 +155,7 @@ class KeyManager:
         """
         key = self.cache.version(key_id, version)
         if key is not None:
-            return key
+            return self._unexpired(key)
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
         with self.store.transaction() as session:
@@ -172,6 +172,17 @@ class KeyManager:
             self.cache.forget(key_id, version, destroyed=True)
             raise _destroyed(key_id, version)
         self.cache.put(key, active=False)
+        return self._unexpired(key)
+
+    def _unexpired(self, key: DataKey) -> DataKey:
+        # Past its retention deadline a key opens nothing, in every process,
+        # whether or not enforce_retention has destroyed it yet.
+        if key.expires_at is not None and key.expires_at <= self._clock().timestamp():
+            msg = (
+                f"key {key.key_id!r} version {key.version} was destroyed at its retention deadline; "
+                "data sealed under it is gone"
+            )
+            raise KeyDestroyed(msg)
         return key
 
     def _load_active(self, spec: KeySpec) -> DataKey:
@@ -184,7 +195,9 @@ class KeyManager:
                 with self.store.transaction() as session:
                     row = self._active_row(session, spec.key_id)
                     if row is None:
-                        row = self._insert_version(session, spec, now, reason="first use")
+                        row = self._insert_version(
+                            session, self._inherit(session, spec, now), now, reason="first use"
+                        )
                     key = self._unwrap(row)
                 break
             except IntegrityError:  # another process created it first: read theirs
@@ -194,6 +207,31 @@ class KeyManager:
             raise KeyStoreUnavailable(msg)
         self.cache.put(key, active=True)
         return self.cache.active(spec.key_id) or key
+
+    def _inherit(self, session: Session, spec: KeySpec, now: datetime) -> KeySpec:
+        """A spec that keeps the subject and expiry an earlier version of the key id had.
+
+        A bucket key whose versions were all retired gets a new version with
+        the same deadline (never a deadline-less one); one whose deadline has
+        passed gets none.
+        """
+        if spec.expires_at is not None and spec.subject_id is not None:
+            return spec
+        latest = session.scalars(
+            select(KeyRow).where(KeyRow.key_id == spec.key_id).order_by(KeyRow.version.desc()).limit(1)
+        ).first()
+        if latest is None:
+            return spec
+        expires_at = spec.expires_at or latest.expires_at
+        if expires_at is not None and expires_at <= now:
+            msg = f"key {spec.key_id!r}: its retention deadline has passed; nothing was sealed"
+            raise EncryptionFailed(msg)
+        return KeySpec(
+            spec.key_id,
+            subject_id=spec.subject_id or latest.subject_id,
+            expires_at=expires_at,
+            retention_deadline=spec.retention_deadline or latest.retention_deadline,
+        )
 
     # -- the KeyManager API of DESIGN §1 -----------------------------------------------------
 
@@ -279,12 +317,15 @@ class KeyManager:
             self.cache.forget(row.key_id, row.version, destroyed=True)
         return len(rows)
 
-    def perform_automatic_rotation(self, now: datetime | None = None, *, batch_size: int = 200) -> list[str]:
+    def perform_automatic_rotation(
+        self, now: datetime | None = None, *, batch_size: int = 200, max_keys: int | None = None
+    ) -> list[str]:
         """Rotate every key older than ``pii_rotation_interval`` or past ``pii_rotation_max_messages``.
 
         Safe to run from two processes at once: rows being rotated elsewhere
         are skipped, and a rotated key is no longer due, so each due key gets
-        exactly one new version.  Works in batches (bounded memory).
+        exactly one new version.  Works in batches (bounded memory); with
+        ``max_keys`` it stops after that many and the next run goes on.
 
         Returns:
             The key ids rotated by this call.
@@ -318,8 +359,41 @@ class KeyManager:
         while True:
             done, seen, after_id = self._transact(one_batch)
             rotated.extend(done)
-            if seen < batch_size:
+            if seen < batch_size or (max_keys is not None and len(rotated) >= max_keys):
                 return rotated
+
+    def enforce_max_versions(self, *, batch_size: int = 200) -> list[tuple[str, int]]:
+        """Destroy the oldest live versions of key ids that keep more than ``pii_max_key_versions``.
+
+        Rotation already does this for the key it rotates; this sweep catches
+        key ids left over the limit (for example after the setting was lowered).
+
+        Returns:
+            The ``(key id, version)`` pairs destroyed.
+        """
+        limit = self.max_key_versions
+
+        def work(session: Session) -> list[tuple[str, int]]:
+            over = session.scalars(
+                select(KeyRow.key_id)
+                .where(KeyRow.status != DESTROYED)
+                .group_by(KeyRow.key_id)
+                .having(func.count() > limit)
+                .limit(batch_size)
+            ).all()
+            destroyed = []
+            for key_id in over:
+                live = [row for row in self._lock_rows(session, key_id) if row.status != DESTROYED]
+                live.sort(key=lambda row: (row.status == ACTIVE, row.version))  # the active one is kept
+                for row in live[: len(live) - limit]:
+                    self._destroy_row(session, row, reason="max_key_versions")
+                    destroyed.append((row.key_id, row.version))
+            return destroyed
+
+        destroyed = self._transact(work)
+        for key_id, version in destroyed:
+            self.cache.forget(key_id, version, destroyed=True)
+        return destroyed
 
     def get_stats(self) -> KeyStats:
         """Counts of key versions by status, rotations, and this process's cache counters."""
@@ -561,7 +635,8 @@ class KeyManager:
                 raise ConfigurationError(msg) from None
             msg = f"key {row.key_id!r} v{row.version} cannot be unwrapped: wrong master key or damaged row"
             raise KeyNotFound(msg) from None
-        return DataKey(row.key_id, row.version, algorithm, material)
+        expires_at = row.expires_at.timestamp() if row.expires_at is not None else None
+        return DataKey(row.key_id, row.version, algorithm, material, expires_at=expires_at)
 
     def _load_subject_secret(self) -> bytes:
         key = self._load_active(KeySpec(SUBJECT_INDEX_KEY))

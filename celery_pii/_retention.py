@@ -13,13 +13,14 @@ This module is plain data and arithmetic: no I/O, no Celery.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
 from .exceptions import ConfigurationError
 
-__all__ = ["IMMEDIATE_GRACE", "RetentionPolicy", "bucket_deadline"]
+__all__ = ["IMMEDIATE_GRACE", "RetentionPolicy", "RetentionReport", "bucket_deadline", "enforce"]
 
 # How long a delete_immediately() message may wait in a queue: its bucket key
 # is destroyed this long after the bucket closes (results are deleted as soon
@@ -193,3 +194,49 @@ def bucket_deadline(now: datetime, deadline: datetime) -> datetime:
 def _floor(moment: datetime, step: timedelta) -> datetime:
     elapsed = moment - _EPOCH
     return _EPOCH + (elapsed // step) * step
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionReport:
+    """What one retention run did: counts and key ids, never values."""
+
+    checked_at: datetime
+    destroyed_versions: int
+    key_ids: tuple[str, ...]
+    batches: int
+    complete: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form (the beat task's result)."""
+        return {
+            "checked_at": self.checked_at.isoformat(),
+            "destroyed_versions": self.destroyed_versions,
+            "key_ids": list(self.key_ids),
+            "batches": self.batches,
+            "complete": self.complete,
+        }
+
+
+def enforce(
+    destroy_batch: Callable[[datetime], list[tuple[str, int]]],
+    now: datetime,
+    *,
+    max_batches: int = 20,
+) -> RetentionReport:
+    """Destroy expired bucket keys, batch by batch, at most ``max_batches`` per run.
+
+    ``destroy_batch(now)`` destroys one batch of expired key versions and
+    returns them (the key manager's ``destroy_expired``); a run that stops at
+    the batch limit reports ``complete=False`` and the next run goes on.
+    """
+    destroyed: list[tuple[str, int]] = []
+    for batch in range(1, max_batches + 1):
+        done = destroy_batch(now)
+        destroyed.extend(done)
+        if not done:
+            return RetentionReport(now, len(destroyed), _ids(destroyed), batch, complete=True)
+    return RetentionReport(now, len(destroyed), _ids(destroyed), max_batches, complete=False)
+
+
+def _ids(destroyed: list[tuple[str, int]]) -> tuple[str, ...]:
+    return tuple(sorted({key_id for key_id, _ in destroyed}))

@@ -32,7 +32,7 @@ from ._keys import KeyManager, KeySpec
 from ._paths import Location, replace_in_copies, set_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
-from .exceptions import DecryptionFailed, EncryptionFailed
+from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed, KeyNotFound
 
 __all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer"]
 
@@ -260,10 +260,24 @@ class Sealer:
     def open_result(self, obj: dict[str, Any]) -> Any:
         """Open what :meth:`seal_result` made.
 
+        A stored result meta whose values cannot be opened (shredded by
+        retention or erasure, tampered) reads as a failure carrying that
+        exception: ``AsyncResult.get()`` raises it, and Celery's backends,
+        which read the current meta before every write, keep working.
+
         Raises:
-            DecryptionFailed: tampered, or bound to another task id.
-            KeyDestroyed: retention or erasure shredded it.
+            DecryptionFailed: a sealed value (not a result meta) was tampered with.
+            KeyDestroyed: a sealed value (not a result meta) was shredded.
+            KeyStoreUnavailable: the key store is down (a retry may succeed).
         """
+        try:
+            return self._open_result(obj)
+        except (KeyDestroyed, KeyNotFound, DecryptionFailed) as error:
+            if not _is_meta(obj):
+                raise
+            return _failure_meta(obj, error)
+
+    def _open_result(self, obj: dict[str, Any]) -> Any:
         envelope = _envelope.parse(obj[RESULT_KEY])
         if envelope.kind is not Kind.RESULT:
             raise DecryptionFailed
@@ -277,6 +291,21 @@ class Sealer:
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
         return opened
+
+
+def _failure_meta(obj: dict[str, Any], error: Exception) -> dict[str, Any]:
+    """A result meta that says the stored result is gone, and why (no values)."""
+    meta = {name: value for name, value in obj.items() if name not in (RESULT_KEY, *RESULT_FIELDS)}
+    meta.update(
+        status="FAILURE",
+        result={
+            "exc_type": type(error).__name__,
+            "exc_message": [str(error)],
+            "exc_module": type(error).__module__,
+        },
+        traceback=None,
+    )
+    return meta
 
 
 def is_sealed_result(obj: object) -> bool:

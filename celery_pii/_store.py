@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -193,11 +194,7 @@ class KeyStore:
         if self.engine.dialect.name == "sqlite":
             _serialize_sqlite_writers(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # A prefork worker child must not share its parent's connections.
-        os.register_at_fork(after_in_child=self._after_fork)
-
-    def _after_fork(self) -> None:
-        self.engine.dispose(close=False)
+        _live_stores.add(self)
 
     @property
     def url(self) -> str:
@@ -237,6 +234,19 @@ class KeyStore:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+# A prefork worker child must not share its parent's connections: after a
+# fork, every live store forgets (without closing) the pooled connections.
+_live_stores: weakref.WeakSet[KeyStore] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    for store in list(_live_stores):
+        store.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
 def _connect_args(url: URL, timeout: float) -> dict[str, Any]:

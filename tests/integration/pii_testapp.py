@@ -110,11 +110,39 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test
     def retention_short(email):
         return email
 
+    @app.task(
+        shared=False,
+        name="t.immediate",
+        pii_fields=["email"],
+        pii_retention=RetentionPolicy.delete_immediately(),
+    )
+    def immediate(email):
+        RECEIVED.append({"immediate": email})
+        return email
+
 
 def _short():
     from datetime import timedelta
 
     return timedelta(seconds=float(os.environ.get("PII_TESTAPP_RETENTION_SECONDS", "5")))
+
+
+def _beat_settings():
+    interval = os.environ.get("PII_TESTAPP_BEAT_INTERVAL")
+    if not interval:
+        return {}
+    from datetime import timedelta
+
+    return {
+        "beat_schedule": {
+            "pii-rotate-keys": {"task": "celery_pii.rotate_keys", "schedule": float(interval)},
+            "pii-enforce-retention": {"task": "celery_pii.enforce_retention", "schedule": float(interval)},
+        },
+        "pii_rotation_interval": timedelta(
+            seconds=float(os.environ.get("PII_TESTAPP_ROTATION_SECONDS", "86400"))
+        ),
+        "pii_max_key_versions": int(os.environ.get("PII_TESTAPP_MAX_KEY_VERSIONS", "5")),
+    }
 
 
 if os.environ.get("PII_TESTAPP_BROKER"):
@@ -128,4 +156,5 @@ if os.environ.get("PII_TESTAPP_BROKER"):
         result_extended=True,
         task_acks_late=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
         task_reject_on_worker_lost=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
+        **_beat_settings(),
     )

@@ -338,6 +338,25 @@ class TestRetentionKeys:
             manager.decryption_key("orders@1", 1)
         manager.decryption_key("orders@2", 1)
 
+    def test_past_deadline_refuses_to_open_everywhere(self, make_manager):
+        """Once its deadline passes, a bucket key opens nothing, even from a cache, before enforcement."""
+        moment = [utcnow()]
+        manager = make_manager(clock=lambda: moment[0])
+        key = manager.encryption_key(KeySpec("orders@t", expires_at=moment[0] + timedelta(seconds=60)))
+        assert manager.decryption_key("orders@t", 1) is not None
+        moment[0] += timedelta(seconds=61)
+        with pytest.raises(KeyDestroyed, match="retention deadline"):
+            manager.decryption_key(key.key_id, key.version)
+
+    def test_rotating_an_expired_bucket_keeps_its_deadline(self, manager):
+        """A bucket key with no active version gets a new one with the same deadline."""
+        deadline = utcnow() + timedelta(hours=1)
+        manager.encryption_key(KeySpec("orders@r", expires_at=deadline))
+        manager.retire_key("orders@r", 1)
+        renewed = manager.encryption_key(KeySpec("orders@r"))
+        assert renewed.version == 2
+        assert renewed.expires_at == pytest.approx(deadline.timestamp(), abs=0.001)
+
     def test_expired_bucket_refuses_to_seal(self, manager):
         """Sealing under a bucket whose deadline passed fails instead of writing dead data."""
         with pytest.raises(EncryptionFailed, match="retention deadline"):
@@ -370,14 +389,23 @@ class TestFailures:
             KeyStore("nosuchdb+driver://x/y")
 
 
-def _rotate_in_child(url, barrier, results, automatic):
-    manager = KeyManager(KeyStore(url), MASTER, rotation_interval=timedelta(seconds=1))
-    barrier.wait(timeout=30)
-    if automatic:
-        results.put(manager.perform_automatic_rotation(now=utcnow() + timedelta(days=100)))
-    else:
-        results.put(manager.rotate_key("shared"))
-    manager.store.dispose()
+def _spawn(db_url, count, automatic, testapp_module):
+    """Start ``count`` spawned processes that rotate at the same moment; return their results."""
+    import pii_children
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that has threads
+    barrier, results = context.Barrier(count), context.Queue()
+    master = bytes(range(32))
+    children = [
+        context.Process(target=pii_children.rotate, args=(db_url, master, barrier, results, automatic))
+        for _ in range(count)
+    ]
+    for child in children:
+        child.start()
+    got = [results.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(timeout=30)
+    return got
 
 
 @pytest.mark.usefixtures("manager")
@@ -389,38 +417,20 @@ class TestConcurrency:
         rows = _execute(url, query, k=key_id)
         return [tuple(r) for r in rows]
 
-    def test_processes_rotating_explicitly(self, manager, db_url):
+    def test_processes_rotating_explicitly(self, manager, db_url, testapp_module):
         """N processes each calling rotate_key at once give N new, distinct, consecutive versions."""
         manager.generate_key("shared")
-        context = multiprocessing.get_context("fork")
-        barrier, results = context.Barrier(4), context.Queue()
-        children = [
-            context.Process(target=_rotate_in_child, args=(db_url, barrier, results, False)) for _ in range(4)
-        ]
-        for child in children:
-            child.start()
-        got = sorted(results.get(timeout=60) for _ in children)
-        for child in children:
-            child.join(timeout=30)
-        assert got == [2, 3, 4, 5]
+        got = _spawn(db_url, 4, False, testapp_module)
+        assert sorted(got) == [2, 3, 4, 5]
         versions = self._versions(db_url)
         assert [v for v, _ in versions] == [1, 2, 3, 4, 5]
         assert [s for _, s in versions].count("active") == 1
 
-    def test_processes_rotating_automatically(self, manager, db_url):
+    def test_processes_rotating_automatically(self, manager, db_url, testapp_module):
         """Two beat-like processes running automatic rotation at once make exactly one new version per key."""
         for key_id in ("shared", "other"):
             manager.generate_key(key_id)
-        context = multiprocessing.get_context("fork")
-        barrier, results = context.Barrier(2), context.Queue()
-        children = [
-            context.Process(target=_rotate_in_child, args=(db_url, barrier, results, True)) for _ in range(2)
-        ]
-        for child in children:
-            child.start()
-        rotated = [results.get(timeout=60) for _ in children]
-        for child in children:
-            child.join(timeout=30)
+        rotated = _spawn(db_url, 2, True, testapp_module)
         assert sorted(rotated[0] + rotated[1]) == ["other", "shared"]
         assert [v for v, _ in self._versions(db_url)] == [1, 2]
         assert [v for v, _ in self._versions(db_url, "other")] == [1, 2]

@@ -23,6 +23,7 @@ EXPECTED = sorted(
         "KeyStoreUnavailable",
         "PIIError",
         "RetentionPolicy",
+        "RetentionReport",
         "__version__",
     ]
 )

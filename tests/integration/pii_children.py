@@ -1,0 +1,26 @@
+"""Functions run in child processes by the concurrency tests (spawned, so importable by name)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+
+def rotate(url, master_material, barrier, results, automatic):
+    """Rotate the key 'shared' (or every due key) once, after all children are ready."""
+    from celery_pii._keys import KeyManager
+    from celery_pii._sources import LocalMasterKey
+    from celery_pii._store import KeyStore, utcnow
+
+    manager = KeyManager(
+        KeyStore(url), LocalMasterKey(master_material), rotation_interval=timedelta(seconds=1)
+    )
+    barrier.wait(timeout=60)
+    try:
+        if automatic:
+            results.put(manager.perform_automatic_rotation(now=utcnow() + timedelta(days=100)))
+        else:
+            results.put(manager.rotate_key("shared"))
+    except Exception as error:  # noqa: BLE001 - reported, so the test fails with a reason
+        results.put(f"error: {type(error).__name__}")
+    finally:
+        manager.store.dispose()

@@ -1,0 +1,191 @@
+"""Retention and crypto-shredding: real beat and worker processes, Redis, PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+
+from celery_pii import KeyDestroyed, RetentionPolicy, get_pii
+from celery_pii._keys import KeySpec
+from celery_pii._retention import enforce
+from celery_pii._store import utcnow
+
+from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL, queued_messages, redis_client
+from .test_celery_roundtrip import EMAIL, assert_no_plaintext
+
+pytestmark = pytest.mark.integration
+
+
+def _stored_status(task_id):
+    """The status of a stored result, read raw (it is not sealed; the result is)."""
+    with redis_client(BACKEND_DB) as client:
+        raw = client.get(f"celery-task-meta-{task_id}")
+    return json.loads(raw[2:])["status"] if raw else None
+
+
+def _wait(predicate, timeout=30.0, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+class TestEnforceRetention:
+    """pii.enforce_retention(now) destroys expired bucket keys: copies become unreadable."""
+
+    def test_deadline_shreds_message_and_result(self, make_app, testapp_module):
+        """After the deadline, a held copy of the message and the stored result no longer open."""
+        app = make_app(result_extended=True)
+        pii = get_pii(app)
+        sent = app.tasks["t.retention_short"].delay(EMAIL)
+        (held,) = queued_messages(app.conf.task_default_queue)
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert sent.get(timeout=20) == EMAIL
+            report = pii.enforce_retention(now=utcnow() + timedelta(minutes=5))
+            assert report.destroyed_versions >= 1 and report.complete
+            assert any("@" in key_id for key_id in report.key_ids)
+            assert_no_plaintext(json.dumps(report.to_dict()))
+            with pytest.raises(KeyDestroyed, match="destroyed"):
+                app.AsyncResult(sent.id).get(timeout=10)
+            with redis_client(BROKER_DB) as client:
+                client.lpush(app.conf.task_default_queue, json.dumps(held))
+            assert _wait(lambda: _stored_status(sent.id) == "FAILURE")
+            with pytest.raises(KeyDestroyed):
+                app.AsyncResult(sent.id).get(timeout=20)
+        denied = [r for r in pii.keys.audit_trail() if r.operation == "decrypt_denied"]
+        assert any(r.details.get("task_id") == sent.id for r in denied)
+        destroyed = [r for r in pii.keys.audit_trail() if r.operation == "destroy"]
+        assert any(r.details.get("reason") == "retention" for r in destroyed)
+
+    def test_runs_are_idempotent_and_bounded(self, make_app):
+        """A second run destroys nothing; a bounded run says it is not complete."""
+        app = make_app()
+        pii = get_pii(app)
+        future = utcnow() + timedelta(days=1)
+        for i in range(3):
+            pii.keys.encryption_key(KeySpec(f"bucket-{i}@x", expires_at=utcnow() + timedelta(seconds=30)))
+        first = pii.enforce_retention(now=future)
+        assert first.destroyed_versions >= 3
+        assert pii.enforce_retention(now=future).destroyed_versions == 0
+        for i in range(3):
+            pii.keys.encryption_key(KeySpec(f"more-{i}@x", expires_at=utcnow() + timedelta(seconds=30)))
+        partial = enforce(lambda now: pii.keys.destroy_expired(now, batch_size=1), future, max_batches=2)
+        assert partial.destroyed_versions == 2
+        assert not partial.complete
+
+    def test_delete_immediately_stores_nothing(self, make_app, testapp_module):
+        """A delete_immediately() task runs but nothing of its outcome is kept in the backend."""
+        app = make_app(result_extended=True)
+        testapp_module.RECEIVED.clear()
+        sent = app.tasks["t.immediate"].delay(EMAIL)
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert _wait(lambda: {"immediate": EMAIL} in testapp_module.RECEIVED)
+        with redis_client(BACKEND_DB) as client:
+            assert client.get(f"celery-task-meta-{sent.id}") is None
+
+    def test_policies_are_per_task(self, make_app):
+        """Each task's messages are sealed under a bucket key of its own policy."""
+        app = make_app()
+        app.finalize()
+        pii = get_pii(app)
+        spec = pii.specs["t.retention_short"]
+        assert spec.retention == RetentionPolicy.delete_after(timedelta(seconds=5))
+        assert pii.specs["t.charge"].retention == RetentionPolicy.keep_indefinitely()
+
+
+@pytest.mark.slow
+class TestBeat:
+    """The beat tasks on a real `celery beat` with a real worker."""
+
+    def _start_beat(self, tmp_path, queue_name, key_store_url, env):
+        import os
+        import subprocess
+        import sys
+
+        from .conftest import APP_DIR
+
+        environment = dict(os.environ)
+        environment.update(env)
+        environment.update(
+            PII_TESTAPP_BROKER=f"{REDIS_URL}/{BROKER_DB}",
+            PII_TESTAPP_BACKEND=f"{REDIS_URL}/{BACKEND_DB}",
+            PII_TESTAPP_KEY_STORE=key_store_url,
+            PII_TESTAPP_QUEUE=queue_name,
+            PYTHONPATH=os.pathsep.join([APP_DIR, environment.get("PYTHONPATH", "")]),
+        )
+        command = [
+            sys.executable, "-m", "celery", "-A", "pii_testapp", "beat", "-l", "INFO",
+            "-s", str(tmp_path / "beat-schedule"), "--logfile", str(tmp_path / "beat.log"),
+        ]  # fmt: skip
+        return subprocess.Popen(
+            command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def test_beat_enforces_retention_and_rotates_mid_stream(
+        self, make_app, start_worker_process, tmp_path, queue_name, key_store_url, monkeypatch
+    ):
+        """Beat shreds expired buckets (a held copy then fails) and rotations lose no message."""
+        env = {
+            "PII_TESTAPP_BEAT_INTERVAL": "1",
+            "PII_TESTAPP_RETENTION_SECONDS": "3",
+            "PII_TESTAPP_ROTATION_SECONDS": "1",
+            "PII_TESTAPP_MAX_KEY_VERSIONS": "50",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        # A key of this test's own: the shared key store's "default" key keeps its own schedule.
+        app = make_app(
+            result_extended=True,
+            pii_rotation_interval=1,
+            pii_max_key_versions=50,
+            pii_default_key=f"beat-{queue_name[-8:]}",
+        )
+        pii = get_pii(app)
+        short = app.tasks["t.retention_short"].delay(EMAIL)
+        (held,) = queued_messages(app.conf.task_default_queue)
+        worker = start_worker_process(pool="prefork", concurrency=2)
+        beat = self._start_beat(tmp_path, queue_name, key_store_url, env)
+        beat_log = tmp_path / "beat.log"
+        try:
+            assert short.get(timeout=30) == EMAIL
+            assert _wait(lambda: beat_log.exists() and "Sending due task" in beat_log.read_text())
+            # A stream of messages for ~5 s while beat rotates the keys every second.
+            stream = []
+            for i in range(250):
+                stream.append(app.tasks["t.charge"].delay(f"4000-0000-0000-{i:04d}", i))
+                time.sleep(0.02)
+            assert [r.get(timeout=60)["amount"] for r in stream] == list(range(250))
+            rotations = [r for r in pii.keys.audit_trail(pii.settings.default_key) if r.operation == "rotate"]
+            assert len(rotations) >= 2
+            # The retention bucket of the short task expires and beat destroys its key.
+            assert _wait(
+                lambda: any(
+                    r.operation == "destroy" and r.details.get("reason") == "retention"
+                    for r in pii.keys.audit_trail()
+                ),
+                timeout=30,
+            )
+            # This process still holds the key it sealed with until pii_key_cache_ttl
+            # runs out (documented); a reader without it (another process) is what matters.
+            pii.keys.cache.clear()
+            with pytest.raises(KeyDestroyed, match="destroyed"):
+                app.AsyncResult(short.id).get(timeout=10)
+            with redis_client(BROKER_DB) as client:
+                client.lpush(app.conf.task_default_queue, json.dumps(held))
+            assert _wait(lambda: _stored_status(short.id) == "FAILURE")
+            with pytest.raises(KeyDestroyed):
+                app.AsyncResult(short.id).get(timeout=30)
+        finally:
+            beat.terminate()
+            beat.wait(30)
+            worker.stop()
+        assert "celery_pii.enforce_retention" in (tmp_path / "beat.log").read_text()
+        log = worker.log()
+        assert "enforce_retention destroyed" in log and "rotate_keys rotated" in log
+        assert_no_plaintext(log)
