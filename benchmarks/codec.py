@@ -51,14 +51,16 @@ def body_of_size(size: int, *, pii_fields: int = 2) -> tuple[list[Any], dict[str
     return args, {}
 
 
-def make_pii_app(folder: Path, *, algorithm: str = "aes-256-gcm", fields: list[str] | None = None) -> Celery:
+def make_pii_app(
+    folder: Path, *, algorithm: str = "aes-256-gcm", fields: list[str] | None = None, detect: str = "off"
+) -> Celery:
     """A pii app on the in-memory broker with a SQLite key store in ``folder``."""
     from celery_pii import migrate, setup_pii
 
     os.environ.setdefault("CELERY_PII_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
-    url = f"sqlite:///{folder / f'keys-{algorithm}.db'}"
+    url = f"sqlite:///{folder / f'keys-{algorithm}-{detect}.db'}"
     migrate(url)
-    app = Celery(f"bench-{algorithm}", broker="memory://", set_as_current=False)
+    app = Celery(f"bench-{algorithm}-{detect}", broker="memory://", set_as_current=False)
     app.conf.update(
         task_serializer="pii",
         result_serializer="pii",
@@ -258,10 +260,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             baseline="json",
             rounds=options.rounds,
         )
+        warn = make_pii_app(folder, detect="warn")
+        encrypt = make_pii_app(folder, detect="encrypt")
         path = _harness.compare(
             {
                 "json message path": message_path(plain, args, kwargs, pii=False),
                 "pii message path": message_path(aes, args, kwargs, pii=True),
+                "pii + pii_detect=warn": message_path(warn, args, kwargs, pii=True),
+                "pii + pii_detect=encrypt": message_path(encrypt, args, kwargs, pii=True),
             },
             baseline="json message path",
             rounds=options.rounds,

@@ -8,6 +8,7 @@ function runs.  See README.md and docs/.
 from __future__ import annotations
 
 from ._celery import PII, get_pii, setup_pii
+from ._detect import Finding
 from ._keys import AuditRecord, KeyManager, KeyStats
 from ._migrate import migrate
 from ._retention import RetentionPolicy, RetentionReport
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "DecryptionFailed",
     "EncryptionFailed",
+    "Finding",
     "KeyDestroyed",
     "KeyManager",
     "KeyNotFound",

@@ -20,6 +20,7 @@ Where each job lives, and why (see ``../shared/CELERY_INTERNALS.md``):
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import inspect
@@ -35,11 +36,13 @@ from kombu import serialization
 
 from . import _envelope
 from ._config import Settings, settings_from_conf
+from ._detect import Finding, detect
 from ._keys import KeyManager, KeySpec
+from ._paths import format_path, replace_in_copies
 from ._quarantine import make_quarantine_step, park
-from ._redact import RedactingFilter, Scrubber, redacted_repr
+from ._redact import REDACTED, RedactingFilter, Scrubber, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, Opened, Sealer, is_sealed_result
+from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_sealed_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer, publish_ticket
 from ._sources import load_master_key
 from ._specs import TaskSpec, default_spec, spec_for_task
@@ -129,6 +132,8 @@ class PII:
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
         self.sealer = Sealer(keys, settings, self._lookup)
+        #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
+        self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __repr__(self) -> str:
         return f"<PII app={self.app.main!r} store={self.keys.store.url}>"
@@ -198,18 +203,46 @@ class PII:
         derived = running is not None and (running.is_pii or bool(running.values))
         sealed = self.sealer.seal_message(name, task_id, root, seal_all=derived)
         _, spec = self._lookup(name)
+        display = root
         if sealed is not None:
-            root = sealed.root
-            tokens.append(sealed.token)
+            root = display = sealed.root
+            if sealed.token is not None:
+                tokens.append(sealed.token)
+            if sealed.detected or sealed.truncated:
+                display = self._report_detected(name, sealed)
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
             maxsize = self.app.amqp.argsrepr_maxsize
-            call.options["argsrepr"] = redacted_repr(tuple(root["args"]), maxsize)
-            call.options["kwargsrepr"] = redacted_repr(root["kwargs"], self.app.amqp.kwargsrepr_maxsize)
+            call.options["argsrepr"] = redacted_repr(tuple(display["args"]), maxsize)
+            call.options["kwargsrepr"] = redacted_repr(display["kwargs"], self.app.amqp.kwargsrepr_maxsize)
         message = original(**call.arguments(root))
         if tokens:
             message.body[2][EMBED_KEY] = tokens
         publish_ticket.set(message.body)
         return message
+
+    def _report_detected(self, name: str, sealed: Sealed) -> dict[str, Any]:
+        """Log and count undeclared PII ("warn"), and redact it from the reprs either way."""
+        unsealed = [(loc, category) for loc, category in sealed.detected if loc not in sealed.locations]
+        for location, category in unsealed:
+            self.detections[(name, category)] += 1
+            logger.warning(
+                "celery-pii: task %s: undeclared PII (%s) at %s published in plaintext; "
+                "declare it in pii_fields or set pii_detect='encrypt'",
+                name,
+                category,
+                format_path(location),
+            )
+        if sealed.truncated and not sealed.token:
+            logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)
+        located = [loc for loc, _ in unsealed if loc[0] in ("args", "kwargs")]
+        return replace_in_copies(sealed.root, dict.fromkeys(located, REDACTED)) if located else sealed.root
+
+    def detect(self, value: object) -> list[Finding]:
+        """The PII in a JSON-like value, by field path and category (see docs/detection.md).
+
+        Paths are relative to ``value``; a string value itself has the path ``""``.
+        """
+        return detect(value)
 
     # -- consume -------------------------------------------------------------------------------
 

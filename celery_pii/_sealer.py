@@ -27,9 +27,10 @@ from typing import Any, Final, NamedTuple
 
 from . import _envelope
 from ._config import Settings
+from ._detect import detect_with_status
 from ._envelope import Kind
 from ._keys import KeyManager, KeySpec
-from ._paths import Location, replace_in_copies, set_in_place
+from ._paths import Location, format_path, get_at, parse_path, replace_in_copies, set_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed, KeyNotFound
@@ -55,12 +56,16 @@ SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
 
 class Sealed(NamedTuple):
-    """A sealed message: copies of the root with markers, and the envelope."""
+    """A sealed message: copies of the root with markers, the envelope, what detection found."""
 
     root: dict[str, Any]
-    token: str
-    key_id: str
+    token: str | None
+    key_id: str | None
     locations: tuple[Location, ...]
+    #: Undeclared PII found by ``pii_detect`` (sealed in "encrypt" mode, only reported in "warn").
+    detected: tuple[tuple[Location, str], ...] = ()
+    #: True when detection stopped at its caps (every argument was then sealed in "encrypt" mode).
+    truncated: bool = False
 
 
 @dataclass(slots=True)
@@ -97,14 +102,19 @@ class Sealer:
         seal_all: bool = False,
         now: datetime | None = None,
     ) -> Sealed | None:
-        """Seal the PII of one task message; ``None`` when there is nothing to seal.
+        """Seal the PII of one task message; ``None`` when there is nothing to seal or report.
 
         With ``seal_all``, every argument of the call is sealed, not only the
         declared fields: a message published by a running PII task (a chain's
         next step gets the PII task's return value) may carry PII anywhere.
 
+        The task's ``pii_detect`` mode then scans what is left (declared fields
+        are not scanned twice): "encrypt" seals what it finds, "refuse" raises,
+        "warn" only reports it in :attr:`Sealed.detected`.
+
         Raises:
-            EncryptionFailed: a declared subject is absent, or a value cannot be encoded.
+            EncryptionFailed: a declared subject is absent, a value cannot be
+                encoded, or "refuse" found undeclared PII.
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
         _, spec = self.lookup(name)
@@ -118,8 +128,14 @@ class Sealer:
                 found.append((location, value))
                 if step_spec is not None:
                     specs.append(step_spec)
+        mode = spec.detect if spec is not None else self.settings.detect
+        detected: tuple[tuple[Location, str], ...] = ()
+        truncated = False
+        if mode != "off":
+            detected, truncated, extra = self._detect(name, mode, root, found)
+            found.extend(extra)
         if not found:
-            return None
+            return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         key = self.keys.encryption_key(key_spec)
         locations = tuple(location for location, _ in found)
@@ -137,7 +153,38 @@ class Sealer:
             msg = f"task {name!r}: a PII value cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
         sealed_root = replace_in_copies(root, dict.fromkeys(locations, MARKER))
-        return Sealed(sealed_root, token, key.key_id, locations)
+        return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
+
+    def _detect(
+        self, name: str, mode: str, root: Mapping[str, Any], found: list[tuple[Location, Any]]
+    ) -> tuple[tuple[tuple[Location, str], ...], bool, list[tuple[Location, Any]]]:
+        """Scan what declared sealing leaves visible; returns (findings, truncated, values to seal)."""
+        view = replace_in_copies(root, dict.fromkeys((loc for loc, _ in found), MARKER)) if found else root
+        scanned = {part: view[part] for part in ("args", "kwargs", *EMBED_PARTS) if view.get(part)}
+        result = detect_with_status(scanned)
+        detected = tuple((_location(f.path), f.category) for f in result.findings)
+        if mode == "refuse" and (detected or result.truncated):
+            where = ", ".join(sorted({f"{format_path(loc)} ({category})" for loc, category in detected}))
+            why = f"undeclared PII at {where}" if where else "a payload too large to scan for PII"
+            msg = f"task {name!r}: {why}; declare it in pii_fields (pii_detect='refuse'); nothing published"
+            raise EncryptionFailed(msg)
+        extra: list[tuple[Location, Any]] = []
+        if mode == "encrypt":
+            if result.truncated:  # could not look everywhere: seal every argument
+                sealed_locations = {loc for loc, _ in found}
+                args, kwargs = view.get("args") or (), view.get("kwargs") or {}
+                extra = [
+                    (loc, value)
+                    for loc, value, _ in _arguments(args, kwargs, ())
+                    if loc not in sealed_locations
+                ]
+            else:
+                seen: set[Location] = set()
+                for location, _ in detected:
+                    if location not in seen:
+                        seen.add(location)
+                        extra.append((location, get_at(view, location)))
+        return detected, result.truncated, extra
 
     def _call_fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
@@ -359,6 +406,11 @@ def _step_arguments(
         return
     for location, item, _ in _arguments(value.get("args") or (), kwargs, path):
         yield location, item, spec
+
+
+def _location(path: str) -> Location:
+    """A finding's path (never a wildcard) as a location."""
+    return tuple(part for part in parse_path(path) if isinstance(part, (str, int)))
 
 
 def _arguments(args: Any, kwargs: Any, path: Location) -> Iterator[tuple[Location, Any, None]]:

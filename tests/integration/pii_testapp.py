@@ -110,6 +110,18 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test
     def retention_short(email):
         return email
 
+    @app.task(shared=False, name="t.detect_warn", pii_detect="warn", pii_fields=["email"])
+    def detect_warn(note, email=None):
+        return {"note": note, "email": email}
+
+    @app.task(shared=False, name="t.detect_encrypt", pii_detect="encrypt")
+    def detect_encrypt(note, extra=None):
+        return {"note": note, "extra": extra}
+
+    @app.task(shared=False, name="t.detect_refuse", pii_detect="refuse")
+    def detect_refuse(note):
+        return note
+
     @app.task(
         shared=False,
         name="t.immediate",

@@ -18,6 +18,7 @@ EXPECTED = sorted(
         "ConfigurationError",
         "DecryptionFailed",
         "EncryptionFailed",
+        "Finding",
         "KeyDestroyed",
         "KeyNotFound",
         "KeyStoreUnavailable",
@@ -46,6 +47,7 @@ def test_exception_tree():
         "KeyDestroyed",
         "DecryptionFailed",
         "EncryptionFailed",
+        "Finding",
     ):
         cls = getattr(exceptions, name)
         assert issubclass(cls, exceptions.PIIError)

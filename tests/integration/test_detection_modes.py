@@ -1,0 +1,93 @@
+"""pii_detect on publish: warn, encrypt, refuse — against a real Redis broker and worker."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from celery_pii import EncryptionFailed, Finding, get_pii
+from celery_pii._sealer import MARKER
+
+from .conftest import message_bytes, queued_messages
+from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
+
+# Detection must see a valid-format SSN; the 9xx-area test SSN is (rightly) not one.
+SSN_FORMAT = "123-45-6789"
+
+pytestmark = pytest.mark.integration
+
+NOTE = f"call me at (415) 555-0134 or write to {EMAIL}"
+
+
+class TestModes:
+    """The three modes, per task and app-wide."""
+
+    def test_warn_logs_counts_and_redacts_reprs(self, app, caplog):
+        """warn publishes unchanged, logs path and category (never the value), counts, redacts argsrepr."""
+        with caplog.at_level(logging.WARNING, logger="celery_pii"):
+            app.tasks["t.detect_warn"].delay(NOTE, email=EMAIL)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        body = message_bytes(message).decode()
+        assert EMAIL in body.split("\n", 1)[1]  # the note itself travels in plaintext (warn)
+        assert "[pii:redacted]" in message["headers"]["argsrepr"]
+        assert_no_plaintext(message["headers"]["argsrepr"] + message["headers"]["kwargsrepr"])
+        lines = [r.getMessage() for r in caplog.records if "undeclared PII" in r.getMessage()]
+        assert any("args[0]" in line and "(email)" in line for line in lines)
+        assert any("(phone)" in line for line in lines)
+        assert_no_plaintext("\n".join(lines))
+        counts = get_pii(app).detections
+        assert counts[("t.detect_warn", "email")] == 1
+        assert counts[("t.detect_warn", "phone")] == 1
+
+    def test_declared_fields_are_not_scanned_twice(self, app, caplog):
+        """A declared field holding PII is sealed and not reported as undeclared."""
+        with caplog.at_level(logging.WARNING, logger="celery_pii"):
+            app.tasks["t.detect_warn"].delay("nothing here", email=EMAIL)
+        assert not [r for r in caplog.records if "undeclared PII" in r.getMessage()]
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+
+    def test_encrypt_seals_what_it_finds(self, app, worker):
+        """encrypt seals detected values as if declared; the task still receives them exactly."""
+        nested = {"contact": {"ssn": SSN_FORMAT, "label": "home"}, "cards": [CARD, "not a card"]}
+        result = app.tasks["t.detect_encrypt"].delay(NOTE, extra=nested)
+        assert result.get(timeout=20) == {"note": NOTE, "extra": nested}
+
+    def test_encrypt_leaves_no_plaintext_on_the_wire(self, app):
+        """The raw message of an encrypt-mode task holds no detected value."""
+        app.tasks["t.detect_encrypt"].delay(NOTE, extra={"contact": {"ssn": SSN_FORMAT}, "cards": [CARD]})
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message), (*[CARD, EMAIL], SSN_FORMAT, "(415) 555-0134"))
+        assert MARKER in message["headers"]["argsrepr"] or MARKER in message["headers"]["kwargsrepr"]
+
+    def test_encrypt_seals_everything_when_the_scan_is_truncated(self, app, worker):
+        """Past the scan caps, encrypt mode seals every argument rather than guess."""
+        huge = "x" * 1_100_000
+        result = app.tasks["t.detect_encrypt"].delay(huge, extra=EMAIL)
+        (message,) = queued_messages(app.conf.task_default_queue) or [None]
+        if message is not None:
+            assert EMAIL not in message_bytes(message).decode(errors="replace")
+        assert result.get(timeout=30)["extra"] == EMAIL
+
+    def test_refuse_raises_and_queues_nothing(self, app):
+        """refuse raises EncryptionFailed naming path and category, and nothing is queued."""
+        with pytest.raises(EncryptionFailed, match=r"args\[0\] \(email\)") as info:
+            app.tasks["t.detect_refuse"].delay(NOTE)
+        assert_no_plaintext(str(info.value))
+        assert queued_messages(app.conf.task_default_queue) == []
+        app.tasks["t.detect_refuse"].delay("a harmless note")
+        assert len(queued_messages(app.conf.task_default_queue)) == 1
+
+    def test_app_wide_setting(self, make_app, caplog):
+        """pii_detect set on the app applies to tasks without the option."""
+        app = make_app(pii_detect="refuse")
+        with pytest.raises(EncryptionFailed, match="undeclared PII"):
+            app.tasks["t.plain"].delay({"x": SSN_FORMAT})
+
+    def test_pii_detect_api(self, app):
+        """pii.detect returns findings by field path and category."""
+        findings = get_pii(app).detect({"rows": [{"note": NOTE}], "id": "ID123456789"})
+        assert Finding("rows[0].note", "email") in findings
+        assert Finding("rows[0].note", "phone") in findings
+        assert all(f.path.startswith("rows") for f in findings)
