@@ -46,7 +46,11 @@ def make_app(folder: Path, broker: str | None) -> Celery:
         pii_master_key="env:CELERY_PII_MASTER_KEY",
         pii_key_store_url=key_store,
         task_default_queue=f"quickstart-{os.getpid()}",
-        broker_transport_options={"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir)},
+        broker_transport_options={
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "control_folder": str(folder / "control"),  # kombu's default is ./control
+        },
         worker_hijack_root_logger=False,
     )
     setup_pii(app)
