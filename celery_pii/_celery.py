@@ -686,6 +686,9 @@ def _quarantine_queue_of(app: Any) -> str | None:
 
 def _key_manager(settings: Settings) -> KeyManager:
     master = load_master_key(settings.master_key, settings)
+    previous = None
+    if settings.previous_master_key is not None:
+        previous = load_master_key(settings.previous_master_key, settings, setting="pii_previous_master_key")
     store = KeyStore(settings.key_store_url, connect_timeout=settings.key_store_connect_timeout)
     keys = KeyManager(
         store,
@@ -696,6 +699,7 @@ def _key_manager(settings: Settings) -> KeyManager:
         max_key_versions=settings.max_key_versions,
         cache_ttl=settings.key_cache_ttl,
         actor=settings.actor,
+        previous_master=previous,
     )
     try:
         keys.check_master_key()

@@ -41,6 +41,7 @@ class Settings:
     """Every ``pii_*`` setting, validated.  Field names drop the ``pii_`` prefix."""
 
     master_key: str
+    previous_master_key: str | None
     key_store_url: str
     algorithm: Algorithm
     default_key: str
@@ -180,6 +181,10 @@ def _master_key_spec(value: Any, setting: str) -> str:
     return value
 
 
+def _optional_master_key_spec(value: Any, setting: str) -> str | None:
+    return None if value is None else _master_key_spec(value, setting)
+
+
 _KEY_ID_HINT = "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 OPTIONS: Final[tuple[Option, ...]] = (
@@ -190,6 +195,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "Key source of the master key that wraps data keys (it never encrypts payloads): "
         "`env:NAME`, `file:PATH`, `static:BASE64` (tests only, warns) or `aws-kms://KEY-ID`.",
         "str",
+    ),
+    Option(
+        "pii_previous_master_key",
+        None,
+        _optional_master_key_spec,
+        "During a master-key rotation only: the master key being replaced, so keys wrapped under "
+        "either key open (see docs/operations.md). Same forms as `pii_master_key`.",
+        "str or None",
     ),
     Option(
         "pii_key_store_url",

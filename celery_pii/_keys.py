@@ -32,6 +32,7 @@ from ._crypto import Algorithm, DataKey, new_key_material
 from ._keycache import KeyCache
 from ._sources import MasterKey
 from ._store import ACTIVE, DESTROYED, RETIRED, AuditRow, KeyRow, KeyStore, utcnow
+from ._wrapping import MasterKeys, NoWrapping
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -87,12 +88,6 @@ class KeySpec:
     retention_deadline: datetime | None = None
 
 
-def _context(key_id: str, version: int, algorithm: str) -> bytes:
-    # Associated data of a wrapped key: moving wrapped material to another
-    # row (key id, version or algorithm) makes it fail to unwrap.
-    return f"celery-pii key\x00{key_id}\x00{version}\x00{algorithm}".encode()
-
-
 class KeyManager:
     """Generate, rotate, retire, destroy and look up data keys (``pii.keys``)."""
 
@@ -108,9 +103,10 @@ class KeyManager:
         cache_ttl: float = 3600.0,
         actor: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        previous_master: MasterKey | None = None,
     ) -> None:
         self.store = store
-        self.master = master
+        self.masters = MasterKeys(master, previous_master)
         self.algorithm = algorithm
         self.rotation_interval = rotation_interval
         self.rotation_max_messages = rotation_max_messages
@@ -123,6 +119,11 @@ class KeyManager:
 
     def __repr__(self) -> str:
         return f"<KeyManager {self.store.url}>"
+
+    @property
+    def master(self) -> MasterKey:
+        """The master key new data keys are wrapped under."""
+        return self.masters.current
 
     @property
     def actor(self) -> str:
@@ -497,10 +498,14 @@ class KeyManager:
             KeyStoreUnavailable: the store cannot be reached.
         """
         self.store.check_schema()
+        refs = self.masters.refs
         with self.store.transaction() as session:
             mine = session.scalars(
                 select(KeyRow)
-                .where(KeyRow.master_key_ref == self.master.ref, KeyRow.wrapped_key.is_not(None))
+                .where(
+                    KeyRow.wrapped_key.is_not(None),
+                    KeyRow.master_key_ref.in_(refs) | KeyRow.master_key_ref_next.in_(refs),
+                )
                 .limit(1)
             ).first()
             other = None
@@ -575,8 +580,7 @@ class KeyManager:
             key_id=spec.key_id,
             version=version,
             algorithm=algorithm.value,
-            wrapped_key=self.master.wrap(material, context=_context(spec.key_id, version, algorithm.value)),
-            master_key_ref=self.master.ref,
+            **self.masters.wrap(spec.key_id, version, algorithm.value, material),
             status=ACTIVE,
             created_at=now,
             created_by=self.actor,
@@ -614,7 +618,7 @@ class KeyManager:
     def _destroy_row(
         self, session: Session, row: KeyRow, *, reason: str, now: datetime | None = None
     ) -> None:
-        row.status, row.wrapped_key = DESTROYED, None
+        row.status, row.wrapped_key, row.wrapped_key_next = DESTROYED, None, None
         row.destroyed_at = now or self._clock()
         row.next_rotation_at = None
         self._audit(session, row.key_id, row.version, "destroy", reason=reason)
@@ -624,9 +628,8 @@ class KeyManager:
             if row.wrapped_key is None:
                 raise _destroyed(row.key_id, row.version)
             algorithm = Algorithm(row.algorithm)
-            context = _context(row.key_id, row.version, row.algorithm)
-            material = self.master.unwrap(row.wrapped_key, context=context)
-        except (DecryptionFailed, ValueError):
+            material = self.masters.unwrap(row)
+        except (DecryptionFailed, ValueError, NoWrapping):
             if for_check:
                 msg = (
                     "setting pii_master_key: this master key does not match the key store "
@@ -646,9 +649,7 @@ class KeyManager:
             ).one()
             if row.wrapped_key is None:  # pragma: no cover - the index key is never destroyed
                 raise _destroyed(row.key_id, row.version)
-            secret = self.master.unwrap(
-                row.wrapped_key, context=_context(row.key_id, row.version, row.algorithm)
-            )
+            secret = self.masters.unwrap(row)
         self._subject_secret = secret
         return secret
 

@@ -108,20 +108,25 @@ def register_master_key_source(scheme: str, loader: SourceLoader) -> None:
     _SOURCES[scheme] = loader
 
 
-def load_master_key(spec: str, settings: Settings | None = None) -> MasterKey:
-    """Load the master key a ``pii_master_key`` value names.
+def load_master_key(spec: str, settings: Settings | None = None, *, setting: str = _SETTING) -> MasterKey:
+    """Load the master key a ``pii_master_key`` (or ``pii_previous_master_key``) value names.
 
     Raises:
         ConfigurationError: unknown source, missing variable or file, bad
-            base64 or wrong length; the message never contains the key.
+            base64 or wrong length; the message names ``setting``, never the key.
     """
     scheme, sep, rest = spec.partition(":")
     loader = _SOURCES.get(scheme) if sep else None
     if loader is None:
         known = ", ".join(sorted(f"{name}:" for name in _SOURCES))
-        msg = f"setting {_SETTING}: unknown key source (known: {known})"
+        msg = f"setting {setting}: unknown key source (known: {known})"
         raise ConfigurationError(msg)
-    return loader(rest, settings)
+    try:
+        return loader(rest, settings)
+    except ConfigurationError as error:
+        if setting == _SETTING:
+            raise
+        raise ConfigurationError(str(error).replace(_SETTING, setting)) from None
 
 
 def generate_master_key() -> str:

@@ -125,6 +125,9 @@ class KeyRow(Base):
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     #: Non-secret name of the master key that wrapped it (see _sources.MasterKey.ref).
     master_key_ref: Mapped[str | None] = mapped_column(String(160))
+    #: A second wrapping, under the master key being rotated to (see _wrapping).
+    wrapped_key_next: Mapped[bytes | None] = mapped_column(LargeBinary)
+    master_key_ref_next: Mapped[str | None] = mapped_column(String(160))
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_by: Mapped[str] = mapped_column(String(255))

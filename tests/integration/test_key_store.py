@@ -66,7 +66,7 @@ class TestMigrations:
             "celery_pii_keys",
             "celery_pii_key_audit",
         }
-        assert current_revision(empty_db) == "0001_key_store"
+        assert current_revision(empty_db) == "0002_master_key_rotation"
         assert _execute(empty_db, "SELECT * FROM alembic_version") == []  # the host's version table untouched
         command.check(alembic_config(empty_db))  # raises if models and migrations disagree
         migrate(empty_db)  # idempotent

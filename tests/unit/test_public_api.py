@@ -47,7 +47,6 @@ def test_exception_tree():
         "KeyDestroyed",
         "DecryptionFailed",
         "EncryptionFailed",
-        "Finding",
     ):
         cls = getattr(exceptions, name)
         assert issubclass(cls, exceptions.PIIError)

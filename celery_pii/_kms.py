@@ -1,0 +1,227 @@
+"""The ``aws-kms://KEY-ID`` master-key source (the ``aws`` extra: boto3).
+
+Data-key material is wrapped by AWS KMS ``Encrypt`` and unwrapped by
+``Decrypt``; the master key itself never leaves KMS.  The wrapping context
+(key id, version, algorithm of the row) travels as the KMS *encryption
+context*, so a wrapped key copied to another row does not unwrap.
+
+Failures are sorted by what helps: an outage (unreachable endpoint,
+throttling, 5xx, credentials that cannot be loaded or are refused) raises
+:class:`KeyStoreUnavailable`, so work is retried; a key that does not exist
+or is disabled raises :class:`ConfigurationError` naming ``pii_master_key``;
+a wrapped key this KMS key will not open raises :class:`DecryptionFailed`.
+There is never a fallback key.  boto3 is imported only when an
+``aws-kms://`` key is loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+from ._sources import MasterKey, register_master_key_source
+from .exceptions import ConfigurationError, DecryptionFailed, KeyStoreUnavailable
+
+if TYPE_CHECKING:
+    from ._config import Settings
+
+__all__ = ["KmsMasterKey", "register"]
+
+logger = logging.getLogger("celery_pii.kms")
+
+_SETTING: Final = "pii_master_key"
+_SCHEME: Final = "aws-kms"
+_CONTEXT_KEY: Final = "celery-pii"
+# KMS answers in milliseconds; a caller must not hang on it.
+_READ_TIMEOUT: Final = 5.0
+_TOTAL_ATTEMPTS: Final = 3
+_UNAVAILABLE: Final = frozenset({
+    "DependencyTimeoutException", "KMSInternalException", "KeyUnavailableException",
+    "LimitExceededException", "RequestLimitExceeded", "Throttling", "ThrottlingException",
+    "ServiceUnavailable", "ServiceUnavailableException", "InternalFailure", "RequestTimeout",
+    "RequestTimeoutException", "UnrecognizedClientException", "InvalidSignatureException",
+    "ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId", "IncompleteSignature",
+    "MissingAuthenticationToken", "SignatureDoesNotMatch", "RequestExpired",
+})  # fmt: skip
+_UNUSABLE_KEY: Final = frozenset({
+    "NotFoundException", "DisabledException", "KMSInvalidStateException", "InvalidArnException",
+})  # fmt: skip
+_REFUSED_DATA: Final = frozenset({
+    "InvalidCiphertextException", "IncorrectKeyException", "InvalidKeyUsageException",
+    # The ciphertext names a KMS key this caller cannot use (another key,
+    # account or region); Decrypt is always given our own KeyId.
+    "AccessDeniedException",
+})  # fmt: skip
+
+
+class KmsMasterKey:
+    """A master key held by AWS KMS; wraps and unwraps data keys through its API.
+
+    Arguments:
+        key_id: a KMS key id, key ARN, alias ARN or ``alias/NAME``.
+        endpoint_url: the KMS endpoint (``pii_kms_endpoint_url``); default AWS's.
+        region: the AWS region (``pii_kms_region``); default the key ARN's
+            region, then the standard AWS configuration.
+        connect_timeout: seconds to wait for a connection (``pii_key_store_connect_timeout``).
+
+    Raises:
+        ConfigurationError: boto3 is missing, or no AWS region is configured.
+    """
+
+    __slots__ = ("_client", "_endpoint_url", "_key_id", "_pid", "_region", "_timeout", "ref")
+
+    def __init__(
+        self,
+        key_id: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._key_id = key_id
+        self._endpoint_url = endpoint_url
+        self._region = region or _arn_region(key_id)
+        self._timeout = connect_timeout
+        self.ref = f"{_SCHEME}:{key_id}"
+        self._pid = os.getpid()
+        self._client = self._new_client()  # fails now, at start-up, without a region
+
+    def __repr__(self) -> str:
+        return f"<KmsMasterKey {self.ref}>"
+
+    def wrap(self, material: bytes, *, context: bytes) -> bytes:
+        """Wrap data-key material with KMS ``Encrypt``, binding ``context``.
+
+        Raises:
+            KeyStoreUnavailable: KMS cannot be reached or refuses the credentials.
+            ConfigurationError: the KMS key does not exist, is disabled or may not encrypt.
+        """
+        with self._translated("Encrypt"):
+            response = self._kms().encrypt(
+                KeyId=self._key_id, Plaintext=material, EncryptionContext=_encryption_context(context)
+            )
+        return bytes(response["CiphertextBlob"])
+
+    def unwrap(self, wrapped: bytes, *, context: bytes) -> bytes:
+        """Unwrap what :meth:`wrap` made, with KMS ``Decrypt``.
+
+        Raises:
+            DecryptionFailed: another KMS key or another context wrapped it, or it is damaged.
+            KeyStoreUnavailable: KMS cannot be reached or refuses the credentials.
+            ConfigurationError: the KMS key does not exist or is disabled.
+        """
+        with self._translated("Decrypt"):
+            response = self._kms().decrypt(
+                CiphertextBlob=wrapped, KeyId=self._key_id, EncryptionContext=_encryption_context(context)
+            )
+        return bytes(response["Plaintext"])
+
+    def _kms(self) -> Any:
+        # A client's connection pool must not be shared with a forked child.
+        if self._pid != os.getpid():
+            self._client, self._pid = self._new_client(), os.getpid()
+        return self._client
+
+    def _new_client(self) -> Any:
+        boto3 = _import_boto3()
+        from botocore.config import Config  # noqa: PLC0415 - the optional aws extra
+        from botocore.exceptions import NoRegionError  # noqa: PLC0415
+
+        config = Config(
+            connect_timeout=self._timeout,
+            read_timeout=_READ_TIMEOUT,
+            retries={"mode": "standard", "total_max_attempts": _TOTAL_ATTEMPTS},
+        )
+        try:
+            return boto3.session.Session().client(
+                "kms", region_name=self._region, endpoint_url=self._endpoint_url, config=config
+            )
+        except NoRegionError:
+            msg = (
+                f"setting pii_kms_region: no AWS region for KMS key {self._key_id!r}; "
+                "set pii_kms_region or AWS_DEFAULT_REGION"
+            )
+            raise ConfigurationError(msg) from None
+
+    @contextmanager
+    def _translated(self, operation: str) -> Iterator[None]:
+        # ``from None`` throughout: botocore messages can echo request parameters.
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError  # noqa: PLC0415
+
+        where = f"AWS KMS key {self._key_id!r}"
+        try:
+            yield
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", "Unknown"))
+            status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in _UNAVAILABLE or status >= 500 or status == 429:
+                msg = f"{where} is unavailable: {operation} failed ({code}); retry later"
+                raise KeyStoreUnavailable(msg) from None
+            if code in _UNUSABLE_KEY:
+                msg = f"setting {_SETTING}: {where} is missing, disabled or pending deletion ({code})"
+                raise ConfigurationError(msg) from None
+            if operation == "Decrypt":
+                logger.debug("celery-pii: %s refused %s (%s)", where, operation, code)
+                raise DecryptionFailed from None
+            msg = f"setting {_SETTING}: {where} cannot be used for {operation} ({code})"
+            raise ConfigurationError(msg) from None
+        except ParamValidationError:
+            msg = f"setting {_SETTING}: {where} is not a valid KMS key id, ARN or alias"
+            raise ConfigurationError(msg) from None
+        except BotoCoreError as error:  # connection, timeout, credentials
+            msg = f"{where} cannot be reached: {operation} failed ({type(error).__name__}); retry later"
+            raise KeyStoreUnavailable(msg) from None
+
+
+def _encryption_context(context: bytes) -> dict[str, str]:
+    # KMS wants a str -> str map; it authenticates the map with the ciphertext.
+    return {_CONTEXT_KEY: base64.b64encode(context).decode("ascii")}
+
+
+def _arn_region(key_id: str) -> str | None:
+    # arn:aws:kms:REGION:ACCOUNT:key/ID names its region; a bare id or alias does not.
+    parts = key_id.split(":")
+    return parts[3] or None if key_id.startswith("arn:") and len(parts) >= 6 else None
+
+
+def _import_boto3() -> Any:
+    try:
+        import boto3  # noqa: PLC0415 - the optional aws extra, imported on use
+    except ImportError:
+        msg = f"setting {_SETTING}: aws-kms:// needs the extra: pip install 'celery-pii[aws]'"
+        raise ConfigurationError(msg) from None
+    return boto3
+
+
+def _from_kms(rest: str, settings: Settings | None) -> MasterKey:
+    """Load ``aws-kms://KEY-ID``; ``rest`` is ``//KEY-ID``.
+
+    Arguments:
+        rest: what follows ``aws-kms:`` in ``pii_master_key``.
+        settings: supplies ``pii_kms_endpoint_url``, ``pii_kms_region`` and
+            ``pii_key_store_connect_timeout`` (defaults when ``None``).
+
+    Raises:
+        ConfigurationError: no key id, boto3 missing or no AWS region.
+    """
+    key_id = rest.removeprefix("//").strip()
+    if not rest.startswith("//") or not key_id or any(c.isspace() for c in key_id):
+        msg = f"setting {_SETTING}: use aws-kms://KEY-ID (a key id, key ARN or alias/NAME)"
+        raise ConfigurationError(msg)
+    if settings is None:
+        return KmsMasterKey(key_id)
+    return KmsMasterKey(
+        key_id,
+        endpoint_url=settings.kms_endpoint_url,
+        region=settings.kms_region,
+        connect_timeout=settings.key_store_connect_timeout,
+    )
+
+
+def register() -> None:
+    """Make ``pii_master_key = "aws-kms://KEY-ID"`` load a :class:`KmsMasterKey`."""
+    register_master_key_source(_SCHEME, _from_kms)

@@ -1,0 +1,128 @@
+"""Master-key rotation: re-wrap every data key under a new master key, then switch.
+
+See ``_wrapping`` for the two wrappings a row can hold, and
+docs/operations.md for the procedure.  Both steps work in batches (one
+transaction each, rows locked and skipped if another process holds them),
+are resumable after an interruption (rows already done are not selected
+again) and leave a ``master_rewrap`` audit record per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from ._keys import KeyManager
+from ._sources import MasterKey
+from ._store import DESTROYED, KeyRow
+from ._wrapping import NoWrapping, add_wrapping, promote
+from .exceptions import DecryptionFailed
+
+__all__ = ["RewrapReport", "finish", "pending", "rewrap"]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapReport:
+    """What a re-wrap (or finish) run did; never key material."""
+
+    done: int
+    skipped: int
+    unreadable: int
+    complete: bool
+
+
+def pending(keys: KeyManager, new_ref: str) -> int:
+    """Live key versions that have no wrapping under the master key ``new_ref`` yet."""
+    with keys.store.transaction() as session:
+        return session.scalar(select(func.count()).select_from(KeyRow).where(_needs(new_ref))) or 0
+
+
+def _needs(new_ref: str) -> ColumnElement[bool]:
+    return and_(
+        KeyRow.status != DESTROYED,
+        or_(KeyRow.master_key_ref.is_(None), KeyRow.master_key_ref != new_ref),
+        or_(KeyRow.master_key_ref_next.is_(None), KeyRow.master_key_ref_next != new_ref),
+    )
+
+
+def rewrap(
+    keys: KeyManager, new: MasterKey, *, batch_size: int = 200, progress: Progress | None = None
+) -> RewrapReport:
+    """Add a wrapping under ``new`` to every live data key (the old wrapping stays).
+
+    Run it with the *current* master key configured; the old key keeps working
+    throughout.  Rows whose wrappings match none of this process's master keys
+    are counted as ``unreadable`` and left alone.
+    """
+    done = unreadable = 0
+    after_id = 0
+    while True:
+
+        def batch(session: Session, start: int = after_id) -> tuple[int, int, int, int]:
+            rows = session.scalars(
+                select(KeyRow)
+                .where(KeyRow.id > start, _needs(new.ref))
+                .order_by(KeyRow.id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            wrapped = failed = 0
+            for row in rows:
+                try:
+                    material = keys.masters.unwrap(row)
+                except (NoWrapping, DecryptionFailed):
+                    failed += 1
+                    continue
+                wrapped += add_wrapping(row, material, new)
+            if wrapped:
+                keys._audit(session, "*", None, "master_rewrap", rows=wrapped, new_master=new.ref)  # noqa: SLF001
+            return len(rows), wrapped, failed, rows[-1].id if rows else start
+
+        seen, wrapped, failed, after_id = keys._transact(batch)  # noqa: SLF001
+        done, unreadable = done + wrapped, unreadable + failed
+        if progress is not None and seen:
+            progress(seen)
+        if seen < batch_size:
+            return RewrapReport(done=done, skipped=0, unreadable=unreadable, complete=unreadable == 0)
+
+
+def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None = None) -> RewrapReport:
+    """Make the current master key's wrapping the only one, once every process uses it.
+
+    Rows without a wrapping under the current master key are left as they are
+    (``skipped``): run :func:`rewrap` first, then finish again.
+    """
+    current = keys.masters.current
+    done = skipped = 0
+    after_id = 0
+    while True:
+
+        def batch(session: Session, start: int = after_id) -> tuple[int, int, int, int]:
+            rows = session.scalars(
+                select(KeyRow)
+                .where(
+                    KeyRow.id > start,
+                    KeyRow.status != DESTROYED,
+                    or_(KeyRow.master_key_ref != current.ref, KeyRow.master_key_ref_next.is_not(None)),
+                )
+                .order_by(KeyRow.id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            promoted = sum(promote(row, current) for row in rows)
+            if promoted:
+                keys._audit(session, "*", None, "master_rewrap", finished=promoted, master=current.ref)  # noqa: SLF001
+            return len(rows), promoted, len(rows) - promoted, rows[-1].id if rows else start
+
+        seen, promoted, left, after_id = keys._transact(batch)  # noqa: SLF001
+        done, skipped = done + promoted, skipped + left
+        if progress is not None and seen:
+            progress(seen)
+        if seen < batch_size:
+            keys.cache.clear()
+            return RewrapReport(done=done, skipped=skipped, unreadable=0, complete=skipped == 0)
