@@ -121,6 +121,13 @@ _carried: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextva
 )
 _instances: weakref.WeakSet[PII] = weakref.WeakSet()
 _serializer: PIISerializer | None = None
+_store_checks_deferred = False
+
+
+def defer_store_checks(*, enabled: bool) -> None:
+    """Skip the key-store checks of ``setup_pii`` (for ``celery pii db ...``, which creates the store)."""
+    global _store_checks_deferred  # noqa: PLW0603 - one flag for the process, set by the CLI
+    _store_checks_deferred = enabled
 
 
 class PII:
@@ -701,6 +708,8 @@ def _key_manager(settings: Settings) -> KeyManager:
         actor=settings.actor,
         previous_master=previous,
     )
+    if _store_checks_deferred:
+        return keys
     try:
         keys.check_master_key()
     except KeyStoreUnavailable as error:

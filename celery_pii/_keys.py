@@ -42,7 +42,7 @@ from .exceptions import (
     KeyStoreUnavailable,
 )
 
-__all__ = ["AuditRecord", "KeyManager", "KeySpec", "KeyStats"]
+__all__ = ["AuditRecord", "KeyInfo", "KeyManager", "KeySpec", "KeyStats"]
 
 logger = logging.getLogger("celery_pii.keys")
 
@@ -76,6 +76,25 @@ class AuditRecord:
     operation: str
     actor: str
     details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What the key store knows about one key version; never its material."""
+
+    key_id: str
+    version: int
+    algorithm: str
+    status: str
+    created_at: datetime
+    rotated_at: datetime | None
+    retired_at: datetime | None
+    destroyed_at: datetime | None
+    expires_at: datetime | None
+    next_rotation_at: datetime | None
+    usage_count: int
+    subject: bool
+    master_key_ref: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +414,33 @@ class KeyManager:
         for key_id, version in destroyed:
             self.cache.forget(key_id, version, destroyed=True)
         return destroyed
+
+    def list_keys(self, key_id: str | None = None, *, limit: int | None = None) -> list[KeyInfo]:
+        """Key versions (all, or of one key id), by key id and version; metadata only."""
+        query = select(KeyRow).order_by(KeyRow.key_id, KeyRow.version)
+        if key_id is not None:
+            query = query.where(KeyRow.key_id == key_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.store.transaction() as session:
+            return [
+                KeyInfo(
+                    key_id=row.key_id,
+                    version=row.version,
+                    algorithm=row.algorithm,
+                    status=row.status,
+                    created_at=row.created_at,
+                    rotated_at=row.rotated_at,
+                    retired_at=row.retired_at,
+                    destroyed_at=row.destroyed_at,
+                    expires_at=row.expires_at,
+                    next_rotation_at=row.next_rotation_at,
+                    usage_count=row.usage_count,
+                    subject=row.subject_id is not None,
+                    master_key_ref=row.master_key_ref,
+                )
+                for row in session.scalars(query)
+            ]
 
     def get_stats(self) -> KeyStats:
         """Counts of key versions by status, rotations, and this process's cache counters."""

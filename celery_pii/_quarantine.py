@@ -7,7 +7,8 @@ lose data silently, so a consumer bootstep parks them, byte for byte, in
 whose envelope fails to authenticate.  Parked messages keep their original
 body (still sealed) and headers, plus a ``x-celery-pii-quarantine`` header
 naming the reason, the original routing and the time, and can be listed and
-re-published with ``celery -A proj pii quarantine``.
+re-published with ``celery -A proj pii quarantine`` (:func:`list_parked`,
+:func:`replay`, :func:`purge`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from celery import bootsteps
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import ContentDisallowed
 
-__all__ = ["QUARANTINE_HEADER", "make_quarantine_step", "park", "quarantine_queue"]
+__all__ = [
+    "QUARANTINE_HEADER",
+    "describe",
+    "list_parked",
+    "make_quarantine_step",
+    "park",
+    "purge",
+    "quarantine_queue",
+    "replay",
+]
 
 logger = logging.getLogger("celery_pii.quarantine")
 
@@ -143,3 +153,86 @@ def _park_or_requeue(
     logger.error("celery-pii: message %s[%s] parked in %s: %s", task, task_id, name, reason)
     message.ack()
     on_parked(app, task_id, reason)
+
+
+def _held(queue_name: str, connection: Any) -> list[Any]:
+    """Every message of the quarantine queue, held unacknowledged on one channel."""
+    bound = quarantine_queue(queue_name)(connection.default_channel)
+    bound.declare()
+    held = []
+    while (message := bound.get(no_ack=False)) is not None:
+        held.append(message)
+    return held
+
+
+def describe(message: Any) -> dict[str, Any]:
+    """Metadata of a parked message: ids, task, reason, routing — never the body."""
+    headers = dict(message.headers or {})
+    meta = headers.get(QUARANTINE_HEADER) or {}
+    return {
+        "id": headers.get("id"),
+        "task": headers.get("task"),
+        "reason": meta.get("reason"),
+        "parked_at": meta.get("parked_at"),
+        "original": meta.get("original") or {},
+        "content_type": message.content_type,
+        "bytes": len(message.body or b""),
+    }
+
+
+def list_parked(app: Any, queue_name: str) -> list[dict[str, Any]]:
+    """Describe every parked message; they all stay in the quarantine."""
+    with app.connection_for_write() as connection:
+        held = _held(queue_name, connection)
+        try:
+            return [describe(message) for message in held]
+        finally:
+            for message in held:
+                message.requeue()
+
+
+def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> list[str]:
+    """Re-publish parked messages (all, or those with the given task ids) to where they came from.
+
+    The body goes back byte for byte with its original headers; the message
+    is removed from the quarantine only once it has been published.
+
+    Returns:
+        The task ids re-published.
+    """
+    replayed = []
+    with app.connection_for_write() as connection:
+        held = _held(queue_name, connection)
+        producer = app.amqp.Producer(connection, auto_declare=False)
+        for message in held:
+            info = describe(message)
+            if ids is not None and info["id"] not in ids:
+                message.requeue()
+                continue
+            original = info["original"]
+            routing_key = original.get("routing_key") or app.conf.task_default_queue
+            headers = {k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER}
+            # Declare the destination if the app knows it, so the message cannot
+            # vanish into an exchange nothing is bound to yet.
+            known = app.amqp.queues.get(routing_key)
+            producer.publish(
+                message.body,
+                exchange=original.get("exchange") or "",
+                routing_key=routing_key,
+                declare=[known] if known is not None else [],
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                headers=headers,
+                retry=True,
+            )
+            message.ack()
+            replayed.append(str(info["id"]))
+    return replayed
+
+
+def purge(app: Any, queue_name: str) -> int:
+    """Delete every parked message; returns how many."""
+    with app.connection_for_write() as connection:
+        bound = quarantine_queue(queue_name)(connection.default_channel)
+        bound.declare()
+        return int(bound.purge() or 0)

@@ -1,0 +1,369 @@
+"""``celery -A proj pii ...``: the operator's commands (entry point group ``celery.commands``).
+
+Every command has ``--help``; errors exit 1, usage errors 2.  Commands that
+list things take ``--json``; the others print short human lines.  Commands
+that destroy or replace things ask first (``--yes`` skips the question).
+Nothing here prints a payload value or key material, except ``master-key
+generate``, whose whole point is to print a new key (to standard output only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+
+from . import _celery, _quarantine, _rewrap
+from ._detect import detect
+from ._migrate import current_revision, migrate
+from ._sources import generate_master_key, load_master_key
+from .exceptions import PIIError
+
+__all__ = ["pii"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _defers_store_checks(argv: Sequence[str]) -> bool:
+    """True for ``celery ... pii db ...``: the store may have no tables yet."""
+    words = list(argv)
+    return "pii" in words and "db" in words[words.index("pii") + 1 :]
+
+
+# Celery imports this module (an entry point) before it imports the app named
+# with -A; ``setup_pii`` in that app then leaves the key-store checks to the
+# ``db`` commands, which exist to create what those checks look for.
+_celery.defer_store_checks(enabled=_defers_store_checks(sys.argv))
+
+
+def _app(ctx: click.Context) -> Any:
+    app = getattr(ctx.obj, "app", None)  # celery's CLIContext
+    if app is None:
+        msg = "no Celery app: run it as `celery -A proj pii ...`"
+        raise click.UsageError(msg)
+    return app
+
+
+def _pii(ctx: click.Context) -> _celery.PII:
+    try:
+        return _celery.get_pii(_app(ctx))
+    except PIIError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _errors(fun: _F) -> _F:
+    """Turn the library's errors into exit code 1 with their (value-free) message."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fun(*args, **kwargs)
+        except PIIError as error:
+            msg = f"{type(error).__name__}: {error}"
+            raise click.ClickException(msg) from None
+
+    wrapper.__name__ = fun.__name__
+    wrapper.__doc__ = fun.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def _json_option(fun: _F) -> _F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fun)
+
+
+def _yes_option(fun: _F) -> _F:
+    return click.option("--yes", is_flag=True, help="Do not ask for confirmation.")(fun)
+
+
+def _emit(rows: Iterable[dict[str, Any]], columns: Sequence[str], *, as_json: bool) -> None:
+    rows = list(rows)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=_plain))
+        return
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    click.echo("  ".join(column.upper().ljust(widths[i]) for i, column in enumerate(columns)).rstrip())
+    for line in cells:
+        click.echo("  ".join(value.ljust(widths[i]) for i, value in enumerate(line)).rstrip())
+
+
+def _plain(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _confirm(message: str, *, yes: bool) -> None:
+    if not yes:
+        click.confirm(message, abort=True)
+
+
+@click.group(name="pii")
+def pii() -> None:
+    """celery-pii: key store, keys, master key, PII scan, erasure and quarantine."""
+
+
+# -- db ---------------------------------------------------------------------------------------------
+
+
+@pii.group(name="db")
+def db() -> None:
+    """The key store's tables (Alembic migrations)."""
+
+
+@db.command(name="upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.pass_context
+@_errors
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Create or upgrade the key store's tables (pii_key_store_url)."""
+    url = _settings_url(ctx)
+    migrate(url, revision=revision)
+    click.echo(f"key store at revision {current_revision(url)}")
+
+
+@db.command(name="current")
+@click.pass_context
+@_errors
+def db_current(ctx: click.Context) -> None:
+    """Print the key store's migration revision."""
+    click.echo(current_revision(_settings_url(ctx)) or "(no celery-pii tables yet)")
+
+
+def _settings_url(ctx: click.Context) -> str:
+    from ._config import settings_from_conf  # noqa: PLC0415 - only the db commands need it alone
+
+    return settings_from_conf(_app(ctx).conf).key_store_url
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+_KEY_COLUMNS = ("key_id", "version", "status", "algorithm", "created_at", "expires_at", "usage_count")
+
+
+@pii.group(name="keys")
+def keys() -> None:
+    """Data keys: list, generate, rotate, retire, destroy, audit, stats."""
+
+
+@keys.command(name="list")
+@click.argument("key_id", required=False)
+@_json_option
+@click.pass_context
+@_errors
+def keys_list(ctx: click.Context, key_id: str | None, as_json: bool) -> None:
+    """List key versions (metadata only, never key material)."""
+    rows = [dataclasses.asdict(info) for info in _pii(ctx).keys.list_keys(key_id)]
+    _emit(rows, _KEY_COLUMNS, as_json=as_json)
+
+
+@keys.command(name="generate")
+@click.argument("key_id")
+@click.option("--algorithm", type=click.Choice(["aes-256-gcm", "chacha20-poly1305"]), default=None)
+@click.pass_context
+@_errors
+def keys_generate(ctx: click.Context, key_id: str, algorithm: str | None) -> None:
+    """Create a new key id (version 1)."""
+    version = _pii(ctx).keys.generate_key(key_id, algorithm)
+    click.echo(f"generated {key_id} version {version}")
+
+
+@keys.command(name="rotate")
+@click.argument("key_id")
+@click.pass_context
+@_errors
+def keys_rotate(ctx: click.Context, key_id: str) -> None:
+    """Make a new active version; older ones still decrypt."""
+    click.echo(f"rotated {key_id} to version {_pii(ctx).keys.rotate_key(key_id)}")
+
+
+@keys.command(name="retire")
+@click.argument("key_id")
+@click.argument("version", type=int)
+@click.pass_context
+@_errors
+def keys_retire(ctx: click.Context, key_id: str, version: int) -> None:
+    """Stop a version from encrypting (it still decrypts)."""
+    _pii(ctx).keys.retire_key(key_id, version)
+    click.echo(f"retired {key_id} version {version}")
+
+
+@keys.command(name="destroy")
+@click.argument("key_id")
+@click.option("--version", type=int, default=None, help="Only this version (default: all).")
+@_yes_option
+@click.pass_context
+@_errors
+def keys_destroy(ctx: click.Context, key_id: str, version: int | None, yes: bool) -> None:
+    """Destroy a key's material: everything sealed under it becomes unreadable, for good."""
+    which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
+    _confirm(f"Destroy {which}? Data sealed under it can never be read again", yes=yes)
+    click.echo(f"destroyed {_pii(ctx).keys.destroy_key(key_id, version)} version(s) of {key_id}")
+
+
+@keys.command(name="audit")
+@click.argument("key_id", required=False)
+@click.option("--since", type=click.DateTime(), default=None, help="Only records at or after (UTC).")
+@click.option("--until", type=click.DateTime(), default=None, help="Only records at or before (UTC).")
+@_json_option
+@click.pass_context
+@_errors
+def keys_audit(
+    ctx: click.Context, key_id: str | None, since: datetime | None, until: datetime | None, as_json: bool
+) -> None:
+    """The audit trail (generate, rotate, destroy, tamper_detected, ...)."""
+    records = _pii(ctx).keys.audit_trail(key_id, _utc(since), _utc(until))
+    rows = [dataclasses.asdict(record) for record in records]
+    _emit(rows, ("timestamp", "key_id", "version", "operation", "actor", "details"), as_json=as_json)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    from datetime import timezone  # noqa: PLC0415
+
+    return None if moment is None else moment.replace(tzinfo=moment.tzinfo or timezone.utc)
+
+
+@keys.command(name="stats")
+@_json_option
+@click.pass_context
+@_errors
+def keys_stats(ctx: click.Context, as_json: bool) -> None:
+    """Counts of key versions by status, and rotations performed."""
+    stats = dataclasses.asdict(_pii(ctx).keys.get_stats())
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+    else:
+        for name, value in stats.items():
+            click.echo(f"{name:<20} {value}")
+
+
+# -- master key -------------------------------------------------------------------------------------
+
+
+@pii.group(name="master-key")
+def master_key() -> None:
+    """The master key that wraps data keys: generate one, move the store to a new one."""
+
+
+@master_key.command(name="generate")
+def master_key_generate() -> None:
+    """Print a new random master key (base64), for pii_master_key='env:NAME' or 'file:PATH'."""
+    click.echo(generate_master_key())
+
+
+@master_key.command(name="rewrap")
+@click.option("--new-master-key", "source", default=None, help="Source of the new key, e.g. env:NEW_KEY.")
+@click.option("--finish", is_flag=True, help="Drop the old wrappings (after every process uses the new key).")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=200, show_default=True)
+@_yes_option
+@click.pass_context
+@_errors
+def master_key_rewrap(
+    ctx: click.Context, source: str | None, finish: bool, batch_size: int, yes: bool
+) -> None:
+    """Re-wrap every data key under a new master key, in resumable batches (docs/operations.md)."""
+    if finish == (source is not None):
+        msg = "give either --new-master-key SOURCE or --finish"
+        raise click.UsageError(msg)
+    manager = _pii(ctx).keys
+    if finish:
+        _confirm("Drop the old master key's wrappings? Processes still on it will stop working", yes=yes)
+        report = _rewrap.finish(manager, batch_size=batch_size)
+        click.echo(f"finished {report.done} key version(s); {report.skipped} not yet re-wrapped")
+        if not report.complete:
+            raise click.ClickException("some keys have no wrapping under the current master key; run rewrap")
+        return
+    new = load_master_key(str(source), _pii(ctx).settings, setting="--new-master-key")
+    total = _rewrap.pending(manager, new.ref)
+    _confirm(f"Re-wrap {total} key version(s) under master key {new.ref}?", yes=yes)
+    with click.progressbar(length=total, label="re-wrapping", file=sys.stderr) as bar:
+        report = _rewrap.rewrap(manager, new, batch_size=batch_size, progress=bar.update)
+    click.echo(f"re-wrapped {report.done} key version(s) under {new.ref}")
+    if report.unreadable:
+        msg = f"{report.unreadable} key version(s) are wrapped by a master key this process does not hold"
+        raise click.ClickException(msg)
+
+
+# -- scan, erasure ------------------------------------------------------------------------------------
+
+
+@pii.command(name="scan")
+@click.argument("document", type=click.File("r"))
+@_json_option
+def scan(document: Any, as_json: bool) -> None:
+    """Detect PII in a JSON document (FILE or - for standard input): paths and categories only."""
+    try:
+        value = json.load(document)
+    except ValueError:
+        msg = "not a JSON document"
+        raise click.ClickException(msg) from None
+    findings = [dataclasses.asdict(finding) for finding in detect(value)]
+    _emit(findings, ("path", "category"), as_json=as_json)
+
+
+@pii.command(name="forget-subject")
+@click.argument("subject_id")
+@_yes_option
+@click.pass_context
+@_errors
+def forget_subject(ctx: click.Context, subject_id: str, yes: bool) -> None:
+    """Erasure: destroy a data subject's keys; all their sealed data becomes unreadable."""
+    _confirm("Destroy this data subject's keys? Their sealed data can never be read again", yes=yes)
+    destroyed = _pii(ctx).forget_subject(subject_id)
+    click.echo(f"destroyed {destroyed} key version(s) of the subject")
+
+
+# -- quarantine ---------------------------------------------------------------------------------------
+
+
+@pii.group(name="quarantine")
+def quarantine() -> None:
+    """Messages parked because they failed authentication or could not be decoded."""
+
+
+@quarantine.command(name="list")
+@_json_option
+@click.pass_context
+@_errors
+def quarantine_list(ctx: click.Context, as_json: bool) -> None:
+    """List parked messages (ids, task, reason — never bodies); they stay parked."""
+    pii_object = _pii(ctx)
+    rows = _quarantine.list_parked(pii_object.app, pii_object.settings.quarantine_queue)
+    _emit(rows, ("id", "task", "reason", "parked_at", "bytes"), as_json=as_json)
+
+
+@quarantine.command(name="replay")
+@click.option("--id", "ids", multiple=True, help="Only this task id (repeatable; default: all).")
+@_yes_option
+@click.pass_context
+@_errors
+def quarantine_replay(ctx: click.Context, ids: tuple[str, ...], yes: bool) -> None:
+    """Re-publish parked messages where they came from (after the cause is fixed)."""
+    pii_object = _pii(ctx)
+    _confirm(f"Re-publish {'the given' if ids else 'all'} parked message(s)?", yes=yes)
+    done = _quarantine.replay(pii_object.app, pii_object.settings.quarantine_queue, set(ids) if ids else None)
+    click.echo(f"replayed {len(done)} message(s)")
+
+
+@quarantine.command(name="purge")
+@_yes_option
+@click.pass_context
+@_errors
+def quarantine_purge(ctx: click.Context, yes: bool) -> None:
+    """Delete every parked message."""
+    pii_object = _pii(ctx)
+    _confirm("Delete every parked message?", yes=yes)
+    click.echo(f"purged {_quarantine.purge(pii_object.app, pii_object.settings.quarantine_queue)} message(s)")

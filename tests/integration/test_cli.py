@@ -1,0 +1,245 @@
+"""`celery -A proj pii ...`: CliRunner in-process, and real subprocesses against PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from celery.bin.celery import celery
+from click.testing import CliRunner
+
+from celery_pii import _celery
+from celery_pii._quarantine import park
+
+from .conftest import APP_DIR, BACKEND_DB, BROKER_DB, REDIS_URL, _fresh_postgres, queued_messages
+from .test_celery_roundtrip import CARD, EMAIL
+
+pytestmark = pytest.mark.integration
+
+COMMANDS = [
+    [],
+    ["db"],
+    ["db", "upgrade"],
+    ["db", "current"],
+    ["keys"],
+    ["keys", "list"],
+    ["keys", "generate"],
+    ["keys", "rotate"],
+    ["keys", "retire"],
+    ["keys", "destroy"],
+    ["keys", "audit"],
+    ["keys", "stats"],
+    ["master-key"],
+    ["master-key", "generate"],
+    ["master-key", "rewrap"],
+    ["scan"],
+    ["forget-subject"],
+    ["quarantine"],
+    ["quarantine", "list"],
+    ["quarantine", "replay"],
+    ["quarantine", "purge"],
+]
+
+
+@pytest.fixture
+def cli_app(tmp_path, monkeypatch, key_store_url, queue_name):
+    """A module `cliapp_<queue>` holding a PII app, importable with -A."""
+    name = "cliapp_" + queue_name.replace("-", "_")
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            f"""
+            from pii_testapp import make_app
+            app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                           key_store={key_store_url!r}, queue={queue_name!r})
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(APP_DIR)
+    return name
+
+
+def run(module, *args, input=None):
+    result = CliRunner().invoke(celery, ["-A", module, "pii", *args], input=input, catch_exceptions=False)
+    return result
+
+
+class TestHelp:
+    """Every command explains itself."""
+
+    @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pii")
+    def test_help(self, cli_app, command):
+        """--help exits 0 and shows usage."""
+        result = run(cli_app, *command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.output
+
+
+class TestKeys:
+    """Key commands on the real key store."""
+
+    def test_lifecycle_and_listing(self, cli_app):
+        """generate, rotate, retire, list --json, audit --json, stats --json."""
+        assert run(cli_app, "keys", "generate", "cli-orders").exit_code == 0
+        assert "version 2" in run(cli_app, "keys", "rotate", "cli-orders").output
+        assert run(cli_app, "keys", "retire", "cli-orders", "2").exit_code == 0
+        listed = json.loads(run(cli_app, "keys", "list", "cli-orders", "--json").output)
+        assert [(k["version"], k["status"]) for k in listed] == [(1, "retired"), (2, "retired")]
+        assert all("wrapped" not in key for key in listed[0])
+        table = run(cli_app, "keys", "list", "cli-orders").output
+        assert table.splitlines()[0].startswith("KEY_ID")
+        audit = json.loads(run(cli_app, "keys", "audit", "cli-orders", "--json").output)
+        assert [r["operation"] for r in audit] == ["generate", "rotate", "retire"]
+        stats = json.loads(run(cli_app, "keys", "stats", "--json").output)
+        assert stats["total_keys"] >= 2
+
+    def test_destroy_asks_first(self, cli_app):
+        """destroy aborts without confirmation and destroys with --yes."""
+        run(cli_app, "keys", "generate", "cli-doomed")
+        refused = run(cli_app, "keys", "destroy", "cli-doomed", input="n\n")
+        assert refused.exit_code == 1
+        assert "Aborted" in refused.output
+        done = run(cli_app, "keys", "destroy", "cli-doomed", "--yes")
+        assert done.exit_code == 0 and "destroyed 1 version" in done.output
+
+    def test_errors_exit_1_usage_errors_exit_2(self, cli_app):
+        """A library error is exit 1 with its message; a bad argument is exit 2."""
+        missing = run(cli_app, "keys", "rotate", "cli-no-such-key")
+        assert missing.exit_code == 1
+        assert "KeyNotFound" in missing.output
+        assert run(cli_app, "keys", "retire", "x", "not-a-number").exit_code == 2
+        assert run(cli_app, "master-key", "rewrap").exit_code == 2
+
+
+class TestMasterKey:
+    """Generating and moving to a new master key."""
+
+    def test_generate_prints_a_valid_key(self, cli_app):
+        """The printed key is base64 of 32 bytes."""
+        printed = run(cli_app, "master-key", "generate").output.strip()
+        assert len(base64.b64decode(printed)) == 32
+
+    def test_rewrap(self, cli_app, monkeypatch):
+        """rewrap --new-master-key adds a wrapping to every key, with a progress bar and an audit record."""
+        run(cli_app, "keys", "generate", "cli-rewrap")
+        monkeypatch.setenv("PII_TEST_NEW_MASTER", base64.b64encode(bytes([5]) * 32).decode())
+        result = run(cli_app, "master-key", "rewrap", "--new-master-key", "env:PII_TEST_NEW_MASTER", "--yes")
+        assert result.exit_code == 0, result.output
+        assert "re-wrapped" in result.output
+        assert base64.b64encode(bytes([5]) * 32).decode() not in result.output
+        audit = json.loads(run(cli_app, "keys", "audit", "*", "--json").output)
+        assert any(r["operation"] == "master_rewrap" for r in audit)
+
+
+class TestScanAndErasure:
+    """scan and forget-subject."""
+
+    def test_scan_file_and_stdin(self, cli_app, tmp_path):
+        """Findings list paths and categories, never the values."""
+        document = {"customer": {"note": f"card {CARD}, mail {EMAIL}"}}
+        path = tmp_path / "payload.json"
+        path.write_text(json.dumps(document))
+        from_file = json.loads(run(cli_app, "scan", str(path), "--json").output)
+        assert {"path": "customer.note", "category": "credit_card"} in from_file
+        from_stdin = run(cli_app, "scan", "-", input=json.dumps(document))
+        assert "customer.note" in from_stdin.output and "email" in from_stdin.output
+        assert CARD not in from_stdin.output and EMAIL not in from_stdin.output
+        assert run(cli_app, "scan", "-", input="not json").exit_code == 1
+
+    def test_forget_subject(self, cli_app):
+        """forget-subject destroys the subject's keys (after confirmation)."""
+        from celery_pii import get_pii
+        from celery_pii._keys import KeySpec
+
+        run(cli_app, "keys", "list")  # imports the app module
+        pii = get_pii(sys.modules[cli_app].app)
+        key_id, digest = pii.keys.subject_key_id("cli-user-7")
+        pii.keys.encryption_key(KeySpec(key_id, subject_id=digest))
+        result = run(cli_app, "forget-subject", "cli-user-7", "--yes")
+        assert result.exit_code == 0 and "destroyed 1 key version" in result.output
+
+
+class TestQuarantine:
+    """Listing, replaying and purging parked messages."""
+
+    def test_list_replay_purge(self, cli_app, queue_name):
+        """Parked messages are listed by metadata, replayed to their queue, purged."""
+        run(cli_app, "keys", "list")  # imports the app module
+        app = sys.modules[cli_app].app
+        quarantine = app.conf.pii_quarantine_queue
+        for task_id in ("parked-1", "parked-2", "parked-3"):
+            park(
+                app,
+                quarantine,
+                body=b"\x01jnot really",
+                content_type="application/x-celery-pii",
+                content_encoding="binary",
+                headers={"task": "t.charge", "id": task_id},
+                reason="undecodable",
+                original={"exchange": queue_name, "routing_key": queue_name},
+            )
+        listed = json.loads(run(cli_app, "quarantine", "list", "--json").output)
+        assert sorted(m["id"] for m in listed) == ["parked-1", "parked-2", "parked-3"]
+        assert {m["reason"] for m in listed} == {"undecodable"}
+        assert "not really" not in json.dumps(listed)
+        replayed = run(cli_app, "quarantine", "replay", "--id", "parked-2", "--yes")
+        assert replayed.exit_code == 0 and "replayed 1" in replayed.output
+        (back,) = queued_messages(queue_name)
+        assert back["headers"]["id"] == "parked-2"
+        assert "x-celery-pii-quarantine" not in back["headers"]
+        assert "purged 2" in run(cli_app, "quarantine", "purge", "--yes").output
+        assert json.loads(run(cli_app, "quarantine", "list", "--json").output) == []
+
+
+class TestRealProcess:
+    """The installed `celery` command finds the `pii` subcommand."""
+
+    def test_db_upgrade_then_keys_on_a_fresh_store(self, tmp_path):
+        """On an empty PostgreSQL schema: `pii db upgrade` works although setup_pii runs at import."""
+        url, drop = _fresh_postgres()
+        try:
+            (tmp_path / "freshapp.py").write_text(
+                textwrap.dedent(
+                    f"""
+                    from pii_testapp import make_app
+                    app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                                   key_store={url!r}, queue="cli-fresh")
+                    """
+                )
+            )
+            env = {"PYTHONPATH": f"{tmp_path}:{APP_DIR}", "PATH": "/usr/bin:/bin"}
+            env["CELERY_PII_MASTER_KEY"] = __import__("os").environ["CELERY_PII_MASTER_KEY"]
+            command = [sys.executable, "-m", "celery", "-A", "freshapp", "pii"]
+            upgraded = subprocess.run(
+                [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert upgraded.returncode == 0, upgraded.stderr[-2000:]
+            assert "0002_master_key_rotation" in upgraded.stdout
+            generated = subprocess.run(
+                [*command, "keys", "generate", "proc-key"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert generated.returncode == 0, generated.stderr[-2000:]
+            listed = subprocess.run(
+                [*command, "keys", "list", "--json"], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert json.loads(listed.stdout)[0]["key_id"] == "proc-key"
+        finally:
+            drop()
+
+
+def test_deferred_checks_only_for_db_commands():
+    """Only `celery ... pii db ...` skips setup_pii's key-store checks."""
+    from celery_pii.cli import _defers_store_checks
+
+    assert _defers_store_checks(["celery", "-A", "proj", "pii", "db", "upgrade"])
+    assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "list"])
+    assert not _defers_store_checks(["celery", "-A", "db", "worker"])
+    assert _celery._store_checks_deferred is False
