@@ -63,9 +63,8 @@ def cli_app(tmp_path, monkeypatch, key_store_url, queue_name):
     return name
 
 
-def run(module, *args, input=None):
-    result = CliRunner().invoke(celery, ["-A", module, "pii", *args], input=input, catch_exceptions=False)
-    return result
+def run(module, *args, answer=None):
+    return CliRunner().invoke(celery, ["-A", module, "pii", *args], input=answer, catch_exceptions=False)
 
 
 class TestHelp:
@@ -100,7 +99,7 @@ class TestKeys:
     def test_destroy_asks_first(self, cli_app):
         """destroy aborts without confirmation and destroys with --yes."""
         run(cli_app, "keys", "generate", "cli-doomed")
-        refused = run(cli_app, "keys", "destroy", "cli-doomed", input="n\n")
+        refused = run(cli_app, "keys", "destroy", "cli-doomed", answer="n\n")
         assert refused.exit_code == 1
         assert "Aborted" in refused.output
         done = run(cli_app, "keys", "destroy", "cli-doomed", "--yes")
@@ -145,10 +144,10 @@ class TestScanAndErasure:
         path.write_text(json.dumps(document))
         from_file = json.loads(run(cli_app, "scan", str(path), "--json").output)
         assert {"path": "customer.note", "category": "credit_card"} in from_file
-        from_stdin = run(cli_app, "scan", "-", input=json.dumps(document))
+        from_stdin = run(cli_app, "scan", "-", answer=json.dumps(document))
         assert "customer.note" in from_stdin.output and "email" in from_stdin.output
         assert CARD not in from_stdin.output and EMAIL not in from_stdin.output
-        assert run(cli_app, "scan", "-", input="not json").exit_code == 1
+        assert run(cli_app, "scan", "-", answer="not json").exit_code == 1
 
     def test_forget_subject(self, cli_app):
         """forget-subject destroys the subject's keys (after confirmation)."""
@@ -215,7 +214,7 @@ class TestRealProcess:
             env["CELERY_PII_MASTER_KEY"] = __import__("os").environ["CELERY_PII_MASTER_KEY"]
             command = [sys.executable, "-m", "celery", "-A", "freshapp", "pii"]
             upgraded = subprocess.run(
-                [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+                [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120, check=False
             )
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
             assert "0002_master_key_rotation" in upgraded.stdout
@@ -228,7 +227,12 @@ class TestRealProcess:
             )
             assert generated.returncode == 0, generated.stderr[-2000:]
             listed = subprocess.run(
-                [*command, "keys", "list", "--json"], env=env, capture_output=True, text=True, timeout=120
+                [*command, "keys", "list", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
             assert json.loads(listed.stdout)[0]["key_id"] == "proc-key"
         finally:
