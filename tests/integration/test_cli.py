@@ -224,6 +224,7 @@ class TestRealProcess:
                 capture_output=True,
                 text=True,
                 timeout=120,
+                check=False,
             )
             assert generated.returncode == 0, generated.stderr[-2000:]
             listed = subprocess.run(
