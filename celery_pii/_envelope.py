@@ -59,6 +59,8 @@ ENVELOPE_VERSION: Final = 1
 MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
 MAX_PLAINTEXT_BYTES: Final = 64 * 1024 * 1024
 MAX_LOCATIONS: Final = 1_000_000
+# Checked before the locations are parsed, so a huge list costs nothing to refuse.
+MAX_LOCATIONS_BYTES: Final = 16 * 1024 * 1024
 MAX_LOCATION_DEPTH: Final = 64
 
 _FLAG_COMPRESSED: Final = 0x01
@@ -257,6 +259,8 @@ def _parse_bytes(data: bytes) -> Envelope:
     end = pos + data[pos - 1]
     task_id = data[pos:end].decode()
     (where_len,) = _U32.unpack_from(data, end)
+    if where_len > MAX_LOCATIONS_BYTES:
+        raise DecryptionFailed
     pos = end + _U32.size
     where = data[pos : pos + where_len]
     pos += where_len

@@ -675,6 +675,8 @@ class KeyManager:
                 raise _destroyed(row.key_id, row.version)
             algorithm = Algorithm(row.algorithm)
             material = self.masters.unwrap(row)
+        except ConfigurationError:  # the master key source itself is misconfigured (e.g. a KMS key)
+            raise
         except (DecryptionFailed, ValueError, NoWrapping):
             if for_check:
                 msg = (

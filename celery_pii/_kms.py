@@ -1,17 +1,11 @@
-"""The ``aws-kms://KEY-ID`` master-key source (the ``aws`` extra: boto3).
+"""The ``aws-kms://KEY-ID`` master-key source (the ``aws`` extra: boto3, imported on use).
 
-Data-key material is wrapped by AWS KMS ``Encrypt`` and unwrapped by
-``Decrypt``; the master key itself never leaves KMS.  The wrapping context
-(key id, version, algorithm of the row) travels as the KMS *encryption
-context*, so a wrapped key copied to another row does not unwrap.
-
-Failures are sorted by what helps: an outage (unreachable endpoint,
-throttling, 5xx, credentials that cannot be loaded or are refused) raises
-:class:`KeyStoreUnavailable`, so work is retried; a key that does not exist
-or is disabled raises :class:`ConfigurationError` naming ``pii_master_key``;
-a wrapped key this KMS key will not open raises :class:`DecryptionFailed`.
-There is never a fallback key.  boto3 is imported only when an
-``aws-kms://`` key is loaded.
+AWS KMS ``Encrypt`` wraps data-key material and ``Decrypt`` unwraps it; the
+master key never leaves KMS.  The row's context (key id, version, algorithm)
+is the KMS *encryption context*, so a wrapped key moved to another row fails.
+An outage (network, throttling, 5xx, credentials) raises KeyStoreUnavailable,
+a missing or disabled KMS key ConfigurationError, and a wrapped key this KMS
+key will not open DecryptionFailed.  There is never a fallback key.
 """
 
 from __future__ import annotations
@@ -40,22 +34,19 @@ _CONTEXT_KEY: Final = "celery-pii"
 _READ_TIMEOUT: Final = 5.0
 _TOTAL_ATTEMPTS: Final = 3
 _UNAVAILABLE: Final = frozenset({
-    "DependencyTimeoutException", "KMSInternalException", "KeyUnavailableException",
-    "LimitExceededException", "RequestLimitExceeded", "Throttling", "ThrottlingException",
-    "ServiceUnavailable", "ServiceUnavailableException", "InternalFailure", "RequestTimeout",
-    "RequestTimeoutException", "UnrecognizedClientException", "InvalidSignatureException",
-    "ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId", "IncompleteSignature",
-    "MissingAuthenticationToken", "SignatureDoesNotMatch", "RequestExpired",
+    "DependencyTimeoutException", "KMSInternalException", "KeyUnavailableException", "Throttling",
+    "ThrottlingException", "LimitExceededException", "RequestLimitExceeded", "ServiceUnavailable",
+    "ServiceUnavailableException", "InternalFailure", "RequestTimeout", "RequestTimeoutException",
+    # credentials refused: they may be rotated or refreshed while we retry
+    "UnrecognizedClientException", "InvalidSignatureException", "ExpiredToken", "ExpiredTokenException",
+    "InvalidClientTokenId", "IncompleteSignature", "MissingAuthenticationToken", "RequestExpired",
 })  # fmt: skip
 _UNUSABLE_KEY: Final = frozenset({
     "NotFoundException", "DisabledException", "KMSInvalidStateException", "InvalidArnException",
 })  # fmt: skip
-_REFUSED_DATA: Final = frozenset({
-    "InvalidCiphertextException", "IncorrectKeyException", "InvalidKeyUsageException",
-    # The ciphertext names a KMS key this caller cannot use (another key,
-    # account or region); Decrypt is always given our own KeyId.
-    "AccessDeniedException",
-})  # fmt: skip
+# Any other refusal of Decrypt (InvalidCiphertext, IncorrectKey, InvalidKeyUsage, AccessDenied:
+# the blob names a key we may not use, as Decrypt always gets our KeyId) is DecryptionFailed;
+# any other refusal of Encrypt is a key or policy that cannot serve: ConfigurationError.
 
 
 class KmsMasterKey:
@@ -185,7 +176,9 @@ def _encryption_context(context: bytes) -> dict[str, str]:
 def _arn_region(key_id: str) -> str | None:
     # arn:aws:kms:REGION:ACCOUNT:key/ID names its region; a bare id or alias does not.
     parts = key_id.split(":")
-    return parts[3] or None if key_id.startswith("arn:") and len(parts) >= 6 else None
+    if key_id.startswith("arn:") and len(parts) >= 6 and parts[3]:
+        return parts[3]
+    return None
 
 
 def _import_boto3() -> Any:

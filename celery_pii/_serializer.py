@@ -79,7 +79,10 @@ def _decode(codec: bytes, body: bytes) -> Any:
     except (ValueError, TypeError, RecursionError):
         raise DecryptionFailed from None
     except Exception as error:
-        if type(error).__module__.startswith("msgpack"):  # its errors share no base class
+        # kombu's typed-JSON hooks raise what their value types raise
+        # (AttributeError, decimal.InvalidOperation, ...) and msgpack's errors
+        # share no base class: for an untrusted body, any of them means "not ours".
+        if codec == b"k" or type(error).__module__.startswith("msgpack"):
             raise DecryptionFailed from None
         raise
 
@@ -147,7 +150,10 @@ class PIISerializer:
         Raises:
             DecryptionFailed: not a frame of a known version (kombu wraps it in DecodeError).
         """
-        raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+        try:
+            raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+        except (UnicodeEncodeError, TypeError):
+            raise DecryptionFailed from None
         if len(raw) < 2 or raw[0] != FRAME_VERSION:
             raise DecryptionFailed
         value = _decode(raw[1:2], raw[2:])

@@ -181,3 +181,8 @@ def _from_static(text: str, _settings: Settings | None) -> MasterKey:
 register_master_key_source("env", _from_env)
 register_master_key_source("file", _from_file)
 register_master_key_source("static", _from_static)
+
+# aws-kms:// lives in its own module (boto3 is imported only when such a key is loaded).
+from ._kms import register as _register_aws_kms  # noqa: E402 - after the names _kms imports from here
+
+_register_aws_kms()
