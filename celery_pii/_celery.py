@@ -588,6 +588,8 @@ def _register_serializer(settings: Settings) -> PIISerializer:
     elif _serializer.inner != settings.inner_serializer:
         msg = "setting pii_inner_serializer: every app in one process must use the same inner serializer"
         raise ConfigurationError(msg)
+    if settings.allow_plaintext:
+        _serializer.legacy_json = True
     return _serializer
 
 

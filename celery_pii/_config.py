@@ -356,29 +356,34 @@ def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
     # Reading first also finalizes a lazy Celery configuration, which is when
     # it learns its namespace prefix (needed by _pii_keys).
     raw = {option.name: conf.get(option.name, option.default) for option in OPTIONS}
-    for key in _pii_keys(conf):
+    for key, written in _pii_keys(conf).items():
         if key not in _BY_NAME:
             close = difflib.get_close_matches(key, _BY_NAME, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            msg = f"unknown setting {key}{hint}; the pii_* settings are listed in docs/configuration.md"
+            # Suggest in the spelling the user wrote (pii_x, or CELERY_PII_X under Django).
+            suggestion = (
+                written[: len(written) - len(key)] + close[0].upper() if close and written != key else None
+            )
+            hint = f" (did you mean {suggestion or close[0]}?)" if close else ""
+            msg = f"unknown setting {written}{hint}; the pii_* settings are listed in docs/configuration.md"
             raise ConfigurationError(msg)
     values = {option.field: option.convert(raw[option.name], option.name) for option in OPTIONS}
     return Settings(**values)
 
 
-def _pii_keys(conf: Mapping[str, Any]) -> set[str]:
+def _pii_keys(conf: Mapping[str, Any]) -> dict[str, str]:
+    """``pii_*`` keys of a configuration, normalized, mapped to how they were written."""
     # With config_from_object(..., namespace="CELERY"), Django-style keys are
     # stored as CELERY_PII_*; Celery resolves them on get() but keys() shows
     # them as written.
     prefix: str = getattr(conf, "__dict__", {}).get("prefix") or ""
-    found = set()
+    found = {}
     for key in conf:
         name = key
         if prefix and name.upper().startswith(prefix.upper()):
             name = name[len(prefix) :]
         name = name.lower()
         if name.startswith("pii_"):
-            found.add(name)
+            found[name] = key
     return found
 
 

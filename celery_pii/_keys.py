@@ -653,7 +653,15 @@ class KeyManager:
         for row in rows:
             if row.status == ACTIVE:
                 row.status, row.retired_at, row.rotated_at, row.next_rotation_at = RETIRED, now, now, None
-        new = self._insert_version(session, KeySpec(latest.key_id), now, reason=reason, previous=latest)
+        # A key keeps its algorithm across rotations (pii_algorithm is for new key ids).
+        new = self._insert_version(
+            session,
+            KeySpec(latest.key_id),
+            now,
+            reason=reason,
+            previous=latest,
+            algorithm=Algorithm(latest.algorithm),
+        )
         live = [row for row in rows if row.status != DESTROYED]
         for row in live[: max(0, len(live) + 1 - self.max_key_versions)]:
             self._destroy_row(session, row, reason="max_key_versions", now=now)

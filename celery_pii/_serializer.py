@@ -45,6 +45,7 @@ CONTENT_ENCODING: Final = "binary"
 FRAME_VERSION: Final = 1
 _CODECS: Final = {"json": b"j", "msgpack": b"m"}
 _TYPED_JSON: Final = b"k"
+_JSON_STARTS: Final = frozenset((b"{", b"[", b'"'))
 _json_dumps = json.JSONEncoder(separators=(",", ":")).encode
 _EMBED_KEYS: Final = frozenset(("callbacks", "errbacks", "chain", "chord"))
 
@@ -101,6 +102,7 @@ class PIISerializer:
         *,
         seal_result: ResultHook | None = None,
         open_result: ResultHook | None = None,
+        legacy_json: bool = False,
     ) -> None:
         """Create the serializer.
 
@@ -109,6 +111,8 @@ class PIISerializer:
             seal_result: called on anything that is not a task body; returns what
                 to encode (it seals results while a PII task runs).
             open_result: called on decoded values; opens sealed results.
+            legacy_json: also read unframed JSON (results stored as ``json``
+                before a rollout; see ``pii_allow_plaintext``).
         """
         if inner not in _CODECS:
             msg = "setting pii_inner_serializer: must be 'json' or 'msgpack'"
@@ -119,6 +123,7 @@ class PIISerializer:
         self._header = bytes((FRAME_VERSION,)) + _CODECS[inner]
         self._seal_result = seal_result
         self._open_result = open_result
+        self.legacy_json = legacy_json
 
     def dumps(self, obj: Any) -> bytes:
         """Encode; task bodies must have passed the publish step.
@@ -154,9 +159,14 @@ class PIISerializer:
             raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
         except (UnicodeEncodeError, TypeError):
             raise DecryptionFailed from None
-        if len(raw) < 2 or raw[0] != FRAME_VERSION:
+        if len(raw) >= 2 and raw[0] == FRAME_VERSION:
+            value = _decode(raw[1:2], raw[2:])
+        elif self.legacy_json and raw[:1] in _JSON_STARTS:
+            # Rollout mode: a result Celery stored as plain json before the switch
+            # (the backend decodes every stored result with the current serializer).
+            value = _decode(b"j", raw)
+        else:
             raise DecryptionFailed
-        value = _decode(raw[1:2], raw[2:])
         if self._open_result is not None:
             value = self._open_result(value)
         return value

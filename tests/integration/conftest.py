@@ -349,11 +349,25 @@ class TcpProxy:
 class WorkerProcess:
     """`celery -A pii_testapp worker` in a subprocess, logging at DEBUG to a file."""
 
-    def __init__(self, *, broker, backend, key_store, queue, pool, concurrency, logfile, acks_late=False):
+    def __init__(
+        self,
+        *,
+        broker,
+        backend,
+        key_store,
+        queue,
+        pool,
+        concurrency,
+        logfile,
+        acks_late=False,
+        env=None,
+        loglevel="DEBUG",
+    ):
         import subprocess
         import sys
 
         self.logfile = logfile
+        extra_env = env
         env = dict(os.environ)
         env.update(
             PII_TESTAPP_BROKER=broker,
@@ -363,9 +377,10 @@ class WorkerProcess:
             PII_TESTAPP_ACKS_LATE="1" if acks_late else "0",
             PYTHONPATH=os.pathsep.join([APP_DIR, env.get("PYTHONPATH", "")]),
         )
+        env.update(extra_env or {})
         command = [
             sys.executable, "-m", "celery", "-A", "pii_testapp", "worker",
-            "-P", pool, "-c", str(concurrency), "-l", "DEBUG", "--logfile", str(logfile),
+            "-P", pool, "-c", str(concurrency), "-l", loglevel, "--logfile", str(logfile),
             "-Q", queue, "-E", "--without-mingle", "--without-gossip", "--without-heartbeat",
             "-n", f"{queue}@%h",
         ]  # fmt: skip
@@ -410,19 +425,31 @@ def start_worker_process(key_store_url, queue_name, tmp_path):
     """Start real worker processes for this test (stopped at the end)."""
     started = []
 
-    def start(broker=None, backend=None, pool="prefork", concurrency=2, acks_late=False):
+    def start(
+        broker=None,
+        backend=None,
+        pool="prefork",
+        concurrency=2,
+        acks_late=False,
+        env=None,
+        loglevel="DEBUG",
+        key_store=None,
+        wait=True,
+    ):
         worker = WorkerProcess(
             broker=broker or f"{REDIS_URL}/{BROKER_DB}",
             backend=backend or f"{REDIS_URL}/{BACKEND_DB}",
-            key_store=key_store_url,
+            key_store=key_store or key_store_url,
             queue=queue_name,
             pool=pool,
             concurrency=concurrency,
             logfile=tmp_path / f"worker-{len(started)}.log",
             acks_late=acks_late,
+            env=env,
+            loglevel=loglevel,
         )
         started.append(worker)
-        return worker.wait_ready()
+        return worker.wait_ready() if wait else worker
 
     yield start
     for worker in started:

@@ -157,6 +157,13 @@ def _beat_settings():
     }
 
 
+def _extra_conf():
+    """Settings a test passes to its worker processes as JSON in PII_TESTAPP_CONF."""
+    import json
+
+    return json.loads(os.environ.get("PII_TESTAPP_CONF", "{}"))
+
+
 if os.environ.get("PII_TESTAPP_BROKER"):
     app = make_app(
         broker=os.environ["PII_TESTAPP_BROKER"],
@@ -168,5 +175,5 @@ if os.environ.get("PII_TESTAPP_BROKER"):
         result_extended=True,
         task_acks_late=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
         task_reject_on_worker_lost=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
-        **_beat_settings(),
+        **{**_beat_settings(), **_extra_conf()},
     )

@@ -210,6 +210,21 @@ class TestRollout:
         with _start(app):
             assert app.AsyncResult(sent.id).get(timeout=20)["card_number"] == CARD
 
+    def test_legacy_json_results_read_in_rollout_mode(self, make_app):
+        """A result stored as plain json before the switch still reads in rollout mode."""
+        from uuid import uuid4
+
+        from celery import Celery
+
+        app = make_app(
+            accept_content=["pii", "json"], result_accept_content=["pii", "json"], pii_allow_plaintext=True
+        )
+        legacy = Celery("legacy", backend=app.conf.result_backend, set_as_current=False)
+        legacy.conf.update(result_serializer="json")
+        task_id = str(uuid4())
+        legacy.backend.store_result(task_id, {"total": 3}, "SUCCESS")
+        assert app.AsyncResult(task_id).get(timeout=10) == {"total": 3}
+
     def test_legacy_json_is_parked_without_rollout(self, app, caplog):
         """Without rollout mode, a plaintext message is parked (not lost) and its body never logged."""
         sent = self._legacy_publish(app)

@@ -120,7 +120,7 @@ class TestDjango:
         (tmp_path / "djsettings.py").write_text(
             "CELERY_PII_DETECT = 'warn'\nCELERY_PII_MAX_KEY_VERSIONS = 7\nCELERY_TASK_SERIALIZER = 'pii'\n"
         )
-        (tmp_path / "djbad.py").write_text("CELERY_PII_NOPE = 1\n")
+        (tmp_path / "djbad.py").write_text("CELERY_PII_DEFAULT_KEYS = 'x'\n")
         monkeypatch.syspath_prepend(str(tmp_path))
         app = Celery("dj", set_as_current=False)
         app.config_from_object("djsettings", namespace="CELERY")
@@ -128,7 +128,10 @@ class TestDjango:
         assert (settings.detect, settings.max_key_versions) == ("warn", 7)
         bad = Celery("dj2", set_as_current=False)
         bad.config_from_object("djbad", namespace="CELERY")
-        with pytest.raises(ConfigurationError, match="pii_nope"):
+        # Named as the user wrote it, with the suggestion in the same spelling.
+        with pytest.raises(
+            ConfigurationError, match=r"CELERY_PII_DEFAULT_KEYS \(did you mean CELERY_PII_DEFAULT_KEY"
+        ):
             settings_from_conf(bad.conf)
 
 
