@@ -254,6 +254,7 @@ class PII:
     # -- consume -------------------------------------------------------------------------------
 
     def _open(self, task: Task, task_id: str, args: Any, kwargs: Any) -> None:
+        _running.set(None)  # nothing of the previous task may leak into this one's outcome
         request = task.request
         name = task.name
         spec = self.specs.get(name)
@@ -300,7 +301,9 @@ class PII:
             )
             token = _carried.set((task_id, tuple(tokens)))
             try:
-                raise task.retry(countdown=countdown, max_retries=None) from None
+                # Celery reads max_retries=None as "the task's own limit": allow one
+                # more than has been done instead, so an outage is never fatal.
+                raise task.retry(countdown=countdown, max_retries=retries + 1) from None
             finally:
                 _carried.reset(token)
         except KeyDestroyed as error:

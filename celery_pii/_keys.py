@@ -186,12 +186,14 @@ class KeyManager:
                 msg = f"key {key_id!r} version {version} not found in the key store"
                 raise KeyNotFound(msg)
             destroyed = row.status == DESTROYED
+            active = row.status == ACTIVE
             key = None if destroyed else self._unwrap(row)
         if key is None:
             # The refused message is audited by whoever refused it (it knows the task).
             self.cache.forget(key_id, version, destroyed=True)
             raise _destroyed(key_id, version)
-        self.cache.put(key, active=False)
+        # If it is the active version, results sealed under this key need no round trip either.
+        self.cache.put(key, active=active)
         return self._unexpired(key)
 
     def _unexpired(self, key: DataKey) -> DataKey:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,11 +78,13 @@ class PrivateRedis:
 class PrivatePostgres:
     """A PostgreSQL cluster of its own (initdb in a temp folder), run as the postgres user."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self) -> None:
+        # Its own folder directly under /tmp: pytest's temporary folders are
+        # private to root, and the server runs as the postgres user.
+        self.folder = Path(tempfile.mkdtemp(prefix="celery-pii-pg-"))
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
-        self.data = folder / "data"
+        self.data = self.folder / "data"
 
     @property
     def url(self) -> str:
@@ -111,6 +114,14 @@ class PrivatePostgres:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # fast shutdown: ends sessions now
+            # SIGINT is PostgreSQL's fast shutdown (sessions end now); it goes to the
+            # postmaster itself, whose pid it writes, since runuser does not forward it.
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+            os.kill(postmaster, signal.SIGINT)
             self.process.wait(60)
         _wait_port(self.port, up=False)
+
+    def remove(self) -> None:
+        """Stop it and delete its data."""
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
