@@ -65,7 +65,9 @@ def _database_dump(url):
             return "\n".join(
                 repr(row)
                 for table in tables
-                for row in connection.execute(sa.select(sa.table(table, sa.column("*"))))
+                for row in connection.execute(
+                    sa.select(sa.Table(table, sa.MetaData(), autoload_with=connection))
+                )
             )
     finally:
         engine.dispose()
