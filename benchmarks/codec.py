@@ -52,7 +52,12 @@ def body_of_size(size: int, *, pii_fields: int = 2) -> tuple[list[Any], dict[str
 
 
 def make_pii_app(
-    folder: Path, *, algorithm: str = "aes-256-gcm", fields: list[str] | None = None, detect: str = "off"
+    folder: Path,
+    *,
+    algorithm: str = "aes-256-gcm",
+    fields: list[str] | None = None,
+    detect: str = "off",
+    **conf: Any,
 ) -> Celery:
     """A pii app on the in-memory broker with a SQLite key store in ``folder``."""
     from celery_pii import migrate, setup_pii
@@ -68,7 +73,9 @@ def make_pii_app(
         pii_key_store_url=url,
         pii_algorithm=algorithm,
         pii_default_key=f"bench-{algorithm.split('-', maxsplit=1)[0]}",
+        pii_detect=detect,
     )
+    app.conf.update(conf)
     setup_pii(app)
 
     @app.task(name="bench.charge", shared=False, pii_fields=fields or ["card_number", "customer.email"])

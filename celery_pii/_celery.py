@@ -42,7 +42,7 @@ from ._paths import format_path, replace_in_copies
 from ._quarantine import make_quarantine_step, park
 from ._redact import REDACTED, RedactingFilter, Scrubber, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_sealed_result
+from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_sealed_result, unreadable_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer, publish_ticket
 from ._sources import load_master_key
 from ._specs import TaskSpec, default_spec, spec_for_task
@@ -54,6 +54,7 @@ from .exceptions import (
     KeyDestroyed,
     KeyNotFound,
     KeyStoreUnavailable,
+    PIIError,
 )
 
 __all__ = ["PII", "get_pii", "setup_pii"]
@@ -548,15 +549,17 @@ def _seal_result_hook(obj: Any) -> Any:
 def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
         return value
-    candidates = _candidate_instances()
-    for pii in candidates[:-1]:
+    failures: list[PIIError] = []
+    for pii in _candidate_instances():
         # Several apps in one process (tests, multi-tenant hosts): the result
         # opens with the keys of whichever app's store holds its key.
         try:
             return pii.sealer.open_result(value)
-        except (KeyNotFound, DecryptionFailed):  # noqa: PERF203 - trying each app is the point
-            continue
-    return candidates[-1].sealer.open_result(value)
+        except (KeyNotFound, DecryptionFailed, KeyDestroyed) as error:  # noqa: PERF203 - trying each app
+            failures.append(error)
+    # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
+    failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
+    return unreadable_result(value, failures[0])
 
 
 def _candidate_instances() -> list[PII]:

@@ -33,7 +33,7 @@ from ._keys import KeyManager, KeySpec
 from ._paths import Location, format_path, get_at, parse_path, replace_in_copies, set_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
-from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed, KeyNotFound
+from .exceptions import DecryptionFailed, EncryptionFailed
 
 __all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer"]
 
@@ -307,24 +307,12 @@ class Sealer:
     def open_result(self, obj: dict[str, Any]) -> Any:
         """Open what :meth:`seal_result` made.
 
-        A stored result meta whose values cannot be opened (shredded by
-        retention or erasure, tampered) reads as a failure carrying that
-        exception: ``AsyncResult.get()`` raises it, and Celery's backends,
-        which read the current meta before every write, keep working.
-
         Raises:
-            DecryptionFailed: a sealed value (not a result meta) was tampered with.
-            KeyDestroyed: a sealed value (not a result meta) was shredded.
+            DecryptionFailed: tampered, or bound to another task id.
+            KeyDestroyed: retention or erasure shredded it.
+            KeyNotFound: this key store does not know its key.
             KeyStoreUnavailable: the key store is down (a retry may succeed).
         """
-        try:
-            return self._open_result(obj)
-        except (KeyDestroyed, KeyNotFound, DecryptionFailed) as error:
-            if not _is_meta(obj):
-                raise
-            return _failure_meta(obj, error)
-
-    def _open_result(self, obj: dict[str, Any]) -> Any:
         envelope = _envelope.parse(obj[RESULT_KEY])
         if envelope.kind is not Kind.RESULT:
             raise DecryptionFailed
@@ -338,6 +326,18 @@ class Sealer:
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
         return opened
+
+
+def unreadable_result(obj: dict[str, Any], error: Exception) -> Any:
+    """What a sealed result that cannot be opened reads as.
+
+    A stored result meta reads as a failure carrying the reason:
+    ``AsyncResult.get()`` raises it, and Celery's backends, which read the
+    current meta before every write, keep working.  Anything else re-raises.
+    """
+    if not _is_meta(obj):
+        raise error
+    return _failure_meta(obj, error)
 
 
 def _failure_meta(obj: dict[str, Any], error: Exception) -> dict[str, Any]:

@@ -162,3 +162,27 @@ class TestTaskRegistration:
             @app.task(shared=False, name="reg.options", **options)
             def task(email, user_id=None):
                 return email
+
+
+class TestSeveralApps:
+    """Results of one app read correctly in a process that has several."""
+
+    def test_result_opens_with_the_app_that_holds_its_key(self, key_store_url, tmp_path):
+        """A result sealed by one app opens even when another app (same key id, other store) is current."""
+        from celery_pii import migrate
+        from celery_pii._celery import _open_result_hook
+        from celery_pii._keys import KeySpec
+
+        other_store = f"sqlite:///{tmp_path / 'other.db'}"
+        migrate(other_store)
+        first = _app(key_store_url)
+        second = _app(other_store)
+        setup_pii(first)
+        sealer = setup_pii(second).sealer
+        meta = {"status": "SUCCESS", "result": {"ok": 1}, "task_id": "t-1", "traceback": None}
+        sealed = sealer.seal_result(meta, task_id="t-1", key_spec=KeySpec("default"))
+        get_pii(first).keys.encryption_key(KeySpec("default"))  # same key id, other material
+        first.set_current()
+        assert _open_result_hook(sealed)["result"] == {"ok": 1}
+        second.set_current()
+        assert _open_result_hook(sealed)["status"] == "SUCCESS"
