@@ -7,10 +7,11 @@ function runs.  See README.md and docs/.
 
 from __future__ import annotations
 
-from ._celery import PII, get_pii, setup_pii
+from ._celery import get_pii, setup_pii
 from ._detect import Finding
 from ._keys import AuditRecord, KeyManager, KeyStats
 from ._migrate import migrate
+from ._pii import PII
 from ._retention import RetentionPolicy, RetentionReport
 from ._sources import generate_master_key
 from .exceptions import (

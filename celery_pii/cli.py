@@ -21,6 +21,7 @@ import click
 from . import _celery, _quarantine, _rewrap
 from ._detect import detect
 from ._migrate import current_revision, migrate
+from ._pii import PII
 from ._sources import generate_master_key, load_master_key
 from .exceptions import PIIError
 
@@ -49,7 +50,7 @@ def _app(ctx: click.Context) -> Any:
     return app
 
 
-def _pii(ctx: click.Context) -> _celery.PII:
+def _pii(ctx: click.Context) -> PII:
     try:
         return _celery.get_pii(_app(ctx))
     except PIIError as error:

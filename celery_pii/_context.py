@@ -1,0 +1,72 @@
+"""What celery-pii knows about the task running in this thread.
+
+Set by the opening step before each task and cleared after it; read by the
+result serializer (which key seals the result), the logging filter and the
+exception scrubber (which values to hide), and the publish path (is this
+message derived from PII?).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import TYPE_CHECKING, Any, Final
+
+from ._keys import KeySpec
+from ._redact import Scrubber
+
+if TYPE_CHECKING:
+    from ._pii import PII
+    from ._specs import TaskSpec
+
+#: Where ``setup_pii`` stores an app's :class:`~celery_pii._pii.PII`.
+APP_ATTRIBUTE: Final = "_celery_pii"
+
+
+class RunningTask:
+    """The task running in this thread: what its results, logs and exceptions need.
+
+    The scrubber and the result key are built on first use: most tasks raise
+    nothing and many store no result, and this runs before every task.
+    """
+
+    __slots__ = ("_result_key", "_scrubber", "is_pii", "name", "pii", "spec", "task_id", "values")
+
+    def __init__(  # noqa: PLR0913, PLR0917 - the running task's facts
+        self,
+        pii: PII,
+        name: str,
+        task_id: str,
+        spec: TaskSpec | None,
+        values: list[Any],
+        result_key: KeySpec | None,
+    ) -> None:
+        self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
+        self.is_pii = spec is not None and spec.is_pii
+        self._result_key = result_key
+        self._scrubber: Scrubber | None = None
+
+    @property
+    def scrubber(self) -> Scrubber:
+        """Replaces the values opened for this task."""
+        if self._scrubber is None:
+            self._scrubber = Scrubber(self.values)
+        return self._scrubber
+
+    @property
+    def result_key(self) -> KeySpec | None:
+        """The key results of this task are sealed under (``None``: not a PII task)."""
+        if self._result_key is None and self.is_pii:
+            self._result_key = self.pii.sealer.key_spec(
+                self.name, self.spec, {}, [self.spec] if self.spec else []
+            )
+        return self._result_key
+
+
+running: contextvars.ContextVar[RunningTask | None] = contextvars.ContextVar(
+    "celery_pii_running", default=None
+)
+# Envelopes carried from a task that could not open them (key store down) to
+# its own retry message, so the retry keeps the ciphertext it came with.
+carried: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "celery_pii_carried", default=None
+)

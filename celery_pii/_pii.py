@@ -1,0 +1,366 @@
+"""The :class:`PII` object of one app: publishing, opening, results, operations.
+
+``setup_pii`` (``_celery.py``) creates one per app and routes Celery's hooks to
+it: ``create_task_message`` calls :meth:`PII._create_task_message` (seal),
+each task's ``before_start`` calls :meth:`PII._open` (open, or retry, refuse,
+quarantine), and the result serializer calls :meth:`PII.seal_result`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from datetime import datetime
+from typing import Any, Final
+
+from celery import Celery
+from celery.app.task import Task
+
+from . import _context, _envelope
+from ._config import Settings
+from ._context import RunningTask
+from ._detect import Finding, detect
+from ._keys import KeyManager, KeySpec
+from ._paths import format_path, replace_in_copies
+from ._quarantine import park
+from ._redact import REDACTED, redacted_repr
+from ._retention import RetentionReport, enforce
+from ._sealer import EMBED_KEY, Opened, Sealed, Sealer
+from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
+from ._specs import TaskSpec, default_spec, spec_for_task
+from ._store import utcnow
+from ._taskclass import install_opening
+from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed, KeyNotFound, KeyStoreUnavailable
+
+__all__ = ["PII"]
+
+logger = logging.getLogger("celery_pii")
+
+
+class PII:
+    """celery-pii for one app: ``setup_pii(app)`` returns it, ``get_pii(app)`` finds it."""
+
+    def __init__(self, app: Celery, settings: Settings, keys: KeyManager, serializer: PIISerializer) -> None:
+        self.app = app
+        self.serializer = serializer
+        self.settings = settings
+        self.keys = keys
+        self.specs: dict[str, TaskSpec] = {}
+        self.sealer = Sealer(keys, settings, self._lookup)
+        #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
+        self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"<PII app={self.app.main!r} store={self.keys.store.url}>"
+
+    def forget_subject(self, subject_id: object) -> int:
+        """Destroy a data subject's keys: every copy of their sealed data becomes unreadable.
+
+        Returns:
+            How many key versions were destroyed.
+        """
+        return self.keys.destroy_subject(subject_id)
+
+    def enforce_retention(self, now: datetime | None = None) -> RetentionReport:
+        """Destroy the keys of retention buckets whose deadline has passed (one bounded run).
+
+        Every copy of data sealed under them (queues, dead letters, backups,
+        stored results) becomes unreadable.  ``now`` lets tests and operators
+        evaluate deadlines at a chosen instant.
+        """
+        return enforce(self.keys.destroy_expired, now or utcnow())
+
+    def rotate_keys(self, now: datetime | None = None, *, max_keys: int = 10_000) -> dict[str, Any]:
+        """Rotate due keys and trim versions beyond ``pii_max_key_versions`` (one bounded run).
+
+        Returns:
+            A report of counts and key ids (no values).
+        """
+        rotated = self.keys.perform_automatic_rotation(now, max_keys=max_keys)
+        trimmed = self.keys.enforce_max_versions()
+        return {
+            "rotated": len(rotated),
+            "rotated_key_ids": rotated,
+            "destroyed_versions": len(trimmed),
+            "complete": len(rotated) < max_keys,
+        }
+
+    # -- task registry ------------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> tuple[bool, TaskSpec | None]:
+        task = self.app._tasks.get(name)  # noqa: SLF001 - the raw registry: no finalize here
+        if task is None:
+            return False, None
+        spec = self.specs.get(name)
+        if spec is None and self.settings.detect != "off":
+            spec = default_spec(name, self.settings)
+        return True, spec
+
+    def _register(self, task: Any) -> None:
+        spec = spec_for_task(task, self.settings)
+        if spec is not None:
+            self.specs[spec.name] = spec
+            if spec.retention.is_immediate:
+                # delete_immediately(): nothing of the outcome is ever stored.
+                type(task).ignore_result = True
+        install_opening(type(task), is_pii=spec is not None and spec.is_pii)
+
+    # -- publish -------------------------------------------------------------------------------
+
+    def _create_task_message(self, original: Any, task_id: str, name: str, *args: Any, **options: Any) -> Any:
+        call = _Call(task_id, name, args, options)
+        root = call.root()
+        carried = _context.carried.get()
+        tokens: list[str] = list(carried[1]) if carried is not None and carried[0] == task_id else []
+        running = _context.running.get()
+        # Published from inside a PII task (a chain step gets its return value,
+        # callbacks too): anything in the call may be derived from PII.
+        derived = running is not None and (running.is_pii or bool(running.values))
+        sealed = self.sealer.seal_message(name, task_id, root, seal_all=derived)
+        _, spec = self._lookup(name)
+        display = root
+        if sealed is not None:
+            root = display = sealed.root
+            if sealed.token is not None:
+                tokens.append(sealed.token)
+            if sealed.detected or sealed.truncated:
+                display = self._report_detected(name, sealed)
+        if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
+            maxsize = self.app.amqp.argsrepr_maxsize
+            call.options["argsrepr"] = redacted_repr(tuple(display["args"]), maxsize)
+            call.options["kwargsrepr"] = redacted_repr(display["kwargs"], self.app.amqp.kwargsrepr_maxsize)
+        message = original(**call.arguments(root))
+        if tokens:
+            message.body[2][EMBED_KEY] = tokens
+        publish_ticket.set(message.body)
+        return message
+
+    def _report_detected(self, name: str, sealed: Sealed) -> dict[str, Any]:
+        """Log and count undeclared PII ("warn"), and redact it from the reprs either way."""
+        unsealed = [(loc, category) for loc, category in sealed.detected if loc not in sealed.locations]
+        for location, category in unsealed:
+            self.detections[(name, category)] += 1
+            logger.warning(
+                "celery-pii: task %s: undeclared PII (%s) at %s published in plaintext; "
+                "declare it in pii_fields or set pii_detect='encrypt'",
+                name,
+                category,
+                format_path(location),
+            )
+        if sealed.truncated and not sealed.token:
+            logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)
+        located = [loc for loc, _ in unsealed if loc[0] in ("args", "kwargs")]
+        return replace_in_copies(sealed.root, dict.fromkeys(located, REDACTED)) if located else sealed.root
+
+    def detect(self, value: object) -> list[Finding]:
+        """The PII in a JSON-like value, by field path and category (see docs/detection.md).
+
+        Paths are relative to ``value``; a string value itself has the path ``""``.
+        """
+        return detect(value)
+
+    # -- consume -------------------------------------------------------------------------------
+
+    def _open(self, task: Task, task_id: str, args: Any, kwargs: Any) -> None:
+        _context.running.set(None)  # nothing of the previous task may leak into this one's outcome
+        request = task.request
+        name = task.name
+        spec = self.specs.get(name)
+        tokens = getattr(request, EMBED_KEY, None)
+        values: list[Any] = []
+        message_key: str | None = None
+        if tokens:
+            root = {
+                "args": args,
+                "kwargs": kwargs,
+                "callbacks": request.callbacks,
+                "errbacks": request.errbacks,
+                "chain": request.chain,
+                "chord": request.chord,
+            }
+            opened = self._open_or_handle(task, task_id, root, tokens)
+            values, message_key = opened.values, opened.key_ids[0]
+            setattr(request, EMBED_KEY, None)
+        is_pii = spec is not None and spec.is_pii
+        if not (is_pii or values):
+            _context.running.set(None)
+            return
+        # Results are sealed under the message's own key (its subject, its
+        # retention bucket), so they become unreadable together.  Without one,
+        # a subject's key depends on this call's arguments: find it now, before
+        # the task function can change them; other keys are found on first use.
+        result_key = None
+        if message_key is not None:
+            result_key = KeySpec(message_key)
+        elif spec is not None and spec.subject is not None:
+            result_key = self._result_key(name, spec, args, kwargs)
+        _context.running.set(RunningTask(self, name, task_id, spec, values, result_key))
+
+    def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
+        name = task.name
+        try:
+            return self.sealer.open_message(name, task_id, root, list(tokens))
+        except KeyStoreUnavailable:
+            retries = task.request.retries or 0
+            delay = self.settings.key_unavailable_retry_delay
+            countdown = min(delay * 2 ** min(retries, 10), delay * 10)
+            logger.warning(
+                "celery-pii: key store unreachable; task %s[%s] retried in %ss", name, task_id, countdown
+            )
+            token = _context.carried.set((task_id, tuple(tokens)))
+            try:
+                # Celery reads max_retries=None as "the task's own limit": allow one
+                # more than has been done instead, so an outage is never fatal.
+                raise task.retry(countdown=countdown, max_retries=retries + 1) from None
+            finally:
+                _context.carried.reset(token)
+        except KeyDestroyed as error:
+            self._audit_quietly("decrypt_denied", name, task_id, reason=str(error))
+            raise
+        except (DecryptionFailed, KeyNotFound):
+            self._quarantine(task, task_id, root, tokens)
+            raise DecryptionFailed from None
+
+    def _quarantine(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> None:
+        """Park the still-sealed message and record why; the task does not run."""
+        request = task.request
+        body = (
+            list(root["args"]),
+            dict(root["kwargs"]),
+            {part: root[part] for part in ("callbacks", "errbacks", "chain", "chord")} | {EMBED_KEY: tokens},
+        )
+        headers = {
+            "lang": "py",
+            "task": task.name,
+            "id": task_id,
+            "retries": request.retries or 0,
+            "root_id": request.root_id,
+            "parent_id": request.parent_id,
+            "group": request.group,
+            "argsrepr": request.argsrepr,
+            "kwargsrepr": request.kwargsrepr,
+        }
+        delivery = request.delivery_info or {}
+        try:
+            park(
+                self.app,
+                self.settings.quarantine_queue,
+                body=self._encode_trusted(body),
+                content_type=CONTENT_TYPE,
+                content_encoding=CONTENT_ENCODING,
+                headers=headers,
+                reason="authentication failed",
+                original={"exchange": delivery.get("exchange"), "routing_key": delivery.get("routing_key")},
+            )
+        except Exception:  # reported; the task still must not run
+            logger.exception("celery-pii: could not park task %s[%s] in quarantine", task.name, task_id)
+        key_ids = _key_ids(tokens)
+        logger.error(
+            "celery-pii: task %s[%s] failed authentication (key %s); parked in %s, not run",
+            task.name,
+            task_id,
+            ", ".join(key_ids) or "?",
+            self.settings.quarantine_queue,
+        )
+        self._audit_quietly("tamper_detected", task.name, task_id, key_ids=key_ids)
+
+    def _encode_trusted(self, body: Any) -> bytes:
+        """Frame an already-sealed body (for the quarantine: it needs no ticket)."""
+        token = publish_ticket.set(body)
+        try:
+            return self.serializer.dumps(body)
+        finally:
+            publish_ticket.reset(token)
+
+    def _audit_quietly(self, operation: str, name: str, task_id: str, **details: Any) -> None:
+        try:
+            key_id = details.get("key_ids", [None])[0] if "key_ids" in details else None
+            self.keys.record(operation, key_id or f"task:{name}", task=name, task_id=task_id, **details)
+        except Exception:  # the audit must not hide the original failure
+            logger.exception(
+                "celery-pii: could not write the %s audit record for %s[%s]", operation, name, task_id
+            )
+
+    def _result_key(self, name: str, spec: TaskSpec | None, args: Any, kwargs: Any) -> KeySpec:
+        root = {"args": args, "kwargs": kwargs}
+        specs = [spec] if spec is not None else []
+        try:
+            return self.sealer.key_spec(name, spec, root, specs, now=utcnow())
+        except EncryptionFailed:  # subject absent (an eager call): seal under the task's own key
+            return KeySpec(spec.key_id if spec is not None else self.settings.default_key)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def seal_result(self, obj: Any, running: RunningTask) -> Any:
+        """Seal what the result backend stores for a running PII task."""
+        if running.result_key is None:
+            return obj
+        task_id = obj.get("task_id", running.task_id) if isinstance(obj, dict) else running.task_id
+        return self.sealer.seal_result(obj, task_id=str(task_id), key_spec=running.result_key)
+
+
+class _Call:
+    """The arguments of ``as_task_v2``, by name, so sealed parts can be swapped in."""
+
+    _POSITIONAL: Final = (
+        "args",
+        "kwargs",
+        "countdown",
+        "eta",
+        "group_id",
+        "group_index",
+        "expires",
+        "retries",
+        "chord",
+        "callbacks",
+        "errbacks",
+        "reply_to",
+        "time_limit",
+        "soft_time_limit",
+        "create_sent_event",
+        "root_id",
+        "parent_id",
+        "shadow",
+        "chain",
+    )
+
+    def __init__(self, task_id: str, name: str, args: tuple[Any, ...], options: dict[str, Any]) -> None:
+        if len(args) > len(self._POSITIONAL):
+            msg = "create_task_message() got more positional arguments than as_task_v2 takes"
+            raise TypeError(msg)
+        self.options = dict(zip(self._POSITIONAL, args, strict=False))
+        self.options.update(options)
+        self.options["task_id"], self.options["name"] = task_id, name
+
+    def root(self) -> dict[str, Any]:
+        return {
+            "args": self.options.get("args") or (),
+            "kwargs": self.options.get("kwargs") or {},
+            "callbacks": self.options.get("callbacks"),
+            "errbacks": self.options.get("errbacks"),
+            "chain": self.options.get("chain"),
+            "chord": self.options.get("chord"),
+        }
+
+    def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
+        return {**self.options, **root}
+
+
+def _key_ids(tokens: Any) -> list[str]:
+    """The key ids named by envelopes that at least parse (for logs and audit)."""
+    ids = []
+    for token in tokens or ():
+        key_id = _key_id_or_none(token)
+        if key_id is not None:
+            ids.append(key_id)
+    return ids
+
+
+def _key_id_or_none(token: object) -> str | None:
+    try:
+        return _envelope.parse(token).key_id
+    except DecryptionFailed:
+        return None
+
+
+# -- task classes ------------------------------------------------------------------------------
