@@ -51,6 +51,9 @@ EMBED_PARTS: Final = ("callbacks", "errbacks", "chain", "chord")
 # task id (checked against the stored meta), and never open as task arguments.
 _RESULT_AD: Final = "celery-pii result"
 _CHORD_UNLOCK: Final = "celery.chord_unlock"
+# Built-in tasks that call another task once per item (``task.map``,
+# ``task.starmap``, ``task.chunks``): each item is that task's arguments.
+_ITEM_TASKS: Final = frozenset(("celery.map", "celery.starmap", "celery.chunks"))
 
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
@@ -118,16 +121,7 @@ class Sealer:
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
         _, spec = self.lookup(name)
-        found = list(self._call_fields(name, spec, root, seal_all=seal_all))
-        specs = [spec] if spec is not None else []
-        for part in EMBED_PARTS:
-            embedded = root.get(part)
-            if embedded is None:
-                continue
-            for location, value, step_spec in _embedded(embedded, (part,), self.lookup):
-                found.append((location, value))
-                if step_spec is not None:
-                    specs.append(step_spec)
+        found, specs = self._fields(name, spec, root, seal_all=seal_all)
         mode = spec.detect if spec is not None else self.settings.detect
         detected: tuple[tuple[Location, str], ...] = ()
         truncated = False
@@ -154,6 +148,25 @@ class Sealer:
             raise EncryptionFailed(msg) from None
         sealed_root = replace_in_copies(root, dict.fromkeys(locations, MARKER))
         return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
+
+    def _fields(
+        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
+    ) -> tuple[list[tuple[Location, Any]], list[TaskSpec]]:
+        """Every value of a message to seal, and the specs whose retention applies to them."""
+        found = list(self._call_fields(name, spec, root, seal_all=seal_all))
+        specs = [spec] if spec is not None else []
+        nested: list[tuple[Location, Any, TaskSpec | None]] = []
+        if name in _ITEM_TASKS and not seal_all:
+            nested.extend(_items_of(root, self.lookup))
+        for part in EMBED_PARTS:
+            embedded = root.get(part)
+            if embedded is not None:
+                nested.extend(_embedded(embedded, (part,), self.lookup))
+        for location, value, step_spec in nested:
+            found.append((location, value))
+            if step_spec is not None:  # the step's own retention applies to its values
+                specs.append(step_spec)
+        return found, specs
 
     def _detect(
         self, name: str, mode: str, root: Mapping[str, Any], found: list[tuple[Location, Any]]
@@ -406,6 +419,31 @@ def _step_arguments(
         return
     for location, item, _ in _arguments(value.get("args") or (), kwargs, path):
         yield location, item, spec
+
+
+def _items_of(root: Mapping[str, Any], lookup: SpecLookup) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
+    """The item list of a map/starmap/chunks call, unless the task it calls has no PII.
+
+    Sealed whole: the items are the called task's arguments, one call each, and
+    its field paths do not apply to the list.  The built-in task's own
+    ``before_start`` opens the list before it calls the task on each item.
+    """
+    args: Sequence[Any] = root.get("args") or ()
+    kwargs = root.get("kwargs") or {}
+    location: Location
+    if isinstance(kwargs, Mapping) and "it" in kwargs:
+        task, location, items = kwargs.get("task"), ("kwargs", "it"), kwargs["it"]
+    elif len(args) > 1:
+        task, location, items = args[0], ("args", 1), args[1]
+    else:
+        return
+    if items is None or _is_marker(items):
+        return
+    called = task.get("task") if isinstance(task, Mapping) else None
+    registered, spec = lookup(str(called)) if called else (False, None)
+    if registered and (spec is None or not spec.is_pii):
+        return
+    yield location, items, spec
 
 
 def _location(path: str) -> Location:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 from celery import chain, chord, group
 from kombu import serialization
@@ -20,6 +23,12 @@ EMAIL = "ann.example@example.com"
 EMAIL2 = "bob@example.org"
 SSN = "912-34-5678"
 SECRETS = (CARD, CARD2, EMAIL, EMAIL2, SSN, "4111111111111111")
+
+
+def _envelopes_of(message):
+    """The sealed envelopes a raw Redis message carries (its body: the frame, then JSON)."""
+    body = base64.b64decode(message["body"])
+    return json.loads(body[2:])[2].get("pii")
 
 
 def assert_no_plaintext(data, secrets=SECRETS):
@@ -152,6 +161,36 @@ class TestCanvas:
         if child is not None:
             assert child.get(timeout=20)["email"] == EMAIL
         assert {"email": EMAIL2, "exc": "ValueError"} in testapp_module.RECEIVED
+
+    def test_map_starmap_and_chunks_messages_are_sealed(self, app):
+        """The item lists of task.map / starmap / chunks carry the called task's PII: sealed."""
+        app.tasks["t.echo"].map([CARD, EMAIL]).delay()
+        app.tasks["t.charge"].starmap([(CARD, 1), (CARD2, 2)]).delay()
+        app.tasks["t.charge"].chunks([(CARD, 1), (CARD2, 2)], 1).delay()
+        app.tasks["t.plain"].map([1, 2]).delay()
+        messages = queued_messages(app.conf.task_default_queue)
+        # chunks are published by the caller as a group of starmap messages, one per chunk.
+        assert [m["headers"]["task"] for m in messages] == [
+            "celery.map",
+            "celery.starmap",
+            "celery.starmap",
+            "celery.starmap",
+            "celery.map",
+        ]
+        for message in messages[:4]:
+            assert_no_plaintext(message_bytes(message))
+            assert _envelopes_of(message)
+        # A task without PII: its items stay as they are.
+        assert not _envelopes_of(messages[4])
+
+    def test_map_starmap_and_chunks_run_on_plaintext(self, app, worker):
+        """The called task receives each item's exact plaintext; the results come back."""
+        echoed = app.tasks["t.echo"].map([CARD, EMAIL]).delay().get(timeout=30)
+        assert [r["value"] for r in echoed] == [CARD, EMAIL]
+        charged = app.tasks["t.charge"].starmap([(CARD, 1), (CARD2, 2)]).delay().get(timeout=30)
+        assert [(r["card_number"], r["amount"]) for r in charged] == [(CARD, 1), (CARD2, 2)]
+        chunked = app.tasks["t.charge"].chunks([(CARD, 1), (CARD2, 2)], 1).delay().get(timeout=30)
+        assert [[r["card_number"] for r in part] for part in chunked] == [[CARD], [CARD2]]
 
     def test_group_and_chord_native_join(self, app, worker):
         """A chord on Redis (native join): header and body receive plaintext."""
