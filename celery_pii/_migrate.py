@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 from typing import Final, TextIO
 
 from alembic import command
@@ -21,7 +22,15 @@ def _script_location() -> str:
     # migrations/ folder of the repository).  Resolving the package, rather
     # than Alembic's "celery_pii:migrations" resource form, also works for
     # editable installs, where that package does not sit inside celery_pii/.
-    return str(resources.files("celery_pii.migrations"))
+    try:
+        return str(resources.files("celery_pii.migrations"))
+    except ModuleNotFoundError:
+        # Imported from a source checkout (PYTHONPATH=., or `python -m celery`
+        # run from the repository root): the folder sits beside the package.
+        checkout = Path(__file__).resolve().parent.parent / "migrations"
+        if (checkout / "env.py").is_file():
+            return str(checkout)
+        raise
 
 
 def alembic_config(url_or_connection: str | URL | Connection, *, stdout: TextIO | None = None) -> Config:

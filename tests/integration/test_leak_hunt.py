@@ -27,7 +27,7 @@ from celery_pii import get_pii
 from celery_pii._store import utcnow
 
 from .conftest import EventCapture, RedisMonitor, queued_messages
-from .test_canary import SECRETS, SERIAL, _backend_dump, _check_plaintext_arrived, _exercise
+from .test_canary import SECRETS, SERIAL, _backend_dump, _check_plaintext_arrived, _exercise, backend_keys
 from .test_celery_consume import _tamper
 from .test_celery_roundtrip import CARD, EMAIL, EMAIL2
 
@@ -78,6 +78,7 @@ def test_every_path_with_warn_and_debug(make_app, start_worker_process, key_stor
     app = make_app(result_extended=True, task_send_sent_event=True, pii_detect="warn")
     db_app = make_app(backend="db+" + key_store_url, result_extended=True, pii_detect="warn")
     pii = get_pii(app)
+    before = backend_keys()
     with caplog.at_level(logging.DEBUG), RedisMonitor() as monitor, EventCapture(app) as events:
         # A tampered message and an undecodable one wait in the queue before the worker starts.
         app.tasks["t.charge"].delay(CARD, 1, {"email": EMAIL})
@@ -111,7 +112,7 @@ def test_every_path_with_warn_and_debug(make_app, start_worker_process, key_stor
     parked = queued_messages(app.conf.pii_quarantine_queue)
     assert [m["headers"]["id"] for m in parked] == [tampered]
     _find(monitor.captured(), "broker and backend traffic")
-    _find(_backend_dump(), "the Redis result backend")
+    _find(_backend_dump(before), "the Redis result backend")
     _find(_database_dump(key_store_url), "the database result backend and key store")
     _find(json.dumps(events.events, default=str), "events")
     _find(json.dumps(replies, default=str), "inspect replies")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,3 +38,33 @@ def test_layout_the_user_asked_for():
         "README.md",
     ):
         assert (ROOT / name).exists(), name
+
+
+def test_migrations_are_found_from_a_source_checkout():
+    """Imported from the repository (PYTHONPATH=., `python -m celery` in the checkout), where no
+    celery_pii.migrations package exists, the revisions are found in migrations/ beside it."""
+    # A subprocess, so the package comes from the checkout even where the
+    # tests run against an installed wheel; an editable install would map the
+    # package in, so its lookup is made to fail as it does without one.
+    code = textwrap.dedent(
+        """
+        from importlib import resources
+        def not_installed(package):
+            raise ModuleNotFoundError(package)
+        resources.files = not_installed
+        from celery_pii import _migrate
+        print(_migrate.__file__)
+        print(_migrate._script_location())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    module, location = done.stdout.split()
+    assert Path(module).parent == ROOT / "celery_pii"
+    assert Path(location) == ROOT / "migrations"
