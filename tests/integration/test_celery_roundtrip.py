@@ -13,7 +13,7 @@ from kombu.exceptions import EncodeError
 from celery_pii import get_pii
 from celery_pii._sealer import MARKER
 
-from .conftest import EventCapture, message_bytes, queued_messages
+from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
 
 pytestmark = pytest.mark.integration
 
@@ -184,13 +184,20 @@ class TestCanvas:
         assert not _envelopes_of(messages[4])
 
     def test_map_starmap_and_chunks_run_on_plaintext(self, app, worker):
-        """The called task receives each item's exact plaintext; the results come back."""
-        echoed = app.tasks["t.echo"].map([CARD, EMAIL]).delay().get(timeout=30)
-        assert [r["value"] for r in echoed] == [CARD, EMAIL]
-        charged = app.tasks["t.charge"].starmap([(CARD, 1), (CARD2, 2)]).delay().get(timeout=30)
+        """The called task receives each item's exact plaintext; the results come back, stored sealed."""
+        mapped = app.tasks["t.echo"].map([CARD, EMAIL]).delay()
+        assert [r["value"] for r in mapped.get(timeout=30)] == [CARD, EMAIL]
+        starmapped = app.tasks["t.charge"].starmap([(CARD, 1), (CARD2, 2)]).delay()
+        charged = starmapped.get(timeout=30)
         assert [(r["card_number"], r["amount"]) for r in charged] == [(CARD, 1), (CARD2, 2)]
-        chunked = app.tasks["t.charge"].chunks([(CARD, 1), (CARD2, 2)], 1).delay().get(timeout=30)
-        assert [[r["card_number"] for r in part] for part in chunked] == [[CARD], [CARD2]]
+        chunked = app.tasks["t.charge"].chunks([(CARD, 1), (CARD2, 2)], 1).delay()
+        assert [[r["card_number"] for r in part] for part in chunked.get(timeout=30)] == [[CARD], [CARD2]]
+        # The stored metas (with result_extended: the items as arguments too) hold no plaintext.
+        with redis_client(BACKEND_DB) as client:
+            for result in (mapped, starmapped, *chunked.results):
+                stored = client.get(f"celery-task-meta-{result.id}")
+                assert stored is not None
+                assert_no_plaintext(stored)
 
     def test_group_and_chord_native_join(self, app, worker):
         """A chord on Redis (native join): header and body receive plaintext."""
