@@ -78,6 +78,8 @@ def environment() -> dict[str, Any]:
     import cryptography
     import kombu
 
+    from celery_pii import _json
+
     return {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
@@ -86,6 +88,8 @@ def environment() -> dict[str, Any]:
         "celery": celery.__version__,
         "kombu": kombu.__version__,
         "cryptography": cryptography.__version__,
+        # pii reads plain JSON with orjson when the "fast" extra is installed.
+        "orjson": _json.ORJSON,
     }
 
 

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from kombu.utils import json as kombu_json
 
+from . import _json
 from ._crypto import NONCE_SIZE, TAG_SIZE, Algorithm, DataKey, compress, decompress
 from ._paths import Location
 from .exceptions import DecryptionFailed, EncryptionFailed
@@ -71,7 +72,7 @@ _MAX_SHORT: Final = 255
 _FIXED = struct.Struct(">BBBI")
 _U32 = struct.Struct(">I")
 _json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_json_loads = json.loads
+_json_loads = _json.loads
 
 # Tasks seal the same few location lists over and over: their encoded and
 # parsed forms are cached (bounded) so neither side re-runs JSON on them.

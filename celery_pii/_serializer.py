@@ -6,7 +6,8 @@ It wraps an inner serializer (``json`` or ``msgpack``) in a two-byte frame::
     byte 1   inner codec: b"j" plain JSON, b"k" kombu's typed JSON, b"m" msgpack
     rest     the inner serializer's bytes
 
-Plain JSON bodies go through the standard library's C encoder and decoder;
+Plain JSON bodies go through the standard library's C encoder, and are read by
+orjson where installed (the ``fast`` extra; see ``_json``) or the standard library;
 only a body holding a datetime, Decimal, UUID or bytes falls back to kombu's
 typed JSON (whose per-dict decoding hook costs several microseconds on a
 1 KB body), and the frame says which was used.
@@ -35,6 +36,7 @@ from typing import Any, Final
 
 from kombu.utils import json as kombu_json
 
+from . import _json
 from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
 
 __all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
@@ -73,7 +75,7 @@ def _decode(codec: bytes, body: bytes) -> Any:
         raise DecryptionFailed
     try:
         if codec == b"j":
-            return json.loads(body)
+            return _json.loads(body)
         if codec == b"k":
             return kombu_json.loads(body)
         return _msgpack().unpackb(body, raw=False)

@@ -1,0 +1,40 @@
+"""Decoding plain JSON: orjson when it is installed, the standard library otherwise.
+
+orjson (the ``fast`` extra) reads a 1 KB task body about three times faster
+than ``json.loads``.  It refuses a few things the standard library accepts
+(NaN and Infinity, lone surrogate escapes, a byte-order mark), and it reads an
+integer beyond 64 bits as a float: a document with 19 or more digits in a row
+is given to ``json.loads`` without trying orjson, and so is anything orjson
+refuses, so the result never depends on which decoder ran.
+
+Encoding stays with the standard library: orjson writes UUIDs, enums and NaN
+its own way, and kombu's typed JSON must see those values.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+__all__ = ["ORJSON", "loads"]
+
+try:
+    import orjson
+except ImportError:  # the optional "fast" extra is not installed
+    orjson = None  # type: ignore[assignment]
+
+ORJSON = orjson is not None
+# Any integer orjson could read as a float has at least 19 digits (2**63 has
+# 19).  Digits inside strings match too; those documents just take the slow path.
+_LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
+
+
+def loads(data: bytes) -> Any:
+    """``json.loads``, through orjson where it reads the document the same way."""
+    if orjson is not None and _LONG_DIGITS.search(data) is None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # what only the standard library reads (or nothing does: it raises below)
+    return json.loads(data)
