@@ -202,6 +202,13 @@ def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location
 _key_prefixes: dict[tuple[str, int, int, int], bytes] = {}
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Store in one of the bounded caches above, emptying it first when it is full."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
 def _key_prefix(key: DataKey, flags: int) -> bytes:
     """Version, flags, algorithm, key version and key id: the same for every message of a key."""
     cache_key = (key.key_id, key.version, key.algorithm.code, flags)
@@ -213,9 +220,7 @@ def _key_prefix(key: DataKey, flags: int) -> bytes:
             + bytes((len(key_id),))
             + key_id
         )
-        if len(_key_prefixes) >= _CACHE_LIMIT:
-            _key_prefixes.clear()
-        _key_prefixes[cache_key] = prefix
+        _remember(_key_prefixes, cache_key, prefix)
     return prefix
 
 
@@ -223,11 +228,8 @@ def _encode_locations(locations: tuple[Location, ...]) -> bytes:
     where = _encoded_locations.get(locations)
     if where is None:
         where = _json_dumps(locations).encode()
-        if len(locations) > _CACHEABLE_LOCATIONS:
-            return where
-        if len(_encoded_locations) >= _CACHE_LIMIT:
-            _encoded_locations.clear()
-        _encoded_locations[locations] = where
+        if len(locations) <= _CACHEABLE_LOCATIONS:
+            _remember(_encoded_locations, locations, where)
     return where
 
 
@@ -284,11 +286,8 @@ def _decode_locations(raw: bytes) -> tuple[Location, ...]:
     if cached is not None:
         return cached
     parsed = _parse_locations(raw)
-    if len(parsed) > _CACHEABLE_LOCATIONS:
-        return parsed
-    if len(_parsed_locations) >= _CACHE_LIMIT:
-        _parsed_locations.clear()
-    _parsed_locations[raw] = parsed
+    if len(parsed) <= _CACHEABLE_LOCATIONS:
+        _remember(_parsed_locations, raw, parsed)
     return parsed
 
 
