@@ -22,7 +22,7 @@ authenticated: a value moved to another task or field, or a header edited
 to an older version, fails to open.
 
 The sealed plaintext is the JSON list of values, zlib-compressed above a
-threshold.  Plain JSON types go through the standard library's C encoder;
+threshold.  Plain JSON types go through orjson or the standard library (``_json``);
 only when a value needs kombu's typed JSON (datetime, Decimal, UUID, bytes)
 is that used, and flagged, so the common case stays fast.
 
@@ -71,7 +71,6 @@ _KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED
 _MAX_SHORT: Final = 255
 _FIXED = struct.Struct(">BBBI")
 _U32 = struct.Struct(">I")
-_json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _json_loads = _json.loads
 
 # Tasks seal the same few location lists over and over: their encoded and
@@ -171,7 +170,7 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     flags = _FLAG_RESULT if kind is Kind.RESULT else 0
     values = list(values)
     try:
-        plaintext = _json_dumps(values).encode()
+        plaintext = _json.dumps(values, ensure_ascii=False)
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
         text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
         plaintext = text.encode()
@@ -227,7 +226,7 @@ def _key_prefix(key: DataKey, flags: int) -> bytes:
 def _encode_locations(locations: tuple[Location, ...]) -> bytes:
     where = _encoded_locations.get(locations)
     if where is None:
-        where = _json_dumps(locations).encode()
+        where = _json.dumps([list(location) for location in locations], ensure_ascii=False)
         if len(locations) <= _CACHEABLE_LOCATIONS:
             _remember(_encoded_locations, locations, where)
     return where

@@ -1,14 +1,27 @@
-"""Decoding plain JSON: orjson when it is installed, the standard library otherwise.
+"""Plain JSON through orjson when it is installed, the standard library otherwise.
 
-orjson (the ``fast`` extra) reads a 1 KB task body about three times faster
-than ``json.loads``.  It refuses a few things the standard library accepts
-(NaN and Infinity, lone surrogate escapes, a byte-order mark), and it reads an
-integer beyond 64 bits as a float: a document with 19 or more digits in a row
-is given to ``json.loads`` without trying orjson, and so is anything orjson
-refuses, so the result never depends on which decoder ran.
+orjson (the ``fast`` extra) writes a 1 KB task body about ten times faster
+than the standard library's encoder, and reads it about three times faster.
+Both directions must give exactly what the standard library gives, so the
+result never depends on which library ran:
 
-Encoding stays with the standard library: orjson writes UUIDs, enums and NaN
-its own way, and kombu's typed JSON must see those values.
+Reading: orjson refuses a few things ``json.loads`` accepts (NaN and Infinity,
+lone surrogate escapes, a byte-order mark), and it reads an integer beyond 64
+bits as a float.  A document with 19 or more digits in a row is given to
+``json.loads`` without trying orjson, and so is anything orjson refuses.
+
+Writing: orjson writes some values the standard library refuses or writes
+otherwise: UUIDs and enums as their values, NaN and Infinity as ``null``,
+datetimes and dataclasses natively, subclasses of ``str``/``int``/``dict``/``list``
+from their built-in storage (ignoring an overridden ``items()``).  Callers rely
+on the standard library refusing UUIDs, datetimes and the like, because that is
+when they switch to kombu's typed JSON.  So datetimes, dataclasses and
+subclasses are passed to a ``default`` that refuses them, and every document
+orjson writes is read back and compared with the value it came from: a UUID
+(read back as a str), an enum (read back as its value), NaN (read back as None)
+or a tuple (read back as a list) does not compare equal, and the standard
+library encodes the value instead.  The check costs less than a third of
+what orjson saves.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-__all__ = ["ORJSON", "loads"]
+__all__ = ["ORJSON", "dumps", "loads"]
 
 try:
     import orjson
@@ -30,6 +43,13 @@ ORJSON = orjson is not None
 # faster than a regular expression over a 1 KB body.
 _DIGITS_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGITS: Final = b"0" * 19
+_ORJSON_REFUSES: Final = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+    if orjson is not None
+    else 0
+)
+_ascii_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_unicode_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def loads(data: bytes) -> Any:
@@ -40,3 +60,30 @@ def loads(data: bytes) -> Any:
         except orjson.JSONDecodeError:
             pass  # what only the standard library reads (or nothing does: it raises below)
     return json.loads(data)
+
+
+def dumps(obj: Any, *, ensure_ascii: bool = True) -> bytes:
+    """Compact JSON as UTF-8, reading back as the standard library's encoding would.
+
+    ``ensure_ascii`` applies when the standard library writes; orjson always
+    writes UTF-8 (both read back the same).
+
+    Raises:
+        TypeError, ValueError: what the standard library's encoder raises for
+            ``obj`` (a UUID, datetime, Decimal, bytes, a circular reference...),
+            or UnicodeEncodeError for a lone surrogate when not ``ensure_ascii``.
+    """
+    if orjson is not None:
+        try:
+            data = orjson.dumps(obj, default=_refuse, option=_ORJSON_REFUSES)
+            if orjson.loads(data) == obj:
+                return data
+        except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+            pass  # the standard library decides below
+    text: str = (_ascii_dumps if ensure_ascii else _unicode_dumps)(obj)
+    return text.encode()
+
+
+def _refuse(_value: object) -> Any:
+    """The ``default`` of orjson: types it does not write natively go to the standard library."""
+    raise TypeError

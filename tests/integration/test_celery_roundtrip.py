@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
 
 import pytest
 from celery import chain, chord, group
@@ -68,6 +71,17 @@ class TestRoundTrip:
         result = app.tasks["t.echo"].delay(value).get(timeout=20)
         assert result["value"] == value
         assert result["type"] == type(value).__name__
+
+    @pytest.mark.parametrize(
+        "label",
+        [uuid.UUID(int=7), datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("9.99"), (1, "two")],
+    )
+    def test_plain_arguments_keep_kombu_json_types(self, app, worker, label):
+        """Non-PII arguments arrive as kombu's json would deliver them (UUIDs stay UUIDs, not strings)."""
+        result = app.tasks["t.echo"].delay(CARD, label=label).get(timeout=20)
+        expected = list(label) if isinstance(label, tuple) else label
+        assert result["label"] == expected
+        assert type(result["label"]) is type(expected)
 
     def test_reused_signature_is_not_sealed_twice(self, app, worker):
         """Sending one signature twice seals two copies; its own kwargs stay plaintext."""

@@ -1,8 +1,14 @@
-"""Plain-JSON decoding reads every document exactly as ``json.loads`` does, whichever decoder ran."""
+"""Plain JSON reads and writes exactly as the standard library does, whichever library ran."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime as dt
+import decimal
+import enum
 import json
+import uuid
 
 import pytest
 from hypothesis import given, settings
@@ -82,3 +88,117 @@ def test_orjson_reads_plain_documents_when_installed(monkeypatch):
         "amount": 10.5,
         "items": [1, 2],
     }
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+class Size(enum.IntEnum):
+    LARGE = 3
+
+
+class Label(str):
+    __slots__ = ()
+
+
+class Renamed(dict):
+    """A dict subclass the standard library writes through its overridden items()."""
+
+    def items(self):
+        return [("renamed", 1)]
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+# What orjson writes natively but the standard library refuses or writes otherwise.
+ODD_SCALARS = st.sampled_from(
+    [
+        uuid.UUID(int=7),
+        Colour.RED,
+        Size.LARGE,
+        Label("gold"),
+        Renamed(a=1),
+        collections.OrderedDict(b=2),
+        Point(1),
+        dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+        dt.date(2026, 1, 2),
+        decimal.Decimal("9.99"),
+        b"bytes",
+        float("nan"),
+        float("inf"),
+        -0.0,
+        2**64,
+        -(2**63) - 1,
+        "\ud800",
+    ]
+)
+WRITABLE = st.recursive(
+    SCALARS | ODD_SCALARS,
+    lambda children: (
+        st.lists(children)
+        | st.lists(children).map(tuple)
+        | st.dictionaries(st.text(), children)
+        | st.dictionaries(st.integers(), children)
+    ),
+    max_leaves=20,
+)
+
+
+def _written_alike(value, ensure_ascii):
+    """``_json.dumps`` reads back as the standard library's encoding, or raises what it raises."""
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensure_ascii).encode
+    try:
+        expected = encode(value).encode()
+    except (TypeError, ValueError) as error:
+        with pytest.raises(type(error)):
+            _json.dumps(value, ensure_ascii=ensure_ascii)
+        return
+    got = _json.dumps(value, ensure_ascii=ensure_ascii)
+    assert json.dumps(json.loads(got)) == json.dumps(json.loads(expected))
+
+
+@settings(max_examples=500)
+@given(WRITABLE, st.booleans())
+def test_every_value_is_written_as_the_standard_library_writes_it(value, ensure_ascii):
+    _written_alike(value, ensure_ascii)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [uuid.UUID(int=7)],  # orjson: a plain string
+        {"colour": Colour.RED},  # orjson: the enum's value
+        [float("nan"), float("inf")],  # orjson: null
+        [Renamed(a=1)],  # orjson: the dict's storage, not its items()
+        [Size.LARGE, Label("x")],
+        [dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)],
+        [Point(1)],
+        [2**64],
+        {1: "integer key"},
+        [-0.0],
+        ("a", ("tuple",)),
+    ],
+)
+def test_what_orjson_writes_differently_or_refuses(value):
+    """UUIDs, enums, NaN, subclasses, datetimes and the like get the standard library's treatment."""
+    _written_alike(value, ensure_ascii=True)
+    _written_alike(value, ensure_ascii=False)
+
+
+def test_orjson_writes_plain_documents_when_installed(monkeypatch):
+    """With the ``fast`` extra, a plain document never reaches the standard library's encoder."""
+    pytest.importorskip("orjson")
+
+    def standard_library(value):
+        raise AssertionError("the standard library's encoder was used")
+
+    monkeypatch.setattr(_json, "_ascii_dumps", standard_library)
+    document = [["4111 1111 1111 1111", 10.5, {"email": "ann@example.com"}], {}, {"chain": None}]
+    assert json.loads(_json.dumps(document)) == document
