@@ -1,7 +1,8 @@
 """Plain JSON through orjson when it is installed, the standard library otherwise.
 
 orjson (the ``fast`` extra) writes a 1 KB task body about ten times faster
-than the standard library's encoder, and reads it about three times faster.
+than the standard library's encoder (2.5 times with the check below), and
+reads it about three times faster.
 Both directions must give exactly what the standard library gives, so the
 result never depends on which library ran:
 

@@ -348,17 +348,17 @@ def replace_in_copies(root: Mapping[str, Any], replacements: Mapping[Location, A
     data must stay theirs.
     """
     copy = dict(root)
-    copied: dict[Location, Any] = {}  # location prefix -> the copy made for it
+    # The containers made here, by id: all stay alive in the result, so no
+    # other object can share an id with one of them while this runs.
+    made = {id(copy)}
     for location, value in replacements.items():
         parent: Any = copy
-        for depth in range(1, len(location)):
-            prefix = location[:depth]
-            node = copied.get(prefix)
-            if node is None:
-                original = parent[location[depth - 1]]
-                node = list(original) if isinstance(original, (list, tuple)) else dict(original)
-                parent[location[depth - 1]] = node
-                copied[prefix] = node
+        for part in location[:-1]:
+            node = parent[part]
+            if id(node) not in made:
+                node = list(node) if isinstance(node, (list, tuple)) else dict(node)
+                made.add(id(node))
+                parent[part] = node
             parent = node
         parent[location[-1]] = value
     return copy

@@ -132,7 +132,7 @@ class Sealer:
             return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         key = self.keys.encryption_key(key_spec)
-        locations = tuple(location for location, _ in found)
+        locations = tuple([location for location, _ in found])
         try:
             token = _envelope.seal(
                 key,
@@ -153,7 +153,7 @@ class Sealer:
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
     ) -> tuple[list[tuple[Location, Any]], list[TaskSpec]]:
         """Every value of a message to seal, and the specs whose retention applies to them."""
-        found = list(self._call_fields(name, spec, root, seal_all=seal_all))
+        found = self._call_fields(name, spec, root, seal_all=seal_all)
         specs = [spec] if spec is not None else []
         nested: list[tuple[Location, Any, TaskSpec | None]] = []
         if name in _ITEM_TASKS and not seal_all:
@@ -201,20 +201,20 @@ class Sealer:
 
     def _call_fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
-    ) -> Iterator[tuple[Location, Any]]:
+    ) -> list[tuple[Location, Any]]:
         args: Sequence[Any] = root.get("args") or ()
         kwargs: Mapping[str, Any] = root.get("kwargs") or {}
+        found: list[tuple[Location, Any]] = []
         if seal_all:
-            for location, value, _ in _arguments(args, kwargs, ()):
-                yield location, value
+            found = [(location, value) for location, value, _ in _arguments(args, kwargs, ())]
         elif spec is not None and spec.binder is not None:
-            for location, value in spec.binder.locate(args, kwargs):
-                if not _is_marker(value):  # already sealed: leave it alone
-                    yield location, value
+            located = spec.binder.locate(args, kwargs)  # an already sealed value is left alone:
+            found = [(location, value) for location, value in located if not _is_marker(value)]
         if name == _CHORD_UNLOCK and len(args) > 1:
             # chord_unlock carries the chord body as its second argument.
-            for location, value, _ in _embedded(args[1], ("args", 1), self.lookup):
-                yield location, value
+            steps = _embedded(args[1], ("args", 1), self.lookup)
+            found.extend((location, value) for location, value, _ in steps)
+        return found
 
     def key_spec(
         self,

@@ -197,6 +197,15 @@ class TestCopies:
         assert args[0] == "4111"
         assert new["args"][1]["tags"] is customer["tags"]  # untouched branches are shared, not copied
 
+    def test_shared_containers_are_copied_per_place(self):
+        """One dict passed twice: replacing in the first place leaves the second (and the caller's) alone."""
+        customer = {"email": "ann@example.com"}
+        root = {"args": [customer, customer], "kwargs": {}}
+        new = replace_in_copies(root, {("args", 0, "email"): "X", ("args", 0, "tier"): "Y"})
+        assert new["args"] == [{"email": "X", "tier": "Y"}, {"email": "ann@example.com"}]
+        assert new["args"][1] is customer
+        assert customer == {"email": "ann@example.com"}
+
     def test_set_in_place(self):
         """Opening writes into the worker's own decoded objects."""
         args, kwargs = ["X", {"email": "Y"}], {"items": [{"serial": "Z"}]}
