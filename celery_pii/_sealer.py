@@ -208,7 +208,8 @@ class Sealer:
         if seal_all:
             found = [(location, value) for location, value, _ in _arguments(args, kwargs, ())]
         elif spec is not None and spec.binder is not None:
-            located = spec.binder.locate(args, kwargs)  # an already sealed value is left alone:
+            # A value that is already a marker (a reused, sealed signature) is left alone.
+            located = spec.binder.locate(args, kwargs)
             found = [(location, value) for location, value in located if not _is_marker(value)]
         if name == _CHORD_UNLOCK and len(args) > 1:
             # chord_unlock carries the chord body as its second argument.

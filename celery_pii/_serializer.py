@@ -8,9 +8,9 @@ It wraps an inner serializer (``json`` or ``msgpack``) in a two-byte frame::
 
 Plain JSON bodies are written and read by orjson where installed (the ``fast``
 extra; ``_json`` makes sure it gives what the standard library would) or by
-the standard library; only a body holding a datetime, Decimal, UUID or bytes falls back to kombu's
-typed JSON (whose per-dict decoding hook costs several microseconds on a
-1 KB body), and the frame says which was used.
+the standard library; only a body holding a datetime, Decimal, UUID or bytes
+falls back to kombu's typed JSON (whose per-dict decoding hook costs several
+microseconds on a 1 KB body), and the frame says which was used.
 
 Task bodies are sealed *before* they get here, by ``setup_pii``'s publish
 step (which sees the task name and id).  This serializer is the guard: a task
