@@ -202,3 +202,23 @@ def test_orjson_writes_plain_documents_when_installed(monkeypatch):
     monkeypatch.setattr(_json, "_ascii_dumps", standard_library)
     document = [["4111 1111 1111 1111", 10.5, {"email": "ann@example.com"}], {}, {"chain": None}]
     assert json.loads(_json.dumps(document)) == document
+
+
+@settings(max_examples=200)
+@given(WRITABLE)
+def test_without_orjson_the_standard_library_writes_and_reads(value):
+    """Without the ``fast`` extra, both directions are exactly the standard library's."""
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    original = _json.orjson
+    _json.orjson = None  # as if the extra were not installed (hypothesis cannot take monkeypatch)
+    try:
+        try:
+            expected = encode(value).encode()
+        except (TypeError, ValueError) as error:
+            with pytest.raises(type(error)):
+                _json.dumps(value)
+            return
+        assert _json.dumps(value) == expected
+        assert json.dumps(_json.loads(expected)) == json.dumps(json.loads(expected))
+    finally:
+        _json.orjson = original
