@@ -88,7 +88,7 @@ def environment() -> dict[str, Any]:
         "celery": celery.__version__,
         "kombu": kombu.__version__,
         "cryptography": cryptography.__version__,
-        # pii reads plain JSON with orjson when the "fast" extra is installed.
+        # pii writes and reads plain JSON with orjson when the "fast" extra is installed.
         "orjson": _json.ORJSON,
     }
 

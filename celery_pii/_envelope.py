@@ -71,7 +71,6 @@ _KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED
 _MAX_SHORT: Final = 255
 _FIXED = struct.Struct(">BBBI")
 _U32 = struct.Struct(">I")
-_json_loads = _json.loads
 
 # Tasks seal the same few location lists over and over: their encoded and
 # parsed forms are cached (bounded) so neither side re-runs JSON on them.
@@ -142,7 +141,7 @@ class Envelope:
         if self.compressed:
             plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
         try:
-            values: object = kombu_json.loads(plaintext) if self.typed else _json_loads(plaintext)
+            values: object = kombu_json.loads(plaintext) if self.typed else _json.loads(plaintext)
         except (ValueError, TypeError, RecursionError):
             raise DecryptionFailed from None
         if type(values) is not list or len(values) != len(self.locations):

@@ -131,19 +131,19 @@ class PIISerializer:
         Raises:
             EncryptionFailed: a task body that was not sealed by ``setup_pii``.
         """
-        document: Any = obj
-        if is_task_body(obj):
+        task_body = is_task_body(obj)
+        if task_body:
             if publish_ticket.get() is not obj:
                 msg = (
                     "a task body reached the 'pii' serializer without passing celery-pii's publish "
                     "step; call setup_pii(app) on the app that publishes it (nothing was published)"
                 )
                 raise EncryptionFailed(msg)
-            # JSON writes tuples as lists; as lists, orjson's output checks equal to them (see _json).
-            document = [list(document[0]), document[1], document[2]]
         elif self._seal_result is not None:
-            obj = document = self._seal_result(obj)
+            obj = self._seal_result(obj)
         if self.inner == "json":
+            # JSON writes tuples as lists; given as lists, orjson's output reads back equal (see _json).
+            document = [list(obj[0]), obj[1], obj[2]] if task_body else obj
             try:
                 return self._header + _json.dumps(document)
             except (TypeError, ValueError):  # a datetime, Decimal, UUID, bytes...
