@@ -48,6 +48,7 @@ class Settings:
     inner_serializer: str
     compression_threshold: int | None
     key_cache_ttl: float
+    key_recheck_interval: float
     rotation_interval: timedelta
     rotation_max_messages: int
     max_key_versions: int
@@ -243,8 +244,17 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "pii_key_cache_ttl",
         3600.0,
         _seconds(1, 86400 * 7),
-        "Seconds a data key stays in process memory; other processes stop using a destroyed "
-        "key within this time.",
+        "Seconds a data key stays in process memory; a process that cannot reach the key store "
+        "stops using a key destroyed elsewhere within this time.",
+        "float",
+    ),
+    Option(
+        "pii_key_recheck_interval",
+        30.0,
+        _seconds(0.1, 86400),
+        "Seconds between a process's checks of the key store for keys destroyed elsewhere "
+        "(erasure, retention, `destroy_key`); every process stops opening a destroyed key within "
+        "about this time.",
         "float",
     ),
     Option(

@@ -1,9 +1,10 @@
 """In-process cache of unwrapped data keys, and usage counters.
 
 Publishing and opening look keys up here first: a hit is a dict lookup and a
-clock read, with no database round trip.  Entries expire after
-``pii_key_cache_ttl`` seconds, which bounds how long another process may keep
-using a key this process has not seen destroyed (the destroying process
+clock read, with no database round trip.  A key destroyed by another process
+is evicted by the key manager's periodic check (``pii_key_recheck_interval``);
+entries also expire after ``pii_key_cache_ttl`` seconds, which bounds how long
+a process that cannot reach the store keeps using one (the destroying process
 evicts at once).
 
 Usage counts (encryptions per key version) are accumulated here and flushed
@@ -89,18 +90,28 @@ class KeyCache:
         if active:
             self._active[key.key_id] = (key, expiry)
 
-    def forget(self, key_id: str, version: int | None = None, *, destroyed: bool = False) -> None:
-        """Evict a key id (all versions) or one version; remember destruction."""
+    def forget(self, key_id: str, version: int | None = None, *, destroyed: bool = False) -> bool:
+        """Evict a key id (all versions) or one version; remember destruction.
+
+        Returns:
+            True if something was cached.
+        """
         expiry = time.monotonic() + self.ttl
-        for cached in [k for k in self._versions if k[0] == key_id and version in (None, k[1])]:
-            del self._versions[cached]
+        if version is None:
+            cached = [k for k in self._versions if k[0] == key_id]
+        else:  # a direct lookup: the periodic check forgets versions one by one
+            cached = [(key_id, version)] if (key_id, version) in self._versions else []
+        for entry in cached:
+            del self._versions[entry]
             if destroyed:
-                self._destroyed[cached] = expiry
+                self._destroyed[entry] = expiry
         if destroyed and version is not None:
             self._destroyed[(key_id, version)] = expiry
         active = self._active.get(key_id)
         if active is not None and version in (None, active[0].version):
             del self._active[key_id]
+            return True
+        return bool(cached)
 
     def clear(self) -> None:
         """Drop every cached key."""

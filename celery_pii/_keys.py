@@ -18,6 +18,7 @@ import hmac
 import logging
 import os
 import socket
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ logger = logging.getLogger("celery_pii.keys")
 RESERVED_PREFIX: Final = "celery_pii."
 SUBJECT_INDEX_KEY: Final = RESERVED_PREFIX + "subject-index"
 _RETRIES: Final = 5
+# Each check asks for versions destroyed since a little before the previous
+# one, so a destroying host whose clock runs behind, or a slow commit, is not missed.
+_RECHECK_OVERLAP: Final = timedelta(minutes=5)
 _T = TypeVar("_T")
 
 
@@ -120,6 +124,7 @@ class KeyManager:
         rotation_max_messages: int = 2**31,
         max_key_versions: int = 5,
         cache_ttl: float = 3600.0,
+        recheck_interval: float = 30.0,
         actor: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         previous_master: MasterKey | None = None,
@@ -131,6 +136,9 @@ class KeyManager:
         self.rotation_max_messages = rotation_max_messages
         self.max_key_versions = max_key_versions
         self.cache = KeyCache(cache_ttl)
+        self.recheck_interval = recheck_interval
+        self._next_recheck = time.monotonic() + recheck_interval
+        self._destroyed_since = clock() - _RECHECK_OVERLAP
         self._actor = actor
         self._clock = clock
         self._subject_secret: bytes | None = None
@@ -158,6 +166,8 @@ class KeyManager:
             KeyStoreUnavailable: not cached and the store cannot be reached.
             EncryptionFailed: a retention bucket whose deadline has passed.
         """
+        if time.monotonic() >= self._next_recheck:
+            self.recheck_cache()
         key = self.cache.active(spec.key_id)
         if key is None:
             key = self._load_active(spec)
@@ -173,6 +183,8 @@ class KeyManager:
             KeyDestroyed: that version was destroyed.
             KeyStoreUnavailable: not cached and the store cannot be reached.
         """
+        if time.monotonic() >= self._next_recheck:
+            self.recheck_cache()
         key = self.cache.version(key_id, version)
         if key is not None:
             return self._unexpired(key)
@@ -195,6 +207,39 @@ class KeyManager:
         # If it is the active version, results sealed under this key need no round trip either.
         self.cache.put(key, active=active)
         return self._unexpired(key)
+
+    def recheck_cache(self) -> int:
+        """Evict cached keys that another process destroyed; returns how many versions.
+
+        The process that destroys a key evicts it at once.  Every other process
+        runs this on its publish and consume paths every ``pii_key_recheck_interval``
+        seconds: one indexed query for the versions destroyed since its previous
+        check.  Evicted versions are read from the store again on next use, which
+        is what says they are destroyed (a check trusts nothing but the store).
+        An unreachable store leaves the cache as it is until the next check
+        (``pii_key_cache_ttl`` still bounds it), and publishing and opening go on.
+        """
+        self._next_recheck = time.monotonic() + self.recheck_interval
+        checked_at = self._clock()
+        if not len(self.cache):  # nothing to evict; keys loaded later read the store as it is then
+            self._destroyed_since = checked_at - _RECHECK_OVERLAP
+            return 0
+        try:
+            with self.store.transaction() as session:
+                destroyed = session.execute(
+                    select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= self._destroyed_since)
+                ).all()
+        except KeyStoreUnavailable:
+            logger.warning(
+                "celery-pii: could not check the key store for destroyed keys; cached keys are kept "
+                "until the next check (pii_key_recheck_interval) or their pii_key_cache_ttl"
+            )
+            return 0
+        self._destroyed_since = checked_at - _RECHECK_OVERLAP
+        evicted = sum(self.cache.forget(key_id, version) for key_id, version in destroyed)
+        if evicted:
+            logger.info("celery-pii: evicted %d cached key version(s) destroyed by another process", evicted)
+        return evicted
 
     def _unexpired(self, key: DataKey) -> DataKey:
         # Past its retention deadline a key opens nothing, in every process,

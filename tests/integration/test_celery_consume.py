@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -107,6 +108,25 @@ class TestKeyOutcomes:
             assert kept.get(timeout=20)["email"] == "carol@example.com"
         denied = [r for r in pii.keys.audit_trail() if r.operation == "decrypt_denied"]
         assert any(r.details.get("task_id") == forgotten.id for r in denied)
+
+    def test_worker_that_cached_a_subject_key_refuses_it_after_forget(self, make_app, start_worker_process):
+        """A prefork child holding a forgotten subject's key stops opening with it at its next check."""
+        conf = {"pii_key_recheck_interval": 0.5}  # the TTL stays at an hour
+        worker = start_worker_process(
+            pool="prefork", concurrency=1, env={"PII_TESTAPP_CONF": json.dumps(conf)}
+        )
+        app = make_app()
+        profile = app.tasks["t.profile"]
+        assert profile.delay("user-9", EMAIL).get(timeout=30)["email"] == EMAIL  # the child caches the key
+        held = profile.apply_async(("user-9", EMAIL), countdown=3)  # sealed now, opened by that child later
+        assert get_pii(app).forget_subject("user-9") >= 1
+        with pytest.raises(KeyDestroyed, match="was destroyed"):
+            held.get(timeout=30)
+        # The stored result is unreadable either way (it is sealed under the same key): the
+        # worker's log tells whether the task ran.
+        log = worker.log()
+        assert f"Task t.profile[{held.id}] succeeded" not in log
+        assert re.search(rf"Task t\.profile\[{held.id}\] raised .*KeyDestroyed", log)
 
     def test_unreachable_key_store_retries(self, make_app, key_store_url):
         """With the key store cut off and a cold cache, the task is retried and runs once it returns."""

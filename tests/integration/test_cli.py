@@ -217,7 +217,7 @@ class TestRealProcess:
                 [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120, check=False
             )
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
-            assert "0002_master_key_rotation" in upgraded.stdout
+            assert "0003_destroyed_at_index" in upgraded.stdout
             generated = subprocess.run(
                 [*command, "keys", "generate", "proc-key"],
                 env=env,

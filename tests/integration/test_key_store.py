@@ -25,7 +25,7 @@ from celery_pii.exceptions import (
     KeyStoreUnavailable,
 )
 
-from .conftest import MASTER
+from .conftest import MASTER, TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ class TestMigrations:
             "celery_pii_keys",
             "celery_pii_key_audit",
         }
-        assert current_revision(empty_db) == "0002_master_key_rotation"
+        assert current_revision(empty_db) == "0003_destroyed_at_index"
         assert _execute(empty_db, "SELECT * FROM alembic_version") == []  # the host's version table untouched
         command.check(alembic_config(empty_db))  # raises if models and migrations disagree
         migrate(empty_db)  # idempotent
@@ -268,16 +268,81 @@ class TestCache:
         assert stats.cache_hits >= 1000
         assert stats.cache_misses >= 1
 
-    def test_other_processes_stop_serving_destroyed_keys_within_ttl(self, make_manager):
-        """A second manager keeps its cached copy only until the TTL runs out."""
-        first, second = make_manager(cache_ttl=0.5), make_manager(cache_ttl=0.5)
+    def test_recheck_evicts_keys_destroyed_by_another_process(self, make_manager):
+        """A second manager serves its cached copy until it checks the store, then refuses it."""
+        first, second = make_manager(), make_manager(recheck_interval=3600)
         first.encryption_key(KeySpec("orders"))
         second.decryption_key("orders", 1)
         first.destroy_key("orders")
-        second.decryption_key("orders", 1)  # still cached: documented behaviour
+        second.decryption_key("orders", 1)  # no check due yet: the cached copy still opens
+        assert second.recheck_cache() == 1
+        with pytest.raises(KeyDestroyed):
+            second.decryption_key("orders", 1)
+        assert second.recheck_cache() == 0  # nothing left to evict
+
+    def test_publish_and_consume_paths_run_the_check_when_due(self, make_manager):
+        """With the check due, opening refuses a key destroyed elsewhere and sealing takes a new version."""
+        first, second = make_manager(), make_manager(recheck_interval=0.2)
+        first.encryption_key(KeySpec("orders"))
+        second.decryption_key("orders", 1)
+        assert second.encryption_key(KeySpec("orders")).version == 1
+        first.destroy_key("orders")
+        time.sleep(0.3)
+        with pytest.raises(KeyDestroyed):
+            second.decryption_key("orders", 1)
+        assert second.encryption_key(KeySpec("orders")).version == 2
+
+    def test_recheck_reaches_back_over_clock_skew(self, make_manager):
+        """A destroying host whose clock runs two minutes behind is not missed by the next check."""
+        behind = make_manager(clock=lambda: utcnow() - timedelta(minutes=2))
+        second = make_manager(recheck_interval=3600)
+        behind.encryption_key(KeySpec("orders"))
+        second.decryption_key("orders", 1)
+        assert second.recheck_cache() == 0
+        behind.destroy_key("orders")  # destroyed_at two minutes before this process's last check
+        assert second.recheck_cache() == 1
+
+    def test_ttl_still_bounds_the_cache_between_checks(self, make_manager):
+        """Without a check, a cached copy is served only until pii_key_cache_ttl runs out."""
+        first, second = make_manager(cache_ttl=0.5), make_manager(cache_ttl=0.5, recheck_interval=3600)
+        first.encryption_key(KeySpec("orders"))
+        second.decryption_key("orders", 1)
+        first.destroy_key("orders")
+        second.decryption_key("orders", 1)  # cached, and no check due
         time.sleep(0.6)
         with pytest.raises(KeyDestroyed):
             second.decryption_key("orders", 1)
+
+    def test_unreachable_store_at_a_check_keeps_serving_and_checks_again(self, make_manager, db_url, caplog):
+        """A check that cannot reach the store warns, keeps the cache, and misses nothing once it is back."""
+        url = sa.engine.make_url(db_url)
+        if url.host is None:
+            pytest.skip("SQLite has no network to cut")
+        proxy = TcpProxy(url.host, url.port)
+        try:
+            first = make_manager()
+            second = KeyManager(
+                KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1),
+                MASTER,
+                recheck_interval=0.2,
+            )
+            first.encryption_key(KeySpec("orders"))
+            second.decryption_key("orders", 1)
+            proxy.cut()
+            first.destroy_key("orders")
+            time.sleep(0.3)
+            with caplog.at_level(logging.WARNING, logger="celery_pii.keys"):
+                assert (
+                    second.decryption_key("orders", 1).version == 1
+                )  # the check failed: no outage for tasks
+            assert "could not check the key store for destroyed keys" in caplog.text
+            proxy.restore()
+            time.sleep(0.3)
+            with pytest.raises(KeyDestroyed):
+                second.decryption_key("orders", 1)
+            second.store.dispose()
+        finally:
+            proxy.close()
 
     def test_usage_counts_are_flushed_in_batches(self, manager, db_url):
         """2,500 encryptions cost a handful of UPDATEs, and the count is exact after a flush."""

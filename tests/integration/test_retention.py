@@ -171,8 +171,8 @@ class TestBeat:
                 ),
                 timeout=30,
             )
-            # This process still holds the key it sealed with until pii_key_cache_ttl
-            # runs out (documented); a reader without it (another process) is what matters.
+            # This process still holds the key it sealed with until its next check of the
+            # store (pii_key_recheck_interval); a reader without it (another process) is what matters.
             pii.keys.cache.clear()
             with pytest.raises(KeyDestroyed, match="destroyed"):
                 app.AsyncResult(short.id).get(timeout=10)
