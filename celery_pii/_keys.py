@@ -224,10 +224,13 @@ class KeyManager:
         if not len(self.cache):  # nothing to evict; keys loaded later read the store as it is then
             self._destroyed_since = checked_at - _RECHECK_OVERLAP
             return 0
+        # A key cached before a destruction older than the TTL has expired since; one
+        # loaded after it read the store then: neither needs that destruction.
+        since = max(self._destroyed_since, checked_at - timedelta(seconds=self.cache.ttl) - _RECHECK_OVERLAP)
         try:
             with self.store.transaction() as session:
                 destroyed = session.execute(
-                    select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= self._destroyed_since)
+                    select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= since)
                 ).all()
         except KeyStoreUnavailable:
             logger.warning(
