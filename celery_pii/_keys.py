@@ -54,6 +54,9 @@ _RETRIES: Final = 5
 # Each check asks for versions destroyed since a little before the previous
 # one, so a destroying host whose clock runs behind, or a slow commit, is not missed.
 _RECHECK_OVERLAP: Final = timedelta(minutes=5)
+# After a check that could not reach the store, wait this many intervals: the
+# check runs on the publish path, and an unreachable host costs a connect timeout.
+_RECHECK_BACKOFF: Final = 10
 _T = TypeVar("_T")
 
 
@@ -216,8 +219,9 @@ class KeyManager:
         seconds: one indexed query for the versions destroyed since its previous
         check.  Evicted versions are read from the store again on next use, which
         is what says they are destroyed (a check trusts nothing but the store).
-        An unreachable store leaves the cache as it is until the next check
-        (``pii_key_cache_ttl`` still bounds it), and publishing and opening go on.
+        An unreachable store leaves the cache as it is (``pii_key_cache_ttl``
+        still bounds it) and is asked again ten intervals later; publishing and
+        opening go on meanwhile.
         """
         self._next_recheck = time.monotonic() + self.recheck_interval
         checked_at = self._clock()
@@ -233,9 +237,10 @@ class KeyManager:
                     select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= since)
                 ).all()
         except KeyStoreUnavailable:
+            self._next_recheck = time.monotonic() + self.recheck_interval * _RECHECK_BACKOFF
             logger.warning(
                 "celery-pii: could not check the key store for destroyed keys; cached keys are kept "
-                "until the next check (pii_key_recheck_interval) or their pii_key_cache_ttl"
+                "until a later check (ten pii_key_recheck_interval) or their pii_key_cache_ttl"
             )
             return 0
         self._destroyed_since = checked_at - _RECHECK_OVERLAP
