@@ -35,7 +35,7 @@ from ._config import Settings, settings_from_conf
 from ._keys import KeyManager
 from ._pii import PII
 from ._quarantine import make_quarantine_step
-from ._redact import RedactingFilter, Scrubber
+from ._redact import RedactingFilter
 from ._sealer import is_sealed_result, unreadable_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
@@ -273,14 +273,7 @@ def _key_manager(settings: Settings) -> KeyManager:
 # -- logging -------------------------------------------------------------------------------------
 
 
-def _current_scrubbing() -> tuple[Scrubber | None, bool]:
-    running = _context.running.get()
-    if running is None:
-        return None, False
-    return running.scrubber, running.is_pii
-
-
-_FILTER = RedactingFilter(_current_scrubbing)
+_FILTER = RedactingFilter(_context.running.get)
 
 
 def _install_logging_filter() -> None:

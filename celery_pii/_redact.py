@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 __all__ = ["REDACTED", "RedactingFilter", "Scrubber", "redacted_repr"]
 
@@ -113,23 +113,47 @@ def _collect(value: Any, needles: set[str], depth: int) -> None:
 _TRACE_LOGGER: Final = "celery.app.trace"
 
 
+class Scrubbing(Protocol):
+    """What the logging filter needs of the running task."""
+
+    #: A PII task: its return value is hidden from Celery's success line.
+    is_pii: bool
+
+    @property
+    def scrubber(self) -> Scrubber:
+        """Replaces the values opened for the task (built on first use)."""
+
+
 class RedactingFilter(logging.Filter):
     """Scrubs the running PII task's plaintext values from log records.
 
-    ``current`` returns the active task's :class:`Scrubber` (or ``None``) and
-    whether the running task is a PII task (whose return value is hidden).
+    ``current`` returns the running task (``None`` outside tasks).
     """
 
-    def __init__(self, current: Callable[[], tuple[Scrubber | None, bool]]) -> None:
+    def __init__(self, current: Callable[[], Scrubbing | None]) -> None:
         super().__init__("celery_pii")
         self._current = current
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place; never drop it."""
-        scrubber, is_pii_task = self._current()
+        running = self._current()
+        if running is None:
+            return True
         args = record.args
-        if is_pii_task and record.name == _TRACE_LOGGER and isinstance(args, dict) and "return_value" in args:
+        if (
+            running.is_pii
+            and record.name == _TRACE_LOGGER
+            and isinstance(args, dict)
+            and "return_value" in args  # Celery's success line
+        ):
             record.args = dict(args, return_value=REDACTED)
+            message = str(record.msg)
+            if "%(args)" not in message and "%(kwargs)" not in message:
+                # Celery's success line, once per PII task: with the return value hidden,
+                # what is left (task name, id, runtime) holds no value of the call, so
+                # the scrubber need not be built for it.
+                return True
+        scrubber = running.scrubber
         if scrubber:
             try:
                 message = record.getMessage()
