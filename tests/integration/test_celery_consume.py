@@ -126,9 +126,10 @@ class TestKeyOutcomes:
         # worker's log tells whether the task ran.  It logs the outcome after storing it.
         outcome = re.compile(rf"Task t\.profile\[{held.id}\] (succeeded|raised .*KeyDestroyed)")
         deadline = time.monotonic() + 20
-        while not outcome.search(worker.log()) and time.monotonic() < deadline:
+        while (logged := outcome.search(worker.log())) is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "raised" in outcome.search(worker.log()).group(1)
+        assert logged is not None, "the worker never logged the held task's outcome"
+        assert logged.group(1) != "succeeded"
 
     def test_unreachable_key_store_retries(self, make_app, key_store_url):
         """With the key store cut off and a cold cache, the task is retried and runs once it returns."""
