@@ -26,6 +26,9 @@ __all__ = ["KeyCache"]
 #: to be roughly current).
 FLUSH_EVERY_USES: Final = 100_000
 FLUSH_EVERY_SECONDS: Final = 10.0
+#: Past this many remembered destructions, expired ones are dropped (a beat worker
+#: enforcing retention sees every destroyed bucket key go by, cached or not).
+DESTROYED_SWEEP_AT: Final = 4096
 
 
 class KeyCache:
@@ -104,14 +107,22 @@ class KeyCache:
         for entry in cached:
             del self._versions[entry]
             if destroyed:
-                self._destroyed[entry] = expiry
+                self._remember_destroyed(entry, expiry)
         if destroyed and version is not None:
-            self._destroyed[(key_id, version)] = expiry
+            self._remember_destroyed((key_id, version), expiry)
         active = self._active.get(key_id)
         if active is not None and version in (None, active[0].version):
             del self._active[key_id]
             return True
         return bool(cached)
+
+    def _remember_destroyed(self, entry: tuple[str, int], expiry: float) -> None:
+        if len(self._destroyed) >= DESTROYED_SWEEP_AT:
+            now = time.monotonic()
+            # list() copies in one step: another thread may add an entry meanwhile.
+            remembered = list(self._destroyed.items())
+            self._destroyed = {known: until for known, until in remembered if until > now}
+        self._destroyed[entry] = expiry
 
     def clear(self) -> None:
         """Drop every cached key."""

@@ -1,0 +1,27 @@
+"""The in-process key cache: what it remembers, and for how long."""
+
+from __future__ import annotations
+
+import time
+
+from celery_pii._keycache import DESTROYED_SWEEP_AT, KeyCache
+
+
+def test_remembered_destructions_expire_and_are_swept():
+    """A process that sees many keys destroyed (retention in a beat worker) does not keep them all."""
+    cache = KeyCache(ttl=0.05)
+    for version in range(DESTROYED_SWEEP_AT):
+        cache.forget("bucket@20260101T000000Z", version, destroyed=True)
+    assert cache.is_destroyed("bucket@20260101T000000Z", 0)
+    time.sleep(0.1)
+    assert not cache.is_destroyed("bucket@20260101T000000Z", 0)  # expired with the TTL
+    cache.forget("bucket@20260102T000000Z", 1, destroyed=True)
+    assert len(cache._destroyed) == 1  # the expired ones were dropped
+    assert cache.is_destroyed("bucket@20260102T000000Z", 1)
+
+
+def test_live_destructions_survive_a_sweep():
+    cache = KeyCache(ttl=3600)
+    for version in range(DESTROYED_SWEEP_AT + 10):
+        cache.forget("orders", version, destroyed=True)
+    assert all(cache.is_destroyed("orders", version) for version in range(DESTROYED_SWEEP_AT + 10))
