@@ -133,7 +133,9 @@ class TestBeat:
         """Beat shreds expired buckets (a held copy then fails) and rotations lose no message."""
         env = {
             "PII_TESTAPP_BEAT_INTERVAL": "1",
-            "PII_TESTAPP_RETENTION_SECONDS": "3",
+            # Long enough for a prefork worker to start on a slow machine and run the short
+            # task before its bucket's deadline (9-10 s after publishing, rounded down).
+            "PII_TESTAPP_RETENTION_SECONDS": "10",
             "PII_TESTAPP_ROTATION_SECONDS": "1",
             "PII_TESTAPP_MAX_KEY_VERSIONS": "50",
         }
