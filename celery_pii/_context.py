@@ -29,7 +29,17 @@ class RunningTask:
     nothing and many store no result, and this runs before every task.
     """
 
-    __slots__ = ("_result_key", "_scrubber", "is_pii", "name", "pii", "spec", "task_id", "values")
+    __slots__ = (
+        "_message_key",
+        "_result_key",
+        "_scrubber",
+        "is_pii",
+        "name",
+        "pii",
+        "spec",
+        "task_id",
+        "values",
+    )
 
     def __init__(  # noqa: PLR0913, PLR0917 - the running task's facts
         self,
@@ -39,10 +49,12 @@ class RunningTask:
         spec: TaskSpec | None,
         values: list[Any],
         result_key: KeySpec | None,
+        message_key: str | None = None,
     ) -> None:
         self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
         self.is_pii = spec is not None and spec.is_pii
         self._result_key = result_key
+        self._message_key = message_key
         self._scrubber: Scrubber | None = None
 
     @property
@@ -54,11 +66,18 @@ class RunningTask:
 
     @property
     def result_key(self) -> KeySpec | None:
-        """The key results of this task are sealed under (``None``: not a PII task)."""
-        if self._result_key is None and self.is_pii:
-            self._result_key = self.pii.sealer.key_spec(
-                self.name, self.spec, {}, [self.spec] if self.spec else []
-            )
+        """The key results of this task are sealed under (``None``: not a PII task).
+
+        The key its message was sealed under, when it came sealed; otherwise
+        the one given (a subject's), or the task's own.
+        """
+        if self._result_key is None:
+            if self._message_key is not None:
+                self._result_key = KeySpec(self._message_key)
+            elif self.is_pii:
+                self._result_key = self.pii.sealer.key_spec(
+                    self.name, self.spec, {}, [self.spec] if self.spec else []
+                )
         return self._result_key
 
 

@@ -37,7 +37,7 @@ import enum
 import json
 import struct
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from kombu.utils import json as kombu_json
 
@@ -103,23 +103,20 @@ class Envelope:
         "typed",
     )
 
-    def __init__(  # noqa: PLR0913, PLR0917 - one argument per header field; built in one place
+    def __init__(
         self,
-        key_id: str,
-        key_version: int,
-        algorithm: Algorithm,
-        flags: int,
+        key: _KeyPrefix,
         task_id: str,
         locations: tuple[Location, ...],
         header: bytes,
         sealed: memoryview,
     ) -> None:
-        self.key_id = key_id
-        self.key_version = key_version
-        self.algorithm = algorithm
-        self.kind = Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK
-        self.compressed = bool(flags & _FLAG_COMPRESSED)
-        self.typed = bool(flags & _FLAG_TYPED)
+        self.key_id = key.key_id
+        self.key_version = key.key_version
+        self.algorithm = key.algorithm
+        self.kind = key.kind
+        self.compressed = key.compressed
+        self.typed = key.typed
         self.task_id = task_id
         self.locations = locations
         self.header = header
@@ -183,7 +180,7 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         sealed = key.seal(plaintext, associated_data)
     else:  # known-answer tests only
         sealed = key._seal_with_nonce(_nonce, plaintext, associated_data)  # noqa: SLF001
-    return base64.b64encode(header + sealed).decode("ascii")
+    return binascii.b2a_base64(header + sealed, newline=False).decode("ascii")
 
 
 def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location]) -> bytes:
@@ -249,13 +246,31 @@ def parse(token: object) -> Envelope:
         raise DecryptionFailed from None
 
 
+class _KeyPrefix(NamedTuple):
+    """What an envelope's first bytes say: the same for every message sealed with one key."""
+
+    key_id: str
+    key_version: int
+    algorithm: Algorithm
+    kind: Kind
+    compressed: bool
+    typed: bool
+
+
+# Parsed key prefixes by their bytes (bounded like the caches above): the
+# prefix is the same for every message of a key, and parsing it is most of
+# the work of parsing an envelope.
+_parsed_prefixes: dict[bytes, _KeyPrefix] = {}
+
+
 def _parse_bytes(data: bytes) -> Envelope:
-    version, flags, alg_code, key_version = _FIXED.unpack_from(data, 0)
-    if version != ENVELOPE_VERSION or flags & ~_KNOWN_FLAGS:
-        raise DecryptionFailed
     pos = _FIXED.size + 1
     end = pos + data[pos - 1]
-    key_id = data[pos:end].decode()
+    prefix = data[:end]
+    key = _parsed_prefixes.get(prefix)
+    if key is None:
+        key = _parse_key_prefix(prefix, end)
+        _remember(_parsed_prefixes, prefix, key)
     pos = end + 1
     end = pos + data[pos - 1]
     task_id = data[pos:end].decode()
@@ -265,17 +280,22 @@ def _parse_bytes(data: bytes) -> Envelope:
     pos = end + _U32.size
     where = data[pos : pos + where_len]
     pos += where_len
-    if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE or not key_id:
+    if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE:
         raise DecryptionFailed
-    return Envelope(
-        key_id,
-        key_version,
-        Algorithm.from_code(alg_code),
-        flags,
-        task_id,
-        _decode_locations(where),
-        data[:pos],
-        memoryview(data)[pos:],
+    return Envelope(key, task_id, _decode_locations(where), data[:pos], memoryview(data)[pos:])
+
+
+def _parse_key_prefix(prefix: bytes, size: int) -> _KeyPrefix:
+    version, flags, alg_code, key_version = _FIXED.unpack_from(prefix, 0)
+    if version != ENVELOPE_VERSION or flags & ~_KNOWN_FLAGS or len(prefix) != size or size == _FIXED.size + 1:
+        raise DecryptionFailed  # unknown version or flag, truncated, or an empty key id
+    return _KeyPrefix(
+        key_id=prefix[_FIXED.size + 1 :].decode(),
+        key_version=key_version,
+        algorithm=Algorithm.from_code(alg_code),
+        kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,
+        compressed=bool(flags & _FLAG_COMPRESSED),
+        typed=bool(flags & _FLAG_TYPED),
     )
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
 from .exceptions import ConfigurationError
@@ -66,6 +67,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _INDEX = re.compile(r"\[(?:(\*)|(0|[1-9][0-9]{0,8}))\]")
 _NAME_ONLY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
 _json_decoder = json.JSONDecoder()
+_NOT_POSITIONAL: Final = sys.maxsize
 
 
 def parse_path(text: object, *, task: str | None = None) -> tuple[Part, ...]:
@@ -222,10 +224,13 @@ class Binder:
         self._fields = tuple(fields)
         # The common shape, "a named parameter then dict keys", is resolved
         # without generators: it runs for every message published.
-        self._simple: tuple[tuple[str, int | None, tuple[str, ...]], ...] = tuple(
-            (head, self._index.get(head), tuple(str(p) for p in rest))
+        # Each such field is kept with its two possible locations, built once
+        # (a keyword-only parameter gets an index no call reaches).
+        self._simple: tuple[tuple[str, int, tuple[str, ...], Location, Location], ...] = tuple(
+            (head, index, keys, ("kwargs", head, *keys), ("args", index, *keys))
             for head, rest in fields
             if head not in (var_positional, var_keyword) and all(isinstance(p, str) for p in rest)
+            for index, keys in [(self._index.get(head, _NOT_POSITIONAL), tuple(str(p) for p in rest))]
         )
         self._all_simple = len(self._simple) == len(fields)
 
@@ -239,12 +244,12 @@ class Binder:
         if not self._all_simple:
             return list(self._locate_any(args, kwargs))
         found: list[tuple[Location, Any]] = []
-        for head, index, rest in self._simple:
-            location: tuple[str, str | int]
+        for head, index, rest, by_keyword, by_position in self._simple:
+            location: Location
             if head in kwargs:
-                value, location = kwargs[head], ("kwargs", head)
-            elif index is not None and index < len(args):
-                value, location = args[index], ("args", index)
+                value, location = kwargs[head], by_keyword
+            elif index < len(args):
+                value, location = args[index], by_position
             else:
                 continue
             for part in rest:
@@ -252,7 +257,7 @@ class Binder:
                     break
                 value = value[part]
             else:
-                found.append(((*location, *rest), value))
+                found.append((location, value))
         return found
 
     def _locate_any(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
@@ -339,8 +344,8 @@ def get_at(root: Mapping[str, Any], location: Location) -> Any:
     return value
 
 
-def replace_in_copies(root: Mapping[str, Any], replacements: Mapping[Location, Any]) -> dict[str, Any]:
-    """Return a copy of ``root`` with values replaced at the given locations.
+def replace_in_copies(root: Mapping[str, Any], locations: Iterable[Location], value: Any) -> dict[str, Any]:
+    """Return a copy of ``root`` with ``value`` put at each of ``locations``.
 
     Only the containers on the way to a replaced value are copied (tuples
     become lists, as JSON would make them); the caller's objects are never
@@ -351,7 +356,7 @@ def replace_in_copies(root: Mapping[str, Any], replacements: Mapping[Location, A
     # The containers made here, by id: all stay alive in the result, so no
     # other object can share an id with one of them while this runs.
     made = {id(copy)}
-    for location, value in replacements.items():
+    for location in locations:
         parent: Any = copy
         for part in location[:-1]:
             node = parent[part]

@@ -150,7 +150,7 @@ class PII:
         if sealed.truncated and not sealed.token:
             logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)
         located = [loc for loc, _ in unsealed if loc[0] in ("args", "kwargs")]
-        return replace_in_copies(sealed.root, dict.fromkeys(located, REDACTED)) if located else sealed.root
+        return replace_in_copies(sealed.root, located, REDACTED) if located else sealed.root
 
     def detect(self, value: object) -> list[Finding]:
         """The PII in a JSON-like value, by field path and category (see docs/detection.md).
@@ -190,11 +190,9 @@ class PII:
         # a subject's key depends on this call's arguments: find it now, before
         # the task function can change them; other keys are found on first use.
         result_key = None
-        if message_key is not None:
-            result_key = KeySpec(message_key)
-        elif spec is not None and spec.subject is not None:
+        if message_key is None and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
-        _context.running.set(RunningTask(self, name, task_id, spec, values, result_key))
+        _context.running.set(RunningTask(self, name, task_id, spec, values, result_key, message_key))
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         name = task.name

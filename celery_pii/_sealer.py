@@ -132,11 +132,11 @@ class Sealer:
             return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         key = self.keys.encryption_key(key_spec)
-        locations = tuple([location for location, _ in found])
+        locations, values = zip(*found, strict=True)
         try:
             token = _envelope.seal(
                 key,
-                [value for _, value in found],
+                values,
                 locations=locations,
                 task_name=name,
                 task_id=task_id,
@@ -146,7 +146,7 @@ class Sealer:
             kind = type(error).__name__
             msg = f"task {name!r}: a PII value cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
-        sealed_root = replace_in_copies(root, dict.fromkeys(locations, MARKER))
+        sealed_root = replace_in_copies(root, locations, MARKER)
         return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
 
     def _fields(
@@ -172,7 +172,7 @@ class Sealer:
         self, name: str, mode: str, root: Mapping[str, Any], found: list[tuple[Location, Any]]
     ) -> tuple[tuple[tuple[Location, str], ...], bool, list[tuple[Location, Any]]]:
         """Scan what declared sealing leaves visible; returns (findings, truncated, values to seal)."""
-        view = replace_in_copies(root, dict.fromkeys((loc for loc, _ in found), MARKER)) if found else root
+        view = replace_in_copies(root, [loc for loc, _ in found], MARKER) if found else root
         scanned = {part: view[part] for part in ("args", "kwargs", *EMBED_PARTS) if view.get(part)}
         result = detect_with_status(scanned)
         detected = tuple((_location(f.path), f.category) for f in result.findings)
@@ -210,7 +210,7 @@ class Sealer:
         elif spec is not None and spec.binder is not None:
             # A value that is already a marker (a reused, sealed signature) is left alone.
             located = spec.binder.locate(args, kwargs)
-            found = [(location, value) for location, value in located if not _is_marker(value)]
+            found = [item for item in located if not (isinstance(item[1], str) and item[1] == MARKER)]
         if name == _CHORD_UNLOCK and len(args) > 1:
             # chord_unlock carries the chord body as its second argument.
             steps = _embedded(args[1], ("args", 1), self.lookup)
@@ -235,7 +235,7 @@ class Sealer:
             spec is not None
             and spec.subject is None
             and spec.retention.is_indefinite
-            and all(s.retention.is_indefinite for s in specs)
+            and (len(specs) == 1 or all(s.retention.is_indefinite for s in specs))  # specs[0] is spec
         ):
             return spec.key_spec  # the common case: one fixed key, built once
         now = now or utcnow()
@@ -270,23 +270,24 @@ class Sealer:
             DecryptionFailed: tampered, moved to another task, or malformed.
             KeyDestroyed, KeyNotFound, KeyStoreUnavailable: from the key store.
         """
-        opened = Opened()
         pending = []
+        key_ids = []
         for token in tokens:
             envelope = _envelope.parse(token)
             if envelope.kind is not Kind.TASK or envelope.task_id != task_id:
                 raise DecryptionFailed
             key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
-            pending.append((envelope, envelope.open(key, task_name=name)))
-            opened.key_ids.append(envelope.key_id)
+            pending.append((envelope.locations, envelope.open(key, task_name=name)))
+            key_ids.append(envelope.key_id)
+        opened_values = []
         try:
-            for envelope, values in pending:
-                for location, value in zip(envelope.locations, values, strict=True):
+            for locations, values in pending:
+                for location, value in zip(locations, values, strict=True):
                     set_in_place(root, location, value)
-                opened.values.extend(values)
+                opened_values.extend(values)
         except (KeyError, IndexError, TypeError):  # the body no longer has that place
             raise DecryptionFailed from None
-        return opened
+        return Opened(opened_values, key_ids)
 
     # -- results --------------------------------------------------------------------------
 

@@ -186,11 +186,10 @@ class TestCopies:
         args, kwargs = ("4111", customer), {"items": [{"serial": "s1"}, {"serial": "s2"}]}
         root = {"args": args, "kwargs": kwargs, "chain": None}
         new = replace_in_copies(
-            root,
-            {("args", 0): "X", ("args", 1, "email"): "Y", ("kwargs", "items", 1, "serial"): "Z"},
+            root, [("args", 0), ("args", 1, "email"), ("kwargs", "items", 1, "serial")], "X"
         )
-        assert new["args"] == ["X", {"email": "Y", "tier": "gold", "tags": ["a"]}]
-        assert new["kwargs"] == {"items": [{"serial": "s1"}, {"serial": "Z"}]}
+        assert new["args"] == ["X", {"email": "X", "tier": "gold", "tags": ["a"]}]
+        assert new["kwargs"] == {"items": [{"serial": "s1"}, {"serial": "X"}]}
         assert new["chain"] is None
         assert customer["email"] == "ann@example.com"
         assert kwargs["items"][1]["serial"] == "s2"
@@ -201,8 +200,8 @@ class TestCopies:
         """One dict passed twice: replacing in the first place leaves the second (and the caller's) alone."""
         customer = {"email": "ann@example.com"}
         root = {"args": [customer, customer], "kwargs": {}}
-        new = replace_in_copies(root, {("args", 0, "email"): "X", ("args", 0, "tier"): "Y"})
-        assert new["args"] == [{"email": "X", "tier": "Y"}, {"email": "ann@example.com"}]
+        new = replace_in_copies(root, [("args", 0, "email"), ("args", 0, "tier")], "X")
+        assert new["args"] == [{"email": "X", "tier": "X"}, {"email": "ann@example.com"}]
         assert new["args"][1] is customer
         assert customer == {"email": "ann@example.com"}
 
