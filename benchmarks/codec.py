@@ -14,7 +14,8 @@ decoded once, as a publisher and a worker would:
 * ``auth rsa-2048``       Celery's own ``auth`` serializer (signing, not encrypting)
 
 and the whole publish + consume path of Celery (``create_task_message`` with
-its argsrepr/kwargsrepr, dumps, loads, open) for ``json`` and ``pii``.
+its argsrepr/kwargsrepr, dumps, loads, open) for ``json`` and ``pii``, and a
+worker's share of it (decode, then Celery's tracer with the opening step).
 """
 
 from __future__ import annotations
@@ -243,6 +244,36 @@ def message_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: b
     return run
 
 
+def worker_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: bool) -> Any:
+    """What a worker does per task once a message is in: decode it, then Celery's tracer runs it.
+
+    The tracer is Celery's own (``build_tracer``, as ``fast_trace_task`` uses it),
+    so a ``pii`` task pays its opening step (``before_start``), its context
+    and its ``task_postrun`` receiver here; the task function does nothing.
+    """
+    from celery.app.trace import build_tracer
+
+    task = app.tasks["bench.charge"]
+    task.ignore_result = True  # as in the end-to-end benchmark: nothing stored
+    message = app.amqp.create_task_message(TASK_ID, "bench.charge", args, kwargs)
+    serializer = "pii" if pii else "json"
+    if pii:
+        from celery_pii._serializer import publish_ticket
+
+        publish_ticket.set(message.body)  # the publish step's ticket (sealed by create_task_message)
+    content_type, encoding, data = serialization.dumps(message.body, serializer)
+    headers = dict(message.headers)
+    tracer = build_tracer("bench.charge", task, app=app, eager=False, propagate=True)
+
+    def run() -> None:
+        got_args, got_kwargs, embed = serialization.loads(data, content_type, encoding)
+        request = dict(headers, args=got_args, kwargs=got_kwargs, hostname="bench", is_eager=False)
+        request.update(embed)
+        tracer(TASK_ID, got_args, got_kwargs, request)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="encode+decode per message, side by side")
     parser.add_argument("--json", help="where to write the results (default benchmarks/results/codec.json)")
@@ -279,13 +310,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             baseline="json message path",
             rounds=options.rounds,
         )
+        worker = _harness.compare(
+            {
+                "json worker path": worker_path(plain, args, kwargs, pii=False),
+                "pii worker path": worker_path(aes, args, kwargs, pii=True),
+            },
+            baseline="json worker path",
+            rounds=options.rounds,
+        )
     size = len(serialization.dumps((args, kwargs, EMBED), "json")[2])
     print(_harness.table(f"encode + decode, {size}-byte body, 2 PII fields", codec, baseline="json"))
     print()
     print(
         _harness.table("Celery's publish + consume path (incl. argsrepr)", path, baseline="json message path")
     )
-    data = {"body_bytes": size, "pii_fields": 2, "codec": codec, "message_path": path}
+    print()
+    print(
+        _harness.table(
+            "a worker: decode + Celery's tracer (incl. opening)", worker, baseline="json worker path"
+        )
+    )
+    data = {"body_bytes": size, "pii_fields": 2, "codec": codec, "message_path": path, "worker_path": worker}
     print("\nwritten to", _harness.write("codec", data, options.json))
     return data
 
