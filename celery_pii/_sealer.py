@@ -210,7 +210,7 @@ class Sealer:
         elif spec is not None and spec.binder is not None:
             # A value that is already a marker (a reused, sealed signature) is left alone.
             located = spec.binder.locate(args, kwargs)
-            found = [item for item in located if not (isinstance(item[1], str) and item[1] == MARKER)]
+            found = [item for item in located if not _is_marker(item[1])]
         if name == _CHORD_UNLOCK and len(args) > 1:
             # chord_unlock carries the chord body as its second argument.
             steps = _embedded(args[1], ("args", 1), self.lookup)
