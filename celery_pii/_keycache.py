@@ -37,6 +37,7 @@ class KeyCache:
     __slots__ = (
         "_active",
         "_destroyed",
+        "_destroyed_sweep_at",
         "_lock",
         "_pending_uses",
         "_usage",
@@ -52,6 +53,7 @@ class KeyCache:
         self._active: dict[str, tuple[DataKey, float]] = {}
         self._versions: dict[tuple[str, int], tuple[DataKey, float]] = {}
         self._destroyed: dict[tuple[str, int], float] = {}
+        self._destroyed_sweep_at = DESTROYED_SWEEP_AT
         self._usage: dict[tuple[str, int], int] = {}
         self._usage_since = time.monotonic()
         self._pending_uses = 0
@@ -117,11 +119,14 @@ class KeyCache:
         return bool(cached)
 
     def _remember_destroyed(self, entry: tuple[str, int], expiry: float) -> None:
-        if len(self._destroyed) >= DESTROYED_SWEEP_AT:
+        if len(self._destroyed) >= self._destroyed_sweep_at:
             now = time.monotonic()
             # list() copies in one step: another thread may add an entry meanwhile.
             remembered = list(self._destroyed.items())
             self._destroyed = {known: until for known, until in remembered if until > now}
+            # When most are still live, the next sweep waits until the memory doubles:
+            # sweeping on every destruction would cost a pass over all of them each time.
+            self._destroyed_sweep_at = max(DESTROYED_SWEEP_AT, 2 * len(self._destroyed))
         self._destroyed[entry] = expiry
 
     def clear(self) -> None:
@@ -129,6 +134,7 @@ class KeyCache:
         self._active.clear()
         self._versions.clear()
         self._destroyed.clear()
+        self._destroyed_sweep_at = DESTROYED_SWEEP_AT
 
     def __len__(self) -> int:
         return len(self._versions)

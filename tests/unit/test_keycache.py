@@ -25,3 +25,15 @@ def test_live_destructions_survive_a_sweep():
     for version in range(DESTROYED_SWEEP_AT + 10):
         cache.forget("orders", version, destroyed=True)
     assert all(cache.is_destroyed("orders", version) for version in range(DESTROYED_SWEEP_AT + 10))
+
+
+def test_live_destructions_are_not_swept_at_every_destruction():
+    """With every remembered destruction still live, sweeps come at doubling sizes, not each time."""
+    cache = KeyCache(ttl=3600)
+    sweeps = 0
+    for version in range(4 * DESTROYED_SWEEP_AT):
+        before = cache._destroyed
+        cache.forget("orders", version, destroyed=True)
+        sweeps += cache._destroyed is not before  # a sweep builds a new dict
+    assert sweeps == 2  # at 4,096 and at 8,192 remembered destructions
+    assert all(cache.is_destroyed("orders", version) for version in range(4 * DESTROYED_SWEEP_AT))
