@@ -156,7 +156,7 @@ def seal_open_floor(args: list[Any], kwargs: dict[str, Any]) -> Any:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     aead = AESGCM(os.urandom(32))
-    prefix = b"\x01\x00\x01\x00\x00\x00\x01\x0abench-aes"
+    prefix = b"\x01\x00\x01\x00\x00\x00\x01\x09bench-aes"
     where = orjson.dumps([["args", 0], ["args", 2, "email"]])
     framed_where = struct.pack(">I", len(where)) + where
     ad_tail = b"bench.charge"
