@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from ._crypto import Algorithm, DataKey, new_key_material
 from ._keycache import KeyCache
 from ._sources import MasterKey
-from ._store import ACTIVE, DESTROYED, RETIRED, AuditRow, KeyRow, KeyStore, utcnow
+from ._store import ACTIVE, DESTROYED, RETIRED, AuditRow, KeyRow, KeyStore, WriteConflict, utcnow
 from ._wrapping import MasterKeys, NoWrapping
 from .exceptions import (
     ConfigurationError,
@@ -275,7 +275,7 @@ class KeyManager:
                         )
                     key = self._unwrap(row)
                 break
-            except IntegrityError:  # another process created it first: read theirs
+            except (IntegrityError, WriteConflict):  # another process created it first: read theirs
                 continue
         else:  # pragma: no cover - only under pathological contention
             msg = f"key {spec.key_id!r}: could not create its first version"
@@ -781,11 +781,12 @@ class KeyManager:
     def _transact(self, work: Callable[[Session], _T]) -> _T:
         # Two writers can pick the same next version number; the unique
         # constraint stops the second, which then runs again and sees the first.
+        # A deadlock between two rotations rolls one back, which also runs again.
         for attempt in range(_RETRIES):
             try:
                 with self.store.transaction() as session:
                     return work(session)
-            except IntegrityError:  # noqa: PERF203 - retrying is the point
+            except (IntegrityError, WriteConflict):  # noqa: PERF203 - retrying is the point
                 if attempt == _RETRIES - 1:
                     msg = "key store write kept conflicting with concurrent writers"
                     raise KeyStoreUnavailable(msg) from None

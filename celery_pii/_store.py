@@ -49,6 +49,7 @@ __all__ = [
     "Base",
     "KeyRow",
     "KeyStore",
+    "WriteConflict",
     "utcnow",
 ]
 
@@ -170,6 +171,29 @@ class AuditRow(Base):
 # Errors a retry can cure: the server is down, restarting, or a connection
 # was cut.  Anything else (a bug, a missing table) is not retried.
 _TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, exc.DisconnectionError)
+# Lost lock races, which the database resolves by rolling one transaction
+# back: PostgreSQL's serialization failure and deadlock (SQLSTATE), and
+# MySQL/MariaDB's deadlock (error 1213: two rotations' gap locks on the
+# (key_id, version) index can cross).  Running the transaction again cures them.
+_CONFLICT_SQLSTATES: Final = frozenset(("40001", "40P01"))
+_MYSQL_DEADLOCK: Final = 1213
+
+
+class WriteConflict(KeyStoreUnavailable):
+    """A concurrent writer won a lock race and this transaction was rolled back; it can run again.
+
+    A subclass of :class:`KeyStoreUnavailable`, so a caller that does not
+    retry sees what it saw before; ``KeyManager`` retries its writes.
+    """
+
+
+def _is_write_conflict(error: exc.DBAPIError) -> bool:
+    """Whether the database rolled this transaction back to break a lock conflict."""
+    driver_error = error.orig
+    if getattr(driver_error, "sqlstate", None) in _CONFLICT_SQLSTATES:  # psycopg
+        return True
+    args: tuple[Any, ...] = getattr(driver_error, "args", ())
+    return bool(args) and args[0] == _MYSQL_DEADLOCK  # pymysql: (code, message)
 
 
 class KeyStore:
@@ -213,6 +237,9 @@ class KeyStore:
             with self._sessions.begin() as session:
                 yield session
         except _TRANSIENT as error:
+            if isinstance(error, exc.DBAPIError) and _is_write_conflict(error):
+                msg = "key store write lost a lock race with a concurrent writer (rolled back)"
+                raise WriteConflict(msg) from None
             msg = f"key store unreachable ({type(error).__name__})"
             raise KeyStoreUnavailable(msg) from None
 

@@ -21,6 +21,6 @@ def rotate(url, master_material, barrier, results, automatic):
         else:
             results.put(manager.rotate_key("shared"))
     except Exception as error:  # noqa: BLE001 - reported, so the test fails with a reason
-        results.put(f"error: {type(error).__name__}")
+        results.put(f"error: {type(error).__name__}: {error}")
     finally:
         manager.store.dispose()

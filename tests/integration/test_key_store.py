@@ -16,7 +16,7 @@ from celery_pii._crypto import Algorithm
 from celery_pii._keys import KeyManager, KeySpec
 from celery_pii._migrate import VERSION_TABLE, alembic_config, current_revision, downgrade, migrate
 from celery_pii._sources import LocalMasterKey
-from celery_pii._store import KeyStore, utcnow
+from celery_pii._store import KeyRow, KeyStore, WriteConflict, utcnow
 from celery_pii.exceptions import (
     ConfigurationError,
     EncryptionFailed,
@@ -520,3 +520,63 @@ class TestConcurrency:
         assert errors == []
         assert sorted(got) == [2, 3, 4, 5]
         assert [v for v, _ in self._versions(db_url)] == [1, 2, 3, 4, 5]
+
+
+class TestWriteConflicts:
+    """Lost lock races (deadlocks) are told apart from outages, and key writes run again."""
+
+    def test_a_deadlock_is_a_write_conflict(self, manager, db_url):
+        """Two transactions locking two keys in opposite orders: the database's victim raises WriteConflict."""
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN, so two writers queue instead")
+        for key_id in ("left", "right"):
+            manager.generate_key(key_id)
+        both_hold_one = threading.Barrier(2, timeout=30)
+        outcomes: list[object] = []
+
+        def lock_in_order(first: str, second: str) -> None:
+            store = KeyStore(db_url)
+            try:
+                with store.transaction() as session:
+                    lock = sa.select(KeyRow).with_for_update()
+                    session.scalars(lock.where(KeyRow.key_id == first)).all()
+                    both_hold_one.wait()
+                    session.scalars(lock.where(KeyRow.key_id == second)).all()
+                outcomes.append("committed")
+            except Exception as error:  # noqa: BLE001 - the outcome is what is checked
+                outcomes.append(error)
+            finally:
+                store.dispose()
+
+        threads = [
+            threading.Thread(target=lock_in_order, args=("left", "right")),
+            threading.Thread(target=lock_in_order, args=("right", "left")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(map(str, outcomes)).count("committed") == 1
+        (error,) = [outcome for outcome in outcomes if outcome != "committed"]
+        assert isinstance(error, WriteConflict)
+        assert isinstance(error, KeyStoreUnavailable)  # what callers that do not retry catch
+        assert "lock race" in str(error)
+
+    def test_key_writes_run_again_after_a_lost_race(self, manager):
+        """A key write rolled back by a lost lock race runs again; a write that keeps losing gives up."""
+        calls = []
+
+        def loses_once(session):
+            calls.append(session)
+            if len(calls) == 1:
+                raise WriteConflict("lost")  # what KeyStore.transaction raises for a deadlock victim
+            return "written"
+
+        assert manager._transact(loses_once) == "written"
+        assert len(calls) == 2
+
+        def always_loses(session):
+            raise WriteConflict("lost")
+
+        with pytest.raises(KeyStoreUnavailable, match="kept conflicting"):
+            manager._transact(always_loses)
