@@ -562,6 +562,23 @@ class TestWriteConflicts:
         assert isinstance(error, KeyStoreUnavailable)  # what callers that do not retry catch
         assert "lock race" in str(error)
 
+    def test_only_lost_lock_races_are_write_conflicts(self):
+        """Serialization failures and deadlocks are conflicts; outages and shutdowns stay outages."""
+        import psycopg
+        import pymysql
+
+        from celery_pii._store import _is_write_conflict
+
+        def wrapped(driver_error):
+            return sa.exc.OperationalError("SELECT 1", {}, driver_error)
+
+        assert _is_write_conflict(wrapped(psycopg.errors.SerializationFailure("could not serialize")))
+        assert _is_write_conflict(wrapped(psycopg.errors.DeadlockDetected("deadlock detected")))
+        assert _is_write_conflict(wrapped(pymysql.err.OperationalError(1213, "Deadlock found")))
+        assert not _is_write_conflict(wrapped(psycopg.errors.AdminShutdown("terminating connection")))
+        assert not _is_write_conflict(wrapped(pymysql.err.OperationalError(2003, "Can't connect")))
+        assert not _is_write_conflict(wrapped(pymysql.err.OperationalError(1205, "Lock wait timeout")))
+
     def test_key_writes_run_again_after_a_lost_race(self, manager):
         """A key write rolled back by a lost lock race runs again; a write that keeps losing gives up."""
         calls = []
