@@ -275,7 +275,7 @@ class KeyManager:
                         )
                     key = self._unwrap(row)
                 break
-            except (IntegrityError, WriteConflict):  # another process created it first: read theirs
+            except (IntegrityError, WriteConflict):  # another process created it first or won a lock: again
                 continue
         else:  # pragma: no cover - only under pathological contention
             msg = f"key {spec.key_id!r}: could not create its first version"

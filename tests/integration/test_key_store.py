@@ -556,7 +556,7 @@ class TestWriteConflicts:
             thread.start()
         for thread in threads:
             thread.join(timeout=60)
-        assert sorted(map(str, outcomes)).count("committed") == 1
+        assert outcomes.count("committed") == 1
         (error,) = [outcome for outcome in outcomes if outcome != "committed"]
         assert isinstance(error, WriteConflict)
         assert isinstance(error, KeyStoreUnavailable)  # what callers that do not retry catch
