@@ -79,7 +79,7 @@ class DataKey:
     repr names the key id and version only, never material.
     """
 
-    __slots__ = ("_cipher", "algorithm", "expires_at", "key_id", "usage_key", "version")
+    __slots__ = ("_cipher", "algorithm", "expires_at", "identity", "key_id", "usage_key", "version")
 
     def __init__(
         self,
@@ -99,6 +99,8 @@ class DataKey:
         #: POSIX time of the retention deadline (the key's ``expires_at``), if any.
         self.expires_at = expires_at
         self.usage_key = (key_id, version)
+        #: What names this key version anywhere in the process (two key stores may share ids).
+        self.identity = (key_id, version, algorithm.value)
         self._cipher: AESGCM | ChaCha20Poly1305 = _CIPHERS[algorithm](material)
 
     def __repr__(self) -> str:
@@ -109,17 +111,19 @@ class DataKey:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._cipher.encrypt(nonce, plaintext, associated_data)
 
-    def open(self, sealed: bytes | memoryview, associated_data: bytes) -> bytes:
-        """Decrypt what :meth:`seal` returned.
+    def open(self, sealed: bytes | memoryview, associated_data: bytes, start: int = 0) -> bytes:
+        """Decrypt what :meth:`seal` returned (from offset ``start`` of ``sealed``).
 
         Raises:
             DecryptionFailed: any tampering, truncation or wrong key/AD.
         """
-        if len(sealed) < NONCE_SIZE + TAG_SIZE:
+        if len(sealed) - start < NONCE_SIZE + TAG_SIZE:
             raise DecryptionFailed
-        sealed = memoryview(sealed)
+        after_nonce = start + NONCE_SIZE
         try:
-            return self._cipher.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], associated_data)
+            return self._cipher.decrypt(
+                sealed[start:after_nonce], memoryview(sealed)[after_nonce:], associated_data
+            )
         except InvalidTag:
             raise DecryptionFailed from None
 

@@ -6,7 +6,8 @@ per message and key, not one per field).  Layout, all integers big-endian::
     offset  size  field
     0       1     envelope version (1)
     1       1     flags: bit 0 compressed, bit 1 result (not a task call),
-                  bit 2 values use kombu's typed JSON
+                  bit 2 values use kombu's typed JSON, bit 3 orjson wrote
+                  the values (and read them back equal when sealing)
     2       1     algorithm code
     3       4     key version
     7       1+n   key id (length byte, UTF-8)
@@ -24,7 +25,9 @@ to an older version, fails to open.
 The sealed plaintext is the JSON list of values, zlib-compressed above a
 threshold.  Plain JSON types go through orjson or the standard library (``_json``);
 only when a value needs kombu's typed JSON (datetime, Decimal, UUID, bytes)
-is that used, and flagged, so the common case stays fast.
+is that used, and flagged, so the common case stays fast.  Values orjson
+wrote are flagged too: they read back with orjson without ``_json.loads``'s
+checks (the flag is authenticated like the rest of the header).
 
 This module does no I/O and imports no Celery; keys are handed in.
 """
@@ -34,9 +37,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import json
 import struct
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
 from kombu.utils import json as kombu_json
@@ -52,6 +57,7 @@ __all__ = [
     "MAX_LOCATIONS",
     "Envelope",
     "Kind",
+    "open_task",
     "parse",
     "seal",
 ]
@@ -67,9 +73,11 @@ MAX_LOCATION_DEPTH: Final = 64
 _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
 _FLAG_TYPED: Final = 0x04
-_KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED
+_FLAG_ORJSON: Final = 0x08
+_KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED | _FLAG_ORJSON
 _MAX_SHORT: Final = 255
 _FIXED = struct.Struct(">BBBI")
+_LENGTH_BYTE: Final = tuple(bytes((length,)) for length in range(_MAX_SHORT + 1))
 _U32 = struct.Struct(">I")
 
 # Tasks seal the same few location lists over and over: their encoded and
@@ -90,37 +98,46 @@ class Kind(enum.Enum):
 class Envelope:
     """A parsed (not yet authenticated) envelope."""
 
-    __slots__ = (
-        "algorithm",
-        "compressed",
-        "header",
-        "key_id",
-        "key_version",
-        "kind",
-        "locations",
-        "sealed",
-        "task_id",
-        "typed",
-    )
+    __slots__ = ("_data", "_end", "_prefix", "locations", "task_id")
 
-    def __init__(
-        self,
-        key: _KeyPrefix,
-        task_id: str,
-        locations: tuple[Location, ...],
-        header: bytes,
-        sealed: memoryview,
-    ) -> None:
-        self.key_id = key.key_id
-        self.key_version = key.key_version
-        self.algorithm = key.algorithm
-        self.kind = key.kind
-        self.compressed = key.compressed
-        self.typed = key.typed
-        self.task_id = task_id
-        self.locations = locations
-        self.header = header
-        self.sealed = sealed
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._prefix, self.task_id, self.locations, self._end = _parse_bytes(data)
+
+    @property
+    def key_id(self) -> str:
+        """The id of the key the values are sealed under."""
+        return self._prefix.key_id
+
+    @property
+    def key_version(self) -> int:
+        """The version of that key."""
+        return self._prefix.key_version
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """The AEAD algorithm of that key."""
+        return self._prefix.algorithm
+
+    @property
+    def kind(self) -> Kind:
+        """A task call's arguments or a stored result."""
+        return self._prefix.kind
+
+    @property
+    def compressed(self) -> bool:
+        """True if the sealed plaintext is compressed."""
+        return self._prefix.compressed
+
+    @property
+    def header(self) -> bytes:
+        """Everything before the nonce (authenticated, with the task name)."""
+        return self._data[: self._end]
+
+    @property
+    def sealed(self) -> memoryview:
+        """Nonce, ciphertext and tag."""
+        return memoryview(self._data)[self._end :]
 
     def __repr__(self) -> str:
         count = len(self.locations)
@@ -132,18 +149,51 @@ class Envelope:
         Raises:
             DecryptionFailed: tampered, wrong key, wrong task, bad format.
         """
-        if key.key_id != self.key_id or key.version != self.key_version:
-            raise DecryptionFailed
-        plaintext = key.open(self.sealed, self.header + task_name.encode())
-        if self.compressed:
-            plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
-        try:
-            values: object = kombu_json.loads(plaintext) if self.typed else _json.loads(plaintext)
-        except (ValueError, TypeError, RecursionError):
-            raise DecryptionFailed from None
-        if type(values) is not list or len(values) != len(self.locations):
-            raise DecryptionFailed
-        return values
+        return _open_values(self._prefix, key, self._data, self._end, task_name, len(self.locations))
+
+
+def open_task(
+    token: object, *, task_id: str, task_name: str, key_for: Callable[[str, int], DataKey]
+) -> tuple[str, tuple[Location, ...], list[Any]]:
+    """Open the envelope of a task call: its key id, locations and values.
+
+    The worker's path, in one step: :func:`parse` and :meth:`Envelope.open`
+    without building an :class:`Envelope`.  ``key_for(key_id, version)`` is
+    asked for the key only once the envelope is known to be a task call's,
+    bound to ``task_id``.
+
+    Raises:
+        DecryptionFailed: not a task envelope of ``task_id``, tampered, malformed.
+        Whatever ``key_for`` raises (a destroyed or unknown key, a store outage).
+    """
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN:
+        raise DecryptionFailed
+    try:
+        data = _b64decode(token)
+        prefix, bound_id, locations, end = _parse_bytes(data)
+    except _MALFORMED:  # binascii.Error is a ValueError
+        raise DecryptionFailed from None
+    if prefix.kind is not Kind.TASK or bound_id != task_id:
+        raise DecryptionFailed
+    key = key_for(prefix.key_id, prefix.key_version)
+    return prefix.key_id, locations, _open_values(prefix, key, data, end, task_name, len(locations))
+
+
+def _open_values(  # noqa: PLR0913, PLR0917 - the parsed parts of one envelope
+    prefix: _KeyPrefix, key: DataKey, data: bytes, end: int, task_name: str, count: int
+) -> list[Any]:
+    if key.key_id != prefix.key_id or key.version != prefix.key_version:
+        raise DecryptionFailed
+    plaintext = key.open(data, data[:end] + task_name.encode(), end)
+    if prefix.compressed:
+        plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
+    try:
+        values: object = prefix.read(plaintext)
+    except (ValueError, TypeError, RecursionError):
+        raise DecryptionFailed from None
+    if type(values) is not list or len(values) != count:
+        raise DecryptionFailed
+    return values
 
 
 def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
@@ -163,10 +213,14 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         TypeError: a value cannot be encoded as JSON.
         EncryptionFailed: the task id does not fit.
     """
+    # This runs for every message published: lookups are inlined, not called.
     flags = _FLAG_RESULT if kind is Kind.RESULT else 0
-    values = list(values)
+    if type(values) is not list:
+        values = list(values)
     try:
-        plaintext = _json.dumps(values, ensure_ascii=False)
+        plaintext, by_orjson = _json.encode(values, ensure_ascii=False)
+        if by_orjson:
+            flags |= _FLAG_ORJSON
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
         text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
         plaintext = text.encode()
@@ -174,7 +228,20 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)
         flags |= _FLAG_COMPRESSED
-    header = _header(key, flags, task_id, locations)
+    bound_id = task_id.encode()
+    if len(bound_id) > _MAX_SHORT:
+        msg = "task id longer than 255 bytes"
+        raise EncryptionFailed(msg)
+    if type(locations) is not tuple:
+        locations = tuple(locations)
+    header = b"".join(
+        (
+            (_key_prefixes.get(key.identity) or _new_key_prefixes(key))[flags],
+            _LENGTH_BYTE[len(bound_id)],
+            bound_id,
+            _encoded_locations.get(locations) or _frame_locations(locations),
+        )
+    )
     associated_data = header + task_name.encode()
     if _nonce is None:
         sealed = key.seal(plaintext, associated_data)
@@ -183,18 +250,8 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     return binascii.b2a_base64(header + sealed, newline=False).decode("ascii")
 
 
-def _header(key: DataKey, flags: int, task_id: str, locations: Sequence[Location]) -> bytes:
-    bound_id = task_id.encode()
-    if len(bound_id) > _MAX_SHORT:
-        msg = "task id longer than 255 bytes"
-        raise EncryptionFailed(msg)
-    where = _encode_locations(tuple(locations))
-    return b"".join(
-        (_key_prefix(key, flags), bytes((len(bound_id),)), bound_id, _U32.pack(len(where)), where)
-    )
-
-
-_key_prefixes: dict[tuple[str, int, int, int], bytes] = {}
+# Every flag combination's key prefix, by key (its id, version and algorithm).
+_key_prefixes: dict[tuple[str, int, str], tuple[bytes, ...]] = {}
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -204,28 +261,32 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
     cache[key] = value
 
 
-def _key_prefix(key: DataKey, flags: int) -> bytes:
-    """Version, flags, algorithm, key version and key id: the same for every message of a key."""
-    cache_key = (key.key_id, key.version, key.algorithm.code, flags)
-    prefix = _key_prefixes.get(cache_key)
-    if prefix is None:
-        key_id = key.key_id.encode()
-        prefix = (
-            _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version)
-            + bytes((len(key_id),))
-            + key_id
-        )
-        _remember(_key_prefixes, cache_key, prefix)
-    return prefix
+def _new_key_prefixes(key: DataKey) -> tuple[bytes, ...]:
+    """Version, flags, algorithm, key version and key id: the same for every message of a key.
+
+    One prefix for each value of the flags byte, indexed by it.
+    """
+    key_id = key.key_id.encode()
+    if len(key_id) > _MAX_SHORT:
+        msg = "key id longer than 255 bytes"
+        raise EncryptionFailed(msg)
+    prefixes = tuple(
+        _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version)
+        + _LENGTH_BYTE[len(key_id)]
+        + key_id
+        for flags in range(_KNOWN_FLAGS + 1)
+    )
+    _remember(_key_prefixes, key.identity, prefixes)
+    return prefixes
 
 
-def _encode_locations(locations: tuple[Location, ...]) -> bytes:
-    where = _encoded_locations.get(locations)
-    if where is None:
-        where = _json.dumps([list(location) for location in locations], ensure_ascii=False)
-        if len(locations) <= _CACHEABLE_LOCATIONS:
-            _remember(_encoded_locations, locations, where)
-    return where
+def _frame_locations(locations: tuple[Location, ...]) -> bytes:
+    """The locations as JSON, after their length."""
+    where = _json.dumps([list(location) for location in locations], ensure_ascii=False)
+    framed = _U32.pack(len(where)) + where
+    if len(locations) <= _CACHEABLE_LOCATIONS:
+        _remember(_encoded_locations, locations, framed)
+    return framed
 
 
 def parse(token: object) -> Envelope:
@@ -234,15 +295,31 @@ def parse(token: object) -> Envelope:
     Raises:
         DecryptionFailed: not an envelope of a version we read.
     """
-    if not isinstance(token, str) or len(token) > MAX_ENVELOPE_BYTES * 4 // 3 + 4:
+    data = _decode(token)
+    try:
+        return Envelope(data)
+    except _MALFORMED:
+        raise DecryptionFailed from None
+
+
+# The longest base64 text of an envelope.
+_MAX_TOKEN: Final = MAX_ENVELOPE_BYTES * 4 // 3 + 4
+# What parsing a malformed envelope can raise, all read as DecryptionFailed.
+_MALFORMED: Final = (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError)
+
+if sys.version_info >= (3, 11):
+    _b64decode: Callable[[str], bytes] = functools.partial(binascii.a2b_base64, strict_mode=True)
+else:  # pragma: no cover - Python 3.10: the same check, a little slower
+    _b64decode = functools.partial(base64.b64decode, validate=True)
+
+
+def _decode(token: object) -> bytes:
+    """An envelope's bytes from its base64 text (strict: nothing but the alphabet and padding)."""
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN:
         raise DecryptionFailed
     try:
-        data = base64.b64decode(token, validate=True)
+        return _b64decode(token)
     except (binascii.Error, ValueError):
-        raise DecryptionFailed from None
-    try:
-        return _parse_bytes(data)
-    except (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError):
         raise DecryptionFailed from None
 
 
@@ -254,7 +331,8 @@ class _KeyPrefix(NamedTuple):
     algorithm: Algorithm
     kind: Kind
     compressed: bool
-    typed: bool
+    #: How the values' JSON is read: kombu's typed JSON, orjson directly, or with every check.
+    read: Callable[[bytes], Any]
 
 
 # Parsed key prefixes by their bytes (bounded like the caches above): the
@@ -263,7 +341,8 @@ class _KeyPrefix(NamedTuple):
 _parsed_prefixes: dict[bytes, _KeyPrefix] = {}
 
 
-def _parse_bytes(data: bytes) -> Envelope:
+def _parse_bytes(data: bytes) -> tuple[_KeyPrefix, str, tuple[Location, ...], int]:
+    """Key prefix, bound task id, locations and where the nonce starts (unauthenticated)."""
     pos = _FIXED.size + 1
     end = pos + data[pos - 1]
     prefix = data[:end]
@@ -282,7 +361,7 @@ def _parse_bytes(data: bytes) -> Envelope:
     pos += where_len
     if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE:
         raise DecryptionFailed
-    return Envelope(key, task_id, _decode_locations(where), data[:pos], memoryview(data)[pos:])
+    return key, task_id, _decode_locations(where), pos
 
 
 def _parse_key_prefix(prefix: bytes, size: int) -> _KeyPrefix:
@@ -295,8 +374,14 @@ def _parse_key_prefix(prefix: bytes, size: int) -> _KeyPrefix:
         algorithm=Algorithm.from_code(alg_code),
         kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,
         compressed=bool(flags & _FLAG_COMPRESSED),
-        typed=bool(flags & _FLAG_TYPED),
+        read=_reader(flags),
     )
+
+
+def _reader(flags: int) -> Callable[[bytes], Any]:
+    if flags & _FLAG_TYPED:
+        return kombu_json.loads
+    return _json.read_own if flags & _FLAG_ORJSON else _json.loads
 
 
 def _decode_locations(raw: bytes) -> tuple[Location, ...]:

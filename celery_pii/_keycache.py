@@ -61,10 +61,13 @@ class KeyCache:
         self.hits = 0
         self.misses = 0
 
-    def active(self, key_id: str) -> DataKey | None:
-        """The cached active version of ``key_id``, counting one use of it."""
+    def active(self, key_id: str, now: float | None = None) -> DataKey | None:
+        """The cached active version of ``key_id``, counting one use of it.
+
+        ``now`` is the caller's ``time.monotonic()``, if it has just read it.
+        """
         entry = self._active.get(key_id)
-        if entry is not None and entry[1] > time.monotonic():
+        if entry is not None and entry[1] > (time.monotonic() if now is None else now):
             self.hits += 1
             key = entry[0]
             usage = self._usage
@@ -74,10 +77,10 @@ class KeyCache:
         self.misses += 1
         return None
 
-    def version(self, key_id: str, version: int) -> DataKey | None:
-        """A cached version of ``key_id`` (for opening)."""
+    def version(self, key_id: str, version: int, now: float | None = None) -> DataKey | None:
+        """A cached version of ``key_id`` (for opening); ``now`` as for :meth:`active`."""
         entry = self._versions.get((key_id, version))
-        if entry is not None and entry[1] > time.monotonic():
+        if entry is not None and entry[1] > (time.monotonic() if now is None else now):
             self.hits += 1
             return entry[0]
         self.misses += 1

@@ -169,9 +169,10 @@ class KeyManager:
             KeyStoreUnavailable: not cached and the store cannot be reached.
             EncryptionFailed: a retention bucket whose deadline has passed.
         """
-        if time.monotonic() >= self._next_recheck:
+        now = time.monotonic()
+        if now >= self._next_recheck:
             self.recheck_cache()
-        key = self.cache.active(spec.key_id)
+        key = self.cache.active(spec.key_id, now)
         if key is None:
             key = self._load_active(spec)
         if self.cache.flush_due():
@@ -186,11 +187,12 @@ class KeyManager:
             KeyDestroyed: that version was destroyed.
             KeyStoreUnavailable: not cached and the store cannot be reached.
         """
-        if time.monotonic() >= self._next_recheck:
+        now = time.monotonic()
+        if now >= self._next_recheck:
             self.recheck_cache()
-        key = self.cache.version(key_id, version)
+        key = self.cache.version(key_id, version, now)
         if key is not None:
-            return self._unexpired(key)
+            return key if key.expires_at is None else self._unexpired(key)
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
         with self.store.transaction() as session:

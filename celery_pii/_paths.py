@@ -40,6 +40,7 @@ __all__ = [
     "get_at",
     "parse_path",
     "replace_in_copies",
+    "set_all_in_place",
     "set_in_place",
 ]
 
@@ -234,6 +235,11 @@ class Binder:
         )
         self._all_simple = len(self._simple) == len(fields)
 
+    @property
+    def simple(self) -> bool:
+        """True if every path is a parameter name followed by dict keys only."""
+        return self._all_simple
+
     def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[Location, Any]]:
         """Every declared field present in the call, as ``(location, value)``.
 
@@ -241,9 +247,20 @@ class Binder:
             args: positional arguments of the call, as it will be published.
             kwargs: keyword arguments of the call.
         """
+        locations, values = self.locate_apart(args, kwargs)
+        return list(zip(locations, values, strict=True))
+
+    def locate_apart(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Location], list[Any]]:
+        """:meth:`locate` as two lists: the locations, and the values found there."""
+        locations: list[Location] = []
+        values: list[Any] = []
         if not self._all_simple:
-            return list(self._locate_any(args, kwargs))
-        found: list[tuple[Location, Any]] = []
+            for found_at, found in self._locate_any(args, kwargs):
+                locations.append(found_at)
+                values.append(found)
+            return locations, values
         for head, index, rest, by_keyword, by_position in self._simple:
             location: Location
             if head in kwargs:
@@ -257,8 +274,9 @@ class Binder:
                     break
                 value = value[part]
             else:
-                found.append((location, value))
-        return found
+                locations.append(location)
+                values.append(value)
+        return locations, values
 
     def _locate_any(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
         for head, rest in self._fields:
@@ -375,13 +393,24 @@ def set_in_place(root: Mapping[str, Any], location: Location, value: Any) -> Non
     Raises:
         KeyError, IndexError, TypeError: the location does not exist.
     """
-    container: Any = root
-    for part in location[:-1]:
-        container = container[part]
-    last = location[-1]
-    if isinstance(container, list) and isinstance(last, int):
-        container[last] = value  # IndexError if absent: never appends
-    elif isinstance(container, dict) and last in container:
-        container[last] = value
-    else:
-        raise KeyError(last)
+    set_all_in_place(root, (location,), (value,))
+
+
+def set_all_in_place(root: Mapping[str, Any], locations: Sequence[Location], values: Sequence[Any]) -> None:
+    """:func:`set_in_place` for each location and its value (one call: this runs for every message).
+
+    Raises:
+        KeyError, IndexError, TypeError: a location does not exist (values
+            before it have been set).
+    """
+    for location, value in zip(locations, values, strict=True):
+        container: Any = root
+        for part in location[:-1]:
+            container = container[part]
+        last = location[-1]
+        if isinstance(container, list) and isinstance(last, int):
+            container[last] = value  # IndexError if absent: never appends
+        elif isinstance(container, dict) and last in container:
+            container[last] = value
+        else:
+            raise KeyError(last)

@@ -23,14 +23,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, cast
 
 from . import _envelope
 from ._config import Settings
+from ._crypto import DataKey
 from ._detect import detect_with_status
 from ._envelope import Kind
 from ._keys import KeyManager, KeySpec
-from ._paths import Location, format_path, get_at, parse_path, replace_in_copies, set_in_place
+from ._paths import Binder, Location, format_path, get_at, parse_path, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed
@@ -121,6 +122,8 @@ class Sealer:
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
         _, spec = self.lookup(name)
+        if spec is not None and spec.simple_sealing and not seal_all and not _has_canvas(root):
+            return self._seal_declared(name, task_id, root, spec)
         found, specs = self._fields(name, spec, root, seal_all=seal_all)
         mode = spec.detect if spec is not None else self.settings.detect
         detected: tuple[tuple[Location, str], ...] = ()
@@ -132,9 +135,38 @@ class Sealer:
             return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         key = self.keys.encryption_key(key_spec)
-        locations, values = zip(*found, strict=True)
+        locations = tuple(location for location, _ in found)
+        token = self._seal_values(name, task_id, key, [value for _, value in found], locations)
+        sealed_root = replace_in_copies(root, locations, MARKER)
+        return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
+
+    def _seal_declared(
+        self, name: str, task_id: str, root: Mapping[str, Any], spec: TaskSpec
+    ) -> Sealed | None:
+        """The common case (``spec.simple_sealing``, no canvas): the declared fields, the task's key.
+
+        What :meth:`seal_message` does for such a call, without its general
+        steps: most messages of most apps take this path.
+        """
+        binder = cast("Binder", spec.binder)  # simple_sealing implies one
+        found_at, values = binder.locate_apart(root.get("args") or (), root.get("kwargs") or {})
+        for value in values:
+            if value.__class__ is str and value == MARKER:  # a reused, sealed signature: left alone
+                kept = [i for i, value in enumerate(values) if not _is_marker(value)]
+                found_at, values = [found_at[i] for i in kept], [values[i] for i in kept]
+                break
+        if not values:
+            return None
+        key = self.keys.encryption_key(spec.key_spec)
+        locations = tuple(found_at)
+        token = self._seal_values(name, task_id, key, values, locations)
+        return Sealed(replace_in_copies(root, locations, MARKER), token, key.key_id, locations)
+
+    def _seal_values(
+        self, name: str, task_id: str, key: DataKey, values: list[Any], locations: tuple[Location, ...]
+    ) -> str:
         try:
-            token = _envelope.seal(
+            return _envelope.seal(
                 key,
                 values,
                 locations=locations,
@@ -146,8 +178,6 @@ class Sealer:
             kind = type(error).__name__
             msg = f"task {name!r}: a PII value cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
-        sealed_root = replace_in_copies(root, locations, MARKER)
-        return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
 
     def _fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
@@ -270,24 +300,19 @@ class Sealer:
             DecryptionFailed: tampered, moved to another task, or malformed.
             KeyDestroyed, KeyNotFound, KeyStoreUnavailable: from the key store.
         """
-        pending = []
-        key_ids = []
-        for token in tokens:
-            envelope = _envelope.parse(token)
-            if envelope.kind is not Kind.TASK or envelope.task_id != task_id:
-                raise DecryptionFailed
-            key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
-            pending.append((envelope.locations, envelope.open(key, task_name=name)))
-            key_ids.append(envelope.key_id)
-        opened_values = []
+        key_for = self.keys.decryption_key
+        opened = [
+            _envelope.open_task(token, task_id=task_id, task_name=name, key_for=key_for) for token in tokens
+        ]
         try:
-            for locations, values in pending:
-                for location, value in zip(locations, values, strict=True):
-                    set_in_place(root, location, value)
-                opened_values.extend(values)
+            for _, locations, values in opened:
+                set_all_in_place(root, locations, values)
         except (KeyError, IndexError, TypeError):  # the body no longer has that place
             raise DecryptionFailed from None
-        return Opened(opened_values, key_ids)
+        if len(opened) == 1:  # the usual message: one envelope
+            key_id, _, values = opened[0]
+            return Opened(values, [key_id])
+        return Opened([value for _, _, values in opened for value in values], [key for key, _, _ in opened])
 
     # -- results --------------------------------------------------------------------------
 
@@ -377,6 +402,11 @@ def is_sealed_result(obj: object) -> bool:
 
 def _is_meta(obj: object) -> bool:
     return isinstance(obj, dict) and "status" in obj and "task_id" in obj
+
+
+def _has_canvas(root: Mapping[str, Any]) -> bool:
+    """True if a message root embeds later canvas steps (callbacks, errbacks, chain, chord)."""
+    return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
 
 
 def _is_marker(value: object) -> bool:

@@ -3,12 +3,16 @@
 It wraps an inner serializer (``json`` or ``msgpack``) in a two-byte frame::
 
     byte 0   frame version (1)
-    byte 1   inner codec: b"j" plain JSON, b"k" kombu's typed JSON, b"m" msgpack
+    byte 1   inner codec: b"o" plain JSON written by orjson, b"j" plain JSON
+             written by the standard library, b"k" kombu's typed JSON, b"m" msgpack
     rest     the inner serializer's bytes
 
 Plain JSON bodies are written and read by orjson where installed (the ``fast``
 extra; ``_json`` makes sure it gives what the standard library would) or by
-the standard library; only a body holding a datetime, Decimal, UUID or bytes
+the standard library.  A body orjson wrote was read back equal when written,
+so it is read with orjson directly (``b"o"``); the others get ``_json.loads``'s
+checks.  A forged codec byte changes nothing an attacker who can write
+messages could not change anyway.  Only a body holding a datetime, Decimal, UUID or bytes
 falls back to kombu's typed JSON (whose per-dict decoding hook costs several
 microseconds on a 1 KB body), and the frame says which was used.
 
@@ -46,6 +50,7 @@ CONTENT_ENCODING: Final = "binary"
 FRAME_VERSION: Final = 1
 _CODECS: Final = {"json": b"j", "msgpack": b"m"}
 _TYPED_JSON: Final = b"k"
+_ORJSON: Final = b"o"  # plain JSON that orjson wrote (and read back equal)
 _JSON_STARTS: Final = frozenset((b"{", b"[", b'"'))
 _EMBED_KEYS: Final = frozenset(("callbacks", "errbacks", "chain", "chord"))
 
@@ -68,10 +73,15 @@ def _msgpack() -> Any:
     return msgpack
 
 
+_KNOWN_CODECS: Final = frozenset((_ORJSON, b"j", _TYPED_JSON, b"m"))
+
+
 def _decode(codec: bytes, body: bytes) -> Any:
-    if codec not in (b"j", b"k", b"m"):
+    if codec not in _KNOWN_CODECS:
         raise DecryptionFailed
     try:
+        if codec == _ORJSON:
+            return _json.read_own(body)
         if codec == b"j":
             return _json.loads(body)
         if codec == b"k":
@@ -121,6 +131,7 @@ class PIISerializer:
             _msgpack()
         self.inner = inner
         self._header = bytes((FRAME_VERSION,)) + _CODECS[inner]
+        self._orjson_header = bytes((FRAME_VERSION,)) + _ORJSON
         self._seal_result = seal_result
         self._open_result = open_result
         self.legacy_json = legacy_json
@@ -145,10 +156,11 @@ class PIISerializer:
             # JSON writes tuples as lists; given as lists, orjson's output reads back equal (see _json).
             document = [list(obj[0]), obj[1], obj[2]] if task_body else obj
             try:
-                return self._header + _json.dumps(document)
+                data, by_orjson = _json.encode(document)
             except (TypeError, ValueError):  # a datetime, Decimal, UUID, bytes...
                 text: str = kombu_json.dumps(obj)
                 return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
+            return (self._orjson_header if by_orjson else self._header) + data
         packed: bytes = _msgpack().packb(obj, use_bin_type=True)
         return self._header + packed
 

@@ -9,7 +9,7 @@ before it), so a malformed path fails at import time, not at first publish.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ._config import DETECT_MODES, USER_KEY_ID_PATTERN, Settings
@@ -37,6 +37,22 @@ class TaskSpec:
     detect: str
     #: The key of this task when no subject or retention bucket applies.
     key_spec: KeySpec
+
+    def __post_init__(self) -> None:
+        # Computed once: every publish of the task asks.
+        simple = (
+            self.binder is not None
+            and self.binder.simple
+            and self.subject is None
+            and self.retention.is_indefinite
+            and self.detect == "off"
+        )
+        object.__setattr__(self, "simple_sealing", simple)
+
+    #: True when sealing a call of this task needs only its declared fields
+    #: (names and dict keys) and its one fixed key: no subject, no retention
+    #: deadline, no detection.  Set from the fields above.
+    simple_sealing: bool = field(init=False)
 
     @property
     def seals(self) -> bool:

@@ -49,7 +49,7 @@ VALID = base64.b64decode(
         task_id="3f1c9d2e-0b7a-4c51-9e2d-6a8b1f0c7d44",
     )
 )
-CODECS = (b"j", b"k", b"m")
+CODECS = (b"o", b"j", b"k", b"m")
 TARGETS = 6
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from celery_pii import _envelope
+from celery_pii import _envelope, _json
 from celery_pii._crypto import Algorithm, DataKey
 from celery_pii._envelope import Kind, parse, seal
 from celery_pii.exceptions import DecryptionFailed, EncryptionFailed
@@ -34,14 +34,29 @@ def _open(token, key=KEY, task_name="shop.charge"):
 class TestEnvelope:
     """Tests for sealing and opening envelopes."""
 
-    def test_known_answer(self):
-        """A fixed key and nonce give these exact bytes: the wire format is pinned."""
+    @pytest.mark.parametrize(
+        ("writer", "flags", "tag"),
+        [
+            ("orjson", "08", "6e534da2725438fe1b512131fe2c49e9de"),
+            ("standard library", "00", "6e643ffc9052b13d16f1611ba9f7374dc6"),
+        ],
+    )
+    def test_known_answer(self, writer, flags, tag, monkeypatch):
+        """A fixed key and nonce give these exact bytes: the wire format is pinned.
+
+        The flags say which JSON library wrote the values (only that byte and
+        so the tag differ: both write the same JSON).
+        """
+        if writer == "orjson":
+            pytest.importorskip("orjson")
+        else:
+            monkeypatch.setattr(_json, "orjson", None)
         token = _seal(_nonce=bytes(12))
         locations = b'[["args",0],["kwargs","customer","email"]]'
         header = (
             "01"  # envelope version
-            "00"  # flags
-            "01"  # aes-256-gcm
+            + flags
+            + "01"  # aes-256-gcm
             "00000002"  # key version
             "06"
             + b"orders".hex()  # key id
@@ -52,10 +67,21 @@ class TestEnvelope:
         )
         ciphertext_and_tag = (
             "559e81ef841da38c39999815291da0a8f272676219a34c0de1f0ddc3a0873c3b3e338392499dd524"
-            "6e643ffc9052b13d16f1611ba9f7374dc6"
+            "6e643ffc9052b13d16f1611ba9f7374dc6"[:-34]
+            + tag
         )
         assert base64.b64decode(token).hex() == header + "00" * 12 + ciphertext_and_tag
         assert _open(token) == VALUES
+
+    def test_only_values_orjson_wrote_skip_the_read_checks(self):
+        """Flagged values are read by orjson directly; the rest (here a 70-bit int) with every check."""
+        pytest.importorskip("orjson")
+        assert parse(_seal())._prefix.read is _json.read_own
+        big = [2**70, "ann@example.com"]
+        token = seal(KEY, big, locations=LOCATIONS, task_name="shop.charge", task_id="id-1")
+        assert not base64.b64decode(token)[1] & 0x08
+        assert parse(token)._prefix.read is _json.loads
+        assert _open(token) == big
 
     def test_round_trip_and_metadata(self):
         """Opening returns the values; the header names key, version, task id and locations."""

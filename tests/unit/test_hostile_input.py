@@ -251,9 +251,11 @@ def _truncations(data: bytes) -> st.SearchStrategy[bytes]:
     return st.integers(0, max(len(data) - 1, 0)).map(lambda n: data[:n])
 
 
-_codecs = st.sampled_from([b"j", b"k", b"m"])
+_codecs = st.sampled_from([b"o", b"j", b"k", b"m"])
 _prefixed = st.builds(_frame, _codecs, st.binary(max_size=2048))
-_json_frames = json_values.map(lambda v: _frame(b"j", json.dumps(v).encode()))
+_json_frames = st.builds(
+    _frame, st.sampled_from([b"o", b"j"]), json_values.map(lambda v: json.dumps(v).encode())
+)
 _msgpack_frames = json_values.map(lambda v: _frame(b"m", msgpack.packb(v, use_bin_type=True)))
 _truncated = st.one_of(_json_frames, _msgpack_frames).flatmap(_truncations)
 
@@ -282,6 +284,11 @@ REFUSED_FRAMES = [
     pytest.param(b"\x01j" + b"[" * 100_000, id="json-deep-open-brackets"),
     pytest.param(b"\x01j" + b"[" * 100_000 + b"]" * 100_000, id="json-deep-balanced"),
     pytest.param(b"\x01j" + b'{"a":' * 100_000, id="json-deep-objects"),
+    pytest.param(b"\x01o", id="empty-orjson"),
+    pytest.param(b"\x01o" + b"[" * 100_000 + b"]" * 100_000, id="orjson-deep-balanced"),
+    pytest.param(b"\x01o" + b'{"a":' * 100_000, id="orjson-deep-objects"),
+    pytest.param(b"\x01o\xff\xfe[]", id="orjson-bad-utf8"),
+    pytest.param(b"\x01o[1,]", id="orjson-trailing-comma"),
     pytest.param(b"\x01k" + b"[" * 100_000 + b"]" * 100_000, id="typed-json-deep"),
     pytest.param(b"\x01k" + b'{"a":' * 100_000 + b"1" + b"}" * 100_000, id="typed-json-deep-objects"),
     pytest.param(b"\x01m" + b"\x91" * 100_000 + b"\xc0", id="msgpack-deep-arrays"),
@@ -555,8 +562,8 @@ class TestEnvelopeParse:
 
     @pytest.mark.parametrize(
         ("version", "flags"),
-        [(0, 0), (2, 0), (255, 0), (1, 0x08), (1, 0x80)],
-        ids=["version-0", "version-2", "version-255", "unknown-flag-8", "unknown-flag-128"],
+        [(0, 0), (2, 0), (255, 0), (1, 0x10), (1, 0x80)],
+        ids=["version-0", "version-2", "version-255", "unknown-flag-16", "unknown-flag-128"],
     )
     def test_other_versions_and_flags_are_refused(self, version, flags):
         """A valid envelope relabelled with another version or an unknown flag is refused (no downgrade)."""
