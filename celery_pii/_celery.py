@@ -293,5 +293,8 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
 
 
 @signals.task_postrun.connect(weak=False)
-def _task_finished(**_: Any) -> None:
-    _context.running.set(None)
+def _task_finished(task: Any = None, **_: Any) -> None:
+    # Sent whatever the outcome (Retry, Ignore and Reject included), while the
+    # task's request is still the current one.
+    if task is not None:
+        _context.leave(task.request)

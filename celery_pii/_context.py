@@ -1,9 +1,15 @@
 """What celery-pii knows about the task running in this thread.
 
-Set by the opening step before each task and cleared after it; read by the
-result serializer (which key seals the result), the logging filter and the
-exception scrubber (which values to hide), and the publish path (is this
-message derived from PII?).
+Set by the opening step before each task and given back to what it was when
+the task ends; read by the result serializer (which key seals the result), the
+logging filter and the exception scrubber (which values to hide), and the
+publish path (is this message derived from PII?).
+
+Tasks can run inside tasks: ``task.apply()`` in a task body, or any call with
+``task_always_eager``.  The inner task's end gives the outer task its context
+back (else the outer task's result would be stored unsealed), and an inner
+task with no PII context of its own shares the outer one: what it is given
+and returns may be derived from the outer task's PII.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class RunningTask:
 
     __slots__ = (
         "_message_key",
+        "_request",
+        "_request_stack",
         "_result_key",
         "_scrubber",
         "is_pii",
@@ -50,12 +58,22 @@ class RunningTask:
         values: list[Any],
         result_key: KeySpec | None,
         message_key: str | None = None,
+        task: Any = None,
     ) -> None:
         self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
+        # The Celery task and its request, to tell whether it is still running.
+        self._request_stack = getattr(task, "request_stack", None)
+        self._request = task.request if task is not None else None
         self.is_pii = spec is not None and spec.is_pii
         self._result_key = result_key
         self._message_key = message_key
         self._scrubber: Scrubber | None = None
+
+    def is_live(self) -> bool:
+        """True while the task's request is on Celery's request stack (it has not ended)."""
+        if self._request_stack is None:
+            return False
+        return any(request is self._request for request in self._request_stack.stack)
 
     @property
     def scrubber(self) -> Scrubber:
@@ -84,6 +102,35 @@ class RunningTask:
 running: contextvars.ContextVar[RunningTask | None] = contextvars.ContextVar(
     "celery_pii_running", default=None
 )
+
+# The request attribute that remembers, from a task's start to its end, the
+# context it ran inside.
+_OUTER: Final = "_celery_pii_outer"
+_NOT_ENTERED: Final = object()
+
+
+def enter(request: Any) -> RunningTask | None:
+    """A task starts: nothing is running for it yet; returns the task it runs inside, if any.
+
+    The outer task is remembered on the request, for :func:`leave`.  A context
+    left behind by a task that ended without :func:`leave` (its process was
+    being torn down) is not an outer task.
+    """
+    outer = running.get()
+    if outer is not None and not outer.is_live():
+        outer = None
+    setattr(request, _OUTER, outer)
+    running.set(None)
+    return outer
+
+
+def leave(request: Any) -> None:
+    """A task ends: the context it ran inside (or none) is the running one again."""
+    outer = getattr(request, _OUTER, _NOT_ENTERED)
+    if outer is not _NOT_ENTERED:
+        running.set(outer)  # type: ignore[arg-type]
+
+
 # Envelopes carried from a task that could not open them (key store down) to
 # its own retry message, so the retry keeps the ciphertext it came with.
 carried: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar(

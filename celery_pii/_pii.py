@@ -162,8 +162,8 @@ class PII:
     # -- consume -------------------------------------------------------------------------------
 
     def _open(self, task: Task, task_id: str, args: Any, kwargs: Any) -> None:
-        _context.running.set(None)  # nothing of the previous task may leak into this one's outcome
         request = task.request
+        outer = _context.enter(request)
         name = task.name
         spec = self.specs.get(name)
         tokens = getattr(request, EMBED_KEY, None)
@@ -183,8 +183,10 @@ class PII:
             setattr(request, EMBED_KEY, None)
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
-            _context.running.set(None)
+            _context.running.set(outer)  # inside a PII task, its outcome may be derived from that PII
             return
+        if outer is not None:  # its logs and errors hide the outer task's values too
+            values = [*values, *outer.values]
         # Results are sealed under the message's own key (its subject, its
         # retention bucket), so they become unreadable together.  Without one,
         # a subject's key depends on this call's arguments: find it now, before
@@ -192,7 +194,7 @@ class PII:
         result_key = None
         if message_key is None and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
-        _context.running.set(RunningTask(self, name, task_id, spec, values, result_key, message_key))
+        _context.running.set(RunningTask(self, name, task_id, spec, values, result_key, message_key, task))
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         name = task.name

@@ -13,7 +13,7 @@ from celery import chain, chord, group
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from celery_pii import get_pii
+from celery_pii import _context, get_pii
 from celery_pii._sealer import MARKER
 
 from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
@@ -99,6 +99,65 @@ class TestRoundTrip:
         """task_always_eager runs through the serializer and returns plaintext."""
         app = make_app(task_always_eager=True)
         assert app.tasks["t.charge"].delay(CARD, 5).get()["card_number"] == CARD
+
+    def test_a_task_run_inside_a_pii_task(self, make_app):
+        """An inner task (eager) gives the outer one its context back; without PII options it shares it.
+
+        Before the fix the inner task's end cleared the context, so the outer
+        task's result was stored in plaintext; the inner one's too.
+        """
+        app = make_app(task_always_eager=True, task_store_eager_result=True)
+        contexts = {}
+
+        @app.task(shared=False, name="t.inner_plain")
+        def inner_plain(value):
+            contexts["inner"] = _context.running.get()
+            return value
+
+        @app.task(shared=False, name="t.outer", pii_fields=["card_number"])
+        def outer(card_number):
+            contexts["before"] = _context.running.get()
+            inner = inner_plain.delay(card_number)
+            contexts["after"] = _context.running.get()
+            return {"card_number": card_number, "inner": inner.id}
+
+        result = outer.delay(CARD)
+        assert contexts["before"] is not None
+        assert contexts["inner"] is contexts["after"] is contexts["before"]
+        assert _context.running.get() is None  # nothing is left running after the outer task
+        with redis_client(BACKEND_DB) as client:
+            outer_meta = client.get(f"celery-task-meta-{result.id}")
+            inner_meta = client.get(f"celery-task-meta-{result.get()['inner']}")
+        assert MARKER.encode() in outer_meta
+        assert MARKER.encode() in inner_meta
+        assert_no_plaintext(outer_meta)
+        assert_no_plaintext(inner_meta)
+        assert app.AsyncResult(result.get()["inner"]).get() == CARD
+
+    def test_an_inner_pii_task_has_its_own_context_that_hides_the_outer_values(self, make_app):
+        """In a worker, a PII task applied inside a PII task gets its own context, hiding both tasks' values."""
+        from celery.contrib.testing.worker import start_worker
+
+        app = make_app()
+        contexts = {}
+
+        @app.task(shared=False, name="t.inner_pii", pii_fields=["email"])
+        def inner_pii(email):
+            contexts["inner"] = _context.running.get()
+
+        @app.task(shared=False, name="t.outer_pii", pii_fields=["card_number"])
+        def outer_pii(card_number):
+            contexts["outer"] = _context.running.get()
+            inner_pii.apply(args=(EMAIL,))
+            contexts["after"] = _context.running.get()
+
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            outer_pii.delay(CARD).get(timeout=20)
+        assert contexts["outer"].values == [CARD]
+        assert contexts["inner"] is not contexts["outer"]
+        assert contexts["inner"].name == "t.inner_pii"
+        assert CARD in contexts["inner"].values  # applied directly: its own arguments were never sealed
+        assert contexts["after"] is contexts["outer"]
 
 
 class TestWire:
