@@ -58,12 +58,13 @@ class RunningTask:
         values: list[Any],
         result_key: KeySpec | None,
         message_key: str | None = None,
-        task: Any = None,
+        request: Any = None,
+        request_stack: Any = None,
     ) -> None:
         self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
-        # The Celery task and its request, to tell whether it is still running.
-        self._request_stack = getattr(task, "request_stack", None)
-        self._request = task.request if task is not None else None
+        # Celery's request of this run and the stack it is on, to tell whether it is still running.
+        self._request = request
+        self._request_stack = request_stack
         self.is_pii = spec is not None and spec.is_pii
         self._result_key = result_key
         self._message_key = message_key

@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import functools
 import json
 import struct
 import sys
@@ -93,6 +92,11 @@ class Kind(enum.Enum):
 
     TASK = 0  # arguments of a task call: opened where the task runs
     RESULT = 1  # a stored result: opened by whoever reads it with keys
+
+
+# Reading an enum member off its class costs ten times a global's lookup (3.11).
+_TASK: Final = Kind.TASK
+_RESULT: Final = Kind.RESULT
 
 
 class Envelope:
@@ -173,7 +177,7 @@ def open_task(
         prefix, bound_id, locations, end = _parse_bytes(data)
     except _MALFORMED:  # binascii.Error is a ValueError
         raise DecryptionFailed from None
-    if prefix.kind is not Kind.TASK or bound_id != task_id:
+    if prefix.kind is not _TASK or bound_id != task_id:
         raise DecryptionFailed
     key = key_for(prefix.key_id, prefix.key_version)
     return prefix.key_id, locations, _open_values(prefix, key, data, end, task_name, len(locations))
@@ -214,7 +218,7 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         EncryptionFailed: the task id does not fit.
     """
     # This runs for every message published: lookups are inlined, not called.
-    flags = _FLAG_RESULT if kind is Kind.RESULT else 0
+    flags = _FLAG_RESULT if kind is _RESULT else 0
     if type(values) is not list:
         values = list(values)
     try:
@@ -308,9 +312,14 @@ _MAX_TOKEN: Final = MAX_ENVELOPE_BYTES * 4 // 3 + 4
 _MALFORMED: Final = (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError)
 
 if sys.version_info >= (3, 11):
-    _b64decode: Callable[[str], bytes] = functools.partial(binascii.a2b_base64, strict_mode=True)
+
+    def _b64decode(token: str) -> bytes:
+        return binascii.a2b_base64(token, strict_mode=True)
+
 else:  # pragma: no cover - Python 3.10: the same check, a little slower
-    _b64decode = functools.partial(base64.b64decode, validate=True)
+
+    def _b64decode(token: str) -> bytes:
+        return base64.b64decode(token, validate=True)
 
 
 def _decode(token: object) -> bytes:

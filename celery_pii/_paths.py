@@ -402,8 +402,12 @@ def set_all_in_place(root: Mapping[str, Any], locations: Sequence[Location], val
     Raises:
         KeyError, IndexError, TypeError: a location does not exist (values
             before it have been set).
+        ValueError: not as many values as locations.
     """
-    for location, value in zip(locations, values, strict=True):
+    if len(locations) != len(values):
+        msg = "as many values as locations"
+        raise ValueError(msg)
+    for location, value in zip(locations, values):  # noqa: B905 - checked above; strict= doubles zip's cost
         container: Any = root
         for part in location[:-1]:
             container = container[part]

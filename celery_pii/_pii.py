@@ -194,7 +194,11 @@ class PII:
         result_key = None
         if message_key is None and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
-        _context.running.set(RunningTask(self, name, task_id, spec, values, result_key, message_key, task))
+        _context.running.set(
+            RunningTask(
+                self, name, task_id, spec, values, result_key, message_key, request, task.request_stack
+            )
+        )
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         name = task.name

@@ -31,7 +31,9 @@ def _isolated_context():
 
 def _running_in(task, request):
     task.request_stack.push(request)  # as the tracer does
-    return RunningTask(None, task.name, "outer-id", None, ["a value"], None, None, task)
+    return RunningTask(
+        None, task.name, "outer-id", None, ["a value"], None, None, request, task.request_stack
+    )
 
 
 def test_a_task_started_inside_another_gets_it_back_when_it_ends(task):
