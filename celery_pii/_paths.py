@@ -211,7 +211,7 @@ class Binder:
         self._var_positional = var_positional
         self._var_keyword = var_keyword
         self.paths = tuple(paths)
-        fields: list[tuple[str, tuple[Part, ...]]] = []
+        declared: list[tuple[Part, ...]] = []
         for text in self.paths:
             parts = parse_path(text, task=task)
             head = parts[0]
@@ -221,7 +221,18 @@ class Binder:
             if not known and var_keyword is None:
                 msg = f"task {task!r}: field path {text!r} names no parameter of the task function"
                 raise ConfigurationError(msg)
-            fields.append((head, parts[1:]))
+            declared.append(parts)
+        fields: list[tuple[str, tuple[Part, ...]]] = [
+            (str(parts[0]), parts[1:])
+            for i, parts in enumerate(declared)
+            # A path inside another declared one (``customer.email`` beside ``customer``) is
+            # sealed with it: locating both would put a value inside a sealed one.
+            if not any(
+                _covers(other, parts) and (other != parts or j < i)
+                for j, other in enumerate(declared)
+                if j != i
+            )
+        ]
         self._fields = tuple(fields)
         # The common shape, "a named parameter then dict keys", is resolved
         # without generators: it runs for every message published.
@@ -257,9 +268,13 @@ class Binder:
         locations: list[Location] = []
         values: list[Any] = []
         if not self._all_simple:
-            for found_at, found in self._locate_any(args, kwargs):
-                locations.append(found_at)
-                values.append(found)
+            located = dict(self._locate_any(args, kwargs))  # the same place found twice counts once
+            for found_at, found in located.items():
+                # A wildcard path and an indexed one can still meet (``items[2]``
+                # and ``items[*].serial``): what lies inside a found value is sealed with it.
+                if not any(found_at[:end] in located for end in range(2, len(found_at))):
+                    locations.append(found_at)
+                    values.append(found)
             return locations, values
         for head, index, rest, by_keyword, by_position in self._simple:
             location: Location
@@ -315,6 +330,16 @@ class Binder:
             yield from _select_positional(len(self._index), len(args), rest)
         elif head == self._var_keyword:
             yield from _select_keywords(kwargs, self._named, rest)
+
+
+def _covers(outer: tuple[Part, ...], inner: tuple[Part, ...]) -> bool:
+    """True if every value the path ``inner`` finds is (or lies inside) one that ``outer`` finds."""
+    if len(outer) > len(inner):
+        return False
+    return all(
+        mine == theirs or (mine is WILDCARD and not isinstance(theirs, str))
+        for mine, theirs in zip(outer, inner)  # noqa: B905 - outer is the shorter: compare its length
+    )
 
 
 def _select_positional(

@@ -106,12 +106,40 @@ class TestBinder:
         found = self._locate(
             ["customer.email", "items[*].serial", "items[1]"], (1, 2, {"email": "e"}), {"items": items}
         )
+        # items[1].serial lies inside items[1], which is sealed whole: it is not located twice.
         assert found == [
             (("args", 2, "email"), "e"),
             (("kwargs", "items", 0, "serial"), "a"),
-            (("kwargs", "items", 1, "serial"), "b"),
             (("kwargs", "items", 1), {"serial": "b"}),
         ]
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            ["customer", "customer.email"],
+            ["customer.email", "customer"],
+            ["customer", "customer"],
+            ["items[*].serial", "items[*]"],
+            ["items[1]", "items[*].serial"],
+            ["items[*].serial", "items[1]"],
+        ],
+    )
+    def test_values_inside_other_declared_values_are_not_located_again(self, fields):
+        """Overlapping paths locate the outer value only: sealing it seals what lies inside.
+
+        Locating both put a value inside one already sealed, which failed to
+        seal or, the other way round, to open.
+        """
+        items = [{"serial": "a"}, {"serial": "b"}]
+        found = self._locate(fields, (1, 2, {"email": "e"}), {"items": items})
+        locations = [location for location, _ in found]
+        assert len(set(locations)) == len(locations)
+        for location in locations:
+            assert not any(location[:end] in locations for end in range(1, len(location)))
+        sealed = replace_in_copies({"args": [1, 2, {"email": "e"}], "kwargs": {"items": items}}, locations, "M")
+        for location, value in found:
+            set_in_place(sealed, location, value)
+        assert sealed == {"args": [1, 2, {"email": "e"}], "kwargs": {"items": items}}
 
     def test_absent_paths_are_fine(self):
         """A declared path missing from the call yields nothing, including through wrong types."""
