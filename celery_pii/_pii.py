@@ -25,7 +25,7 @@ from ._paths import format_path, replace_in_copies
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, Opened, Sealed, Sealer
+from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_marker
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
@@ -181,6 +181,11 @@ class PII:
             opened = self._open_or_handle(task, task_id, root, tokens)
             values, message_key = opened.values, opened.key_ids[0]
             setattr(request, EMBED_KEY, None)
+        elif spec is not None and spec.binder is not None:
+            # Nothing sealed, yet declared fields may hold values: an eager call
+            # (task.apply() never serializes) or a plaintext message of a rollout.
+            # They are what the scrubber and the logging filter must hide.
+            values = [value for value in spec.binder.locate_apart(args, kwargs)[1] if not is_marker(value)]
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
             _context.running.set(outer)  # inside a PII task, its outcome may be derived from that PII

@@ -36,7 +36,7 @@ from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed
 
-__all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer"]
+__all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer", "is_marker"]
 
 #: What a sealed value looks like in the message body (and so in ``inspect``).
 MARKER: Final = "[pii:sealed]"
@@ -152,7 +152,7 @@ class Sealer:
         found_at, values = binder.locate_apart(root.get("args") or (), root.get("kwargs") or {})
         for value in values:
             if value.__class__ is str and value == MARKER:  # a reused, sealed signature: left alone
-                kept = [i for i, value in enumerate(values) if not _is_marker(value)]
+                kept = [i for i, item in enumerate(values) if not is_marker(item)]
                 found_at, values = [found_at[i] for i in kept], [values[i] for i in kept]
                 break
         if not values:
@@ -240,7 +240,7 @@ class Sealer:
         elif spec is not None and spec.binder is not None:
             # A value that is already a marker (a reused, sealed signature) is left alone.
             located = spec.binder.locate(args, kwargs)
-            found = [item for item in located if not _is_marker(item[1])]
+            found = [item for item in located if not is_marker(item[1])]
         if name == _CHORD_UNLOCK and len(args) > 1:
             # chord_unlock carries the chord body as its second argument.
             steps = _embedded(args[1], ("args", 1), self.lookup)
@@ -273,7 +273,7 @@ class Sealer:
         if spec is not None and spec.subject is not None:
             args, kwargs = root.get("args") or (), root.get("kwargs") or {}
             subject = next(iter(spec.subject.locate(args, kwargs)), None)
-            if subject is None or _is_marker(subject[1]):
+            if subject is None or is_marker(subject[1]):
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
                 raise EncryptionFailed(msg)
             base, digest = self.keys.subject_key_id(subject[1])
@@ -409,7 +409,8 @@ def _has_canvas(root: Mapping[str, Any]) -> bool:
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
 
 
-def _is_marker(value: object) -> bool:
+def is_marker(value: object) -> bool:
+    """True for the marker a sealed value leaves in the message body."""
     return isinstance(value, str) and value == MARKER
 
 
@@ -469,7 +470,7 @@ def _items_of(root: Mapping[str, Any], lookup: SpecLookup) -> Iterator[tuple[Loc
         task, location, items = args[0], ("args", 1), args[1]
     else:
         return
-    if items is None or _is_marker(items):
+    if items is None or is_marker(items):
         return
     called = task.get("task") if isinstance(task, Mapping) else None
     registered, spec = lookup(str(called)) if called else (False, None)
@@ -486,9 +487,9 @@ def _location(path: str) -> Location:
 def _arguments(args: Any, kwargs: Any, path: Location) -> Iterator[tuple[Location, Any, None]]:
     """Every positional and keyword argument that is not already sealed."""
     for i, item in enumerate(args):
-        if not _is_marker(item):
+        if not is_marker(item):
             yield (*path, "args", i), item, None
     if isinstance(kwargs, Mapping):
         for key, item in kwargs.items():
-            if not _is_marker(item):
+            if not is_marker(item):
                 yield (*path, "kwargs", key), item, None

@@ -38,8 +38,13 @@ class TaskSpec:
     #: The key of this task when no subject or retention bucket applies.
     key_spec: KeySpec
 
+    #: True when sealing a call of this task needs only its declared fields
+    #: (names and dict keys) and its one fixed key: no subject, no retention
+    #: deadline, no detection.  Set from the fields above.
+    simple_sealing: bool = field(init=False)
+
     def __post_init__(self) -> None:
-        # Computed once: every publish of the task asks.
+        # Worked out once: every publish of the task asks.
         simple = (
             self.binder is not None
             and self.binder.simple
@@ -48,11 +53,6 @@ class TaskSpec:
             and self.detect == "off"
         )
         object.__setattr__(self, "simple_sealing", simple)
-
-    #: True when sealing a call of this task needs only its declared fields
-    #: (names and dict keys) and its one fixed key: no subject, no retention
-    #: deadline, no detection.  Set from the fields above.
-    simple_sealing: bool = field(init=False)
 
     @property
     def seals(self) -> bool:

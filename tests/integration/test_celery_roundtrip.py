@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import logging
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -13,8 +15,8 @@ from celery import chain, chord, group
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from celery_pii import _context, get_pii
-from celery_pii._sealer import MARKER
+from celery_pii import _context, _envelope, get_pii
+from celery_pii._sealer import MARKER, Sealer
 
 from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
 
@@ -90,6 +92,39 @@ class TestRoundTrip:
         assert signature.kwargs == {"value": CARD}
         assert first.get(timeout=20)["value"] == second.get(timeout=20)["value"] == CARD
 
+    @pytest.mark.parametrize(
+        "call",
+        [
+            {"args": [CARD], "kwargs": {"label": "x"}},
+            {"args": [], "kwargs": {"value": CARD}},
+            {"args": [MARKER, "y"], "kwargs": {}},
+            {"args": [], "kwargs": {"label": "no value"}},
+        ],
+        ids=["positional", "keyword", "already-sealed", "absent"],
+    )
+    def test_the_direct_path_seals_as_the_general_path_does(self, app, call):
+        """A task with simple fields is sealed directly; the general path gives the same envelope."""
+        app.finalize()  # tasks are registered (and given their specs) when the app is finalized
+        sealer = get_pii(app).sealer
+        _, spec = sealer.lookup("t.echo")
+        assert spec.simple_sealing
+        general_spec = dataclasses.replace(spec)
+        object.__setattr__(general_spec, "simple_sealing", False)
+        general_sealer = Sealer(sealer.keys, sealer.settings, lambda _name: (True, general_spec))
+        root = {**call, "callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        direct = sealer.seal_message("t.echo", "id-1", root)
+        general = general_sealer.seal_message("t.echo", "id-1", root)
+        if general is None:
+            assert direct is None
+            return
+        assert direct.root == general.root
+        assert (direct.locations, direct.key_id) == (general.locations, general.key_id)
+        assert _envelope.parse(direct.token).header == _envelope.parse(general.token).header
+        for sealed in (direct, general):
+            opened = {**sealed.root, "args": list(sealed.root["args"]), "kwargs": dict(sealed.root["kwargs"])}
+            sealer.open_message("t.echo", "id-1", opened, [sealed.token])
+            assert opened == root
+
     def test_already_sealed_values_are_left_alone(self, app, worker):
         """A value that is already the sealed marker is not sealed again."""
         sealed = get_pii(app).sealer.seal_message("t.echo", "id-1", {"args": [MARKER], "kwargs": {}})
@@ -99,6 +134,19 @@ class TestRoundTrip:
         """task_always_eager runs through the serializer and returns plaintext."""
         app = make_app(task_always_eager=True)
         assert app.tasks["t.charge"].delay(CARD, 5).get()["card_number"] == CARD
+
+    def test_eager_failures_are_scrubbed_too(self, make_app, caplog):
+        """An eager call is never sealed, yet its failure's text, stored result and logs hide the card."""
+        app = make_app(task_always_eager=True, task_store_eager_result=True)
+        with caplog.at_level(logging.DEBUG):
+            result = app.tasks["t.fail"].delay(CARD)
+        with pytest.raises(ValueError, match=r"card \[pii:redacted\] declined") as info:
+            result.get()
+        assert_no_plaintext(str(info.value))
+        assert_no_plaintext(result.traceback or "")
+        with redis_client(BACKEND_DB) as client:
+            assert_no_plaintext(client.get(f"celery-task-meta-{result.id}"))
+        assert_no_plaintext(caplog.text)
 
     def test_a_task_run_inside_a_pii_task(self, make_app):
         """An inner task (eager) gives the outer one its context back; without PII options it shares it.
@@ -156,7 +204,8 @@ class TestRoundTrip:
         assert contexts["outer"].values == [CARD]
         assert contexts["inner"] is not contexts["outer"]
         assert contexts["inner"].name == "t.inner_pii"
-        assert CARD in contexts["inner"].values  # applied directly: its own arguments were never sealed
+        # Its own value (applied directly, so never sealed), then the outer task's.
+        assert contexts["inner"].values == [EMAIL, CARD]
         assert contexts["after"] is contexts["outer"]
 
 

@@ -136,7 +136,9 @@ class TestBinder:
         assert len(set(locations)) == len(locations)
         for location in locations:
             assert not any(location[:end] in locations for end in range(1, len(location)))
-        sealed = replace_in_copies({"args": [1, 2, {"email": "e"}], "kwargs": {"items": items}}, locations, "M")
+        sealed = replace_in_copies(
+            {"args": [1, 2, {"email": "e"}], "kwargs": {"items": items}}, locations, "M"
+        )
         for location, value in found:
             set_in_place(sealed, location, value)
         assert sealed == {"args": [1, 2, {"email": "e"}], "kwargs": {"items": items}}
