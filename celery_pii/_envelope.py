@@ -170,12 +170,10 @@ def open_task(
         DecryptionFailed: not a task envelope of ``task_id``, tampered, malformed.
         Whatever ``key_for`` raises (a destroyed or unknown key, a store outage).
     """
-    if not isinstance(token, str) or len(token) > _MAX_TOKEN:
-        raise DecryptionFailed
+    data = _decode(token)
     try:
-        data = _b64decode(token)
         prefix, bound_id, locations, end = _parse_bytes(data)
-    except _MALFORMED:  # binascii.Error is a ValueError
+    except _MALFORMED:
         raise DecryptionFailed from None
     if prefix.kind is not _TASK or bound_id != task_id:
         raise DecryptionFailed

@@ -309,9 +309,6 @@ class Sealer:
                 set_all_in_place(root, locations, values)
         except (KeyError, IndexError, TypeError):  # the body no longer has that place
             raise DecryptionFailed from None
-        if len(opened) == 1:  # the usual message: one envelope
-            key_id, _, values = opened[0]
-            return Opened(values, [key_id])
         return Opened([value for _, _, values in opened for value in values], [key for key, _, _ in opened])
 
     # -- results --------------------------------------------------------------------------
