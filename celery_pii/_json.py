@@ -18,7 +18,8 @@ from their built-in storage (ignoring an overridden ``items()``).  Callers rely
 on the standard library refusing UUIDs, datetimes and the like, because that is
 when they switch to kombu's typed JSON.  So datetimes, dataclasses and
 subclasses are passed to a ``default`` that refuses them, and every document
-orjson writes is read back and compared with the value it came from: a UUID
+orjson writes is read back and compared with the value it came from (except a
+list of plain scalars, which orjson either writes exactly or refuses): a UUID
 (read back as a str), an enum (read back as its value), NaN (read back as None)
 or a tuple (read back as a list) does not compare equal, and the standard
 library encodes the value instead.  The check costs about a third of what
@@ -89,7 +90,7 @@ def encode(obj: Any, *, ensure_ascii: bool = True) -> tuple[bytes, bool]:
     if orjson is not None:
         try:
             data = orjson.dumps(obj, default=_refuse, option=_ORJSON_REFUSES)
-            if orjson.loads(data) == obj:
+            if _plain_scalars(obj) or orjson.loads(data) == obj:
                 return data, True
         except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
             pass  # the standard library decides below
@@ -103,6 +104,33 @@ def encode(obj: Any, *, ensure_ascii: bool = True) -> tuple[bytes, bool]:
 #: it as the standard library would (and the standard library, where orjson
 #: is not installed, reads anything orjson writes the same way).
 read_own: Callable[[bytes], Any] = orjson.loads if orjson is not None else json.loads
+
+
+_INFINITY: Final = float("inf")
+
+
+def _plain_scalars(obj: Any) -> bool:
+    """True for a list of values orjson writes exactly as the standard library does.
+
+    ``str``, ``int``, ``bool``, ``None`` and finite ``float`` of exactly those
+    types (not subclasses): orjson refuses what it cannot write of them (a
+    lone surrogate, an integer beyond 64 bits), so what it did write needs no
+    reading back.  Two short strings are most PII values; the check costs a
+    tenth of the read-back.
+    """
+    if obj.__class__ is not list:
+        return False
+    for value in obj:
+        kind = value.__class__
+        if not (
+            kind is str
+            or kind is int
+            or value is None
+            or kind is bool
+            or (kind is float and -_INFINITY < value < _INFINITY)  # NaN compares false
+        ):
+            return False
+    return True
 
 
 def _refuse(_value: object) -> Any:

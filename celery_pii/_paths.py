@@ -293,6 +293,47 @@ class Binder:
                 values.append(value)
         return locations, values
 
+    def mark_simple(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str
+    ) -> tuple[list[Location], list[Any], Sequence[Any], Mapping[str, Any]]:
+        """For a :attr:`simple` binder: :meth:`locate_apart` and :func:`replace_in_copies` in one walk.
+
+        Returns the locations, the values found there, and ``args`` and
+        ``kwargs`` with ``marker`` in their place: copies where something was
+        replaced (only the containers on the way), the caller's objects
+        otherwise.  A value that already is ``marker`` (a reused, sealed
+        signature) is neither located nor replaced.
+        """
+        locations: list[Location] = []
+        values: list[Any] = []
+        new_args, new_kwargs = args, kwargs
+        made: set[int] = set()  # ids of the dicts copied here (all alive in the result)
+        for head, index, rest, by_keyword, by_position in self._simple:
+            if head in kwargs:
+                value, location = kwargs[head], by_keyword
+            elif index < len(args):
+                value, location = args[index], by_position
+            else:
+                continue
+            for part in rest:
+                if not isinstance(value, dict) or part not in value:
+                    break
+                value = value[part]
+            else:
+                if isinstance(value, str) and value == marker:
+                    continue
+                locations.append(location)
+                values.append(value)
+                if location is by_keyword:
+                    if new_kwargs is kwargs:
+                        new_kwargs = dict(kwargs)
+                    _mark_in_copies(new_kwargs, head, rest, marker, made)
+                else:
+                    if new_args is args:
+                        new_args = list(args)
+                    _mark_in_copies(new_args, index, rest, marker, made)
+        return locations, values, new_args, new_kwargs
+
     def _locate_any(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
         for head, rest in self._fields:
             for root, tail in self._roots(head, rest, args, kwargs):
@@ -410,6 +451,22 @@ def replace_in_copies(root: Mapping[str, Any], locations: Iterable[Location], va
             parent = node
         parent[location[-1]] = value
     return copy
+
+
+def _mark_in_copies(parent: Any, slot: str | int, keys: tuple[str, ...], marker: str, made: set[int]) -> None:
+    """Put ``marker`` at ``parent[slot]`` then down ``keys``, copying each dict on the way once.
+
+    ``parent`` is already a copy; ``made`` holds the ids of the copies made so
+    far, so a dict on the way to two values is copied once.
+    """
+    for key in keys:
+        node = parent[slot]
+        if id(node) not in made:
+            node = dict(node)
+            made.add(id(node))
+            parent[slot] = node
+        parent, slot = node, key
+    parent[slot] = marker
 
 
 def set_in_place(root: Mapping[str, Any], location: Location, value: Any) -> None:

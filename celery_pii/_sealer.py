@@ -149,18 +149,19 @@ class Sealer:
         steps: most messages of most apps take this path.
         """
         binder = cast("Binder", spec.binder)  # simple_sealing implies one
-        found_at, values = binder.locate_apart(root.get("args") or (), root.get("kwargs") or {})
-        for value in values:
-            if value.__class__ is str and value == MARKER:  # a reused, sealed signature: left alone
-                kept = [i for i, item in enumerate(values) if not is_marker(item)]
-                found_at, values = [found_at[i] for i in kept], [values[i] for i in kept]
-                break
+        args, kwargs = root.get("args") or (), root.get("kwargs") or {}
+        found_at, values, sealed_args, sealed_kwargs = binder.mark_simple(args, kwargs, MARKER)
         if not values:
             return None
         key = self.keys.encryption_key(spec.key_spec)
         locations = tuple(found_at)
         token = self._seal_values(name, task_id, key, values, locations)
-        return Sealed(replace_in_copies(root, locations, MARKER), token, key.key_id, locations)
+        sealed_root = dict(root)
+        if sealed_args is not args:
+            sealed_root["args"] = sealed_args
+        if sealed_kwargs is not kwargs:
+            sealed_root["kwargs"] = sealed_kwargs
+        return Sealed(sealed_root, token, key.key_id, locations)
 
     def _seal_values(
         self, name: str, task_id: str, key: DataKey, values: list[Any], locations: tuple[Location, ...]
@@ -301,14 +302,17 @@ class Sealer:
             KeyDestroyed, KeyNotFound, KeyStoreUnavailable: from the key store.
         """
         key_for = self.keys.decryption_key
-        opened = [
-            _envelope.open_task(token, task_id=task_id, task_name=name, key_for=key_for) for token in tokens
-        ]
+        opened = []
+        for token in tokens:  # a loop: a comprehension's frame costs more on Python 3.10 and 3.11
+            opened.append(_envelope.open_task(token, task_id=task_id, task_name=name, key_for=key_for))  # noqa: PERF401
         try:
             for _, locations, values in opened:
                 set_all_in_place(root, locations, values)
         except (KeyError, IndexError, TypeError):  # the body no longer has that place
             raise DecryptionFailed from None
+        if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
+            key_id, _, values = opened[0]
+            return Opened(values, [key_id])
         return Opened([value for _, _, values in opened for value in values], [key for key, _, _ in opened])
 
     # -- results --------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -205,6 +207,52 @@ class TestBinder:
         assert [value for _, value in found] == [card, *emails]
         for location, value in found:
             assert get_at({"args": args, "kwargs": kwargs}, location) == value
+
+
+MARK = "[sealed]"
+_KEYS = st.sampled_from(["email", "address", "city", "tier"])
+_SIMPLE_VALUES = st.recursive(
+    st.text(max_size=3) | st.integers() | st.just(MARK) | st.none(),
+    lambda inner: st.dictionaries(_KEYS, inner, max_size=3) | st.lists(inner, max_size=2),
+    max_leaves=8,
+)
+_SIMPLE_FIELDS = ["card_number", "amount", "customer", "customer.email", "customer.address.city", "items"]
+
+
+@settings(max_examples=300)
+@given(
+    fields=st.lists(st.sampled_from(_SIMPLE_FIELDS), min_size=1, unique=True),
+    values=st.fixed_dictionaries(
+        dict.fromkeys(("card_number", "amount", "customer", "items"), _SIMPLE_VALUES)
+    ),
+    positional=st.integers(min_value=0, max_value=3),
+    as_tuple=st.booleans(),
+)
+def test_mark_simple_is_locate_then_replace(fields, values, positional, as_tuple):
+    """Property: the one-walk sealing of simple paths equals locating, then replacing in copies.
+
+    Same locations, same values, same marked copies, markers left alone, and
+    the caller's objects untouched.
+    """
+    binder = Binder(charge, fields, task="t")
+    assert binder.simple
+    names = ["card_number", "amount", "customer"]
+    args_list = [values[name] for name in names[:positional]]
+    args = tuple(args_list) if as_tuple else args_list
+    kwargs = {name: values[name] for name in names[positional:]} | {"items": values["items"]}
+    before = copy.deepcopy((args, kwargs))
+
+    locations, found, new_args, new_kwargs = binder.mark_simple(args, kwargs, MARK)
+
+    expected_at, expected = binder.locate_apart(args, kwargs)
+    kept = [i for i, value in enumerate(expected) if not (isinstance(value, str) and value == MARK)]
+    assert locations == [expected_at[i] for i in kept]
+    assert found == [expected[i] for i in kept]
+    marked = replace_in_copies({"args": args, "kwargs": kwargs}, locations, MARK)
+    assert {"args": new_args, "kwargs": new_kwargs} == marked
+    assert (args, kwargs) == before
+    assert (new_args is args) == all(location[0] != "args" for location in locations)
+    assert (new_kwargs is kwargs) == all(location[0] != "kwargs" for location in locations)
 
 
 class TestCopies:
