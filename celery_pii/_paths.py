@@ -276,6 +276,29 @@ class Binder:
                     locations.append(found_at)
                     values.append(found)
             return locations, values
+        return self._walk_simple(args, kwargs, None)[:2]
+
+    def mark_simple(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str
+    ) -> tuple[list[Location], list[Any], Sequence[Any], Mapping[str, Any]]:
+        """For a :attr:`simple` binder: :meth:`locate_apart` and :func:`replace_in_copies` in one walk.
+
+        Returns the locations, the values found there, and ``args`` and
+        ``kwargs`` with ``marker`` in their place: copies where something was
+        replaced (only the containers on the way), the caller's objects
+        otherwise.  A value that already is ``marker`` (a reused, sealed
+        signature) is neither located nor replaced.
+        """
+        return self._walk_simple(args, kwargs, marker)
+
+    def _walk_simple(  # noqa: C901, PLR0912 - one walk per message; split up, it costs a call per field
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str | None
+    ) -> tuple[list[Location], list[Any], Sequence[Any], Mapping[str, Any]]:
+        """The simple fields of a call; with a ``marker``, also put in their place in copies."""
+        locations: list[Location] = []
+        values: list[Any] = []
+        new_args, new_kwargs = args, kwargs
+        made: set[int] = set()  # ids of the dicts copied here (all alive in the result)
         for head, index, rest, by_keyword, by_position in self._simple:
             location: Location
             if head in kwargs:
@@ -289,49 +312,19 @@ class Binder:
                     break
                 value = value[part]
             else:
+                if marker is not None:
+                    if isinstance(value, str) and value == marker:
+                        continue
+                    if location is by_keyword:
+                        if new_kwargs is kwargs:
+                            new_kwargs = dict(kwargs)
+                        _mark_in_copies(new_kwargs, head, rest, marker, made)
+                    else:
+                        if new_args is args:
+                            new_args = list(args)
+                        _mark_in_copies(new_args, index, rest, marker, made)
                 locations.append(location)
                 values.append(value)
-        return locations, values
-
-    def mark_simple(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str
-    ) -> tuple[list[Location], list[Any], Sequence[Any], Mapping[str, Any]]:
-        """For a :attr:`simple` binder: :meth:`locate_apart` and :func:`replace_in_copies` in one walk.
-
-        Returns the locations, the values found there, and ``args`` and
-        ``kwargs`` with ``marker`` in their place: copies where something was
-        replaced (only the containers on the way), the caller's objects
-        otherwise.  A value that already is ``marker`` (a reused, sealed
-        signature) is neither located nor replaced.
-        """
-        locations: list[Location] = []
-        values: list[Any] = []
-        new_args, new_kwargs = args, kwargs
-        made: set[int] = set()  # ids of the dicts copied here (all alive in the result)
-        for head, index, rest, by_keyword, by_position in self._simple:
-            if head in kwargs:
-                value, location = kwargs[head], by_keyword
-            elif index < len(args):
-                value, location = args[index], by_position
-            else:
-                continue
-            for part in rest:
-                if not isinstance(value, dict) or part not in value:
-                    break
-                value = value[part]
-            else:
-                if isinstance(value, str) and value == marker:
-                    continue
-                locations.append(location)
-                values.append(value)
-                if location is by_keyword:
-                    if new_kwargs is kwargs:
-                        new_kwargs = dict(kwargs)
-                    _mark_in_copies(new_kwargs, head, rest, marker, made)
-                else:
-                    if new_args is args:
-                        new_args = list(args)
-                    _mark_in_copies(new_args, index, rest, marker, made)
         return locations, values, new_args, new_kwargs
 
     def _locate_any(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
