@@ -288,7 +288,13 @@ class Binder:
         replaced (only the containers on the way), the caller's objects
         otherwise.  A value that already is ``marker`` (a reused, sealed
         signature) is neither located nor replaced.
+
+        Raises:
+            ValueError: the binder is not simple (its other paths would be missed).
         """
+        if not self._all_simple:
+            msg = f"field paths {self.paths!r} are not all names and dict keys: use locate()"
+            raise ValueError(msg)
         return self._walk_simple(args, kwargs, marker)
 
     def _walk_simple(  # noqa: C901, PLR0912 - one walk per message; split up, it costs a call per field

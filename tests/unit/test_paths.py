@@ -255,6 +255,14 @@ def test_mark_simple_is_locate_then_replace(fields, values, positional, as_tuple
     assert (new_kwargs is kwargs) == all(location[0] != "kwargs" for location in locations)
 
 
+def test_mark_simple_refuses_a_binder_with_other_paths():
+    """Marking only the simple paths of a binder with a wildcard or index would leave those unsealed."""
+    binder = Binder(charge, ["card_number", "items[*].serial"], task="t")
+    assert not binder.simple
+    with pytest.raises(ValueError, match=r"items\[\*\]\.serial"):
+        binder.mark_simple(("4111",), {"items": [{"serial": "s"}]}, MARK)
+
+
 class TestCopies:
     """Tests for replace_in_copies and set_in_place."""
 
