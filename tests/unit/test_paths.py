@@ -244,7 +244,11 @@ def test_mark_simple_is_locate_then_replace(fields, values, positional, as_tuple
 
     locations, found, new_args, new_kwargs = binder.mark_simple(args, kwargs, MARK)
 
-    expected_at, expected = binder.locate_apart(args, kwargs)
+    # The general walk is the oracle: the same fields plus a path no call here reaches
+    # (``extra`` collects positional arguments past the third) make the binder not simple.
+    general = Binder(charge, [*fields, "extra[5]"], task="t")
+    assert not general.simple
+    expected_at, expected = general.locate_apart(args, kwargs)
     kept = [i for i, value in enumerate(expected) if not (isinstance(value, str) and value == MARK)]
     assert locations == [expected_at[i] for i in kept]
     assert found == [expected[i] for i in kept]
