@@ -7,7 +7,7 @@ per message and key, not one per field).  Layout, all integers big-endian::
     0       1     envelope version (1)
     1       1     flags: bit 0 compressed, bit 1 result (not a task call),
                   bit 2 values use kombu's typed JSON, bit 3 orjson wrote
-                  the values (and read them back equal when sealing)
+                  the values (and they read back equal: see ``_json.encode``)
     2       1     algorithm code
     3       4     key version
     7       1+n   key id (length byte, UTF-8)

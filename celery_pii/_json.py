@@ -100,9 +100,10 @@ def encode(obj: Any, *, ensure_ascii: bool = True) -> tuple[bytes, bool]:
 
 #: Reads a document that :func:`encode` wrote with orjson, without :func:`loads`'s
 #: checks.  Only for documents whose origin is authenticated: ``encode`` read
-#: each one back with orjson and got the value it came from, so orjson reads
-#: it as the standard library would (and the standard library, where orjson
-#: is not installed, reads anything orjson writes the same way).
+#: each one back with orjson and got the value it came from (or it is a list of
+#: plain scalars, which orjson writes exactly), so orjson reads it as the
+#: standard library would (and the standard library, where orjson is not
+#: installed, reads anything orjson writes the same way).
 read_own: Callable[[bytes], Any] = orjson.loads if orjson is not None else json.loads
 
 
