@@ -480,22 +480,29 @@ def set_in_place(root: Mapping[str, Any], location: Location, value: Any) -> Non
 def set_all_in_place(root: Mapping[str, Any], locations: Sequence[Location], values: Sequence[Any]) -> None:
     """:func:`set_in_place` for each location and its value (one call: this runs for every message).
 
+    All or nothing: every place is found before any value is written, so a
+    body that lost one of its places (edited on the broker) keeps none of the
+    values, and what is parked in quarantine holds no plaintext.
+
     Raises:
-        KeyError, IndexError, TypeError: a location does not exist (values
-            before it have been set).
+        KeyError, IndexError, TypeError: a location does not exist (nothing
+            has been set).
         ValueError: not as many values as locations.
     """
     if len(locations) != len(values):
         msg = "as many values as locations"
         raise ValueError(msg)
-    for location, value in zip(locations, values):  # noqa: B905 - checked above; strict= doubles zip's cost
+    places = []
+    for location in locations:
         container: Any = root
         for part in location[:-1]:
             container = container[part]
         last = location[-1]
         if isinstance(container, list) and isinstance(last, int):
-            container[last] = value  # IndexError if absent: never appends
-        elif isinstance(container, dict) and last in container:
-            container[last] = value
-        else:
+            if not 0 <= last < len(container):  # never appends
+                raise IndexError(last)
+        elif not (isinstance(container, dict) and last in container):
             raise KeyError(last)
+        places.append((container, last))
+    for (container, last), value in zip(places, values):  # noqa: B905 - as many places as values
+        container[last] = value

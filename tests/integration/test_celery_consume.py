@@ -68,6 +68,34 @@ class TestAuthenticationFailures:
         audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
         assert any(r.details.get("task_id") == task_id for r in audit)
 
+    def test_body_that_lost_a_sealed_place_is_parked_sealed(self, app):
+        """Deleting one sealed field on the broker opens nothing: no plaintext reaches quarantine or results.
+
+        The envelope is intact, so without all-or-nothing opening the first
+        value would be written back before the missing place failed, and the
+        parked body (and the stored failure) would carry it.
+        """
+        queue = app.conf.task_default_queue
+        app.tasks["t.charge"].delay(CARD, 1, {"email": EMAIL, "tier": "gold"})
+        client = redis_client(BROKER_DB)
+        message = json.loads(client.rpop(queue))
+        body = base64.b64decode(message["body"])
+        frame, inner = body[:2], json.loads(body[2:])
+        del inner[0][2]["email"]  # the second sealed place is gone; the card's is still there
+        message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
+        client.rpush(queue, json.dumps(message))
+        task_id = message["headers"]["id"]
+        with _start(app), pytest.raises(DecryptionFailed):
+            app.AsyncResult(task_id).get(timeout=20)
+        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        assert parked["headers"]["id"] == task_id
+        parked_body = json.loads(base64.b64decode(parked["body"])[2:])
+        assert parked_body[0][0] == MARKER
+        assert_no_plaintext(json.dumps(parked) + json.dumps(parked_body))
+        stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{task_id}")
+        assert b"DecryptionFailed" in stored
+        assert CARD.encode() not in stored
+
     def test_undecodable_message_is_quarantined(self, app):
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
         queue = app.conf.task_default_queue

@@ -15,6 +15,7 @@ from celery_pii._paths import (
     get_at,
     parse_path,
     replace_in_copies,
+    set_all_in_place,
     set_in_place,
 )
 from celery_pii.exceptions import ConfigurationError
@@ -304,6 +305,17 @@ class TestCopies:
         set_in_place(root, ("args", 0), "4111")
         assert args == ["4111", {"email": "ann@example.com"}]
         assert kwargs == {"items": [{"serial": "s"}]}
+
+    def test_set_all_in_place_writes_nothing_when_a_place_is_missing(self):
+        """All or nothing: a missing later place leaves the earlier ones as they were."""
+        args, kwargs = ["[pii:sealed]", {"tier": "gold"}], {}
+        root = {"args": args, "kwargs": kwargs}
+        with pytest.raises(KeyError):
+            set_all_in_place(root, (("args", 0), ("args", 1, "email")), ("4111", "ann@example.com"))
+        assert args == ["[pii:sealed]", {"tier": "gold"}]
+        with pytest.raises(IndexError):
+            set_all_in_place(root, (("args", 0), ("args", 2)), ("4111", "x"))
+        assert args[0] == "[pii:sealed]"
 
     @pytest.mark.parametrize(
         "location", [("args", 5), ("kwargs", "nope"), ("kwargs", "items", 0, "x"), ("chain", 0)]
