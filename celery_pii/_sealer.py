@@ -131,6 +131,8 @@ class Sealer:
         if mode != "off":
             detected, truncated, extra = self._detect(name, mode, root, found)
             found.extend(extra)
+            if truncated and extra:  # whole arguments sealed: drop the declared places inside them
+                found = _outermost(found)
         if not found:
             return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
@@ -214,9 +216,9 @@ class Sealer:
             raise EncryptionFailed(msg)
         extra: list[tuple[Location, Any]] = []
         if mode == "encrypt":
-            if result.truncated:  # could not look everywhere: seal every argument
+            if result.truncated:  # could not look everywhere: seal every argument, as it came
                 sealed_locations = {loc for loc, _ in found}
-                args, kwargs = view.get("args") or (), view.get("kwargs") or {}
+                args, kwargs = root.get("args") or (), root.get("kwargs") or {}
                 extra = [
                     (loc, value)
                     for loc, value, _ in _arguments(args, kwargs, ())
@@ -242,8 +244,9 @@ class Sealer:
             # A value that is already a marker (a reused, sealed signature) is left alone.
             located = spec.binder.locate(args, kwargs)
             found = [item for item in located if not is_marker(item[1])]
-        if name == _CHORD_UNLOCK and len(args) > 1:
-            # chord_unlock carries the chord body as its second argument.
+        if name == _CHORD_UNLOCK and len(args) > 1 and not seal_all:
+            # chord_unlock carries the chord body as its second argument
+            # (with ``seal_all`` it is already sealed whole, with the other arguments).
             steps = _embedded(args[1], ("args", 1), self.lookup)
             found.extend((location, value) for location, value, _ in steps)
         return found
@@ -478,6 +481,16 @@ def _items_of(root: Mapping[str, Any], lookup: SpecLookup) -> Iterator[tuple[Loc
     if registered and (spec is None or not spec.is_pii):
         return
     yield location, items, spec
+
+
+def _outermost(found: list[tuple[Location, Any]]) -> list[tuple[Location, Any]]:
+    """``found`` without the places inside another of its places (sealed with the outer value)."""
+    places = {location for location, _ in found}
+    return [
+        (location, value)
+        for location, value in found
+        if not any(location[:depth] in places for depth in range(1, len(location)))
+    ]
 
 
 def _location(path: str) -> Location:

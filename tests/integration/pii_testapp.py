@@ -118,6 +118,10 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test
     def detect_encrypt(note, extra=None):
         return {"note": note, "extra": extra}
 
+    @app.task(shared=False, name="t.detect_nested", pii_detect="encrypt", pii_fields=["customer.email"])
+    def detect_nested(customer, document):
+        return {"customer": customer, "length": len(document)}
+
     @app.task(shared=False, name="t.detect_refuse", pii_detect="refuse")
     def detect_refuse(note):
         return note

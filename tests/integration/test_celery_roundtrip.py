@@ -346,3 +346,18 @@ class TestCanvas:
             final = result.get(timeout=60)
         assert final["email"] == EMAIL2
         assert [r["value"] for r in final["results"]] == [CARD]
+
+    def test_chord_unlock_retrying_from_the_worker(self, make_app, key_store_url):
+        """chord_unlock re-publishes itself while the header runs: sealed whole, and the chord completes.
+
+        Published from a running task that opened PII, its arguments are all
+        sealed, the chord body with them (never the body's places a second time).
+        """
+        from celery.contrib.testing.worker import start_worker
+
+        app = make_app(backend="db+" + key_store_url)
+        result = chord(group(app.tasks["t.slow"].s(EMAIL, 2.0)))(app.tasks["t.collect"].s(EMAIL2))
+        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=20):
+            final = result.get(timeout=60)
+        assert final["email"] == EMAIL2
+        assert final["results"] == [EMAIL]

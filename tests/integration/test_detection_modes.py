@@ -70,6 +70,16 @@ class TestModes:
             assert EMAIL not in message_bytes(message).decode(errors="replace")
         assert result.get(timeout=30)["extra"] == EMAIL
 
+    def test_truncated_scan_with_a_nested_declared_field_still_opens(self, app, worker):
+        """An argument sealed whole (scan truncated) takes the declared field inside it along.
+
+        Sealing both the argument and the field inside it would record places
+        that cannot both be opened, and every such message would be quarantined.
+        """
+        customer = {"email": EMAIL, "tier": "gold"}
+        result = app.tasks["t.detect_nested"].delay(customer, "x" * 1_100_000)
+        assert result.get(timeout=30) == {"customer": customer, "length": 1_100_000}
+
     def test_refuse_raises_and_queues_nothing(self, app):
         """refuse raises EncryptionFailed naming path and category, and nothing is queued."""
         with pytest.raises(EncryptionFailed, match=r"args\[0\] \(email\)") as info:
