@@ -46,6 +46,7 @@ from typing import Any, Final, NamedTuple
 from kombu.utils import json as kombu_json
 
 from . import _json
+from ._config import KEY_ID_PATTERN
 from ._crypto import NONCE_SIZE, TAG_SIZE, Algorithm, DataKey, compress, decompress
 from ._paths import Location
 from .exceptions import DecryptionFailed, EncryptionFailed
@@ -75,6 +76,7 @@ _FLAG_TYPED: Final = 0x04
 _FLAG_ORJSON: Final = 0x08
 _KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED | _FLAG_ORJSON
 _MAX_SHORT: Final = 255
+_MAX_KEY_VERSION: Final = 2**31 - 1  # the key store's version column
 _FIXED = struct.Struct(">BBBI")
 _LENGTH_BYTE: Final = tuple(bytes((length,)) for length in range(_MAX_SHORT + 1))
 _U32 = struct.Struct(">I")
@@ -375,8 +377,13 @@ def _parse_key_prefix(prefix: bytes, size: int) -> _KeyPrefix:
     version, flags, alg_code, key_version = _FIXED.unpack_from(prefix, 0)
     if version != ENVELOPE_VERSION or flags & ~_KNOWN_FLAGS or len(prefix) != size or size == _FIXED.size + 1:
         raise DecryptionFailed  # unknown version or flag, truncated, or an empty key id
+    key_id = prefix[_FIXED.size + 1 :].decode()
+    # A key id or version no key store holds (a NUL byte, a version beyond the
+    # column) is refused here, not sent to the database to fail there.
+    if not KEY_ID_PATTERN.match(key_id) or key_version > _MAX_KEY_VERSION:
+        raise DecryptionFailed
     return _KeyPrefix(
-        key_id=prefix[_FIXED.size + 1 :].decode(),
+        key_id=key_id,
         key_version=key_version,
         algorithm=Algorithm.from_code(alg_code),
         kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,

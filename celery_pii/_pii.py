@@ -88,7 +88,12 @@ class PII:
     # -- task registry ------------------------------------------------------------------------
 
     def _lookup(self, name: str) -> tuple[bool, TaskSpec | None]:
-        task = self.app._tasks.get(name)  # noqa: SLF001 - the raw registry: no finalize here
+        tasks = self.app._tasks  # noqa: SLF001 - the raw registry (``app.tasks`` may refuse to finalize)
+        task = tasks.get(name)
+        if task is None and not self.app.finalized and self.app.autofinalize:
+            # ``send_task`` before anything finalized the app: its tasks are still pending.
+            self.app.finalize(auto=True)
+            task = tasks.get(name)
         if task is None:
             return False, None
         spec = self.specs.get(name)
@@ -169,23 +174,21 @@ class PII:
         tokens = getattr(request, EMBED_KEY, None)
         values: list[Any] = []
         message_key: str | None = None
+        arrived_unsealed = False
         if tokens:
-            root = {
-                "args": args,
-                "kwargs": kwargs,
-                "callbacks": request.callbacks,
-                "errbacks": request.errbacks,
-                "chain": request.chain,
-                "chord": request.chord,
-            }
-            opened = self._open_or_handle(task, task_id, root, tokens)
+            opened = self._open_or_handle(task, task_id, _message_root(request, args, kwargs), tokens)
             values, message_key = opened.values, opened.key_ids[0]
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
             # Nothing sealed, yet declared fields may hold values: an eager call
             # (task.apply() never serializes) or a plaintext message of a rollout.
             # They are what the scrubber and the logging filter must hide.
-            values = [value for value in spec.binder.locate_apart(args, kwargs)[1] if not is_marker(value)]
+            located = spec.binder.locate_apart(args, kwargs)[1]
+            values = [value for value in located if not is_marker(value)]
+            if len(values) != len(located):  # sealed values, but their envelope is gone: never run on markers
+                self._quarantine(task, task_id, _message_root(request, args, kwargs), [])
+                raise DecryptionFailed
+            arrived_unsealed = bool(values) and not request.is_eager and not self.settings.allow_plaintext
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
             _context.running.set(outer)  # inside a PII task, its outcome may be derived from that PII
@@ -204,11 +207,23 @@ class PII:
                 self, name, task_id, spec, values, result_key, message_key, request, task.request_stack
             )
         )
+        if arrived_unsealed:
+            # Every publish path of a PII app seals declared fields, so this message
+            # bypassed celery-pii.  Refused (its outcome is stored sealed: the context is set).
+            logger.error(
+                "celery-pii: task %s[%s]: declared PII fields arrived unsealed; not run "
+                "(published without celery-pii? pii_allow_plaintext admits this during a rollout)",
+                name,
+                task_id,
+            )
+            raise DecryptionFailed
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         name = task.name
         try:
-            return self.sealer.open_message(name, task_id, root, list(tokens))
+            if not isinstance(tokens, (list, tuple)):  # a forged body: not a list of envelopes
+                raise DecryptionFailed  # noqa: TRY301 - handled below like every failure to open
+            return self.sealer.open_message(name, task_id, root, tokens)
         except KeyStoreUnavailable:
             retries = task.request.retries or 0
             delay = self.settings.key_unavailable_retry_delay
@@ -246,8 +261,8 @@ class PII:
             "root_id": request.root_id,
             "parent_id": request.parent_id,
             "group": request.group,
-            "argsrepr": request.argsrepr,
-            "kwargsrepr": request.kwargsrepr,
+            "argsrepr": getattr(request, "argsrepr", None),
+            "kwargsrepr": getattr(request, "kwargsrepr", None),
         }
         delivery = request.delivery_info or {}
         try:
@@ -355,10 +370,24 @@ class _Call:
         return {**self.options, **root}
 
 
+def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:
+    """The parts of a received task message that envelopes' locations point into."""
+    return {
+        "args": args,
+        "kwargs": kwargs,
+        "callbacks": request.callbacks,
+        "errbacks": request.errbacks,
+        "chain": request.chain,
+        "chord": request.chord,
+    }
+
+
 def _key_ids(tokens: Any) -> list[str]:
     """The key ids named by envelopes that at least parse (for logs and audit)."""
-    ids = []
-    for token in tokens or ():
+    ids: list[str] = []
+    if not isinstance(tokens, (list, tuple)):  # a forged body
+        return ids
+    for token in tokens:
         key_id = _key_id_or_none(token)
         if key_id is not None:
             ids.append(key_id)

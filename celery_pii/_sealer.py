@@ -121,9 +121,12 @@ class Sealer:
                 encoded, or "refuse" found undeclared PII.
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
-        _, spec = self.lookup(name)
+        registered, spec = self.lookup(name)
         if spec is not None and spec.simple_sealing and not seal_all and not _has_canvas(root):
             return self._seal_declared(name, task_id, root, spec)
+        # A task this process does not know (``send_task`` by name): which of its
+        # arguments are PII is unknown, so all of them are sealed, as for canvas steps.
+        seal_all = seal_all or not registered
         found, specs = self._fields(name, spec, root, seal_all=seal_all)
         mode = spec.detect if spec is not None else self.settings.detect
         detected: tuple[tuple[Location, str], ...] = ()

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+import uuid
 
 import pytest
 from celery.contrib.testing.worker import start_worker
@@ -94,6 +95,48 @@ class TestAuthenticationFailures:
         assert_no_plaintext(json.dumps(parked) + json.dumps(parked_body))
         stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{task_id}")
         assert b"DecryptionFailed" in stored
+        assert CARD.encode() not in stored
+
+    def _publish_unticketed(self, app, args, embed_pii=None):
+        """A pii-framed task body that never went through the publish step (a forged or foreign message)."""
+        queue = app.conf.task_default_queue
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        if embed_pii is not None:
+            embed["pii"] = embed_pii
+        body = get_pii(app)._encode_trusted((args, {}, embed))
+        task_id = f"forged-{uuid.uuid4()}"
+        with Connection(app.conf.broker_url) as connection:
+            exchange = Exchange(queue, type="direct")
+            Producer(connection).publish(
+                body,
+                exchange=exchange,
+                routing_key=queue,
+                declare=[Queue(queue, exchange, routing_key=queue)],
+                content_type="application/x-celery-pii",
+                content_encoding="binary",
+                headers={"task": "t.echo", "id": task_id, "lang": "py", "retries": 0},
+            )
+        return task_id
+
+    @pytest.mark.parametrize("embed_pii", [None, 5, "not a list"])
+    def test_markers_without_an_envelope_never_run(self, app, embed_pii):
+        """Sealed markers with no (or a malformed) envelope: parked, not run on the marker text."""
+        task_id = self._publish_unticketed(app, [MARKER], embed_pii)
+        good = app.tasks["t.echo"].delay(CARD)
+        with _start(app):
+            with pytest.raises(DecryptionFailed):
+                app.AsyncResult(task_id).get(timeout=20)
+            assert good.get(timeout=20)["value"] == CARD
+        parked = queued_messages(app.conf.pii_quarantine_queue)
+        assert [m["headers"]["id"] for m in parked] == [task_id]
+
+    def test_declared_fields_arriving_unsealed_are_refused(self, app, caplog):
+        """A PII task's declared field in plaintext, not eager, no rollout setting: refused, stored sealed."""
+        task_id = self._publish_unticketed(app, [CARD])
+        with caplog.at_level(logging.ERROR), _start(app), pytest.raises(DecryptionFailed):
+            app.AsyncResult(task_id).get(timeout=20)
+        assert any("arrived unsealed" in r.getMessage() and task_id in r.getMessage() for r in caplog.records)
+        stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{task_id}")
         assert CARD.encode() not in stored
 
     def test_undecodable_message_is_quarantined(self, app):

@@ -361,3 +361,30 @@ class TestCanvas:
             final = result.get(timeout=60)
         assert final["email"] == EMAIL2
         assert final["results"] == [EMAIL]
+
+
+class TestSendTaskByName:
+    """``send_task`` by name seals too: before the app is finalized, and for tasks it does not know."""
+
+    def test_before_the_app_is_finalized(self, make_app):
+        """The declared fields of a task still pending registration are sealed, and the worker opens them."""
+        from celery.contrib.testing.worker import start_worker
+
+        app = make_app()
+        assert not app.finalized
+        result = app.send_task("t.echo", args=[CARD])
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20)["value"] == CARD
+
+    def test_task_unknown_here_has_every_argument_sealed(self, make_app):
+        """Which arguments of a task this process does not know are PII cannot be told: all are sealed."""
+        app = make_app()
+        app.finalize()
+        app.send_task("elsewhere.charge", args=[CARD, 99.5], kwargs={"customer": {"email": EMAIL}})
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert message["headers"]["argsrepr"] == repr((MARKER, MARKER))
+        sealed = _envelope.parse(json.loads(base64.b64decode(message["body"])[2:])[2]["pii"][0])
+        assert sealed.locations == (("args", 0), ("args", 1), ("kwargs", "customer"))

@@ -573,6 +573,32 @@ class TestEnvelopeParse:
             parse(_token(_build(**fields)))
 
     @pytest.mark.parametrize(
+        ("key_id", "key_version"),
+        [
+            (b"orders\x00", 2),
+            (b"or ders", 2),
+            (b"-orders", 2),
+            (b"o" * 161, 2),
+            (b"orders", 2**31),
+            (b"orders", 2**32 - 1),
+        ],
+        ids=["nul", "space", "leading-dash", "too-long", "version-2**31", "version-2**32-1"],
+    )
+    def test_key_ids_and_versions_no_store_holds_are_refused(self, key_id, key_version):
+        """A key id or version that cannot name a stored key is refused before any key is asked for.
+
+        On PostgreSQL a NUL byte or a version beyond the column would fail in
+        the database with a raw error (and escape quarantine).
+        """
+        asked = []
+        token = _token(_build(key_id=key_id, key_version=key_version))
+        with pytest.raises(DecryptionFailed):
+            parse(token)
+        with pytest.raises(DecryptionFailed):
+            _envelope.open_task(token, task_id=TASK_ID, task_name="t", key_for=lambda *key: asked.append(key))
+        assert asked == []
+
+    @pytest.mark.parametrize(
         "where",
         [
             pytest.param(b"[" * 100_000, id="open-brackets"),
@@ -715,7 +741,7 @@ class TestReplayAndMove:
             {"flags": 0x04},  # claims typed JSON
             {"algorithm": 2},  # claims chacha20-poly1305
             {"key_version": 3},
-            {"key_version": 2 + 2**31},
+            {"key_version": 2 + 2**30},  # (2**31 and beyond: refused when parsed)
             {"key_id": b"orders2"},
             {"key_id": b"Orders"},
         ],
