@@ -16,9 +16,10 @@ Where each job lives, and why (see ``../shared/CELERY_INTERNALS.md``):
   envelope into the very ``args``/``kwargs`` the function receives; it runs
   inside Celery's traced ``try``, so a failure stops the task.  ``loads``
   never opens task arguments, so ``inspect``/Flower keep ciphertext.
-* **Outcomes** — PII tasks' exceptions are scrubbed before Celery formats,
-  logs or stores them, results are sealed by the result serializer while the
-  task runs, and a logging filter hides what is left.
+* **Outcomes** — exceptions of tasks running on opened values (PII tasks,
+  and steps that received a PII task's output) are scrubbed before Celery
+  formats, logs or stores them, results are sealed by the result serializer
+  while the task runs, and a logging filter hides what is left (tracebacks too).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """What celery-pii adds to task classes: the opening step and exception scrubbing.
 
 Every task of a PII app is given a ``before_start`` that opens its envelopes
-(it runs inside Celery's traced ``try``, so a failure stops the task); PII
-tasks also get a ``run`` that scrubs exceptions.  The app's task registry is
+(it runs inside Celery's traced ``try``, so a failure stops the task) and a
+``run`` that scrubs exceptions.  PII tasks' return values are kept out of
+Celery's logs and events; other tasks' are too while they run inside a PII
+context (a chain step or callback of a PII task).  The app's task registry is
 hooked so tasks registered after ``setup_pii`` are given them too.
 """
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
 from celery.app.task import Task
 
@@ -22,9 +26,33 @@ if TYPE_CHECKING:
 
     from ._pii import PII
 
+# Marks a ``run`` that already scrubs (a subclass inherits its parent's).
+_SCRUBS: Final = "_celery_pii_scrubs"
+
+
+class ResultReprSize(int):
+    """``resultrepr_maxsize`` of a task of a PII app that declares no PII.
+
+    Celery builds the return value's repr for its success log line and the
+    ``task-succeeded`` event with ``saferepr(retval, resultrepr_maxsize)``,
+    which shows nothing once the size left is ``<= 0``.  This size is the
+    task's own, except while the task runs inside a PII context with opened
+    values (a chain step or callback of a PII task): then it compares as used
+    up, and the return value is not shown.  Outside such a context it costs
+    one context-variable lookup per successful task.
+    """
+
+    __slots__ = ()
+
+    def __le__(self, other: object) -> bool:
+        current = _context.running.get()
+        if current is not None and current.values:
+            return True
+        return int.__le__(self, other)  # type: ignore[operator]
+
 
 def install_opening(cls: type[Any], *, is_pii: bool) -> None:
-    """Give a task class the fail-closed opening step (and, for PII tasks, scrubbing)."""
+    """Give a task class the fail-closed opening step, exception scrubbing, and hidden results."""
     if not cls.__dict__.get("_celery_pii_opening"):
         chained = getattr(cls, "before_start", None)
         if getattr(chained, "__qualname__", "") == Task.before_start.__qualname__:
@@ -37,11 +65,30 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
 
         cls.before_start = before_start
         cls._celery_pii_opening = True
-    if is_pii and not cls.__dict__.get("_celery_pii_scrubbing"):
+    if not cls.__dict__.get("_celery_pii_scrubbing"):
+        # Every task: one that declares no PII still runs inside a PII context
+        # when it is a chain step or callback of a PII task.
         _wrap_run(cls)
+        cls._celery_pii_scrubbing = True
+    size = cls.resultrepr_maxsize
+    if is_pii:
         # Return values of PII tasks stay out of logs and events (see docs/security.md).
         cls.resultrepr_maxsize = 0
-        cls._celery_pii_scrubbing = True
+    elif not isinstance(size, ResultReprSize) and (size is None or size > 0):
+        cls.resultrepr_maxsize = ResultReprSize(sys.maxsize if size is None else size)
+
+
+def wrap_instance_run(task: Any) -> None:
+    """Scrub exceptions of a task instance with a ``run`` of its own.
+
+    Celery's ``autoretry_for`` sets ``task.run`` on the instance (wrapping the
+    ``run`` the class had then, kept as ``task._orig_run``): for a task
+    declared before ``setup_pii``, the class's scrubbing ``run`` is never
+    called, so the instance's is wrapped too.
+    """
+    own = vars(task).get("run")
+    if own is not None and not getattr(own, _SCRUBS, False):
+        task.run = _scrubbing(own)
 
 
 def _wrap_run(cls: type[Any]) -> None:
@@ -54,6 +101,14 @@ def _wrap_run(cls: type[Any]) -> None:
     raw = inspect.getattr_static(cls, "run")
     is_static = isinstance(raw, staticmethod)
     fun = raw.__func__ if is_static else raw
+    if getattr(fun, _SCRUBS, False):
+        return
+    run = _scrubbing(fun)
+    cls.run = staticmethod(run) if is_static else run
+
+
+def _scrubbing(fun: Callable[..., Any]) -> Callable[..., Any]:
+    """``fun``, with what it raises inside a PII context scrubbed (or replaced, if it cannot be)."""
 
     @functools.wraps(fun)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -61,11 +116,18 @@ def _wrap_run(cls: type[Any]) -> None:
             return fun(*args, **kwargs)
         except Exception as exc:
             current = _context.running.get()
-            if current is not None and current.scrubber:
-                current.scrubber.exception(exc)
-            raise
+            if current is None or not current.scrubber:
+                raise
+            replacement = current.scrubber.raised(exc)
+            if replacement is exc:
+                raise
+            # Keeps the task's frames (file, line and code, no values); raised
+            # outside the handler so nothing links it to the original.
+            trace = exc.__traceback__
+        raise replacement.with_traceback(trace) from None
 
-    cls.run = staticmethod(run) if is_static else run
+    setattr(run, _SCRUBS, True)
+    return run
 
 
 def hook_registry(app: Celery, pii: PII) -> None:
@@ -78,6 +140,7 @@ def hook_registry(app: Celery, pii: PII) -> None:
             owner = getattr(self, "_celery_pii_owner", None)
             if owner is not None:
                 owner._register(task)  # noqa: SLF001
+                wrap_instance_run(task)
             base.__setitem__(self, name, task)
 
         registry.__class__ = type(
@@ -86,3 +149,4 @@ def hook_registry(app: Celery, pii: PII) -> None:
     registry._celery_pii_owner = pii  # noqa: SLF001
     for task in list(registry.values()):
         pii._register(task)  # noqa: SLF001
+        wrap_instance_run(task)

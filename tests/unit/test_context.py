@@ -1,13 +1,18 @@
-"""The running-task context: what a task's start and end do to it."""
+"""The running-task context: what a task's start and end do to it, and what tasks do with it."""
 
 from __future__ import annotations
 
 import pytest
 from celery import Celery
 from celery.app.task import Context
+from celery.utils.saferepr import saferepr
 
 from celery_pii import _context
 from celery_pii._context import RunningTask
+from celery_pii._redact import REDACTED
+from celery_pii._taskclass import ResultReprSize, install_opening, wrap_instance_run
+
+CARD = "4111 1111 1111 1111"
 
 
 @pytest.fixture
@@ -64,3 +69,52 @@ def test_leaving_without_entering_changes_nothing(task):
     _context.leave(Context(id="never-entered"))
     assert _context.running.get() is outer
     task.request_stack.pop()
+
+
+def test_result_repr_size_hides_return_values_only_inside_a_context_with_values(task):
+    """Celery's saferepr of a return value shows nothing while opened values are around, as usual otherwise."""
+    size = ResultReprSize(1024)
+    returned = {"card_number": CARD, "total": 3}
+    assert saferepr(returned, size) == saferepr(returned, 1024)
+    running = _running_in(task, Context(id="outer-id"))
+    _context.running.set(running)
+    assert CARD not in saferepr(returned, size)
+    assert "3" not in saferepr(returned, size)
+    running.values = []  # a PII context with nothing opened
+    assert saferepr(returned, size) == saferepr(returned, 1024)
+    task.request_stack.pop()
+
+
+def test_tasks_without_pii_get_a_result_repr_size_and_pii_tasks_none(task):
+    """Only tasks declaring PII show no return value at all; the others keep their own size."""
+    plain = type(task._get_current_object())
+    declared = type("Declared", (plain,), {})
+    install_opening(plain, is_pii=False)
+    install_opening(declared, is_pii=True)
+    assert isinstance(plain.resultrepr_maxsize, ResultReprSize)
+    assert plain.resultrepr_maxsize == 1024
+    assert declared.resultrepr_maxsize == 0
+
+
+def test_a_run_set_on_the_instance_by_autoretry_scrubs_too():
+    """A task given autoretry_for before setup_pii runs the instance's run: it is wrapped as well."""
+    app = Celery("context-test", set_as_current=False)
+
+    @app.task(shared=False, autoretry_for=(KeyError,))
+    def pay(card_number):
+        msg = f"card {card_number} declined"
+        raise ValueError(msg)
+
+    app.finalize()
+    pay = pay._get_current_object()
+    install_opening(type(pay), is_pii=True)  # the class's run: not what the instance calls
+    wrap_instance_run(pay)
+    wrap_instance_run(pay)  # once is enough
+    pay.request_stack.push(Context(id="t-1"))
+    _context.running.set(
+        RunningTask(None, pay.name, "t-1", None, [CARD], None, None, pay.request_stack.top, pay.request_stack)
+    )
+    with pytest.raises(ValueError, match="declined") as info:
+        pay.run(CARD)
+    pay.request_stack.pop()
+    assert str(info.value) == f"card {REDACTED} declined"

@@ -1,12 +1,14 @@
-"""The logging filter: PII tasks' return values hidden, opened values scrubbed from log lines."""
+"""The logging filter and the exception scrubber: opened values out of log lines, tracebacks, exceptions."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 from celery.app.trace import LOG_SUCCESS
+from celery.exceptions import Retry
 
-from celery_pii._redact import REDACTED, RedactingFilter, Scrubber
+from celery_pii._redact import REDACTED, RedactedError, RedactingFilter, Scrubber
 
 CARD, EMAIL = "4111 1111 1111 1111", "ann@example.com"
 
@@ -73,3 +75,123 @@ def test_outside_tasks_records_are_left_alone():
     record = _success(repr({"card": CARD}))
     assert RedactingFilter(lambda: None).filter(record)
     assert CARD in record.getMessage()
+
+
+def _failure_record(exc, *, stack_info=None):
+    try:
+        raise exc
+    except ValueError:
+        exc_info = sys.exc_info()
+    return logging.LogRecord(
+        "celery.app.trace", logging.ERROR, __file__, 1, "Task %s raised", ("t",), exc_info, sinfo=stack_info
+    )
+
+
+def test_the_traceback_of_a_record_is_scrubbed_and_printed_as_text():
+    """exc_info is formatted, scrubbed into exc_text and cleared, so handlers print the scrubbed text."""
+    running = Running([CARD, EMAIL])
+    record = _failure_record(
+        ValueError(f"card {CARD} declined"), stack_info=f"Stack (most recent call last):\n{EMAIL}"
+    )
+    assert RedactingFilter(lambda: running).filter(record)
+    assert record.exc_info is None
+    assert "Traceback (most recent call last)" in record.exc_text
+    assert f"ValueError: card {REDACTED} declined" in record.exc_text
+    assert EMAIL not in record.stack_info
+    text = logging.Formatter().format(record)
+    assert CARD not in text
+    assert EMAIL not in text
+    assert REDACTED in text
+
+
+def test_a_traceback_already_formatted_is_scrubbed_too():
+    """A record whose exc_text a handler already set keeps that text, scrubbed."""
+    running = Running([CARD])
+    record = _failure_record(ValueError(f"card {CARD} declined"))
+    record.exc_text = logging.Formatter().formatException(record.exc_info)
+    RedactingFilter(lambda: running).filter(record)
+    assert record.exc_info is None
+    assert CARD not in record.exc_text
+
+
+def test_tracebacks_outside_tasks_are_left_alone():
+    """Without a running PII context, exc_info stays for handlers (Sentry and the like) to use."""
+    record = _failure_record(ValueError(f"card {CARD} declined"))
+    RedactingFilter(lambda: None).filter(record)
+    assert record.exc_info is not None
+    assert record.exc_text is None
+
+
+class _Held:
+    """An object whose text is a value: scrubbing does not reach into it."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def __str__(self):
+        return str(self._value)
+
+    def __repr__(self):
+        return f"<held {id(self):#x}>"
+
+
+class BuildsItsMessage(Exception):
+    """Builds its message in __str__, from state scrubbing cannot reach (as pydantic's ValidationError does)."""
+
+    def __init__(self, value):
+        super().__init__(_Held(value))
+
+    def __str__(self):
+        return f"invalid input {self.args[0]}"
+
+
+def test_an_exception_scrubbing_cannot_clean_is_replaced_by_a_redacted_error():
+    """Its stand-in names the original type and holds none of its text."""
+    scrubber = Scrubber([CARD])
+    original = BuildsItsMessage(CARD)
+    raised = scrubber.raised(original)
+    assert isinstance(raised, RedactedError)
+    assert f"{__name__}.BuildsItsMessage" in str(raised)
+    assert CARD not in str(raised)
+    assert CARD not in repr(raised)
+
+
+def test_an_exception_scrubbed_clean_is_kept():
+    """Scrubbing its args is enough: the very exception leaves the task."""
+    scrubber = Scrubber([CARD])
+    original = ValueError(f"card {CARD} declined")
+    assert scrubber.raised(original) is original
+    assert str(original) == f"card {REDACTED} declined"
+
+
+def test_an_unclean_cause_replaces_the_whole_exception():
+    """A traceback prints chained causes: an unclean one makes the exception unclean."""
+    scrubber = Scrubber([CARD])
+    outer = RuntimeError("lookup failed")
+    outer.__cause__ = BuildsItsMessage(CARD)
+    assert isinstance(scrubber.raised(outer), RedactedError)
+
+
+def test_notes_are_scrubbed():
+    """Notes added to an exception are printed by tracebacks: they are scrubbed like its args."""
+    scrubber = Scrubber([EMAIL])
+    original = ValueError("bad")
+    original.add_note(f"while mailing {EMAIL}")
+    assert scrubber.raised(original) is original
+    assert original.__notes__ == [f"while mailing {REDACTED}"]
+
+
+def test_a_retry_is_kept_and_its_unclean_exception_replaced():
+    """Celery's Retry keeps its type (the task is still retried); the exception it carries is replaced."""
+    scrubber = Scrubber([CARD])
+    retry = Retry(exc=BuildsItsMessage(CARD), when=1)
+    assert scrubber.raised(retry) is retry
+    assert isinstance(retry.exc, RedactedError)
+    assert CARD not in str(retry)
+    assert CARD not in repr(retry)
+
+
+def test_a_redacted_error_is_rebuilt_from_its_message():
+    """Celery rebuilds a stored exception from its args: one message."""
+    error = RedactedError.standing_in_for(BuildsItsMessage(CARD))
+    assert str(RedactedError(*error.args)) == str(error)

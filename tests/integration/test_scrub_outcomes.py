@@ -1,0 +1,204 @@
+"""Outcomes derived from PII: return values, exceptions and tracebacks of every task that saw opened values.
+
+A task that declares no PII still runs inside a PII context when it is a chain
+step or callback of a PII task (it receives that task's return value); a task
+declared with ``autoretry_for`` before ``setup_pii`` runs the ``run`` Celery set
+on its instance; some exceptions build their message from state scrubbing
+cannot reach.  None of them may put a value in events, logs or the result
+backend (a database backend's traceback column is outside any serializer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery, chain
+from celery.contrib.testing.worker import start_worker
+
+from celery_pii import setup_pii
+from celery_pii._redact import REDACTED, RedactedError
+
+from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL, EventCapture, redis_client
+from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
+
+pytestmark = pytest.mark.integration
+
+
+def _start(app, **options):
+    options.setdefault("pool", "solo")
+    return start_worker(app, perform_ping_check=False, shutdown_timeout=20, **options)
+
+
+class _Held:
+    """An object whose text is a value: scrubbing does not reach into it."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def __str__(self):
+        return str(self._value)
+
+    def __repr__(self):
+        return "<held>"
+
+
+class BuildsItsMessage(Exception):
+    """Builds its message in __str__ (as pydantic's ValidationError does)."""
+
+    def __init__(self, value):
+        super().__init__(_Held(value))
+
+    def __str__(self):
+        return f"invalid input {self.args[0]}"
+
+
+def _define_failing_tasks(app):
+    @app.task(shared=False, name="t.plain_fail")
+    def plain_fail(previous):
+        msg = f"could not handle {previous}"
+        raise ValueError(msg)
+
+    @app.task(shared=False, name="t.opaque_fail", pii_fields=["email"])
+    def opaque_fail(email):
+        raise BuildsItsMessage(email)
+
+    return plain_fail, opaque_fail
+
+
+def test_steps_without_pii_after_a_pii_task_show_no_value(app, caplog):
+    """A chain step or callback of a PII task: its return value and exception stay out of events and logs."""
+    plain_fail, _ = _define_failing_tasks(app)
+    charge, plain = app.tasks["t.charge"], app.tasks["t.plain"]
+    with caplog.at_level(logging.DEBUG), EventCapture(app) as events, _start(app, loglevel="DEBUG"):
+        ok = chain(charge.s(CARD, 1, {"email": EMAIL}), plain.s()).delay()
+        assert ok.get(timeout=20)["card_number"] == CARD
+        bad = chain(charge.s(CARD, 2, {"email": EMAIL}), plain_fail.s()).delay()
+        with pytest.raises(ValueError, match=r"could not handle .*\[pii:redacted\]") as info:
+            bad.get(timeout=20)
+        linked = charge.apply_async((CARD, 3, {"email": EMAIL}), link=plain.s())
+        linked.get(timeout=20)
+        assert linked.children[0].get(timeout=20)["customer"]["email"] == EMAIL
+    assert_no_plaintext(str(info.value))
+    steps = {ok.id, linked.children[0].id}
+    succeeded = [e for e in events.of_type("task-succeeded") if e["uuid"] in steps]
+    assert len(succeeded) == 2
+    assert [e["uuid"] for e in events.of_type("task-failed")] == [bad.id]
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+    assert any(r.getMessage().startswith(f"Task t.plain[{ok.id}] succeeded") for r in caplog.records)
+
+
+def test_a_traceback_logged_by_celery_inside_a_pii_task_is_scrubbed(app, caplog):
+    """Celery logs a failing on_success handler with its traceback: the traceback's text is scrubbed."""
+
+    def on_success(self, retval, task_id, args, kwargs):
+        msg = f"could not notify {args[0]}"
+        raise ValueError(msg)
+
+    @app.task(shared=False, name="t.notify_fails", pii_fields=["card_number"], on_success=on_success)
+    def notify_fails(card_number):
+        return "charged"
+
+    with caplog.at_level(logging.INFO), _start(app):
+        assert notify_fails.delay(CARD).get(timeout=20) == "charged"
+    logged = [r for r in caplog.records if "on_success handler raised" in r.getMessage()]
+    assert len(logged) == 1
+    assert f"ValueError: could not notify {REDACTED}" in logged[0].exc_text
+    assert_no_plaintext(caplog.text)
+
+
+def test_an_exception_scrubbing_cannot_clean_is_replaced(app, caplog):
+    """The task fails with a RedactedError naming the original type; no value reaches events, logs or results."""
+    _, opaque_fail = _define_failing_tasks(app)
+    with caplog.at_level(logging.DEBUG), EventCapture(app) as events, _start(app):
+        result = opaque_fail.delay(EMAIL)
+        with pytest.raises(RedactedError, match=r"BuildsItsMessage raised") as info:
+            result.get(timeout=20)
+    assert_no_plaintext(str(info.value))
+    assert_no_plaintext(result.traceback or "")
+    assert "BuildsItsMessage" in result.traceback
+    assert_no_plaintext(redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}"))
+    (failed,) = events.of_type("task-failed")
+    assert "RedactedError" in failed["exception"]
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+
+
+def test_database_backend_traceback_column_has_no_value(make_app, key_store_url):
+    """The traceback column (written outside the serializer) of a chain step and of an unclean exception."""
+    app = make_app(backend="db+" + key_store_url, result_extended=True)
+    plain_fail, opaque_fail = _define_failing_tasks(app)
+    with _start(app):
+        step = chain(app.tasks["t.charge"].s(CARD, 1, {"email": EMAIL}), plain_fail.s()).delay()
+        opaque = opaque_fail.delay(EMAIL)
+        for result in (step, opaque):
+            with pytest.raises(Exception):  # noqa: B017 - each fails its own way; no value may show
+                result.get(timeout=20)
+    engine = sa.create_engine(key_store_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text("SELECT task_id, traceback FROM celery_taskmeta WHERE task_id IN (:a, :b)"),
+                {"a": step.id, "b": opaque.id},
+            ).all()
+    finally:
+        engine.dispose()
+    assert {row.task_id for row in rows} == {step.id, opaque.id}
+    for row in rows:
+        assert row.traceback
+        assert_no_plaintext(row.traceback)
+
+
+def _app_declared_before_setup(key_store_url, queue):
+    """A PII app whose tasks are declared (and the app finalized) before setup_pii is called."""
+    app = Celery("pii_before_setup", broker=f"{REDIS_URL}/{BROKER_DB}", set_as_current=False)
+    app.conf.update(
+        result_backend=f"{REDIS_URL}/{BACKEND_DB}",
+        task_serializer="pii",
+        result_serializer="pii",
+        accept_content=["pii"],
+        result_accept_content=["pii"],
+        pii_key_store_url=key_store_url,
+        task_default_queue=queue,
+        task_default_exchange=queue,
+        task_default_routing_key=queue,
+        pii_quarantine_queue=f"{queue}.quarantine",
+        control_exchange=f"{queue}.control",
+        event_exchange=f"{queue}.events",
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+    )
+
+    @app.task(
+        shared=False,
+        name="t.pay_auto",
+        pii_fields=["card_number"],
+        autoretry_for=(ValueError,),
+        max_retries=1,
+        retry_kwargs={"countdown": 0},
+    )
+    def pay_auto(card_number):
+        msg = f"card {card_number} declined"
+        raise ValueError(msg)
+
+    app.finalize()
+    setup_pii(app)
+    return app
+
+
+def test_autoretry_task_declared_before_setup_is_scrubbed(key_store_url, queue_name, caplog):
+    """Its retry and its final failure carry no value: the run autoretry set on the instance scrubs too."""
+    app = _app_declared_before_setup(key_store_url, queue_name)
+    with caplog.at_level(logging.DEBUG), EventCapture(app) as events, _start(app):
+        result = app.tasks["t.pay_auto"].delay(CARD)
+        with pytest.raises(ValueError, match=r"card \[pii:redacted\] declined"):
+            result.get(timeout=30)
+    assert events.of_type("task-retried")
+    assert events.of_type("task-failed")
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(result.traceback or "")
+    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
