@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from ._crypto import Algorithm
 from ._retention import RetentionPolicy
+from ._store import ACTOR_MAX_LENGTH
 from .exceptions import ConfigurationError
 
 __all__ = ["DETECT_MODES", "OPTIONS", "Option", "Settings", "reference_markdown", "settings_from_conf"]
@@ -108,6 +109,16 @@ def _optional_string(value: Any, setting: str) -> str | None:
     return _string()(value, setting)  # type: ignore[no-any-return]
 
 
+def _optional_short_string(max_length: int) -> Converter:
+    def convert(value: Any, setting: str) -> str | None:
+        text = _optional_string(value, setting)
+        if text is not None and len(text) > max_length:
+            raise _fail(setting, f"must be at most {max_length} characters (the key store's column size)")
+        return text
+
+    return convert
+
+
 def _choice(choices: tuple[str, ...]) -> Converter:
     def convert(value: Any, setting: str) -> str:
         if value not in choices:
@@ -140,11 +151,20 @@ def _seconds(low: float, high: float) -> Converter:
     return convert
 
 
+# Durations are added to "now" when keys are created; beyond this the sum
+# overflows datetime (timedelta.max) or means "never", which is not a schedule.
+_MAX_DURATION: Final = timedelta(days=36525)  # 100 years
+
+
 def _duration(value: Any, setting: str) -> timedelta:
+    expectation = "must be a positive datetime.timedelta (or seconds) of at most 100 years"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = timedelta(seconds=value)
-    if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise _fail(setting, "must be a positive datetime.timedelta (or seconds)")
+        try:
+            value = timedelta(seconds=value)
+        except (OverflowError, ValueError):  # inf, nan, or too large for a timedelta
+            raise _fail(setting, expectation) from None
+    if not isinstance(value, timedelta) or not timedelta(0) < value <= _MAX_DURATION:
+        raise _fail(setting, expectation)
     return value
 
 
@@ -261,7 +281,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "pii_rotation_interval",
         timedelta(days=90),
         _duration,
-        "Age after which `celery_pii.rotate_keys` makes a new key version.",
+        "Age after which `celery_pii.rotate_keys` makes a new key version (at most 100 years).",
         "timedelta",
     ),
     Option(
@@ -347,8 +367,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "pii_actor",
         None,
-        _optional_string,
-        "Name recorded as the actor in key audit records (default: host and pid).",
+        _optional_short_string(ACTOR_MAX_LENGTH),
+        "Name recorded as the actor in key audit records, at most 255 characters (default: host and pid).",
         "str or None",
     ),
 )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,7 +47,7 @@ __all__ = ["AuditRecord", "KeyInfo", "KeyManager", "KeySpec", "KeyStats"]
 
 logger = logging.getLogger("celery_pii.keys")
 
-#: Key ids starting with this are the library's own (never rotated automatically).
+#: Key ids starting with this are the library's own: never rotated, retired or destroyed.
 RESERVED_PREFIX: Final = "celery_pii."
 SUBJECT_INDEX_KEY: Final = RESERVED_PREFIX + "subject-index"
 _RETRIES: Final = 5
@@ -345,7 +345,9 @@ class KeyManager:
 
         Raises:
             KeyNotFound: the key id has no versions at all.
+            ConfigurationError: the key id is one of celery-pii's own (``celery_pii.*``).
         """
+        check_not_reserved(key_id)
 
         def work(session: Session) -> int:
             rows = self._lock_rows(session, key_id)
@@ -362,7 +364,9 @@ class KeyManager:
         Raises:
             KeyNotFound: no such version.
             KeyDestroyed: it was destroyed.
+            ConfigurationError: the key id is one of celery-pii's own (``celery_pii.*``).
         """
+        check_not_reserved(key_id)
         with self.store.transaction() as session:
             row = session.scalars(
                 select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version).with_for_update()
@@ -382,12 +386,16 @@ class KeyManager:
 
         Returns:
             How many versions were destroyed by this call.
+
+        Raises:
+            ConfigurationError: the key id is one of celery-pii's own (``celery_pii.*``).
         """
+        check_not_reserved(key_id)
         with self.store.transaction() as session:
             query = select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.status != DESTROYED)
             if version is not None:
                 query = query.where(KeyRow.version == version)
-            rows = session.scalars(query.with_for_update()).all()
+            rows = self._lock_and_reread(session, query.order_by(KeyRow.version))
             for row in rows:
                 self._destroy_row(session, row, reason="manual")
         for row in rows:
@@ -557,11 +565,12 @@ class KeyManager:
         """Destroy every key of one data subject (erasure); returns versions destroyed."""
         _, digest = self.subject_key_id(subject_id)
         with self.store.transaction() as session:
-            rows = session.scalars(
+            rows = self._lock_and_reread(
+                session,
                 select(KeyRow)
                 .where(KeyRow.subject_id == digest, KeyRow.status != DESTROYED)
-                .with_for_update()
-            ).all()
+                .order_by(KeyRow.key_id, KeyRow.version),
+            )
             for row in rows:
                 self._destroy_row(session, row, reason="forget_subject")
             if not rows:
@@ -582,7 +591,7 @@ class KeyManager:
                 .with_for_update(skip_locked=True)
             ).all()
             for row in rows:
-                self._destroy_row(session, row, reason="retention", now=now)
+                self._destroy_row(session, row, reason="retention")
         destroyed = [(row.key_id, row.version) for row in rows]
         for key_id, version in destroyed:
             self.cache.forget(key_id, version, destroyed=True)
@@ -634,13 +643,16 @@ class KeyManager:
         now = self._clock()
         try:
             with self.store.transaction() as session:
-                for (key_id, version), count in usage.items():
-                    row = session.scalars(
-                        select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version)
-                    ).one_or_none()
-                    if row is not None:
-                        row.usage_count = (row.usage_count or 0) + count
-                        row.last_used_at = now
+                # Sorted, so two flushes lock the same rows in the same order (no deadlock).
+                for (key_id, version), count in sorted(usage.items()):
+                    # Added in SQL, not read-then-written: processes flush at the same
+                    # time, and a sum computed here would overwrite the other's count.
+                    session.execute(
+                        update(KeyRow)
+                        .where(KeyRow.key_id == key_id, KeyRow.version == version)
+                        .values(usage_count=func.coalesce(KeyRow.usage_count, 0) + count, last_used_at=now)
+                        .execution_options(synchronize_session=False)
+                    )
         except KeyStoreUnavailable:
             self.cache.give_back_usage(usage)
             log = logger.debug if quiet else logger.warning
@@ -656,11 +668,19 @@ class KeyManager:
             .order_by(KeyRow.version.desc())
         ).first()
 
+    @classmethod
+    def _lock_rows(cls, session: Session, key_id: str) -> Sequence[KeyRow]:
+        return cls._lock_and_reread(
+            session, select(KeyRow).where(KeyRow.key_id == key_id).order_by(KeyRow.version)
+        )
+
     @staticmethod
-    def _lock_rows(session: Session, key_id: str) -> Sequence[KeyRow]:
-        # Lock, then read again: under READ COMMITTED the second statement sees
-        # versions committed while we waited for the lock.
-        locked = select(KeyRow).where(KeyRow.key_id == key_id).order_by(KeyRow.version).with_for_update()
+    def _lock_and_reread(session: Session, query: Select[KeyRow]) -> Sequence[KeyRow]:
+        # Lock, then read again.  Under READ COMMITTED (PostgreSQL) a locking
+        # SELECT that waited for a concurrent rotation returns only the rows it
+        # saw before waiting, not the version the rotation inserted; the second
+        # statement sees (and locks) that one too, so erasure cannot miss it.
+        locked = query.with_for_update()
         session.scalars(locked).all()
         return session.scalars(locked.execution_options(populate_existing=True)).all()
 
@@ -721,16 +741,17 @@ class KeyManager:
         )
         live = [row for row in rows if row.status != DESTROYED]
         for row in live[: max(0, len(live) + 1 - self.max_key_versions)]:
-            self._destroy_row(session, row, reason="max_key_versions", now=now)
+            self._destroy_row(session, row, reason="max_key_versions")
             self.cache.forget(row.key_id, row.version, destroyed=True)
         self.cache.forget(latest.key_id)
         return new
 
-    def _destroy_row(
-        self, session: Session, row: KeyRow, *, reason: str, now: datetime | None = None
-    ) -> None:
+    def _destroy_row(self, session: Session, row: KeyRow, *, reason: str) -> None:
         row.status, row.wrapped_key, row.wrapped_key_next = DESTROYED, None, None
-        row.destroyed_at = now or self._clock()
+        # The moment of destruction, never a run's ``now`` (which decides only what
+        # is due): other processes' rechecks look back a few minutes from their
+        # own clock, and a long run's start time would fall out of that window.
+        row.destroyed_at = self._clock()
         row.next_rotation_at = None
         self._audit(session, row.key_id, row.version, "destroy", reason=reason)
 
@@ -797,6 +818,18 @@ class KeyManager:
 
 def _destroyed(key_id: str, version: int) -> KeyDestroyed:
     return KeyDestroyed(f"key {key_id!r} version {version} was destroyed; data sealed under it is gone")
+
+
+def check_not_reserved(key_id: str) -> None:
+    """Refuse hand-made changes to the library's own keys.
+
+    The subject-index key is the HMAC secret behind every subject key id: a
+    new version would give every data subject a new key id, and
+    ``forget_subject`` would then miss the keys their data is sealed under.
+    """
+    if isinstance(key_id, str) and key_id.startswith(RESERVED_PREFIX):
+        msg = f"key {key_id!r} is celery-pii's own key and is never rotated, retired or destroyed by hand"
+        raise ConfigurationError(msg)
 
 
 def _check_key_id(key_id: str) -> None:

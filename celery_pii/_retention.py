@@ -38,6 +38,9 @@ _STEPS: Final = (
     timedelta(days=1),
 )
 _EPOCH: Final = datetime(2000, 1, 1, tzinfo=timezone.utc)
+# A deadline is publish time + duration: beyond this the sum overflows datetime
+# (timedelta.max), and "never" is keep_indefinitely().
+_MAX_AFTER: Final = timedelta(days=36525)  # 100 years
 
 
 class _Kind(enum.Enum):
@@ -65,10 +68,13 @@ class RetentionPolicy:
         """Unreadable once ``duration`` has passed since publishing.
 
         Raises:
-            ConfigurationError: ``duration`` is not a positive timedelta.
+            ConfigurationError: ``duration`` is not a positive timedelta of at most 100 years.
         """
-        if not isinstance(duration, timedelta) or duration <= timedelta(0):
-            msg = "RetentionPolicy.delete_after() needs a positive datetime.timedelta"
+        if not isinstance(duration, timedelta) or not timedelta(0) < duration <= _MAX_AFTER:
+            msg = (
+                "RetentionPolicy.delete_after() needs a positive datetime.timedelta of at most 100 years "
+                "(use keep_indefinitely() for no deadline)"
+            )
             raise ConfigurationError(msg)
         return cls(_Kind.AFTER, duration=duration)
 
@@ -167,7 +173,9 @@ class RetentionPolicy:
                 return cls.delete_after(timedelta(seconds=float(data["seconds"])))
             if kind is _Kind.AT:
                 return cls.delete_at(datetime.fromisoformat(str(data["at"])))
-        except (KeyError, TypeError, ValueError) as exc:
+        except ConfigurationError:
+            raise  # a policy the constructors refuse says why itself
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: inf seconds
             msg = "not a serialized RetentionPolicy"
             raise ConfigurationError(msg) from exc
         return cls(kind)

@@ -4,7 +4,8 @@ See ``_wrapping`` for the two wrappings a row can hold, and
 docs/operations.md for the procedure.  Both steps work in batches (one
 transaction each, rows locked and skipped if another process holds them),
 are resumable after an interruption (rows already done are not selected
-again) and leave a ``master_rewrap`` audit record per batch.
+again) and leave a ``master_rewrap`` audit record per batch.  A run counts
+what is left when it ends, so rows skipped while locked make it incomplete.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def _needs(new_ref: str) -> ColumnElement[bool]:
     )
 
 
+def _unfinished(current_ref: str) -> ColumnElement[bool]:
+    """Live key versions still wrapped by another master key than ``current_ref`` (or by two)."""
+    return and_(
+        KeyRow.status != DESTROYED,
+        or_(KeyRow.master_key_ref != current_ref, KeyRow.master_key_ref_next.is_not(None)),
+    )
+
+
 def rewrap(
     keys: KeyManager, new: MasterKey, *, batch_size: int = 200, progress: Progress | None = None
 ) -> RewrapReport:
@@ -88,7 +97,12 @@ def rewrap(
         if progress is not None and seen:
             progress(seen)
         if seen < batch_size:
-            return RewrapReport(done=done, skipped=0, unreadable=unreadable, complete=unreadable == 0)
+            # SKIP LOCKED passed over rows another transaction held (a rotation, a
+            # usage flush), and rows may have been added meanwhile: only a final
+            # count says whether every live key now has a wrapping under ``new``.
+            left = pending(keys, new.ref)
+            busy = max(0, left - unreadable)
+            return RewrapReport(done=done, skipped=busy, unreadable=unreadable, complete=left == 0)
 
 
 def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None = None) -> RewrapReport:
@@ -105,11 +119,7 @@ def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None
         def batch(session: Session, start: int = after_id) -> tuple[int, int, int, int]:
             rows = session.scalars(
                 select(KeyRow)
-                .where(
-                    KeyRow.id > start,
-                    KeyRow.status != DESTROYED,
-                    or_(KeyRow.master_key_ref != current.ref, KeyRow.master_key_ref_next.is_not(None)),
-                )
+                .where(KeyRow.id > start, _unfinished(current.ref))
                 .order_by(KeyRow.id)
                 .limit(batch_size)
                 .with_for_update(skip_locked=True)
@@ -125,4 +135,10 @@ def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None
             progress(seen)
         if seen < batch_size:
             keys.cache.clear()
-            return RewrapReport(done=done, skipped=skipped, unreadable=0, complete=skipped == 0)
+            # As in rewrap: rows skipped while locked elsewhere are still unfinished.
+            with keys.store.transaction() as session:
+                count = select(func.count()).select_from(KeyRow).where(_unfinished(current.ref))
+                remaining = session.scalar(count) or 0
+            return RewrapReport(
+                done=done, skipped=max(skipped, remaining), unreadable=0, complete=remaining == 0
+            )

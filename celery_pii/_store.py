@@ -57,6 +57,9 @@ ACTIVE: Final = "active"
 RETIRED: Final = "retired"
 DESTROYED: Final = "destroyed"
 
+#: Size of the columns that record who did something (``created_by``, ``actor``).
+ACTOR_MAX_LENGTH: Final = 255
+
 KEYS_TABLE: Final = "celery_pii_keys"
 AUDIT_TABLE: Final = "celery_pii_key_audit"
 
@@ -106,6 +109,16 @@ class Base(DeclarativeBase):
 _BIG_ID = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
 
+def _exact_text(length: int) -> TypeEngine[str]:
+    """A string compared byte for byte on every backend (key ids, subject hashes, master-key refs).
+
+    MySQL/MariaDB compare with the column's collation, case-insensitive by
+    default: 'Payments' and 'payments' would be one key (migration 0004).
+    """
+    binary = mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin")
+    return String(length).with_variant(binary, "mysql", "mariadb")
+
+
 class KeyRow(Base):
     """One version of one data key."""
 
@@ -121,19 +134,19 @@ class KeyRow(Base):
     )
 
     id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
-    key_id: Mapped[str] = mapped_column(String(160))
+    key_id: Mapped[str] = mapped_column(_exact_text(160))
     version: Mapped[int] = mapped_column(Integer)
     algorithm: Mapped[str] = mapped_column(String(32))
     #: Data key wrapped by the master key; NULL once destroyed.
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     #: Non-secret name of the master key that wrapped it (see _sources.MasterKey.ref).
-    master_key_ref: Mapped[str | None] = mapped_column(String(160))
+    master_key_ref: Mapped[str | None] = mapped_column(_exact_text(160))
     #: A second wrapping, under the master key being rotated to (see _wrapping).
     wrapped_key_next: Mapped[bytes | None] = mapped_column(LargeBinary)
-    master_key_ref_next: Mapped[str | None] = mapped_column(String(160))
+    master_key_ref_next: Mapped[str | None] = mapped_column(_exact_text(160))
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_by: Mapped[str] = mapped_column(String(255))
+    created_by: Mapped[str] = mapped_column(String(ACTOR_MAX_LENGTH))
     #: When a rotation replaced this version as the active one.
     rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -145,7 +158,7 @@ class KeyRow(Base):
     usage_count: Mapped[int] = mapped_column(BigInteger, default=0)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: Keyed hash of the data subject's id, for per-subject keys and erasure.
-    subject_id: Mapped[str | None] = mapped_column(String(64))
+    subject_id: Mapped[str | None] = mapped_column(_exact_text(64))
     #: Latest message deadline sealed under a retention-bucket key.
     retention_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -161,10 +174,10 @@ class AuditRow(Base):
 
     id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime)
-    key_id: Mapped[str] = mapped_column(String(160))
+    key_id: Mapped[str] = mapped_column(_exact_text(160))
     version: Mapped[int | None] = mapped_column(Integer)
     operation: Mapped[str] = mapped_column(String(32))
-    actor: Mapped[str] = mapped_column(String(255))
+    actor: Mapped[str] = mapped_column(String(ACTOR_MAX_LENGTH))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 

@@ -20,6 +20,7 @@ import click
 
 from . import _celery, _quarantine, _rewrap
 from ._detect import detect
+from ._keys import check_not_reserved
 from ._migrate import current_revision, migrate
 from ._pii import PII
 from ._sources import generate_master_key, load_master_key
@@ -210,6 +211,7 @@ def keys_retire(ctx: click.Context, key_id: str, version: int) -> None:
 @_errors
 def keys_destroy(ctx: click.Context, key_id: str, version: int | None, yes: bool) -> None:
     """Destroy a key's material: everything sealed under it becomes unreadable, for good."""
+    check_not_reserved(key_id)  # refuse before asking, not after the operator said yes
     which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
     _confirm(f"Destroy {which}? Data sealed under it can never be read again", yes=yes)
     click.echo(f"destroyed {_pii(ctx).keys.destroy_key(key_id, version)} version(s) of {key_id}")
@@ -283,9 +285,13 @@ def master_key_rewrap(
     if finish:
         _confirm("Drop the old master key's wrappings? Processes still on it will stop working", yes=yes)
         report = _rewrap.finish(manager, batch_size=batch_size)
-        click.echo(f"finished {report.done} key version(s); {report.skipped} not yet re-wrapped")
+        click.echo(f"finished {report.done} key version(s); {report.skipped} not finished")
         if not report.complete:
-            raise click.ClickException("some keys have no wrapping under the current master key; run rewrap")
+            msg = (
+                "some key versions are not finished: not yet re-wrapped under the current master key "
+                "(run rewrap), or busy in another transaction; then run --finish again"
+            )
+            raise click.ClickException(msg)
         return
     new = load_master_key(str(source), _pii(ctx).settings, setting="--new-master-key")
     total = _rewrap.pending(manager, new.ref)
@@ -295,6 +301,12 @@ def master_key_rewrap(
     click.echo(f"re-wrapped {report.done} key version(s) under {new.ref}")
     if report.unreadable:
         msg = f"{report.unreadable} key version(s) are wrapped by a master key this process does not hold"
+        raise click.ClickException(msg)
+    if not report.complete:
+        msg = (
+            f"{report.skipped} key version(s) still have no wrapping under {new.ref} "
+            "(busy in another transaction, or created during the run); run rewrap again"
+        )
         raise click.ClickException(msg)
 
 

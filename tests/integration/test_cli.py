@@ -48,6 +48,10 @@ COMMANDS = [
 @pytest.fixture
 def cli_app(tmp_path, monkeypatch, key_store_url, queue_name):
     """A module `cliapp_<queue>` holding a PII app, importable with -A."""
+    return _app_module(tmp_path, monkeypatch, key_store_url, queue_name)
+
+
+def _app_module(tmp_path, monkeypatch, key_store_url, queue_name):
     name = "cliapp_" + queue_name.replace("-", "_")
     (tmp_path / f"{name}.py").write_text(
         textwrap.dedent(
@@ -105,6 +109,26 @@ class TestKeys:
         done = run(cli_app, "keys", "destroy", "cli-doomed", "--yes")
         assert done.exit_code == 0 and "destroyed 1 version" in done.output
 
+    @pytest.mark.parametrize(
+        "command",
+        [
+            ["rotate", "celery_pii.subject-index"],
+            ["retire", "celery_pii.subject-index", "1"],
+            ["destroy", "celery_pii.subject-index"],
+        ],
+        ids=lambda c: c[0],
+    )
+    def test_own_keys_are_refused(self, cli_app, command):
+        """rotate/retire/destroy of a celery_pii.* key exit 1 with the reason, before any question."""
+        result = run(cli_app, "keys", *command)
+        assert result.exit_code == 1
+        assert (
+            "ConfigurationError: key 'celery_pii.subject-index' is celery-pii's own key "
+            "and is never rotated, retired or destroyed by hand"
+        ) in result.output
+        assert "Destroy" not in result.output  # refused before the confirmation question
+        assert "Traceback" not in result.output
+
     def test_errors_exit_1_usage_errors_exit_2(self, cli_app):
         """A library error is exit 1 with its message; a bad argument is exit 2."""
         missing = run(cli_app, "keys", "rotate", "cli-no-such-key")
@@ -132,6 +156,37 @@ class TestMasterKey:
         assert base64.b64encode(bytes([5]) * 32).decode() not in result.output
         audit = json.loads(run(cli_app, "keys", "audit", "*", "--json").output)
         assert any(r["operation"] == "master_rewrap" for r in audit)
+
+    def test_rewrap_with_a_busy_row_says_to_run_again(self, tmp_path, monkeypatch, queue_name):
+        """A row locked by another transaction is not reported as done: exit 1, run rewrap again."""
+        import sqlalchemy as sa
+
+        from celery_pii._migrate import migrate
+
+        url, drop = _fresh_postgres()  # its own store: the count of what is left is this test's
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            migrate(url)
+            module = _app_module(tmp_path, monkeypatch, url, queue_name)
+            for key_id in ("cli-busy", "cli-free"):
+                assert run(module, "keys", "generate", key_id).exit_code == 0
+            monkeypatch.setenv("PII_TEST_NEW_MASTER", base64.b64encode(bytes([6]) * 32).decode())
+            rewrap = ["master-key", "rewrap", "--new-master-key", "env:PII_TEST_NEW_MASTER", "--yes"]
+            with engine.connect() as other:  # e.g. a rotation in flight holds the row
+                other.execute(sa.text("SELECT id FROM celery_pii_keys WHERE key_id = 'cli-busy' FOR UPDATE"))
+                busy = run(module, *rewrap)
+                other.rollback()
+            assert busy.exit_code == 1
+            assert "re-wrapped 1 key version(s)" in busy.output
+            assert "1 key version(s) still have no wrapping" in busy.output
+            assert "run rewrap again" in busy.output
+            again = run(module, *rewrap)
+            assert again.exit_code == 0, again.output
+            assert "re-wrapped 1 key version(s)" in again.output
+            _celery.get_pii(sys.modules[module].app).keys.store.dispose()
+        finally:
+            engine.dispose()
+            drop()
 
 
 class TestScanAndErasure:
@@ -217,7 +272,7 @@ class TestRealProcess:
                 [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120, check=False
             )
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
-            assert "0003_destroyed_at_index" in upgraded.stdout
+            assert "0004_binary_key_ids" in upgraded.stdout
             generated = subprocess.run(
                 [*command, "keys", "generate", "proc-key"],
                 env=env,

@@ -13,12 +13,13 @@ import sqlalchemy as sa
 from alembic import command
 
 from celery_pii._crypto import Algorithm
-from celery_pii._keys import KeyManager, KeySpec
+from celery_pii._keys import SUBJECT_INDEX_KEY, KeyManager, KeySpec
 from celery_pii._migrate import VERSION_TABLE, alembic_config, current_revision, downgrade, migrate
 from celery_pii._sources import LocalMasterKey
 from celery_pii._store import KeyRow, KeyStore, WriteConflict, utcnow
 from celery_pii.exceptions import (
     ConfigurationError,
+    DecryptionFailed,
     EncryptionFailed,
     KeyDestroyed,
     KeyNotFound,
@@ -66,13 +67,30 @@ class TestMigrations:
             "celery_pii_keys",
             "celery_pii_key_audit",
         }
-        assert current_revision(empty_db) == "0003_destroyed_at_index"
+        assert current_revision(empty_db) == "0004_binary_key_ids"
         assert _execute(empty_db, "SELECT * FROM alembic_version") == []  # the host's version table untouched
         command.check(alembic_config(empty_db))  # raises if models and migrations disagree
         migrate(empty_db)  # idempotent
         downgrade(empty_db)
         assert _tables(empty_db) == {"host_things", "alembic_version", VERSION_TABLE}
         assert current_revision(empty_db) is None
+
+    def test_key_ids_become_case_sensitive_on_an_existing_store(self, empty_db):
+        """0004 keeps a store's keys and makes 'Payments' and 'payments' two keys (MySQL/MariaDB)."""
+        migrate(empty_db, revision="0003_destroyed_at_index")
+        manager = KeyManager(KeyStore(empty_db), MASTER)
+        try:
+            sealed = manager.encryption_key(KeySpec("Payments")).seal(b"4111 1111 1111 1111", b"ad")
+            migrate(empty_db)
+            downgrade(empty_db, revision="0003_destroyed_at_index")  # back and forth, the row survives
+            migrate(empty_db)
+            manager.cache.clear()
+            assert manager.decryption_key("Payments", 1).open(sealed, b"ad") == b"4111 1111 1111 1111"
+            assert manager.encryption_key(KeySpec("payments")).key_id == "payments"
+            with pytest.raises(KeyNotFound):
+                manager.decryption_key("PAYMENTS", 1)
+        finally:
+            manager.store.dispose()
 
     def test_migrate_over_shared_connection(self, empty_db):
         """A caller's open connection can be migrated inside its own transaction."""
@@ -242,6 +260,23 @@ class TestKeyManager:
         assert [r.key_id for r in manager.audit_trail(until=middle)] == ["a"]
         assert [r.key_id for r in manager.audit_trail("b")] == ["b"]
 
+    def test_key_ids_differing_in_case_are_distinct_keys(self, make_manager):
+        """'Payments' and 'payments' are two keys on every backend: destroying one leaves the other."""
+        manager = make_manager()
+        sealed = manager.encryption_key(KeySpec("Payments")).seal(b"4111 1111 1111 1111", b"ad")
+        lower = manager.encryption_key(KeySpec("payments"))
+        assert (lower.key_id, lower.version) == ("payments", 1)
+        with pytest.raises(DecryptionFailed):
+            lower.open(sealed, b"ad")  # its own material, not Payments'
+        assert manager.destroy_key("payments") == 1
+        other = make_manager()
+        assert other.decryption_key("Payments", 1).open(sealed, b"ad") == b"4111 1111 1111 1111"
+        assert sorted((k.key_id, k.status) for k in other.list_keys()) == [
+            ("Payments", "active"),
+            ("payments", "destroyed"),
+        ]
+        assert [r.operation for r in other.audit_trail("Payments")] == ["generate"]
+
     def test_bad_key_id(self, manager):
         """Malformed key ids are refused."""
         with pytest.raises(ConfigurationError, match="key ids"):
@@ -302,6 +337,36 @@ class TestCache:
         behind.destroy_key("orders")  # destroyed_at two minutes before this process's last check
         assert second.recheck_cache() == 1
 
+    @pytest.mark.parametrize("run", ["rotation", "retention"])
+    def test_destruction_in_a_run_with_an_old_now_is_seen_by_checks(self, make_manager, db_url, run):
+        """destroyed_at is the moment of destruction, not the run's now, so other processes' checks see it."""
+        earlier = utcnow() - timedelta(days=1)  # a long run's start, or an operator's chosen instant
+        destroyer = make_manager(max_key_versions=2, rotation_max_messages=1)
+        other = make_manager(recheck_interval=3600)
+        if run == "rotation":
+            destroyer.generate_key("orders")
+            destroyer.rotate_key("orders")
+            destroyer.encryption_key(KeySpec("orders"))  # v2 reaches rotation_max_messages
+            key_id = "orders"
+        else:
+            key_id = "orders@1"
+            destroyer.encryption_key(KeySpec(key_id, expires_at=utcnow() + timedelta(hours=1)))
+        other.decryption_key(key_id, 1)
+        assert other.recheck_cache() == 0
+        started = utcnow()
+        if run == "rotation":
+            assert destroyer.perform_automatic_rotation(now=earlier) == ["orders"]  # v1 goes (max 2)
+        else:
+            past = (earlier - timedelta(hours=1)).replace(tzinfo=None)  # stored as naive UTC
+            _execute(db_url, "UPDATE celery_pii_keys SET expires_at = :t WHERE key_id = :k", t=past, k=key_id)
+            assert destroyer.destroy_expired(now=earlier) == [(key_id, 1)]
+        (v1,) = [k for k in destroyer.list_keys(key_id) if k.version == 1]
+        assert v1.status == "destroyed"
+        assert v1.destroyed_at >= started - timedelta(seconds=1)
+        assert other.recheck_cache() == 1
+        with pytest.raises(KeyDestroyed):
+            other.decryption_key(key_id, 1)
+
     def test_ttl_still_bounds_the_cache_between_checks(self, make_manager):
         """Without a check, a cached copy is served only until pii_key_cache_ttl runs out."""
         first, second = make_manager(cache_ttl=0.5), make_manager(cache_ttl=0.5, recheck_interval=3600)
@@ -361,6 +426,45 @@ class TestCache:
         assert 1 <= len(updates) <= 4
         assert _execute(db_url, "SELECT usage_count FROM celery_pii_keys")[0][0] == 2500
 
+    def test_processes_flushing_at_once_lose_no_count(self, make_manager, db_url):
+        """Two managers flushing the same key version at once: the stored count is the exact sum."""
+        first, second = make_manager(), make_manager()
+        for manager in (first, second):
+            for _ in range(1000):
+                manager.encryption_key(KeySpec("orders"))
+        # The first flush stops after its first statement on the keys table (a read
+        # of the count, or the update itself) while the second flushes in full.
+        paused, resume, pausing = threading.Event(), threading.Event(), [True]
+
+        def after_execute(_connection, _cursor, statement, *_rest):
+            if pausing[0] and "celery_pii_keys" in statement:
+                pausing[0] = False
+                paused.set()
+                resume.wait(30)
+
+        sa.event.listen(first.store.engine, "after_cursor_execute", after_execute)
+        errors: list[Exception] = []
+
+        def flush(manager):
+            try:
+                manager.flush_usage()
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=flush, args=(first,))]
+        threads[0].start()
+        assert paused.wait(30)
+        threads.append(threading.Thread(target=flush, args=(second,)))
+        threads[1].start()
+        time.sleep(0.5)  # the second flush commits, or waits for the first's row lock
+        resume.set()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert _execute(db_url, "SELECT usage_count FROM celery_pii_keys WHERE key_id = 'orders'") == [
+            (2000,)
+        ]
+
 
 class TestSubjects:
     """Per-subject keys and erasure."""
@@ -389,6 +493,100 @@ class TestSubjects:
     def test_subject_hash_survives_a_new_manager(self, make_manager):
         """The subject index key lives in the store, so every process derives the same key id."""
         assert make_manager().subject_key_id(42) == make_manager().subject_key_id(42)
+
+    @pytest.mark.parametrize("operation", ["rotate", "retire", "destroy"])
+    def test_subject_index_key_is_never_changed_by_hand(self, make_manager, operation):
+        """rotate/retire/destroy refuse the subject-index key, so forget_subject still finds a subject's keys."""
+        manager = make_manager()
+        key_id, digest = manager.subject_key_id("ann@example.com")
+        manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        by_hand = {
+            "rotate": lambda: manager.rotate_key(SUBJECT_INDEX_KEY),
+            "retire": lambda: manager.retire_key(SUBJECT_INDEX_KEY, 1),
+            "destroy": lambda: manager.destroy_key(SUBJECT_INDEX_KEY),
+        }
+        with pytest.raises(ConfigurationError, match=r"'celery_pii\.subject-index' is celery-pii's own key"):
+            by_hand[operation]()
+        assert [(k.version, k.status) for k in manager.list_keys(SUBJECT_INDEX_KEY)] == [(1, "active")]
+        assert make_manager().destroy_subject("ann@example.com") == 1  # a fresh process, as the CLI is
+
+    def test_every_reserved_key_id_is_refused(self, manager):
+        """Any celery_pii.* id is refused by name, even one that does not exist (not KeyNotFound)."""
+        with pytest.raises(ConfigurationError, match=r"'celery_pii\.other'"):
+            manager.rotate_key("celery_pii.other")
+        with pytest.raises(ConfigurationError, match=r"'celery_pii\.other'"):
+            manager.retire_key("celery_pii.other", 1)
+        with pytest.raises(ConfigurationError, match=r"'celery_pii\.other'"):
+            manager.destroy_key("celery_pii.other", 1)
+
+    def test_automatic_rotation_skips_the_subject_index_key(self, make_manager):
+        """rotate_keys rotates subject keys that are due, never the subject-index key."""
+        manager = make_manager(rotation_interval=timedelta(days=1))
+        key_id, digest = manager.subject_key_id("ann@example.com")
+        manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        assert manager.perform_automatic_rotation(now=utcnow() + timedelta(days=2)) == [key_id]
+        assert [k.version for k in manager.list_keys(SUBJECT_INDEX_KEY)] == [1]
+        assert make_manager().destroy_subject("ann@example.com") == 2
+
+
+class TestDestructionRacingRotation:
+    """A destruction that waits for a concurrent rotation also destroys the version the rotation made."""
+
+    @pytest.mark.parametrize("operation", ["destroy_subject", "destroy_key"])
+    def test_version_committed_while_waiting_is_destroyed(self, make_manager, db_url, monkeypatch, operation):
+        """Erasure blocked behind a rotation's locks destroys v1 and the v2 that rotation inserted."""
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN, so the two writers queue instead")
+        rotator, eraser = make_manager(), make_manager()
+        key_id, digest = rotator.subject_key_id("ann@example.com")
+        rotator.encryption_key(KeySpec(key_id, subject_id=digest))
+        eraser.subject_key_id("ann@example.com")  # its secret is read before the race
+
+        # The rotation inserts v2 and holds its transaction open until told to commit.
+        inserted, commit = threading.Event(), threading.Event()
+        insert_version = rotator._insert_version
+
+        def insert_then_wait(*args, **kwargs):
+            row = insert_version(*args, **kwargs)
+            inserted.set()
+            commit.wait(30)
+            return row
+
+        monkeypatch.setattr(rotator, "_insert_version", insert_then_wait)
+        locking = threading.Event()
+
+        def before_execute(_connection, _cursor, statement, *_rest):
+            if "FOR UPDATE" in statement:
+                locking.set()
+
+        sa.event.listen(eraser.store.engine, "before_cursor_execute", before_execute)
+        erase = {
+            "destroy_subject": lambda: eraser.destroy_subject("ann@example.com"),
+            "destroy_key": lambda: eraser.destroy_key(key_id),
+        }[operation]
+        outcomes: list[object] = []
+
+        def run(work):
+            try:
+                outcomes.append(work())
+            except Exception as error:  # noqa: BLE001 - reported below
+                outcomes.append(error)
+
+        rotation = threading.Thread(target=run, args=(lambda: rotator.rotate_key(key_id),))
+        rotation.start()
+        assert inserted.wait(30)
+        erasure = threading.Thread(target=run, args=(erase,))
+        erasure.start()
+        assert locking.wait(30)
+        time.sleep(0.5)  # the erasure's locking SELECT now waits for the rotation's row lock
+        commit.set()
+        rotation.join(60)
+        erasure.join(60)
+        assert sorted(outcomes, key=str) == [2, 2]  # rotate_key -> v2; the erasure destroyed 2 versions
+        assert [(k.version, k.status) for k in eraser.list_keys(key_id)] == [
+            (1, "destroyed"),
+            (2, "destroyed"),
+        ]
 
 
 class TestRetentionKeys:

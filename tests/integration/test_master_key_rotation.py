@@ -102,3 +102,57 @@ class TestRotation:
         stranger = make_manager(master=LocalMasterKey(bytes([9]) * 32))
         report = rewrap(stranger, NEW)
         assert report.unreadable >= 1 and not report.complete
+
+
+class TestBusyRows:
+    """Rows another transaction holds are skipped (SKIP LOCKED), and the report says so."""
+
+    @pytest.fixture
+    def hold_row_lock(self, db_url):
+        """Lock one key's rows in another transaction until the test ends."""
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN: a second writer waits, nothing is skipped")
+        engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+        connections = []
+
+        def hold(key_id):
+            connection = engine.connect()
+            connections.append(connection)
+            connection.execute(
+                sa.text("SELECT id FROM celery_pii_keys WHERE key_id = :k FOR UPDATE"), {"k": key_id}
+            )
+            return connection
+
+        yield hold
+        for connection in connections:
+            connection.rollback()
+            connection.close()
+        engine.dispose()
+
+    def test_rewrap_is_incomplete_while_a_row_is_locked(self, make_manager, hold_row_lock):
+        """A locked row is not re-wrapped, the run reports complete=False, and the next run finishes."""
+        old = make_manager()
+        for i in range(3):
+            _seal(old, f"busy{i}")
+        holder = hold_row_lock("busy0")  # e.g. a rotation or a usage flush in flight
+        report = rewrap(old, NEW)
+        assert (report.done, report.skipped, report.unreadable, report.complete) == (2, 1, 0, False)
+        assert pending(old, NEW.ref) == 1
+        holder.rollback()
+        report = rewrap(old, NEW)
+        assert (report.done, report.skipped, report.complete) == (1, 0, True)
+        assert pending(old, NEW.ref) == 0
+
+    def test_finish_is_incomplete_while_a_row_is_locked(self, make_manager, hold_row_lock):
+        """finish leaves a locked row with two wrappings and reports complete=False until it is done."""
+        old = make_manager()
+        sealed = [_seal(old, f"busy{i}") for i in range(3)]
+        assert rewrap(old, NEW).complete
+        switching = make_manager(master=NEW, previous_master=MASTER)
+        holder = hold_row_lock("busy1")
+        report = finish(switching)
+        assert (report.done, report.skipped, report.complete) == (2, 1, False)
+        holder.rollback()
+        report = finish(switching)
+        assert (report.done, report.skipped, report.complete) == (1, 0, True)
+        assert _opens(make_manager(master=NEW), sealed[1]) == b"payload of busy1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from datetime import timedelta
 
 import pytest
@@ -86,6 +87,17 @@ class TestValidation:
             ("pii_default_retention", RetentionPolicy.use_default()),
             ("pii_master_key", "just-a-key-without-scheme"),
             ("pii_rotation_max_messages", 2**40),
+            ("pii_rotation_interval", timedelta.max),
+            ("pii_rotation_interval", timedelta(days=10**6)),
+            ("pii_rotation_interval", math.inf),
+            ("pii_rotation_interval", -math.inf),
+            ("pii_rotation_interval", math.nan),
+            ("pii_rotation_interval", 1e300),
+            ("pii_key_cache_ttl", math.nan),
+            ("pii_key_recheck_interval", math.inf),
+            ("pii_key_cache_ttl", timedelta.max),
+            ("pii_actor", "billing-worker-" + "x" * 300),
+            ("pii_actor", ""),
         ],
     )
     def test_bad_values_name_the_setting(self, name, value):
@@ -95,6 +107,12 @@ class TestValidation:
         assert name in str(info.value)
         if isinstance(value, str) and len(value) > 3:
             assert value not in str(info.value)
+
+    def test_limits_themselves_are_accepted(self):
+        """100 years of rotation interval and a 255-character actor (the column size) are valid."""
+        settings = settings_from_conf(_conf(pii_rotation_interval=timedelta(days=36525), pii_actor="a" * 255))
+        assert settings.rotation_interval == timedelta(days=36525)
+        assert settings.actor == "a" * 255
 
     def test_unknown_pii_setting(self):
         """An unknown pii_* key is refused with a suggestion."""

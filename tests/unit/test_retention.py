@@ -22,6 +22,13 @@ class TestConstruction:
         with pytest.raises(ConfigurationError, match="positive"):
             RetentionPolicy.delete_after(bad)
 
+    @pytest.mark.parametrize("too_long", [timedelta.max, timedelta(days=36526)])
+    def test_delete_after_is_at_most_100_years(self, too_long):
+        """A duration whose deadline would overflow (or mean never) is a ConfigurationError."""
+        with pytest.raises(ConfigurationError, match="at most 100 years"):
+            RetentionPolicy.delete_after(too_long)
+        assert RetentionPolicy.delete_after(timedelta(days=36525)).bucket(NOW) is not None
+
     def test_delete_at_needs_aware_datetime(self):
         """A naive datetime is refused."""
         with pytest.raises(ConfigurationError, match="timezone-aware"):
@@ -49,6 +56,10 @@ class TestConstruction:
             {"policy": "forever"},
             {"policy": "delete_after"},
             {"policy": "delete_after", "seconds": -5},
+            {"policy": "delete_after", "seconds": float("inf")},
+            {"policy": "delete_after", "seconds": float("nan")},
+            {"policy": "delete_after", "seconds": 1e300},
+            {"policy": "delete_after", "seconds": timedelta.max.total_seconds()},
         ):
             with pytest.raises(ConfigurationError):
                 RetentionPolicy.from_dict(data)
