@@ -1,8 +1,10 @@
 """The quarantine queue: where messages that fail authentication are parked.
 
 Celery acks and drops a message whose body cannot be decoded, and rejects one
-of a refused content type (gone on Redis).  For ``pii`` messages that would
-lose data silently, so a consumer bootstep parks them, byte for byte, in
+of a refused content type (gone on Redis).  A body that decodes but is not a
+protocol-2 task body (``[args, kwargs, embed]``) is worse: Celery's consumer
+raises on it and the worker dies, then meets it again on every restart.  For
+``pii`` messages a consumer bootstep parks all of these, byte for byte, in
 ``pii_quarantine_queue`` instead; the task-side opening step parks messages
 whose envelope fails to authenticate.  Parked messages keep their original
 body (still sealed) and headers, plus a ``x-celery-pii-quarantine`` header
@@ -20,7 +22,7 @@ from typing import Any, Final
 
 from celery import bootsteps
 from kombu.entity import Exchange, Queue
-from kombu.exceptions import ContentDisallowed
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 __all__ = [
     "QUARANTINE_HEADER",
@@ -36,6 +38,7 @@ __all__ = [
 logger = logging.getLogger("celery_pii.quarantine")
 
 QUARANTINE_HEADER: Final = "x-celery-pii-quarantine"
+_MALFORMED: Final = "not a protocol-2 task message"
 
 
 def quarantine_queue(name: str) -> Queue:
@@ -87,16 +90,16 @@ def _routing(message: Any) -> dict[str, Any]:
 def make_quarantine_step(
     content_type: str, queue_name: Callable[[Any], str | None], on_parked: Callable[[Any, str, str], None]
 ) -> type[bootsteps.StartStopStep]:
-    """A consumer bootstep that parks undecodable and refused messages instead of dropping them.
+    """A consumer bootstep that parks undecodable, malformed and refused messages instead of losing them.
 
     Arguments:
-        content_type: the ``pii`` content type (its decode errors are parked).
+        content_type: the ``pii`` content type (its undecodable and malformed messages are parked).
         queue_name: ``app -> quarantine queue name``, or ``None`` if the app has no celery-pii.
         on_parked: ``(app, task id, reason)``, called after parking (audit).
     """
 
     class QuarantineStep(bootsteps.StartStopStep):
-        """Park instead of drop: decode errors of ``pii`` messages and refused content."""
+        """Park instead of drop: ``pii`` messages that cannot run, and refused content."""
 
         label = "celery-pii quarantine"
 
@@ -120,17 +123,59 @@ def make_quarantine_step(
                     return
                 _park_or_requeue(c.app, name, message, "content type not accepted", on_parked)
 
-            # Set before the Tasks step builds its handler, which captures on_invalid_task.
+            original_create_task_handler = c.create_task_handler
+
+            def create_task_handler(*args: Any, **kwargs: Any) -> Callable[[Any], None]:
+                handler: Callable[[Any], None] = original_create_task_handler(*args, **kwargs)
+
+                def on_task_received(message: Any) -> None:
+                    # Celery's handler raises on a body of the wrong shape (the worker dies,
+                    # the message is restored, and it kills every restart), or acks it as
+                    # a failed task; so a pii message must be a protocol-2 one before it runs.
+                    if message.content_type == content_type and _malformed(message):
+                        _park_or_requeue(c.app, name, message, _MALFORMED, on_parked)
+                        return
+                    handler(message)
+
+                return on_task_received
+
+            # Set before the Tasks step builds its handler, which captures on_invalid_task;
+            # the consumer loop calls create_task_handler when it starts.
             c.on_decode_error = on_decode_error
             c.on_invalid_task = on_invalid_task
+            c.create_task_handler = create_task_handler
 
     return QuarantineStep
+
+
+def _malformed(message: Any) -> bool:
+    """True for a message that is not ``task`` header + ``[args, kwargs, embed]`` body.
+
+    celery-pii publishes protocol 2 only.  The body is decoded here once, as
+    Celery's strategy would (kombu keeps it), so a good message costs a few
+    ``isinstance`` checks.  A body that does not decode is left to Celery's
+    handler, which calls ``on_decode_error`` (parked as undecodable).
+    """
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return True
+    try:
+        body = message.payload
+    except (DecodeError, ContentDisallowed):
+        return False
+    return not (
+        isinstance(body, (list, tuple))
+        and len(body) == 3  # args, kwargs, embed
+        and isinstance(body[0], (list, tuple))
+        and isinstance(body[1], dict)
+        and isinstance(body[2], dict)
+    )
 
 
 def _park_or_requeue(
     app: Any, name: str, message: Any, reason: str, on_parked: Callable[[Any, str, str], None]
 ) -> None:
-    headers = dict(message.headers or {})
+    headers = dict(message.headers) if isinstance(message.headers, dict) else {}
     task_id = str(headers.get("id", "?"))
     task = str(headers.get("task", "?"))
     try:
