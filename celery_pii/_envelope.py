@@ -20,7 +20,8 @@ Everything before the nonce is the *header*; the associated data is the
 header followed by the task name, so the envelope version, key id and
 version, algorithm, task id, field locations and task name are all
 authenticated: a value moved to another task or field, or a header edited
-to an older version, fails to open.
+to an older version, fails to open.  (The sealer's "task name" also names
+the canvas steps that sealed values sit in: ``_sealer.bound_name``.)
 
 The sealed plaintext is the JSON list of values, zlib-compressed above a
 threshold.  Plain JSON types go through orjson or the standard library (``_json``);
@@ -159,14 +160,19 @@ class Envelope:
 
 
 def open_task(
-    token: object, *, task_id: str, task_name: str, key_for: Callable[[str, int], DataKey]
+    token: object,
+    *,
+    task_id: str,
+    task_name: str | Callable[[tuple[Location, ...]], str],
+    key_for: Callable[[str, int], DataKey],
 ) -> tuple[str, tuple[Location, ...], list[Any]]:
     """Open the envelope of a task call: its key id, locations and values.
 
     The worker's path, in one step: :func:`parse` and :meth:`Envelope.open`
     without building an :class:`Envelope`.  ``key_for(key_id, version)`` is
     asked for the key only once the envelope is known to be a task call's,
-    bound to ``task_id``.
+    bound to ``task_id``.  ``task_name`` may be a function of the envelope's
+    locations (the sealer binds the canvas steps the values sit in).
 
     Raises:
         DecryptionFailed: not a task envelope of ``task_id``, tampered, malformed.
@@ -179,6 +185,8 @@ def open_task(
         raise DecryptionFailed from None
     if prefix.kind is not _TASK or bound_id != task_id:
         raise DecryptionFailed
+    if not isinstance(task_name, str):
+        task_name = task_name(locations)
     key = key_for(prefix.key_id, prefix.key_version)
     return prefix.key_id, locations, _open_values(prefix, key, data, end, task_name, len(locations))
 

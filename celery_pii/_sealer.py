@@ -20,6 +20,8 @@ no Celery.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +57,9 @@ _CHORD_UNLOCK: Final = "celery.chord_unlock"
 # Built-in tasks that call another task once per item (``task.map``,
 # ``task.starmap``, ``task.chunks``): each item is that task's arguments.
 _ITEM_TASKS: Final = frozenset(("celery.map", "celery.starmap", "celery.chunks"))
+# Tasks whose own arguments hold canvas steps (their sealed values are bound to those steps' names).
+_STEP_BOUND: Final = _ITEM_TASKS | {_CHORD_UNLOCK}
+_EMBED_PARTS: Final = frozenset(EMBED_PARTS)
 
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
@@ -141,7 +146,8 @@ class Sealer:
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         key = self.keys.encryption_key(key_spec)
         locations = tuple(location for location, _ in found)
-        token = self._seal_values(name, task_id, key, [value for _, value in found], locations)
+        bound = bound_name(name, root, locations)
+        token = self._seal_values(bound, task_id, key, [value for _, value in found], locations)
         sealed_root = replace_in_copies(root, locations, MARKER)
         return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
 
@@ -308,9 +314,12 @@ class Sealer:
             KeyDestroyed, KeyNotFound, KeyStoreUnavailable: from the key store.
         """
         key_for = self.keys.decryption_key
+        task_name: str | Callable[[tuple[Location, ...]], str] = name
+        if name in _STEP_BOUND or _has_canvas(root):
+            task_name = functools.partial(_bound_name_or_refuse, name, root)
         opened = []
         for token in tokens:  # a loop: a comprehension's frame costs more on Python 3.10 and 3.11
-            opened.append(_envelope.open_task(token, task_id=task_id, task_name=name, key_for=key_for))  # noqa: PERF401
+            opened.append(_envelope.open_task(token, task_id=task_id, task_name=task_name, key_for=key_for))  # noqa: PERF401
         try:
             for _, locations, values in opened:
                 set_all_in_place(root, locations, values)
@@ -373,6 +382,57 @@ class Sealer:
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
         return opened
+
+
+def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]) -> str:
+    """The task name the associated data binds: the task's, and the canvas steps its values sit in.
+
+    A value sealed inside an embedded step (a chain's next task, a link, a
+    chord body, the task a map calls) is opened by the parent's worker and
+    then given to that step's task, so that task's name is bound as well: a
+    step relabelled on the broker to another task fails to open.
+
+    Raises:
+        KeyError, IndexError, TypeError: a location's containers are not in ``root``.
+    """
+    steps: list[str] = []
+    every_location = name in _STEP_BOUND
+    for location in locations:
+        if every_location or location[0] in _EMBED_PARTS:
+            container: Any = root
+            for part in location[:-1]:
+                container = container[part]
+                # A signature names its task with a string (a map's kwargs hold a whole signature there).
+                step = container.get("task") if isinstance(container, Mapping) else None
+                if isinstance(step, str):
+                    steps.append(step)
+    if name in _ITEM_TASKS:
+        steps.append(str(_called_task(root)))
+    if not steps:
+        return name
+    return name + "\x00" + json.dumps(steps)
+
+
+def _bound_name_or_refuse(name: str, root: Mapping[str, Any], locations: Sequence[Location]) -> str:
+    try:
+        return bound_name(name, root, locations)
+    except (KeyError, IndexError, TypeError):  # the body no longer has that place
+        raise DecryptionFailed from None
+
+
+def _called_task(root: Mapping[str, Any]) -> object:
+    """The name of the task a map/starmap/chunks call calls (``None`` if the call has none).
+
+    Its signature is where :func:`_items_of` finds it.
+    """
+    args: Sequence[Any] = root.get("args") or ()
+    kwargs = root.get("kwargs") or {}
+    task = None
+    if isinstance(kwargs, Mapping) and "it" in kwargs:
+        task = kwargs.get("task")
+    elif len(args) > 1:
+        task = args[0]
+    return task.get("task") if isinstance(task, Mapping) else None
 
 
 def unreadable_result(obj: dict[str, Any], error: Exception) -> Any:

@@ -139,6 +139,40 @@ class TestAuthenticationFailures:
         stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{task_id}")
         assert CARD.encode() not in stored
 
+    @pytest.mark.parametrize("part", ["chain", "link", "map"])
+    def test_canvas_step_relabelled_to_another_task_is_parked(self, app, part):
+        """A chain step, link or mapped task re-pointed on the broker at a task without PII does not open.
+
+        The step's values are sealed into the parent's envelope; its task name
+        is bound into the associated data, so they never reach ``t.plain``.
+        """
+        notify = app.tasks["t.notify"].s(email=EMAIL)
+        first = app.tasks["t.echo"].s(CARD)
+        if part == "chain":
+            (first | notify).delay()
+        elif part == "link":
+            first.apply_async(link=notify)
+        else:
+            app.tasks["t.echo"].map([CARD, EMAIL]).delay()
+        queue = app.conf.task_default_queue
+        client = redis_client(BROKER_DB)
+        message = json.loads(client.rpop(queue))
+        body = base64.b64decode(message["body"])
+        frame, inner = body[:2], json.loads(body[2:])
+        if part == "map":
+            step = inner[1]["task"]
+            assert step["task"] == "t.echo"
+        else:
+            step = inner[2]["chain" if part == "chain" else "callbacks"][0]
+            assert step["task"] == "t.notify"
+        step["task"] = "t.plain"  # the only edit
+        message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
+        client.rpush(queue, json.dumps(message))
+        with _start(app), pytest.raises(DecryptionFailed):
+            app.AsyncResult(message["headers"]["id"]).get(timeout=20)
+        parked = queued_messages(app.conf.pii_quarantine_queue)
+        assert [m["headers"]["id"] for m in parked] == [message["headers"]["id"]]
+
     def test_undecodable_message_is_quarantined(self, app):
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
         queue = app.conf.task_default_queue
