@@ -121,7 +121,14 @@ class PII:
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
         derived = running is not None and (running.is_pii or bool(running.values))
-        sealed = self.sealer.seal_message(name, task_id, root, seal_all=derived)
+        source_key = running.result_key if running is not None and derived else None
+        sealed = self.sealer.seal_message(
+            name,
+            task_id,
+            root,
+            seal_all=derived,
+            derived_from=source_key.key_id if source_key is not None else None,
+        )
         _, spec = self._lookup(name)
         display = root
         if sealed is not None:

@@ -24,7 +24,7 @@ import functools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Final, NamedTuple, cast
 
 from . import _envelope
@@ -60,6 +60,9 @@ _ITEM_TASKS: Final = frozenset(("celery.map", "celery.starmap", "celery.chunks")
 # Tasks whose own arguments hold canvas steps (their sealed values are bound to those steps' names).
 _STEP_BOUND: Final = _ITEM_TASKS | {_CHORD_UNLOCK}
 _EMBED_PARTS: Final = frozenset(EMBED_PARTS)
+# How key ids name a retention bucket (``key@bucket``) and a subject's key (``subject.<hmac>``).
+_BUCKET_FORMAT: Final = "%Y%m%dT%H%M%SZ"
+_SUBJECT_PREFIX: Final = "subject."
 
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
@@ -102,13 +105,14 @@ class Sealer:
 
     # -- publish --------------------------------------------------------------------------
 
-    def seal_message(
+    def seal_message(  # noqa: PLR0913 - keyword-only options
         self,
         name: str,
         task_id: str,
         root: Mapping[str, Any],
         *,
         seal_all: bool = False,
+        derived_from: str | None = None,
         now: datetime | None = None,
     ) -> Sealed | None:
         """Seal the PII of one task message; ``None`` when there is nothing to seal or report.
@@ -116,6 +120,10 @@ class Sealer:
         With ``seal_all``, every argument of the call is sealed, not only the
         declared fields: a message published by a running PII task (a chain's
         next step gets the PII task's return value) may carry PII anywhere.
+        ``derived_from`` is then the key that task's own data is sealed under:
+        the message's key takes its subject and its retention bucket when the
+        task's own allows longer (see :func:`derived_key_spec`), so erasure and
+        retention reach what was derived from the data too.
 
         The task's ``pii_detect`` mode then scans what is left (declared fields
         are not scanned twice): "encrypt" seals what it finds, "refuse" raises,
@@ -144,6 +152,8 @@ class Sealer:
         if not found:
             return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
+        if derived_from is not None:
+            key_spec = derived_key_spec(key_spec, derived_from)
         key = self.keys.encryption_key(key_spec)
         locations = tuple(location for location, _ in found)
         bound = bound_name(name, root, locations)
@@ -294,10 +304,7 @@ class Sealer:
         buckets = [b for b in (p.bucket(now) for p in policies) if b is not None]
         if not buckets:
             return KeySpec(base, subject_id=digest)
-        bucket = min(buckets)
-        return KeySpec(
-            f"{base}@{bucket:%Y%m%dT%H%M%SZ}", subject_id=digest, expires_at=bucket, retention_deadline=bucket
-        )
+        return _bucket_key(base, digest, min(buckets))
 
     # -- consume --------------------------------------------------------------------------
 
@@ -382,6 +389,44 @@ class Sealer:
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
         return opened
+
+
+def derived_key_spec(own: KeySpec, source_key_id: str) -> KeySpec:
+    """The key of a message derived from data sealed under ``source_key_id``.
+
+    The message keeps its own key unless the source's data is a subject's or
+    has a retention bucket: then the message is sealed under that subject's
+    key (its own subject's, if it declares one: it cannot be both) and the
+    earlier of the two buckets, so forgetting the subject or reaching the
+    deadline makes the derived copy unreadable with the source.
+    """
+    source_base, _, source_bucket = source_key_id.partition("@")
+    source_subject = source_base[len(_SUBJECT_PREFIX) :] if source_base.startswith(_SUBJECT_PREFIX) else None
+    if source_subject is None and not source_bucket:
+        return own  # the source's key is kept indefinitely and names no subject
+    own_base = own.key_id.partition("@")[0]
+    base: str
+    subject_id: str | None
+    if own.subject_id is None and source_subject is not None:
+        base, subject_id = source_base, source_subject
+    else:
+        base, subject_id = own_base, own.subject_id
+    buckets = [own.expires_at] if own.expires_at is not None else []
+    if source_bucket:
+        buckets.append(datetime.strptime(source_bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
+    if not buckets:
+        return KeySpec(base, subject_id=subject_id)
+    return _bucket_key(base, subject_id, min(buckets))
+
+
+def _bucket_key(base: str, subject_id: str | None, bucket: datetime) -> KeySpec:
+    """The key of one retention bucket: destroyed at the bucket's moment."""
+    return KeySpec(
+        f"{base}@{bucket:{_BUCKET_FORMAT}}",
+        subject_id=subject_id,
+        expires_at=bucket,
+        retention_deadline=bucket,
+    )
 
 
 def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]) -> str:

@@ -8,15 +8,17 @@ import logging
 import re
 import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError
 from kombu import Connection, Exchange, Producer, Queue
 
-from celery_pii import DecryptionFailed, KeyDestroyed, get_pii
+from celery_pii import DecryptionFailed, KeyDestroyed, _envelope, get_pii
+from celery_pii._keys import KeySpec
 from celery_pii._quarantine import QUARANTINE_HEADER
-from celery_pii._sealer import MARKER
+from celery_pii._sealer import MARKER, derived_key_spec
 
 from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL, EventCapture, TcpProxy, queued_messages, redis_client
 from .test_celery_roundtrip import CARD, EMAIL, SSN, assert_no_plaintext
@@ -200,6 +202,41 @@ class TestAuthenticationFailures:
 
 class TestKeyOutcomes:
     """Destroyed keys fail clearly; an unreachable key store delays, never drops."""
+
+    def test_message_derived_from_a_subject_is_erased_with_it(self, app, queue_name):
+        """A chain step carrying a subject task's return value is sealed under that subject's key.
+
+        The step itself declares no PII; once the subject is forgotten, its
+        queued message no longer opens, wherever copies of it lie.
+        """
+        later = f"{queue_name}.later"
+        step = app.tasks["t.plain"].s().set(queue=later)
+        result = (app.tasks["t.profile"].s("user-1", EMAIL) | step).delay()
+        with _start(app):  # runs t.profile only: the step waits in the other queue
+            deadline = time.monotonic() + 20
+            while not queued_messages(later) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (derived,) = queued_messages(later)
+        token = json.loads(base64.b64decode(derived["body"])[2:])[2]["pii"][0]
+        assert _envelope.parse(token).key_id.startswith("subject.")
+        assert get_pii(app).forget_subject("user-1") >= 1
+        with _start(app, queues=[later]), pytest.raises(KeyDestroyed):
+            result.get(timeout=20)
+
+    def test_derived_key_takes_the_source_subject_and_the_earlier_bucket(self):
+        """The derived message's key: the source's subject, the earlier bucket; a plain source changes nothing."""
+        own = KeySpec("orders@20270101T000000Z", expires_at=datetime(2027, 1, 1, tzinfo=timezone.utc))
+        derived = derived_key_spec(own, "subject.abc@20261201T000000Z")
+        assert derived.key_id == "subject.abc@20261201T000000Z"
+        assert derived.subject_id == "abc"
+        assert derived.expires_at == datetime(2026, 12, 1, tzinfo=timezone.utc)
+        assert derived_key_spec(own, "subject.abc@20280101T000000Z").key_id == "subject.abc@20270101T000000Z"
+        assert derived_key_spec(own, "default") is own
+        assert derived_key_spec(KeySpec("orders"), "payments@20261201T000000Z").key_id == (
+            "orders@20261201T000000Z"
+        )
+        mine = KeySpec("subject.mine", subject_id="mine")
+        assert derived_key_spec(mine, "subject.abc").key_id == "subject.mine"
 
     def test_forgotten_subject_fails_with_key_destroyed(self, app):
         """After forget_subject, a queued task of that subject fails with KeyDestroyed; others proceed."""
