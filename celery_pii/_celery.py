@@ -34,10 +34,11 @@ from kombu import serialization
 from . import _context
 from ._config import Settings, settings_from_conf
 from ._keys import KeyManager
+from ._paths import replace_in_copies
 from ._pii import PII
 from ._quarantine import make_quarantine_step
 from ._redact import RedactingFilter
-from ._sealer import is_sealed_result, unreadable_result
+from ._sealer import MARKER, is_marker, is_sealed_result, unreadable_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
 from ._store import KeyStore
@@ -83,8 +84,34 @@ def defer_store_checks(*, enabled: bool) -> None:
 def _seal_result_hook(obj: Any) -> Any:
     running = _context.running.get()
     if running is None:
-        return obj
+        return _mark_declared_fields(obj)
     return running.pii.seal_result(obj, running)
+
+
+def _mark_declared_fields(obj: Any) -> Any:
+    """A result meta of a PII task stored while it is not running: its declared fields as markers.
+
+    Celery stores some outcomes from the worker after the task ended
+    (``Reject(requeue=False)``, a lost worker, a time limit), with the
+    arguments it kept (``result_extended``).  The end of the task put the
+    markers back where values were opened (``_context.hide_opened``); this is
+    the backstop for a declared field the task function changed in place.
+    No crypto here: it runs where no failure may stop Celery recording it.
+    """
+    if not (isinstance(obj, dict) and "args" in obj and "kwargs" in obj and "task_id" in obj):
+        return obj
+    name = obj.get("name")
+    args, kwargs = obj["args"], obj["kwargs"]
+    if not isinstance(name, str) or not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        return obj
+    for pii in list(_instances):
+        spec = pii.specs.get(name)
+        if spec is None or not spec.is_pii or spec.binder is None:
+            continue
+        locations, values = spec.binder.locate_apart(args, kwargs)
+        places = [location for location, value in zip(locations, values, strict=True) if not is_marker(value)]
+        return replace_in_copies(obj, places, MARKER) if places else obj
+    return obj
 
 
 def _open_result_hook(value: Any) -> Any:
@@ -298,4 +325,6 @@ def _task_finished(task: Any = None, **_: Any) -> None:
     # Sent whatever the outcome (Retry, Ignore and Reject included), while the
     # task's request is still the current one.
     if task is not None:
-        _context.leave(task.request)
+        request = task.request
+        _context.hide_opened(request)
+        _context.leave(request)

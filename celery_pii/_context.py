@@ -15,10 +15,13 @@ and returns may be derived from the outer task's PII.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from ._keys import KeySpec
+from ._paths import Location, replace_in_copies
 from ._redact import Scrubber
+from ._sealer import MARKER
 
 if TYPE_CHECKING:
     from ._pii import PII
@@ -37,6 +40,7 @@ class RunningTask:
 
     __slots__ = (
         "_message_key",
+        "_opened_at",
         "_request",
         "_request_stack",
         "_result_key",
@@ -60,6 +64,8 @@ class RunningTask:
         message_key: str | None = None,
         request: Any = None,
         request_stack: Any = None,
+        *,
+        opened_at: Sequence[Location] = (),
     ) -> None:
         self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
         # Celery's request of this run and the stack it is on, to tell whether it is still running.
@@ -68,6 +74,8 @@ class RunningTask:
         self.is_pii = spec is not None and spec.is_pii
         self._result_key = result_key
         self._message_key = message_key
+        # Where values were opened into the message, when Celery may store the arguments later.
+        self._opened_at = opened_at
         self._scrubber: Scrubber | None = None
 
     def is_live(self) -> bool:
@@ -123,6 +131,36 @@ def enter(request: Any) -> RunningTask | None:
     setattr(request, _OUTER, outer)
     running.set(None)
     return outer
+
+
+def hide_opened(request: Any) -> None:
+    """A task ends: put the sealed marker back where its message's values were opened.
+
+    Celery keeps the request's ``args``/``kwargs`` after the task: on the solo
+    and threads pools they are the very objects the values were opened into,
+    and Celery stores them (``result_extended``) when it records an outcome
+    after the task, from the worker (``Reject(requeue=False)``), when nothing
+    is running any more to seal it.  What lies on the way to an opened place
+    is copied, never changed (the task function may still hold it); only the
+    request's own top-level list and dict are changed in place.
+    """
+    current = running.get()
+    if current is None or current._request is not request or not current._opened_at:  # noqa: SLF001
+        return
+    root = {"args": getattr(request, "args", None), "kwargs": getattr(request, "kwargs", None)}
+    places = [location for location in current._opened_at if location[0] in root]  # noqa: SLF001
+    try:
+        marked = replace_in_copies(root, places, MARKER)
+    except (KeyError, IndexError, TypeError):  # the task changed its arguments' shape: nothing to hide there
+        return
+    for part, container in root.items():
+        copy = marked[part]
+        if copy is container:
+            continue
+        if isinstance(container, list):
+            container[:] = copy
+        elif isinstance(container, dict):
+            container.update(copy)
 
 
 def leave(request: Any) -> None:

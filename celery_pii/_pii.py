@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -21,7 +22,7 @@ from ._config import Settings
 from ._context import RunningTask
 from ._detect import Finding, detect
 from ._keys import KeyManager, KeySpec
-from ._paths import format_path, replace_in_copies
+from ._paths import Location, format_path, replace_in_copies
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
@@ -47,6 +48,9 @@ class PII:
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
         self.sealer = Sealer(keys, settings, self._lookup)
+        # Celery stores a task's arguments with its outcome (result_extended), some of
+        # them after the task ended: where values were opened is then kept, to hide them.
+        self.stores_arguments = bool(app.conf.result_extended)
         #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
         self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -181,10 +185,13 @@ class PII:
         tokens = getattr(request, EMBED_KEY, None)
         values: list[Any] = []
         message_key: str | None = None
+        opened_at: Sequence[Location] = ()
         arrived_unsealed = False
         if tokens:
             opened = self._open_or_handle(task, task_id, _message_root(request, args, kwargs), tokens)
             values, message_key = opened.values, opened.key_ids[0]
+            if self.stores_arguments:
+                opened_at = opened.locations
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
             # Nothing sealed, yet declared fields may hold values: an eager call
@@ -211,7 +218,16 @@ class PII:
             result_key = self._result_key(name, spec, args, kwargs)
         _context.running.set(
             RunningTask(
-                self, name, task_id, spec, values, result_key, message_key, request, task.request_stack
+                self,
+                name,
+                task_id,
+                spec,
+                values,
+                result_key,
+                message_key,
+                request,
+                task.request_stack,
+                opened_at=opened_at,
             )
         )
         if arrived_unsealed:

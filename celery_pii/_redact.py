@@ -7,9 +7,10 @@ logs and the result backend.  For PII tasks:
   values show as the fixed marker while other values stay visible;
 * exceptions raised by the task are scrubbed in place before Celery formats,
   logs or stores them: every plaintext value opened for the task is replaced
-  by :data:`REDACTED` in their arguments, attributes and chained causes; an
-  exception whose text still holds such a value (one that builds its message
-  from state scrubbing cannot reach) is replaced by a :class:`RedactedError`;
+  by :data:`REDACTED` in their arguments, attributes (``OSError`` file names
+  too) and chained causes; an exception whose text still holds such a value
+  (one that builds its message from state scrubbing cannot reach) is replaced
+  by a :class:`RedactedError`;
 * a logging filter scrubs the same values from records emitted while the
   task runs (their message, traceback and stack), and hides PII tasks' return
   values in Celery's success log.
@@ -17,20 +18,32 @@ logs and the result backend.  For PII tasks:
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from decimal import Decimal
 from typing import Any, Final, Protocol
+from uuid import UUID
 
 from celery.exceptions import TaskPredicate
 
 __all__ = ["REDACTED", "RedactedError", "RedactingFilter", "Scrubber", "redacted_repr"]
 
 REDACTED: Final = "[pii:redacted]"
-# Values shorter than this are not scrubbed from free text: replacing every
-# "42" in a message would destroy it, and such values are not identifying.
+# Text forms shorter than this are not scrubbed from free text: replacing every
+# "42" (or "True") in a message would destroy it, and such values are not
+# identifying.  It applies to each form of a value (see ``_forms``).
 MIN_SCRUB_LENGTH: Final = 4
 _MAX_SCRUB_DEPTH: Final = 8
+# Scalars (besides str) whose text forms are searched for when opened as
+# values, and which are replaced whole when their text shows one.
+_SCALARS: Final = (int, float, Decimal, dt.date, dt.time, UUID, bytes, bytearray)
+# Attributes some C exceptions keep outside ``args`` and ``vars()`` and show in their text.
+_TEXT_ATTRIBUTES: Final = ((OSError, ("filename", "filename2")), (SyntaxError, ("filename", "text")))
 
 
 class RedactedError(Exception):
@@ -67,7 +80,18 @@ def redacted_repr(value: Any, maxsize: int) -> str:
 
 
 class Scrubber:
-    """Replaces known plaintext values (and their string forms) in text and objects."""
+    """Replaces known plaintext values (and their text forms) in text and objects.
+
+    Each value is searched for in every form a message is likely to show it
+    in: its ``str()``; for strings also the inside of their ``repr()`` (a
+    value with a newline or quote appears escaped in the repr of the
+    arguments, as in ``MaxRetriesExceededError``), of the repr of that (the
+    repr of such an exception), and of their JSON; for dates and times also
+    ``isoformat()`` and ``repr()``; for UUIDs ``hex``; for bytes the inside
+    of their repr and their UTF-8 text.  Forms shorter than
+    :data:`MIN_SCRUB_LENGTH` characters are not searched for.  Other
+    objects (and formats such as ``strftime`` output) are not searched for.
+    """
 
     __slots__ = ("_needles",)
 
@@ -93,18 +117,26 @@ class Scrubber:
         return text
 
     def value(self, value: Any, depth: int = 0) -> Any:
-        """A copy of ``value`` with known values replaced in its strings."""
+        """A copy of ``value`` with known values replaced in its strings.
+
+        Only plain data is rebuilt (``list``, ``tuple``, ``dict`` themselves,
+        not their subclasses); a scalar whose text shows a known value is
+        replaced whole; exceptions are scrubbed in place.  Other objects are
+        left alone: a ``Retry``'s signature must stay a signature (Celery
+        re-applies it), with the arguments it was given.
+        """
         if isinstance(value, str):
             return self.text(value)
+        kind = type(value)
         if depth < _MAX_SCRUB_DEPTH:
-            if isinstance(value, (list, tuple)) and value:
-                return type(value)(self.value(item, depth + 1) for item in value)
-            if isinstance(value, dict):
+            if kind is list or kind is tuple:
+                return kind(self.value(item, depth + 1) for item in value) if value else value
+            if kind is dict:
                 return {self.value(k, depth + 1): self.value(v, depth + 1) for k, v in value.items()}
             if isinstance(value, BaseException):
                 self.exception(value, depth + 1)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                return REDACTED if self.text(str(value)) != str(value) else value
+            elif isinstance(value, _SCALARS) and not isinstance(value, bool):
+                return REDACTED if self.contains(str(value)) or self.contains(repr(value)) else value
         return value
 
     def exception(self, exc: BaseException, depth: int = 0) -> None:
@@ -117,14 +149,17 @@ class Scrubber:
         current: BaseException | None = exc
         while current is not None and id(current) not in seen and depth < _MAX_SCRUB_DEPTH:
             seen.add(id(current))
-            try:
-                current.args = tuple(self._held(arg, current, depth + 1) for arg in current.args)
-                for name, attribute in list(vars(current).items()):
-                    if name.startswith("__") and name != "__notes__":
-                        continue
-                    setattr(current, name, self._held(attribute, current, depth + 1))
-            except (AttributeError, TypeError):  # read-only attributes of C exceptions
-                pass
+            _set_quietly(current, "args", tuple(self._held(arg, current, depth + 1) for arg in current.args))
+            for name, attribute in list(vars(current).items()):
+                if name.startswith("__") and name != "__notes__":
+                    continue
+                scrubbed = self._held(attribute, current, depth + 1)
+                if scrubbed is not attribute:
+                    _set_quietly(current, name, scrubbed)
+            for kind, names in _TEXT_ATTRIBUTES:
+                if isinstance(current, kind):
+                    for name in names:
+                        self._text_attribute(current, name)
             current = current.__cause__ or current.__context__
 
     def raised(self, exc: BaseException) -> BaseException:
@@ -143,10 +178,32 @@ class Scrubber:
         return not any(self.contains(text) for text in _shown_text(exc))
 
     def _held(self, value: Any, owner: BaseException, depth: int) -> Any:
+        if value is owner:  # Celery's Retry holds itself in its args
+            return value
         scrubbed = self.value(value, depth)
         if isinstance(scrubbed, BaseException) and scrubbed is not owner and not self.is_clean(scrubbed):
             return RedactedError.standing_in_for(scrubbed)
         return scrubbed
+
+    def _text_attribute(self, exc: BaseException, name: str) -> None:
+        """Scrub a file name (or source line) a C exception keeps outside ``args``."""
+        attribute = getattr(exc, name, None)
+        if isinstance(attribute, os.PathLike):
+            attribute = os.fspath(attribute)
+        if isinstance(attribute, str):
+            scrubbed: Any = self.text(attribute)
+        elif isinstance(attribute, bytes):
+            scrubbed = self.value(attribute)
+        else:
+            return
+        if scrubbed is not attribute:
+            # If it cannot be set, the exception stays unclean and raised() replaces it.
+            _set_quietly(exc, name, scrubbed)
+
+
+def _set_quietly(exc: BaseException, name: str, value: Any) -> None:
+    with contextlib.suppress(AttributeError, TypeError):  # read-only attributes of C exceptions
+        setattr(exc, name, value)
 
 
 def _shown_text(exc: BaseException) -> Iterator[str]:
@@ -176,20 +233,43 @@ def _safely(show: Callable[[BaseException], str], exc: BaseException) -> str:
 
 
 def _collect(value: Any, needles: set[str], depth: int) -> None:
-    if depth > _MAX_SCRUB_DEPTH:
+    if depth > _MAX_SCRUB_DEPTH or isinstance(value, bool) or value is None:
         return
-    if isinstance(value, str):
-        needles.add(value)
-    elif isinstance(value, bool) or value is None:
-        return
-    elif isinstance(value, (int, float)):
-        needles.add(str(value))
-    elif isinstance(value, dict):
+    if isinstance(value, dict):
         for item in value.values():
             _collect(item, needles, depth + 1)
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
             _collect(item, needles, depth + 1)
+    else:
+        needles.update(_forms(value))
+
+
+def _forms(value: Any) -> Iterator[str]:
+    """The text forms ``value`` can show in a message (see :class:`Scrubber`)."""
+    if isinstance(value, str):
+        yield value
+        inside = repr(value)[1:-1]  # newlines, quotes, backslashes escaped
+        yield inside
+        yield repr(inside)[1:-1]  # escaped twice: the repr of a message holding a repr
+        yield json.dumps(value)[1:-1]
+    elif isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+        yield repr(data)[2:-1]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        yield from _forms(text)
+    elif isinstance(value, (dt.date, dt.time)):
+        yield str(value)
+        yield value.isoformat()
+        yield repr(value)
+    elif isinstance(value, UUID):
+        yield str(value)
+        yield value.hex
+    elif isinstance(value, _SCALARS):  # int, float, Decimal
+        yield str(value)
 
 
 # Celery's trace logger: "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s"

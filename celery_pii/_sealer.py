@@ -82,10 +82,12 @@ class Sealed(NamedTuple):
 
 @dataclass(slots=True)
 class Opened:
-    """What opening a message produced: the plaintext values (for scrubbing) and the key used."""
+    """What opening a message produced: the plaintext values (for scrubbing), the keys, the places."""
 
     values: list[Any] = field(default_factory=list)
     key_ids: list[str] = field(default_factory=list)
+    #: Where the values were put, in their order.
+    locations: Sequence[Location] = ()
 
 
 class Sealer:
@@ -333,9 +335,13 @@ class Sealer:
         except (KeyError, IndexError, TypeError):  # the body no longer has that place
             raise DecryptionFailed from None
         if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
-            key_id, _, values = opened[0]
-            return Opened(values, [key_id])
-        return Opened([value for _, _, values in opened for value in values], [key for key, _, _ in opened])
+            key_id, locations, values = opened[0]
+            return Opened(values, [key_id], locations)
+        return Opened(
+            [value for _, _, values in opened for value in values],
+            [key for key, _, _ in opened],
+            [location for _, locations, _ in opened for location in locations],
+        )
 
     # -- results --------------------------------------------------------------------------
 

@@ -117,7 +117,12 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
     if fields is not None and (isinstance(fields, str) or not all(isinstance(p, str) for p in fields)):
         msg = f"task {name!r}: pii_fields must be a list of field paths (strings)"
         raise ConfigurationError(msg)
-    binder = Binder(fun, list(fields), task=name) if fields else None
+    subject_path = options.get("pii_subject")
+    sealed_paths = list(fields or ())
+    if isinstance(subject_path, str) and subject_path not in sealed_paths:
+        # The subject's id says whom the message is about: personal data itself (often an email).
+        sealed_paths.append(subject_path)
+    binder = Binder(fun, sealed_paths, task=name) if sealed_paths else None
 
     key_id = options.get("pii_key")
     key_id = settings.default_key if key_id is None else check_user_key_id(key_id, f"task {name!r}: pii_key")
@@ -132,7 +137,6 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
         raise ConfigurationError(msg)
     retention = retention.resolve(settings.default_retention)
 
-    subject_path = options.get("pii_subject")
     subject = None
     if subject_path is not None:
         parse_path(subject_path, task=name)

@@ -388,3 +388,19 @@ class TestSendTaskByName:
         assert message["headers"]["argsrepr"] == repr((MARKER, MARKER))
         sealed = _envelope.parse(json.loads(base64.b64decode(message["body"])[2:])[2]["pii"][0])
         assert sealed.locations == (("args", 0), ("args", 1), ("kwargs", "customer"))
+
+
+class TestSubjects:
+    """The data subject's id names whom a message is about: sealed like a declared field."""
+
+    def test_subject_id_is_sealed_and_comes_back(self, app):
+        """``pii_subject`` alone seals the subject's id; the task still receives it exactly."""
+        from celery.contrib.testing.worker import start_worker
+
+        subject = "subject-ann@example.com"
+        result = app.tasks["t.profile"].delay(subject, EMAIL)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert subject not in message_bytes(message).decode(errors="replace")
+        assert MARKER in message["headers"]["argsrepr"]
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20) == {"user_id": subject, "email": EMAIL}

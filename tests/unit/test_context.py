@@ -118,3 +118,58 @@ def test_a_run_set_on_the_instance_by_autoretry_scrubs_too():
         pay.run(CARD)
     pay.request_stack.pop()
     assert str(info.value) == f"card {REDACTED} declined"
+
+
+def _opened_running(task, request, values, *, message_key="k", opened_at=()):
+    task.request_stack.push(request)
+    return RunningTask(
+        None,
+        task.name,
+        request.id,
+        None,
+        values,
+        None,
+        message_key,
+        request,
+        task.request_stack,
+        opened_at=opened_at,
+    )
+
+
+def test_markers_go_back_where_values_were_opened_when_the_task_ends(task):
+    """Celery keeps the request's args (and stores them from the worker after the task): no value stays."""
+    from celery_pii._sealer import MARKER
+
+    customer = {"email": "ann@example.com", "tier": "gold"}
+    args = [CARD, 7, customer]
+    kwargs = {"note": "ok", "ssn": "900-00-0001"}
+    request = Context(id="t-1", args=args, kwargs=kwargs)
+    values = [args[0], customer["email"], kwargs["ssn"]]
+    opened_at = [("args", 0), ("args", 2, "email"), ("kwargs", "ssn"), ("chain", 0, "args", 0)]
+    _context.running.set(_opened_running(task, request, values, opened_at=opened_at))
+    _context.hide_opened(request)
+    task.request_stack.pop()
+    assert request.args is args  # the very list Celery keeps, changed in place
+    assert args == [MARKER, 7, {"email": MARKER, "tier": "gold"}]
+    assert kwargs == {"note": "ok", "ssn": MARKER}
+    assert customer == {"email": "ann@example.com", "tier": "gold"}  # the task function may still hold it
+
+
+def test_arguments_of_a_call_that_came_unsealed_are_left_alone(task):
+    """An eager call's arguments are the caller's own objects: nothing was opened into them."""
+    args = [CARD]
+    request = Context(id="t-1", args=args, kwargs={})
+    _context.running.set(_opened_running(task, request, [CARD], message_key=None, opened_at=()))
+    _context.hide_opened(request)
+    task.request_stack.pop()
+    assert args == [CARD]
+
+
+def test_the_arguments_of_another_request_are_left_alone(task):
+    """Only the task whose values were opened has its arguments marked (not an outer or inner task's)."""
+    args = [CARD]
+    request = Context(id="t-1", args=args, kwargs={})
+    _context.running.set(_opened_running(task, request, [CARD], opened_at=[("args", 0)]))
+    _context.hide_opened(Context(id="other", args=args, kwargs={}))
+    task.request_stack.pop()
+    assert args == [CARD]

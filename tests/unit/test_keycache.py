@@ -9,11 +9,11 @@ from celery_pii._keycache import DESTROYED_SWEEP_AT, KeyCache
 
 def test_remembered_destructions_expire_and_are_swept():
     """A process that sees many keys destroyed (retention in a beat worker) does not keep them all."""
-    cache = KeyCache(ttl=0.05)
+    cache = KeyCache(ttl=1.0)  # long enough that filling it never outlasts it
     for version in range(DESTROYED_SWEEP_AT):
         cache.forget("bucket@20260101T000000Z", version, destroyed=True)
     assert cache.is_destroyed("bucket@20260101T000000Z", 0)
-    time.sleep(0.1)
+    time.sleep(1.1)
     assert not cache.is_destroyed("bucket@20260101T000000Z", 0)  # expired with the TTL
     cache.forget("bucket@20260102T000000Z", 1, destroyed=True)
     assert len(cache._destroyed) == 1  # the expired ones were dropped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import NamedTuple
 
 from celery.app.trace import LOG_SUCCESS
 from celery.exceptions import Retry
@@ -195,3 +196,122 @@ def test_a_redacted_error_is_rebuilt_from_its_message():
     """Celery rebuilds a stored exception from its args: one message."""
     error = RedactedError.standing_in_for(BuildsItsMessage(CARD))
     assert str(RedactedError(*error.args)) == str(error)
+
+
+def test_a_value_escaped_by_repr_is_scrubbed():
+    """A value with a newline or quote shows escaped in a repr of the arguments (MaxRetriesExceededError)."""
+    address = "Ann Example\n1 Fake Street\nSpringfield"
+    scrubber = Scrubber([address, 'O\'Brien "Ann"'])
+    message = f"Can't retry t.send[t-1] args:({address!r},) kwargs:{{}}"
+    assert scrubber.text(message) == f"Can't retry t.send[t-1] args:('{REDACTED}',) kwargs:{{}}"
+    assert "Fake Street" not in scrubber.text(repr(ValueError(message)))  # escaped twice
+    assert scrubber.text(repr({"name": 'O\'Brien "Ann"'})) == f"{{'name': '{REDACTED}'}}"
+    original = ValueError(message)
+    assert scrubber.raised(original) is original
+    assert "Fake Street" not in str(original)
+    assert "Fake Street" not in repr(original)
+
+
+def test_non_string_values_are_scrubbed_in_their_text_forms():
+    """Dates, datetimes, decimals, UUIDs, bytes and numbers opened as values: their str, isoformat, repr."""
+    import datetime as dt
+    import uuid
+    from decimal import Decimal
+
+    dob = dt.date(1980, 1, 2)
+    seen = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
+    balance = Decimal("1234.56")
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    scrubber = Scrubber([dob, seen, balance, ident, b"900-00-0001", 4111111111111111, 98.6123])
+    for text in (
+        f"date of birth {dob} is in the future",
+        f"{dob!r}",
+        f"seen {seen} / {seen.isoformat()} / {seen!r}",
+        f"balance {balance} ({balance!r})",
+        f"id {ident} {ident.hex}",
+        f"ssn {b'900-00-0001'!r} or 900-00-0001",
+        "card 4111111111111111, temperature 98.6123",
+    ):
+        scrubbed = scrubber.text(text)
+        assert REDACTED in scrubbed
+        for needle in ("1980", "2024", "1234.56", "12345678", "900-00-0001", "4111111111111111", "98.6123"):
+            assert needle not in scrubbed
+    original = ValueError("bad date", dob, balance)
+    assert scrubber.raised(original) is original
+    assert original.args == ("bad date", REDACTED, REDACTED)
+
+
+def test_values_too_short_to_be_meaningful_are_not_scrubbed_from_text():
+    """Short numbers, booleans and None would redact everything: forms under MIN_SCRUB_LENGTH are skipped."""
+    from celery_pii._redact import MIN_SCRUB_LENGTH
+
+    scrubber = Scrubber([42, True, None, 7.5, "abc"])
+    assert MIN_SCRUB_LENGTH == 4
+    assert not scrubber
+    assert scrubber.text("42 True None 7.5 abc") == "42 True None 7.5 abc"
+
+
+def test_os_error_file_names_are_scrubbed():
+    """OSError keeps its file names outside args; the exception is kept with them scrubbed."""
+    scrubber = Scrubber(["900-00-0001"])
+    try:
+        open("/nonexistent/records/900-00-0001.pdf")  # noqa: PTH123, SIM115 - the real C exception
+    except OSError as error:
+        original = error
+    original.filename2 = "/backup/900-00-0001.pdf"
+    assert scrubber.raised(original) is original
+    assert original.filename == f"/nonexistent/records/{REDACTED}.pdf"
+    assert original.filename2 == f"/backup/{REDACTED}.pdf"
+    assert "900-00-0001" not in str(original)
+
+
+class _FixedFileName(OSError):
+    """A file name scrubbing cannot set (a read-only property), shown in the message."""
+
+    @property
+    def filename(self):
+        return "/records/900-00-0001.pdf"
+
+    def __str__(self):
+        return f"cannot open {self.filename}"
+
+
+def test_an_os_error_whose_file_name_cannot_be_set_is_replaced():
+    """The RedactedError backstop replaces it."""
+    raised = Scrubber(["900-00-0001"]).raised(_FixedFileName(2, "No such file"))
+    assert isinstance(raised, RedactedError)
+    assert "900-00-0001" not in str(raised)
+
+
+def test_a_retry_keeps_its_signature_and_the_arguments_to_retry_with():
+    """Celery re-applies Retry.sig (eagerly: sig.apply()), so it stays a Signature with the values it had."""
+    from celery import Celery
+    from celery.canvas import Signature
+
+    app = Celery("redact-test", set_as_current=False)
+    sig = app.signature("t.retry_once", args=("900-00-0001",), kwargs={"email": EMAIL})
+    retry = Retry(exc=ValueError(f"mail to {EMAIL} bounced"), when=0, sig=sig)
+    assert Scrubber(["900-00-0001", EMAIL]).raised(retry) is retry
+    assert isinstance(retry.sig, Signature)
+    assert retry.sig is sig
+    assert sig.args == ("900-00-0001",)
+    assert sig.kwargs == {"email": EMAIL}
+    assert str(retry.exc) == f"mail to {REDACTED} bounced"
+
+
+class _Pair(NamedTuple):
+    email: str
+    count: int
+
+
+def test_objects_that_are_not_plain_data_are_left_alone():
+    """Subclasses of dict and tuple keep their type; only plain lists, tuples and dicts are rebuilt."""
+    import collections
+
+    scrubber = Scrubber([EMAIL])
+    ordered = collections.OrderedDict(email=EMAIL)
+    assert scrubber.value(ordered) is ordered
+    point = _Pair(EMAIL, 1)
+    assert scrubber.value(point) is point
+    assert scrubber.value({"email": EMAIL}) == {"email": REDACTED}
+    assert scrubber.value((EMAIL, [EMAIL])) == (REDACTED, [REDACTED])

@@ -1,0 +1,140 @@
+"""Outcomes Celery records after a task ended, values in every text form, and eager retries.
+
+On the solo and threads pools Celery keeps, after the task, the very argument
+list the values were opened into, and records some outcomes from there when
+nothing runs any more (``Reject(requeue=False)`` with ``result_extended``).
+Exceptions show values in forms other than the value itself: escaped by
+``repr`` (``MaxRetriesExceededError``), as the text of a date, or as an
+``OSError`` file name.  A retry of an eager call re-applies ``Retry.sig``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+
+import pytest
+from celery import chain
+from celery.contrib.testing.worker import start_worker
+from celery.exceptions import MaxRetriesExceededError, Reject
+
+from celery_pii._redact import REDACTED
+from celery_pii._sealer import MARKER
+
+from .conftest import BACKEND_DB, EventCapture, redis_client
+from .test_celery_roundtrip import CARD, EMAIL, SECRETS, SSN, assert_no_plaintext
+
+pytestmark = pytest.mark.integration
+
+ADDRESS = "Ann Example\n1 Fake Street\nSpringfield"
+DOB = dt.date(1980, 1, 2)
+
+
+def _start(app, **options):
+    options.setdefault("pool", "solo")
+    return start_worker(app, perform_ping_check=False, shutdown_timeout=20, **options)
+
+
+def _stored(result):
+    """The raw result-backend value of a task (bytes)."""
+    raw = redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}")
+    assert raw is not None
+    return raw
+
+
+def _define_rejecting_tasks(app):
+    @app.task(shared=False, name="t.reject_plain")
+    def reject_plain(previous):
+        """A step without PII after a PII task: it is given that task's return value."""
+        raise Reject("refused", requeue=False)
+
+    @app.task(shared=False, name="t.reject_changed", pii_fields=["customer.email"])
+    def reject_changed(customer):
+        """Changes a declared field in place before rejecting."""
+        customer["email"] = customer["email"].upper()
+        raise Reject("refused", requeue=False)
+
+    return reject_plain, reject_changed
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_a_rejected_task_leaves_no_opened_value_in_the_result_backend(app, pool):
+    """Reject(requeue=False) is recorded after the task ended, with the arguments Celery kept: markers only."""
+    reject_plain, reject_changed = _define_rejecting_tasks(app)
+    charge, reject_if = app.tasks["t.charge"], app.tasks["t.reject_if"]
+    with _start(app, pool=pool):
+        results = [
+            reject_if.delay(EMAIL),
+            chain(charge.s(CARD, 1, {"email": EMAIL}), reject_plain.s()).delay(),
+            reject_changed.delay({"email": EMAIL, "tier": "gold"}),
+        ]
+        for result in results:
+            with pytest.raises(Reject):
+                result.get(timeout=20)
+    for result in results:
+        raw = _stored(result)
+        assert_no_plaintext(raw, (*SECRETS, EMAIL.upper()))
+        assert MARKER.encode() in raw
+    assert b'"gold"' in _stored(results[2])  # undeclared values stay visible
+
+
+def test_a_rejected_task_on_prefork_still_stores_markers(app, start_worker_process):
+    """The worker process never had the opened values: its record holds the message's markers."""
+    start_worker_process(pool="prefork", concurrency=1)
+    result = app.tasks["t.reject_if"].delay(EMAIL)
+    with pytest.raises(Reject):
+        result.get(timeout=30)
+    raw = _stored(result)
+    assert_no_plaintext(raw)
+    assert MARKER.encode() in raw
+
+
+def _define_failing_tasks(app):
+    @app.task(shared=False, name="t.retry_forever", bind=True, max_retries=0, pii_fields=["address"])
+    def retry_forever(self, address):
+        raise self.retry(countdown=0.1)
+
+    @app.task(shared=False, name="t.bad_dob", pii_fields=["dob"])
+    def bad_dob(dob):
+        msg = f"date of birth {dob} is in the future"
+        raise ValueError(msg)
+
+    @app.task(shared=False, name="t.open_record", pii_fields=["ssn"])
+    def open_record(ssn):
+        with open(f"/nonexistent/records/{ssn}.pdf") as record:  # noqa: PTH123 - the real C exception
+            return record.read()
+
+    return retry_forever, bad_dob, open_record
+
+
+def test_values_in_escaped_date_and_file_name_forms_are_scrubbed(app, caplog):
+    """repr-escaped text, a date's text and an OSError's file name: kept exceptions, no value anywhere."""
+    retry_forever, bad_dob, open_record = _define_failing_tasks(app)
+    shown = ("1 Fake Street", "1980-01-02", "1980, 1, 2", SSN)
+    with caplog.at_level(logging.DEBUG), EventCapture(app) as events, _start(app, loglevel="DEBUG"):
+        results = [retry_forever.delay(ADDRESS), bad_dob.delay(DOB), open_record.delay(SSN)]
+        with pytest.raises(MaxRetriesExceededError, match=r"args:\('\[pii:redacted\]',\)"):
+            results[0].get(timeout=20)
+        with pytest.raises(ValueError, match=r"date of birth \[pii:redacted\] is in the future"):
+            results[1].get(timeout=20)
+        with pytest.raises(FileNotFoundError):  # kept: its file name was scrubbed, not the whole exception
+            results[2].get(timeout=20)
+    for result in results:
+        assert_no_plaintext(_stored(result), shown)
+        assert_no_plaintext(result.traceback or "", shown)
+    assert f"/nonexistent/records/{REDACTED}.pdf" in results[2].traceback
+    assert len(events.of_type("task-failed")) == 3
+    assert_no_plaintext(json.dumps(events.events, default=str), shown)
+    logged = caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records)
+    assert_no_plaintext(logged, shown)
+    assert f"/nonexistent/records/{REDACTED}.pdf" in logged
+
+
+def test_an_eager_pii_task_that_retries_succeeds_with_its_value(make_app):
+    """task.apply() and task_always_eager re-apply Retry.sig: it stays a signature with the plaintext."""
+    app = make_app()
+    retry_once = app.tasks["t.retry_once"]
+    assert retry_once.apply((SSN,)).get() == {"ssn": SSN, "retries": 1}
+    app.conf.task_always_eager = True
+    assert retry_once.delay(ssn=SSN).get() == {"ssn": SSN, "retries": 1}
