@@ -118,13 +118,19 @@ def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
         return value
     failures: list[PIIError] = []
-    for pii in _candidate_instances():
+    for index, pii in enumerate(_candidate_instances()):
         # Several apps in one process (tests, multi-tenant hosts): the result
         # opens with the keys of whichever app's store holds its key.
         try:
             return pii.sealer.open_result(value)
         except (KeyNotFound, DecryptionFailed, KeyDestroyed) as error:  # noqa: PERF203 - trying each app
             failures.append(error)
+        except Exception:
+            if index == 0:  # the likeliest app (the running task's, the current one): its error stands
+                raise
+            # Another app of this process whose key store cannot answer (gone, not
+            # migrated, down) does not hold this result's key: try the next one.
+            logger.debug("celery-pii: app %r could not look up a result's key", pii.app.main)
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
     return unreadable_result(value, failures[0])

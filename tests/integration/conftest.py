@@ -205,6 +205,24 @@ def redis_client(db):
     return redis.Redis(host=host, port=int(port or 6379), db=db)
 
 
+def publish_raw(app, body, headers):
+    """Put a ``pii`` message on the app's queue as given (a forged, damaged or foreign message)."""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    queue = app.conf.task_default_queue
+    with Connection(app.conf.broker_url) as connection:
+        exchange = Exchange(queue, type="direct")
+        Producer(connection).publish(
+            body,
+            exchange=exchange,
+            routing_key=queue,
+            declare=[Queue(queue, exchange, routing_key=queue)],
+            content_type="application/x-celery-pii",
+            content_encoding="binary",
+            headers=headers,
+        )
+
+
 def queued_messages(queue, db=BROKER_DB):
     """Raw kombu messages (dicts) waiting in a Redis queue, oldest first."""
     import json

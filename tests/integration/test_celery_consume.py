@@ -13,14 +13,22 @@ from datetime import datetime, timezone
 import pytest
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError
-from kombu import Connection, Exchange, Producer, Queue
 
 from celery_pii import DecryptionFailed, KeyDestroyed, _envelope, get_pii
 from celery_pii._keys import KeySpec
 from celery_pii._quarantine import QUARANTINE_HEADER
 from celery_pii._sealer import MARKER, derived_key_spec
 
-from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL, EventCapture, TcpProxy, queued_messages, redis_client
+from .conftest import (
+    BACKEND_DB,
+    BROKER_DB,
+    REDIS_URL,
+    EventCapture,
+    TcpProxy,
+    publish_raw,
+    queued_messages,
+    redis_client,
+)
 from .test_celery_roundtrip import CARD, EMAIL, SSN, assert_no_plaintext
 
 pytestmark = pytest.mark.integration
@@ -101,23 +109,12 @@ class TestAuthenticationFailures:
 
     def _publish_unticketed(self, app, args, embed_pii=None):
         """A pii-framed task body that never went through the publish step (a forged or foreign message)."""
-        queue = app.conf.task_default_queue
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
         if embed_pii is not None:
             embed["pii"] = embed_pii
         body = get_pii(app)._encode_trusted((args, {}, embed))
         task_id = f"forged-{uuid.uuid4()}"
-        with Connection(app.conf.broker_url) as connection:
-            exchange = Exchange(queue, type="direct")
-            Producer(connection).publish(
-                body,
-                exchange=exchange,
-                routing_key=queue,
-                declare=[Queue(queue, exchange, routing_key=queue)],
-                content_type="application/x-celery-pii",
-                content_encoding="binary",
-                headers={"task": "t.echo", "id": task_id, "lang": "py", "retries": 0},
-            )
+        publish_raw(app, body, {"task": "t.echo", "id": task_id, "lang": "py", "retries": 0})
         return task_id
 
     @pytest.mark.parametrize("embed_pii", [None, 5, "not a list"])
@@ -177,18 +174,7 @@ class TestAuthenticationFailures:
 
     def test_undecodable_message_is_quarantined(self, app):
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
-        queue = app.conf.task_default_queue
-        with Connection(app.conf.broker_url) as connection:
-            exchange = Exchange(queue, type="direct")
-            Producer(connection).publish(
-                b"\x01jthis is not json",
-                exchange=exchange,
-                routing_key=queue,
-                declare=[Queue(queue, exchange, routing_key=queue)],
-                content_type="application/x-celery-pii",
-                content_encoding="binary",
-                headers={"task": "t.charge", "id": "broken-1", "lang": "py"},
-            )
+        publish_raw(app, b"\x01jthis is not json", {"task": "t.charge", "id": "broken-1", "lang": "py"})
         good = app.tasks["t.charge"].delay(CARD, 3)
         with _start(app):
             assert good.get(timeout=20)["amount"] == 3

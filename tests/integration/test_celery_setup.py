@@ -6,7 +6,7 @@ import pytest
 from celery import Celery, shared_task
 from kombu import serialization
 
-from celery_pii import ConfigurationError, get_pii, setup_pii
+from celery_pii import ConfigurationError, KeyStoreUnavailable, get_pii, setup_pii
 from celery_pii._keys import KeySpec
 from celery_pii._serializer import CONTENT_TYPE
 
@@ -186,3 +186,29 @@ class TestSeveralApps:
         assert _open_result_hook(sealed)["result"] == {"ok": 1}
         second.set_current()
         assert _open_result_hook(sealed)["status"] == "SUCCESS"
+
+    def test_an_app_whose_store_is_gone_does_not_stop_the_others(self, key_store_url, tmp_path, monkeypatch):
+        """Another app whose key store cannot answer (dropped, unmigrated) is skipped, not fatal.
+
+        The likeliest app (the current one) is tried first and its error would
+        stand; the other apps of the process are only candidates.
+        """
+        import sqlalchemy as sa
+
+        from celery_pii import _celery, migrate
+        from celery_pii._keys import KeySpec
+
+        stores = {name: f"sqlite:///{tmp_path / f'{name}.db'}" for name in ("current", "gone")}
+        for url in stores.values():
+            migrate(url)
+        holder, current, gone = _app(key_store_url), _app(stores["current"]), _app(stores["gone"])
+        order = [setup_pii(current), setup_pii(gone), setup_pii(holder)]
+        meta = {"status": "SUCCESS", "result": {"ok": 2}, "task_id": "t-2", "traceback": None}
+        sealed = order[2].sealer.seal_result(meta, task_id="t-2", key_spec=KeySpec("default"))
+        with sa.create_engine(stores["gone"]).begin() as connection:
+            connection.exec_driver_sql("DROP TABLE celery_pii_keys")
+        monkeypatch.setattr(_celery, "_candidate_instances", lambda: order)
+        assert _celery._open_result_hook(sealed)["result"] == {"ok": 2}
+        order[:] = [order[1], order[2]]  # the app whose store is gone is the likeliest: its error stands
+        with pytest.raises(KeyStoreUnavailable):
+            _celery._open_result_hook(sealed)

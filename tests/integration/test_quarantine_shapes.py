@@ -17,12 +17,11 @@ import uuid
 
 import pytest
 from celery.contrib.testing.worker import start_worker
-from kombu import Connection, Exchange, Producer, Queue
 
 from celery_pii import get_pii
 from celery_pii._quarantine import QUARANTINE_HEADER
 
-from .conftest import queued_messages
+from .conftest import publish_raw, queued_messages
 from .test_celery_roundtrip import CARD, assert_no_plaintext
 
 pytestmark = pytest.mark.integration
@@ -50,22 +49,6 @@ def _headers(task_id):
     }
 
 
-def _publish_raw(app, body, headers):
-    """Put a framed pii message (frame version 1, plain JSON) on the app's queue, as is."""
-    queue = app.conf.task_default_queue
-    with Connection(app.conf.broker_url) as connection:
-        exchange = Exchange(queue, type="direct")
-        Producer(connection).publish(
-            body,
-            exchange=exchange,
-            routing_key=queue,
-            declare=[Queue(queue, exchange, routing_key=queue)],
-            content_type="application/x-celery-pii",
-            content_encoding="binary",
-            headers=headers,
-        )
-
-
 def _wait_parked(app, count, timeout=10):
     deadline = time.monotonic() + timeout
     while len(queued_messages(app.conf.pii_quarantine_queue)) < count and time.monotonic() < deadline:
@@ -89,7 +72,7 @@ class TestMalformedTaskBodies:
         """The message is parked byte for byte with an audit record, never logged, and the worker goes on."""
         task_id = str(uuid.uuid4())
         body = b"\x01j" + inner
-        _publish_raw(app, body, _headers(task_id))
+        publish_raw(app, body, _headers(task_id))
         good = app.tasks["t.charge"].delay(CARD, 3)
         with caplog.at_level(logging.DEBUG), _start(app):
             assert good.get(timeout=20)["amount"] == 3
@@ -110,7 +93,7 @@ class TestMalformedTaskBodies:
         sent = []
         for inner in inners:
             task_id = str(uuid.uuid4())
-            _publish_raw(app, b"\x01j" + inner, _headers(task_id))
+            publish_raw(app, b"\x01j" + inner, _headers(task_id))
             sent.append(task_id)
         good = app.tasks["t.charge"].delay(CARD, 4)
         with _start(app):
@@ -122,7 +105,7 @@ class TestMalformedTaskBodies:
 
     def test_message_without_task_header_is_parked(self, app):
         """A pii message with no ``task`` header (not protocol 2) is parked, not rejected and lost."""
-        _publish_raw(app, b"\x01j[[], {}, {}]", {"id": "no-task-header"})
+        publish_raw(app, b"\x01j[[], {}, {}]", {"id": "no-task-header"})
         good = app.tasks["t.charge"].delay(CARD, 5)
         with _start(app):
             assert good.get(timeout=20)["amount"] == 5
@@ -133,7 +116,7 @@ class TestMalformedTaskBodies:
     def test_worker_process_survives_malformed_body(self, app, start_worker_process):
         """A real prefork worker started with such a message queued keeps running and serves the next task."""
         task_id = str(uuid.uuid4())
-        _publish_raw(app, b"\x01j[1]", _headers(task_id))
+        publish_raw(app, b"\x01j[1]", _headers(task_id))
         good = app.tasks["t.charge"].delay(CARD, 6)
         worker = start_worker_process(pool="prefork", concurrency=1)
         assert good.get(timeout=30)["amount"] == 6
