@@ -179,6 +179,11 @@ class PII:
 
     def _open(self, task: Task, task_id: str, args: Any, kwargs: Any) -> None:
         request = task.request
+        if getattr(request, _OPENED, False):
+            # A task class subclassing another registered one inherits its opening
+            # step too (chained, or called through super()): once per run is all.
+            return
+        setattr(request, _OPENED, True)
         outer = _context.enter(request)
         name = task.name
         spec = self.specs.get(name)
@@ -391,6 +396,10 @@ class _Call:
 
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
+
+
+# Set on a task's request (a new one each run) once its opening step has run.
+_OPENED: Final = "_celery_pii_opened"
 
 
 def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from celery_pii._keys import KeySpec
 from celery_pii._serializer import CONTENT_TYPE
 
 from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL
+from .test_celery_roundtrip import CARD
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +213,40 @@ class TestSeveralApps:
         order[:] = [order[1], order[2]]  # the app whose store is gone is the likeliest: its error stands
         with pytest.raises(KeyStoreUnavailable):
             _celery._open_result_hook(sealed)
+
+
+class TestTaskClasses:
+    """Class-based tasks: the opening step runs once, whatever the class hierarchy."""
+
+    def test_subclass_of_a_registered_pii_task_opens_once(self, key_store_url, queue_name):
+        """A registered task class subclassing another registered one gets plaintext, once.
+
+        Each registered class is given the opening step, chaining the one it
+        inherits: without a once-per-run guard the second pass would find the
+        values already opened and refuse them as unsealed.
+        """
+        from celery.contrib.testing.worker import start_worker
+
+        from celery_pii import _context
+
+        app = _app(key_store_url, task_default_queue=queue_name, worker_hijack_root_logger=False)
+        setup_pii(app)
+        seen = []
+
+        class Charge(app.Task):
+            name = "cls.charge"
+            pii_fields = ("card_number",)
+
+            def run(self, card_number):
+                seen.append((card_number, _context.running.get() is not None))
+                return "charged"
+
+        class Refund(Charge):
+            name = "cls.refund"
+
+        charge, refund = app.register_task(Charge()), app.register_task(Refund())
+        results = [charge.delay(CARD), refund.delay(CARD)]
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert [r.get(timeout=20) for r in results] == ["charged", "charged"]
+        assert seen == [(CARD, True), (CARD, True)]
+        assert _context.running.get() is None
