@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from ._crypto import Algorithm
-from ._retention import RetentionPolicy
+from ._retention import MAX_DURATION, RetentionPolicy
 from ._store import ACTOR_MAX_LENGTH
 from .exceptions import ConfigurationError
 
@@ -151,11 +151,6 @@ def _seconds(low: float, high: float) -> Converter:
     return convert
 
 
-# Durations are added to "now" when keys are created; beyond this the sum
-# overflows datetime (timedelta.max) or means "never", which is not a schedule.
-_MAX_DURATION: Final = timedelta(days=36525)  # 100 years
-
-
 def _duration(value: Any, setting: str) -> timedelta:
     expectation = "must be a positive datetime.timedelta (or seconds) of at most 100 years"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -163,7 +158,7 @@ def _duration(value: Any, setting: str) -> timedelta:
             value = timedelta(seconds=value)
         except (OverflowError, ValueError):  # inf, nan, or too large for a timedelta
             raise _fail(setting, expectation) from None
-    if not isinstance(value, timedelta) or not timedelta(0) < value <= _MAX_DURATION:
+    if not isinstance(value, timedelta) or not timedelta(0) < value <= MAX_DURATION:
         raise _fail(setting, expectation)
     return value
 

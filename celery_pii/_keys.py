@@ -50,6 +50,8 @@ logger = logging.getLogger("celery_pii.keys")
 #: Key ids starting with this are the library's own: never rotated, retired or destroyed.
 RESERVED_PREFIX: Final = "celery_pii."
 SUBJECT_INDEX_KEY: Final = RESERVED_PREFIX + "subject-index"
+#: A data subject's key id is this followed by the keyed hash of the subject id.
+SUBJECT_KEY_PREFIX: Final = "subject."
 _RETRIES: Final = 5
 # Each check asks for versions destroyed since a little before the previous
 # one, so a destroying host whose clock runs behind, or a slow commit, is not missed.
@@ -559,7 +561,7 @@ class KeyManager:
         """
         secret = self._subject_secret or self._load_subject_secret()
         digest = hmac.new(secret, str(subject_id).encode(), hashlib.sha256).hexdigest()[:32]
-        return f"subject.{digest}", digest
+        return f"{SUBJECT_KEY_PREFIX}{digest}", digest
 
     def destroy_subject(self, subject_id: object) -> int:
         """Destroy every key of one data subject (erasure); returns versions destroyed."""
@@ -574,7 +576,7 @@ class KeyManager:
             for row in rows:
                 self._destroy_row(session, row, reason="forget_subject")
             if not rows:
-                self._audit(session, f"subject.{digest}", None, "forget_subject", versions=0)
+                self._audit(session, f"{SUBJECT_KEY_PREFIX}{digest}", None, "forget_subject", versions=0)
         for row in rows:
             self.cache.forget(row.key_id, row.version, destroyed=True)
         return len(rows)

@@ -38,9 +38,9 @@ _STEPS: Final = (
     timedelta(days=1),
 )
 _EPOCH: Final = datetime(2000, 1, 1, tzinfo=timezone.utc)
-# A deadline is publish time + duration: beyond this the sum overflows datetime
-# (timedelta.max), and "never" is keep_indefinitely().
-_MAX_AFTER: Final = timedelta(days=36525)  # 100 years
+#: The longest duration a policy or setting may add to "now" (a deadline, a rotation):
+#: beyond it the sum overflows datetime (timedelta.max), and "never" is keep_indefinitely().
+MAX_DURATION: Final = timedelta(days=36525)  # 100 years
 
 
 class _Kind(enum.Enum):
@@ -70,7 +70,7 @@ class RetentionPolicy:
         Raises:
             ConfigurationError: ``duration`` is not a positive timedelta of at most 100 years.
         """
-        if not isinstance(duration, timedelta) or not timedelta(0) < duration <= _MAX_AFTER:
+        if not isinstance(duration, timedelta) or not timedelta(0) < duration <= MAX_DURATION:
             msg = (
                 "RetentionPolicy.delete_after() needs a positive datetime.timedelta of at most 100 years "
                 "(use keep_indefinitely() for no deadline)"

@@ -32,7 +32,7 @@ from ._config import Settings
 from ._crypto import DataKey
 from ._detect import detect_with_status
 from ._envelope import Kind
-from ._keys import KeyManager, KeySpec
+from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec
 from ._paths import Binder, Location, format_path, get_at, parse_path, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
@@ -60,9 +60,8 @@ _ITEM_TASKS: Final = frozenset(("celery.map", "celery.starmap", "celery.chunks")
 # Tasks whose own arguments hold canvas steps (their sealed values are bound to those steps' names).
 _STEP_BOUND: Final = _ITEM_TASKS | {_CHORD_UNLOCK}
 _EMBED_PARTS: Final = frozenset(EMBED_PARTS)
-# How key ids name a retention bucket (``key@bucket``) and a subject's key (``subject.<hmac>``).
+# How key ids name a retention bucket (``key@bucket``).
 _BUCKET_FORMAT: Final = "%Y%m%dT%H%M%SZ"
-_SUBJECT_PREFIX: Final = "subject."
 
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
@@ -407,7 +406,8 @@ def derived_key_spec(own: KeySpec, source_key_id: str) -> KeySpec:
     deadline makes the derived copy unreadable with the source.
     """
     source_base, _, source_bucket = source_key_id.partition("@")
-    source_subject = source_base[len(_SUBJECT_PREFIX) :] if source_base.startswith(_SUBJECT_PREFIX) else None
+    is_subject = source_base.startswith(SUBJECT_KEY_PREFIX)
+    source_subject = source_base[len(SUBJECT_KEY_PREFIX) :] if is_subject else None
     if source_subject is None and not source_bucket:
         return own  # the source's key is kept indefinitely and names no subject
     own_base = own.key_id.partition("@")[0]
