@@ -33,8 +33,9 @@ DETECT_MODES: Final = ("off", "warn", "encrypt", "refuse")
 INNER_SERIALIZERS: Final = ("json", "msgpack")
 # Any key id in the store (derived ids add "@bucket" or start "subject.").
 KEY_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,159}\Z")
-# Key ids users choose: "@" and ":" are reserved for derived ids, "celery_pii." for ours.
-USER_KEY_ID_PATTERN: Final = re.compile(r"(?!celery_pii\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
+# Key ids users choose: "@" and ":" are reserved for derived ids, "celery_pii." for ours,
+# "subject." for subjects' keys (a derived message reads such an id as a subject's).
+USER_KEY_ID_PATTERN: Final = re.compile(r"(?!celery_pii\.|subject\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,10 @@ def _optional_master_key_spec(value: Any, setting: str) -> str | None:
     return None if value is None else _master_key_spec(value, setting)
 
 
-_KEY_ID_HINT = "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+_KEY_ID_HINT = (
+    "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit "
+    "(not 'celery_pii.' or 'subject.', which are reserved)"
+)
 
 OPTIONS: Final[tuple[Option, ...]] = (
     Option(

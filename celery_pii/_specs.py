@@ -74,7 +74,7 @@ def check_user_key_id(key_id: object, where: str) -> str:
     if not isinstance(key_id, str) or not USER_KEY_ID_PATTERN.match(key_id):
         msg = (
             f"{where}: key ids are 1-64 letters, digits, '_', '.' or '-', starting with a letter "
-            "or digit (and not 'celery_pii.', which is reserved)"
+            "or digit (not starting 'celery_pii.' or 'subject.', which are reserved)"
         )
         raise ConfigurationError(msg)
     return key_id

@@ -82,6 +82,8 @@ class TestValidation:
             ("pii_allow_plaintext", 1),
             ("pii_default_key", "has space"),
             ("pii_default_key", ""),
+            ("pii_default_key", "celery_pii.subject-index"),
+            ("pii_default_key", "subject.0f3a9c"),
             ("pii_inner_serializer", "pickle"),
             ("pii_default_retention", "30 days"),
             ("pii_default_retention", RetentionPolicy.use_default()),

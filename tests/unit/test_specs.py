@@ -10,6 +10,7 @@ from celery import Celery
 from celery_pii import RetentionPolicy
 from celery_pii._config import settings_from_conf
 from celery_pii._specs import build_spec
+from celery_pii.exceptions import ConfigurationError
 
 SETTINGS = settings_from_conf(Celery("t", set_as_current=False).conf)
 
@@ -41,3 +42,10 @@ def test_declared_names_and_dict_keys_under_a_fixed_key_seal_directly():
 )
 def test_everything_else_takes_the_general_path(options):
     assert not _spec(**options).simple_sealing
+
+
+@pytest.mark.parametrize("key_id", ["subject.0f3a9c", "celery_pii.subject-index", "cards@20260101T000000Z"])
+def test_reserved_key_ids_are_refused_naming_the_task(key_id):
+    """Subject keys ("subject."), the library's own ("celery_pii.") and bucket ids ("@") are not for pii_key."""
+    with pytest.raises(ConfigurationError, match=r"t\.charge.*reserved"):
+        _spec(pii_fields=["card_number"], pii_key=key_id)
