@@ -33,7 +33,7 @@ from kombu import serialization
 
 from . import _context
 from ._config import Settings, settings_from_conf
-from ._keys import KeyManager
+from ._keys import KeyManager, flush_all_usage
 from ._paths import replace_in_copies
 from ._pii import PII
 from ._quarantine import make_quarantine_step
@@ -324,6 +324,12 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def _pool_child_ending(**_: Any) -> None:
+    # Prefork children end with os._exit (no atexit): their usage counts would be lost.
+    flush_all_usage()
 
 
 @signals.task_postrun.connect(weak=False)

@@ -160,6 +160,13 @@ class KeyCache:
             self._usage_since = time.monotonic()
         return usage
 
+    def after_fork(self) -> None:
+        """In a forked child: start counting from zero, with a lock no parent thread holds."""
+        self._lock = threading.Lock()
+        self._usage = {}
+        self._pending_uses = 0
+        self._usage_since = time.monotonic()
+
     def give_back_usage(self, usage: dict[tuple[str, int], int]) -> None:
         """Return counts that could not be flushed, to try again later."""
         with self._lock:

@@ -147,7 +147,7 @@ class KeyManager:
         self._actor = actor
         self._clock = clock
         self._subject_secret: bytes | None = None
-        _flush_at_exit(self)
+        _live_managers.add(self)
 
     def __repr__(self) -> str:
         return f"<KeyManager {self.store.url}>"
@@ -842,15 +842,31 @@ def _check_key_id(key_id: str) -> None:
         raise ConfigurationError(msg)
 
 
-def _flush_at_exit(manager: KeyManager) -> None:
-    ref = weakref.ref(manager)
+# Every key manager alive in this process, for what happens to all of them at
+# once: flushing usage counts when the process ends, dropping the parent's at fork.
+_live_managers: weakref.WeakSet[KeyManager] = weakref.WeakSet()
 
-    def flush() -> None:
-        alive = ref()
-        if alive is not None:
-            try:
-                alive.flush_usage(quiet=True)
-            except Exception:  # noqa: BLE001 - never fail interpreter shutdown
-                logger.debug("celery-pii: could not flush usage counts at exit")
 
-    atexit.register(flush)
+def flush_all_usage() -> None:
+    """Write the usage counts of every key manager in this process (it is about to end).
+
+    Run at interpreter exit, and by the Celery integration when a pool child
+    ends: Celery's prefork children leave through ``os._exit``, which skips
+    ``atexit``.
+    """
+    for manager in list(_live_managers):
+        try:
+            manager.flush_usage(quiet=True)
+        except Exception:  # noqa: BLE001, PERF203 - never fail a process's shutdown
+            logger.debug("celery-pii: could not flush usage counts at exit")
+
+
+def _forget_parents_usage() -> None:
+    # A forked child starts with a copy of its parent's unflushed counts, which
+    # the parent still flushes itself: counting them here too would count twice.
+    for manager in list(_live_managers):
+        manager.cache.after_fork()
+
+
+atexit.register(flush_all_usage)
+os.register_at_fork(after_in_child=_forget_parents_usage)

@@ -16,9 +16,11 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from celery_pii import KeyStoreUnavailable, get_pii, migrate
 from celery_pii._keys import KeySpec
+from celery_pii._store import KeyRow
 
 from .conftest import APP_DIR, BACKEND_DB, REDIS_URL, queued_messages
 from .private_services import PrivatePostgres, PrivateRedis
@@ -201,6 +203,29 @@ class TestWorkerKilled:
         os.kill(child, signal.SIGKILL)
         assert result.get(timeout=60) == EMAIL
         assert "WorkerLostError" in worker.log() or "exited with" in worker.log()
+
+
+class TestPoolChildrenEnding:
+    """Prefork children that end (recycled, or the worker stopping) leave through os._exit."""
+
+    def test_usage_counts_of_recycled_children_reach_the_store(
+        self, make_app, start_worker_process, queue_name
+    ):
+        """Each child seals one result and is replaced: its use of the key is still counted."""
+        key_id = f"usage-{queue_name[-8:]}"
+        app = make_app(pii_default_key=key_id)
+        conf = json.dumps({"pii_default_key": key_id, "worker_max_tasks_per_child": 1})
+        worker = start_worker_process(
+            pool="prefork", concurrency=1, env={"PII_TESTAPP_CONF": conf}, loglevel="INFO"
+        )
+        pii = get_pii(app)
+        results = [app.tasks["t.echo"].delay(EMAIL) for _ in range(3)]
+        assert [r.get(timeout=60)["value"] for r in results] == [EMAIL] * 3
+        pii.keys.flush_usage()  # the publisher's three uses
+        worker.stop()  # the last child ends too
+        with pii.keys.store.transaction() as session:
+            count = session.scalars(sa.select(KeyRow.usage_count).where(KeyRow.key_id == key_id)).one()
+        assert count == 6  # three messages sealed here, three results sealed in three children
 
 
 class TestRotationUnderLoad:

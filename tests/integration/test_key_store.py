@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from datetime import timedelta
@@ -425,6 +426,25 @@ class TestCache:
         manager.flush_usage()
         assert 1 <= len(updates) <= 4
         assert _execute(db_url, "SELECT usage_count FROM celery_pii_keys")[0][0] == 2500
+
+    def test_a_forked_child_counts_only_its_own_uses(self, manager, db_url):
+        """Counts not yet flushed at a fork are the parent's: a child flushing its own adds only those."""
+        for _ in range(300):
+            manager.encryption_key(KeySpec("orders"))
+        pid = os.fork()
+        if pid == 0:  # the child, gone through os._exit as a pool child is
+            code = 1
+            try:
+                for _ in range(5):
+                    manager.encryption_key(KeySpec("orders"))
+                manager.flush_usage()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        manager.flush_usage()
+        assert _execute(db_url, "SELECT usage_count FROM celery_pii_keys WHERE key_id = 'orders'") == [(305,)]
 
     def test_processes_flushing_at_once_lose_no_count(self, make_manager, db_url):
         """Two managers flushing the same key version at once: the stored count is the exact sum."""
