@@ -42,7 +42,7 @@ from ._sealer import MARKER, is_marker, is_sealed_result, unreadable_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
 from ._store import KeyStore
-from ._taskclass import hook_registry
+from ._taskclass import hook_registry, wrap_instance_runs
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -324,6 +324,14 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+
+
+@signals.worker_init.connect(weak=False)
+def _worker_starting(sender: Any = None, **_: Any) -> None:
+    # Tasks declared after the app was finalized got autoretry's run after registering.
+    app = getattr(sender, "app", None)
+    if app is not None and getattr(app, _context.APP_ATTRIBUTE, None) is not None:
+        wrap_instance_runs(app)
 
 
 @signals.worker_process_shutdown.connect(weak=False)

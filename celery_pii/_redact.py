@@ -169,7 +169,15 @@ class Scrubber:
         are kept: replacing them would change what Celery does with the task.
         """
         self.exception(exc)
-        if isinstance(exc, TaskPredicate) or self.is_clean(exc):
+        if isinstance(exc, TaskPredicate):
+            # A traceback of it shows the exception it was raised while handling
+            # (``raise self.retry(exc=error)``, autoretry): replaced if unclean.
+            for name in ("__cause__", "__context__"):
+                linked = getattr(exc, name)
+                if linked is not None and not self.is_clean(linked):
+                    setattr(exc, name, RedactedError.standing_in_for(linked))
+            return exc
+        if self.is_clean(exc):
             return exc
         return RedactedError.standing_in_for(exc)
 

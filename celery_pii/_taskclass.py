@@ -14,6 +14,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.app.task import Task
@@ -26,8 +27,12 @@ if TYPE_CHECKING:
 
     from ._pii import PII
 
-# Marks a ``run`` that already scrubs (a subclass inherits its parent's).
+# Marks a ``run`` that already scrubs (a subclass inherits its parent's).  The
+# mark is the function itself: ``functools.wraps`` copies it onto wrappers
+# (autoretry's ``run``), which do not scrub.
 _SCRUBS: Final = "_celery_pii_scrubs"
+# True while an instance's own ``run`` (autoretry's) runs: it scrubs what leaves the task.
+_outer_run: ContextVar[bool] = ContextVar("celery_pii_outer_run", default=False)
 
 
 class ResultReprSize(int):
@@ -87,8 +92,19 @@ def wrap_instance_run(task: Any) -> None:
     called, so the instance's is wrapped too.
     """
     own = vars(task).get("run")
-    if own is not None and not getattr(own, _SCRUBS, False):
-        task.run = _scrubbing(own)
+    if own is not None and not _scrubs(own):
+        task.run = _scrubbing(own, outermost=True)
+
+
+def wrap_instance_runs(app: Celery) -> None:
+    """:func:`wrap_instance_run` for every task of ``app``.
+
+    Run once the app is finalized and when a worker starts: Celery sets the
+    ``run`` of an ``autoretry_for`` task right after registering it, where the
+    registry hook cannot see it yet.
+    """
+    for task in list(app._tasks.values()):  # noqa: SLF001 - the registry itself, no finalizing
+        wrap_instance_run(task)
 
 
 def _wrap_run(cls: type[Any]) -> None:
@@ -101,22 +117,30 @@ def _wrap_run(cls: type[Any]) -> None:
     raw = inspect.getattr_static(cls, "run")
     is_static = isinstance(raw, staticmethod)
     fun = raw.__func__ if is_static else raw
-    if getattr(fun, _SCRUBS, False):
+    if _scrubs(fun):
         return
     run = _scrubbing(fun)
     cls.run = staticmethod(run) if is_static else run
 
 
-def _scrubbing(fun: Callable[..., Any]) -> Callable[..., Any]:
-    """``fun``, with what it raises inside a PII context scrubbed (or replaced, if it cannot be)."""
+def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[..., Any]:
+    """``fun``, with what it raises inside a PII context scrubbed (or replaced, if it cannot be).
+
+    An ``outermost`` wrapper (of a ``run`` set on the instance: autoretry's)
+    has the class's ``run`` inside it let exceptions through as they are, so
+    that ``autoretry_for`` matches their own type; whatever then leaves the
+    task (the ``Retry`` holding the exception, or the exception once retries
+    are exhausted) is scrubbed or replaced here.
+    """
 
     @functools.wraps(fun)
     def run(*args: Any, **kwargs: Any) -> Any:
+        inside = _outer_run.set(True) if outermost else None
         try:
             return fun(*args, **kwargs)
         except Exception as exc:
             current = _context.running.get()
-            if current is None or not current.scrubber:
+            if current is None or not current.scrubber or (not outermost and _outer_run.get()):
                 raise
             replacement = current.scrubber.raised(exc)
             if replacement is exc:
@@ -124,10 +148,17 @@ def _scrubbing(fun: Callable[..., Any]) -> Callable[..., Any]:
             # Keeps the task's frames (file, line and code, no values); raised
             # outside the handler so nothing links it to the original.
             trace = exc.__traceback__
+        finally:
+            if inside is not None:
+                _outer_run.reset(inside)
         raise replacement.with_traceback(trace) from None
 
-    setattr(run, _SCRUBS, True)
+    setattr(run, _SCRUBS, run)
     return run
+
+
+def _scrubs(fun: object) -> bool:
+    return getattr(fun, _SCRUBS, None) is fun
 
 
 def hook_registry(app: Celery, pii: PII) -> None:
@@ -150,3 +181,8 @@ def hook_registry(app: Celery, pii: PII) -> None:
     for task in list(registry.values()):
         pii._register(task)  # noqa: SLF001
         wrap_instance_run(task)
+    app.on_after_finalize.connect(_finalized, weak=False)
+
+
+def _finalized(sender: Celery, **_: Any) -> None:
+    wrap_instance_runs(sender)

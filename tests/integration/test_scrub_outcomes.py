@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 
 import pytest
 import sqlalchemy as sa
@@ -124,6 +125,76 @@ def test_an_exception_scrubbing_cannot_clean_is_replaced(app, caplog):
     (failed,) = events.of_type("task-failed")
     assert "RedactedError" in failed["exception"]
     assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+
+
+def test_autoretry_retries_an_exception_scrubbing_cannot_clean(app, caplog):
+    """autoretry_for still matches the exception's own type; what leaves the task is its RedactedError."""
+
+    @app.task(
+        shared=False,
+        name="t.opaque_auto",
+        pii_fields=["email"],
+        autoretry_for=(BuildsItsMessage,),
+        max_retries=1,
+        retry_kwargs={"countdown": 0},
+    )
+    def opaque_auto(email):
+        raise BuildsItsMessage(email)
+
+    with caplog.at_level(logging.DEBUG), EventCapture(app) as events, _start(app):
+        result = opaque_auto.delay(EMAIL)
+        with pytest.raises(RedactedError, match=r"BuildsItsMessage raised"):
+            result.get(timeout=30)
+    (retried,) = events.of_type("task-retried")
+    assert "RedactedError" in retried["exception"]
+    assert [e["uuid"] for e in events.of_type("task-failed")] == [result.id]
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(result.traceback or "")
+    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+
+
+def test_autoretry_task_declared_before_finalizing_retries_when_called_eagerly(make_app):
+    """Finalizing gives the task autoretry's run after registering it: that run is wrapped too."""
+    app = make_app(task_always_eager=True)
+    attempts = []
+
+    @app.task(
+        shared=False,
+        name="t.opaque_eager",
+        pii_fields=["email"],
+        autoretry_for=(BuildsItsMessage,),
+        max_retries=1,
+    )
+    def opaque_eager(email):
+        attempts.append(email)
+        raise BuildsItsMessage(email)
+
+    app.finalize()
+    with pytest.raises(RedactedError, match=r"BuildsItsMessage raised") as info:
+        opaque_eager.delay(EMAIL).get()
+    assert attempts == [EMAIL, EMAIL]
+    assert_no_plaintext("".join(traceback.format_exception(info.value)))
+
+
+def test_a_retry_of_an_exception_scrubbing_cannot_clean_shows_no_value(app, caplog):
+    """``raise self.retry(exc=error)``: the retry's traceback prints the error it handled, replaced."""
+
+    @app.task(shared=False, name="t.opaque_retry", bind=True, pii_fields=["email"], max_retries=1)
+    def opaque_retry(self, email):
+        try:
+            raise BuildsItsMessage(email)  # noqa: TRY301 - the task's own failure
+        except BuildsItsMessage as error:
+            raise self.retry(exc=error, countdown=0)  # noqa: B904 - Celery's documented idiom
+
+    with caplog.at_level(logging.DEBUG), EventCapture(app) as events, _start(app):
+        result = opaque_retry.delay(EMAIL)
+        with pytest.raises(RedactedError, match=r"BuildsItsMessage raised"):
+            result.get(timeout=30)
+    (retried,) = events.of_type("task-retried")
+    assert "BuildsItsMessage raised" in retried["traceback"]
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(result.traceback or "")
     assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
 
 

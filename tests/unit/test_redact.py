@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import NamedTuple
 
+import pytest
 from celery.app.trace import LOG_SUCCESS
 from celery.exceptions import Retry
 
@@ -190,6 +192,26 @@ def test_a_retry_is_kept_and_its_unclean_exception_replaced():
     assert isinstance(retry.exc, RedactedError)
     assert CARD not in str(retry)
     assert CARD not in repr(retry)
+
+
+def test_a_retry_raised_while_handling_an_unclean_exception_shows_its_stand_in():
+    """``raise self.retry(exc=error)`` chains the error as context, which tracebacks print: replaced."""
+    scrubber = Scrubber([CARD])
+
+    def task_body():
+        try:
+            raise BuildsItsMessage(CARD)  # noqa: TRY301 - the task's own failure
+        except BuildsItsMessage as error:
+            raise Retry(exc=error, when=1)  # noqa: B904 - chained as context, as in tasks
+
+    with pytest.raises(Retry) as info:
+        task_body()
+    retry = info.value
+    assert scrubber.raised(retry) is retry
+    assert isinstance(retry.__context__, RedactedError)
+    shown = "".join(traceback.format_exception(retry))
+    assert "BuildsItsMessage raised" in shown
+    assert CARD not in shown
 
 
 def test_a_redacted_error_is_rebuilt_from_its_message():
