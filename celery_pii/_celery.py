@@ -307,7 +307,7 @@ def _key_manager(settings: Settings) -> KeyManager:
 # -- logging -------------------------------------------------------------------------------------
 
 
-_FILTER = RedactingFilter(_context.running.get)
+_FILTER = RedactingFilter(_context.running.get, _context.scrubber_elsewhere)
 
 
 def _install_logging_filter() -> None:

@@ -112,6 +112,32 @@ running: contextvars.ContextVar[RunningTask | None] = contextvars.ContextVar(
     "celery_pii_running", default=None
 )
 
+# Every task running in this process with opened values, by id.  A thread a
+# task starts does not inherit the task's context; what such a thread logs is
+# scrubbed of these values (see :func:`scrubber_elsewhere`).
+_with_values: dict[int, RunningTask] = {}
+
+
+def start(task: RunningTask) -> None:
+    """A task's values are open: it is the running task here (until :func:`leave`)."""
+    running.set(task)
+    if task.values:
+        _with_values[id(task)] = task
+
+
+def scrubber_elsewhere() -> Scrubber | None:
+    """A scrubber of the values of every task running in this process; ``None`` if none is.
+
+    For records logged outside any task's context: by threads a task started
+    (or, on the threads pool, while other tasks run; hiding their values there
+    too only hides more).
+    """
+    tasks = list(_with_values.values())  # one step: other threads add and remove
+    if not tasks:
+        return None
+    return Scrubber([value for task in tasks for value in task.values])
+
+
 # The request attribute that remembers, from a task's start to its end, the
 # context it ran inside.
 _OUTER: Final = "_celery_pii_outer"
@@ -165,6 +191,9 @@ def hide_opened(request: Any) -> None:
 
 def leave(request: Any) -> None:
     """A task ends: the context it ran inside (or none) is the running one again."""
+    current = running.get()
+    if current is not None and current._request is request:  # noqa: SLF001
+        _with_values.pop(id(current), None)
     outer = getattr(request, _OUTER, _NOT_ENTERED)
     if outer is not _NOT_ENTERED:
         running.set(outer)  # type: ignore[arg-type]

@@ -221,7 +221,7 @@ class PII:
         result_key = None
         if message_key is None and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
-        _context.running.set(
+        _context.start(
             RunningTask(
                 self,
                 name,

@@ -169,17 +169,16 @@ class Scrubber:
         are kept: replacing them would change what Celery does with the task.
         """
         self.exception(exc)
-        if isinstance(exc, TaskPredicate):
-            # A traceback of it shows the exception it was raised while handling
-            # (``raise self.retry(exc=error)``, autoretry): replaced if unclean.
-            for name in ("__cause__", "__context__"):
-                linked = getattr(exc, name)
-                if linked is not None and not self.is_clean(linked):
-                    setattr(exc, name, RedactedError.standing_in_for(linked))
-            return exc
-        if self.is_clean(exc):
-            return exc
-        return RedactedError.standing_in_for(exc)
+        if not isinstance(exc, TaskPredicate):
+            return exc if self.is_clean(exc) else RedactedError.standing_in_for(exc)
+        # A traceback of it shows the exception it was raised while handling
+        # (``raise self.retry(exc=error)``, autoretry): replaced if unclean.
+        for name in ("__cause__", "__context__"):
+            linked = getattr(exc, name)
+            if linked is not None and not self.is_clean(linked):
+                setattr(exc, name, RedactedError.standing_in_for(linked))
+        kept: BaseException = exc
+        return kept
 
     def is_clean(self, exc: BaseException) -> bool:
         """True if no known value is left in what a traceback of ``exc`` shows of it."""
@@ -298,17 +297,28 @@ class Scrubbing(Protocol):
 class RedactingFilter(logging.Filter):
     """Scrubs the running PII task's plaintext values from log records.
 
-    ``current`` returns the running task (``None`` outside tasks).
+    ``current`` returns the running task (``None`` outside tasks);
+    ``elsewhere`` a scrubber of the values of tasks running in other threads
+    (``None`` when there are none), for records logged outside any task: by a
+    thread a task started, which does not inherit the task's context.
     """
 
-    def __init__(self, current: Callable[[], Scrubbing | None]) -> None:
+    def __init__(
+        self,
+        current: Callable[[], Scrubbing | None],
+        elsewhere: Callable[[], Scrubber | None] = lambda: None,
+    ) -> None:
         super().__init__("celery_pii")
         self._current = current
+        self._elsewhere = elsewhere
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place; never drop it."""
         running = self._current()
         if running is None:
+            others = self._elsewhere()
+            if others:
+                _scrub_record(record, others)
             return True
         args = record.args
         if (
@@ -326,18 +336,23 @@ class RedactingFilter(logging.Filter):
                 return True
         scrubber = running.scrubber
         if scrubber:
-            try:
-                message = record.getMessage()
-            except Exception:  # noqa: BLE001 - a bad format string is the logger's problem
-                return True
-            scrubbed = scrubber.text(message)
-            if scrubbed != message:
-                record.msg, record.args = scrubbed, None
-            data = getattr(record, "data", None)
-            if isinstance(data, dict):
-                record.data = scrubber.value(data)
-            _scrub_traceback(record, scrubber)
+            _scrub_record(record, scrubber)
         return True
+
+
+def _scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
+    """Scrub a record's message, its ``data`` (Celery's trace records) and its traceback."""
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string is the logger's problem
+        return
+    scrubbed = scrubber.text(message)
+    if scrubbed != message:
+        record.msg, record.args = scrubbed, None
+    data = getattr(record, "data", None)
+    if isinstance(data, dict):
+        record.data = scrubber.value(data)
+    _scrub_traceback(record, scrubber)
 
 
 _TRACEBACK_FORMATTER: Final = logging.Formatter()

@@ -90,6 +90,20 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test
         RECEIVED.append({"email": email, "exc": type(exc).__name__})
         return {"email": email, "exc": type(exc).__name__}
 
+    @app.task(shared=False, name="t.log_in_threads", pii_fields=["email"])
+    def log_in_threads(email):
+        import logging
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        log = logging.getLogger("pii_testapp.helpers")
+        helper = threading.Thread(target=log.warning, args=("helper thread sends to %s", email))
+        helper.start()
+        helper.join()
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(log.warning, "executor sends to %s", email).result()
+        return "sent"
+
     @app.task(shared=False, name="t.slow", pii_fields=["email"])
     def slow(email, seconds=2.0):
         import time

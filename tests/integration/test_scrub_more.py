@@ -90,6 +90,17 @@ def test_a_rejected_task_on_prefork_still_stores_markers(app, start_worker_proce
     assert MARKER.encode() in raw
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_threads_a_task_starts_log_no_value(app, start_worker_process, pool):
+    """A thread does not inherit the task's context: its records are scrubbed of running tasks' values."""
+    worker = start_worker_process(pool=pool, concurrency=2, loglevel="INFO")
+    assert app.tasks["t.log_in_threads"].delay(EMAIL).get(timeout=30) == "sent"
+    log = worker.log()
+    assert f"helper thread sends to {REDACTED}" in log
+    assert f"executor sends to {REDACTED}" in log
+    assert_no_plaintext(log)
+
+
 def _define_failing_tasks(app):
     @app.task(shared=False, name="t.retry_forever", bind=True, max_retries=0, pii_fields=["address"])
     def retry_forever(self, address):

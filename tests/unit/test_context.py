@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from celery import Celery
 from celery.app.task import Context
@@ -173,3 +175,28 @@ def test_the_arguments_of_another_request_are_left_alone(task):
     _context.hide_opened(Context(id="other", args=args, kwargs={}))
     task.request_stack.pop()
     assert args == [CARD]
+
+
+def test_a_task_with_values_is_known_to_other_threads_until_it_ends(task):
+    """Threads the task starts have no context of their own: they scrub with the running tasks' values."""
+    request = Context(id="t-1")
+    _context.enter(request)
+    _context.start(_opened_running(task, request, [CARD]))
+    seen = []
+    helper = threading.Thread(target=lambda: seen.append(_context.scrubber_elsewhere()))
+    helper.start()
+    helper.join()
+    assert seen[0].text(f"card {CARD} declined") == f"card {REDACTED} declined"
+    _context.leave(request)
+    task.request_stack.pop()
+    assert _context.scrubber_elsewhere() is None
+
+
+def test_a_task_without_values_is_not_known_to_other_threads(task):
+    """Nothing opened (a PII task whose declared fields were absent): nothing to scrub elsewhere."""
+    request = Context(id="t-2")
+    _context.enter(request)
+    _context.start(_opened_running(task, request, []))
+    assert _context.scrubber_elsewhere() is None
+    _context.leave(request)
+    task.request_stack.pop()

@@ -337,3 +337,16 @@ def test_objects_that_are_not_plain_data_are_left_alone():
     assert scrubber.value(point) is point
     assert scrubber.value({"email": EMAIL}) == {"email": REDACTED}
     assert scrubber.value((EMAIL, [EMAIL])) == (REDACTED, [REDACTED])
+
+
+def test_records_outside_any_task_are_scrubbed_of_values_running_elsewhere():
+    """A thread a task started logs without the task's context: the values of running tasks are hidden."""
+    record = logging.LogRecord("app.helpers", logging.WARNING, __file__, 1, "mailing %s", (EMAIL,), None)
+    assert RedactingFilter(lambda: None, lambda: Scrubber([EMAIL])).filter(record)
+    assert record.getMessage() == f"mailing {REDACTED}"
+
+
+def test_records_outside_any_task_are_left_alone_when_no_task_runs():
+    record = logging.LogRecord("app.helpers", logging.WARNING, __file__, 1, "mailing %s", (EMAIL,), None)
+    assert RedactingFilter(lambda: None, lambda: None).filter(record)
+    assert record.getMessage() == f"mailing {EMAIL}"
