@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -282,6 +283,10 @@ class TestCanvas:
         child = linked.children[0] if linked.children else None
         if child is not None:
             assert child.get(timeout=20)["email"] == EMAIL
+        # Celery stores the failure before it calls the errback: get() can return first.
+        deadline = time.monotonic() + 20
+        while not testapp_module.RECEIVED and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert {"email": EMAIL2, "exc": "ValueError"} in testapp_module.RECEIVED
 
     def test_map_starmap_and_chunks_messages_are_sealed(self, app):
