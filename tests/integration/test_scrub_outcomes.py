@@ -27,6 +27,9 @@ from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
 
 pytestmark = pytest.mark.integration
 
+# autoretry options of the test tasks: one retry, right away.
+RETRY_ONCE_AT_ONCE = {"max_retries": 1, "retry_kwargs": {"countdown": 0}}
+
 
 def _start(app, **options):
     options.setdefault("pool", "solo")
@@ -54,6 +57,14 @@ class BuildsItsMessage(Exception):
 
     def __str__(self):
         return f"invalid input {self.args[0]}"
+
+
+def _assert_nothing_shown(events, result, caplog):
+    """No value in the events, the result's traceback (if a result is given) or the log records."""
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    if result is not None:
+        assert_no_plaintext(result.traceback or "")
+    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
 
 
 def _define_failing_tasks(app):
@@ -87,8 +98,7 @@ def test_steps_without_pii_after_a_pii_task_show_no_value(app, caplog):
     succeeded = [e for e in events.of_type("task-succeeded") if e["uuid"] in steps]
     assert len(succeeded) == 2
     assert [e["uuid"] for e in events.of_type("task-failed")] == [bad.id]
-    assert_no_plaintext(json.dumps(events.events, default=str))
-    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+    _assert_nothing_shown(events, None, caplog)
     assert any(r.getMessage().startswith(f"Task t.plain[{ok.id}] succeeded") for r in caplog.records)
 
 
@@ -124,8 +134,7 @@ def test_an_exception_scrubbing_cannot_clean_is_replaced(app, caplog):
     assert_no_plaintext(redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}"))
     (failed,) = events.of_type("task-failed")
     assert "RedactedError" in failed["exception"]
-    assert_no_plaintext(json.dumps(events.events, default=str))
-    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+    _assert_nothing_shown(events, None, caplog)
 
 
 def test_autoretry_retries_an_exception_scrubbing_cannot_clean(app, caplog):
@@ -136,8 +145,7 @@ def test_autoretry_retries_an_exception_scrubbing_cannot_clean(app, caplog):
         name="t.opaque_auto",
         pii_fields=["email"],
         autoretry_for=(BuildsItsMessage,),
-        max_retries=1,
-        retry_kwargs={"countdown": 0},
+        **RETRY_ONCE_AT_ONCE,
     )
     def opaque_auto(email):
         raise BuildsItsMessage(email)
@@ -149,9 +157,7 @@ def test_autoretry_retries_an_exception_scrubbing_cannot_clean(app, caplog):
     (retried,) = events.of_type("task-retried")
     assert "RedactedError" in retried["exception"]
     assert [e["uuid"] for e in events.of_type("task-failed")] == [result.id]
-    assert_no_plaintext(json.dumps(events.events, default=str))
-    assert_no_plaintext(result.traceback or "")
-    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+    _assert_nothing_shown(events, result, caplog)
 
 
 def test_autoretry_task_declared_before_finalizing_retries_when_called_eagerly(make_app):
@@ -193,9 +199,7 @@ def test_a_retry_of_an_exception_scrubbing_cannot_clean_shows_no_value(app, capl
             result.get(timeout=30)
     (retried,) = events.of_type("task-retried")
     assert "BuildsItsMessage raised" in retried["traceback"]
-    assert_no_plaintext(json.dumps(events.events, default=str))
-    assert_no_plaintext(result.traceback or "")
-    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+    _assert_nothing_shown(events, result, caplog)
 
 
 def test_database_backend_traceback_column_has_no_value(make_app, key_store_url):
@@ -249,8 +253,7 @@ def _app_declared_before_setup(key_store_url, queue):
         name="t.pay_auto",
         pii_fields=["card_number"],
         autoretry_for=(ValueError,),
-        max_retries=1,
-        retry_kwargs={"countdown": 0},
+        **RETRY_ONCE_AT_ONCE,
     )
     def pay_auto(card_number):
         msg = f"card {card_number} declined"
@@ -270,6 +273,4 @@ def test_autoretry_task_declared_before_setup_is_scrubbed(key_store_url, queue_n
             result.get(timeout=30)
     assert events.of_type("task-retried")
     assert events.of_type("task-failed")
-    assert_no_plaintext(json.dumps(events.events, default=str))
-    assert_no_plaintext(result.traceback or "")
-    assert_no_plaintext(caplog.text + "".join(str(getattr(r, "data", "")) for r in caplog.records))
+    _assert_nothing_shown(events, result, caplog)
