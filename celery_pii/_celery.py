@@ -42,7 +42,7 @@ from ._sealer import MARKER, is_marker, is_sealed_result, unreadable_result
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
 from ._store import KeyStore
-from ._taskclass import hook_registry, wrap_instance_runs
+from ._taskclass import hook_registry
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -326,14 +326,6 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
             handler.addFilter(_FILTER)
 
 
-@signals.worker_init.connect(weak=False)
-def _worker_starting(sender: Any = None, **_: Any) -> None:
-    # Tasks declared after the app was finalized got autoretry's run after registering.
-    app = getattr(sender, "app", None)
-    if app is not None and getattr(app, _context.APP_ATTRIBUTE, None) is not None:
-        wrap_instance_runs(app)
-
-
 @signals.worker_process_shutdown.connect(weak=False)
 def _pool_child_ending(**_: Any) -> None:
     # Prefork children end with os._exit (no atexit): their usage counts would be lost.
@@ -346,5 +338,7 @@ def _task_finished(task: Any = None, **_: Any) -> None:
     # task's request is still the current one.
     if task is not None:
         request = task.request
-        _context.hide_opened(request)
-        _context.leave(request)
+        try:
+            _context.hide_opened(request)
+        finally:  # the task's context must end whatever happens
+            _context.leave(request)

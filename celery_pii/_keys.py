@@ -18,6 +18,7 @@ import hmac
 import logging
 import os
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -847,14 +848,37 @@ def _check_key_id(key_id: str) -> None:
 _live_managers: weakref.WeakSet[KeyManager] = weakref.WeakSet()
 
 
-def flush_all_usage() -> None:
+#: How long a process that is ending waits for its last usage counts to be written.
+#: A key store that hangs (a lock held, a network black hole) must not keep a
+#: worker from shutting down or a pool child from being replaced; the counts
+#: only steer rotation.
+EXIT_FLUSH_TIMEOUT: Final = 5.0
+
+
+def flush_all_usage(timeout: float = EXIT_FLUSH_TIMEOUT) -> None:
     """Write the usage counts of every key manager in this process (it is about to end).
 
     Run at interpreter exit, and by the Celery integration when a pool child
     ends: Celery's prefork children leave through ``os._exit``, which skips
-    ``atexit``.
+    ``atexit``.  Waits at most ``timeout`` seconds; the writing thread is left
+    to the process's end after that.
     """
-    for manager in list(_live_managers):
+    managers = list(_live_managers)
+    if not managers:
+        return
+    writer = threading.Thread(target=_flush_each, args=(managers,), name="celery-pii-usage", daemon=True)
+    try:
+        writer.start()
+    except RuntimeError:  # at interpreter exit Python 3.12+ starts no thread: write here
+        _flush_each(managers)
+        return
+    writer.join(timeout)
+    if writer.is_alive():
+        logger.warning("celery-pii: usage counts not written within %.0f s at exit (no answer)", timeout)
+
+
+def _flush_each(managers: list[KeyManager]) -> None:
+    for manager in managers:
         try:
             manager.flush_usage(quiet=True)
         except Exception:  # noqa: BLE001, PERF203 - never fail a process's shutdown

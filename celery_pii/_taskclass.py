@@ -15,7 +15,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from celery.app.task import Task
 
@@ -25,14 +25,17 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.app.registry import TaskRegistry
 
+    from ._context import RunningTask
     from ._pii import PII
 
 # Marks a ``run`` that already scrubs (a subclass inherits its parent's).  The
 # mark is the function itself: ``functools.wraps`` copies it onto wrappers
 # (autoretry's ``run``), which do not scrub.
 _SCRUBS: Final = "_celery_pii_scrubs"
-# True while an instance's own ``run`` (autoretry's) runs: it scrubs what leaves the task.
-_outer_run: ContextVar[bool] = ContextVar("celery_pii_outer_run", default=False)
+# While an instance's own ``run`` (autoretry's) runs: the context of that task
+# run, whose exceptions that outer layer scrubs (the class's ``run`` inside
+# lets them through as they are).
+_outer_run: ContextVar[RunningTask | None] = ContextVar("celery_pii_outer_run", default=None)
 
 
 class ResultReprSize(int):
@@ -74,6 +77,7 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
         # Every task: one that declares no PII still runs inside a PII context
         # when it is a chain step or callback of a PII task.
         _wrap_run(cls)
+        _wrap_autoretry_runs(cls)
         cls._celery_pii_scrubbing = True
     size = cls.resultrepr_maxsize
     if is_pii:
@@ -84,27 +88,38 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
 
 
 def wrap_instance_run(task: Any) -> None:
-    """Scrub exceptions of a task instance with a ``run`` of its own.
+    """Scrub exceptions of a task instance that already has a ``run`` of its own.
 
     Celery's ``autoretry_for`` sets ``task.run`` on the instance (wrapping the
-    ``run`` the class had then, kept as ``task._orig_run``): for a task
-    declared before ``setup_pii``, the class's scrubbing ``run`` is never
-    called, so the instance's is wrapped too.
+    ``run`` the class had then, kept as ``task._orig_run``).  For a task
+    declared before ``setup_pii`` that happened before its class was given
+    :func:`_wrap_autoretry_runs`: that ``run`` is wrapped here.
     """
     own = vars(task).get("run")
     if own is not None and not _scrubs(own):
         task.run = _scrubbing(own, outermost=True)
 
 
-def wrap_instance_runs(app: Celery) -> None:
-    """:func:`wrap_instance_run` for every task of ``app``.
+def _wrap_autoretry_runs(cls: type[Any]) -> None:
+    """Wrap the ``run`` autoretry sets on an instance of ``cls``, as the outermost scrubbing layer.
 
-    Run once the app is finalized and when a worker starts: Celery sets the
-    ``run`` of an ``autoretry_for`` task right after registering it, where the
-    registry hook cannot see it yet.
+    Celery's ``autoretry_for`` sets it right after registering the task (after
+    the registry hook has run), on every path: a worker, an eager call, an app
+    that is never finalized.  Catching the assignment itself covers them all.
+    Autoretry sets ``_orig_run`` first; any other ``run`` set on an instance (a
+    test's mock) is left as it is.
     """
-    for task in list(app._tasks.values()):  # noqa: SLF001 - the registry itself, no finalizing
-        wrap_instance_run(task)
+    inherited = cast("Callable[[Any, str, Any], None]", cls.__setattr__)  # read off the class: unbound
+    if getattr(inherited, _SCRUBS, None) is inherited:  # a parent class's already wraps
+        return
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:  # noqa: N807
+        if name == "run" and "_orig_run" in vars(self) and callable(value) and not _scrubs(value):
+            value = _scrubbing(value, outermost=True)
+        inherited(self, name, value)
+
+    setattr(__setattr__, _SCRUBS, __setattr__)
+    cls.__setattr__ = __setattr__  # type: ignore[assignment]
 
 
 def _wrap_run(cls: type[Any]) -> None:
@@ -135,12 +150,14 @@ def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[
 
     @functools.wraps(fun)
     def run(*args: Any, **kwargs: Any) -> Any:
-        inside = _outer_run.set(True) if outermost else None
+        # The outer layer belongs to this run's context; a task run eagerly
+        # inside (its own context) scrubs its own exceptions as usual.
+        inside = _outer_run.set(_context.running.get()) if outermost else None
         try:
             return fun(*args, **kwargs)
         except Exception as exc:
             current = _context.running.get()
-            if current is None or not current.scrubber or (not outermost and _outer_run.get()):
+            if current is None or not current.scrubber or (not outermost and _outer_run.get() is current):
                 raise
             replacement = current.scrubber.raised(exc)
             if replacement is exc:
@@ -181,8 +198,3 @@ def hook_registry(app: Celery, pii: PII) -> None:
     for task in list(registry.values()):
         pii._register(task)  # noqa: SLF001
         wrap_instance_run(task)
-    app.on_after_finalize.connect(_finalized, weak=False)
-
-
-def _finalized(sender: Celery, **_: Any) -> None:
-    wrap_instance_runs(sender)

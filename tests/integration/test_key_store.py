@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from celery_pii._crypto import Algorithm
-from celery_pii._keys import SUBJECT_INDEX_KEY, KeyManager, KeySpec
+from celery_pii._keys import SUBJECT_INDEX_KEY, KeyManager, KeySpec, flush_all_usage
 from celery_pii._migrate import VERSION_TABLE, alembic_config, current_revision, downgrade, migrate
 from celery_pii._sources import LocalMasterKey
 from celery_pii._store import KeyRow, KeyStore, WriteConflict, utcnow
@@ -445,6 +445,31 @@ class TestCache:
         assert os.waitstatus_to_exitcode(status) == 0
         manager.flush_usage()
         assert _execute(db_url, "SELECT usage_count FROM celery_pii_keys WHERE key_id = 'orders'") == [(305,)]
+
+    def test_the_flush_at_exit_gives_up_when_the_store_hangs(self, manager, db_url, caplog):
+        """A process ending while another transaction holds the key rows is not kept waiting."""
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN; a held row lock is what is tested")
+        manager.encryption_key(KeySpec("orders"))
+        manager.flush_usage()
+        manager.encryption_key(KeySpec("orders"))  # one use not written yet
+        locker = sa.create_engine(db_url, poolclass=sa.pool.NullPool).connect()
+        locker.exec_driver_sql("SELECT usage_count FROM celery_pii_keys FOR UPDATE").all()
+        release = threading.Timer(6, locker.rollback)  # a flush that waits for the lock ends then
+        release.start()
+        try:
+            started = time.monotonic()
+            flush_all_usage(timeout=0.5)
+            assert time.monotonic() - started < 3
+            assert "usage counts not written within" in caplog.text
+        finally:
+            release.cancel()
+            locker.rollback()
+            locker.close()
+        deadline = time.monotonic() + 30  # the writer, released, finishes in the background
+        while _execute(db_url, "SELECT usage_count FROM celery_pii_keys")[0][0] != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
 
     def test_processes_flushing_at_once_lose_no_count(self, make_manager, db_url):
         """Two managers flushing the same key version at once: the stored count is the exact sum."""

@@ -160,9 +160,12 @@ def test_autoretry_retries_an_exception_scrubbing_cannot_clean(app, caplog):
     _assert_nothing_shown(events, result, caplog)
 
 
-def test_autoretry_task_declared_before_finalizing_retries_when_called_eagerly(make_app):
-    """Finalizing gives the task autoretry's run after registering it: that run is wrapped too."""
+@pytest.mark.parametrize("when", ["before finalizing", "after finalizing", "never finalized"])
+def test_autoretry_retries_when_called_eagerly(make_app, when):
+    """Celery sets autoretry's run after registering the task, whenever that is: it is wrapped too."""
     app = make_app(task_always_eager=True)
+    if when == "after finalizing":
+        app.finalize()
     attempts = []
 
     @app.task(
@@ -176,11 +179,31 @@ def test_autoretry_task_declared_before_finalizing_retries_when_called_eagerly(m
         attempts.append(email)
         raise BuildsItsMessage(email)
 
-    app.finalize()
+    if when == "before finalizing":
+        app.finalize()
     with pytest.raises(RedactedError, match=r"BuildsItsMessage raised") as info:
         opaque_eager.delay(EMAIL).get()
     assert attempts == [EMAIL, EMAIL]
     assert_no_plaintext("".join(traceback.format_exception(info.value)))
+
+
+def test_a_task_run_eagerly_inside_an_autoretry_task_scrubs_its_own_exception(make_app):
+    """The autoretry task's outer layer covers its own run only: the inner task's values are the inner's."""
+    app = make_app()
+
+    @app.task(shared=False, name="t.declines", pii_fields=["card_number"])
+    def declines(card_number):
+        msg = f"card {card_number} declined"
+        raise ValueError(msg)
+
+    @app.task(shared=False, name="t.pays_for", pii_fields=["email"], autoretry_for=(KeyError,), max_retries=0)
+    def pays_for(email):
+        return declines.apply(args=(CARD,), throw=True).get()
+
+    outcome = pays_for.apply(args=(EMAIL,))
+    assert isinstance(outcome.result, ValueError)
+    assert str(outcome.result) == f"card {REDACTED} declined"
+    assert_no_plaintext(repr(outcome.result) + str(outcome.traceback))
 
 
 def test_a_retry_of_an_exception_scrubbing_cannot_clean_shows_no_value(app, caplog):

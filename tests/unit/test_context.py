@@ -200,3 +200,15 @@ def test_a_task_without_values_is_not_known_to_other_threads(task):
     assert _context.scrubber_elsewhere() is None
     _context.leave(request)
     task.request_stack.pop()
+
+
+def test_a_run_set_on_an_instance_by_anything_but_autoretry_is_left_as_it_is(task):
+    """Only autoretry's run (set after ``_orig_run``) is wrapped: a test's stand-in stays itself."""
+    task = task._get_current_object()
+    install_opening(type(task), is_pii=False)
+
+    def stand_in():
+        return "stood in"
+
+    task.run = stand_in
+    assert task.run is stand_in
