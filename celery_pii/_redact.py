@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -31,7 +32,7 @@ from uuid import UUID
 
 from celery.exceptions import TaskPredicate
 
-__all__ = ["REDACTED", "RedactedError", "RedactingFilter", "Scrubber", "redacted_repr"]
+__all__ = ["REDACTED", "RedactedError", "RedactingFilter", "Scrubber", "forget_locals", "redacted_repr"]
 
 REDACTED: Final = "[pii:redacted]"
 # Text forms shorter than this are not scrubbed from free text: replacing every
@@ -206,6 +207,25 @@ class Scrubber:
         if scrubbed is not attribute:
             # If it cannot be set, the exception stays unclean and raised() replaces it.
             _set_quietly(exc, name, scrubbed)
+
+
+def forget_locals(exc: BaseException) -> None:
+    """Clear the local variables of the finished frames ``exc`` and its chained exceptions hold.
+
+    Error trackers send every frame's local variables with an exception
+    (Sentry does by default): a task's locals are the values opened for it.
+    Files, lines and code stay, so tracebacks print as before.  Frames still
+    running (the caller's) are left alone.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending and len(seen) < _MAX_SCRUB_DEPTH * 4:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
 
 
 def _set_quietly(exc: BaseException, name: str, value: Any) -> None:

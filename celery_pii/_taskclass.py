@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from celery.app.task import Task
 
 from . import _context
+from ._redact import forget_locals
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -160,10 +161,11 @@ def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[
             if current is None or not current.scrubber or (not outermost and _outer_run.get() is current):
                 raise
             replacement = current.scrubber.raised(exc)
+            forget_locals(exc)
             if replacement is exc:
                 raise
-            # Keeps the task's frames (file, line and code, no values); raised
-            # outside the handler so nothing links it to the original.
+            # Keeps the task's frames (file, line and code; their locals are
+            # gone); raised outside the handler so nothing links it to the original.
             trace = exc.__traceback__
         finally:
             if inside is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import traceback
 
 import pytest
 from celery import Celery
@@ -212,3 +213,29 @@ def test_a_run_set_on_an_instance_by_anything_but_autoretry_is_left_as_it_is(tas
 
     task.run = stand_in
     assert task.run is stand_in
+
+
+def test_the_task_frames_an_exception_leaves_with_hold_no_local_variables():
+    """Error trackers send frame locals with an exception: the task function's held the opened value."""
+    app = Celery("context-test", set_as_current=False)
+
+    @app.task(shared=False)
+    def pay(card_number):
+        msg = "declined"
+        raise ValueError(msg)
+
+    app.finalize()
+    pay = pay._get_current_object()
+    install_opening(type(pay), is_pii=True)
+    pay.request_stack.push(Context(id="t-1"))
+    _context.running.set(
+        RunningTask(None, pay.name, "t-1", None, [CARD], None, None, pay.request_stack.top, pay.request_stack)
+    )
+    with pytest.raises(ValueError, match="declined") as info:
+        pay.run(CARD)
+    pay.request_stack.pop()
+    frames = [
+        frame for frame, _ in traceback.walk_tb(info.value.__traceback__) if frame.f_code.co_name == "pay"
+    ]
+    assert len(frames) == 1
+    assert CARD not in repr(frames[0].f_locals)
