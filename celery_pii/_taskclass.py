@@ -162,6 +162,7 @@ def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[
                 raise
             replacement = current.scrubber.raised(exc)
             forget_locals(exc)
+            del args, kwargs  # this frame is in the traceback too, and still running
             if replacement is exc:
                 raise
             # Keeps the task's frames (file, line and code; their locals are
