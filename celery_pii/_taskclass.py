@@ -93,8 +93,8 @@ def wrap_instance_run(task: Any) -> None:
 
     Celery's ``autoretry_for`` sets ``task.run`` on the instance (wrapping the
     ``run`` the class had then, kept as ``task._orig_run``).  For a task
-    declared before ``setup_pii`` that happened before its class was given
-    :func:`_wrap_autoretry_runs`: that ``run`` is wrapped here.
+    declared before ``setup_pii``, Celery did so before the class had
+    :func:`_wrap_autoretry_runs` to catch it: that ``run`` is wrapped here.
     """
     own = vars(task).get("run")
     if own is not None and not _scrubs(own):
