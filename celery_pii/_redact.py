@@ -217,15 +217,8 @@ def forget_locals(exc: BaseException) -> None:
     Files, lines and code stay, so tracebacks print as before.  Frames still
     running (the caller's) are left alone.
     """
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    while pending and len(seen) < _MAX_SCRUB_DEPTH * 4:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    for shown in _shown_exceptions(exc):
+        traceback.clear_frames(shown.__traceback__)
 
 
 def _set_quietly(exc: BaseException, name: str, value: Any) -> None:
@@ -235,6 +228,15 @@ def _set_quietly(exc: BaseException, name: str, value: Any) -> None:
 
 def _shown_text(exc: BaseException) -> Iterator[str]:
     """The text a traceback of ``exc`` shows: each chained exception's str, repr and notes."""
+    for current in _shown_exceptions(exc):
+        yield from (_safely(show, current) for show in (str, repr))
+        notes = getattr(current, "__notes__", None)
+        if isinstance(notes, (list, tuple)):
+            yield from (note for note in notes if isinstance(note, str))
+
+
+def _shown_exceptions(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and each exception a traceback of it shows (causes, contexts, group members), once."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     while pending and len(seen) < _MAX_SCRUB_DEPTH * 4:
@@ -242,10 +244,7 @@ def _shown_text(exc: BaseException) -> Iterator[str]:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        yield from (_safely(show, current) for show in (str, repr))
-        notes = getattr(current, "__notes__", None)
-        if isinstance(notes, (list, tuple)):
-            yield from (note for note in notes if isinstance(note, str))
+        yield current
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
         grouped = getattr(current, "exceptions", None)  # an exception group's members
         if isinstance(grouped, tuple):

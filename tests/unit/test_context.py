@@ -99,28 +99,43 @@ def test_tasks_without_pii_get_a_result_repr_size_and_pii_tasks_none(task):
     assert declared.resultrepr_maxsize == 0
 
 
-def test_a_run_set_on_the_instance_by_autoretry_scrubs_too():
-    """A task given autoretry_for before setup_pii runs the instance's run: it is wrapped as well."""
+def _declining_task(**options):
+    """A task of an app of its own that raises with the card it was given; its class has the scrubbing run."""
     app = Celery("context-test", set_as_current=False)
 
-    @app.task(shared=False, autoretry_for=(KeyError,))
+    @app.task(shared=False, **options)
     def pay(card_number):
         msg = f"card {card_number} declined"
         raise ValueError(msg)
 
     app.finalize()
-    pay = pay._get_current_object()
-    install_opening(type(pay), is_pii=True)  # the class's run: not what the instance calls
+    task = pay._get_current_object()
+    install_opening(type(task), is_pii=True)
+    return task
+
+
+def _raised_with_opened(task, values):
+    """What ``task.run(CARD)`` raises inside a running context holding ``values``."""
+    task.request_stack.push(Context(id="t-1"))
+    _context.running.set(
+        RunningTask(
+            None, task.name, "t-1", None, values, None, None, task.request_stack.top, task.request_stack
+        )
+    )
+    try:
+        with pytest.raises(ValueError, match="declined") as info:
+            task.run(CARD)
+    finally:
+        task.request_stack.pop()
+    return info.value
+
+
+def test_a_run_set_on_the_instance_by_autoretry_scrubs_too():
+    """A task given autoretry_for before setup_pii runs the instance's run: it is wrapped as well."""
+    pay = _declining_task(autoretry_for=(KeyError,))  # the class's run: not what the instance calls
     wrap_instance_run(pay)
     wrap_instance_run(pay)  # once is enough
-    pay.request_stack.push(Context(id="t-1"))
-    _context.running.set(
-        RunningTask(None, pay.name, "t-1", None, [CARD], None, None, pay.request_stack.top, pay.request_stack)
-    )
-    with pytest.raises(ValueError, match="declined") as info:
-        pay.run(CARD)
-    pay.request_stack.pop()
-    assert str(info.value) == f"card {REDACTED} declined"
+    assert str(_raised_with_opened(pay, [CARD])) == f"card {REDACTED} declined"
 
 
 def _opened_running(task, request, values, *, message_key="k", opened_at=()):
@@ -217,23 +232,7 @@ def test_a_run_set_on_an_instance_by_anything_but_autoretry_is_left_as_it_is(tas
 
 def test_the_task_frames_an_exception_leaves_with_hold_no_local_variables():
     """Error trackers send frame locals with an exception: the task function's held the opened value."""
-    app = Celery("context-test", set_as_current=False)
-
-    @app.task(shared=False)
-    def pay(card_number):
-        msg = "declined"
-        raise ValueError(msg)
-
-    app.finalize()
-    pay = pay._get_current_object()
-    install_opening(type(pay), is_pii=True)
-    pay.request_stack.push(Context(id="t-1"))
-    _context.running.set(
-        RunningTask(None, pay.name, "t-1", None, [CARD], None, None, pay.request_stack.top, pay.request_stack)
-    )
-    with pytest.raises(ValueError, match="declined") as info:
-        pay.run(CARD)
-    pay.request_stack.pop()
-    frames = [frame for frame, _ in traceback.walk_tb(info.value.__traceback__)][1:]  # below this test's
+    raised = _raised_with_opened(_declining_task(), [CARD])
+    frames = [frame for frame, _ in traceback.walk_tb(raised.__traceback__)][1:]  # below the catching frame
     assert [frame.f_code.co_name for frame in frames] == ["run", "pay"]  # the scrubbing wrapper, the task
     assert all(CARD not in repr(frame.f_locals) for frame in frames)
