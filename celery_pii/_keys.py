@@ -869,7 +869,9 @@ def flush_all_usage(timeout: float = EXIT_FLUSH_TIMEOUT) -> None:
     writer = threading.Thread(target=_flush_each, args=(managers,), name="celery-pii-usage", daemon=True)
     try:
         writer.start()
-    except RuntimeError:  # at interpreter exit Python 3.12+ starts no thread: write here
+    except RuntimeError:
+        # At interpreter exit some Pythons start no thread (3.12.1 does not;
+        # 3.11 and 3.13 do): written here, without the time limit.
         _flush_each(managers)
         return
     writer.join(timeout)

@@ -18,13 +18,14 @@ logs and the result backend.  For PII tasks:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
+import inspect
 import json
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -44,6 +45,10 @@ _MAX_SCRUB_DEPTH: Final = 8
 # values, and which are replaced whole when their text shows one.
 _SCALARS: Final = (int, float, Decimal, dt.date, dt.time, UUID, bytes, bytearray)
 # Attributes some C exceptions keep outside ``args`` and ``vars()`` and show in their text.
+# Code flags of frames that can be suspended and resumed (generators, coroutines).
+_SUSPENDABLE: Final = (
+    inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+)
 _TEXT_ATTRIBUTES: Final = ((OSError, ("filename", "filename2")), (SyntaxError, ("filename", "text")))
 
 
@@ -210,15 +215,30 @@ class Scrubber:
 
 
 def forget_locals(exc: BaseException) -> None:
-    """Clear the local variables of the finished frames ``exc`` and its chained exceptions hold.
+    """Clear the local variables of the frames a task's exception carries out of the task.
 
     Error trackers send every frame's local variables with an exception
     (Sentry does by default): a task's locals are the values opened for it.
-    Files, lines and code stay, so tracebacks print as before.  Frames still
-    running (the caller's) are left alone.
+    Cleared: the finished frames of ``exc``'s traceback (the task's own), and
+    of the exceptions it chains or carries (a ``Retry``'s ``exc``) that were
+    caught inside those frames, not the caller's exception an eager call
+    was made while handling.  Frames still running are left alone, and so
+    are generators' and coroutines' (clearing a suspended one would close it:
+    it may live on outside the task).  Files, lines and code stay, so
+    tracebacks print as before.
     """
-    for shown in _shown_exceptions(exc):
-        traceback.clear_frames(shown.__traceback__)
+    task_frames: set[int] = set()
+    for current in _shown_exceptions(exc, carried=True):
+        trace = current.__traceback__
+        if current is not exc and (trace is None or id(trace.tb_frame) not in task_frames):
+            continue  # raised and caught outside the task
+        while trace is not None:
+            frame = trace.tb_frame
+            task_frames.add(id(frame))
+            if not frame.f_code.co_flags & _SUSPENDABLE:
+                with contextlib.suppress(RuntimeError):  # still running
+                    frame.clear()
+            trace = trace.tb_next
 
 
 def _set_quietly(exc: BaseException, name: str, value: Any) -> None:
@@ -235,17 +255,24 @@ def _shown_text(exc: BaseException) -> Iterator[str]:
             yield from (note for note in notes if isinstance(note, str))
 
 
-def _shown_exceptions(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and each exception a traceback of it shows (causes, contexts, group members), once."""
+def _shown_exceptions(exc: BaseException, *, carried: bool = False) -> Iterator[BaseException]:
+    """``exc`` and each exception a traceback of it shows (causes, contexts, group members), once.
+
+    Breadth first, so an exception comes before those it chains.  With
+    ``carried``, also the exception a Celery ``Retry`` carries (``exc``).
+    """
     seen: set[int] = set()
-    pending: list[BaseException] = [exc]
+    pending: collections.deque[BaseException] = collections.deque([exc])
     while pending and len(seen) < _MAX_SCRUB_DEPTH * 4:
-        current = pending.pop()
+        current = pending.popleft()
         if id(current) in seen:
             continue
         seen.add(id(current))
         yield current
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        linked = [current.__cause__, current.__context__]
+        if carried and isinstance(current, TaskPredicate):
+            linked.append(getattr(current, "exc", None))
+        pending.extend(e for e in linked if isinstance(e, BaseException))
         grouped = getattr(current, "exceptions", None)  # an exception group's members
         if isinstance(grouped, tuple):
             pending.extend(e for e in grouped if isinstance(e, BaseException))

@@ -26,17 +26,29 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.app.registry import TaskRegistry
 
-    from ._context import RunningTask
     from ._pii import PII
 
 # Marks a ``run`` that already scrubs (a subclass inherits its parent's).  The
 # mark is the function itself: ``functools.wraps`` copies it onto wrappers
 # (autoretry's ``run``), which do not scrub.
 _SCRUBS: Final = "_celery_pii_scrubs"
-# While an instance's own ``run`` (autoretry's) runs: the context of that task
-# run, whose exceptions that outer layer scrubs (the class's ``run`` inside
-# lets them through as they are).
-_outer_run: ContextVar[RunningTask | None] = ContextVar("celery_pii_outer_run", default=None)
+
+
+class _OuterLayer:
+    """An instance's own ``run`` (autoretry's) running: it scrubs what leaves its task.
+
+    The first class ``run`` entered under it is that task's own, which lets
+    its exceptions through as they are; tasks run eagerly further inside
+    (with a context of their own, or sharing this one) scrub their own.
+    """
+
+    __slots__ = ("claimed",)
+
+    def __init__(self) -> None:
+        self.claimed = False
+
+
+_outer_run: ContextVar[_OuterLayer | None] = ContextVar("celery_pii_outer_run", default=None)
 
 
 class ResultReprSize(int):
@@ -107,15 +119,23 @@ def _wrap_autoretry_runs(cls: type[Any]) -> None:
     Celery's ``autoretry_for`` sets it right after registering the task (after
     the registry hook has run), on every path: a worker, an eager call, an app
     that is never finalized.  Catching the assignment itself covers them all.
-    Autoretry sets ``_orig_run`` first; any other ``run`` set on an instance (a
-    test's mock) is left as it is.
+    Autoretry sets ``_orig_run`` first, then the instance's first ``run``; any
+    other ``run`` set on an instance (a test's mock, also over autoretry's) is
+    left as it is.
     """
     inherited = cast("Callable[[Any, str, Any], None]", cls.__setattr__)  # read off the class: unbound
     if getattr(inherited, _SCRUBS, None) is inherited:  # a parent class's already wraps
         return
 
     def __setattr__(self: Any, name: str, value: Any) -> None:  # noqa: N807
-        if name == "run" and "_orig_run" in vars(self) and callable(value) and not _scrubs(value):
+        own = vars(self)
+        if (
+            name == "run"
+            and "_orig_run" in own
+            and "run" not in own
+            and callable(value)
+            and not _scrubs(value)
+        ):
             value = _scrubbing(value, outermost=True)
         inherited(self, name, value)
 
@@ -151,14 +171,18 @@ def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[
 
     @functools.wraps(fun)
     def run(*args: Any, **kwargs: Any) -> Any:
-        # The outer layer belongs to this run's context; a task run eagerly
-        # inside (its own context) scrubs its own exceptions as usual.
-        inside = _outer_run.set(_context.running.get()) if outermost else None
+        inside, deferring = None, False
+        if outermost:
+            inside = _outer_run.set(_OuterLayer())
+        else:
+            layer = _outer_run.get()
+            if layer is not None and not layer.claimed:  # the task's own run, right under its outer layer
+                layer.claimed = deferring = True
         try:
             return fun(*args, **kwargs)
         except Exception as exc:
             current = _context.running.get()
-            if current is None or not current.scrubber or (not outermost and _outer_run.get() is current):
+            if current is None or not current.scrubber or deferring:
                 raise
             replacement = current.scrubber.raised(exc)
             forget_locals(exc)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from unittest import mock
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery, chain
+from celery import Celery, chain, signals
 from celery.contrib.testing.worker import start_worker
 
 from celery_pii import setup_pii
@@ -204,6 +205,48 @@ def test_a_task_run_eagerly_inside_an_autoretry_task_scrubs_its_own_exception(ma
     assert isinstance(outcome.result, ValueError)
     assert str(outcome.result) == f"card {REDACTED} declined"
     assert_no_plaintext(repr(outcome.result) + str(outcome.traceback))
+
+
+def test_a_task_without_pii_run_eagerly_inside_an_autoretry_task_scrubs_its_exception(make_app):
+    """It shares the autoretry task's context; its own failure (signal, result) shows no value either."""
+    app = make_app()
+    failures = []
+
+    @app.task(shared=False, name="t.parses")
+    def parses(value):
+        msg = f"cannot parse {value}"
+        raise ValueError(msg)
+
+    @app.task(
+        shared=False, name="t.parses_for", pii_fields=["email"], autoretry_for=(KeyError,), max_retries=0
+    )
+    def parses_for(email):
+        return parses.apply(args=(email,)).state
+
+    def failed(sender=None, exception=None, einfo=None, **_):
+        failures.append((sender.name, str(exception), str(einfo.traceback)))
+
+    signals.task_failure.connect(failed, weak=False)
+    try:
+        assert parses_for.apply(args=(EMAIL,)).result == "FAILURE"
+    finally:
+        signals.task_failure.disconnect(failed)
+    assert [(name, text) for name, text, _ in failures] == [("t.parses", f"cannot parse {REDACTED}")]
+    assert_no_plaintext(failures[0][2])
+
+
+def test_a_mock_of_an_autoretry_tasks_run_stays_the_mock(make_app):
+    """Only the run autoretry itself sets is wrapped; a test patching it afterwards gets its mock."""
+    app = make_app()
+
+    @app.task(shared=False, name="t.mocked", pii_fields=["email"], autoretry_for=(KeyError,))
+    def mocked(email):
+        return email
+
+    with mock.patch.object(mocked, "run", return_value="patched") as patched:
+        assert mocked.run is patched
+        assert mocked.apply(args=(EMAIL,)).result == "patched"
+    patched.assert_called_once_with(EMAIL)
 
 
 def test_a_retry_of_an_exception_scrubbing_cannot_clean_shows_no_value(app, caplog):

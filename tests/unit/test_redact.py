@@ -11,7 +11,7 @@ import pytest
 from celery.app.trace import LOG_SUCCESS
 from celery.exceptions import Retry
 
-from celery_pii._redact import REDACTED, RedactedError, RedactingFilter, Scrubber
+from celery_pii._redact import REDACTED, RedactedError, RedactingFilter, Scrubber, forget_locals
 
 CARD, EMAIL = "4111 1111 1111 1111", "ann@example.com"
 
@@ -350,3 +350,78 @@ def test_records_outside_any_task_are_left_alone_when_no_task_runs():
     record = logging.LogRecord("app.helpers", logging.WARNING, __file__, 1, "mailing %s", (EMAIL,), None)
     assert RedactingFilter(lambda: None, lambda: None).filter(record)
     assert record.getMessage() == f"mailing {EMAIL}"
+
+
+def test_forgetting_locals_leaves_a_suspended_generator_alive():
+    """A generator outside the task whose frame the exception's traceback runs into keeps running."""
+
+    def rows():
+        while True:
+            try:
+                raise ValueError("bad row")  # noqa: TRY301 - caught right here, handed out
+            except ValueError as error:
+                yield error  # suspended here: the error's traceback holds this frame
+
+    source = rows()
+    error = next(source)
+
+    def task_run():  # where the task's exception is caught (the scrubbing wrapper)
+        try:
+            raise error
+        except ValueError as exc:
+            forget_locals(exc)
+            raise
+
+    with pytest.raises(ValueError, match="bad row"):
+        task_run()
+    assert isinstance(next(source), ValueError)  # not closed
+
+
+def test_forgetting_locals_leaves_the_callers_own_exception_alone():
+    """An eager call made while its caller handled an exception: that exception's frames are the caller's."""
+
+    def load(order_id):
+        raise KeyError(order_id)
+
+    def task_run():
+        try:
+            raise ValueError("declined")  # noqa: TRY301 - the task's own failure
+        except ValueError as exc:
+            forget_locals(exc)  # its context is the caller's KeyError
+            raise
+
+    def caller():
+        try:
+            load("order-1")
+        except KeyError as handled:
+            with pytest.raises(ValueError, match="declined"):
+                task_run()
+            return handled
+        return None
+
+    handled = caller()
+    frames = {frame.f_code.co_name: frame for frame, _ in traceback.walk_tb(handled.__traceback__)}
+    assert frames["load"].f_locals == {"order_id": "order-1"}
+
+
+def test_forgetting_locals_reaches_the_exception_a_retry_carries():
+    """``raise self.retry(exc=error)`` outside the handler: the error is carried, not chained."""
+
+    def check(card_number):
+        raise ValueError("invalid card")
+
+    def task_run():
+        stored = None
+        try:
+            check(CARD)
+        except ValueError as error:
+            stored = error
+        try:
+            raise Retry(exc=stored, when=1)  # noqa: TRY301 - as self.retry() raises it
+        except Retry as retry:
+            forget_locals(retry)
+            return stored
+
+    stored = task_run()
+    frames = {frame.f_code.co_name: frame for frame, _ in traceback.walk_tb(stored.__traceback__)}
+    assert CARD not in repr(frames["check"].f_locals)
