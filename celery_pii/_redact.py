@@ -45,11 +45,11 @@ _MAX_SCRUB_DEPTH: Final = 8
 # values, and which are replaced whole when their text shows one.
 _SCALARS: Final = (int, float, Decimal, dt.date, dt.time, UUID, bytes, bytearray)
 # Attributes some C exceptions keep outside ``args`` and ``vars()`` and show in their text.
+_TEXT_ATTRIBUTES: Final = ((OSError, ("filename", "filename2")), (SyntaxError, ("filename", "text")))
 # Code flags of frames that can be suspended and resumed (generators, coroutines).
 _SUSPENDABLE: Final = (
     inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
 )
-_TEXT_ATTRIBUTES: Final = ((OSError, ("filename", "filename2")), (SyntaxError, ("filename", "text")))
 
 
 class RedactedError(Exception):
