@@ -202,7 +202,8 @@ def _optional_master_key_spec(value: Any, setting: str) -> str | None:
     return None if value is None else _master_key_spec(value, setting)
 
 
-_KEY_ID_HINT = (
+#: What a key id users choose must look like (settings and the ``pii_key`` task option).
+USER_KEY_ID_HINT: Final = (
     "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit "
     "(not 'celery_pii.' or 'subject.', which are reserved)"
 )
@@ -241,7 +242,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "pii_default_key",
         "default",
-        _string(USER_KEY_ID_PATTERN, _KEY_ID_HINT),
+        _string(USER_KEY_ID_PATTERN, USER_KEY_ID_HINT),
         "Key id for tasks that name none with the `pii_key=` task option.",
         "str",
     ),

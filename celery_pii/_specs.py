@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ._config import DETECT_MODES, USER_KEY_ID_PATTERN, Settings
+from ._config import DETECT_MODES, USER_KEY_ID_HINT, USER_KEY_ID_PATTERN, Settings
 from ._keys import KeySpec
 from ._paths import Binder, parse_path
 from ._retention import RetentionPolicy
@@ -72,10 +72,7 @@ def check_user_key_id(key_id: object, where: str) -> str:
         ConfigurationError: the id is empty, too long, uses reserved characters.
     """
     if not isinstance(key_id, str) or not USER_KEY_ID_PATTERN.match(key_id):
-        msg = (
-            f"{where}: key ids are 1-64 letters, digits, '_', '.' or '-', starting with a letter "
-            "or digit (not starting 'celery_pii.' or 'subject.', which are reserved)"
-        )
+        msg = f"{where}: key ids {USER_KEY_ID_HINT}"
         raise ConfigurationError(msg)
     return key_id
 
