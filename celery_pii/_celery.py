@@ -83,6 +83,9 @@ def defer_store_checks(*, enabled: bool) -> None:
 
 def _seal_result_hook(obj: Any) -> Any:
     running = _context.running.get()
+    if running is None and isinstance(obj, dict):
+        # Stored from another thread (update_state from a thread the task started).
+        running = _context.running_with_id(obj.get("task_id"))
     if running is None:
         return _mark_declared_fields(obj)
     return running.pii.seal_result(obj, running)
@@ -122,15 +125,19 @@ def _open_result_hook(value: Any) -> Any:
         # Several apps in one process (tests, multi-tenant hosts): the result
         # opens with the keys of whichever app's store holds its key.
         try:
-            return pii.sealer.open_result(value)
-        except (KeyNotFound, DecryptionFailed, KeyDestroyed) as error:  # noqa: PERF203 - trying each app
+            opened = pii.sealer.open_result(value)
+        except (KeyNotFound, DecryptionFailed, KeyDestroyed) as error:
             failures.append(error)
+            continue
         except Exception:
             if index == 0:  # the likeliest app (the running task's, the current one): its error stands
                 raise
             # Another app of this process whose key store cannot answer (gone, not
             # migrated, down) does not hold this result's key: try the next one.
             logger.debug("celery-pii: app %r could not look up a result's key", pii.app.main)
+            continue
+        _context.derive_from_result(pii, opened.key_id, opened.values)
+        return opened.value
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
     return unreadable_result(value, failures[0])

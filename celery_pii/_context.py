@@ -18,6 +18,8 @@ import contextvars
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from celery._state import get_current_task
+
 from ._keys import KeySpec
 from ._paths import Location, replace_in_copies
 from ._redact import Scrubber
@@ -123,6 +125,41 @@ def start(task: RunningTask) -> None:
     running.set(task)
     if task.values:
         _with_values[id(task)] = task
+
+
+def derive_from_result(pii: PII, key_id: str, values: list[Any]) -> None:
+    """A task with no PII context opened a sealed result: it now holds that PII.
+
+    A chord's body is published by whatever reads its header's results: the
+    header task that finishes last (Redis' native join) or
+    ``celery.chord_unlock``, neither of them a PII task.  From here until it
+    ends, the task runs as one derived from the result (what it publishes is
+    sealed whole under the result's key, its outcome is sealed, its logs hide
+    the values), as a chain step given a PII task's return value does.  Outside
+    a task (a client reading its result) nothing changes.
+    """
+    if running.get() is not None:
+        return
+    task = get_current_task()
+    request = getattr(task, "request", None)
+    # Only a task whose start was seen gets its context back at its end (see leave()).
+    if request is None or getattr(request, _OUTER, _NOT_ENTERED) is _NOT_ENTERED:
+        return
+    name = task.name
+    spec = pii.specs.get(name)
+    start(RunningTask(pii, name, request.id, spec, list(values), None, key_id, request, task.request_stack))
+
+
+def running_with_id(task_id: object) -> RunningTask | None:
+    """The task running in this process with opened values whose id is ``task_id``, if any.
+
+    For a result stored outside the task's own context (``update_state``
+    called from a thread the task started).
+    """
+    for task in list(_with_values.values()):  # one step: other threads add and remove
+        if task.task_id == task_id:
+            return task
+    return None
 
 
 def scrubber_elsewhere() -> Scrubber | None:

@@ -326,7 +326,7 @@ class PII:
 
     def _audit_quietly(self, operation: str, name: str, task_id: str, **details: Any) -> None:
         try:
-            key_id = details.get("key_ids", [None])[0] if "key_ids" in details else None
+            key_id = next(iter(details.get("key_ids") or ()), None)  # none: no envelope parsed
             self.keys.record(operation, key_id or f"task:{name}", task=name, task_id=task_id, **details)
         except Exception:  # the audit must not hide the original failure
             logger.exception(

@@ -89,6 +89,15 @@ class Opened:
     locations: Sequence[Location] = ()
 
 
+class OpenedResult(NamedTuple):
+    """An opened stored result: the value as it was stored, its key, the values that were sealed."""
+
+    value: Any
+    key_id: str
+    #: The plaintext values of the sealed fields (what logs and errors must hide from now on).
+    values: list[Any]
+
+
 class Sealer:
     """Seals and opens message roots and results with keys from a KeyManager."""
 
@@ -214,7 +223,7 @@ class Sealer:
         for part in EMBED_PARTS:
             embedded = root.get(part)
             if embedded is not None:
-                nested.extend(_embedded(embedded, (part,), self.lookup))
+                nested.extend(_embedded(embedded, (part,), self.lookup, every_step=seal_all))
         for location, value, step_spec in nested:
             found.append((location, value))
             if step_spec is not None:  # the step's own retention applies to its values
@@ -372,7 +381,7 @@ class Sealer:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
             raise EncryptionFailed(msg) from None
 
-    def open_result(self, obj: dict[str, Any]) -> Any:
+    def open_result(self, obj: dict[str, Any]) -> OpenedResult:
         """Open what :meth:`seal_result` made.
 
         Raises:
@@ -390,10 +399,10 @@ class Sealer:
         values = envelope.open(key, task_name=_RESULT_AD)
         names = [str(location[0]) for location in envelope.locations]
         if names == ["value"]:
-            return values[0]
+            return OpenedResult(values[0], envelope.key_id, values)
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
-        return opened
+        return OpenedResult(opened, envelope.key_id, values)
 
 
 def derived_key_spec(own: KeySpec, source_key_id: str) -> KeySpec:
@@ -533,12 +542,17 @@ def is_marker(value: object) -> bool:
 
 
 def _embedded(
-    value: Any, path: Location, lookup: SpecLookup
+    value: Any, path: Location, lookup: SpecLookup, *, every_step: bool = False
 ) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
-    """Values to seal in embedded canvas: one signature, a list of them, or nested canvas."""
+    """Values to seal in embedded canvas: one signature, a list of them, or nested canvas.
+
+    With ``every_step`` (a message published by a running PII task, whose
+    every argument may be derived from its PII), the arguments of steps that
+    declare no PII are sealed too.
+    """
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            yield from _embedded(item, (*path, i), lookup)
+            yield from _embedded(item, (*path, i), lookup, every_step=every_step)
         return
     if not isinstance(value, Mapping) or "task" not in value:
         return
@@ -546,27 +560,34 @@ def _embedded(
     kind = value.get("subtask_type")
     if kind in _CONTAINERS and isinstance(kwargs, Mapping):
         for part in _CONTAINERS[kind]:
-            yield from _embedded(kwargs.get(part), (*path, "kwargs", part), lookup)
+            yield from _embedded(kwargs.get(part), (*path, "kwargs", part), lookup, every_step=every_step)
     else:
-        yield from _step_arguments(value, kind, kwargs, path, lookup)
+        yield from _step_arguments(value, kind, kwargs, path, lookup, every_step=every_step)
     options = value.get("options") or {}
     if isinstance(options, Mapping):
         for option in ("link", "link_error"):
-            yield from _embedded(options.get(option), (*path, "options", option), lookup)
+            linked = options.get(option)
+            yield from _embedded(linked, (*path, "options", option), lookup, every_step=every_step)
 
 
 # Canvas containers and where their steps sit inside their kwargs.
 _CONTAINERS: Final = {"group": ("tasks",), "chain": ("tasks",), "chord": ("header", "body")}
 
 
-def _step_arguments(
-    value: Mapping[str, Any], kind: object, kwargs: Any, path: Location, lookup: SpecLookup
+def _step_arguments(  # noqa: PLR0913 - one step and how to read it
+    value: Mapping[str, Any],
+    kind: object,
+    kwargs: Any,
+    path: Location,
+    lookup: SpecLookup,
+    *,
+    every_step: bool,
 ) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
     registered, spec = lookup(str(value["task"]))
     # A step of a PII task, of a task this process cannot see, or of some other
     # canvas primitive (map, chunks) has all of its arguments sealed: we cannot
     # tell which of them are PII.  The parent's worker opens them again.
-    if kind is None and registered and (spec is None or not spec.is_pii):
+    if kind is None and registered and (spec is None or not spec.is_pii) and not every_step:
         return
     for location, item, _ in _arguments(value.get("args") or (), kwargs, path):
         yield location, item, spec

@@ -45,7 +45,7 @@ def make_app(*, broker: str, backend: str, key_store: str, queue: str, **conf: A
     return app
 
 
-def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test task
+def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for every test task
     @app.task(shared=False, name="t.charge", pii_fields=["card_number", "customer.email", "items[*].serial"])
     def charge(card_number, amount, customer=None, items=()):
         return {"card_number": card_number, "amount": amount, "customer": customer, "items": list(items)}
@@ -84,6 +84,31 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901 - one place for every test
     @app.task(shared=False, name="t.plain")
     def plain(x):
         return x
+
+    @app.task(shared=False, name="t.gather")
+    def gather(results):
+        return {"results": results}
+
+    @app.task(shared=False, name="t.publish_steps", pii_fields=["email"])
+    def publish_steps(email, queue):
+        # Steps that declare no PII, given the opened value, published to a queue no worker reads.
+        plain.apply_async((1,), queue=queue, link=plain.s(email))
+        plain.apply_async((2,), queue=queue, link_error=plain.s(email))
+        plain.apply_async((3,), queue=queue, chain=[plain.s(email).set(queue=queue)])
+        return "published"
+
+    @app.task(shared=False, name="t.progress_from_thread", bind=True, pii_fields=["email"])
+    def progress_from_thread(self, email, seconds=3.0):
+        import threading
+        import time
+
+        # The request is thread-local: a thread names the task id itself.
+        progress = {"task_id": self.request.id, "state": "PROGRESS", "meta": {"email": email}}
+        reporter = threading.Thread(target=self.update_state, kwargs=progress)
+        reporter.start()
+        reporter.join()
+        time.sleep(seconds)
+        return "done"
 
     @app.task(shared=False, name="t.on_error", pii_fields=["email"])
     def on_error(request, exc, traceback, email):

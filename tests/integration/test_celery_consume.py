@@ -117,9 +117,9 @@ class TestAuthenticationFailures:
         publish_raw(app, body, {"task": "t.echo", "id": task_id, "lang": "py", "retries": 0})
         return task_id
 
-    @pytest.mark.parametrize("embed_pii", [None, 5, "not a list"])
+    @pytest.mark.parametrize("embed_pii", [None, 5, "not a list", ["not an envelope"]])
     def test_markers_without_an_envelope_never_run(self, app, embed_pii):
-        """Sealed markers with no (or a malformed) envelope: parked, not run on the marker text."""
+        """Sealed markers with no (or a malformed) envelope: parked with an audit record, not run."""
         task_id = self._publish_unticketed(app, [MARKER], embed_pii)
         good = app.tasks["t.echo"].delay(CARD)
         with _start(app):
@@ -128,6 +128,9 @@ class TestAuthenticationFailures:
             assert good.get(timeout=20)["value"] == CARD
         parked = queued_messages(app.conf.pii_quarantine_queue)
         assert [m["headers"]["id"] for m in parked] == [task_id]
+        # No key id can be read: the record names the task instead.
+        audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
+        assert [r.key_id for r in audit if r.details.get("task_id") == task_id] == ["task:t.echo"]
 
     def test_declared_fields_arriving_unsealed_are_refused(self, app, caplog):
         """A PII task's declared field in plaintext, not eager, no rollout setting: refused, stored sealed."""

@@ -1,0 +1,96 @@
+"""PII that reaches tasks declaring none: what they publish and store is sealed too.
+
+A chord's body is published by whatever reads the header's results (the last
+header task on Redis, ``celery.chord_unlock`` elsewhere), and a PII task may
+hand its values to steps that declare no PII.  Either way the values are
+derived from sealed data, so the messages and results that carry them are
+sealed whole, and logs and events stay clean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+from celery import chord, group
+from celery.contrib.testing.worker import start_worker
+
+from .conftest import BACKEND_DB, EventCapture, RedisMonitor, message_bytes, queued_messages, redis_client
+from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
+
+pytestmark = pytest.mark.integration
+
+
+def _start(app, **options):
+    options.setdefault("pool", "solo")
+    return start_worker(app, perform_ping_check=False, shutdown_timeout=20, loglevel="DEBUG", **options)
+
+
+def _assert_chord_leaves_nothing(app, caplog):
+    """Header: a PII task returning CARD, then a task without PII (it ends last and reads the results).
+
+    Body: a task declaring no PII.  It receives the card, and no byte sent to
+    Redis, no event and no log line shows it.
+    """
+    header = group(app.tasks["t.echo"].s(CARD), app.tasks["t.plain"].s("no-pii-here"))
+    with RedisMonitor() as monitor, EventCapture(app) as events, caplog.at_level(logging.DEBUG):
+        result = chord(header)(app.tasks["t.gather"].s())
+        with _start(app):
+            final = result.get(timeout=60)
+    assert [part["value"] if isinstance(part, dict) else part for part in final["results"]] == [
+        CARD,
+        "no-pii-here",
+    ]
+    assert_no_plaintext(monitor.captured())
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(caplog.text)
+    assert any(event["type"] == "task-succeeded" for event in events.events)
+
+
+def test_chord_body_published_by_a_task_without_pii(app, caplog):
+    """Redis' native join: the last header task (no PII) publishes the body with the opened results."""
+    _assert_chord_leaves_nothing(app, caplog)
+
+
+def test_chord_body_published_by_chord_unlock(make_app, key_store_url, caplog):
+    """A database backend: celery.chord_unlock reads the results and publishes the body."""
+    app = make_app(
+        backend="db+" + key_store_url,
+        result_extended=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+    )
+    _assert_chord_leaves_nothing(app, caplog)
+
+
+def test_steps_without_pii_published_by_a_pii_task_are_sealed(app, worker):
+    """link, link_error and chain steps declaring no PII, given a PII task's value, are sealed too."""
+    held = f"{app.conf.task_default_queue}.held"
+    redis_client(0).delete(held)
+    assert app.tasks["t.publish_steps"].delay(EMAIL, held).get(timeout=30) == "published"
+    messages = queued_messages(held)
+    assert len(messages) == 3
+    for message in messages:
+        assert_no_plaintext(message_bytes(message), secrets=(EMAIL,))
+        assert json.loads(message_bytes(message).split(b"\n", 1)[1][2:])[2]["pii"]
+    redis_client(0).delete(held)
+
+
+def test_update_state_from_a_thread_the_task_started(app, worker):
+    """A thread's update_state stores its meta sealed; the client reads it opened."""
+    result = app.tasks["t.progress_from_thread"].delay(EMAIL)
+    key = f"celery-task-meta-{result.id}"
+    deadline = time.monotonic() + 20
+    stored = None
+    while time.monotonic() < deadline:
+        stored = redis_client(BACKEND_DB).get(key)
+        if stored is not None and b"PROGRESS" in stored:
+            break
+        time.sleep(0.05)
+    assert stored is not None
+    assert b"PROGRESS" in stored
+    assert_no_plaintext(stored, secrets=(EMAIL,))
+    assert result.info == {"email": EMAIL}
+    assert result.get(timeout=20) == "done"
