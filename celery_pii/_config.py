@@ -273,8 +273,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
         30.0,
         _seconds(0.1, 86400),
         "Seconds between a process's checks of the key store for keys destroyed elsewhere "
-        "(erasure, retention, `destroy_key`); every process stops opening a destroyed key within "
-        "about this time.",
+        "(erasure, retention, `destroy_key`) and versions retired elsewhere (a rotation, "
+        "`retire_key`); every process stops opening a destroyed key, and sealing with a retired "
+        "version, within about this time.",
         "float",
     ),
     Option(

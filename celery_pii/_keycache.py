@@ -121,6 +121,18 @@ class KeyCache:
             return True
         return bool(cached)
 
+    def no_longer_active(self, key_id: str, version: int) -> bool:
+        """A version was retired elsewhere: stop sealing with it (it stays cached for opening).
+
+        Returns:
+            True if it was the cached active version.
+        """
+        active = self._active.get(key_id)
+        if active is None or active[0].version != version:
+            return False
+        del self._active[key_id]
+        return True
+
     def _remember_destroyed(self, entry: tuple[str, int], expiry: float) -> None:
         if len(self._destroyed) >= self._destroyed_sweep_at:
             now = time.monotonic()

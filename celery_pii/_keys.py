@@ -144,7 +144,7 @@ class KeyManager:
         self.cache = KeyCache(cache_ttl)
         self.recheck_interval = recheck_interval
         self._next_recheck = time.monotonic() + recheck_interval
-        self._destroyed_since = clock() - _RECHECK_OVERLAP
+        self._changes_since = clock() - _RECHECK_OVERLAP
         self._actor = actor
         self._clock = clock
         self._subject_secret: bytes | None = None
@@ -217,13 +217,17 @@ class KeyManager:
         return self._unexpired(key)
 
     def recheck_cache(self) -> int:
-        """Evict cached keys that another process destroyed; returns how many versions.
+        """Evict cached keys that another process destroyed or retired; returns how many versions.
 
-        The process that destroys a key evicts it at once.  Every other process
-        runs this on its publish and consume paths every ``pii_key_recheck_interval``
-        seconds: one indexed query for the versions destroyed since its previous
-        check.  Evicted versions are read from the store again on next use, which
-        is what says they are destroyed (a check trusts nothing but the store).
+        The process that destroys or rotates a key updates its cache at once.
+        Every other process runs this on its publish and consume paths every
+        ``pii_key_recheck_interval`` seconds: indexed queries for the versions
+        destroyed, and those retired (by a rotation or by hand), since its
+        previous check.  Destroyed versions are evicted and read from the store
+        again on next use, which is what says they are destroyed (a check trusts
+        nothing but the store).  A retired version stops being the one new data
+        is sealed under (it still opens what it sealed): the next seal reads the
+        active version from the store.
         An unreachable store leaves the cache as it is (``pii_key_cache_ttl``
         still bounds it) and is asked again ten intervals later; publishing and
         opening go on meanwhile.
@@ -231,15 +235,18 @@ class KeyManager:
         self._next_recheck = time.monotonic() + self.recheck_interval
         checked_at = self._clock()
         if not len(self.cache):  # nothing to evict; keys loaded later read the store as it is then
-            self._destroyed_since = checked_at - _RECHECK_OVERLAP
+            self._changes_since = checked_at - _RECHECK_OVERLAP
             return 0
         # A key cached before a destruction older than the TTL has expired since; one
         # loaded after it read the store then: neither needs that destruction.
-        since = max(self._destroyed_since, checked_at - timedelta(seconds=self.cache.ttl) - _RECHECK_OVERLAP)
+        since = max(self._changes_since, checked_at - timedelta(seconds=self.cache.ttl) - _RECHECK_OVERLAP)
         try:
             with self.store.transaction() as session:
                 destroyed = session.execute(
                     select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= since)
+                ).all()
+                retired = session.execute(
+                    select(KeyRow.key_id, KeyRow.version).where(KeyRow.retired_at >= since)
                 ).all()
         except KeyStoreUnavailable:
             self._next_recheck = time.monotonic() + self.recheck_interval * _RECHECK_BACKOFF
@@ -248,10 +255,13 @@ class KeyManager:
                 "until a later check (ten pii_key_recheck_interval) or their pii_key_cache_ttl"
             )
             return 0
-        self._destroyed_since = checked_at - _RECHECK_OVERLAP
+        self._changes_since = checked_at - _RECHECK_OVERLAP
         evicted = sum(self.cache.forget(key_id, version) for key_id, version in destroyed)
+        evicted += sum(self.cache.no_longer_active(key_id, version) for key_id, version in retired)
         if evicted:
-            logger.info("celery-pii: evicted %d cached key version(s) destroyed by another process", evicted)
+            logger.info(
+                "celery-pii: evicted %d cached key version(s) destroyed or retired elsewhere", evicted
+            )
         return evicted
 
     def _unexpired(self, key: DataKey) -> DataKey:

@@ -129,8 +129,9 @@ class KeyRow(Base):
         Index("ix_celery_pii_keys_next_rotation_at", "next_rotation_at"),
         Index("ix_celery_pii_keys_expires_at", "expires_at"),
         Index("ix_celery_pii_keys_subject_id", "subject_id"),
-        # Every process asks for the versions destroyed since its last check (KeyManager.recheck_cache).
+        # Every process asks for the versions destroyed or retired since its last check (recheck_cache).
         Index("ix_celery_pii_keys_destroyed_at", "destroyed_at"),
+        Index("ix_celery_pii_keys_retired_at", "retired_at"),
     )
 
     id: Mapped[int] = mapped_column(_BIG_ID, primary_key=True, autoincrement=True)

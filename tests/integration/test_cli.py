@@ -272,7 +272,7 @@ class TestRealProcess:
                 [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120, check=False
             )
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
-            assert "0004_binary_key_ids" in upgraded.stdout
+            assert "0005_retired_at_index" in upgraded.stdout
             generated = subprocess.run(
                 [*command, "keys", "generate", "proc-key"],
                 env=env,

@@ -68,7 +68,7 @@ class TestMigrations:
             "celery_pii_keys",
             "celery_pii_key_audit",
         }
-        assert current_revision(empty_db) == "0004_binary_key_ids"
+        assert current_revision(empty_db) == "0005_retired_at_index"
         assert _execute(empty_db, "SELECT * FROM alembic_version") == []  # the host's version table untouched
         command.check(alembic_config(empty_db))  # raises if models and migrations disagree
         migrate(empty_db)  # idempotent
@@ -315,6 +315,25 @@ class TestCache:
         with pytest.raises(KeyDestroyed):
             second.decryption_key("orders", 1)
         assert second.recheck_cache() == 0  # nothing left to evict
+
+    @pytest.mark.parametrize("change", ["rotate", "retire"])
+    def test_recheck_stops_sealing_with_a_version_retired_elsewhere(self, make_manager, change):
+        """After another process rotates or retires the active version, the next check moves sealing on.
+
+        The retired version keeps opening what it sealed.
+        """
+        first, second = make_manager(), make_manager(recheck_interval=3600)
+        first.encryption_key(KeySpec("orders"))
+        assert second.encryption_key(KeySpec("orders")).version == 1
+        if change == "rotate":
+            assert first.rotate_key("orders") == 2
+        else:
+            first.retire_key("orders", 1)
+        assert second.encryption_key(KeySpec("orders")).version == 1  # no check due yet: cached
+        assert second.recheck_cache() == 1
+        assert second.encryption_key(KeySpec("orders")).version == 2
+        assert second.decryption_key("orders", 1).version == 1
+        assert second.recheck_cache() == 0  # the retired version is no longer the active one here
 
     def test_publish_and_consume_paths_run_the_check_when_due(self, make_manager):
         """With the check due, opening refuses a key destroyed elsewhere and sealing takes a new version."""
