@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Final, NamedTuple
 
-from ._paths import format_path
+from ._paths import format_path, parse_path
 
 __all__ = [
     "CATEGORIES",
@@ -526,6 +526,27 @@ def _render(node: tuple[Any, Any] | None, key: object) -> str:
         node, key = node
     parts.reverse()
     return format_path(parts)
+
+
+#: What a dict key that looks like PII shows as in a path printed for people.
+REDACTED_KEY: Final = "[pii:redacted]"
+
+
+def shown_path(location: Sequence[str | int]) -> str:
+    """``location`` as a field path for logs, errors and the CLI, keys that look like PII redacted.
+
+    Dict keys are the caller's data and detection never treats them as PII
+    (docs/detection.md): an email or a card number used as a key would
+    otherwise be printed by the very report that keeps the value it names out.
+    """
+    return format_path(
+        [REDACTED_KEY if isinstance(part, str) and scan_text(part) else part for part in location]
+    )
+
+
+def shown_finding_path(path: str) -> str:
+    """A :class:`Finding`'s path as :func:`shown_path` prints it (``""``: the value itself)."""
+    return shown_path([part for part in parse_path(path) if isinstance(part, (str, int))]) if path else path
 
 
 def detect_with_status(

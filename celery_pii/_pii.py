@@ -20,9 +20,9 @@ from celery.app.task import Task
 from . import _context, _envelope
 from ._config import Settings
 from ._context import RunningTask
-from ._detect import Finding, detect
+from ._detect import Finding, detect, shown_path
 from ._keys import KeyManager, KeySpec
-from ._paths import Location, format_path, replace_in_copies
+from ._paths import Location, replace_in_copies
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
@@ -161,7 +161,7 @@ class PII:
                 "declare it in pii_fields or set pii_detect='encrypt'",
                 name,
                 category,
-                format_path(location),
+                shown_path(location),
             )
         if sealed.truncated and not sealed.token:
             logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)

@@ -30,10 +30,10 @@ from typing import Any, Final, NamedTuple, cast
 from . import _envelope
 from ._config import Settings
 from ._crypto import DataKey
-from ._detect import detect_with_status
+from ._detect import detect_with_status, shown_path
 from ._envelope import Kind
 from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec
-from ._paths import Binder, Location, format_path, get_at, parse_path, replace_in_copies, set_all_in_place
+from ._paths import Binder, Location, get_at, parse_path, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed
@@ -239,7 +239,7 @@ class Sealer:
         result = detect_with_status(scanned)
         detected = tuple((_location(f.path), f.category) for f in result.findings)
         if mode == "refuse" and (detected or result.truncated):
-            where = ", ".join(sorted({f"{format_path(loc)} ({category})" for loc, category in detected}))
+            where = ", ".join(sorted({f"{shown_path(loc)} ({category})" for loc, category in detected}))
             why = f"undeclared PII at {where}" if where else "a payload too large to scan for PII"
             msg = f"task {name!r}: {why}; declare it in pii_fields (pii_detect='refuse'); nothing published"
             raise EncryptionFailed(msg)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from . import _celery, _quarantine, _rewrap
-from ._detect import detect
+from ._detect import detect, shown_finding_path
 from ._keys import check_not_reserved
 from ._migrate import current_revision, migrate
 from ._pii import PII
@@ -323,7 +323,8 @@ def scan(document: Any, as_json: bool) -> None:
     except ValueError:
         msg = "not a JSON document"
         raise click.ClickException(msg) from None
-    findings = [dataclasses.asdict(finding) for finding in detect(value)]
+    # Paths as printed for people: a dict key that looks like PII is not shown.
+    findings = [{"path": shown_finding_path(f.path), "category": f.category} for f in detect(value)]
     _emit(findings, ("path", "category"), as_json=as_json)
 
 

@@ -203,6 +203,9 @@ class TestScanAndErasure:
         assert "customer.note" in from_stdin.output and "email" in from_stdin.output
         assert CARD not in from_stdin.output and EMAIL not in from_stdin.output
         assert run(cli_app, "scan", "-", answer="not json").exit_code == 1
+        keyed = json.dumps({"by_card": {CARD: f"mail {EMAIL}"}})
+        from_keys = json.loads(run(cli_app, "scan", "-", "--json", answer=keyed).output)
+        assert from_keys == [{"path": 'by_card["[pii:redacted]"]', "category": "email"}]
 
     def test_forget_subject(self, cli_app):
         """forget-subject destroys the subject's keys (after confirmation)."""

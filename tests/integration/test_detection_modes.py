@@ -89,6 +89,21 @@ class TestModes:
         app.tasks["t.detect_refuse"].delay("a harmless note")
         assert len(queued_messages(app.conf.task_default_queue)) == 1
 
+    def test_dict_keys_that_look_like_pii_are_not_printed(self, app, caplog):
+        """The path of a finding under an email or card used as a dict key names neither.
+
+        Keys are never PII to detection, yet the warning and the error print paths.
+        """
+        contacts = {"contacts": {EMAIL: NOTE, CARD: "primary"}}
+        with caplog.at_level(logging.WARNING, logger="celery_pii"):
+            app.tasks["t.detect_warn"].delay(contacts)
+        lines = [r.getMessage() for r in caplog.records if "undeclared PII" in r.getMessage()]
+        assert any('(email) at args[0].contacts["[pii:redacted]"]' in line for line in lines)
+        assert_no_plaintext("\n".join(lines))
+        with pytest.raises(EncryptionFailed, match=r"undeclared PII at args\[0\]\.contacts") as info:
+            app.tasks["t.detect_refuse"].delay(contacts)
+        assert_no_plaintext(str(info.value))
+
     def test_app_wide_setting(self, make_app, caplog):
         """pii_detect set on the app applies to tasks without the option."""
         app = make_app(pii_detect="refuse")
