@@ -154,15 +154,15 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._versions)
 
-    def flush_due(self) -> bool:
-        """True when enough uses or time have accumulated to flush counts."""
+    def flush_due(self, now: float) -> bool:
+        """True when enough uses or time have accumulated to flush counts.
+
+        ``now`` is the caller's ``time.monotonic()`` (the publish path reads it anyway).
+        """
         pending = self._pending_uses
-        if not pending:
-            return False
-        # Check the clock only every 256 uses: this runs on every publish.
-        if pending & 0xFF and pending < FLUSH_EVERY_USES:
-            return False
-        return pending >= FLUSH_EVERY_USES or time.monotonic() - self._usage_since >= FLUSH_EVERY_SECONDS
+        return bool(pending) and (
+            pending >= FLUSH_EVERY_USES or now - self._usage_since >= FLUSH_EVERY_SECONDS
+        )
 
     def take_usage(self) -> dict[tuple[str, int], int]:
         """Hand over the accumulated counts (and reset them)."""

@@ -178,7 +178,7 @@ class KeyManager:
         key = self.cache.active(spec.key_id, now)
         if key is None:
             key = self._load_active(spec)
-        if self.cache.flush_due():
+        if self.cache.flush_due(now):
             self.flush_usage()
         return key
 

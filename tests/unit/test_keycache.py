@@ -37,3 +37,23 @@ def test_live_destructions_are_not_swept_at_every_destruction():
         sweeps += cache._destroyed is not before  # a sweep builds a new dict
     assert sweeps == 2  # at 4,096 and at 8,192 remembered destructions
     assert all(cache.is_destroyed("orders", version) for version in range(4 * DESTROYED_SWEEP_AT))
+
+
+def test_usage_is_due_ten_seconds_after_the_last_flush_whatever_the_count():
+    """A producer sealing a few messages now and then still writes its counts every 10 seconds.
+
+    (Count-based rotation reads them.)  Nothing pending is never due.
+    """
+    from celery_pii._crypto import Algorithm, DataKey
+    from celery_pii._keycache import FLUSH_EVERY_SECONDS
+
+    cache = KeyCache(ttl=3600)
+    now = time.monotonic()
+    assert not cache.flush_due(now + FLUSH_EVERY_SECONDS)
+    cache.put(DataKey("orders", 1, Algorithm.AES_256_GCM, bytes(32)), active=True)
+    for _ in range(201):
+        cache.active("orders")
+    assert not cache.flush_due(now)
+    assert cache.flush_due(now + FLUSH_EVERY_SECONDS)
+    assert cache.take_usage() == {("orders", 1): 201}
+    assert not cache.flush_due(time.monotonic() + FLUSH_EVERY_SECONDS)
