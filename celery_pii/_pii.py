@@ -12,10 +12,12 @@ import collections
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from celery import Celery
 from celery.app.task import Task
+from celery.exceptions import Reject, Retry
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import _context, _envelope
 from ._config import Settings
@@ -205,8 +207,7 @@ class PII:
             located = spec.binder.locate_apart(args, kwargs)[1]
             values = [value for value in located if not is_marker(value)]
             if len(values) != len(located):  # sealed values, but their envelope is gone: never run on markers
-                self._quarantine(task, task_id, _message_root(request, args, kwargs), [])
-                raise DecryptionFailed
+                self._refuse_unopenable(task, task_id, _message_root(request, args, kwargs), [])
             arrived_unsealed = bool(values) and not request.is_eager and not self.settings.allow_plaintext
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
@@ -253,28 +254,69 @@ class PII:
                 raise DecryptionFailed  # noqa: TRY301 - handled below like every failure to open
             return self.sealer.open_message(name, task_id, root, tokens)
         except KeyStoreUnavailable:
-            retries = task.request.retries or 0
-            delay = self.settings.key_unavailable_retry_delay
-            countdown = min(delay * 2 ** min(retries, 10), delay * 10)
+            countdown = self._retry_countdown(task)
             logger.warning(
                 "celery-pii: key store unreachable; task %s[%s] retried in %ss", name, task_id, countdown
             )
-            token = _context.carried.set((task_id, tuple(tokens)))
-            try:
-                # Celery reads max_retries=None as "the task's own limit": allow one
-                # more than has been done instead, so an outage is never fatal.
-                raise task.retry(countdown=countdown, max_retries=retries + 1) from None
-            finally:
-                _context.carried.reset(token)
+            raise self._retry_unopened(task, task_id, tokens, countdown) from None
+        except SQLAlchemyError as error:
+            # Not an outage (a missing table, a permission revoked): an operator must
+            # act, and the message, which may be sound, is kept until they have.
+            countdown = self._retry_countdown(task)
+            logger.error(  # noqa: TRY400 - the traceback would show SQL, never needed here
+                "celery-pii: key store error (%s) while opening task %s[%s]; retried in %ss",
+                type(error).__name__,
+                name,
+                task_id,
+                countdown,
+            )
+            raise self._retry_unopened(task, task_id, tokens, countdown) from None
         except KeyDestroyed as error:
             self._audit_quietly("decrypt_denied", name, task_id, reason=str(error))
             raise
         except (DecryptionFailed, KeyNotFound):
-            self._quarantine(task, task_id, root, tokens)
-            raise DecryptionFailed from None
+            self._refuse_unopenable(task, task_id, root, tokens)
 
-    def _quarantine(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> None:
-        """Park the still-sealed message and record why; the task does not run."""
+    def _refuse_unopenable(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> NoReturn:
+        """The task does not run: its message is parked, or, if the broker does not take it, kept."""
+        if not self._quarantine(task, task_id, root, tokens):
+            # Not parked: publish it again rather than drop it; parking is tried again then.
+            raise self._retry_unopened(task, task_id, tokens, self._retry_countdown(task)) from None
+        raise DecryptionFailed from None
+
+    def _retry_countdown(self, task: Task) -> float:
+        """Seconds until the next attempt: doubling per retry, at most ten times the setting."""
+        delay = self.settings.key_unavailable_retry_delay
+        retries = task.request.retries or 0
+        return float(min(delay * 2 ** min(retries, 10), delay * 10))
+
+    def _retry_unopened(self, task: Task, task_id: str, tokens: Any, countdown: float) -> Retry:
+        """Publish the message again as it came (sealed), to run in ``countdown`` seconds.
+
+        What ``task.retry()`` does, except that the copy keeps its retry count
+        and no ``max_retries`` applies: this is not the task failing, so it
+        neither spends nor is limited by the task's own retries.  (``retry``
+        with ``max_retries=`` would also leave ``override_max_retries`` on the
+        task object, which autoretry reads in later runs.)
+        """
+        request = task.request
+        carried = _context.carried.set((task_id, tuple(tokens) if isinstance(tokens, (list, tuple)) else ()))
+        try:
+            again = task.signature_from_request(request, countdown=countdown, retries=request.retries or 0)
+            try:
+                again.apply_async()
+            except Exception as error:  # noqa: BLE001 - as Task.retry: the broker refused the copy
+                raise Reject(error, requeue=False) from None
+        finally:
+            _context.carried.reset(carried)
+        return Retry(when=countdown, sig=again)
+
+    def _quarantine(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> bool:
+        """Park the still-sealed message and record why; the task does not run.
+
+        Returns:
+            False if the broker did not take it (nothing was parked).
+        """
         request = task.request
         body = (
             list(root["args"]),
@@ -306,6 +348,7 @@ class PII:
             )
         except Exception:  # reported; the task still must not run
             logger.exception("celery-pii: could not park task %s[%s] in quarantine", task.name, task_id)
+            return False
         key_ids = _key_ids(tokens)
         logger.error(
             "celery-pii: task %s[%s] failed authentication (key %s); parked in %s, not run",
@@ -315,6 +358,7 @@ class PII:
             self.settings.quarantine_queue,
         )
         self._audit_quietly("tamper_detected", task.name, task_id, key_ids=key_ids)
+        return True
 
     def _encode_trusted(self, body: Any) -> bytes:
         """Frame an already-sealed body (for the quarantine: it needs no ticket)."""

@@ -16,6 +16,7 @@ re-published with ``celery -A proj pii quarantine`` (:func:`list_parked`,
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -39,6 +40,10 @@ logger = logging.getLogger("celery_pii.quarantine")
 
 QUARANTINE_HEADER: Final = "x-celery-pii-quarantine"
 _MALFORMED: Final = "not a protocol-2 task message"
+# Seconds the consumer waits before it requeues a message it could not park:
+# the broker hands it straight back, and without a pause the worker would spin
+# on it (thousands of attempts a second) for as long as parking fails.
+REQUEUE_PAUSE: Final = 1.0
 
 
 def quarantine_queue(name: str) -> Queue:
@@ -192,6 +197,7 @@ def _park_or_requeue(
     except Exception:
         # Parking failed: keep the message rather than lose it.
         logger.exception("celery-pii: could not park message %s[%s]; requeued", task, task_id)
+        time.sleep(REQUEUE_PAUSE)
         message.reject(requeue=True)
         return
     # The body is never logged: it may be plaintext (refused content) or sealed.
