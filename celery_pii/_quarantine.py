@@ -113,21 +113,34 @@ def make_quarantine_step(
             name = queue_name(c.app)
             if name is None:
                 return
-            original_decode_error = c.on_decode_error
-            original_invalid_task = c.on_invalid_task
 
-            def on_decode_error(message: Any, exc: Exception) -> None:
-                if message.content_type != content_type:
-                    original_decode_error(message, exc)
-                    return
-                _park_or_requeue(c.app, name, message, "undecodable", on_parked)
+            def parking(original: Callable[..., None], reason: str, ours: _Check) -> Callable[..., None]:
+                """Celery's handler ``original(..., message, exc)``, but ``ours`` messages are parked."""
 
-            def on_invalid_task(body: Any, message: Any, exc: Exception) -> None:
-                if not isinstance(exc, ContentDisallowed):
-                    original_invalid_task(body, message, exc)
-                    return
-                _park_or_requeue(c.app, name, message, "content type not accepted", on_parked)
+                def handle(*args: Any) -> None:
+                    message, exc = args[-2], args[-1]
+                    if ours(message, exc):
+                        _park_or_requeue(c.app, name, message, reason, on_parked)
+                    else:
+                        original(*args)
 
+                return handle
+
+            def is_pii(message: Any, _exc: Exception) -> bool:
+                return bool(message.content_type == content_type)
+
+            # Set before the Tasks step builds its handler, which captures on_invalid_task
+            # and on_unknown_task; the consumer loop calls create_task_handler when it starts.
+            c.on_decode_error = parking(c.on_decode_error, "undecodable", is_pii)
+            c.on_invalid_task = parking(
+                c.on_invalid_task,
+                "content type not accepted",
+                lambda _m, exc: isinstance(exc, ContentDisallowed),
+            )
+            # A sealed message for a task this worker does not know (its task header
+            # changed, or routed to the wrong workers): Celery would reject it, and on
+            # Redis it would be gone.  Parked, it can be replayed where it belongs.
+            c.on_unknown_task = parking(c.on_unknown_task, "unknown task", is_pii)
             original_create_task_handler = c.create_task_handler
 
             def create_task_handler(*args: Any, **kwargs: Any) -> Callable[[Any], None]:
@@ -144,13 +157,17 @@ def make_quarantine_step(
 
                 return on_task_received
 
-            # Set before the Tasks step builds its handler, which captures on_invalid_task;
-            # the consumer loop calls create_task_handler when it starts.
-            c.on_decode_error = on_decode_error
-            c.on_invalid_task = on_invalid_task
             c.create_task_handler = create_task_handler
 
     return QuarantineStep
+
+
+# Which messages a parking handler takes: ``(message, exc) -> bool``.
+_Check = Callable[[Any, Exception], bool]
+
+
+def _is_refused_content(_message: Any, exc: Exception) -> bool:
+    return isinstance(exc, ContentDisallowed)
 
 
 def _malformed(message: Any) -> bool:

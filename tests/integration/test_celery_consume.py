@@ -188,6 +188,30 @@ class TestAuthenticationFailures:
         assert base64.b64decode(parked["body"]) == b"\x01jthis is not json"
         assert parked["headers"][QUARANTINE_HEADER]["reason"] == "undecodable"
 
+    def test_message_renamed_to_an_unknown_task_is_parked(self, app):
+        """A sealed message whose task header names a task no worker knows is parked, not rejected.
+
+        Celery rejects a message for an unregistered task: on Redis it is gone.
+        """
+        app.tasks["t.charge"].delay(CARD, 1)
+        client = redis_client(BROKER_DB)
+        queue = app.conf.task_default_queue
+        message = json.loads(client.rpop(queue))
+        message["headers"]["task"] = "t.nobody_knows"
+        client.rpush(queue, json.dumps(message))
+        good = app.tasks["t.charge"].delay(CARD, 2)
+        with _start(app):
+            assert good.get(timeout=20)["amount"] == 2
+            deadline = time.monotonic() + 10
+            while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        assert parked["headers"]["id"] == message["headers"]["id"]
+        assert parked["headers"][QUARANTINE_HEADER]["reason"] == "unknown task"
+        assert parked["body"] == message["body"]
+        audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
+        assert any(r.details.get("task_id") == message["headers"]["id"] for r in audit)
+
 
 class TestKeyOutcomes:
     """Destroyed keys fail clearly; an unreachable key store delays, never drops."""
