@@ -619,7 +619,8 @@ class KeyManager:
         """Fail at start-up, not at first decrypt, if the master key does not match the store.
 
         Raises:
-            ConfigurationError: keys exist but none can be unwrapped with this master key.
+            ConfigurationError: keys exist but none can be unwrapped with this master key,
+                or some were wrapped by another master key.
             KeyStoreUnavailable: the store cannot be reached.
         """
         self.store.check_schema()
@@ -640,6 +641,24 @@ class KeyManager:
                 ).first()
             if mine is not None:
                 self._unwrap(mine, for_check=True)
+                # Two processes with different master keys that both started on an empty
+                # store each created keys; each would fail on the other's at first use.
+                foreign = session.scalars(
+                    select(KeyRow.master_key_ref)
+                    .where(
+                        KeyRow.wrapped_key.is_not(None),
+                        KeyRow.master_key_ref.not_in(refs),
+                        KeyRow.master_key_ref_next.is_(None) | KeyRow.master_key_ref_next.not_in(refs),
+                    )
+                    .limit(1)
+                ).first()
+                if foreign is not None:
+                    msg = (
+                        "setting pii_master_key: the key store also holds keys wrapped by another master "
+                        f"key ({foreign}), which this one cannot open; every process must use the same "
+                        "master key (to change it, see master-key rotation in docs/operations.md)"
+                    )
+                    raise ConfigurationError(msg)
             elif other is not None:
                 msg = (
                     "setting pii_master_key: this master key does not match the key store "
@@ -783,7 +802,10 @@ class KeyManager:
                     f"(key {row.key_id!r} v{row.version} cannot be unwrapped)"
                 )
                 raise ConfigurationError(msg) from None
-            msg = f"key {row.key_id!r} v{row.version} cannot be unwrapped: wrong master key or damaged row"
+            msg = (
+                f"key {row.key_id!r} v{row.version} cannot be unwrapped: wrong master key "
+                "(setting pii_master_key) or damaged row"
+            )
             raise KeyNotFound(msg) from None
         expires_at = row.expires_at.timestamp() if row.expires_at is not None else None
         return DataKey(row.key_id, row.version, algorithm, material, expires_at=expires_at)

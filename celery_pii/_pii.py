@@ -239,12 +239,14 @@ class PII:
         if arrived_unsealed:
             # Every publish path of a PII app seals declared fields, so this message
             # bypassed celery-pii.  Refused (its outcome is stored sealed: the context is set).
+            # Not parked: the quarantine would keep its plaintext on the broker.
             logger.error(
                 "celery-pii: task %s[%s]: declared PII fields arrived unsealed; not run "
                 "(published without celery-pii? pii_allow_plaintext admits this during a rollout)",
                 name,
                 task_id,
             )
+            self._audit_quietly("tamper_detected", name, task_id, reason="declared fields arrived unsealed")
             raise DecryptionFailed
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
@@ -334,6 +336,11 @@ class PII:
             "argsrepr": getattr(request, "argsrepr", None),
             "kwargsrepr": getattr(request, "kwargsrepr", None),
         }
+        # What decides how a replayed copy runs (when, until when, how long, under which name).
+        for header in _REPLAYED_HEADERS:
+            value = getattr(request, header, None)
+            if value is not None:
+                headers[header] = value
         delivery = request.delivery_info or {}
         try:
             park(
@@ -441,6 +448,9 @@ class _Call:
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
 
+
+# Protocol-2 headers a parked message keeps from its request, besides those it always has.
+_REPLAYED_HEADERS: Final = ("eta", "expires", "timelimit", "shadow", "ignore_result", "origin")
 
 # Set on a task's request (a new one each run) once its opening step has run.
 _OPENED: Final = "_celery_pii_opened"

@@ -17,6 +17,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import click
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import _celery, _quarantine, _rewrap
 from ._detect import detect, shown_finding_path
@@ -66,6 +68,12 @@ def _errors(fun: _F) -> _F:
             return fun(*args, **kwargs)
         except PIIError as error:
             msg = f"{type(error).__name__}: {error}"
+            raise click.ClickException(msg) from None
+        except SQLAlchemyError as error:  # the db commands reach the store without the library's wrapping
+            msg = f"setting pii_key_store_url: the key store failed ({type(error).__name__})"
+            raise click.ClickException(msg) from None
+        except BrokerError as error:
+            msg = f"setting broker_url: the broker cannot be reached ({type(error).__name__})"
             raise click.ClickException(msg) from None
 
     wrapper.__name__ = fun.__name__
@@ -370,6 +378,10 @@ def quarantine_replay(ctx: click.Context, ids: tuple[str, ...], yes: bool) -> No
     _confirm(f"Re-publish {'the given' if ids else 'all'} parked message(s)?", yes=yes)
     done = _quarantine.replay(pii_object.app, pii_object.settings.quarantine_queue, set(ids) if ids else None)
     click.echo(f"replayed {len(done)} message(s)")
+    missing = sorted(set(ids) - set(done))
+    if missing:
+        msg = f"not parked: {', '.join(missing)}"
+        raise click.ClickException(msg)
 
 
 @quarantine.command(name="purge")

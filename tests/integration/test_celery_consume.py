@@ -58,8 +58,11 @@ class TestAuthenticationFailures:
     """Tampered or undecodable messages are parked, not run, and the worker carries on."""
 
     def test_tampered_message_is_quarantined(self, app, caplog):
-        """The task does not run, the sealed message is parked with an audit record and an ERROR log."""
-        app.tasks["t.charge"].delay(CARD, 1)
+        """The task does not run, the sealed message is parked with an audit record and an ERROR log.
+
+        The parked copy keeps what decides how a replay runs (its ETA and expiry, here).
+        """
+        app.tasks["t.charge"].apply_async((CARD, 1), countdown=0.5, expires=600)
         task_id = _tamper(app.conf.task_default_queue)
         good = app.tasks["t.charge"].delay(CARD, 2)
         with caplog.at_level(logging.INFO), _start(app):
@@ -71,6 +74,8 @@ class TestAuthenticationFailures:
         assert len(parked) == 1
         assert parked[0]["headers"]["id"] == task_id
         assert parked[0]["headers"][QUARANTINE_HEADER]["reason"] == "authentication failed"
+        assert parked[0]["headers"]["eta"] is not None
+        assert parked[0]["headers"]["expires"] is not None
         assert_no_plaintext(json.dumps(parked[0]))
         errors = [
             r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and task_id in r.getMessage()
@@ -140,6 +145,10 @@ class TestAuthenticationFailures:
         assert any("arrived unsealed" in r.getMessage() and task_id in r.getMessage() for r in caplog.records)
         stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{task_id}")
         assert CARD.encode() not in stored
+        audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
+        assert [r.details["reason"] for r in audit if r.details.get("task_id") == task_id] == [
+            "declared fields arrived unsealed"
+        ]
 
     @pytest.mark.parametrize("part", ["chain", "link", "map"])
     def test_canvas_step_relabelled_to_another_task_is_parked(self, app, part):

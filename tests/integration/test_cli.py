@@ -248,12 +248,59 @@ class TestQuarantine:
         (back,) = queued_messages(queue_name)
         assert back["headers"]["id"] == "parked-2"
         assert "x-celery-pii-quarantine" not in back["headers"]
+        missing = run(cli_app, "quarantine", "replay", "--id", "parked-9", "--yes")
+        assert missing.exit_code == 1 and "not parked: parked-9" in missing.output
         assert "purged 2" in run(cli_app, "quarantine", "purge", "--yes").output
         assert json.loads(run(cli_app, "quarantine", "list", "--json").output) == []
+
+    def test_unreachable_broker_names_the_setting(self, tmp_path, monkeypatch, key_store_url):
+        """quarantine list with the broker down: one line naming broker_url, exit code 1."""
+        (tmp_path / "nobrokerapp.py").write_text(
+            textwrap.dedent(
+                f"""
+                from pii_testapp import make_app
+                app = make_app(broker="redis://127.0.0.1:1/0", backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                               key_store={key_store_url!r}, queue="cli-no-broker",
+                               broker_connection_retry=False, broker_connection_max_retries=0)
+                """
+            )
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.syspath_prepend(APP_DIR)
+        listed = run("nobrokerapp", "quarantine", "list")
+        assert listed.exit_code == 1
+        assert "setting broker_url: the broker cannot be reached" in listed.output
 
 
 class TestRealProcess:
     """The installed `celery` command finds the `pii` subcommand."""
+
+    def test_db_upgrade_on_an_unreachable_store_names_the_setting(self, tmp_path):
+        """No traceback and no password: one line naming pii_key_store_url, exit code 1."""
+        store = "postgresql+psycopg://someone:S3cretPw@127.0.0.1:1/nothing?connect_timeout=2"
+        (tmp_path / "downapp.py").write_text(
+            textwrap.dedent(
+                f"""
+                from pii_testapp import make_app
+                app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                               key_store={store!r}, queue="cli-down")
+                """
+            )
+        )
+        env = {"PYTHONPATH": f"{tmp_path}:{APP_DIR}", "PATH": "/usr/bin:/bin"}
+        env["CELERY_PII_MASTER_KEY"] = __import__("os").environ["CELERY_PII_MASTER_KEY"]
+        upgraded = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "downapp", "pii", "db", "upgrade"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert upgraded.returncode == 1
+        assert "setting pii_key_store_url: the key store failed (OperationalError)" in upgraded.stderr
+        assert "Traceback" not in upgraded.stderr
+        assert "S3cretPw" not in upgraded.stdout + upgraded.stderr
 
     def test_db_upgrade_then_keys_on_a_fresh_store(self, tmp_path):
         """On an empty PostgreSQL schema: `pii db upgrade` works although setup_pii runs at import."""

@@ -149,6 +149,26 @@ class TestEnvelopeEncryption:
             other.check_master_key()
         assert bytes(32).hex() not in str(info.value)
 
+    def test_store_holding_keys_of_two_master_keys_is_refused(self, make_manager):
+        """Two processes with different master keys both started on an empty store and made keys.
+
+        Each would fail on the other's keys at first use; at their next start both are refused.
+        """
+        first, second = make_manager(), make_manager(master=LocalMasterKey(bytes(32)))
+        first.check_master_key()
+        second.check_master_key()  # the store is empty: nothing to mismatch yet
+        first.generate_key("orders")
+        second.generate_key("reports")
+        with pytest.raises(KeyNotFound, match="pii_master_key"):
+            first.decryption_key("reports", 1)
+        for manager in (first, second):
+            with pytest.raises(
+                ConfigurationError, match="also holds keys wrapped by another master key"
+            ) as info:
+                manager.check_master_key()
+            assert "pii_master_key" in str(info.value)
+            assert bytes(32).hex() not in str(info.value)
+
     def test_empty_store_accepts_any_master_key(self, make_manager):
         """With no keys yet, there is nothing to mismatch."""
         make_manager(master=LocalMasterKey(bytes(32))).check_master_key()
@@ -471,7 +491,12 @@ class TestCache:
             pytest.skip("SQLite takes its write lock at BEGIN; a held row lock is what is tested")
         manager.encryption_key(KeySpec("orders"))
         manager.flush_usage()
-        manager.encryption_key(KeySpec("orders"))  # one use not written yet
+        uses = 1
+        # One use not written yet (a pause of the machine longer than the flush interval
+        # between two uses writes the second at once: use it again then).
+        while not manager.cache._pending_uses:
+            manager.encryption_key(KeySpec("orders"))
+            uses += 1
         locker = sa.create_engine(db_url, poolclass=sa.pool.NullPool).connect()
         locker.exec_driver_sql("SELECT usage_count FROM celery_pii_keys FOR UPDATE").all()
         release = threading.Timer(6, locker.rollback)  # a flush that waits for the lock ends then
@@ -486,7 +511,7 @@ class TestCache:
             locker.rollback()
             locker.close()
         deadline = time.monotonic() + 30  # the writer, released, finishes in the background
-        while _execute(db_url, "SELECT usage_count FROM celery_pii_keys")[0][0] != 2:
+        while _execute(db_url, "SELECT usage_count FROM celery_pii_keys")[0][0] != uses:
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
