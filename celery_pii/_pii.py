@@ -55,6 +55,9 @@ class PII:
         self.stores_arguments = bool(app.conf.result_extended)
         #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
         self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Attempts to open each task id this process put off (outage, quarantine refused),
+        # for the backoff: the copies it publishes keep their retry count (see _retry_unopened).
+        self._put_off: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<PII app={self.app.main!r} store={self.keys.store.url}>"
@@ -254,9 +257,9 @@ class PII:
         try:
             if not isinstance(tokens, (list, tuple)):  # a forged body: not a list of envelopes
                 raise DecryptionFailed  # noqa: TRY301 - handled below like every failure to open
-            return self.sealer.open_message(name, task_id, root, tokens)
+            opened = self.sealer.open_message(name, task_id, root, tokens)
         except KeyStoreUnavailable:
-            countdown = self._retry_countdown(task)
+            countdown = self._retry_countdown(task_id)
             logger.warning(
                 "celery-pii: key store unreachable; task %s[%s] retried in %ss", name, task_id, countdown
             )
@@ -264,7 +267,7 @@ class PII:
         except SQLAlchemyError as error:
             # Not an outage (a missing table, a permission revoked): an operator must
             # act, and the message, which may be sound, is kept until they have.
-            countdown = self._retry_countdown(task)
+            countdown = self._retry_countdown(task_id)
             logger.error(  # noqa: TRY400 - the traceback would show SQL, never needed here
                 "celery-pii: key store error (%s) while opening task %s[%s]; retried in %ss",
                 type(error).__name__,
@@ -278,19 +281,28 @@ class PII:
             raise
         except (DecryptionFailed, KeyNotFound):
             self._refuse_unopenable(task, task_id, root, tokens)
+        if self._put_off:
+            self._put_off.pop(task_id, None)  # opened at last
+        return opened
 
     def _refuse_unopenable(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> NoReturn:
         """The task does not run: its message is parked, or, if the broker does not take it, kept."""
         if not self._quarantine(task, task_id, root, tokens):
             # Not parked: publish it again rather than drop it; parking is tried again then.
-            raise self._retry_unopened(task, task_id, tokens, self._retry_countdown(task)) from None
+            raise self._retry_unopened(task, task_id, tokens, self._retry_countdown(task_id)) from None
         raise DecryptionFailed from None
 
-    def _retry_countdown(self, task: Task) -> float:
-        """Seconds until the next attempt: doubling per retry, at most ten times the setting."""
+    def _retry_countdown(self, task_id: str) -> float:
+        """Seconds until the next attempt: doubling per attempt put off here, at most ten times the setting.
+
+        Counted per process (a copy may reach another worker, which starts again at the setting).
+        """
+        if len(self._put_off) >= _PUT_OFF_LIMIT:
+            self._put_off.clear()
+        attempts = self._put_off.get(task_id, 0)
+        self._put_off[task_id] = attempts + 1
         delay = self.settings.key_unavailable_retry_delay
-        retries = task.request.retries or 0
-        return float(min(delay * 2 ** min(retries, 10), delay * 10))
+        return float(min(delay * 2 ** min(attempts, 10), delay * 10))
 
     def _retry_unopened(self, task: Task, task_id: str, tokens: Any, countdown: float) -> Retry:
         """Publish the message again as it came (sealed), to run in ``countdown`` seconds.
@@ -448,6 +460,9 @@ class _Call:
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
 
+
+# Task ids whose put-off attempts a process remembers (then it forgets them all).
+_PUT_OFF_LIMIT: Final = 10_000
 
 # Protocol-2 headers a parked message keeps from its request, besides those it always has.
 _REPLAYED_HEADERS: Final = ("eta", "expires", "timelimit", "shadow", "ignore_result", "origin")

@@ -39,6 +39,16 @@ def _start(app, **options):
     return start_worker(app, perform_ping_check=False, shutdown_timeout=20, **options)
 
 
+def _run_until_parked(app, good):
+    """Run a worker until the task ``good`` is done and a message is parked; the parked messages."""
+    with _start(app):
+        good.get(timeout=20)
+        deadline = time.monotonic() + 10
+        while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return queued_messages(app.conf.pii_quarantine_queue)
+
+
 def _tamper(queue):
     """Flip one byte inside the sealed envelope of the first queued message."""
     client = redis_client(BROKER_DB)
@@ -188,12 +198,8 @@ class TestAuthenticationFailures:
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
         publish_raw(app, b"\x01jthis is not json", {"task": "t.charge", "id": "broken-1", "lang": "py"})
         good = app.tasks["t.charge"].delay(CARD, 3)
-        with _start(app):
-            assert good.get(timeout=20)["amount"] == 3
-            deadline = time.monotonic() + 10
-            while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        (parked,) = _run_until_parked(app, good)
+        assert good.result["amount"] == 3
         assert base64.b64decode(parked["body"]) == b"\x01jthis is not json"
         assert parked["headers"][QUARANTINE_HEADER]["reason"] == "undecodable"
 
@@ -209,12 +215,8 @@ class TestAuthenticationFailures:
         message["headers"]["task"] = "t.nobody_knows"
         client.rpush(queue, json.dumps(message))
         good = app.tasks["t.charge"].delay(CARD, 2)
-        with _start(app):
-            assert good.get(timeout=20)["amount"] == 2
-            deadline = time.monotonic() + 10
-            while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        (parked,) = _run_until_parked(app, good)
+        assert good.result["amount"] == 2
         assert parked["headers"]["id"] == message["headers"]["id"]
         assert parked["headers"][QUARANTINE_HEADER]["reason"] == "unknown task"
         assert parked["body"] == message["body"]
@@ -296,7 +298,11 @@ class TestKeyOutcomes:
         assert logged.group(1) != "succeeded"
 
     def test_unreachable_key_store_retries(self, make_app, key_store_url):
-        """With the key store cut off and a cold cache, the task is retried and runs once it returns."""
+        """With the key store cut off and a cold cache, the task is retried and runs once it returns.
+
+        Those retries are not the task's: t.retry_once still retries once on its
+        own first attempt (request.retries == 0), and no limit is left on the task.
+        """
         host, port = "127.0.0.1", 5432
         proxy = TcpProxy(host, port)
         try:
@@ -307,12 +313,15 @@ class TestKeyOutcomes:
             )
             publisher = make_app()
             result = publisher.tasks["t.charge"].delay(CARD, 7)
+            own_retry = publisher.tasks["t.retry_once"].delay(SSN)
             proxy.cut()
             with _start(worker_app):
                 time.sleep(2.5)
                 assert result.state in ("PENDING", "RETRY")
                 proxy.restore()
                 assert result.get(timeout=30)["card_number"] == CARD
+                assert own_retry.get(timeout=30) == {"ssn": SSN, "retries": 1}
+            assert not hasattr(worker_app.tasks["t.retry_once"], "override_max_retries")
         finally:
             proxy.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -272,31 +273,34 @@ class TestQuarantine:
         assert "setting broker_url: the broker cannot be reached" in listed.output
 
 
+def _celery_pii_process(tmp_path, module, key_store):
+    """``run(*args)``: `celery -A module pii *args` in a new process, for a test app on ``key_store``."""
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            f"""
+            from pii_testapp import make_app
+            app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                           key_store={key_store!r}, queue={f"cli-{module}"!r})
+            """
+        )
+    )
+    env = {"PYTHONPATH": f"{tmp_path}:{APP_DIR}", "PATH": "/usr/bin:/bin"}
+    env["CELERY_PII_MASTER_KEY"] = os.environ["CELERY_PII_MASTER_KEY"]
+
+    def run_pii(*args):
+        command = [sys.executable, "-m", "celery", "-A", module, "pii", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    return run_pii
+
+
 class TestRealProcess:
     """The installed `celery` command finds the `pii` subcommand."""
 
     def test_db_upgrade_on_an_unreachable_store_names_the_setting(self, tmp_path):
         """No traceback and no password: one line naming pii_key_store_url, exit code 1."""
         store = "postgresql+psycopg://someone:S3cretPw@127.0.0.1:1/nothing?connect_timeout=2"
-        (tmp_path / "downapp.py").write_text(
-            textwrap.dedent(
-                f"""
-                from pii_testapp import make_app
-                app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
-                               key_store={store!r}, queue="cli-down")
-                """
-            )
-        )
-        env = {"PYTHONPATH": f"{tmp_path}:{APP_DIR}", "PATH": "/usr/bin:/bin"}
-        env["CELERY_PII_MASTER_KEY"] = __import__("os").environ["CELERY_PII_MASTER_KEY"]
-        upgraded = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "downapp", "pii", "db", "upgrade"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        upgraded = _celery_pii_process(tmp_path, "downapp", store)("db", "upgrade")
         assert upgraded.returncode == 1
         assert "setting pii_key_store_url: the key store failed (OperationalError)" in upgraded.stderr
         assert "Traceback" not in upgraded.stderr
@@ -306,40 +310,13 @@ class TestRealProcess:
         """On an empty PostgreSQL schema: `pii db upgrade` works although setup_pii runs at import."""
         url, drop = _fresh_postgres()
         try:
-            (tmp_path / "freshapp.py").write_text(
-                textwrap.dedent(
-                    f"""
-                    from pii_testapp import make_app
-                    app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
-                                   key_store={url!r}, queue="cli-fresh")
-                    """
-                )
-            )
-            env = {"PYTHONPATH": f"{tmp_path}:{APP_DIR}", "PATH": "/usr/bin:/bin"}
-            env["CELERY_PII_MASTER_KEY"] = __import__("os").environ["CELERY_PII_MASTER_KEY"]
-            command = [sys.executable, "-m", "celery", "-A", "freshapp", "pii"]
-            upgraded = subprocess.run(
-                [*command, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120, check=False
-            )
+            pii_command = _celery_pii_process(tmp_path, "freshapp", url)
+            upgraded = pii_command("db", "upgrade")
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
             assert "0005_retired_at_index" in upgraded.stdout
-            generated = subprocess.run(
-                [*command, "keys", "generate", "proc-key"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            generated = pii_command("keys", "generate", "proc-key")
             assert generated.returncode == 0, generated.stderr[-2000:]
-            listed = subprocess.run(
-                [*command, "keys", "list", "--json"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            listed = pii_command("keys", "list", "--json")
             assert json.loads(listed.stdout)[0]["key_id"] == "proc-key"
         finally:
             drop()
