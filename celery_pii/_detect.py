@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any, Final, NamedTuple
 
 from ._paths import format_path, parse_path
+from ._redact import REDACTED
 
 __all__ = [
     "CATEGORIES",
@@ -528,20 +529,14 @@ def _render(node: tuple[Any, Any] | None, key: object) -> str:
     return format_path(parts)
 
 
-#: What a dict key that looks like PII shows as in a path printed for people.
-REDACTED_KEY: Final = "[pii:redacted]"
-
-
 def shown_path(location: Sequence[str | int]) -> str:
-    """``location`` as a field path for logs, errors and the CLI, keys that look like PII redacted.
+    """``location`` as a field path for logs, errors and the CLI; keys that look like PII show as REDACTED.
 
     Dict keys are the caller's data and detection never treats them as PII
     (docs/detection.md): an email or a card number used as a key would
     otherwise be printed by the very report that keeps the value it names out.
     """
-    return format_path(
-        [REDACTED_KEY if isinstance(part, str) and scan_text(part) else part for part in location]
-    )
+    return format_path([REDACTED if isinstance(part, str) and scan_text(part) else part for part in location])
 
 
 def shown_finding_path(path: str) -> str:

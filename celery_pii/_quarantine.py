@@ -98,7 +98,8 @@ def make_quarantine_step(
     """A consumer bootstep that parks undecodable, malformed and refused messages instead of losing them.
 
     Arguments:
-        content_type: the ``pii`` content type (its undecodable and malformed messages are parked).
+        content_type: the ``pii`` content type (its undecodable and malformed messages, and those
+            for a task the worker does not know, are parked).
         queue_name: ``app -> quarantine queue name``, or ``None`` if the app has no celery-pii.
         on_parked: ``(app, task id, reason)``, called after parking (audit).
     """
@@ -132,11 +133,7 @@ def make_quarantine_step(
             # Set before the Tasks step builds its handler, which captures on_invalid_task
             # and on_unknown_task; the consumer loop calls create_task_handler when it starts.
             c.on_decode_error = parking(c.on_decode_error, "undecodable", is_pii)
-            c.on_invalid_task = parking(
-                c.on_invalid_task,
-                "content type not accepted",
-                lambda _m, exc: isinstance(exc, ContentDisallowed),
-            )
+            c.on_invalid_task = parking(c.on_invalid_task, "content type not accepted", _is_refused_content)
             # A sealed message for a task this worker does not know (its task header
             # changed, or routed to the wrong workers): Celery would reject it, and on
             # Redis it would be gone.  Parked, it can be replayed where it belongs.
