@@ -234,6 +234,9 @@ def leave(request: Any) -> None:
     outer = getattr(request, _OUTER, _NOT_ENTERED)
     if outer is not _NOT_ENTERED:
         running.set(outer)  # type: ignore[arg-type]
+        # Ended: a sealed result read after this (a task_postrun handler connected after
+        # celery-pii's) must not start a context that nothing would end (derive_from_result).
+        setattr(request, _OUTER, _NOT_ENTERED)
 
 
 # Envelopes carried from a task that could not open them (key store down) to

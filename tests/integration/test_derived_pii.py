@@ -94,3 +94,31 @@ def test_update_state_from_a_thread_the_task_started(app, worker):
     assert_no_plaintext(stored, secrets=(EMAIL,))
     assert result.info == {"email": EMAIL}
     assert result.get(timeout=20) == "done"
+
+
+def test_a_result_read_after_the_task_ended_derives_nothing(app, worker):
+    """A task_postrun handler connected after celery-pii's reads a sealed result: no context outlives the task.
+
+    Before, the derived context stayed set in this thread, and later publishes
+    of unrelated tasks were sealed whole under the result's key.
+    """
+    from celery.signals import task_postrun
+
+    from celery_pii import _context
+
+    sealed_id = app.tasks["t.echo"].delay(CARD).id
+    assert app.AsyncResult(sealed_id).get(timeout=30)["value"] == CARD
+    read = []
+
+    def read_a_sealed_result(sender=None, **_):
+        if sender is not None and sender.name == "t.plain":
+            read.append(app.AsyncResult(sealed_id).result)
+
+    task_postrun.connect(read_a_sealed_result, weak=False)
+    try:
+        assert app.tasks["t.plain"].apply(("eager",)).get() == "eager"
+    finally:
+        task_postrun.disconnect(read_a_sealed_result)
+    assert read == [{"value": CARD, "type": "str", "label": "x"}]
+    assert _context.running.get() is None
+    assert not _context._with_values
