@@ -18,7 +18,7 @@ import contextvars
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from celery._state import get_current_task
+from celery._state import _task_stack
 
 from ._keys import KeySpec
 from ._paths import Location, replace_in_copies
@@ -140,14 +140,44 @@ def derive_from_result(pii: PII, key_id: str, values: list[Any]) -> None:
     """
     if running.get() is not None:
         return
-    task = get_current_task()
-    request = getattr(task, "request", None)
-    # Only a task whose start was seen gets its context back at its end (see leave()).
-    if request is None or getattr(request, _OUTER, _NOT_ENTERED) is _NOT_ENTERED:
+    runs = _entered_runs()
+    if not runs:
         return
-    name = task.name
-    spec = pii.specs.get(name)
-    start(RunningTask(pii, name, request.id, spec, list(values), None, key_id, request, task.request_stack))
+    # The values stay in the hands of the outermost run until it ends: a task that
+    # ran another eagerly and got them from it holds them too.  Inner runs give
+    # this context back when they end (their own outer, "none", is replaced).
+    task, request = runs[0]
+    derived = RunningTask(
+        pii,
+        task.name,
+        request.id,
+        pii.specs.get(task.name),
+        list(values),
+        None,
+        key_id,
+        request,
+        task.request_stack,
+    )
+    start(derived)
+    for _, inner in runs[1:]:
+        setattr(inner, _OUTER, derived)
+
+
+def _entered_runs() -> list[tuple[Any, Any]]:
+    """``(task, request)`` of the task runs in progress in this thread, outermost first.
+
+    Only runs whose start celery-pii saw and whose end it has not: only those
+    give the context back at their end (see :func:`leave`).
+    """
+    runs = []
+    depth: dict[int, int] = {}
+    for task in list(_task_stack.stack):  # Celery's tasks running in this thread, outermost first
+        index = depth.get(id(task), 0)  # the same task object run inside itself has one request per run
+        depth[id(task)] = index + 1
+        requests = task.request_stack.stack
+        if index < len(requests) and getattr(requests[index], _OUTER, _NOT_ENTERED) is not _NOT_ENTERED:
+            runs.append((task, requests[index]))
+    return runs
 
 
 def running_with_id(task_id: object) -> RunningTask | None:

@@ -89,6 +89,14 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def gather(results):
         return {"results": results}
 
+    @app.task(shared=False, name="t.read_result")
+    def read_result(result_id):
+        return app.AsyncResult(result_id).result
+
+    @app.task(shared=False, name="t.read_result_eagerly")
+    def read_result_eagerly(result_id):
+        return {"read": read_result.apply((result_id,)).get()}
+
     @app.task(shared=False, name="t.publish_steps", pii_fields=["email"])
     def publish_steps(email, queue):
         # Steps that declare no PII, given the opened value, published to a queue no worker reads.

@@ -122,3 +122,19 @@ def test_a_result_read_after_the_task_ended_derives_nothing(app, worker):
     assert read == [{"value": CARD, "type": "str", "label": "x"}]
     assert _context.running.get() is None
     assert not _context._with_values
+
+
+def test_a_result_read_by_a_task_run_eagerly_is_held_by_the_outer_task(app, worker, caplog):
+    """A task without PII runs another eagerly, which reads a sealed result: both store it sealed."""
+    sealed_id = app.tasks["t.echo"].delay(CARD).id
+    assert app.AsyncResult(sealed_id).get(timeout=30)["value"] == CARD
+    with caplog.at_level(logging.INFO):
+        direct = app.tasks["t.read_result"].delay(sealed_id)
+        outer = app.tasks["t.read_result_eagerly"].delay(sealed_id)
+        assert direct.get(timeout=30)["value"] == CARD
+        assert outer.get(timeout=30)["read"]["value"] == CARD
+    for result in (direct, outer):
+        stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}")
+        assert stored is not None
+        assert_no_plaintext(stored)
+    assert_no_plaintext(caplog.text)
