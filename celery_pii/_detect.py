@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Final, NamedTuple
 
-from ._paths import format_path, parse_path
+from ._paths import format_path
 from ._redact import REDACTED
 
 __all__ = [
@@ -518,7 +518,7 @@ def _children(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[t
     return iter(value.items()) if isinstance(value, dict) else enumerate(value)
 
 
-def _render(node: tuple[Any, Any] | None, key: object) -> str:
+def _parts(node: tuple[Any, Any] | None, key: object) -> tuple[str | int, ...]:
     parts: list[str | int] = []
     while True:
         parts.append(key if isinstance(key, (str, int)) and not isinstance(key, bool) else str(key))
@@ -526,7 +526,7 @@ def _render(node: tuple[Any, Any] | None, key: object) -> str:
             break
         node, key = node
     parts.reverse()
-    return format_path(parts)
+    return tuple(parts)
 
 
 def shown_path(location: Sequence[str | int]) -> str:
@@ -539,9 +539,8 @@ def shown_path(location: Sequence[str | int]) -> str:
     return format_path([REDACTED if isinstance(part, str) and scan_text(part) else part for part in location])
 
 
-def shown_finding_path(path: str) -> str:
-    """A :class:`Finding`'s path as :func:`shown_path` prints it (``""``: the value itself)."""
-    return shown_path([part for part in parse_path(path) if isinstance(part, (str, int))]) if path else path
+#: Where PII was found, as path parts (``()``: the value itself), and its category.
+Located = tuple[tuple[str | int, ...], str]
 
 
 def detect_with_status(
@@ -573,23 +572,45 @@ def detect_with_status(
     Raises:
         ValueError: a cap is not a positive integer.
     """
+    located, truncated = locate_with_status(
+        value, max_leaves=max_leaves, max_chars=max_chars, max_depth=max_depth
+    )
+    return ScanResult([Finding(format_path(parts), category) for parts, category in located], truncated)
+
+
+def locate_with_status(
+    value: object,
+    *,
+    max_leaves: int = DEFAULT_MAX_LEAVES,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> tuple[list[Located], bool]:
+    """:func:`detect_with_status` with each finding's place as path parts, not text.
+
+    For callers that go on to use the place (seal it, print it redacted):
+    a rendered path read back could fail where a long key makes it longer
+    than field paths may be.
+
+    Raises:
+        ValueError: a cap is not a positive integer.
+    """
     for name, cap in (("max_leaves", max_leaves), ("max_chars", max_chars), ("max_depth", max_depth)):
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
             msg = f"{name} must be a positive integer"
             raise ValueError(msg)
     if isinstance(value, str):
         if len(value) > max_chars:
-            return ScanResult([], truncated=True)
-        return ScanResult([Finding("", c) for c in _BY_MASK[_scan(value)]], truncated=False)
+            return [], True
+        return [((), c) for c in _BY_MASK[_scan(value)]], False
     if isinstance(value, (dict, list, tuple)):
         return _walk(value, max_leaves, max_chars, max_depth)
-    return ScanResult([], truncated=False)
+    return [], False
 
 
 def _walk(
     root: dict[Any, Any] | list[Any] | tuple[Any, ...], max_leaves: int, max_chars: int, max_depth: int
-) -> ScanResult:
-    findings: list[Finding] = []
+) -> tuple[list[Located], bool]:
+    findings: list[Located] = []
     visited = chars = 0
     skipped = False  # a container deeper than max_depth was left out
     # Each frame: the children still to visit, the path node (parent node,
@@ -602,15 +623,15 @@ def _walk(
         for key, child in children:
             visited += 1
             if visited > max_leaves:
-                return ScanResult(findings, truncated=True)
+                return findings, True
             if isinstance(child, str):
                 chars += len(child)
                 if chars > max_chars:
-                    return ScanResult(findings, truncated=True)
+                    return findings, True
                 mask = _scan(child, key, container)
                 if mask:
-                    path = _render(node, key)
-                    findings.extend(Finding(path, c) for c in _BY_MASK[mask])
+                    parts = _parts(node, key)
+                    findings.extend((parts, c) for c in _BY_MASK[mask])
             elif isinstance(child, (dict, list, tuple)):
                 if len(stack) >= max_depth:
                     skipped = True
@@ -619,7 +640,7 @@ def _walk(
                     break  # descend; this frame resumes where it stopped
         else:
             stack.pop()
-    return ScanResult(findings, truncated=skipped)
+    return findings, skipped
 
 
 def detect(

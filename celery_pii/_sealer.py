@@ -30,10 +30,10 @@ from typing import Any, Final, NamedTuple, cast
 from . import _envelope
 from ._config import Settings
 from ._crypto import DataKey
-from ._detect import detect_with_status, shown_path
+from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
 from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec
-from ._paths import Binder, Location, get_at, parse_path, replace_in_copies, set_all_in_place
+from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed
@@ -236,16 +236,16 @@ class Sealer:
         """Scan what declared sealing leaves visible; returns (findings, truncated, values to seal)."""
         view = replace_in_copies(root, [loc for loc, _ in found], MARKER) if found else root
         scanned = {part: view[part] for part in ("args", "kwargs", *EMBED_PARTS) if view.get(part)}
-        result = detect_with_status(scanned)
-        detected = tuple((_location(f.path), f.category) for f in result.findings)
-        if mode == "refuse" and (detected or result.truncated):
+        located, truncated = locate_with_status(scanned)
+        detected = tuple(located)
+        if mode == "refuse" and (detected or truncated):
             where = ", ".join(sorted({f"{shown_path(loc)} ({category})" for loc, category in detected}))
             why = f"undeclared PII at {where}" if where else "a payload too large to scan for PII"
             msg = f"task {name!r}: {why}; declare it in pii_fields (pii_detect='refuse'); nothing published"
             raise EncryptionFailed(msg)
         extra: list[tuple[Location, Any]] = []
         if mode == "encrypt":
-            if result.truncated:  # could not look everywhere: seal every argument, as it came
+            if truncated:  # could not look everywhere: seal every argument, as it came
                 sealed_locations = {loc for loc, _ in found}
                 args, kwargs = root.get("args") or (), root.get("kwargs") or {}
                 extra = [
@@ -259,7 +259,7 @@ class Sealer:
                     if location not in seen:
                         seen.add(location)
                         extra.append((location, get_at(view, location)))
-        return detected, result.truncated, extra
+        return detected, truncated, extra
 
     def _call_fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
@@ -626,11 +626,6 @@ def _outermost(found: list[tuple[Location, Any]]) -> list[tuple[Location, Any]]:
         for location, value in found
         if not any(location[:depth] in places for depth in range(1, len(location)))
     ]
-
-
-def _location(path: str) -> Location:
-    """A finding's path (never a wildcard) as a location."""
-    return tuple(part for part in parse_path(path) if isinstance(part, (str, int)))
 
 
 def _arguments(args: Any, kwargs: Any, path: Location) -> Iterator[tuple[Location, Any, None]]:

@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import _celery, _quarantine, _rewrap
-from ._detect import detect, shown_finding_path
+from ._detect import locate_with_status, shown_path
 from ._keys import check_not_reserved
 from ._migrate import current_revision, migrate
 from ._pii import PII
@@ -332,7 +332,9 @@ def scan(document: Any, as_json: bool) -> None:
         msg = "not a JSON document"
         raise click.ClickException(msg) from None
     # Paths as printed for people: a dict key that looks like PII is not shown.
-    findings = [{"path": shown_finding_path(f.path), "category": f.category} for f in detect(value)]
+    findings = [
+        {"path": shown_path(parts), "category": category} for parts, category in locate_with_status(value)[0]
+    ]
     _emit(findings, ("path", "category"), as_json=as_json)
 
 

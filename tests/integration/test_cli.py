@@ -207,6 +207,11 @@ class TestScanAndErasure:
         keyed = json.dumps({"by_card": {CARD: f"mail {EMAIL}"}})
         from_keys = json.loads(run(cli_app, "scan", "-", "--json", answer=keyed).output)
         assert from_keys == [{"path": 'by_card["[pii:redacted]"]', "category": "email"}]
+        # A key longer than a field path may be (its path could not be read back).
+        long_key = json.dumps({f"{EMAIL} " + "x" * 1100: f"mail {EMAIL}"})
+        from_long_key = run(cli_app, "scan", "-", "--json", answer=long_key)
+        assert from_long_key.exit_code == 0
+        assert json.loads(from_long_key.output) == [{"path": '["[pii:redacted]"]', "category": "email"}]
 
     def test_forget_subject(self, cli_app):
         """forget-subject destroys the subject's keys (after confirmation)."""

@@ -103,6 +103,10 @@ class TestModes:
         with pytest.raises(EncryptionFailed, match=r"undeclared PII at args\[0\]\.contacts") as info:
             app.tasks["t.detect_refuse"].delay(contacts)
         assert_no_plaintext(str(info.value))
+        # A key longer than a field path may be: still the same error, naming no value.
+        with pytest.raises(EncryptionFailed, match="undeclared PII") as info:
+            app.tasks["t.detect_refuse"].delay({f"{EMAIL} " + "x" * 1100: NOTE})
+        assert_no_plaintext(str(info.value))
 
     def test_app_wide_setting(self, make_app, caplog):
         """pii_detect set on the app applies to tasks without the option."""
