@@ -387,7 +387,8 @@ def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
     # Reading first also finalizes a lazy Celery configuration, which is when
     # it learns its namespace prefix (needed by _pii_keys).
     raw = {option.name: conf.get(option.name, option.default) for option in OPTIONS}
-    for key, written in _pii_keys(conf).items():
+    spelled = _pii_keys(conf)
+    for key, written in spelled.items():
         if key not in _BY_NAME:
             close = difflib.get_close_matches(key, _BY_NAME, n=1)
             # Suggest in the spelling the user wrote (pii_x, or CELERY_PII_X under Django).
@@ -397,7 +398,11 @@ def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
             hint = f" (did you mean {suggestion or close[0]}?)" if close else ""
             msg = f"unknown setting {written}{hint}; the pii_* settings are listed in docs/configuration.md"
             raise ConfigurationError(msg)
-    values = {option.field: option.convert(raw[option.name], option.name) for option in OPTIONS}
+    # Errors name a setting as the user wrote it (CELERY_PII_* under Django's namespace).
+    values = {
+        option.field: option.convert(raw[option.name], spelled.get(option.name, option.name))
+        for option in OPTIONS
+    }
     return Settings(**values)
 
 

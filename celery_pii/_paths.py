@@ -160,7 +160,10 @@ class Binder:
 
     Built once per task from its function signature; positional arguments are
     matched to parameter names, so ``charge.delay("4111...")`` and
-    ``charge.delay(card_number="4111...")`` seal the same field.
+    ``charge.delay(card_number="4111...")`` seal the same field.  A name the
+    signature lacks is accepted beside ``**kwargs``; if the function also takes
+    ``*args``, such a field given by position cannot be told apart from the
+    other extra positional arguments, so all of those are sealed whole.
     """
 
     __slots__ = (
@@ -241,7 +244,9 @@ class Binder:
         self._simple: tuple[tuple[str, int, tuple[str, ...], Location, Location], ...] = tuple(
             (head, index, keys, ("kwargs", head, *keys), ("args", index, *keys))
             for head, rest in fields
-            if head not in (var_positional, var_keyword) and all(isinstance(p, str) for p in rest)
+            if head not in (var_positional, var_keyword)
+            and (head in named or var_positional is None)  # else it may come by position (see _roots)
+            and all(isinstance(p, str) for p in rest)
             for index, keys in [(self._index.get(head, _NOT_POSITIONAL), tuple(str(p) for p in rest))]
         )
         self._all_simple = len(self._simple) == len(fields)
@@ -370,6 +375,12 @@ class Binder:
             yield from _select_positional(len(self._index), len(args), rest)
         elif head == self._var_keyword:
             yield from _select_keywords(kwargs, self._named, rest)
+        elif head not in self._named and self._var_positional is not None:
+            # A name the signature does not have, beside ``*args`` (a decorator without
+            # ``functools.wraps``, a ``run(self, *args, **kwargs)``): given by position it is
+            # one of the extra positional arguments, and which one cannot be told.  All of
+            # them are sealed, whole, rather than none.
+            yield from _select_positional(len(self._index), len(args), ())
 
 
 def _covers(outer: tuple[Part, ...], inner: tuple[Part, ...]) -> bool:

@@ -2,7 +2,7 @@
 
 Every task of a PII app is given a ``before_start`` that opens its envelopes
 (it runs inside Celery's traced ``try``, so a failure stops the task) and a
-``run`` that scrubs exceptions.  PII tasks' return values are kept out of
+``run`` (and the class's own hooks) that scrub exceptions.  PII tasks' return values are kept out of
 Celery's logs and events; other tasks' are too while they run inside a PII
 context (a chain step or callback of a PII task).  The app's task registry is
 hooked so tasks registered after ``setup_pii`` are given them too.
@@ -78,6 +78,8 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
         chained = getattr(cls, "before_start", None)
         if getattr(chained, "__qualname__", "") == Task.before_start.__qualname__:
             chained = None
+        elif inspect.isfunction(chained) and not _scrubs(chained):
+            chained = _scrubbing(chained)  # it runs with the values open, as the task function does
 
         def before_start(self: Task, task_id: str, args: Any, kwargs: Any) -> None:
             getattr(self.app, _context.APP_ATTRIBUTE)._open(self, task_id, args, kwargs)  # noqa: SLF001
@@ -90,6 +92,7 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
         # Every task: one that declares no PII still runs inside a PII context
         # when it is a chain step or callback of a PII task.
         _wrap_run(cls)
+        _wrap_hooks(cls)
         _wrap_autoretry_runs(cls)
         cls._celery_pii_scrubbing = True
     size = cls.resultrepr_maxsize
@@ -157,6 +160,34 @@ def _wrap_run(cls: type[Any]) -> None:
         return
     run = _scrubbing(fun)
     cls.run = staticmethod(run) if is_static else run
+
+
+# Task methods the tracer calls while the task's values are open, besides ``run``
+# (``before_start`` is chained by the opening step).  What a class's own version
+# raises is logged, stored and sent in events as the task's failure; one raised
+# by ``on_failure`` or ``on_retry`` is stored again by Celery after the task ended,
+# unsealed.  ``__call__`` is what the tracer calls instead of ``run`` once a class
+# overrides it.
+_HOOKS: Final = ("__call__", "on_success", "on_failure", "on_retry", "after_return")
+
+
+def _wrap_hooks(cls: type[Any]) -> None:
+    """Scrub what a task class's own hooks (and ``__call__``) raise, as :func:`_wrap_run` does for ``run``.
+
+    Celery's own hooks raise nothing of the task's and stay as they are (the
+    tracer skips hooks a class does not override).  Only plain functions are
+    wrapped: a callable object set as a hook is not bound to the task, and a
+    function wrapping it would be.
+    """
+    for name in _HOOKS:
+        raw = inspect.getattr_static(cls, name)
+        if raw is inspect.getattr_static(Task, name):
+            continue
+        is_static = isinstance(raw, staticmethod)
+        fun = raw.__func__ if is_static else raw
+        if inspect.isfunction(fun) and not _scrubs(fun):
+            hook = _scrubbing(fun)
+            setattr(cls, name, staticmethod(hook) if is_static else hook)
 
 
 def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[..., Any]:

@@ -183,6 +183,52 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
         RECEIVED.append({"immediate": email})
         return email
 
+    class RaisingHooks(app.Task):
+        """A base class whose hooks raise with the card when the call names them."""
+
+        def before_start(self, task_id, args, kwargs):
+            _raise_in("before_start", args)
+
+        def __call__(self, *args, **kwargs):
+            _raise_in("__call__", args)
+            return super().__call__(*args, **kwargs)
+
+        def on_failure(self, exc, task_id, args, kwargs, einfo):
+            _raise_in("on_failure", args)
+
+        def on_retry(self, exc, task_id, args, kwargs, einfo):
+            _raise_in("on_retry", args)
+
+    @app.task(shared=False, name="t.hooks", base=RaisingHooks, bind=True, pii_fields=["card_number"])
+    def hooks(self, card_number, hook):
+        if hook == "on_retry":
+            raise self.retry(countdown=60)
+        if hook == "on_failure":
+            msg = "declined"
+            raise ValueError(msg)
+        return "charged"
+
+    @app.task(shared=False, name="t.wrapped", pii_fields=["card_number"])
+    @_logged
+    def wrapped(card_number, amount):
+        return {"card_number": card_number, "amount": amount}
+
+
+def _raise_in(hook, args):
+    card_number, raise_in = args
+    if raise_in == hook:
+        msg = f"{hook} broke for {card_number}"
+        raise RuntimeError(msg)
+
+
+def _logged(fun):
+    """A decorator without functools.wraps: the task function's signature becomes (*args, **kwargs)."""
+
+    def wrapper(*args, **kwargs):
+        return fun(*args, **kwargs)
+
+    return wrapper
+
 
 def _short():
     from datetime import timedelta

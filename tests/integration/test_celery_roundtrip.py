@@ -65,6 +65,13 @@ class TestRoundTrip:
         assert customer == {"email": EMAIL, "tier": "gold"}
         assert items[0]["serial"] == "SN-1"
 
+    def test_a_task_whose_signature_was_lost_receives_its_arguments(self, app, worker):
+        """Sealed whole by position (see TestWire), the arguments come back exact, by position or by name."""
+        wrapped = app.tasks["t.wrapped"]
+        assert wrapped.delay(CARD, 10).get(timeout=20) == {"card_number": CARD, "amount": 10}
+        by_name = wrapped.delay(card_number=CARD, amount=11)
+        assert by_name.get(timeout=20) == {"card_number": CARD, "amount": 11}
+
     @pytest.mark.parametrize(
         "value",
         ["ünïcødé ✓ 名前", 2**100, -7, 3.25, True, False, None, {"a": [1, {"b": None}]}, [1, "x", 2.5], ""],
@@ -226,6 +233,17 @@ class TestWire:
         (sent,) = events.of_type("task-sent")
         assert MARKER in sent["args"]
         assert_no_plaintext(repr(sent))
+
+    def test_a_field_of_a_task_whose_signature_was_lost_is_sealed_by_position_too(self, app):
+        """A decorator without functools.wraps leaves ``(*args, **kwargs)``: the card, given by position, is sealed.
+
+        Which extra positional argument is the declared field cannot be told,
+        so all of them are sealed.
+        """
+        app.tasks["t.wrapped"].delay(CARD, 10)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert message["headers"]["argsrepr"] == f"('{MARKER}', '{MARKER}')"
 
     def test_serializer_refuses_unsealed_task_bodies(self, app):
         """A task body that did not pass setup_pii's publish step is refused, not sent."""

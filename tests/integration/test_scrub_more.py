@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 
 import pytest
 from celery import chain
@@ -22,7 +23,7 @@ from celery.exceptions import MaxRetriesExceededError, Reject
 from celery_pii._redact import REDACTED
 from celery_pii._sealer import MARKER
 
-from .conftest import BACKEND_DB, EventCapture, redis_client
+from .conftest import BACKEND_DB, EventCapture, RedisMonitor, redis_client
 from .test_celery_roundtrip import CARD, EMAIL, SECRETS, SSN, assert_no_plaintext
 
 pytestmark = pytest.mark.integration
@@ -99,6 +100,32 @@ def test_threads_a_task_starts_log_no_value(app, start_worker_process, pool):
     assert f"helper thread sends to {REDACTED}" in log
     assert f"executor sends to {REDACTED}" in log
     assert_no_plaintext(log)
+
+
+@pytest.mark.parametrize("hook", ["before_start", "__call__", "on_failure", "on_retry"])
+def test_a_hook_of_the_task_class_that_raises_shows_no_value(app, start_worker_process, hook):
+    """``before_start``, ``__call__``, ``on_failure`` and ``on_retry`` of a ``base=`` class run with the values open.
+
+    What they raise is the task's failure: Celery logs it, sends it in the
+    ``task-failed`` event and stores it (for ``on_failure`` and ``on_retry``,
+    once more after the task ended, unsealed, as an error "outside body").
+    Redis sees every write, the transient ones too.
+    """
+    worker = start_worker_process(pool="prefork", concurrency=1, loglevel="DEBUG")
+    with RedisMonitor() as monitor, EventCapture(app) as events:
+        result = app.tasks["t.hooks"].delay(CARD, hook)
+        # on_failure and on_retry: Celery handles the hook's error as one "outside body", last.
+        last_words = "outside body" if hook in ("on_failure", "on_retry") else f"{hook} broke for"
+        deadline = time.monotonic() + 30
+        while not (result.ready() and last_words in worker.log()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # what is written after it
+    assert f"{hook} broke for {REDACTED}" in worker.log()
+    failures = [event["exception"] + event["traceback"] for event in events.of_type("task-failed")]
+    assert any(f"broke for {REDACTED}" in failure for failure in failures), failures
+    assert_no_plaintext(monitor.captured())
+    assert_no_plaintext(json.dumps(events.events, default=str))
+    assert_no_plaintext(worker.log())
 
 
 def _define_failing_tasks(app):

@@ -154,6 +154,18 @@ class TestDjango:
         ):
             settings_from_conf(bad.conf)
 
+    def test_a_wrong_value_names_the_setting_as_written(self, tmp_path, monkeypatch):
+        """A bad CELERY_PII_ALGORITHM is named so, not as pii_algorithm, which the user never wrote."""
+        (tmp_path / "djwrong.py").write_text("CELERY_PII_ALGORITHM = 'aes-128'\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj3", set_as_current=False)
+        app.config_from_object("djwrong", namespace="CELERY")
+        with pytest.raises(ConfigurationError, match=r"^setting CELERY_PII_ALGORITHM: must be one of"):
+            settings_from_conf(app.conf)
+        # Celery style stays as it was.
+        with pytest.raises(ConfigurationError, match=r"^setting pii_algorithm: must be one of"):
+            settings_from_conf(_conf(pii_algorithm="aes-128"))
+
 
 def test_configuration_doc_is_current():
     """docs/configuration.md is exactly what the settings table generates."""

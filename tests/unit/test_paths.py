@@ -161,6 +161,45 @@ class TestBinder:
         assert found == [(("args", 4), "y"), (("kwargs", "token"), "t"), (("kwargs", "ssn"), "s")]
         assert self._locate(["extra"], (1, 2, 3, "x", "y"), {}) == [(("args", 3), "x"), (("args", 4), "y")]
 
+    def test_a_name_the_signature_lacks_seals_every_extra_positional_argument(self):
+        """A field that may have come by position into ``*args`` is never left out.
+
+        A decorator without ``functools.wraps`` leaves the task function as
+        ``(*args, **kwargs)``: ``charge.delay("4111...", 10)`` then gives no
+        name to the card, and the field was "absent", published in plaintext.
+        """
+
+        def wrapper(*args, **kwargs):
+            """What a decorator without functools.wraps leaves."""
+
+        binder = Binder(wrapper, ["card", "customer.email"], task="t")
+        assert not binder.simple
+        card, email = "4111 1111 1111 1111", "ann@example.com"
+        assert binder.locate((card, 10, {"email": email}), {}) == [
+            (("args", 0), card),
+            (("args", 1), 10),
+            (("args", 2), {"email": email}),
+        ]
+        # Given by name, the field is found where it is, and nothing else is sealed.
+        assert binder.locate((10,), {"card": card}) == [(("kwargs", "card"), card), (("args", 0), 10)]
+        assert Binder(wrapper, ["card"], task="t").locate((10,), {"card": card}) == [
+            (("kwargs", "card"), card)
+        ]
+        # Beside named parameters, only the positional arguments past them are in doubt.
+        assert self._locate(["ssn"], (1, 2, 3, "900-12-3456"), {}) == [(("args", 3), "900-12-3456")]
+        assert self._locate(["ssn"], (1, 2, 3), {}) == []
+
+    def test_a_name_the_signature_lacks_beside_only_kwargs_comes_by_name(self):
+        """Without ``*args`` such a field can only be a keyword: the binder stays simple."""
+
+        def options_only(a, **options):
+            """No *args."""
+
+        binder = Binder(options_only, ["token"], task="t")
+        assert binder.simple
+        assert binder.locate((1,), {"token": "t"}) == [(("kwargs", "token"), "t")]
+        assert binder.locate((1,), {}) == []
+
     def test_bound_task_self_is_skipped(self):
         """A bound method's self is not a parameter to bind."""
 
