@@ -133,7 +133,13 @@ def make_quarantine_step(
             # Set before the Tasks step builds its handler, which captures on_invalid_task
             # and on_unknown_task; the consumer loop calls create_task_handler when it starts.
             c.on_decode_error = parking(c.on_decode_error, "undecodable", is_pii)
-            c.on_invalid_task = parking(c.on_invalid_task, "content type not accepted", _is_refused_content)
+            # Celery drops an invalid task message (an ``eta`` or ``expires`` header that is
+            # no date): a pii one is parked, as a message edited on the broker.
+            c.on_invalid_task = parking(
+                parking(c.on_invalid_task, "invalid task message", is_pii),
+                "content type not accepted",
+                _is_refused_content,
+            )
             # A sealed message for a task this worker does not know (its task header
             # changed, or routed to the wrong workers): Celery would reject it, and on
             # Redis it would be gone.  Parked, it can be replayed where it belongs.
@@ -168,15 +174,18 @@ def _is_refused_content(_message: Any, exc: Exception) -> bool:
 
 
 def _malformed(message: Any) -> bool:
-    """True for a message that is not ``task`` header + ``[args, kwargs, embed]`` body.
+    """True for a message that is not ``task`` and ``id`` headers + ``[args, kwargs, embed]`` body.
 
     celery-pii publishes protocol 2 only.  The body is decoded here once, as
     Celery's strategy would (kombu keeps it), so a good message costs a few
     ``isinstance`` checks.  A body that does not decode is left to Celery's
-    handler, which calls ``on_decode_error`` (parked as undecodable).
+    handler, which calls ``on_decode_error`` (parked as undecodable).  What is
+    checked is what Celery's consumer and tracer use without checking, where a
+    wrong type kills the worker: the two headers (a dict key, an id), the
+    body's shape and the canvas steps it embeds.
     """
     headers = message.headers
-    if not isinstance(headers, dict) or "task" not in headers:
+    if not (isinstance(headers, dict) and _is_name(headers.get("task")) and _is_name(headers.get("id"))):
         return True
     try:
         body = message.payload
@@ -188,7 +197,23 @@ def _malformed(message: Any) -> bool:
         and isinstance(body[0], (list, tuple))
         and isinstance(body[1], dict)
         and isinstance(body[2], dict)
+        and _is_canvas(body[2])
     )
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _is_canvas(embed: Mapping[str, Any]) -> bool:
+    """The embedded steps are absent or signatures: lists of them, and one for ``chord``."""
+    steps = [embed.get("chord")]
+    for part in ("callbacks", "errbacks", "chain"):
+        listed = embed.get(part)
+        if listed is not None and not isinstance(listed, (list, tuple)):
+            return False
+        steps.extend(listed or ())
+    return all(step is None or (isinstance(step, dict) and _is_name(step.get("task"))) for step in steps)
 
 
 def _park_or_requeue(
@@ -210,12 +235,13 @@ def _park_or_requeue(
         )
     except Exception:
         # Parking failed: keep the message rather than lose it.
-        logger.exception("celery-pii: could not park message %s[%s]; requeued", task, task_id)
+        logger.exception("celery-pii: could not park message %r[%r]; requeued", task, task_id)
         time.sleep(REQUEUE_PAUSE)
         message.reject(requeue=True)
         return
-    # The body is never logged: it may be plaintext (refused content) or sealed.
-    logger.error("celery-pii: message %s[%s] parked in %s: %s", task, task_id, name, reason)
+    # The body is never logged: it may be plaintext (refused content) or sealed.  The
+    # headers are as the broker gave them: quoted, they cannot forge a line or a terminal.
+    logger.error("celery-pii: message %r[%r] parked in %s: %s", task, task_id, name, reason)
     message.ack()
     on_parked(app, task_id, reason)
 

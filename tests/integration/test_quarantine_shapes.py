@@ -21,7 +21,7 @@ from celery.contrib.testing.worker import start_worker
 from celery_pii import get_pii
 from celery_pii._quarantine import QUARANTINE_HEADER
 
-from .conftest import publish_raw, queued_messages
+from .conftest import BROKER_DB, publish_raw, queued_messages, redis_client
 from .test_celery_roundtrip import CARD, assert_no_plaintext
 
 pytestmark = pytest.mark.integration
@@ -66,6 +66,13 @@ class TestMalformedTaskBodies:
             pytest.param(json.dumps([CARD, {}, {}]).encode(), id="args-not-a-list"),
             pytest.param(b"[[], [], {}]", id="kwargs-not-a-mapping"),
             pytest.param(b"[[], {}, 5]", id="embed-not-a-mapping"),
+            # Celery's tracer sends a chain's next step and link callbacks after the task: junk there
+            # killed the worker after the task ran, outside anything that catches.
+            pytest.param(b'[[], {}, {"chain": {"a": 1}}]', id="chain-a-mapping"),
+            pytest.param(b'[[], {}, {"chain": [1]}]', id="chain-of-numbers"),
+            pytest.param(b'[[], {}, {"callbacks": "t.charge"}]', id="callbacks-a-string"),
+            pytest.param(b'[[], {}, {"errbacks": [{"args": []}]}]', id="errback-without-task"),
+            pytest.param(b'[[], {}, {"chord": 5}]', id="chord-a-number"),
         ],
     )
     def test_wrong_shape_is_parked_and_worker_carries_on(self, app, caplog, inner):
@@ -84,7 +91,7 @@ class TestMalformedTaskBodies:
         assert queued_messages(app.conf.task_default_queue) == []
         audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
         assert any(r.details.get("task_id") == task_id for r in audit)
-        assert f"{task_id}] parked in {app.conf.pii_quarantine_queue}: {REASON}" in caplog.text
+        assert f"{task_id!r}] parked in {app.conf.pii_quarantine_queue}: {REASON}" in caplog.text
         assert_no_plaintext(caplog.text)
 
     def test_scalar_and_mapping_bodies_are_parked(self, app):
@@ -112,6 +119,42 @@ class TestMalformedTaskBodies:
             (parked,) = _wait_parked(app, 1)
         assert parked["headers"]["id"] == "no-task-header"
         assert parked["headers"][QUARANTINE_HEADER]["reason"] == REASON
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            pytest.param({"task": ["t.charge"]}, id="task-a-list"),
+            pytest.param({"task": {"name": "t.charge"}}, id="task-a-mapping"),
+            pytest.param({"task": ""}, id="task-empty"),
+            pytest.param({"id": ["x"]}, id="id-a-list"),
+            pytest.param({"id": None}, id="id-null"),
+        ],
+    )
+    def test_task_and_id_headers_of_the_wrong_type_are_parked(self, app, headers):
+        """Celery looks the task header up in a dict and stores results under the id: no other type runs."""
+        marker = str(uuid.uuid4())
+        publish_raw(app, b"\x01j[[], {}, {}]", {**_headers("x"), "root_id": marker, **headers})
+        good = app.tasks["t.charge"].delay(CARD, 7)
+        with _start(app):
+            assert good.get(timeout=20)["amount"] == 7
+            (parked,) = _wait_parked(app, 1)
+        assert parked["headers"]["root_id"] == marker
+        assert parked["headers"][QUARANTINE_HEADER]["reason"] == REASON
+
+    @pytest.mark.parametrize("header", ["eta", "expires"])
+    def test_a_task_message_celery_finds_invalid_is_parked(self, app, header):
+        """An ``eta`` or ``expires`` that is no date: Celery logs "invalid task" and drops the message."""
+        app.tasks["t.charge"].apply_async((CARD, 8), **{"countdown" if header == "eta" else header: 3600})
+        (message,) = queued_messages(app.conf.task_default_queue)
+        redis_client(BROKER_DB).delete(app.conf.task_default_queue)
+        publish_raw(app, base64.b64decode(message["body"]), {**message["headers"], header: "not a date"})
+        good = app.tasks["t.charge"].delay(CARD, 9)
+        with _start(app):
+            assert good.get(timeout=20)["amount"] == 9
+            (parked,) = _wait_parked(app, 1)
+        assert parked["headers"]["id"] == message["headers"]["id"]
+        assert parked["headers"][QUARANTINE_HEADER]["reason"] == "invalid task message"
+        assert base64.b64decode(parked["body"]) == base64.b64decode(message["body"])
 
     def test_worker_process_survives_malformed_body(self, app, start_worker_process):
         """A real prefork worker started with such a message queued keeps running and serves the next task."""
