@@ -29,6 +29,9 @@ FLUSH_EVERY_SECONDS: Final = 10.0
 #: Past this many remembered destructions, expired ones are dropped (a beat worker
 #: enforcing retention sees every destroyed bucket key go by, cached or not).
 DESTROYED_SWEEP_AT: Final = 4096
+#: Past this many cached key versions, expired ones are dropped when a key is added
+#: (one key per data subject or retention bucket: a process meets many, each once).
+CACHED_SWEEP_AT: Final = 4096
 
 
 class KeyCache:
@@ -36,6 +39,7 @@ class KeyCache:
 
     __slots__ = (
         "_active",
+        "_cached_sweep_at",
         "_destroyed",
         "_destroyed_sweep_at",
         "_lock",
@@ -54,6 +58,7 @@ class KeyCache:
         self._versions: dict[tuple[str, int], tuple[DataKey, float]] = {}
         self._destroyed: dict[tuple[str, int], float] = {}
         self._destroyed_sweep_at = DESTROYED_SWEEP_AT
+        self._cached_sweep_at = CACHED_SWEEP_AT
         self._usage: dict[tuple[str, int], int] = {}
         self._usage_since = time.monotonic()
         self._pending_uses = 0
@@ -93,10 +98,21 @@ class KeyCache:
 
     def put(self, key: DataKey, *, active: bool) -> None:
         """Cache a key (and make it the active one for its id)."""
-        expiry = time.monotonic() + self.ttl
+        now = time.monotonic()
+        if len(self._versions) >= self._cached_sweep_at:
+            self._drop_expired(now)
+        expiry = now + self.ttl
         self._versions[(key.key_id, key.version)] = (key, expiry)
         if active:
             self._active[key.key_id] = (key, expiry)
+
+    def _drop_expired(self, now: float) -> None:
+        """Forget keys past their TTL (they are skipped when read, but would stay in memory)."""
+        # list() copies in one step: another thread may add an entry meanwhile.
+        self._versions = {entry: held for entry, held in list(self._versions.items()) if held[1] > now}
+        self._active = {key_id: held for key_id, held in list(self._active.items()) if held[1] > now}
+        # As for destroyed keys below: when most are still live, wait until the memory doubles.
+        self._cached_sweep_at = max(CACHED_SWEEP_AT, 2 * len(self._versions))
 
     def forget(self, key_id: str, version: int | None = None, *, destroyed: bool = False) -> bool:
         """Evict a key id (all versions) or one version; remember destruction.
@@ -150,6 +166,7 @@ class KeyCache:
         self._versions.clear()
         self._destroyed.clear()
         self._destroyed_sweep_at = DESTROYED_SWEEP_AT
+        self._cached_sweep_at = CACHED_SWEEP_AT
 
     def __len__(self) -> int:
         return len(self._versions)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 
-from celery_pii._keycache import DESTROYED_SWEEP_AT, KeyCache
+from celery_pii._crypto import Algorithm, DataKey
+from celery_pii._keycache import CACHED_SWEEP_AT, DESTROYED_SWEEP_AT, KeyCache
 
 
 def test_remembered_destructions_expire_and_are_swept():
@@ -37,6 +39,40 @@ def test_live_destructions_are_not_swept_at_every_destruction():
         sweeps += cache._destroyed is not before  # a sweep builds a new dict
     assert sweeps == 2  # at 4,096 and at 8,192 remembered destructions
     assert all(cache.is_destroyed("orders", version) for version in range(4 * DESTROYED_SWEEP_AT))
+
+
+def _subject_key(number):
+    return DataKey(f"subject:{number:08d}", 1, Algorithm.AES_256_GCM, os.urandom(32))
+
+
+def test_expired_keys_leave_the_cache():
+    """One key per data subject: a worker meets thousands, each once; past their TTL they are dropped.
+
+    They used to be skipped when read but kept in memory, about 4 KB each, for
+    the life of the process.
+    """
+    cache = KeyCache(ttl=1.0)
+    for number in range(CACHED_SWEEP_AT):
+        cache.put(_subject_key(number), active=True)
+    time.sleep(1.1)
+    latest = _subject_key(CACHED_SWEEP_AT)
+    cache.put(latest, active=True)
+    assert len(cache) == 1
+    assert len(cache._active) == 1
+    assert cache.active(latest.key_id) is latest
+    assert cache.version(latest.key_id, 1) is latest
+
+
+def test_live_keys_survive_a_sweep_and_sweeps_come_at_doubling_sizes():
+    cache = KeyCache(ttl=3600)
+    keys = [_subject_key(number) for number in range(4 * CACHED_SWEEP_AT)]
+    sweeps = 0
+    for key in keys:
+        before = cache._versions
+        cache.put(key, active=True)
+        sweeps += cache._versions is not before  # a sweep builds a new dict
+    assert sweeps == 2  # at 4,096 and at 8,192 cached keys
+    assert all(cache.active(key.key_id) is key for key in keys)
 
 
 def test_usage_is_due_ten_seconds_after_the_last_flush_whatever_the_count():
