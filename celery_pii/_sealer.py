@@ -53,6 +53,8 @@ EMBED_PARTS: Final = ("callbacks", "errbacks", "chain", "chord")
 # Associated-data "task name" of result envelopes: results are bound to their
 # task id (checked against the stored meta), and never open as task arguments.
 _RESULT_AD: Final = "celery-pii result"
+# The one location of a result sealed as a whole value (not a result meta).
+_VALUE_FIELD: Final = "value"
 _CHORD_UNLOCK: Final = "celery.chord_unlock"
 # Built-in tasks that call another task once per item (``task.map``,
 # ``task.starmap``, ``task.chunks``): each item is that task's arguments.
@@ -364,7 +366,7 @@ class Sealer:
             sealed = dict(obj, **dict.fromkeys(fields, MARKER))
             sealed[RESULT_KEY] = token
             return sealed
-        return {RESULT_KEY: self._seal_result_values(key, [obj], ["value"], task_id)}
+        return {RESULT_KEY: self._seal_result_values(key, [obj], [_VALUE_FIELD], task_id)}
 
     def _seal_result_values(self, key: Any, values: list[Any], fields: list[str], task_id: str) -> str:
         try:
@@ -393,12 +395,15 @@ class Sealer:
         envelope = _envelope.parse(obj[RESULT_KEY])
         if envelope.kind is not Kind.RESULT:
             raise DecryptionFailed
-        if "task_id" in obj and obj["task_id"] != envelope.task_id:
+        # A sealed meta names its task in the clear, next to the envelope bound to it:
+        # the two must agree, so a meta is not opened as another task's (nor with
+        # its task id taken out).  A whole value sealed alone has no meta around it.
+        if envelope.locations != ((_VALUE_FIELD,),) and obj.get("task_id") != envelope.task_id:
             raise DecryptionFailed
         key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
         values = envelope.open(key, task_name=_RESULT_AD)
         names = [str(location[0]) for location in envelope.locations]
-        if names == ["value"]:
+        if names == [_VALUE_FIELD]:
             return OpenedResult(values[0], envelope.key_id, values)
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))

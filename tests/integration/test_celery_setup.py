@@ -6,7 +6,7 @@ import pytest
 from celery import Celery, shared_task
 from kombu import serialization
 
-from celery_pii import ConfigurationError, KeyStoreUnavailable, get_pii, setup_pii
+from celery_pii import ConfigurationError, DecryptionFailed, KeyStoreUnavailable, get_pii, setup_pii
 from celery_pii._keys import KeySpec
 from celery_pii._serializer import CONTENT_TYPE
 
@@ -187,6 +187,21 @@ class TestSeveralApps:
         assert _open_result_hook(sealed)["result"] == {"ok": 1}
         second.set_current()
         assert _open_result_hook(sealed)["status"] == "SUCCESS"
+
+    def test_a_sealed_meta_opens_only_under_its_own_task_id(self, key_store_url):
+        """The meta's task id (in the clear) must be the one its envelope is bound to, and be there."""
+        from celery_pii._celery import _open_result_hook
+
+        sealer = setup_pii(_app(key_store_url)).sealer
+        meta = {"status": "SUCCESS", "result": {"ok": 1}, "task_id": "t-1", "traceback": None}
+        sealed = sealer.seal_result(meta, task_id="t-1", key_spec=KeySpec("default"))
+        assert _open_result_hook(dict(sealed))["result"] == {"ok": 1}
+        # Read as a result meta: a failure that says why (Celery's backends keep working).
+        relabelled = _open_result_hook({**sealed, "task_id": "t-2"})
+        assert relabelled["status"] == "FAILURE"
+        assert relabelled["result"]["exc_type"] == "DecryptionFailed"
+        with pytest.raises(DecryptionFailed):
+            _open_result_hook({name: value for name, value in sealed.items() if name != "task_id"})
 
     def test_an_app_whose_store_is_gone_does_not_stop_the_others(self, key_store_url, tmp_path, monkeypatch):
         """Another app whose key store cannot answer (dropped, unmigrated) is skipped, not fatal.
