@@ -2,10 +2,11 @@
 
 Every task of a PII app is given a ``before_start`` that opens its envelopes
 (it runs inside Celery's traced ``try``, so a failure stops the task) and a
-``run`` (and the class's own hooks) that scrub exceptions.  PII tasks' return values are kept out of
-Celery's logs and events; other tasks' are too while they run inside a PII
-context (a chain step or callback of a PII task).  The app's task registry is
-hooked so tasks registered after ``setup_pii`` are given them too.
+``run`` (and the class's own hooks) that scrub exceptions.  PII tasks' return
+values are kept out of Celery's logs and events; other tasks' are too while
+they run inside a PII context (a chain step or callback of a PII task).  The
+app's task registry is hooked so tasks registered after ``setup_pii`` are
+given them too.
 """
 
 from __future__ import annotations
