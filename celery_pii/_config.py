@@ -297,7 +297,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
         5,
         _integer(1, 1000),
         "Versions kept decryptable per key id (one active, the rest retired); "
-        "`rotate_keys` destroys older ones.",
+        "`rotate_keys` destroys older ones, once retired for `pii_key_recheck_interval` + 5 min.",
         "int",
     ),
     Option(

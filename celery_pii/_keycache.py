@@ -122,7 +122,8 @@ class KeyCache:
         """
         expiry = time.monotonic() + self.ttl
         if version is None:
-            cached = [k for k in self._versions if k[0] == key_id]
+            # list() copies in one step: another thread may add a key meanwhile.
+            cached = [k for k in list(self._versions) if k[0] == key_id]
         else:  # a direct lookup: the periodic check forgets versions one by one
             cached = [(key_id, version)] if (key_id, version) in self._versions else []
         for entry in cached:

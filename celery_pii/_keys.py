@@ -464,12 +464,14 @@ class KeyManager:
         """Destroy the oldest live versions of key ids that keep more than ``pii_max_key_versions``.
 
         Rotation already does this for the key it rotates; this sweep catches
-        key ids left over the limit (for example after the setting was lowered).
+        key ids left over the limit (for example after the setting was lowered,
+        or versions a rotation kept because they had only just been retired).
 
         Returns:
             The ``(key id, version)`` pairs destroyed.
         """
         limit = self.max_key_versions
+        now = self._clock()
 
         def work(session: Session) -> list[tuple[str, int]]:
             over = session.scalars(
@@ -483,7 +485,7 @@ class KeyManager:
             for key_id in over:
                 live = [row for row in self._lock_rows(session, key_id) if row.status != DESTROYED]
                 live.sort(key=lambda row: (row.status == ACTIVE, row.version))  # the active one is kept
-                for row in live[: len(live) - limit]:
+                for row in self._beyond_max_versions(live[:-1], len(live), now):
                     self._destroy_row(session, row, reason="max_key_versions")
                     destroyed.append((row.key_id, row.version))
             return destroyed
@@ -772,11 +774,25 @@ class KeyManager:
             algorithm=Algorithm(latest.algorithm),
         )
         live = [row for row in rows if row.status != DESTROYED]
-        for row in live[: max(0, len(live) + 1 - self.max_key_versions)]:
+        for row in self._beyond_max_versions(live, len(live) + 1, now):  # + 1: the new version
             self._destroy_row(session, row, reason="max_key_versions")
             self.cache.forget(row.key_id, row.version, destroyed=True)
         self.cache.forget(latest.key_id)
         return new
+
+    def _beyond_max_versions(self, retired: Sequence[KeyRow], live: int, now: datetime) -> list[KeyRow]:
+        """Which of a key's ``retired`` versions (oldest first) to destroy so ``live`` fits the limit.
+
+        A version retired less than a recheck interval ago (plus the checks'
+        clock overlap) is kept: other processes may still seal with it until
+        their next check (``pii_key_recheck_interval``) tells them it was
+        retired, and what they publish meanwhile must open.  It goes at a later
+        ``rotate_keys`` run, so with ``pii_max_key_versions=1`` the key keeps
+        two versions for a while after each rotation.
+        """
+        still_in_use_after = now - timedelta(seconds=self.recheck_interval) - _RECHECK_OVERLAP
+        old = [row for row in retired if row.retired_at is None or row.retired_at <= still_in_use_after]
+        return old[: max(0, live - self.max_key_versions)]
 
     def _destroy_row(self, session: Session, row: KeyRow, *, reason: str) -> None:
         row.status, row.wrapped_key, row.wrapped_key_next = DESTROYED, None, None

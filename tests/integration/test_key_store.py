@@ -109,6 +109,19 @@ class TestMigrations:
         manager.store.dispose()
 
 
+class _Clock:
+    """A KeyManager clock that a test moves on."""
+
+    def __init__(self):
+        self.now = utcnow()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, **delta):
+        self.now += timedelta(**delta)
+
+
 class TestEnvelopeEncryption:
     """Data keys are wrapped by the master key, never stored in the clear."""
 
@@ -214,9 +227,11 @@ class TestKeyManager:
 
     def test_max_key_versions(self, make_manager):
         """Versions beyond pii_max_key_versions are destroyed, oldest first, and audited."""
-        manager = make_manager(max_key_versions=3)
+        clock = _Clock()
+        manager = make_manager(max_key_versions=3, clock=clock)
         manager.generate_key("orders")
         for _ in range(4):
+            clock.advance(hours=1)  # a version retired an hour ago is no longer sealed with anywhere
             manager.rotate_key("orders")
         stats = manager.get_stats()
         assert (stats.active_keys, stats.retired_keys, stats.destroyed_keys) == (1, 2, 2)
@@ -228,6 +243,34 @@ class TestKeyManager:
             (1, "max_key_versions"),
             (2, "max_key_versions"),
         ]
+
+    @pytest.mark.parametrize("max_key_versions", [1, 2])
+    def test_a_version_retired_moments_ago_outlives_the_limit_until_others_know(
+        self, make_manager, max_key_versions
+    ):
+        """A rotation keeps the version it retired: other processes seal with it until their next check.
+
+        It used to be destroyed at once (always with a limit of 1, after quick
+        rotations otherwise): what those processes published meanwhile was
+        accepted, then could never open.
+        """
+        clock = _Clock()
+        rotator = make_manager(max_key_versions=max_key_versions, clock=clock, recheck_interval=30)
+        publisher = make_manager(recheck_interval=30)
+        publisher.encryption_key(KeySpec("orders"))  # v1, cached as the active version
+        for _ in range(max_key_versions):
+            rotator.rotate_key("orders")
+        # Until its next check the publisher still seals with v1; a worker must open that.
+        key = publisher.encryption_key(KeySpec("orders"))
+        assert key.version == 1
+        sealed = key.seal(b"published after the rotation", b"ad")
+        worker = make_manager()
+        assert worker.decryption_key("orders", 1).open(sealed, b"ad") == b"published after the rotation"
+        assert "destroyed" not in [k.status for k in rotator.list_keys("orders")]
+        assert rotator.enforce_max_versions() == []
+        # Once every process has checked, a later rotate_keys run trims what is over the limit.
+        clock.advance(minutes=6)
+        assert rotator.enforce_max_versions() == [("orders", 1)]
 
     def test_retire(self, manager):
         """A retired active version stops encrypting; the next use creates a new version."""
@@ -386,6 +429,9 @@ class TestCache:
         if run == "rotation":
             destroyer.generate_key("orders")
             destroyer.rotate_key("orders")
+            # v1 retired well before the run (a version retired moments ago is never destroyed).
+            retired = (earlier - timedelta(hours=1)).replace(tzinfo=None)  # stored as naive UTC
+            _execute(db_url, "UPDATE celery_pii_keys SET retired_at = :t WHERE version = 1", t=retired)
             destroyer.encryption_key(KeySpec("orders"))  # v2 reaches rotation_max_messages
             key_id = "orders"
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from celery_pii._crypto import Algorithm, DataKey
@@ -93,3 +94,33 @@ def test_usage_is_due_ten_seconds_after_the_last_flush_whatever_the_count():
     assert cache.flush_due(now + FLUSH_EVERY_SECONDS)
     assert cache.take_usage() == {("orders", 1): 201}
     assert not cache.flush_due(time.monotonic() + FLUSH_EVERY_SECONDS)
+
+
+def test_forgetting_a_key_id_while_other_threads_add_keys():
+    """``forget(key_id)`` (every rotation) walks the cache while publishing threads add keys to it.
+
+    Walking the dict itself raised "dictionary changed size during iteration".
+    """
+    cache = KeyCache(ttl=3600)
+    keys = [_subject_key(number) for number in range(50_000)]
+    for key in keys[:40_000]:
+        cache.put(key, active=False)
+    errors = []
+    done = threading.Event()
+
+    def forget_repeatedly():
+        try:
+            while not done.is_set():
+                cache.forget("orders")
+        except RuntimeError as error:
+            errors.append(error)
+
+    forgetting = threading.Thread(target=forget_repeatedly)
+    forgetting.start()
+    try:
+        for key in keys[40_000:]:
+            cache.put(key, active=False)
+    finally:
+        done.set()
+        forgetting.join()
+    assert errors == []
