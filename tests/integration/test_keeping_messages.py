@@ -126,7 +126,7 @@ def test_undecodable_message_the_quarantine_cannot_take_is_requeued_without_spin
             )
             with caplog.at_level(logging.INFO), _start(app):
                 time.sleep(3.0)
-            attempts = caplog.text.count("could not park message t.echo[spin-1]")
+            attempts = caplog.text.count("could not park message 't.echo'['spin-1']")
             assert 1 <= attempts <= 10  # without the pause: hundreds
             assert _message_count(connection, app.conf.task_default_queue) == 1
         finally:
