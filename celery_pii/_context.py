@@ -186,8 +186,9 @@ def running_with_id(task_id: object) -> RunningTask | None:
     For a result stored outside the task's own context (``update_state``
     called from a thread the task started).
     """
+    wanted = str(task_id)  # a UUID when the caller gave one
     for task in list(_with_values.values()):  # one step: other threads add and remove
-        if task.task_id == task_id:
+        if task.task_id == wanted:
             return task
     return None
 

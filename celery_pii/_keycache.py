@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Final
+from typing import Final, TypeVar
 
 from ._crypto import DataKey
 
@@ -107,10 +107,13 @@ class KeyCache:
             self._active[key.key_id] = (key, expiry)
 
     def _drop_expired(self, now: float) -> None:
-        """Forget keys past their TTL (they are skipped when read, but would stay in memory)."""
-        # list() copies in one step: another thread may add an entry meanwhile.
-        self._versions = {entry: held for entry, held in list(self._versions.items()) if held[1] > now}
-        self._active = {key_id: held for key_id, held in list(self._active.items()) if held[1] > now}
+        """Forget keys past their TTL (they are skipped when read, but would stay in memory).
+
+        In place, entry by entry: a filtered copy put back would undo what other
+        threads did meanwhile (bring back a key ``forget`` had just evicted).
+        """
+        _drop_expired_from(self._versions, now)
+        _drop_expired_from(self._active, now)
         # As for destroyed keys below: when most are still live, wait until the memory doubles.
         self._cached_sweep_at = max(CACHED_SWEEP_AT, 2 * len(self._versions))
 
@@ -127,14 +130,14 @@ class KeyCache:
         else:  # a direct lookup: the periodic check forgets versions one by one
             cached = [(key_id, version)] if (key_id, version) in self._versions else []
         for entry in cached:
-            del self._versions[entry]
+            self._versions.pop(entry, None)  # a sweep in another thread may have dropped it
             if destroyed:
                 self._remember_destroyed(entry, expiry)
         if destroyed and version is not None:
             self._remember_destroyed((key_id, version), expiry)
         active = self._active.get(key_id)
         if active is not None and version in (None, active[0].version):
-            del self._active[key_id]
+            self._active.pop(key_id, None)
             return True
         return bool(cached)
 
@@ -147,7 +150,7 @@ class KeyCache:
         active = self._active.get(key_id)
         if active is None or active[0].version != version:
             return False
-        del self._active[key_id]
+        self._active.pop(key_id, None)
         return True
 
     def _remember_destroyed(self, entry: tuple[str, int], expiry: float) -> None:
@@ -203,3 +206,13 @@ class KeyCache:
             for key, count in usage.items():
                 self._usage[key] = self._usage.get(key, 0) + count
                 self._pending_uses += count
+
+
+_Entry = TypeVar("_Entry")
+
+
+def _drop_expired_from(cache: dict[_Entry, tuple[DataKey, float]], now: float) -> None:
+    # list() copies in one step: another thread may add an entry meanwhile.
+    for entry, held in list(cache.items()):
+        if held[1] <= now and cache.get(entry) is held:  # not one put back meanwhile
+            cache.pop(entry, None)

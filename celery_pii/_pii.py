@@ -124,8 +124,9 @@ class PII:
     def _create_task_message(self, original: Any, task_id: str, name: str, *args: Any, **options: Any) -> Any:
         call = _Call(task_id, name, args, options)
         root = call.root()
+        bound_id = str(task_id)  # apply_async(task_id=uuid.uuid4()) gives a UUID; envelopes bind text
         carried = _context.carried.get()
-        tokens: list[str] = list(carried[1]) if carried is not None and carried[0] == task_id else []
+        tokens: list[str] = list(carried[1]) if carried is not None and carried[0] == bound_id else []
         running = _context.running.get()
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
@@ -133,7 +134,7 @@ class PII:
         source_key = running.result_key if running is not None and derived else None
         sealed = self.sealer.seal_message(
             name,
-            task_id,
+            bound_id,
             root,
             seal_all=derived,
             derived_from=source_key.key_id if source_key is not None else None,
@@ -189,6 +190,7 @@ class PII:
             # step too (chained, or called through super()): once per run is all.
             return
         setattr(request, _OPENED, True)
+        task_id = str(task_id)  # kombu's JSON envelope reads an id sent as a UUID back as one
         outer = _context.enter(request)
         name = task.name
         spec = self.specs.get(name)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Final
+from uuid import UUID
 
 from celery import bootsteps
 from kombu.entity import Exchange, Queue
@@ -185,7 +186,7 @@ def _malformed(message: Any) -> bool:
     body's shape and the canvas steps it embeds.
     """
     headers = message.headers
-    if not (isinstance(headers, dict) and _is_name(headers.get("task")) and _is_name(headers.get("id"))):
+    if not (isinstance(headers, dict) and _is_name(headers.get("task")) and _is_id(headers.get("id"))):
         return True
     try:
         body = message.payload
@@ -203,6 +204,11 @@ def _malformed(message: Any) -> bool:
 
 def _is_name(value: object) -> bool:
     return isinstance(value, str) and bool(value)
+
+
+def _is_id(value: object) -> bool:
+    # kombu's JSON envelope (Redis) reads an id sent as a UUID back as one.
+    return _is_name(value) or isinstance(value, UUID)
 
 
 def _is_canvas(embed: Mapping[str, Any]) -> bool:

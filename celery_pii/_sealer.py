@@ -398,8 +398,10 @@ class Sealer:
         # A sealed meta names its task in the clear, next to the envelope bound to it:
         # the two must agree, so a meta is not opened as another task's (nor with
         # its task id taken out).  A whole value sealed alone has no meta around it.
-        if envelope.locations != ((_VALUE_FIELD,),) and obj.get("task_id") != envelope.task_id:
-            raise DecryptionFailed
+        if envelope.locations != ((_VALUE_FIELD,),):
+            bound = obj.get("task_id")  # a UUID when the caller gave one and the backend kept its type
+            if bound is None or str(bound) != envelope.task_id:
+                raise DecryptionFailed
         key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
         values = envelope.open(key, task_name=_RESULT_AD)
         names = [str(location[0]) for location in envelope.locations]

@@ -141,6 +141,14 @@ class TestMalformedTaskBodies:
         assert parked["headers"]["root_id"] == marker
         assert parked["headers"][QUARANTINE_HEADER]["reason"] == REASON
 
+    def test_a_task_id_given_as_a_uuid_runs(self, app):
+        """``apply_async(task_id=uuid.uuid4())`` works in Celery: on Redis the id header comes back a UUID."""
+        task_id = uuid.uuid4()
+        with _start(app):
+            assert app.tasks["t.plain"].apply_async((3,), task_id=task_id).get(timeout=20) == 3
+            assert app.tasks["t.echo"].apply_async((CARD,), task_id=uuid.uuid4()).get(timeout=20)["value"] == CARD
+        assert queued_messages(app.conf.pii_quarantine_queue) == []
+
     @pytest.mark.parametrize("header", ["eta", "expires"])
     def test_a_task_message_celery_finds_invalid_is_parked(self, app, header):
         """An ``eta`` or ``expires`` that is no date: Celery logs "invalid task" and drops the message."""

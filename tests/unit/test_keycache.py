@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -69,9 +70,9 @@ def test_live_keys_survive_a_sweep_and_sweeps_come_at_doubling_sizes():
     keys = [_subject_key(number) for number in range(4 * CACHED_SWEEP_AT)]
     sweeps = 0
     for key in keys:
-        before = cache._versions
+        before = cache._cached_sweep_at
         cache.put(key, active=True)
-        sweeps += cache._versions is not before  # a sweep builds a new dict
+        sweeps += cache._cached_sweep_at != before  # a sweep sets the next one's size
     assert sweeps == 2  # at 4,096 and at 8,192 cached keys
     assert all(cache.active(key.key_id) is key for key in keys)
 
@@ -124,3 +125,41 @@ def test_forgetting_a_key_id_while_other_threads_add_keys():
         done.set()
         forgetting.join()
     assert errors == []
+
+
+def test_a_sweep_never_brings_back_a_key_forgotten_meanwhile():
+    """A thread meeting new keys sweeps while another forgets a destroyed one: it stays forgotten.
+
+    The sweep used to put back a filtered copy of the cache, undoing an eviction
+    made in between: the destroyed key was served from the cache again.
+    """
+    cache = KeyCache(ttl=3600)
+    erased = _subject_key(0)
+    spares = [_subject_key(number) for number in range(1, 65)]
+    stop = threading.Event()
+
+    def meet_new_keys():
+        number = 0
+        while not stop.is_set():
+            past = time.monotonic() - 1
+            for _ in range(CACHED_SWEEP_AT):  # versions cached earlier, now past their TTL
+                number += 1
+                cache._versions[(f"old.{number}", 1)] = (erased, past)
+            cache.put(spares[number % len(spares)], active=False)  # sweeps
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    sweeping = threading.Thread(target=meet_new_keys)
+    sweeping.start()
+    brought_back = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not brought_back:
+            cache._versions[(erased.key_id, erased.version)] = (erased, time.monotonic() + 3600)  # in use
+            cache.forget(erased.key_id, erased.version, destroyed=True)
+            brought_back += cache.version(erased.key_id, erased.version) is not None
+    finally:
+        stop.set()
+        sweeping.join()
+        sys.setswitchinterval(switch)
+    assert brought_back == 0
