@@ -125,8 +125,9 @@ class KeyCache:
         """
         expiry = time.monotonic() + self.ttl
         if version is None:
-            # list() copies in one step: another thread may add a key meanwhile.
-            cached = [k for k in list(self._versions) if k[0] == key_id]
+            # copy() takes the dict in one C call: another thread may add a key meanwhile
+            # (list() iterates, and a collection during it can let another thread run).
+            cached = [k for k in self._versions.copy() if k[0] == key_id]
         else:  # a direct lookup: the periodic check forgets versions one by one
             cached = [(key_id, version)] if (key_id, version) in self._versions else []
         for entry in cached:
@@ -156,8 +157,8 @@ class KeyCache:
     def _remember_destroyed(self, entry: tuple[str, int], expiry: float) -> None:
         if len(self._destroyed) >= self._destroyed_sweep_at:
             now = time.monotonic()
-            # list() copies in one step: another thread may add an entry meanwhile.
-            remembered = list(self._destroyed.items())
+            # copy(): another thread may add an entry meanwhile (see forget()).
+            remembered = self._destroyed.copy().items()
             self._destroyed = {known: until for known, until in remembered if until > now}
             # When most are still live, the next sweep waits until the memory doubles:
             # sweeping on every destruction would cost a pass over all of them each time.
@@ -212,7 +213,7 @@ _Entry = TypeVar("_Entry")
 
 
 def _drop_expired_from(cache: dict[_Entry, tuple[DataKey, float]], now: float) -> None:
-    # list() copies in one step: another thread may add an entry meanwhile.
-    for entry, held in list(cache.items()):
+    # copy(): another thread may add an entry meanwhile (see KeyCache.forget()).
+    for entry, held in cache.copy().items():
         if held[1] <= now and cache.get(entry) is held:  # not one put back meanwhile
             cache.pop(entry, None)

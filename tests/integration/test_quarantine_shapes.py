@@ -146,7 +146,10 @@ class TestMalformedTaskBodies:
         task_id = uuid.uuid4()
         with _start(app):
             assert app.tasks["t.plain"].apply_async((3,), task_id=task_id).get(timeout=20) == 3
-            assert app.tasks["t.echo"].apply_async((CARD,), task_id=uuid.uuid4()).get(timeout=20)["value"] == CARD
+            assert (
+                app.tasks["t.echo"].apply_async((CARD,), task_id=uuid.uuid4()).get(timeout=20)["value"]
+                == CARD
+            )
         assert queued_messages(app.conf.pii_quarantine_queue) == []
 
     @pytest.mark.parametrize("header", ["eta", "expires"])
