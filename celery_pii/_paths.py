@@ -172,6 +172,7 @@ class Binder:
         "_index",
         "_named",
         "_simple",
+        "_unnamed_by_position",
         "_var_keyword",
         "_var_positional",
         "paths",
@@ -183,8 +184,18 @@ class Binder:
         paths: Sequence[str],
         *,
         task: str,
+        unnamed_by_position: bool = True,
     ) -> None:
         """Validate ``paths`` against ``fun``'s parameters.
+
+        Arguments:
+            fun: the task function.
+            paths: the declared field paths.
+            task: the task's name, for error messages.
+            unnamed_by_position: whether a name the signature lacks, beside
+                ``*args``, finds every extra positional argument (to seal them);
+                off, it is found only by keyword (a data subject's id must be
+                one value, never a guess).
 
         Raises:
             ConfigurationError: a path is malformed or names no parameter.
@@ -213,6 +224,7 @@ class Binder:
         self._named = frozenset(named)
         self._var_positional = var_positional
         self._var_keyword = var_keyword
+        self._unnamed_by_position = unnamed_by_position and var_positional is not None
         self.paths = tuple(paths)
         declared: list[tuple[Part, ...]] = []
         for text in self.paths:
@@ -245,7 +257,7 @@ class Binder:
             (head, index, keys, ("kwargs", head, *keys), ("args", index, *keys))
             for head, rest in fields
             if head not in (var_positional, var_keyword)
-            and (head in named or var_positional is None)  # else it may come by position (see _roots)
+            and (head in named or not self._unnamed_by_position)  # else it may come by position (_roots)
             and all(isinstance(p, str) for p in rest)
             for index, keys in [(self._index.get(head, _NOT_POSITIONAL), tuple(str(p) for p in rest))]
         )
@@ -375,7 +387,7 @@ class Binder:
             yield from _select_positional(len(self._index), len(args), rest)
         elif head == self._var_keyword:
             yield from _select_keywords(kwargs, self._named, rest)
-        elif head not in self._named and self._var_positional is not None:
+        elif head not in self._named and self._unnamed_by_position:
             # A name the signature does not have, beside ``*args`` (a decorator without
             # ``functools.wraps``, a ``run(self, *args, **kwargs)``): given by position it is
             # one of the extra positional arguments, and which one cannot be told.  All of

@@ -137,7 +137,9 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
     subject = None
     if subject_path is not None:
         parse_path(subject_path, task=name)
-        subject = Binder(fun, [subject_path], task=name)
+        # Never a guess among positional arguments: a subject's id given so on a task that
+        # lost its signature is absent, and publishing refuses (EncryptionFailed).
+        subject = Binder(fun, [subject_path], task=name, unnamed_by_position=False)
 
     detect = options.get("pii_detect")
     if detect is None:

@@ -213,6 +213,11 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def wrapped(card_number, amount):
         return {"card_number": card_number, "amount": amount}
 
+    @app.task(shared=False, name="t.wrapped_profile", pii_subject="user_id", pii_fields=["email"])
+    @_logged
+    def wrapped_profile(email, user_id):
+        return {"email": email, "user_id": user_id}
+
 
 def _raise_in(hook, args):
     card_number, raise_in = args

@@ -16,7 +16,7 @@ from celery import chain, chord, group
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from celery_pii import _context, _envelope, get_pii
+from celery_pii import EncryptionFailed, _context, _envelope, get_pii
 from celery_pii._sealer import MARKER, Sealer
 
 from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
@@ -244,6 +244,21 @@ class TestWire:
         (message,) = queued_messages(app.conf.task_default_queue)
         assert_no_plaintext(message_bytes(message))
         assert message["headers"]["argsrepr"] == f"('{MARKER}', '{MARKER}')"
+
+    def test_a_subject_of_a_task_whose_signature_was_lost_must_come_by_name(self, app):
+        """Its key must be the subject's own: given by position it cannot be told, and nothing is published.
+
+        The first extra positional argument was taken for it (the email here), so
+        forgetting the real subject left the message readable.
+        """
+        profile = app.tasks["t.wrapped_profile"]
+        with pytest.raises(EncryptionFailed, match="pii_subject 'user_id' is absent"):
+            profile.delay(EMAIL, "user-42")
+        assert queued_messages(app.conf.task_default_queue) == []
+        profile.delay(EMAIL, user_id="user-42")
+        (message,) = queued_messages(app.conf.task_default_queue)
+        key_id = _envelope.parse(_envelopes_of(message)[0]).key_id
+        assert key_id == get_pii(app).keys.subject_key_id("user-42")[0]
 
     def test_serializer_refuses_unsealed_task_bodies(self, app):
         """A task body that did not pass setup_pii's publish step is refused, not sent."""

@@ -189,6 +189,18 @@ class TestBinder:
         assert self._locate(["ssn"], (1, 2, 3, "900-12-3456"), {}) == [(("args", 3), "900-12-3456")]
         assert self._locate(["ssn"], (1, 2, 3), {}) == []
 
+    def test_a_subject_the_signature_lacks_is_never_guessed_by_position(self):
+        """A data subject's id must be one value: given by position to ``(*args, **kwargs)`` it is absent."""
+
+        def wrapper(*args, **kwargs):
+            """What a decorator without functools.wraps leaves."""
+
+        subject = Binder(wrapper, ["user_id"], task="t", unnamed_by_position=False)
+        assert subject.locate(("ann@example.com", "user-42"), {}) == []
+        assert subject.locate(("ann@example.com",), {"user_id": "user-42"}) == [
+            (("kwargs", "user_id"), "user-42")
+        ]
+
     def test_a_name_the_signature_lacks_beside_only_kwargs_comes_by_name(self):
         """Without ``*args`` such a field can only be a keyword: the binder stays simple."""
 
