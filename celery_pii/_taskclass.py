@@ -76,16 +76,17 @@ class ResultReprSize(int):
 def install_opening(cls: type[Any], *, is_pii: bool) -> None:
     """Give a task class the fail-closed opening step, exception scrubbing, and hidden results."""
     if not cls.__dict__.get("_celery_pii_opening"):
-        chained = getattr(cls, "before_start", None)
-        if getattr(chained, "__qualname__", "") == Task.before_start.__qualname__:
+        chained = inspect.getattr_static(cls, "before_start", None)
+        if getattr(_function_of(chained), "__qualname__", "") == Task.before_start.__qualname__:
             chained = None
-        elif inspect.isfunction(chained) and not _scrubs(chained):
-            chained = _scrubbing(chained)  # it runs with the values open, as the task function does
+        else:  # it runs with the values open, as the task function does
+            chained = _scrubbing_attribute(chained) or chained
 
         def before_start(self: Task, task_id: str, args: Any, kwargs: Any) -> None:
             getattr(self.app, _context.APP_ATTRIBUTE)._open(self, task_id, args, kwargs)  # noqa: SLF001
             if chained is not None:
-                chained(self, task_id, args, kwargs)
+                # Bound as Celery would find it on the task: a method, static or class method.
+                chained.__get__(self, type(self))(task_id, args, kwargs)
 
         cls.before_start = before_start
         cls._celery_pii_opening = True
@@ -176,19 +177,40 @@ def _wrap_hooks(cls: type[Any]) -> None:
     """Scrub what a task class's own hooks (and ``__call__``) raise, as :func:`_wrap_run` does for ``run``.
 
     Celery's own hooks raise nothing of the task's and stay as they are (the
-    tracer skips hooks a class does not override).  Only plain functions are
-    wrapped: a callable object set as a hook is not bound to the task, and a
-    function wrapping it would be.
+    tracer skips hooks a class does not override).
     """
     for name in _HOOKS:
         raw = inspect.getattr_static(cls, name)
-        if raw is inspect.getattr_static(Task, name):
-            continue
-        is_static = isinstance(raw, staticmethod)
-        fun = raw.__func__ if is_static else raw
-        if inspect.isfunction(fun) and not _scrubs(fun):
-            hook = _scrubbing(fun)
-            setattr(cls, name, staticmethod(hook) if is_static else hook)
+        if raw is not inspect.getattr_static(Task, name):
+            hook = _scrubbing_attribute(raw)
+            if hook is not None:
+                setattr(cls, name, hook)
+
+
+def _scrubbing_attribute(raw: Any) -> Any:
+    """A class attribute that scrubs what ``raw`` raises, bound as ``raw`` is; ``None`` if nothing to do.
+
+    A function, static or class method is wrapped inside its kind; a callable
+    object (no ``__get__``: called without the task) becomes a static method
+    calling it.  Other descriptors, and what already scrubs, are left as they are.
+    """
+    fun = _function_of(raw)
+    if fun is None or _scrubs(fun):
+        return None
+    if isinstance(raw, classmethod):
+        return classmethod(_scrubbing(fun))
+    if isinstance(raw, staticmethod) or not inspect.isfunction(raw):
+        return staticmethod(_scrubbing(fun))
+    return _scrubbing(fun)
+
+
+def _function_of(raw: Any) -> Callable[..., Any] | None:
+    """What a class attribute calls: a function, a static or class method's, or a callable object."""
+    if isinstance(raw, (staticmethod, classmethod)):
+        return cast("Callable[..., Any]", raw.__func__)
+    if inspect.isfunction(raw) or (callable(raw) and not hasattr(raw, "__get__")):
+        return cast("Callable[..., Any]", raw)
+    return None
 
 
 def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[..., Any]:

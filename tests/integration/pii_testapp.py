@@ -199,7 +199,19 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
         def on_retry(self, exc, task_id, args, kwargs, einfo):
             _raise_in("on_retry", args)
 
-    @app.task(shared=False, name="t.hooks", base=RaisingHooks, bind=True, pii_fields=["card_number"])
+    class OddlyBoundHooks(app.Task):
+        """The same hooks as a static method, a class method and a callable object."""
+
+        @staticmethod
+        def before_start(task_id, args, kwargs):  # noqa: ARG004 - Celery's signature
+            _raise_in("before_start", args)
+
+        @classmethod
+        def on_failure(cls, exc, task_id, args, kwargs, einfo):  # noqa: ARG003 - Celery's signature
+            _raise_in("on_failure", args)
+
+        on_retry = _CallableHook("on_retry")
+
     def hooks(self, card_number, hook):
         if hook == "on_retry":
             raise self.retry(countdown=60)
@@ -207,6 +219,9 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
             msg = "declined"
             raise ValueError(msg)
         return "charged"
+
+    for name, base in (("t.hooks", RaisingHooks), ("t.odd_hooks", OddlyBoundHooks)):
+        app.task(shared=False, name=name, base=base, bind=True, pii_fields=["card_number"])(hooks)
 
     @app.task(shared=False, name="t.wrapped", pii_fields=["card_number"])
     @_logged
@@ -217,6 +232,16 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     @_logged
     def wrapped_profile(email, user_id):
         return {"email": email, "user_id": user_id}
+
+
+class _CallableHook:
+    """A hook that is an object: Celery calls it without the task."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, exc, task_id, args, kwargs, einfo):
+        _raise_in(self.hook, args)
 
 
 def _raise_in(hook, args):

@@ -102,8 +102,15 @@ def test_threads_a_task_starts_log_no_value(app, start_worker_process, pool):
     assert_no_plaintext(log)
 
 
-@pytest.mark.parametrize("hook", ["before_start", "__call__", "on_failure", "on_retry"])
-def test_a_hook_of_the_task_class_that_raises_shows_no_value(app, start_worker_process, hook):
+@pytest.mark.parametrize(
+    ("task", "hook"),
+    [
+        *[("t.hooks", hook) for hook in ("before_start", "__call__", "on_failure", "on_retry")],
+        # a static method, a class method, a callable object
+        *[("t.odd_hooks", hook) for hook in ("before_start", "on_failure", "on_retry")],
+    ],
+)
+def test_a_hook_of_the_task_class_that_raises_shows_no_value(app, start_worker_process, task, hook):
     """``before_start``, ``__call__``, ``on_failure`` and ``on_retry`` of a ``base=`` class run with the values open.
 
     What they raise is the task's failure: Celery logs it, sends it in the
@@ -113,7 +120,7 @@ def test_a_hook_of_the_task_class_that_raises_shows_no_value(app, start_worker_p
     """
     worker = start_worker_process(pool="prefork", concurrency=1, loglevel="DEBUG")
     with RedisMonitor() as monitor, EventCapture(app) as events:
-        result = app.tasks["t.hooks"].delay(CARD, hook)
+        result = app.tasks[task].delay(CARD, hook)
         # on_failure and on_retry: Celery handles the hook's error as one "outside body", last.
         last_words = "outside body" if hook in ("on_failure", "on_retry") else f"{hook} broke for"
         deadline = time.monotonic() + 30
