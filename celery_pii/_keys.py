@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -472,25 +472,45 @@ class KeyManager:
         """
         limit = self.max_key_versions
         now = self._clock()
+        # Only key ids with a version that may go: one retired within the grace
+        # (see _beyond_max_versions) would fill every batch and starve the others.
+        may_go = case(
+            (
+                and_(
+                    KeyRow.status == RETIRED,
+                    or_(KeyRow.retired_at.is_(None), KeyRow.retired_at <= self._grace_end(now)),
+                ),
+                1,
+            ),
+            else_=0,
+        )
+        destroyed: list[tuple[str, int]] = []
+        after = ""
 
-        def work(session: Session) -> list[tuple[str, int]]:
+        def one_batch(session: Session) -> tuple[list[tuple[str, int]], list[str]]:
             over = session.scalars(
                 select(KeyRow.key_id)
-                .where(KeyRow.status != DESTROYED)
+                .where(KeyRow.status != DESTROYED, KeyRow.key_id > after)
                 .group_by(KeyRow.key_id)
-                .having(func.count() > limit)
+                .having(func.count() > limit, func.sum(may_go) > 0)
+                .order_by(KeyRow.key_id)
                 .limit(batch_size)
             ).all()
-            destroyed = []
+            done = []
             for key_id in over:
                 live = [row for row in self._lock_rows(session, key_id) if row.status != DESTROYED]
                 live.sort(key=lambda row: (row.status == ACTIVE, row.version))  # the active one is kept
                 for row in self._beyond_max_versions(live[:-1], len(live), now):
                     self._destroy_row(session, row, reason="max_key_versions")
-                    destroyed.append((row.key_id, row.version))
-            return destroyed
+                    done.append((row.key_id, row.version))
+            return done, list(over)
 
-        destroyed = self._transact(work)
+        while True:  # in batches (bounded memory and transactions), by key id
+            done, over = self._transact(one_batch)
+            destroyed.extend(done)
+            if len(over) < batch_size:
+                break
+            after = over[-1]
         for key_id, version in destroyed:
             self.cache.forget(key_id, version, destroyed=True)
         return destroyed
@@ -790,9 +810,13 @@ class KeyManager:
         ``rotate_keys`` run, so with ``pii_max_key_versions=1`` the key keeps
         two versions for a while after each rotation.
         """
-        still_in_use_after = now - timedelta(seconds=self.recheck_interval) - _RECHECK_OVERLAP
-        old = [row for row in retired if row.retired_at is None or row.retired_at <= still_in_use_after]
+        grace_end = self._grace_end(now)
+        old = [row for row in retired if row.retired_at is None or row.retired_at <= grace_end]
         return old[: max(0, live - self.max_key_versions)]
+
+    def _grace_end(self, now: datetime) -> datetime:
+        """Versions retired after this may still be sealed with somewhere (see _beyond_max_versions)."""
+        return now - timedelta(seconds=self.recheck_interval) - _RECHECK_OVERLAP
 
     def _destroy_row(self, session: Session, row: KeyRow, *, reason: str) -> None:
         row.status, row.wrapped_key, row.wrapped_key_next = DESTROYED, None, None

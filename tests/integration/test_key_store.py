@@ -272,6 +272,26 @@ class TestKeyManager:
         clock.advance(minutes=6)
         assert rotator.enforce_max_versions() == [("orders", 1)]
 
+    def test_versions_in_their_grace_do_not_hold_up_the_others(self, make_manager):
+        """Key ids rotated moments ago wait; those rotated long ago are trimmed, however many of either.
+
+        The sweep took a batch of key ids over the limit and skipped those still in
+        their grace: with enough of them, every batch was theirs and nothing went.
+        """
+        clock = _Clock()
+        manager = make_manager(max_key_versions=1, clock=clock)
+        for name in ("long-ago-0", "long-ago-1", "long-ago-2", "just-now-0", "just-now-1", "just-now-2"):
+            manager.generate_key(name)
+        clock.advance(minutes=-60)
+        for name in ("long-ago-0", "long-ago-1", "long-ago-2"):
+            manager.rotate_key(name)
+        clock.advance(minutes=60)
+        for name in ("just-now-0", "just-now-1", "just-now-2"):
+            manager.rotate_key(name)
+        destroyed = manager.enforce_max_versions(batch_size=2)
+        assert sorted(destroyed) == [("long-ago-0", 1), ("long-ago-1", 1), ("long-ago-2", 1)]
+        assert manager.enforce_max_versions(batch_size=2) == []
+
     def test_retire(self, manager):
         """A retired active version stops encrypting; the next use creates a new version."""
         manager.generate_key("orders")
