@@ -55,6 +55,7 @@ EMBED_PARTS: Final = ("callbacks", "errbacks", "chain", "chord")
 _RESULT_AD: Final = "celery-pii result"
 # The one location of a result sealed as a whole value (not a result meta).
 _VALUE_FIELD: Final = "value"
+_WHOLE_VALUE: Final = ((_VALUE_FIELD,),)
 _CHORD_UNLOCK: Final = "celery.chord_unlock"
 # Built-in tasks that call another task once per item (``task.map``,
 # ``task.starmap``, ``task.chunks``): each item is that task's arguments.
@@ -398,15 +399,16 @@ class Sealer:
         # A sealed meta names its task in the clear, next to the envelope bound to it:
         # the two must agree, so a meta is not opened as another task's (nor with
         # its task id taken out).  A whole value sealed alone has no meta around it.
-        if envelope.locations != ((_VALUE_FIELD,),):
+        whole = envelope.locations == _WHOLE_VALUE
+        if not whole:
             bound = obj.get("task_id")  # a UUID when the caller gave one and the backend kept its type
             if bound is None or str(bound) != envelope.task_id:
                 raise DecryptionFailed
         key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
         values = envelope.open(key, task_name=_RESULT_AD)
-        names = [str(location[0]) for location in envelope.locations]
-        if names == [_VALUE_FIELD]:
+        if whole:
             return OpenedResult(values[0], envelope.key_id, values)
+        names = [str(location[0]) for location in envelope.locations]
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
         return OpenedResult(opened, envelope.key_id, values)

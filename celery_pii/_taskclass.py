@@ -155,13 +155,9 @@ def _wrap_run(cls: type[Any]) -> None:
     directly unless ``__call__`` is overridden, and an override would cost every
     task a second request context.
     """
-    raw = inspect.getattr_static(cls, "run")
-    is_static = isinstance(raw, staticmethod)
-    fun = raw.__func__ if is_static else raw
-    if _scrubs(fun):
-        return
-    run = _scrubbing(fun)
-    cls.run = staticmethod(run) if is_static else run
+    run = _scrubbing_attribute(inspect.getattr_static(cls, "run"))
+    if run is not None:
+        cls.run = run
 
 
 # Task methods the tracer calls while the task's values are open, besides ``run``
