@@ -136,7 +136,7 @@ def _open_result_hook(value: Any) -> Any:
             # migrated, down) does not hold this result's key: try the next one.
             logger.debug("celery-pii: app %r could not look up a result's key", pii.app.main)
             continue
-        _context.derive_from_result(pii, opened.key_id, opened.values)
+        _context.derive_from_result(pii, opened.key, opened.values)
         return opened.value
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))

@@ -63,7 +63,7 @@ class RunningTask:
         spec: TaskSpec | None,
         values: list[Any],
         result_key: KeySpec | None,
-        message_key: str | None = None,
+        message_key: tuple[str, int] | None = None,
         request: Any = None,
         request_stack: Any = None,
         *,
@@ -97,12 +97,13 @@ class RunningTask:
     def result_key(self) -> KeySpec | None:
         """The key results of this task are sealed under (``None``: not a PII task).
 
-        The key its message was sealed under, when it came sealed; otherwise
-        the one given (a subject's), or the task's own.
+        The key its message was sealed under, when it came sealed (never once
+        the version that opened it is destroyed: see ``KeySpec.derived_from``);
+        otherwise the one given (a subject's), or the task's own.
         """
         if self._result_key is None:
             if self._message_key is not None:
-                self._result_key = KeySpec(self._message_key)
+                self._result_key = KeySpec(self._message_key[0], derived_from=self._message_key)
             elif self.is_pii:
                 self._result_key = self.pii.sealer.key_spec(
                     self.name, self.spec, {}, [self.spec] if self.spec else []
@@ -127,7 +128,7 @@ def start(task: RunningTask) -> None:
         _with_values[id(task)] = task
 
 
-def derive_from_result(pii: PII, key_id: str, values: list[Any]) -> None:
+def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any]) -> None:
     """A task with no PII context opened a sealed result: it now holds that PII.
 
     A chord's body is published by whatever reads its header's results: the
@@ -154,7 +155,7 @@ def derive_from_result(pii: PII, key_id: str, values: list[Any]) -> None:
         pii.specs.get(task.name),
         list(values),
         None,
-        key_id,
+        key,
         request,
         task.request_stack,
     )

@@ -165,8 +165,8 @@ def open_task(
     task_id: str,
     task_name: str | Callable[[tuple[Location, ...]], str],
     key_for: Callable[[str, int], DataKey],
-) -> tuple[str, tuple[Location, ...], list[Any]]:
-    """Open the envelope of a task call: its key id, locations and values.
+) -> tuple[tuple[str, int], tuple[Location, ...], list[Any]]:
+    """Open the envelope of a task call: its ``(key id, version)``, locations and values.
 
     The worker's path, in one step: :func:`parse` and :meth:`Envelope.open`
     without building an :class:`Envelope`.  ``key_for(key_id, version)`` is
@@ -188,7 +188,8 @@ def open_task(
     if not isinstance(task_name, str):
         task_name = task_name(locations)
     key = key_for(prefix.key_id, prefix.key_version)
-    return prefix.key_id, locations, _open_values(prefix, key, data, end, task_name, len(locations))
+    values = _open_values(prefix, key, data, end, task_name, len(locations))
+    return (prefix.key_id, prefix.key_version), locations, values
 
 
 def _open_values(  # noqa: PLR0913, PLR0917 - the parsed parts of one envelope

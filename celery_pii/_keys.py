@@ -115,6 +115,11 @@ class KeySpec:
     subject_id: str | None = None
     expires_at: datetime | None = None
     retention_deadline: datetime | None = None
+    #: ``(key id, version)`` of the key that opened the data this is derived from
+    #: (a task's result, its retry, its chain's next step).  Once that version is
+    #: destroyed (erasure, retention, by hand) nothing derived from it is sealed:
+    #: not under a version created after the destruction either.
+    derived_from: tuple[str, int] | None = None
 
 
 class KeyManager:
@@ -171,12 +176,19 @@ class KeyManager:
         Raises:
             KeyStoreUnavailable: not cached and the store cannot be reached.
             EncryptionFailed: a retention bucket whose deadline has passed.
+            KeyDestroyed: the data is derived from a destroyed key version, or from
+                one whose retention deadline has passed (``spec.derived_from``).
         """
         now = time.monotonic()
         if now >= self._next_recheck:
             self.recheck_cache()
+        source = spec.derived_from
+        if source is not None and self.cache.is_destroyed(*source):
+            raise _destroyed(*source)
         key = self.cache.active(spec.key_id, now)
-        if key is None:
+        if key is None or (key.expires_at is not None and key.expires_at <= self._clock().timestamp()):
+            # A bucket key past its deadline seals nothing, cached or not (what it
+            # sealed would be refused on arrival): the store says what to do.
             key = self._load_active(spec)
         if self.cache.flush_due(now):
             self.flush_usage()
@@ -256,7 +268,8 @@ class KeyManager:
             )
             return 0
         self._changes_since = checked_at - _RECHECK_OVERLAP
-        evicted = sum(self.cache.forget(key_id, version) for key_id, version in destroyed)
+        # Remembered as destroyed: what was derived from them is refused without a round trip.
+        evicted = sum(self.cache.forget(key_id, version, destroyed=True) for key_id, version in destroyed)
         evicted += sum(self.cache.no_longer_active(key_id, version) for key_id, version in retired)
         if evicted:
             logger.info(
@@ -278,11 +291,12 @@ class KeyManager:
     def _load_active(self, spec: KeySpec) -> DataKey:
         now = self._clock()
         if spec.expires_at is not None and spec.expires_at <= now:
-            msg = f"key {spec.key_id!r}: its retention deadline has passed; nothing was sealed"
-            raise EncryptionFailed(msg)
+            raise _past_deadline(spec)
         for _ in range(_RETRIES):
             try:
                 with self.store.transaction() as session:
+                    if spec.derived_from is not None:
+                        self._refuse_if_destroyed(session, *spec.derived_from)
                     row = self._active_row(session, spec.key_id)
                     if row is None:
                         row = self._insert_version(
@@ -295,8 +309,27 @@ class KeyManager:
         else:  # pragma: no cover - only under pathological contention
             msg = f"key {spec.key_id!r}: could not create its first version"
             raise KeyStoreUnavailable(msg)
+        if key.expires_at is not None and key.expires_at <= now.timestamp():
+            # Not destroyed yet (enforce_retention runs on a schedule), but what it
+            # sealed now would be refused on arrival: say so now, as after the run.
+            raise _past_deadline(spec)
         self.cache.put(key, active=True)
         return self.cache.active(spec.key_id) or key
+
+    def _refuse_if_destroyed(self, session: Session, key_id: str, version: int) -> None:
+        """Raise :class:`KeyDestroyed` if that version is destroyed (or gone from the store).
+
+        Data derived from a subject's message (a result, a retry) would otherwise
+        be sealed under a version created after the subject was erased, and be
+        readable: the cache may not hold the source's destruction (another
+        process destroyed it, or the entry expired).
+        """
+        status = session.scalar(
+            select(KeyRow.status).where(KeyRow.key_id == key_id, KeyRow.version == version)
+        )
+        if status is None or status == DESTROYED:
+            self.cache.forget(key_id, version, destroyed=True)
+            raise _destroyed(key_id, version)
 
     def _inherit(self, session: Session, spec: KeySpec, now: datetime) -> KeySpec:
         """A spec that keeps the subject and expiry an earlier version of the key id had.
@@ -314,8 +347,7 @@ class KeyManager:
             return spec
         expires_at = spec.expires_at or latest.expires_at
         if expires_at is not None and expires_at <= now:
-            msg = f"key {spec.key_id!r}: its retention deadline has passed; nothing was sealed"
-            raise EncryptionFailed(msg)
+            raise _past_deadline(spec)
         return KeySpec(
             spec.key_id,
             subject_id=spec.subject_id or latest.subject_id,
@@ -591,7 +623,14 @@ class KeyManager:
 
         The hash is keyed by a secret kept in the key store, so a subject id
         (often an email or a user id) cannot be guessed back from a key id.
+        ``42`` and ``"42"`` are the same subject (the CLI gives text).
+
+        Raises:
+            ConfigurationError: not a string or a number (``None``, a dict...).
         """
+        if not is_subject_id(subject_id):
+            msg = f"a data subject's id must be a string or a number, not {type(subject_id).__name__}"
+            raise ConfigurationError(msg)
         secret = self._subject_secret or self._load_subject_secret()
         digest = hmac.new(secret, str(subject_id).encode(), hashlib.sha256).hexdigest()[:32]
         return f"{SUBJECT_KEY_PREFIX}{digest}", digest
@@ -891,8 +930,31 @@ class KeyManager:
         raise AssertionError  # pragma: no cover - the loop always returns or raises
 
 
+def is_subject_id(value: object) -> bool:
+    """True for what may name a data subject: a string or a number (``str()`` of it is hashed).
+
+    ``None`` would make every call without a subject one subject, and a dict
+    or list would hash with its key order and every other field in it.
+    """
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def _destroyed(key_id: str, version: int) -> KeyDestroyed:
     return KeyDestroyed(f"key {key_id!r} version {version} was destroyed; data sealed under it is gone")
+
+
+def _past_deadline(spec: KeySpec) -> EncryptionFailed | KeyDestroyed:
+    """What sealing under a retention bucket whose deadline has passed raises.
+
+    New data: the caller's mistake (``EncryptionFailed``).  Data derived from a
+    message of that bucket (a result, a retry): the source's key is destroyed,
+    as for an erasure (``KeyDestroyed``).
+    """
+    if spec.derived_from is not None:
+        return KeyDestroyed(
+            f"key {spec.key_id!r}: its retention deadline has passed; data sealed under it is gone"
+        )
+    return EncryptionFailed(f"key {spec.key_id!r}: its retention deadline has passed; nothing was sealed")
 
 
 def check_not_reserved(key_id: str) -> None:

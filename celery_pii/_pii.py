@@ -28,12 +28,19 @@ from ._paths import Location, replace_in_copies
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_marker
+from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_marker, withheld_outcome
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
 from ._taskclass import install_opening
-from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed, KeyNotFound, KeyStoreUnavailable
+from .exceptions import (
+    ConfigurationError,
+    DecryptionFailed,
+    EncryptionFailed,
+    KeyDestroyed,
+    KeyNotFound,
+    KeyStoreUnavailable,
+)
 
 __all__ = ["PII"]
 
@@ -76,16 +83,22 @@ class PII:
         Every copy of data sealed under them (queues, dead letters, backups,
         stored results) becomes unreadable.  ``now`` lets tests and operators
         evaluate deadlines at a chosen instant.
+
+        Raises:
+            ConfigurationError: ``now`` without a time zone.
         """
-        return enforce(self.keys.destroy_expired, now or utcnow())
+        return enforce(self.keys.destroy_expired, _aware(now, "enforce_retention") or utcnow())
 
     def rotate_keys(self, now: datetime | None = None, *, max_keys: int = 10_000) -> dict[str, Any]:
         """Rotate due keys and trim versions beyond ``pii_max_key_versions`` (one bounded run).
 
         Returns:
             A report of counts and key ids (no values).
+
+        Raises:
+            ConfigurationError: ``now`` without a time zone.
         """
-        rotated = self.keys.perform_automatic_rotation(now, max_keys=max_keys)
+        rotated = self.keys.perform_automatic_rotation(_aware(now, "rotate_keys"), max_keys=max_keys)
         trimmed = self.keys.enforce_max_versions()
         return {
             "rotated": len(rotated),
@@ -137,7 +150,7 @@ class PII:
             bound_id,
             root,
             seal_all=derived,
-            derived_from=source_key.key_id if source_key is not None else None,
+            derived_from=source_key,
         )
         _, spec = self._lookup(name)
         display = root
@@ -196,12 +209,12 @@ class PII:
         spec = self.specs.get(name)
         tokens = getattr(request, EMBED_KEY, None)
         values: list[Any] = []
-        message_key: str | None = None
+        message_key: tuple[str, int] | None = None
         opened_at: Sequence[Location] = ()
         arrived_unsealed = False
         if tokens:
             opened = self._open_or_handle(task, task_id, _message_root(request, args, kwargs), tokens)
-            values, message_key = opened.values, opened.key_ids[0]
+            values, message_key = opened.values, opened.keys[0]
             if self.stores_arguments:
                 opened_at = opened.locations
             setattr(request, EMBED_KEY, None)
@@ -279,7 +292,9 @@ class PII:
             )
             raise self._retry_unopened(task, task_id, tokens, countdown) from None
         except KeyDestroyed as error:
-            self._audit_quietly("decrypt_denied", name, task_id, reason=str(error))
+            # Filed under the message's keys (the reason names the destroyed one), so the
+            # key's own audit trail shows what was refused after its destruction.
+            self._audit_quietly("decrypt_denied", name, task_id, reason=str(error), key_ids=_key_ids(tokens))
             raise
         except (DecryptionFailed, KeyNotFound):
             self._refuse_unopenable(task, task_id, root, tokens)
@@ -413,7 +428,20 @@ class PII:
         if running.result_key is None:
             return obj
         task_id = obj.get("task_id", running.task_id) if isinstance(obj, dict) else running.task_id
-        return self.sealer.seal_result(obj, task_id=str(task_id), key_spec=running.result_key)
+        try:
+            return self.sealer.seal_result(obj, task_id=str(task_id), key_spec=running.result_key)
+        except KeyDestroyed as error:
+            # The subject was erased, or the retention deadline passed, while the task
+            # ran: its outcome must not be readable.  Raising here would leave Celery
+            # nothing it can store (the failure is sealed under the same key), and a
+            # solo or threads worker stops on that.
+            withheld = withheld_outcome(
+                obj, f"the outcome of task {running.name}[{task_id}] was not stored: {error}"
+            )
+            if withheld is None:
+                raise
+            logger.warning("celery-pii: task %s[%s]: outcome not stored: %s", running.name, task_id, error)
+            return withheld
 
 
 class _Call:
@@ -483,6 +511,14 @@ def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:
         "chain": request.chain,
         "chord": request.chord,
     }
+
+
+def _aware(now: datetime | None, method: str) -> datetime | None:
+    """``now`` as given, if it says its time zone (deadlines are compared in UTC)."""
+    if now is not None and now.utcoffset() is None:
+        msg = f"PII.{method}: now must be timezone-aware (e.g. datetime.now(timezone.utc))"
+        raise ConfigurationError(msg)
+    return now
 
 
 def _key_ids(tokens: Any) -> list[str]:

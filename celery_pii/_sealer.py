@@ -20,6 +20,7 @@ no Celery.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,16 +28,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final, NamedTuple, cast
 
+from celery import states
+
 from . import _envelope
 from ._config import Settings
 from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
-from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec
+from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
 from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
-from .exceptions import DecryptionFailed, EncryptionFailed
+from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed
 
 __all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer", "is_marker"]
 
@@ -87,7 +90,8 @@ class Opened:
     """What opening a message produced: the plaintext values (for scrubbing), the keys, the places."""
 
     values: list[Any] = field(default_factory=list)
-    key_ids: list[str] = field(default_factory=list)
+    #: ``(key id, version)`` of each envelope opened, the message's own first.
+    keys: list[tuple[str, int]] = field(default_factory=list)
     #: Where the values were put, in their order.
     locations: Sequence[Location] = ()
 
@@ -96,7 +100,8 @@ class OpenedResult(NamedTuple):
     """An opened stored result: the value as it was stored, its key, the values that were sealed."""
 
     value: Any
-    key_id: str
+    #: ``(key id, version)`` it was sealed under.
+    key: tuple[str, int]
     #: The plaintext values of the sealed fields (what logs and errors must hide from now on).
     values: list[Any]
 
@@ -125,7 +130,7 @@ class Sealer:
         root: Mapping[str, Any],
         *,
         seal_all: bool = False,
-        derived_from: str | None = None,
+        derived_from: KeySpec | None = None,
         now: datetime | None = None,
     ) -> Sealed | None:
         """Seal the PII of one task message; ``None`` when there is nothing to seal or report.
@@ -309,8 +314,13 @@ class Sealer:
         if spec is not None and spec.subject is not None:
             args, kwargs = root.get("args") or (), root.get("kwargs") or {}
             subject = next(iter(spec.subject.locate(args, kwargs)), None)
-            if subject is None or is_marker(subject[1]):
+            if subject is None or subject[1] is None or is_marker(subject[1]):
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
+                raise EncryptionFailed(msg)
+            if not is_subject_id(subject[1]):
+                msg = (
+                    f"task {name!r}: pii_subject {spec.subject_path!r} is neither a string nor a number here"
+                )
                 raise EncryptionFailed(msg)
             base, digest = self.keys.subject_key_id(subject[1])
         policies = [s.retention for s in specs] or [self.settings.default_retention]
@@ -346,8 +356,8 @@ class Sealer:
         except (KeyError, IndexError, TypeError):  # the body no longer has that place
             raise DecryptionFailed from None
         if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
-            key_id, locations, values = opened[0]
-            return Opened(values, [key_id], locations)
+            key, locations, values = opened[0]
+            return Opened(values, [key], locations)
         return Opened(
             [value for _, _, values in opened for value in values],
             [key for key, _, _ in opened],
@@ -407,27 +417,29 @@ class Sealer:
         key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
         values = envelope.open(key, task_name=_RESULT_AD)
         if whole:
-            return OpenedResult(values[0], envelope.key_id, values)
+            return OpenedResult(values[0], (envelope.key_id, envelope.key_version), values)
         names = [str(location[0]) for location in envelope.locations]
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
-        return OpenedResult(opened, envelope.key_id, values)
+        return OpenedResult(opened, (envelope.key_id, envelope.key_version), values)
 
 
-def derived_key_spec(own: KeySpec, source_key_id: str) -> KeySpec:
-    """The key of a message derived from data sealed under ``source_key_id``.
+def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
+    """The key of a message derived from data sealed under ``source``.
 
     The message keeps its own key unless the source's data is a subject's or
     has a retention bucket: then the message is sealed under that subject's
     key (its own subject's, if it declares one: it cannot be both) and the
     earlier of the two buckets, so forgetting the subject or reaching the
-    deadline makes the derived copy unreadable with the source.
+    deadline makes the derived copy unreadable with the source.  Either way
+    it is not sealed once the key version that opened the source is destroyed.
     """
-    source_base, _, source_bucket = source_key_id.partition("@")
+    source_base, _, source_bucket = source.key_id.partition("@")
     is_subject = source_base.startswith(SUBJECT_KEY_PREFIX)
     source_subject = source_base[len(SUBJECT_KEY_PREFIX) :] if is_subject else None
     if source_subject is None and not source_bucket:
-        return own  # the source's key is kept indefinitely and names no subject
+        # The source's key is kept indefinitely and names no subject.
+        return dataclasses.replace(own, derived_from=source.derived_from) if source.derived_from else own
     own_base = own.key_id.partition("@")[0]
     base: str
     subject_id: str | None
@@ -439,17 +451,20 @@ def derived_key_spec(own: KeySpec, source_key_id: str) -> KeySpec:
     if source_bucket:
         buckets.append(datetime.strptime(source_bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
     if not buckets:
-        return KeySpec(base, subject_id=subject_id)
-    return _bucket_key(base, subject_id, min(buckets))
+        return KeySpec(base, subject_id=subject_id, derived_from=source.derived_from)
+    return _bucket_key(base, subject_id, min(buckets), derived_from=source.derived_from)
 
 
-def _bucket_key(base: str, subject_id: str | None, bucket: datetime) -> KeySpec:
+def _bucket_key(
+    base: str, subject_id: str | None, bucket: datetime, *, derived_from: tuple[str, int] | None = None
+) -> KeySpec:
     """The key of one retention bucket: destroyed at the bucket's moment."""
     return KeySpec(
         f"{base}@{bucket:{_BUCKET_FORMAT}}",
         subject_id=subject_id,
         expires_at=bucket,
         retention_deadline=bucket,
+        derived_from=derived_from,
     )
 
 
@@ -534,6 +549,28 @@ def _failure_meta(obj: dict[str, Any], error: Exception) -> dict[str, Any]:
 def is_sealed_result(obj: object) -> bool:
     """True for a result sealed by :meth:`Sealer.seal_result`."""
     return isinstance(obj, dict) and RESULT_KEY in obj
+
+
+def withheld_outcome(obj: object, reason: str) -> dict[str, Any] | None:
+    """A result meta stored in place of one whose key is gone: a ``KeyDestroyed`` failure.
+
+    Nothing of the task's outcome is kept (result, traceback, the arguments
+    ``result_extended`` stores); readers get ``KeyDestroyed(reason)``, in the
+    form Celery stores exceptions in.  ``None`` for what is not a meta: a
+    whole value has no status to say so.
+    """
+    if not _is_meta(obj):
+        return None
+    failure = {
+        "exc_type": KeyDestroyed.__name__,
+        "exc_message": [reason],
+        "exc_module": KeyDestroyed.__module__,
+    }
+    withheld = dict(cast("dict[str, Any]", obj), status=states.FAILURE, result=failure, traceback=None)
+    for name in ("args", "kwargs"):
+        if name in withheld:
+            withheld[name] = None
+    return withheld
 
 
 def _is_meta(obj: object) -> bool:

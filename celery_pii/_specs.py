@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from ._config import DETECT_MODES, USER_KEY_ID_HINT, USER_KEY_ID_PATTERN, Settings
 from ._keys import KeySpec
-from ._paths import Binder, parse_path
+from ._paths import WILDCARD, Binder, parse_path
 from ._retention import RetentionPolicy
 from .exceptions import ConfigurationError
 
@@ -136,7 +136,10 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
 
     subject = None
     if subject_path is not None:
-        parse_path(subject_path, task=name)
+        if WILDCARD in parse_path(subject_path, task=name):
+            # Several values, one key: erasing any but the one picked would leave the message readable.
+            msg = f"task {name!r}: pii_subject {subject_path!r} must name one value, not every item ([*])"
+            raise ConfigurationError(msg)
         # Never a guess among positional arguments: a subject's id given so on a task that
         # lost its signature is absent, and publishing refuses (EncryptionFailed).
         subject = Binder(fun, [subject_path], task=name, unnamed_by_position=False)

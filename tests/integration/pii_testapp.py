@@ -8,6 +8,7 @@ fake: Luhn-valid test cards, 9xx-area SSNs (invalid), example.com emails.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from celery import Celery
@@ -17,6 +18,9 @@ from celery_pii import RetentionPolicy, setup_pii
 
 #: What inline-called tasks received (in-process workers only; never a broker or log).
 RECEIVED: list[Any] = []
+#: t.profile_waits sets STARTED once running, then waits for PROCEED (in-process workers only).
+STARTED = threading.Event()
+PROCEED = threading.Event()
 
 
 def make_app(*, broker: str, backend: str, key_store: str, queue: str, **conf: Any) -> Celery:
@@ -79,6 +83,21 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
 
     @app.task(shared=False, name="t.profile", pii_subject="user_id", pii_fields=["email"])
     def profile(user_id, email):
+        return {"user_id": user_id, "email": email}
+
+    @app.task(
+        shared=False,
+        name="t.profile_waits",
+        bind=True,
+        max_retries=1,
+        pii_subject="user_id",
+        pii_fields=["email"],
+    )
+    def profile_waits(self, user_id, email, retry=False):
+        STARTED.set()
+        PROCEED.wait(20)
+        if retry and not self.request.retries:
+            raise self.retry(countdown=0)
         return {"user_id": user_id, "email": email}
 
     @app.task(shared=False, name="t.plain")

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import pytest
 from celery.contrib.testing.worker import start_worker
-from celery.exceptions import MaxRetriesExceededError
+from celery.exceptions import MaxRetriesExceededError, Reject
 
 from celery_pii import DecryptionFailed, KeyDestroyed, _envelope, get_pii
 from celery_pii._keys import KeySpec
@@ -47,6 +47,12 @@ def _run_until_parked(app, good):
         while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
             time.sleep(0.1)
     return queued_messages(app.conf.pii_quarantine_queue)
+
+
+def _stored_status(task_id):
+    """The status of a stored result, read raw (the status is never sealed)."""
+    raw = redis_client(BACKEND_DB).get(f"celery-task-meta-{task_id}")
+    return json.loads(raw[2:])["status"] if raw else None
 
 
 def _tamper(queue):
@@ -250,17 +256,60 @@ class TestKeyOutcomes:
     def test_derived_key_takes_the_source_subject_and_the_earlier_bucket(self):
         """The derived message's key: the source's subject, the earlier bucket; a plain source changes nothing."""
         own = KeySpec("orders@20270101T000000Z", expires_at=datetime(2027, 1, 1, tzinfo=timezone.utc))
-        derived = derived_key_spec(own, "subject.abc@20261201T000000Z")
+        derived = derived_key_spec(own, KeySpec("subject.abc@20261201T000000Z"))
         assert derived.key_id == "subject.abc@20261201T000000Z"
         assert derived.subject_id == "abc"
         assert derived.expires_at == datetime(2026, 12, 1, tzinfo=timezone.utc)
-        assert derived_key_spec(own, "subject.abc@20280101T000000Z").key_id == "subject.abc@20270101T000000Z"
-        assert derived_key_spec(own, "default") is own
-        assert derived_key_spec(KeySpec("orders"), "payments@20261201T000000Z").key_id == (
+        later = KeySpec("subject.abc@20280101T000000Z")
+        assert derived_key_spec(own, later).key_id == "subject.abc@20270101T000000Z"
+        assert derived_key_spec(own, KeySpec("default")) is own
+        assert derived_key_spec(KeySpec("orders"), KeySpec("payments@20261201T000000Z")).key_id == (
             "orders@20261201T000000Z"
         )
         mine = KeySpec("subject.mine", subject_id="mine")
-        assert derived_key_spec(mine, "subject.abc").key_id == "subject.mine"
+        assert derived_key_spec(mine, KeySpec("subject.abc")).key_id == "subject.mine"
+
+    @pytest.mark.parametrize("source_id", ["default", "subject.abc", "payments@20261201T000000Z"])
+    def test_derived_key_names_the_version_that_opened_the_source(self, source_id):
+        """Whatever key a derived message takes, it carries the source's opening version along."""
+        opened_with = (source_id, 3)
+        derived = derived_key_spec(KeySpec("orders"), KeySpec(source_id, derived_from=opened_with))
+        assert derived.derived_from == opened_with
+
+    @pytest.mark.parametrize("retry", [False, True], ids=["result", "retry"])
+    def test_subject_erased_while_its_task_runs_keeps_nothing_readable(self, make_app, testapp_module, retry):
+        """What a running task stores or re-publishes after its subject is erased is not sealed at all.
+
+        Not under a version created for the subject after the erasure either:
+        that one would open the erased subject's data for anyone with the key
+        store.  The erasure is done by another app (another process's key
+        cache); the worker has checked for destroyed keys before the task ends.
+        """
+        app = make_app(pii_key_recheck_interval=0.2)
+        eraser = get_pii(make_app())
+        testapp_module.STARTED.clear()
+        testapp_module.PROCEED.clear()
+        subject = f"user-{uuid.uuid4()}"
+        sent = app.tasks["t.profile_waits"].delay(subject, EMAIL, retry=retry)
+        with _start(app):
+            assert testapp_module.STARTED.wait(20)
+            assert eraser.forget_subject(subject) == 1
+            time.sleep(0.5)  # the worker's next key check sees the destruction
+            testapp_module.PROCEED.set()
+            deadline = time.monotonic() + 20
+            while _stored_status(sent.id) != "FAILURE" and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert _stored_status(sent.id) == "FAILURE"
+        assert_no_plaintext(redis_client(BACKEND_DB).get(f"celery-task-meta-{sent.id}"))
+        subject_key = eraser.keys.subject_key_id(subject)[0]
+        versions = [
+            (k.version, k.status) for k in eraser.keys.list_keys() if k.key_id.startswith(subject_key)
+        ]
+        assert versions == [(1, "destroyed")]
+        # A retry Celery could not publish ends the run with Reject (naming why); a result is withheld.
+        expected = (Reject, "KeyDestroyed") if retry else (KeyDestroyed, "outcome of task .* was not stored")
+        with pytest.raises(expected[0], match=expected[1]):
+            app.AsyncResult(sent.id).get(timeout=5)
 
     def test_forgotten_subject_fails_with_key_destroyed(self, app):
         """After forget_subject, a queued task of that subject fails with KeyDestroyed; others proceed."""
@@ -272,7 +321,9 @@ class TestKeyOutcomes:
             with pytest.raises(KeyDestroyed, match="was destroyed"):
                 forgotten.get(timeout=20)
             assert kept.get(timeout=20)["email"] == "carol@example.com"
-        denied = [r for r in pii.keys.audit_trail() if r.operation == "decrypt_denied"]
+        # Filed under the subject's key: its own audit trail shows what was refused after the erasure.
+        subject_key = pii.keys.subject_key_id("user-1")[0]
+        denied = [r for r in pii.keys.audit_trail(subject_key) if r.operation == "decrypt_denied"]
         assert any(r.details.get("task_id") == forgotten.id for r in denied)
 
     def test_worker_that_cached_a_subject_key_refuses_it_after_forget(self, make_app, start_worker_process):

@@ -16,7 +16,7 @@ from celery import chain, chord, group
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
-from celery_pii import EncryptionFailed, _context, _envelope, get_pii
+from celery_pii import ConfigurationError, EncryptionFailed, _context, _envelope, get_pii
 from celery_pii._sealer import MARKER, Sealer
 
 from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
@@ -442,3 +442,14 @@ class TestSubjects:
         assert MARKER in message["headers"]["argsrepr"]
         with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
             assert result.get(timeout=20) == {"user_id": subject, "email": EMAIL}
+
+    @pytest.mark.parametrize(
+        "subject", [None, {"id": "u-1"}, ["u-1"], True], ids=["none", "dict", "list", "bool"]
+    )
+    def test_a_subject_that_is_not_one_id_is_refused(self, app, subject):
+        """None (every such call would share one key) or a container (keyed by all its fields) is no id."""
+        with pytest.raises(EncryptionFailed, match=r"t\.profile.*pii_subject 'user_id'"):
+            app.tasks["t.profile"].delay(subject, EMAIL)
+        assert not queued_messages(app.conf.task_default_queue)
+        with pytest.raises(ConfigurationError, match="must be a string or a number"):
+            get_pii(app).forget_subject(subject)

@@ -783,6 +783,58 @@ class TestRetentionKeys:
         with pytest.raises(EncryptionFailed, match="retention deadline"):
             manager.encryption_key(KeySpec("orders@0", expires_at=utcnow() - timedelta(seconds=1)))
 
+    def test_cached_bucket_key_past_its_deadline_seals_nothing(self, make_manager):
+        """A cached bucket key stops sealing at its deadline, before enforce_retention destroys it.
+
+        New data is refused (EncryptionFailed); data derived from a message of
+        that bucket (a result, a retry) finds its source gone (KeyDestroyed).
+        """
+        clock = _Clock()
+        manager = make_manager(clock=clock)
+        deadline = clock.now + timedelta(seconds=60)
+        key = manager.encryption_key(KeySpec("orders@c", expires_at=deadline))
+        clock.advance(seconds=61)
+        with pytest.raises(EncryptionFailed, match="retention deadline"):
+            manager.encryption_key(KeySpec("orders@c", expires_at=deadline))
+        with pytest.raises(KeyDestroyed, match="retention deadline"):
+            manager.encryption_key(KeySpec("orders@c", derived_from=(key.key_id, key.version)))
+
+
+class TestDerivedKeys:
+    """Data derived from an opened message is never sealed once the version that opened it is destroyed."""
+
+    @pytest.mark.parametrize("seen", ["destroyed here", "checked since", "cache expired"])
+    def test_no_version_is_created_for_data_derived_from_a_destroyed_one(self, make_manager, seen):
+        """An erased subject's running task gets no new version to seal its result or retry under.
+
+        Whether this process destroyed the key, learnt it at its periodic
+        check, or has no cached key left and asks the store.
+        """
+        manager = make_manager()
+        key_id, digest = manager.subject_key_id("abc")
+        source = manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        derived = KeySpec(key_id, subject_id=digest, derived_from=(source.key_id, source.version))
+        eraser = manager if seen == "destroyed here" else make_manager()
+        assert eraser.destroy_subject("abc") == 1
+        if seen == "checked since":
+            assert manager.recheck_cache() == 1
+        elif seen == "cache expired":
+            manager.cache.clear()
+        with pytest.raises(KeyDestroyed, match=f"'{key_id}' version 1 was destroyed"):
+            manager.encryption_key(derived)
+        assert [(k.version, k.status) for k in manager.list_keys(key_id)] == [(1, "destroyed")]
+        # New data of the subject (a publish after the erasure) gets a new version; derived data still not.
+        assert manager.encryption_key(KeySpec(key_id, subject_id=digest)).version == 2
+        with pytest.raises(KeyDestroyed):
+            manager.encryption_key(derived)
+
+    def test_a_live_source_seals_under_the_active_version(self, manager):
+        """A source rotated since (not destroyed): derived data is sealed under the new active version."""
+        source = manager.encryption_key(KeySpec("orders"))
+        manager.rotate_key("orders")
+        derived = manager.encryption_key(KeySpec("orders", derived_from=(source.key_id, source.version)))
+        assert derived.version == 2
+
 
 class TestFailures:
     """An unreachable store fails fast with KeyStoreUnavailable."""

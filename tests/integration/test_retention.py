@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from celery_pii import KeyDestroyed, RetentionPolicy, get_pii
+from celery_pii import ConfigurationError, KeyDestroyed, RetentionPolicy, get_pii
 from celery_pii._keys import KeySpec
 from celery_pii._retention import enforce
 from celery_pii._store import utcnow
@@ -78,6 +78,13 @@ class TestEnforceRetention:
         partial = enforce(lambda now: pii.keys.destroy_expired(now, batch_size=1), future, max_batches=2)
         assert partial.destroyed_versions == 2
         assert not partial.complete
+
+    @pytest.mark.parametrize("method", ["enforce_retention", "rotate_keys"])
+    def test_a_now_without_time_zone_is_refused_naming_it(self, make_app, method):
+        """Deadlines are UTC: a naive now is a clear error, not the store's SQL error."""
+        pii = get_pii(make_app())
+        with pytest.raises(ConfigurationError, match=rf"PII\.{method}: now must be timezone-aware"):
+            getattr(pii, method)(now=datetime.now())  # noqa: DTZ005 - the naive time under test
 
     def test_delete_immediately_stores_nothing(self, make_app, testapp_module):
         """A delete_immediately() task runs but nothing of its outcome is kept in the backend."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -49,3 +50,10 @@ def test_reserved_key_ids_are_refused_naming_the_task(key_id):
     """Subject keys ("subject."), the library's own ("celery_pii.") and bucket ids ("@") are not for pii_key."""
     with pytest.raises(ConfigurationError, match=r"t\.charge.*reserved"):
         _spec(pii_fields=["card_number"], pii_key=key_id)
+
+
+@pytest.mark.parametrize("path", ["items[*].user_id", "items[*]", "customer.ids[*]"])
+def test_a_subject_path_naming_every_item_is_refused_naming_the_task(path):
+    """One message has one subject's key: a wildcard would key it by the first item only."""
+    with pytest.raises(ConfigurationError, match=rf"t\.charge.*pii_subject '{re.escape(path)}'.*one value"):
+        _spec(pii_fields=["card_number"], pii_subject=path)
