@@ -105,6 +105,8 @@ class KeyInfo:
     usage_count: int
     subject: bool
     master_key_ref: str | None
+    #: The second wrapping's master key, while a master-key rotation is under way (else None).
+    master_key_ref_next: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +436,8 @@ class KeyManager:
 
         Raises:
             ConfigurationError: the key id is one of celery-pii's own (``celery_pii.*``).
+            KeyNotFound: no such key id or version (a typo must not look like success;
+                destroying what is already destroyed returns 0).
         """
         check_not_reserved(key_id)
         with self.store.transaction() as session:
@@ -443,6 +447,14 @@ class KeyManager:
             rows = self._lock_and_reread(session, query.order_by(KeyRow.version))
             for row in rows:
                 self._destroy_row(session, row, reason="manual")
+            if not rows:
+                known = select(KeyRow.id).where(KeyRow.key_id == key_id)
+                if version is not None:
+                    known = known.where(KeyRow.version == version)
+                if session.scalars(known.limit(1)).first() is None:
+                    which = f"key {key_id!r}" + (f" version {version}" if version is not None else "")
+                    msg = f"{which} not found in the key store"
+                    raise KeyNotFound(msg)
         for row in rows:
             self.cache.forget(row.key_id, row.version, destroyed=True)
         return len(rows)
@@ -570,6 +582,7 @@ class KeyManager:
                     usage_count=row.usage_count,
                     subject=row.subject_id is not None,
                     master_key_ref=row.master_key_ref,
+                    master_key_ref_next=row.master_key_ref_next,
                 )
                 for row in session.scalars(query)
             ]

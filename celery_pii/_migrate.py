@@ -9,10 +9,12 @@ from typing import Final, TextIO
 from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import URL, Connection
 
-__all__ = ["VERSION_TABLE", "alembic_config", "current_revision", "downgrade", "migrate"]
+__all__ = ["VERSION_TABLE", "alembic_config", "current_revision", "downgrade", "migrate", "older_revision"]
 
 VERSION_TABLE: Final = "celery_pii_alembic_version"
 
@@ -72,3 +74,23 @@ def current_revision(url: str | URL) -> str | None:
             return context.get_current_revision()
     finally:
         engine.dispose()
+
+
+def older_revision(connection: Connection) -> tuple[str, str] | None:
+    """``(revision, head)`` if the store is at an older revision of this release's migrations.
+
+    ``None`` when it is at the head, at a revision this release does not know
+    (a newer release migrated it: older processes keep working on upgraded
+    tables), or at none (tables made another way).
+    """
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    current = context.get_current_revision()
+    script = ScriptDirectory(_script_location())
+    head = script.get_current_head()
+    if current is None or head is None or current == head:
+        return None
+    try:
+        script.get_revision(current)
+    except CommandError:  # a newer release's revision
+        return None
+    return current, head

@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 
 from ._keys import KeyManager
 from ._sources import MasterKey
-from ._store import DESTROYED, KeyRow
+from ._store import DESTROYED, AuditRow, KeyRow
 from ._wrapping import NoWrapping, add_wrapping, promote
-from .exceptions import DecryptionFailed
+from .exceptions import ConfigurationError, DecryptionFailed
 
 __all__ = ["RewrapReport", "finish", "pending", "rewrap"]
 
@@ -68,6 +68,7 @@ def rewrap(
     throughout.  Rows whose wrappings match none of this process's master keys
     are counted as ``unreadable`` and left alone.
     """
+    _refuse_overwriting_another_rotation(keys, new.ref)
     done = unreadable = 0
     after_id = 0
     while True:
@@ -105,12 +106,72 @@ def rewrap(
             return RewrapReport(done=done, skipped=busy, unreadable=unreadable, complete=left == 0)
 
 
+def _refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
+    """A row's second slot holding a third master key's wrapping is an unfinished rotation.
+
+    Re-wrapping would replace that wrapping, and processes on that key would
+    lose the row: the earlier rotation must be finished (or undone) first.
+    """
+    with keys.store.transaction() as session:
+        other = session.scalars(
+            select(KeyRow.master_key_ref_next)
+            .where(_needs(new_ref), KeyRow.master_key_ref_next.is_not(None))
+            .limit(1)
+        ).first()
+    if other is not None:
+        msg = (
+            f"--new-master-key: key versions already hold a second wrapping under master key {other}: an "
+            "earlier master-key rotation is unfinished; finish it (rewrap --finish) before starting another"
+        )
+        raise ConfigurationError(msg)
+
+
+def _refuse_to_finish_early(keys: KeyManager) -> None:
+    """``finish`` only from a process on the new master key alone (docs/operations.md, step 4).
+
+    One that still has ``pii_previous_master_key`` says the old key is still
+    configured somewhere, and processes so configured wrap the keys they create
+    under it again.  One whose ``pii_master_key`` is not the key the last
+    rewrap added would drop the new wrappings and keep the old ones.
+    """
+    if keys.masters.previous is not None:
+        msg = (
+            "pii_previous_master_key is still set: remove it from every process (workers, producers, "
+            "beat) first, else keys they create are wrapped under the old master key again; then finish"
+        )
+        raise ConfigurationError(msg)
+    current = keys.masters.current.ref
+    with keys.store.transaction() as session:
+        records = session.scalars(
+            select(AuditRow.details)
+            .where(AuditRow.key_id == "*", AuditRow.operation == "master_rewrap")
+            .order_by(AuditRow.id.desc())
+            .limit(_RECORDS_SEARCHED)
+        ).all()
+    added = next((r["new_master"] for r in records if isinstance(r, dict) and "new_master" in r), current)
+    if added != current:
+        msg = (
+            f"pii_master_key: this process's master key ({current}) is not the one the last rewrap "
+            f"added ({added}); finish from a process configured with that one"
+        )
+        raise ConfigurationError(msg)
+
+
+#: How many of the latest master_rewrap records finish reads to find the last rewrap's.
+_RECORDS_SEARCHED = 1000
+
+
 def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None = None) -> RewrapReport:
     """Make the current master key's wrapping the only one, once every process uses it.
 
     Rows without a wrapping under the current master key are left as they are
     (``skipped``): run :func:`rewrap` first, then finish again.
+
+    Raises:
+        ConfigurationError: this process still has ``pii_previous_master_key``,
+            or its master key is not the one the last rewrap added.
     """
+    _refuse_to_finish_early(keys)
     current = keys.masters.current
     done = skipped = 0
     after_id = 0

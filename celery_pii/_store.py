@@ -258,15 +258,19 @@ class KeyStore:
             raise KeyStoreUnavailable(msg) from None
 
     def check_schema(self) -> None:
-        """Make sure the celery-pii tables exist.
+        """Make sure the celery-pii tables exist, at this release's newest revision.
 
         Raises:
-            ConfigurationError: they do not (migrations were not run).
+            ConfigurationError: they do not (migrations were not run, or not
+                since celery-pii was upgraded).
             KeyStoreUnavailable: the database cannot be reached.
         """
+        from ._migrate import older_revision  # noqa: PLC0415 - the revisions import this module
+
         try:
             with self.engine.connect() as connection:
                 tables = set(inspect(connection).get_table_names())
+                older = older_revision(connection) if {KEYS_TABLE, AUDIT_TABLE} <= tables else None
         except _TRANSIENT as error:
             msg = f"key store unreachable ({type(error).__name__}) at {self.url}"
             raise KeyStoreUnavailable(msg) from None
@@ -274,6 +278,14 @@ class KeyStore:
             msg = (
                 f"setting pii_key_store_url: the key store at {self.url} has no celery-pii tables; "
                 "run `celery -A proj pii db upgrade` or celery_pii.migrate(url)"
+            )
+            raise ConfigurationError(msg)
+        if older is not None:
+            # Else the first query naming a newer column fails, and some drivers call that an outage.
+            msg = (
+                f"setting pii_key_store_url: the key store at {self.url} is at revision {older[0]}, "
+                f"older than this release's {older[1]}; run `celery -A proj pii db upgrade` "
+                "or celery_pii.migrate(url)"
             )
             raise ConfigurationError(msg)
 

@@ -14,9 +14,10 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
+from alembic.util import CommandError as AlembicError
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,9 +35,17 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _defers_store_checks(argv: Sequence[str]) -> bool:
-    """True for ``celery ... pii db ...``: the store may have no tables yet."""
+    """True for ``celery ... pii db ...`` (the store may have no tables yet) and commands needing no store.
+
+    Those are ``scan`` and ``master-key generate``.  Only the command itself
+    counts, the words right after ``pii``: ``pii keys generate db`` or
+    ``worker -Q db`` must not skip the check that the master key matches the store.
+    """
     words = list(argv)
-    return "pii" in words and "db" in words[words.index("pii") + 1 :]
+    if "pii" not in words:
+        return False
+    command = words[words.index("pii") + 1 : words.index("pii") + 3]
+    return command[:1] in (["db"], ["scan"]) or command == ["master-key", "generate"]
 
 
 # Celery imports this module (an entry point) before it imports the app named
@@ -74,6 +83,9 @@ def _errors(fun: _F) -> _F:
             raise click.ClickException(msg) from None
         except BrokerError as error:
             msg = f"setting broker_url: the broker cannot be reached ({type(error).__name__})"
+            raise click.ClickException(msg) from None
+        except AlembicError as error:  # `db upgrade --revision` naming no revision, a lost upgrade race
+            msg = f"pii db: {error}"
             raise click.ClickException(msg) from None
 
     wrapper.__name__ = fun.__name__
@@ -113,7 +125,12 @@ def _cell(value: object) -> str:
         return "-"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    # Parked messages' headers come from whoever wrote to the broker: a newline would
+    # print a row of its own, an escape sequence would reach the terminal.
+    return str(value).translate(_CONTROL_ESCAPES)
+
+
+_CONTROL_ESCAPES: Final = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]}
 
 
 def _confirm(message: str, *, yes: bool) -> None:
@@ -220,7 +237,7 @@ def keys_retire(ctx: click.Context, key_id: str, version: int) -> None:
 def keys_destroy(ctx: click.Context, key_id: str, version: int | None, yes: bool) -> None:
     """Destroy a key's material: everything sealed under it becomes unreadable, for good."""
     check_not_reserved(key_id)  # refuse before asking, not after the operator said yes
-    which = f"version {version} of {key_id}" if version else f"every version of {key_id}"
+    which = f"version {version} of {key_id}" if version is not None else f"every version of {key_id}"
     _confirm(f"Destroy {which}? Data sealed under it can never be read again", yes=yes)
     click.echo(f"destroyed {_pii(ctx).keys.destroy_key(key_id, version)} version(s) of {key_id}")
 
@@ -328,13 +345,17 @@ def scan(document: Any, as_json: bool) -> None:
     """Detect PII in a JSON document (FILE or - for standard input): paths and categories only."""
     try:
         value = json.load(document)
+        # Paths as printed for people: a dict key that looks like PII is not shown.
+        findings = [
+            {"path": shown_path(parts), "category": category}
+            for parts, category in locate_with_status(value)[0]
+        ]
     except ValueError:
         msg = "not a JSON document"
         raise click.ClickException(msg) from None
-    # Paths as printed for people: a dict key that looks like PII is not shown.
-    findings = [
-        {"path": shown_path(parts), "category": category} for parts, category in locate_with_status(value)[0]
-    ]
+    except RecursionError:
+        msg = "the JSON document is nested too deeply to scan"
+        raise click.ClickException(msg) from None
     _emit(findings, ("path", "category"), as_json=as_json)
 
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from celery_pii import _celery
 from celery_pii._quarantine import park
+from celery_pii._sources import LocalMasterKey
 
 from .conftest import APP_DIR, BACKEND_DB, BROKER_DB, REDIS_URL, _fresh_postgres, queued_messages
 from .test_celery_roundtrip import CARD, EMAIL
@@ -157,6 +158,11 @@ class TestMasterKey:
         assert base64.b64encode(bytes([5]) * 32).decode() not in result.output
         audit = json.loads(run(cli_app, "keys", "audit", "*", "--json").output)
         assert any(r["operation"] == "master_rewrap" for r in audit)
+        # keys list --json tells the operator which master keys wrap each version.
+        (listed,) = json.loads(run(cli_app, "keys", "list", "cli-rewrap", "--json").output)
+        assert (
+            listed["master_key_ref_next"] == LocalMasterKey(bytes([5]) * 32).ref != listed["master_key_ref"]
+        )
 
     def test_rewrap_with_a_busy_row_says_to_run_again(self, tmp_path, monkeypatch, queue_name):
         """A row locked by another transaction is not reported as done: exit 1, run rewrap again."""
@@ -207,6 +213,8 @@ class TestScanAndErasure:
         keyed = json.dumps({"by_card": {CARD: f"mail {EMAIL}"}})
         from_keys = json.loads(run(cli_app, "scan", "-", "--json", answer=keyed).output)
         assert from_keys == [{"path": 'by_card["[pii:redacted]"]', "category": "email"}]
+        deep = run(cli_app, "scan", "-", answer="[" * 5000 + "]" * 5000)
+        assert deep.exit_code == 1 and "nested too deeply" in deep.output
         # A key longer than a field path may be (its path could not be read back).
         long_key = json.dumps({f"{EMAIL} " + "x" * 1100: f"mail {EMAIL}"})
         from_long_key = run(cli_app, "scan", "-", "--json", answer=long_key)
@@ -316,6 +324,9 @@ class TestRealProcess:
         url, drop = _fresh_postgres()
         try:
             pii_command = _celery_pii_process(tmp_path, "freshapp", url)
+            unknown = pii_command("db", "upgrade", "--revision", "nope")
+            assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+            assert "pii db: " in unknown.stderr and "'nope'" in unknown.stderr
             upgraded = pii_command("db", "upgrade")
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
             assert "0005_retired_at_index" in upgraded.stdout
@@ -328,10 +339,26 @@ class TestRealProcess:
 
 
 def test_deferred_checks_only_for_db_commands():
-    """Only `celery ... pii db ...` skips setup_pii's key-store checks."""
+    """Only `pii db ...` and the commands needing no store skip setup_pii's key-store checks."""
     from celery_pii.cli import _defers_store_checks
 
     assert _defers_store_checks(["celery", "-A", "proj", "pii", "db", "upgrade"])
+    assert _defers_store_checks(["celery", "-A", "proj", "pii", "scan", "-"])
+    assert _defers_store_checks(["celery", "-A", "proj", "pii", "master-key", "generate"])
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "list"])
     assert not _defers_store_checks(["celery", "-A", "db", "worker"])
+    # The word "db" elsewhere is no db command: a key id, a queue name.
+    assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "generate", "db"])
+    assert not _defers_store_checks(["celery", "-A", "proj", "pii", "master-key", "rewrap", "--finish"])
     assert _celery._store_checks_deferred is False
+
+
+def test_table_cells_escape_control_characters(capsys):
+    """A parked message's forged header cannot print a row of its own or reach the terminal raw."""
+    from celery_pii.cli import _emit
+
+    forged = {"id": "real-id\nFORGED-ID  t.charge  ok", "task": "t.charge\x1b[2J"}
+    _emit([forged], ("id", "task"), as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # the header and one row
+    assert "\\x0aFORGED-ID" in lines[1] and "\\x1b[2J" in lines[1] and "\x1b" not in lines[1]

@@ -101,6 +101,22 @@ class TestMigrations:
         engine.dispose()
         assert "celery_pii_keys" in _tables(empty_db)
 
+    def test_an_older_revision_is_a_configuration_error(self, empty_db):
+        """A store not upgraded since celery-pii was: start-up names the revisions and the command.
+
+        Without the check, the first query naming a newer column failed, and
+        MariaDB's and SQLite's drivers call that an outage ("unreachable").
+        """
+        migrate(empty_db, revision="0001_key_store")
+        manager = KeyManager(KeyStore(empty_db), MASTER)
+        try:
+            with pytest.raises(ConfigurationError, match=r"revision 0001_key_store, older .*pii db upgrade"):
+                manager.check_master_key()
+            migrate(empty_db)
+            manager.check_master_key()
+        finally:
+            manager.store.dispose()
+
     def test_missing_tables_are_a_configuration_error(self, empty_db):
         """A store that was never migrated fails at start-up with the command to run."""
         manager = KeyManager(KeyStore(empty_db), MASTER)
@@ -319,6 +335,13 @@ class TestKeyManager:
             manager.decryption_key("nope", 1)
         with pytest.raises(KeyNotFound, match="'nope'"):
             manager.rotate_key("nope")
+        # Destroying a key id or version that never existed is not a silent success (a typo).
+        manager.encryption_key(KeySpec("orders"))
+        with pytest.raises(KeyNotFound, match="'Orders' not found"):
+            manager.destroy_key("Orders")
+        with pytest.raises(KeyNotFound, match="'orders' version 7 not found"):
+            manager.destroy_key("orders", 7)
+        assert manager.destroy_key("orders", 1) == 1
 
     def test_automatic_rotation_by_age_and_count(self, make_manager):
         """Keys older than the interval or past the message count rotate; others do not."""

@@ -54,7 +54,10 @@ class TestRotation:
         during = _seal(switching, "created-during-switch")
         assert _opens(old, during) == b"payload of created-during-switch"
 
-        done = finish(switching, batch_size=2)
+        # Step 4: the fleet drops pii_previous_master_key first; a process that still has it may not finish.
+        with pytest.raises(ConfigurationError, match="pii_previous_master_key is still set"):
+            finish(switching)
+        done = finish(new_only, batch_size=2)
         assert done.complete
         assert _opens(new_only, sealed[0]) == b"payload of k0"
         with pytest.raises(KeyNotFound, match="cannot be unwrapped"):
@@ -91,10 +94,30 @@ class TestRotation:
         """Finishing with rows not yet re-wrapped leaves them readable and reports it."""
         old = make_manager()
         sealed = _seal(old, "early")
-        switching = make_manager(master=NEW, previous_master=MASTER)
-        report = finish(switching)
+        report = finish(make_manager(master=NEW))
         assert not report.complete and report.skipped >= 1
         assert _opens(old, sealed) == b"payload of early"
+
+    def test_finish_from_a_process_on_the_old_key_is_refused(self, make_manager):
+        """It would drop the new wrappings and keep the old: every process on the new key would fail."""
+        old = make_manager()
+        sealed = _seal(old, "kept")
+        assert rewrap(old, NEW).complete
+        with pytest.raises(ConfigurationError, match=rf"not the one the last rewrap added \({NEW.ref}\)"):
+            finish(old)
+        assert _opens(make_manager(master=NEW), sealed) == b"payload of kept"
+
+    def test_a_rotation_over_an_unfinished_one_is_refused(self, make_manager):
+        """Re-wrapping under a third key would replace the second's wrapping: its processes would lose keys."""
+        old = make_manager()
+        sealed = _seal(old, "midway")
+        assert rewrap(old, NEW).complete
+        third = LocalMasterKey(bytes([8]) * 32)
+        with pytest.raises(
+            ConfigurationError, match=rf"second wrapping under master key {NEW.ref}.*unfinished"
+        ):
+            rewrap(old, third)
+        assert _opens(make_manager(master=NEW), sealed) == b"payload of midway"
 
     def test_unreadable_rows_are_counted_not_touched(self, make_manager):
         """A rewrap by a process that holds neither wrapping's key reports those rows."""
@@ -148,11 +171,11 @@ class TestBusyRows:
         old = make_manager()
         sealed = [_seal(old, f"busy{i}") for i in range(3)]
         assert rewrap(old, NEW).complete
-        switching = make_manager(master=NEW, previous_master=MASTER)
+        new_only = make_manager(master=NEW)
         holder = hold_row_lock("busy1")
-        report = finish(switching)
+        report = finish(new_only)
         assert (report.done, report.skipped, report.complete) == (2, 1, False)
         holder.rollback()
-        report = finish(switching)
+        report = finish(new_only)
         assert (report.done, report.skipped, report.complete) == (1, 0, True)
         assert _opens(make_manager(master=NEW), sealed[1]) == b"payload of busy1"
