@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Final, NamedTuple
 
-from ._paths import format_path
+from ._paths import format_path, json_key
 from ._redact import REDACTED
 
 __all__ = [
@@ -515,7 +515,11 @@ def scan_leaf(text: str, *, key: str | int | None = None, parent: object = None)
 
 
 def _children(value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[tuple[Any, Any]]:
-    return iter(value.items()) if isinstance(value, dict) else enumerate(value)
+    if not isinstance(value, dict):
+        return enumerate(value)
+    # Dict keys as JSON writes them ({1: ...} -> "1"): the places found are the message's,
+    # where the worker opens them; an int in a location is a list index, nothing else.
+    return ((key if type(key) is str else (json_key(key) or str(key)), child) for key, child in value.items())
 
 
 def _parts(node: tuple[Any, Any] | None, key: object) -> tuple[str | int, ...]:

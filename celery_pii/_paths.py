@@ -331,8 +331,12 @@ class Binder:
             else:
                 continue
             for part in rest:
-                if not isinstance(value, dict) or part not in value:
+                if not isinstance(value, dict):
                     break
+                if part not in value:
+                    part = find_key(value, part)  # noqa: PLW2901 - the caller's {1: ...} is JSON's {"1": ...}
+                    if part is _ABSENT:
+                        break
                 value = value[part]
             else:
                 if marker is not None:
@@ -432,8 +436,10 @@ def _walk(value: Any, location: Location, rest: tuple[Part, ...]) -> Iterator[tu
         return
     part, tail = rest[0], rest[1:]
     if isinstance(part, str):
-        if isinstance(value, dict) and part in value:
-            yield from _walk(value[part], (*location, part), tail)
+        if isinstance(value, dict):
+            key = part if part in value else find_key(value, part)
+            if key is not _ABSENT:
+                yield from _walk(value[key], (*location, part), tail)
     elif isinstance(value, (list, tuple)):
         if part is WILDCARD:
             for i, item in enumerate(value):
@@ -446,6 +452,8 @@ def get_at(root: Mapping[str, Any], location: Location) -> Any:
     """The value at ``location``; ``KeyError``/``IndexError``/``TypeError`` when absent."""
     value: Any = root
     for part in location:
+        if isinstance(value, dict) and part not in value:
+            part = find_key(value, part)  # noqa: PLW2901 - the caller's non-str key, as JSON writes it
         value = value[part]
     return value
 
@@ -465,12 +473,14 @@ def replace_in_copies(root: Mapping[str, Any], locations: Iterable[Location], va
     for location in locations:
         parent: Any = copy
         for part in location[:-1]:
+            _own_json_keys(parent, part)
             node = parent[part]
             if id(node) not in made:
                 node = list(node) if isinstance(node, (list, tuple)) else dict(node)
                 made.add(id(node))
                 parent[part] = node
             parent = node
+        _own_json_keys(parent, location[-1])
         parent[location[-1]] = value
     return copy
 
@@ -488,7 +498,52 @@ def _mark_in_copies(parent: Any, slot: str | int, keys: tuple[str, ...], marker:
             made.add(id(node))
             parent[slot] = node
         parent, slot = node, key
+        _own_json_keys(parent, slot)
     parent[slot] = marker
+
+
+#: What :func:`find_key` returns when no key of the dict is written so.
+_ABSENT: Final = object()
+
+
+def json_key(key: object) -> str | None:
+    """The text JSON writes for a dict key (``1`` -> ``"1"``, ``True`` -> ``"true"``); None if it cannot."""
+    if isinstance(key, str):
+        return str(key)
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key if not isinstance(key, int) or isinstance(key, bool) else int(key))
+    return None
+
+
+def find_key(value: dict[Any, Any], part: str | int) -> Any:
+    """The key of ``value`` that JSON writes as ``part``, or :data:`_ABSENT`.
+
+    A caller's dict may have non-str keys (``{1: "4111..."}``): the message,
+    once JSON, has ``{"1": ...}``, which is where a path ``codes["1"]`` points
+    and where the worker looks.  The publisher must find it too, or the value
+    would leave unsealed.
+    """
+    if part in value:
+        return part
+    if isinstance(part, str):
+        for key in value:
+            if type(key) is not str and json_key(key) == part:
+                return key
+    return _ABSENT
+
+
+def _own_json_keys(container: Any, key: str | int) -> None:
+    """Make a dict copied here hold ``key`` as JSON writes it, if it holds it as a non-str key.
+
+    The marker must replace the caller's ``{1: value}``, not sit beside it as
+    ``{"1": marker}``: JSON would write both, and the plaintext would go too.
+    """
+    if isinstance(container, dict) and key not in container:
+        found = find_key(container, key)
+        if found is not _ABSENT:
+            renamed = {(key if k is found else k): v for k, v in container.items()}
+            container.clear()
+            container.update(renamed)
 
 
 def set_in_place(root: Mapping[str, Any], location: Location, value: Any) -> None:

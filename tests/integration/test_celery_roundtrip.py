@@ -443,6 +443,21 @@ class TestSubjects:
         with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
             assert result.get(timeout=20) == {"user_id": subject, "email": EMAIL}
 
+    def test_a_declared_key_the_caller_gave_as_a_number_is_sealed(self, app):
+        """codes["1"] names {1: card} too: JSON makes it {"1": card}, which the worker opens.
+
+        The publisher looked for the str key only: the card went to the broker
+        in plaintext and the worker refused the message as unsealed.
+        """
+        from celery.contrib.testing.worker import start_worker
+
+        result = app.tasks["t.codes"].delay({1: CARD, 2: "kept"})
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert_no_plaintext(message["headers"]["argsrepr"])
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20) == {"1": CARD, "2": "kept"}
+
     @pytest.mark.parametrize(
         "subject", [None, {"id": "u-1"}, ["u-1"], True], ids=["none", "dict", "list", "bool"]
     )

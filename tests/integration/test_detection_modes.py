@@ -61,6 +61,22 @@ class TestModes:
         assert_no_plaintext(message_bytes(message), (*[CARD, EMAIL], SSN_FORMAT, "(415) 555-0134"))
         assert MARKER in message["headers"]["argsrepr"] or MARKER in message["headers"]["kwargsrepr"]
 
+    def test_encrypt_finds_values_under_non_string_keys(self, app):
+        """{1: card, None: email} travels as {"1": ..., "null": ...}: sealed there, delivered as plain Celery would.
+
+        The places were named by the Python keys (1, "None"): an int read as a
+        list index parked the message as tampered, the others failed to publish.
+        """
+        from celery.contrib.testing.worker import start_worker
+
+        extra = {1: CARD, None: EMAIL, 2.5: "nothing"}
+        result = app.tasks["t.detect_encrypt"].delay("note", extra=extra)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            delivered = result.get(timeout=20)
+        assert delivered == {"note": "note", "extra": {"1": CARD, "null": EMAIL, "2.5": "nothing"}}
+
     def test_encrypt_seals_everything_when_the_scan_is_truncated(self, app, worker):
         """Past the scan caps, encrypt mode seals every argument rather than guess."""
         huge = "x" * 1_100_000

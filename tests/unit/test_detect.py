@@ -769,3 +769,15 @@ class TestCorpus:
             [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_places_under_non_string_keys_are_named_as_json_writes_them():
+    """{1: card} travels as {"1": card}: the place found is the message's ("1"), not a list index (1)."""
+    from celery_pii._detect import locate_with_status
+
+    found, _ = locate_with_status({1: "4111111111111111", None: "ann@example.com", "x": ["4111111111111111"]})
+    assert sorted(found) == [
+        (("1",), "credit_card"),
+        (("null",), "email"),
+        (("x", 0), "credit_card"),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -376,3 +377,41 @@ class TestCopies:
         root = {"args": ["a"], "kwargs": {"items": [{"serial": "s"}]}, "chain": None}
         with pytest.raises((KeyError, IndexError, TypeError)):
             set_in_place(root, location, "v")
+
+
+class TestNonStringKeys:
+    """A caller's dict with non-str keys is what JSON makes it: {1: v} travels as {"1": v}.
+
+    A path naming the JSON key (``customer["1"]``) must find the value before
+    JSON does, or it would leave unsealed; the marker must replace it, not sit
+    beside it (JSON would write both).
+    """
+
+    CARD = "4111111111111111"
+
+    @pytest.mark.parametrize(
+        ("key", "written"), [(1, "1"), (True, "true"), (None, "null"), (1.5, "1.5")], ids=repr
+    )
+    def test_a_simple_path_finds_and_replaces_the_value_json_writes_there(self, key, written):
+        binder = Binder(charge, [f'customer["{written}"]'], task="t")
+        assert binder.simple
+        customer = {key: self.CARD, "tier": "gold"}
+        locations, values, new_args, _ = binder.mark_simple(("c", 1, customer), {}, MARK)
+        assert (locations, values) == ([("args", 2, written)], [self.CARD])
+        assert new_args[2] == {written: MARK, "tier": "gold"}  # the key as JSON has it, in its place
+        assert self.CARD not in json.dumps(list(new_args))
+        assert customer == {key: self.CARD, "tier": "gold"}  # the caller's dict is untouched
+
+    def test_a_general_path_finds_and_replaces_it_too(self):
+        binder = Binder(charge, ['items[*]["7"]'], task="t")
+        items = [{7: self.CARD}, {"7": "ann@example.com"}, {8: "x"}]
+        root = {"args": ("c", 1), "kwargs": {"items": items}}
+        located = binder.locate(root["args"], root["kwargs"])
+        assert located == [
+            (("kwargs", "items", 0, "7"), self.CARD),
+            (("kwargs", "items", 1, "7"), "ann@example.com"),
+        ]
+        sealed = replace_in_copies(root, [location for location, _ in located], MARK)
+        assert sealed["kwargs"]["items"][:2] == [{"7": MARK}, {"7": MARK}]
+        assert self.CARD not in json.dumps(sealed)
+        assert get_at(root, ("kwargs", "items", 0, "7")) == self.CARD
