@@ -236,7 +236,10 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
             flags |= _FLAG_ORJSON
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
         text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
-        plaintext = text.encode()
+        try:
+            plaintext = text.encode()
+        except UnicodeEncodeError:  # a lone surrogate beside them: escaped, as plain Celery sends it
+            plaintext = kombu_json.dumps(values, separators=(",", ":")).encode()
         flags |= _FLAG_TYPED
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)

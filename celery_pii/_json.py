@@ -95,7 +95,10 @@ def encode(obj: Any, *, ensure_ascii: bool = True) -> tuple[bytes, bool]:
         except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
             pass  # the standard library decides below
     text: str = (_ascii_dumps if ensure_ascii else _unicode_dumps)(obj)
-    return text.encode(), False
+    try:
+        return text.encode(), False
+    except UnicodeEncodeError:  # a lone surrogate: JSON's \u escape carries it, UTF-8 cannot
+        return _ascii_dumps(obj).encode(), False
 
 
 #: Reads a document that :func:`encode` wrote with orjson, without :func:`loads`'s

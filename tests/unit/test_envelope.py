@@ -213,6 +213,18 @@ class TestValueCodec:
         opened = parse(token).open(KEY, task_name="t")
         assert _same(opened, values)
 
+    @pytest.mark.parametrize(
+        "values",
+        [["\ud800", "ab\udfffcd", {"k": "x\ud83d"}], ["\udc80", Decimal("1.10")]],
+        ids=["plain", "beside-typed"],
+    )
+    def test_lone_surrogates_round_trip(self, values):
+        """Unpaired surrogates (a browser's broken escape, surrogateescape names) plain Celery carries too."""
+        token = seal(
+            KEY, values, locations=[(f"f{i}",) for i in range(len(values))], task_name="t", task_id=""
+        )
+        assert parse(token).open(KEY, task_name="t") == values
+
     def test_non_finite_floats(self):
         """inf and nan survive too."""
         token = seal(

@@ -156,6 +156,8 @@ def _written_alike(value, ensure_ascii):
     encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensure_ascii).encode
     try:
         expected = encode(value).encode()
+    except UnicodeEncodeError:  # a lone surrogate UTF-8 cannot carry: written escaped, read back the same
+        expected = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode(value).encode()
     except (TypeError, ValueError) as error:
         with pytest.raises(type(error)):
             _json.dumps(value, ensure_ascii=ensure_ascii)
