@@ -33,6 +33,7 @@ from celery import Celery
 from kombu import serialization
 
 from benchmarks import _harness
+from celery_pii._sealer import EMBED_KEY
 
 TASK_ID = "0c1d2e3f-0000-4000-8000-000000000000"
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -111,12 +112,12 @@ def pii_codec(app: Celery, args: list[Any], kwargs: dict[str, Any]) -> Any:
     def run() -> None:
         sealed = sealer.seal_message("bench.charge", TASK_ID, {"args": args, "kwargs": kwargs, **EMBED})
         root = sealed.root
-        body = (root["args"], root["kwargs"], {**EMBED, "pii": [sealed.token]})
+        body = (root["args"], root["kwargs"], {**EMBED, EMBED_KEY: [sealed.token]})
         publish_ticket.set(body)
         content_type, encoding, data = serialization.dumps(body, "pii")
         got_args, got_kwargs, embed = serialization.loads(data, content_type, encoding)
         sealer.open_message(
-            "bench.charge", TASK_ID, {"args": got_args, "kwargs": got_kwargs, **EMBED}, embed["pii"]
+            "bench.charge", TASK_ID, {"args": got_args, "kwargs": got_kwargs, **EMBED}, embed[EMBED_KEY]
         )
 
     return run
@@ -304,7 +305,7 @@ def message_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: b
         got_args, got_kwargs, embed = serialization.loads(data, content_type, encoding)
         if sealer is not None:
             root = {"args": got_args, "kwargs": got_kwargs, **EMBED}
-            sealer.open_message("bench.charge", TASK_ID, root, embed["pii"])
+            sealer.open_message("bench.charge", TASK_ID, root, embed[EMBED_KEY])
 
     return run
 

@@ -15,6 +15,7 @@ and returns may be derived from the outer task's PII.
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,7 +24,7 @@ from celery._state import _task_stack
 from ._keys import KeySpec
 from ._paths import Location, replace_in_copies
 from ._redact import Scrubber
-from ._sealer import MARKER
+from ._sealer import MARKER, is_marker
 
 if TYPE_CHECKING:
     from ._pii import PII
@@ -85,6 +86,22 @@ class RunningTask:
         if self._request_stack is None:
             return False
         return any(request is self._request for request in self._request_stack.stack)
+
+    def hide_too(self, args: Any, kwargs: Any) -> None:
+        """The task gave its declared fields new values (``self.retry(args=..., kwargs=...)``): hide them too.
+
+        Celery puts a retry's arguments in the text of ``MaxRetriesExceededError``
+        (logged, sent in events) when no retry is left; they were never opened
+        here, so nothing else would know them.
+        """
+        binder = self.spec.binder if self.spec is not None else None
+        if binder is None:
+            return
+        new = [value for value in binder.locate_apart(args or (), kwargs or {})[1] if not is_marker(value)]
+        if new:
+            self.values = [*self.values, *new]
+            self._scrubber = None
+            _with_values[id(self)] = self
 
     @property
     def scrubber(self) -> Scrubber:
@@ -161,7 +178,7 @@ def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any]) -> Non
     )
     start(derived)
     for _, inner in runs[1:]:
-        setattr(inner, _OUTER, derived)
+        _outer_of[inner] = derived
 
 
 def _entered_runs() -> list[tuple[Any, Any]]:
@@ -176,7 +193,7 @@ def _entered_runs() -> list[tuple[Any, Any]]:
         index = depth.get(id(task), 0)  # the same task object run inside itself has one request per run
         depth[id(task)] = index + 1
         requests = task.request_stack.stack
-        if index < len(requests) and getattr(requests[index], _OUTER, _NOT_ENTERED) is not _NOT_ENTERED:
+        if index < len(requests) and requests[index] in _outer_of:
             runs.append((task, requests[index]))
     return runs
 
@@ -207,10 +224,27 @@ def scrubber_elsewhere() -> Scrubber | None:
     return Scrubber([value for task in tasks for value in task.values])
 
 
-# The request attribute that remembers, from a task's start to its end, the
-# context it ran inside.
-_OUTER: Final = "_celery_pii_outer"
+# What celery-pii remembers about a task run, by its request object: never as
+# attributes of the request, which Celery fills from the message's headers and
+# embed (whoever can publish a message could set them).
+#: The context each run entered from, from its start to its end.
+_outer_of: weakref.WeakKeyDictionary[Any, RunningTask | None] = weakref.WeakKeyDictionary()
+#: The runs whose message the opening step has seen (once per run).
+_opened_runs: weakref.WeakSet[Any] = weakref.WeakSet()
 _NOT_ENTERED: Final = object()
+
+#: True while ``Task.apply`` runs a task in this thread: an eager call, whose
+#: arguments never left the process.  Not the request's ``is_eager``, which a
+#: message's embed can set.
+applying: contextvars.ContextVar[bool] = contextvars.ContextVar("celery_pii_applying", default=False)
+
+
+def first_opening(request: Any) -> bool:
+    """True the first time the opening step sees this run (a subclass of a registered task calls it twice)."""
+    if request in _opened_runs:
+        return False
+    _opened_runs.add(request)
+    return True
 
 
 def enter(request: Any) -> RunningTask | None:
@@ -223,7 +257,7 @@ def enter(request: Any) -> RunningTask | None:
     outer = running.get()
     if outer is not None and not outer.is_live():
         outer = None
-    setattr(request, _OUTER, outer)
+    _outer_of[request] = outer
     running.set(None)
     return outer
 
@@ -263,12 +297,11 @@ def leave(request: Any) -> None:
     current = running.get()
     if current is not None and current._request is request:  # noqa: SLF001
         _with_values.pop(id(current), None)
-    outer = getattr(request, _OUTER, _NOT_ENTERED)
+    outer = _outer_of.pop(request, _NOT_ENTERED)
     if outer is not _NOT_ENTERED:
+        # Ended (no longer in _outer_of): a sealed result read after this (a task_postrun handler
+        # connected after celery-pii's) must not start a context that nothing would end.
         running.set(outer)  # type: ignore[arg-type]
-        # Ended: a sealed result read after this (a task_postrun handler connected after
-        # celery-pii's) must not start a context that nothing would end (derive_from_result).
-        setattr(request, _OUTER, _NOT_ENTERED)
 
 
 # Envelopes carried from a task that could not open them (key store down) to

@@ -198,11 +198,10 @@ class PII:
 
     def _open(self, task: Task, task_id: str, args: Any, kwargs: Any) -> None:
         request = task.request
-        if getattr(request, _OPENED, False):
+        if not _context.first_opening(request):
             # A task class subclassing another registered one inherits its opening
             # step too (chained, or called through super()): once per run is all.
             return
-        setattr(request, _OPENED, True)
         task_id = str(task_id)  # kombu's JSON envelope reads an id sent as a UUID back as one
         outer = _context.enter(request)
         name = task.name
@@ -226,7 +225,9 @@ class PII:
             values = [value for value in located if not is_marker(value)]
             if len(values) != len(located):  # sealed values, but their envelope is gone: never run on markers
                 self._refuse_unopenable(task, task_id, _message_root(request, args, kwargs), [])
-            arrived_unsealed = bool(values) and not request.is_eager and not self.settings.allow_plaintext
+            arrived_unsealed = (
+                bool(values) and not _context.applying.get() and not self.settings.allow_plaintext
+            )
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
             _context.running.set(outer)  # inside a PII task, its outcome may be derived from that PII
@@ -496,9 +497,6 @@ _PUT_OFF_LIMIT: Final = 10_000
 
 # Protocol-2 headers a parked message keeps from its request, besides those it always has.
 _REPLAYED_HEADERS: Final = ("eta", "expires", "timelimit", "shadow", "ignore_result", "origin")
-
-# Set on a task's request (a new one each run) once its opening step has run.
-_OPENED: Final = "_celery_pii_opened"
 
 
 def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from uuid import UUID
 from celery import bootsteps
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.serialization import prepare_accept_content
 
 __all__ = [
     "QUARANTINE_HEADER",
@@ -145,6 +146,15 @@ def make_quarantine_step(
             # changed, or routed to the wrong workers): Celery would reject it, and on
             # Redis it would be gone.  Parked, it can be replayed where it belongs.
             c.on_unknown_task = parking(c.on_unknown_task, "unknown task", is_pii)
+            # Content the worker refuses, for a task it does not know (a producer not yet
+            # on celery-pii, naming a renamed task): Celery would drop it and log its body
+            # (plaintext arguments) at ERROR.  Parked, like refused content of known tasks.
+            accepted = prepare_accept_content(c.app.conf.accept_content)
+            c.on_unknown_task = parking(
+                c.on_unknown_task,
+                "content type not accepted",
+                lambda message, _exc: message.content_type not in accepted,
+            )
             original_create_task_handler = c.create_task_handler
 
             def create_task_handler(*args: Any, **kwargs: Any) -> Callable[[Any], None]:

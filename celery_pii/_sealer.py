@@ -45,8 +45,10 @@ __all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer", "is_marker"]
 
 #: What a sealed value looks like in the message body (and so in ``inspect``).
 MARKER: Final = "[pii:sealed]"
-#: The body key (request attribute on the worker) that carries the envelope.
-EMBED_KEY: Final = "pii"
+#: The body's embed key (request attribute on the worker) that carries the envelopes.
+#: Namespaced: Celery merges a message's headers into the same request, and an
+#: application header named ``pii`` was read as envelopes (and parked as forged).
+EMBED_KEY: Final = "__celery_pii__"
 #: The key of a sealed result inside the stored result.
 RESULT_KEY: Final = "__celery_pii__"
 #: Fields of a stored result's meta that are sealed.

@@ -90,6 +90,10 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
 
         cls.before_start = before_start
         cls._celery_pii_opening = True
+    if not cls.__dict__.get("_celery_pii_apply"):
+        _mark_eager_runs(cls)
+        _hide_retry_arguments(cls)
+        cls._celery_pii_apply = True
     if not cls.__dict__.get("_celery_pii_scrubbing"):
         # Every task: one that declares no PII still runs inside a PII context
         # when it is a chain step or callback of a PII task.
@@ -103,6 +107,46 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
         cls.resultrepr_maxsize = 0
     elif not isinstance(size, ResultReprSize) and (size is None or size > 0):
         cls.resultrepr_maxsize = ResultReprSize(sys.maxsize if size is None else size)
+
+
+def _mark_eager_runs(cls: type[Any]) -> None:
+    """Say, for the opening step, that ``cls.apply`` is running a task in this thread.
+
+    An eager call's arguments never left the process, so declared values in
+    them are not "arrived unsealed".  The request's ``is_eager`` cannot say
+    so: a message's embed sets request attributes, so a forged message could
+    claim to be eager and be run on plaintext it was never sealed with.
+    """
+    original = cls.apply
+
+    @functools.wraps(original)
+    def apply(self: Task, *args: Any, **kwargs: Any) -> Any:
+        token = _context.applying.set(True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _context.applying.reset(token)
+
+    cls.apply = apply
+
+
+def _hide_retry_arguments(cls: type[Any]) -> None:
+    """Make the declared values a task retries with known to its scrubber before Celery uses them.
+
+    With no retry left, Celery raises ``MaxRetriesExceededError`` naming the
+    new arguments in its text (see :meth:`_context.RunningTask.hide_too`).
+    """
+    original = cls.retry
+
+    @functools.wraps(original)
+    def retry(self: Task, args: Any = None, kwargs: Any = None, *rest: Any, **options: Any) -> Any:
+        running = _context.running.get()
+        given = args is not None or kwargs is not None
+        if given and running is not None and running.task_id == str(self.request.id):
+            running.hide_too(args, kwargs)
+        return original(self, args, kwargs, *rest, **options)
+
+    cls.retry = retry
 
 
 def wrap_instance_run(task: Any) -> None:

@@ -73,6 +73,11 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def always_retry(self, ssn):
         raise self.retry(countdown=0.2)
 
+    @app.task(shared=False, name="t.retry_with_new", bind=True, max_retries=1, pii_fields=["ssn"])
+    def retry_with_new(self, ssn):
+        # Each retry carries the next (fake) SSN: 912-34-5678, then ...5679, then ...5670.
+        raise self.retry(args=(ssn[:-1] + str((int(ssn[-1]) + 1) % 10),), countdown=0.1)
+
     @app.task(shared=False, name="t.notify", pii_fields=["email"])
     def notify(previous, email):
         return {"previous": previous, "email": email}

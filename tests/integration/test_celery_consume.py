@@ -17,7 +17,7 @@ from celery.exceptions import MaxRetriesExceededError, Reject
 from celery_pii import DecryptionFailed, KeyDestroyed, _envelope, get_pii
 from celery_pii._keys import KeySpec
 from celery_pii._quarantine import QUARANTINE_HEADER
-from celery_pii._sealer import MARKER, derived_key_spec
+from celery_pii._sealer import EMBED_KEY, MARKER, derived_key_spec
 
 from .conftest import (
     BACKEND_DB,
@@ -62,9 +62,9 @@ def _tamper(queue):
     message = json.loads(raw)
     body = base64.b64decode(message["body"])
     frame, inner = body[:2], json.loads(body[2:])
-    envelope = bytearray(base64.b64decode(inner[2]["pii"][0]))
+    envelope = bytearray(base64.b64decode(inner[2][EMBED_KEY][0]))
     envelope[-5] ^= 0x01
-    inner[2]["pii"][0] = base64.b64encode(bytes(envelope)).decode()
+    inner[2][EMBED_KEY][0] = base64.b64encode(bytes(envelope)).decode()
     message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
     client.rpush(queue, json.dumps(message))
     return message["headers"]["id"]
@@ -128,15 +128,47 @@ class TestAuthenticationFailures:
         assert b"DecryptionFailed" in stored
         assert CARD.encode() not in stored
 
-    def _publish_unticketed(self, app, args, embed_pii=None):
+    def _publish_unticketed(self, app, args, embed_pii=None, *, embed_extra=None, headers=None):
         """A pii-framed task body that never went through the publish step (a forged or foreign message)."""
-        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **(embed_extra or {})}
         if embed_pii is not None:
-            embed["pii"] = embed_pii
+            embed[EMBED_KEY] = embed_pii
         body = get_pii(app)._encode_trusted((args, {}, embed))
         task_id = f"forged-{uuid.uuid4()}"
-        publish_raw(app, body, {"task": "t.echo", "id": task_id, "lang": "py", "retries": 0})
+        publish_raw(
+            app, body, {"task": "t.echo", "id": task_id, "lang": "py", "retries": 0, **(headers or {})}
+        )
         return task_id
+
+    @pytest.mark.parametrize(
+        "claim",
+        [
+            {"headers": {"_celery_pii_opened": True}},  # the name of the opening step's old request flag
+            {"embed_extra": {"is_eager": True}},  # Celery applies the embed over the request's is_eager
+        ],
+        ids=["opened-header", "eager-embed"],
+    )
+    def test_a_message_cannot_claim_to_need_no_opening(self, app, claim):
+        """Plaintext in a declared field is refused whatever the message says about itself.
+
+        Request attributes come from the message's headers and embed: the
+        opening step's own state, and whether a call is eager, are kept where
+        no message reaches.
+        """
+        forged = self._publish_unticketed(app, [CARD], **claim)
+        sealed = app.tasks["t.echo"].apply_async((CARD,), headers=claim.get("headers"))
+        with _start(app):
+            with pytest.raises(DecryptionFailed):
+                app.AsyncResult(forged).get(timeout=20)
+            assert sealed.get(timeout=20)["value"] == CARD  # the header changes nothing for a sealed call
+
+    @pytest.mark.parametrize("header", ["yes", ["flag"], True])
+    def test_an_application_header_named_pii_is_not_read_as_envelopes(self, app, header):
+        """Celery merges headers into the request: the envelopes' key is namespaced (it was "pii")."""
+        result = app.tasks["t.plain"].apply_async((1,), headers={"pii": header})
+        with _start(app):
+            assert result.get(timeout=20) == 1
+        assert not queued_messages(app.conf.pii_quarantine_queue)
 
     @pytest.mark.parametrize("embed_pii", [None, 5, "not a list", ["not an envelope"]])
     def test_markers_without_an_envelope_never_run(self, app, embed_pii):
@@ -247,7 +279,7 @@ class TestKeyOutcomes:
             while not queued_messages(later) and time.monotonic() < deadline:
                 time.sleep(0.1)
         (derived,) = queued_messages(later)
-        token = json.loads(base64.b64decode(derived["body"])[2:])[2]["pii"][0]
+        token = json.loads(base64.b64decode(derived["body"])[2:])[2][EMBED_KEY][0]
         assert _envelope.parse(token).key_id.startswith("subject.")
         assert get_pii(app).forget_subject("user-1") >= 1
         with _start(app, queues=[later]), pytest.raises(KeyDestroyed):
@@ -413,6 +445,28 @@ class TestResultsAndLogs:
         assert events.of_type("task-retried")
         assert_no_plaintext(json.dumps(events.events, default=str))
 
+    def test_max_retries_naming_new_arguments_is_scrubbed(self, app, worker, caplog):
+        """self.retry(args=...) with new values: the text naming them when no retry is left hides them.
+
+        Celery writes the last retry's arguments into MaxRetriesExceededError
+        (the ERROR log line, the task-failed event): they were never opened, so
+        only the retry call itself can tell the scrubber.
+        """
+        with caplog.at_level(logging.DEBUG), EventCapture(app) as events:
+            exhausted = app.tasks["t.retry_with_new"].delay(SSN)
+            with pytest.raises(MaxRetriesExceededError) as info:
+                exhausted.get(timeout=30)
+        assert "args:" in str(info.value)
+        shown = [
+            str(info.value),
+            caplog.text,
+            json.dumps(events.events, default=str),
+            exhausted.traceback or "",
+        ]
+        assert SSN[:-1] not in "\n".join(
+            shown
+        )  # neither 912-34-5678 nor the ...5679 / ...5670 it retried with
+
     def test_worker_logs_at_debug_have_no_plaintext(self, app, caplog):
         """Received, succeeded and failed log lines at DEBUG carry no sealed value."""
         with caplog.at_level(logging.DEBUG), _start(app, loglevel="DEBUG"):
@@ -443,12 +497,12 @@ class TestResultsAndLogs:
 class TestRollout:
     """pii_allow_plaintext lets workers run legacy json messages during a rollout."""
 
-    def _legacy_publish(self, app):
+    def _legacy_publish(self, app, name="t.charge"):
         from celery import Celery
 
         legacy = Celery("legacy", broker=app.conf.broker_url, set_as_current=False)
         legacy.conf.update(task_serializer="json", task_default_queue=app.conf.task_default_queue)
-        return legacy.send_task("t.charge", args=(CARD, 4))
+        return legacy.send_task(name, args=(CARD, 4))
 
     def test_legacy_json_runs_in_rollout_mode(self, make_app):
         """A worker with accept_content=['pii','json'] and pii_allow_plaintext runs plaintext messages."""
@@ -472,9 +526,13 @@ class TestRollout:
         legacy.backend.store_result(task_id, {"total": 3}, "SUCCESS")
         assert app.AsyncResult(task_id).get(timeout=10) == {"total": 3}
 
-    def test_legacy_json_is_parked_without_rollout(self, app, caplog):
-        """Without rollout mode, a plaintext message is parked (not lost) and its body never logged."""
-        sent = self._legacy_publish(app)
+    @pytest.mark.parametrize("name", ["t.charge", "t.renamed_since"], ids=["known", "unknown-task"])
+    def test_legacy_json_is_parked_without_rollout(self, app, caplog, name):
+        """Without rollout mode, a plaintext message is parked (not lost) and its body never logged.
+
+        For a task the worker does not know too: Celery dropped it and logged its body.
+        """
+        sent = self._legacy_publish(app, name)
         with caplog.at_level(logging.DEBUG), _start(app):
             deadline = time.monotonic() + 10
             while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:

@@ -17,7 +17,7 @@ from kombu import serialization
 from kombu.exceptions import EncodeError
 
 from celery_pii import ConfigurationError, EncryptionFailed, _context, _envelope, get_pii
-from celery_pii._sealer import MARKER, Sealer
+from celery_pii._sealer import EMBED_KEY, MARKER, Sealer
 
 from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
 
@@ -34,7 +34,7 @@ SECRETS = (CARD, CARD2, EMAIL, EMAIL2, SSN, "4111111111111111")
 def _envelopes_of(message):
     """The sealed envelopes a raw Redis message carries (its body: the frame, then JSON)."""
     body = base64.b64decode(message["body"])
-    return json.loads(body[2:])[2].get("pii")
+    return json.loads(body[2:])[2].get(EMBED_KEY)
 
 
 def assert_no_plaintext(data, secrets=SECRETS):
@@ -436,7 +436,7 @@ class TestSendTaskByName:
         (message,) = queued_messages(app.conf.task_default_queue)
         assert_no_plaintext(message_bytes(message))
         assert message["headers"]["argsrepr"] == repr((MARKER, MARKER))
-        sealed = _envelope.parse(json.loads(base64.b64decode(message["body"])[2:])[2]["pii"][0])
+        sealed = _envelope.parse(json.loads(base64.b64decode(message["body"])[2:])[2][EMBED_KEY][0])
         assert sealed.locations == (("args", 0), ("args", 1), ("kwargs", "customer"))
 
 

@@ -17,6 +17,8 @@ import pytest
 from celery import chord, group
 from celery.contrib.testing.worker import start_worker
 
+from celery_pii._sealer import EMBED_KEY
+
 from .conftest import BACKEND_DB, EventCapture, RedisMonitor, message_bytes, queued_messages, redis_client
 from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
 
@@ -74,7 +76,7 @@ def test_steps_without_pii_published_by_a_pii_task_are_sealed(app, worker):
     assert len(messages) == 3
     for message in messages:
         assert_no_plaintext(message_bytes(message), secrets=(EMAIL,))
-        assert json.loads(message_bytes(message).split(b"\n", 1)[1][2:])[2]["pii"]
+        assert json.loads(message_bytes(message).split(b"\n", 1)[1][2:])[2][EMBED_KEY]
     redis_client(0).delete(held)
 
 

@@ -93,11 +93,11 @@ class TestApi:
         assert detect({"t": "a@example.com (415) 555-0123"}) == [Finding("t", "email"), Finding("t", "phone")]
 
     def test_odd_keys_quoted(self):
-        """Keys that are not names are rendered as quoted brackets."""
+        """Keys that are not names are rendered as quoted brackets (an int key as JSON writes it, not an index)."""
         found = detect({"contact info": {"e-mail": "ann@example.com", 3: "192.0.2.1"}})
         assert found == [
             Finding('["contact info"].e-mail', "email"),
-            Finding('["contact info"][3]', "ip_address"),
+            Finding('["contact info"]["3"]', "ip_address"),
         ]
 
     def test_scan_text_returns_set(self):
