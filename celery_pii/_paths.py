@@ -296,26 +296,28 @@ class Binder:
         return self._walk_simple(args, kwargs, None)[:2]
 
     def mark_simple(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str, *, keep_marked: bool = True
     ) -> tuple[list[Location], list[Any], Sequence[Any], Mapping[str, Any]]:
         """For a :attr:`simple` binder: :meth:`locate_apart` and :func:`replace_in_copies` in one walk.
 
         Returns the locations, the values found there, and ``args`` and
         ``kwargs`` with ``marker`` in their place: copies where something was
         replaced (only the containers on the way), the caller's objects
-        otherwise.  A value that already is ``marker`` (a reused, sealed
-        signature) is neither located nor replaced.
+        otherwise.  A value that already is ``marker`` (sealed, its envelope
+        carried along) is neither located nor replaced, with ``keep_marked``;
+        without, it raises :class:`MarkedValue`.
 
         Raises:
             ValueError: the binder is not simple (its other paths would be missed).
+            MarkedValue: a value is ``marker`` and ``keep_marked`` is false.
         """
         if not self._all_simple:
             msg = f"field paths {self.paths!r} are not all names and dict keys: use locate()"
             raise ValueError(msg)
-        return self._walk_simple(args, kwargs, marker)
+        return self._walk_simple(args, kwargs, marker, keep_marked)
 
     def _walk_simple(  # noqa: C901, PLR0912 - one walk per message; split up, it costs a call per field
-        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str | None
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], marker: str | None, keep_marked: bool = True
     ) -> tuple[list[Location], list[Any], Sequence[Any], Mapping[str, Any]]:
         """The simple fields of a call; with a ``marker``, also put in their place in copies."""
         locations: list[Location] = []
@@ -341,7 +343,9 @@ class Binder:
             else:
                 if marker is not None:
                     if isinstance(value, str) and value == marker:
-                        continue
+                        if keep_marked:
+                            continue
+                        raise MarkedValue(location)
                     if location is by_keyword:
                         if new_kwargs is kwargs:
                             new_kwargs = dict(kwargs)
@@ -500,6 +504,14 @@ def _mark_in_copies(parent: Any, slot: str | int, keys: tuple[str, ...], marker:
         parent, slot = node, key
         _own_json_keys(parent, slot)
     parent[slot] = marker
+
+
+class MarkedValue(Exception):
+    """A declared place already holds the marker, with no envelope carried for it."""
+
+    def __init__(self, location: Location) -> None:
+        super().__init__(location)
+        self.location = location
 
 
 #: What :func:`find_key` returns when no key of the dict is written so.

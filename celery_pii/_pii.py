@@ -24,7 +24,7 @@ from ._config import Settings
 from ._context import RunningTask
 from ._detect import Finding, detect, shown_path
 from ._keys import KeyManager, KeySpec
-from ._paths import Location, replace_in_copies
+from ._paths import Binder, Location, replace_in_copies
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
@@ -139,7 +139,10 @@ class PII:
         root = call.root()
         bound_id = str(task_id)  # apply_async(task_id=uuid.uuid4()) gives a UUID; envelopes bind text
         carried = _context.carried.get()
-        tokens: list[str] = list(carried[1]) if carried is not None and carried[0] == bound_id else []
+        # The retry of a message this process could not open (key store down, quarantine
+        # refusing it): its markers stand for the envelopes it carries on (if any).
+        is_carried = carried is not None and carried[0] == bound_id
+        tokens: list[str] = list(carried[1]) if carried is not None and is_carried else []
         running = _context.running.get()
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
@@ -151,6 +154,7 @@ class PII:
             root,
             seal_all=derived,
             derived_from=source_key,
+            keep_markers=is_carried,
         )
         _, spec = self._lookup(name)
         display = root
@@ -218,16 +222,7 @@ class PII:
                 opened_at = opened.locations
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
-            # Nothing sealed, yet declared fields may hold values: an eager call
-            # (task.apply() never serializes) or a plaintext message of a rollout.
-            # They are what the scrubber and the logging filter must hide.
-            located = spec.binder.locate_apart(args, kwargs)[1]
-            values = [value for value in located if not is_marker(value)]
-            if len(values) != len(located):  # sealed values, but their envelope is gone: never run on markers
-                self._refuse_unopenable(task, task_id, _message_root(request, args, kwargs), [])
-            arrived_unsealed = (
-                bool(values) and not _context.applying.get() and not self.settings.allow_plaintext
-            )
+            values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
             _context.running.set(outer)  # inside a PII task, its outcome may be derived from that PII
@@ -267,6 +262,24 @@ class PII:
             )
             self._audit_quietly("tamper_detected", name, task_id, reason="declared fields arrived unsealed")
             raise DecryptionFailed
+
+    def _unsealed_values(
+        self, task: Task, task_id: str, binder: Binder, args: Any, kwargs: Any
+    ) -> tuple[list[Any], bool]:
+        """Declared values of a call with nothing sealed, and whether they arrived unsealed.
+
+        An eager call (``task.apply()`` never serializes) or a plaintext message
+        of a rollout: the values are what the scrubber and the logging filter
+        must hide.  Anything else arrived unsealed, bypassing celery-pii.
+        """
+        located = binder.locate_apart(args, kwargs)[1]
+        eager = _context.applying.get()  # never the request's is_eager: a message's embed sets it
+        if eager:  # its arguments never travelled: a marker in them is the caller's own text
+            return list(located), False
+        values = [value for value in located if not is_marker(value)]
+        if len(values) != len(located):  # sealed values whose envelope is gone: never run on markers
+            self._refuse_unopenable(task, task_id, _message_root(task.request, args, kwargs), [])
+        return values, bool(values) and not self.settings.allow_plaintext
 
     def _open_or_handle(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         name = task.name

@@ -36,7 +36,7 @@ from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
 from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
-from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
+from ._paths import Binder, Location, MarkedValue, get_at, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed
@@ -133,6 +133,7 @@ class Sealer:
         *,
         seal_all: bool = False,
         derived_from: KeySpec | None = None,
+        keep_markers: bool = False,
         now: datetime | None = None,
     ) -> Sealed | None:
         """Seal the PII of one task message; ``None`` when there is nothing to seal or report.
@@ -149,18 +150,25 @@ class Sealer:
         are not scanned twice): "encrypt" seals what it finds, "refuse" raises,
         "warn" only reports it in :attr:`Sealed.detected`.
 
+        A declared field that already holds :data:`MARKER` is left alone with
+        ``keep_markers`` (its envelope travels with the message: the retry of a
+        message that could not be opened); otherwise it is refused: the caller
+        gave that text, and the worker would refuse a marker it has no
+        envelope for, as it refuses a forged message.
+
         Raises:
             EncryptionFailed: a declared subject is absent, a value cannot be
-                encoded, or "refuse" found undeclared PII.
+                encoded, a declared field holds the marker, or "refuse" found
+                undeclared PII.
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
         registered, spec = self.lookup(name)
         if spec is not None and spec.simple_sealing and not seal_all and not _has_canvas(root):
-            return self._seal_declared(name, task_id, root, spec)
+            return self._seal_declared(name, task_id, root, spec, keep_markers=keep_markers)
         # A task this process does not know (``send_task`` by name): which of its
         # arguments are PII is unknown, so all of them are sealed, as for canvas steps.
         seal_all = seal_all or not registered
-        found, specs = self._fields(name, spec, root, seal_all=seal_all)
+        found, specs = self._fields(name, spec, root, seal_all=seal_all, keep_markers=keep_markers)
         mode = spec.detect if spec is not None else self.settings.detect
         detected: tuple[tuple[Location, str], ...] = ()
         truncated = False
@@ -182,7 +190,7 @@ class Sealer:
         return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
 
     def _seal_declared(
-        self, name: str, task_id: str, root: Mapping[str, Any], spec: TaskSpec
+        self, name: str, task_id: str, root: Mapping[str, Any], spec: TaskSpec, *, keep_markers: bool
     ) -> Sealed | None:
         """The common case (``spec.simple_sealing``, no canvas): the declared fields, the task's key.
 
@@ -191,7 +199,11 @@ class Sealer:
         """
         binder = cast("Binder", spec.binder)  # simple_sealing implies one
         args, kwargs = root.get("args") or (), root.get("kwargs") or {}
-        found_at, values, sealed_args, sealed_kwargs = binder.mark_simple(args, kwargs, MARKER)
+        try:
+            marked = binder.mark_simple(args, kwargs, MARKER, keep_marked=keep_markers)
+        except MarkedValue as error:
+            raise _holds_marker(name, binder, error.location) from None
+        found_at, values, sealed_args, sealed_kwargs = marked
         if not values:
             return None
         key = self.keys.encryption_key(spec.key_spec)
@@ -218,14 +230,24 @@ class Sealer:
             )
         except (TypeError, ValueError) as error:
             kind = type(error).__name__
-            msg = f"task {name!r}: a PII value cannot be encoded ({kind}); nothing was published"
+            where = self._unencodable(key, values, locations)
+            msg = f"task {name!r}: the PII value at {where} cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
 
+    def _unencodable(self, key: DataKey, values: list[Any], locations: tuple[Location, ...]) -> str:
+        """Which of the values does not encode, as a path for people (its value is never shown)."""
+        for value, location in zip(values, locations, strict=True):
+            try:
+                _envelope.seal(key, [value], locations=[location], task_name="", task_id="")
+            except (TypeError, ValueError):  # noqa: PERF203 - only on the way to an error message
+                return shown_path(location)
+        return "?"  # only together (none alone): say so without guessing
+
     def _fields(
-        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
+        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
     ) -> tuple[list[tuple[Location, Any]], list[TaskSpec]]:
         """Every value of a message to seal, and the specs whose retention applies to them."""
-        found = self._call_fields(name, spec, root, seal_all=seal_all)
+        found = self._call_fields(name, spec, root, seal_all=seal_all, keep_markers=keep_markers)
         specs = [spec] if spec is not None else []
         nested: list[tuple[Location, Any, TaskSpec | None]] = []
         if name in _ITEM_TASKS and not seal_all:
@@ -272,7 +294,7 @@ class Sealer:
         return detected, truncated, extra
 
     def _call_fields(
-        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool
+        self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
     ) -> list[tuple[Location, Any]]:
         args: Sequence[Any] = root.get("args") or ()
         kwargs: Mapping[str, Any] = root.get("kwargs") or {}
@@ -280,9 +302,12 @@ class Sealer:
         if seal_all:
             found = [(location, value) for location, value, _ in _arguments(args, kwargs, ())]
         elif spec is not None and spec.binder is not None:
-            # A value that is already a marker (a reused, sealed signature) is left alone.
+            # A value that is already a marker (its envelope carried along) is left alone.
             located = spec.binder.locate(args, kwargs)
             found = [item for item in located if not is_marker(item[1])]
+            if len(found) != len(located) and not keep_markers:
+                marked = next(location for location, value in located if is_marker(value))
+                raise _holds_marker(name, spec.binder, marked)
         if name == _CHORD_UNLOCK and len(args) > 1 and not seal_all:
             # chord_unlock carries the chord body as its second argument
             # (with ``seal_all`` it is already sealed whole, with the other arguments).
@@ -582,6 +607,13 @@ def _is_meta(obj: object) -> bool:
 def _has_canvas(root: Mapping[str, Any]) -> bool:
     """True if a message root embeds later canvas steps (callbacks, errbacks, chain, chord)."""
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
+
+
+def _holds_marker(name: str, binder: Binder, location: Location) -> EncryptionFailed:
+    return EncryptionFailed(
+        f"task {name!r}: {binder.display(location)} holds {MARKER!r}, which stands for a sealed value, "
+        "with no envelope for it; nothing was published"
+    )
 
 
 def is_marker(value: object) -> bool:

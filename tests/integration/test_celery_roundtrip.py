@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -132,8 +133,8 @@ class TestRoundTrip:
         object.__setattr__(general_spec, "simple_sealing", False)
         general_sealer = Sealer(sealer.keys, sealer.settings, lambda _name: (True, general_spec))
         root = {**call, "callbacks": None, "errbacks": None, "chain": None, "chord": None}
-        direct = sealer.seal_message("t.echo", "id-1", root)
-        general = general_sealer.seal_message("t.echo", "id-1", root)
+        direct = sealer.seal_message("t.echo", "id-1", root, keep_markers=True)
+        general = general_sealer.seal_message("t.echo", "id-1", root, keep_markers=True)
         if general is None:
             assert direct is None
             return
@@ -145,10 +146,39 @@ class TestRoundTrip:
             sealer.open_message("t.echo", "id-1", opened, [sealed.token])
             assert opened == root
 
+    def test_a_value_that_cannot_be_encoded_is_named_by_its_place(self, app):
+        """Among several declared fields, the error says which one (never its value)."""
+        customer = {"email": {"a set of", "values"}}
+        with pytest.raises(
+            EncryptionFailed, match=r"t\.charge.*value at kwargs\.customer\.email cannot"
+        ) as info:
+            app.tasks["t.charge"].apply_async((CARD, 1), {"customer": customer})
+        assert "a set of" not in str(info.value)
+
     def test_already_sealed_values_are_left_alone(self, app, worker):
-        """A value that is already the sealed marker is not sealed again."""
-        sealed = get_pii(app).sealer.seal_message("t.echo", "id-1", {"args": [MARKER], "kwargs": {}})
-        assert sealed is None
+        """A value that is already the sealed marker, its envelope carried along, is not sealed again."""
+        root = {"args": [MARKER], "kwargs": {}}
+        assert get_pii(app).sealer.seal_message("t.echo", "id-1", root, keep_markers=True) is None
+
+    @pytest.mark.parametrize(
+        ("task", "args", "kwargs", "shown"),
+        [
+            ("t.echo", (MARKER,), {}, "value"),  # the direct path
+            ("t.charge", (CARD, 1), {"items": [{"serial": "S1"}, {"serial": MARKER}]}, "items[1].serial"),
+        ],
+        ids=["direct", "general"],
+    )
+    def test_a_caller_value_that_is_the_marker_is_refused_at_publish(self, app, task, args, kwargs, shown):
+        """The caller typed "[pii:sealed]": refused with the field named, not parked by the worker as forged.
+
+        It was published unsealed (taken for a value sealed already) and the
+        worker, finding no envelope for it, parked it as tampering.
+        """
+        with pytest.raises(EncryptionFailed, match=rf"{task}.*{re.escape(shown)} holds '\[pii:sealed\]'"):
+            app.tasks[task].apply_async(args, kwargs)
+        assert queued_messages(app.conf.task_default_queue) == []
+        # Called eagerly, the arguments never travel: the text is the caller's, and the task runs on it.
+        assert app.tasks[task].apply(args, kwargs).get() is not None
 
     def test_eager_mode(self, make_app):
         """task_always_eager runs through the serializer and returns plaintext."""
