@@ -38,7 +38,7 @@ from ._paths import replace_in_copies
 from ._pii import PII
 from ._quarantine import make_quarantine_step
 from ._redact import RedactingFilter
-from ._sealer import MARKER, is_marker, is_sealed_result, unreadable_result
+from ._sealer import MARKER, is_marker, is_sealed_result, unreadable_result, withheld_reason
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
 from ._store import KeyStore
@@ -119,6 +119,9 @@ def _mark_declared_fields(obj: Any) -> Any:
 
 def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
+        withheld = withheld_reason(value)
+        if withheld is not None:  # stored in place of a result whose key was destroyed meanwhile
+            raise KeyDestroyed(withheld)
         return value
     failures: list[PIIError] = []
     for index, pii in enumerate(_candidate_instances()):

@@ -178,7 +178,7 @@ def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any]) -> Non
     )
     start(derived)
     for _, inner in runs[1:]:
-        _outer_of[inner] = derived
+        _runs[inner].outer = derived
 
 
 def _entered_runs() -> list[tuple[Any, Any]]:
@@ -193,7 +193,8 @@ def _entered_runs() -> list[tuple[Any, Any]]:
         index = depth.get(id(task), 0)  # the same task object run inside itself has one request per run
         depth[id(task)] = index + 1
         requests = task.request_stack.stack
-        if index < len(requests) and requests[index] in _outer_of:
+        state = _runs.get(requests[index]) if index < len(requests) else None
+        if state is not None and state.outer is not _NOT_ENTERED:
             runs.append((task, requests[index]))
     return runs
 
@@ -227,11 +228,20 @@ def scrubber_elsewhere() -> Scrubber | None:
 # What celery-pii remembers about a task run, by its request object: never as
 # attributes of the request, which Celery fills from the message's headers and
 # embed (whoever can publish a message could set them).
-#: The context each run entered from, from its start to its end.
-_outer_of: weakref.WeakKeyDictionary[Any, RunningTask | None] = weakref.WeakKeyDictionary()
-#: The runs whose message the opening step has seen (once per run).
-_opened_runs: weakref.WeakSet[Any] = weakref.WeakSet()
 _NOT_ENTERED: Final = object()
+
+
+class _RunState:
+    """One task run, from its opening step on: the context it entered from, until it ends."""
+
+    __slots__ = ("outer",)
+
+    def __init__(self) -> None:
+        self.outer: Any = _NOT_ENTERED
+
+
+#: The runs whose message the opening step has seen (once per run), by request.
+_runs: weakref.WeakKeyDictionary[Any, _RunState] = weakref.WeakKeyDictionary()
 
 #: True while ``Task.apply`` runs a task in this thread: an eager call, whose
 #: arguments never left the process.  Not the request's ``is_eager``, which a
@@ -241,9 +251,9 @@ applying: contextvars.ContextVar[bool] = contextvars.ContextVar("celery_pii_appl
 
 def first_opening(request: Any) -> bool:
     """True the first time the opening step sees this run (a subclass of a registered task calls it twice)."""
-    if request in _opened_runs:
+    if request in _runs:
         return False
-    _opened_runs.add(request)
+    _runs[request] = _RunState()
     return True
 
 
@@ -257,7 +267,10 @@ def enter(request: Any) -> RunningTask | None:
     outer = running.get()
     if outer is not None and not outer.is_live():
         outer = None
-    _outer_of[request] = outer
+    state = _runs.get(request)
+    if state is None:  # entered without the opening step's first look (not expected)
+        state = _runs[request] = _RunState()
+    state.outer = outer
     running.set(None)
     return outer
 
@@ -297,11 +310,12 @@ def leave(request: Any) -> None:
     current = running.get()
     if current is not None and current._request is request:  # noqa: SLF001
         _with_values.pop(id(current), None)
-    outer = _outer_of.pop(request, _NOT_ENTERED)
-    if outer is not _NOT_ENTERED:
-        # Ended (no longer in _outer_of): a sealed result read after this (a task_postrun handler
-        # connected after celery-pii's) must not start a context that nothing would end.
-        running.set(outer)  # type: ignore[arg-type]
+    state = _runs.get(request)
+    if state is not None and state.outer is not _NOT_ENTERED:
+        running.set(state.outer)
+        # Ended: a sealed result read after this (a task_postrun handler connected after
+        # celery-pii's) must not start a context that nothing would end (derive_from_result).
+        state.outer = _NOT_ENTERED
 
 
 # Envelopes carried from a task that could not open them (key store down) to

@@ -71,12 +71,12 @@ def dumps(obj: Any, *, ensure_ascii: bool = True) -> bytes:
     """Compact JSON as UTF-8, reading back as the standard library's encoding would.
 
     ``ensure_ascii`` applies when the standard library writes; orjson always
-    writes UTF-8 (both read back the same).
+    writes UTF-8 (both read back the same).  A lone surrogate, which UTF-8
+    cannot carry, is written as a JSON escape either way.
 
     Raises:
         TypeError, ValueError: what the standard library's encoder raises for
-            ``obj`` (a UUID, datetime, Decimal, bytes, a circular reference...),
-            or UnicodeEncodeError for a lone surrogate when not ``ensure_ascii``.
+            ``obj`` (a UUID, datetime, Decimal, bytes, a circular reference...).
     """
     return encode(obj, ensure_ascii=ensure_ascii)[0]
 

@@ -91,6 +91,11 @@ class KeyCache:
         self.misses += 1
         return None
 
+    def holds(self, key_id: str, version: int, now: float | None = None) -> bool:
+        """True if that version is cached (so not known destroyed: the periodic check evicts those)."""
+        entry = self._versions.get((key_id, version))
+        return entry is not None and entry[1] > (time.monotonic() if now is None else now)
+
     def is_destroyed(self, key_id: str, version: int) -> bool:
         """True if this process recently saw that version destroyed."""
         expiry = self._destroyed.get((key_id, version))

@@ -185,8 +185,8 @@ class KeyManager:
         if now >= self._next_recheck:
             self.recheck_cache()
         source = spec.derived_from
-        if source is not None and self.cache.is_destroyed(*source):
-            raise _destroyed(*source)
+        if source is not None and not self.cache.holds(*source, now):
+            self._refuse_derived_from_destroyed(*source)
         key = self.cache.active(spec.key_id, now)
         if key is None or (key.expires_at is not None and key.expires_at <= self._clock().timestamp()):
             # A bucket key past its deadline seals nothing, cached or not (what it
@@ -317,6 +317,18 @@ class KeyManager:
             raise _past_deadline(spec)
         self.cache.put(key, active=True)
         return self.cache.active(spec.key_id) or key
+
+    def _refuse_derived_from_destroyed(self, key_id: str, version: int) -> None:
+        """Raise :class:`KeyDestroyed` if the version data was opened with is destroyed.
+
+        Asked when this process no longer holds that version (the periodic check
+        evicts destroyed ones; a task may also run past the cache's TTL): what
+        it remembers of destructions expires too, so only the store can say.
+        """
+        if self.cache.is_destroyed(key_id, version):
+            raise _destroyed(key_id, version)
+        with self.store.transaction() as session:
+            self._refuse_if_destroyed(session, key_id, version)
 
     def _refuse_if_destroyed(self, session: Session, key_id: str, version: int) -> None:
         """Raise :class:`KeyDestroyed` if that version is destroyed (or gone from the store).
@@ -639,10 +651,10 @@ class KeyManager:
         ``42`` and ``"42"`` are the same subject (the CLI gives text).
 
         Raises:
-            ConfigurationError: not a string or a number (``None``, a dict...).
+            ConfigurationError: not a string or an integer (``None``, a dict...).
         """
         if not is_subject_id(subject_id):
-            msg = f"a data subject's id must be a string or a number, not {type(subject_id).__name__}"
+            msg = f"a data subject's id must be a string or an integer, not {type(subject_id).__name__}"
             raise ConfigurationError(msg)
         secret = self._subject_secret or self._load_subject_secret()
         digest = hmac.new(secret, str(subject_id).encode(), hashlib.sha256).hexdigest()[:32]
@@ -944,12 +956,13 @@ class KeyManager:
 
 
 def is_subject_id(value: object) -> bool:
-    """True for what may name a data subject: a string or a number (``str()`` of it is hashed).
+    """True for what may name a data subject: a string or an integer (``str()`` of it is hashed).
 
     ``None`` would make every call without a subject one subject, and a dict
-    or list would hash with its key order and every other field in it.
+    or list would hash with its key order and every other field in it.  A
+    float is refused too: ``42.0`` would be another subject than ``42``.
     """
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 def _destroyed(key_id: str, version: int) -> KeyDestroyed:

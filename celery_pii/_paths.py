@@ -521,7 +521,7 @@ _ABSENT: Final = object()
 def json_key(key: object) -> str | None:
     """The text JSON writes for a dict key (``1`` -> ``"1"``, ``True`` -> ``"true"``); None if it cannot."""
     if isinstance(key, str):
-        return str(key)
+        return str.__str__(key)  # a str subclass (a str Enum member) is written as its text, not its str()
     if key is None or isinstance(key, (bool, int, float)):
         return json.dumps(key if not isinstance(key, int) or isinstance(key, bool) else int(key))
     return None

@@ -142,7 +142,7 @@ class PII:
         # The retry of a message this process could not open (key store down, quarantine
         # refusing it): its markers stand for the envelopes it carries on (if any).
         is_carried = carried is not None and carried[0] == bound_id
-        tokens: list[str] = list(carried[1]) if carried is not None and is_carried else []
+        tokens: list[str] = list(carried[1]) if is_carried and carried is not None else []
         running = _context.running.get()
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
@@ -306,8 +306,8 @@ class PII:
             )
             raise self._retry_unopened(task, task_id, tokens, countdown) from None
         except KeyDestroyed as error:
-            # Filed under the message's keys (the reason names the destroyed one), so the
-            # key's own audit trail shows what was refused after its destruction.
+            # Filed under the message's own key (the reason names the destroyed one, which
+            # is that key but for a canvas step's), so its audit trail shows the refusal.
             self._audit_quietly("decrypt_denied", name, task_id, reason=str(error), key_ids=_key_ids(tokens))
             raise
         except (DecryptionFailed, KeyNotFound):
@@ -449,13 +449,10 @@ class PII:
             # ran: its outcome must not be readable.  Raising here would leave Celery
             # nothing it can store (the failure is sealed under the same key), and a
             # solo or threads worker stops on that.
-            withheld = withheld_outcome(
+            logger.warning("celery-pii: task %s[%s]: outcome not stored: %s", running.name, task_id, error)
+            return withheld_outcome(
                 obj, f"the outcome of task {running.name}[{task_id}] was not stored: {error}"
             )
-            if withheld is None:
-                raise
-            logger.warning("celery-pii: task %s[%s]: outcome not stored: %s", running.name, task_id, error)
-            return withheld
 
 
 class _Call:

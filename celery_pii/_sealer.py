@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final, NamedTuple, cast
 
-from celery import states
-
 from . import _envelope
 from ._config import Settings
 from ._crypto import DataKey
@@ -202,7 +200,7 @@ class Sealer:
         try:
             marked = binder.mark_simple(args, kwargs, MARKER, keep_marked=keep_markers)
         except MarkedValue as error:
-            raise _holds_marker(name, binder, error.location) from None
+            raise _holds_marker(name, binder.display(error.location)) from None
         found_at, values, sealed_args, sealed_kwargs = marked
         if not values:
             return None
@@ -301,13 +299,20 @@ class Sealer:
         found: list[tuple[Location, Any]] = []
         if seal_all:
             found = [(location, value) for location, value, _ in _arguments(args, kwargs, ())]
+            if not keep_markers:  # as for declared fields: the caller's text, or a lost envelope
+                arguments: list[Location] = [
+                    *(("args", i) for i, a in enumerate(args) if is_marker(a)),
+                    *(("kwargs", k) for k, v in kwargs.items() if is_marker(v)),
+                ]
+                if arguments:
+                    raise _holds_marker(name, shown_path(arguments[0]))
         elif spec is not None and spec.binder is not None:
             # A value that is already a marker (its envelope carried along) is left alone.
             located = spec.binder.locate(args, kwargs)
             found = [item for item in located if not is_marker(item[1])]
             if len(found) != len(located) and not keep_markers:
                 marked = next(location for location, value in located if is_marker(value))
-                raise _holds_marker(name, spec.binder, marked)
+                raise _holds_marker(name, spec.binder.display(marked))
         if name == _CHORD_UNLOCK and len(args) > 1 and not seal_all:
             # chord_unlock carries the chord body as its second argument
             # (with ``seal_all`` it is already sealed whole, with the other arguments).
@@ -578,26 +583,27 @@ def is_sealed_result(obj: object) -> bool:
     return isinstance(obj, dict) and RESULT_KEY in obj
 
 
-def withheld_outcome(obj: object, reason: str) -> dict[str, Any] | None:
-    """A result meta stored in place of one whose key is gone: a ``KeyDestroyed`` failure.
+def withheld_outcome(obj: object, reason: str) -> dict[str, Any]:
+    """What is stored in place of a result whose key is gone: readers get ``KeyDestroyed(reason)``.
 
-    Nothing of the task's outcome is kept (result, traceback, the arguments
-    ``result_extended`` stores); readers get ``KeyDestroyed(reason)``, in the
-    form Celery stores exceptions in.  ``None`` for what is not a meta: a
-    whole value has no status to say so.
+    Nothing of the task's outcome is kept.  A result meta becomes a failure,
+    as an unreadable one reads (:func:`unreadable_result`).  Anything else
+    (the database backend stores the result alone, a chord part is a list)
+    becomes a placeholder that :func:`withheld_reason` recognises when read.
     """
     if not _is_meta(obj):
-        return None
-    failure = {
-        "exc_type": KeyDestroyed.__name__,
-        "exc_message": [reason],
-        "exc_module": KeyDestroyed.__module__,
-    }
-    withheld = dict(cast("dict[str, Any]", obj), status=states.FAILURE, result=failure, traceback=None)
-    for name in ("args", "kwargs"):
-        if name in withheld:
-            withheld[name] = None
-    return withheld
+        return {_WITHHELD_KEY: reason}
+    return _failure_meta(cast("dict[str, Any]", obj), KeyDestroyed(reason))
+
+
+def withheld_reason(obj: object) -> str | None:
+    """The reason a :func:`withheld_outcome` placeholder gives, or ``None`` for anything else."""
+    if isinstance(obj, dict) and len(obj) == 1 and _WITHHELD_KEY in obj:
+        return str(obj[_WITHHELD_KEY])
+    return None
+
+
+_WITHHELD_KEY: Final = "__celery_pii_withheld__"
 
 
 def _is_meta(obj: object) -> bool:
@@ -609,9 +615,9 @@ def _has_canvas(root: Mapping[str, Any]) -> bool:
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
 
 
-def _holds_marker(name: str, binder: Binder, location: Location) -> EncryptionFailed:
+def _holds_marker(name: str, where: str) -> EncryptionFailed:
     return EncryptionFailed(
-        f"task {name!r}: {binder.display(location)} holds {MARKER!r}, which stands for a sealed value, "
+        f"task {name!r}: {where} holds {MARKER!r}, which stands for a sealed value, "
         "with no envelope for it; nothing was published"
     )
 

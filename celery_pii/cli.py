@@ -42,10 +42,11 @@ def _defers_store_checks(argv: Sequence[str]) -> bool:
     ``worker -Q db`` must not skip the check that the master key matches the store.
     """
     words = list(argv)
-    if "pii" not in words:
-        return False
-    command = words[words.index("pii") + 1 : words.index("pii") + 3]
-    return command[:1] in (["db"], ["scan"]) or command == ["master-key", "generate"]
+    for at, word in enumerate(words):  # every "pii": the app itself may be named so (-A pii)
+        command = words[at + 1 : at + 3] if word == "pii" else []
+        if command[:1] in (["db"], ["scan"]) or command == ["master-key", "generate"]:
+            return True
+    return False
 
 
 # Celery imports this module (an entry point) before it imports the app named
@@ -130,7 +131,12 @@ def _cell(value: object) -> str:
     return str(value).translate(_CONTROL_ESCAPES)
 
 
-_CONTROL_ESCAPES: Final = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]}
+# C0 and C1 controls (0x9b starts an escape sequence on some terminals) and the bidi
+# overrides that reorder what is shown.
+_CONTROL_ESCAPES: Final = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+}
 
 
 def _confirm(message: str, *, yes: bool) -> None:

@@ -146,6 +146,12 @@ class TestRoundTrip:
             sealer.open_message("t.echo", "id-1", opened, [sealed.token])
             assert opened == root
 
+    def test_the_marker_is_refused_where_every_argument_is_sealed_too(self, app):
+        """send_task to a task this process does not know seals every argument: the marker is refused there too."""
+        with pytest.raises(EncryptionFailed, match=r"t\.elsewhere.*args\[1\] holds"):
+            app.send_task("t.elsewhere", args=(CARD, MARKER))
+        assert queued_messages(app.conf.task_default_queue) == []
+
     def test_a_value_that_cannot_be_encoded_is_named_by_its_place(self, app):
         """Among several declared fields, the error says which one (never its value)."""
         customer = {"email": {"a set of", "values"}}
@@ -501,12 +507,12 @@ class TestSubjects:
             assert result.get(timeout=20) == {"1": CARD, "2": "kept"}
 
     @pytest.mark.parametrize(
-        "subject", [None, {"id": "u-1"}, ["u-1"], True], ids=["none", "dict", "list", "bool"]
+        "subject", [None, {"id": "u-1"}, ["u-1"], True, 42.0], ids=["none", "dict", "list", "bool", "float"]
     )
     def test_a_subject_that_is_not_one_id_is_refused(self, app, subject):
         """None (every such call would share one key) or a container (keyed by all its fields) is no id."""
         with pytest.raises(EncryptionFailed, match=r"t\.profile.*pii_subject 'user_id'"):
             app.tasks["t.profile"].delay(subject, EMAIL)
         assert not queued_messages(app.conf.task_default_queue)
-        with pytest.raises(ConfigurationError, match="must be a string or a number"):
+        with pytest.raises(ConfigurationError, match="must be a string or an integer"):
             get_pii(app).forget_subject(subject)

@@ -350,6 +350,9 @@ def test_deferred_checks_only_for_db_commands():
     # The word "db" elsewhere is no db command: a key id, a queue name.
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "generate", "db"])
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "master-key", "rewrap", "--finish"])
+    # An app named pii.
+    assert _defers_store_checks(["celery", "-A", "pii", "pii", "db", "upgrade"])
+    assert not _defers_store_checks(["celery", "-A", "pii", "worker", "-Q", "db"])
     assert _celery._store_checks_deferred is False
 
 
@@ -357,8 +360,9 @@ def test_table_cells_escape_control_characters(capsys):
     """A parked message's forged header cannot print a row of its own or reach the terminal raw."""
     from celery_pii.cli import _emit
 
-    forged = {"id": "real-id\nFORGED-ID  t.charge  ok", "task": "t.charge\x1b[2J"}
+    forged = {"id": "real-id\nFORGED-ID  t.charge  ok", "task": "t.charge\x1b[2J\x9b1m\u202egnp.exe"}
     _emit([forged], ("id", "task"), as_json=False)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2  # the header and one row
     assert "\\x0aFORGED-ID" in lines[1] and "\\x1b[2J" in lines[1] and "\x1b" not in lines[1]
+    assert "\\x9b1m" in lines[1] and "\\u202e" in lines[1]  # C1 controls and bidi overrides too

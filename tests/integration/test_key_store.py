@@ -851,6 +851,23 @@ class TestDerivedKeys:
         with pytest.raises(KeyDestroyed):
             manager.encryption_key(derived)
 
+    def test_a_task_outliving_the_memory_of_the_destruction_still_seals_nothing(self, make_manager):
+        """What a process remembers of destructions expires with its cache; the store still says so.
+
+        Meanwhile a new task of the subject cached the subject's new version:
+        a task running since before the erasure must not seal under it.
+        """
+        manager = make_manager(cache_ttl=0.5)
+        key_id, digest = manager.subject_key_id("abc")
+        fresh = KeySpec(key_id, subject_id=digest)
+        source = manager.encryption_key(fresh)
+        make_manager().destroy_subject("abc")
+        assert manager.recheck_cache() == 1
+        time.sleep(0.6)  # the remembered destruction, and every cached key, expire
+        assert manager.encryption_key(fresh).version == 2  # a new task of the subject: v2 cached as active
+        with pytest.raises(KeyDestroyed, match="version 1 was destroyed"):
+            manager.encryption_key(KeySpec(key_id, subject_id=digest, derived_from=(key_id, source.version)))
+
     def test_a_live_source_seals_under_the_active_version(self, manager):
         """A source rotated since (not destroyed): derived data is sealed under the new active version."""
         source = manager.encryption_key(KeySpec("orders"))

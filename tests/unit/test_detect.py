@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import subprocess
 import sys
@@ -775,9 +776,19 @@ def test_places_under_non_string_keys_are_named_as_json_writes_them():
     """{1: card} travels as {"1": card}: the place found is the message's ("1"), not a list index (1)."""
     from celery_pii._detect import locate_with_status
 
-    found, _ = locate_with_status({1: "4111111111111111", None: "ann@example.com", "x": ["4111111111111111"]})
+    class Kind(str, enum.Enum):
+        CARD = "card"
+
+    document = {
+        1: "4111111111111111",
+        None: "ann@example.com",
+        "x": ["4111111111111111"],
+        Kind.CARD: "4111111111111111",
+    }
+    found, _ = locate_with_status(document)
     assert sorted(found) == [
         (("1",), "credit_card"),
+        (("card",), "credit_card"),  # a str Enum key is written as its value, not "Kind.CARD"
         (("null",), "email"),
         (("x", 0), "credit_card"),
     ]
