@@ -84,7 +84,8 @@ def test_gdpr_erasure():
     ]
     assert "the task did not run" in out
     assert re.search(r"^destroy +subject\.[0-9a-f]{32}@\S+ v1 \(forget_subject\)$", out, re.MULTILINE)
-    assert re.search(r"^decrypt_denied +task:accounts\.send_order_update", out, re.MULTILINE)
+    # Filed under the erased subject's key, beside its destruction.
+    assert re.search(r"^decrypt_denied +subject\.[0-9a-f]{32}@\S+ \[[0-9a-f]{8}\]$", out, re.MULTILINE)
     assert "ann@example.com" not in out and "Test Lane" not in out
 
 
