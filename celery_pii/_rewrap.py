@@ -110,7 +110,7 @@ def _refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None
     """A row's second slot holding a third master key's wrapping is an unfinished rotation.
 
     Re-wrapping would replace that wrapping, and processes on that key would
-    lose the row: the earlier rotation must be finished (or undone) first.
+    lose the row: the earlier rotation must be finished first.
     """
     with keys.store.transaction() as session:
         other = session.scalars(

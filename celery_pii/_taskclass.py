@@ -90,10 +90,10 @@ def install_opening(cls: type[Any], *, is_pii: bool) -> None:
 
         cls.before_start = before_start
         cls._celery_pii_opening = True
-    if not cls.__dict__.get("_celery_pii_apply"):
+    if not cls.__dict__.get("_celery_pii_calls"):  # apply and retry, wrapped once per class
         _mark_eager_runs(cls)
         _hide_retry_arguments(cls)
-        cls._celery_pii_apply = True
+        cls._celery_pii_calls = True
     if not cls.__dict__.get("_celery_pii_scrubbing"):
         # Every task: one that declares no PII still runs inside a PII context
         # when it is a chain step or callback of a PII task.
