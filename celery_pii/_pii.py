@@ -154,7 +154,7 @@ class PII:
             root,
             seal_all=derived,
             derived_from=source_key,
-            keep_markers=is_carried,
+            keep_markers=is_carried or bool(_context.workers_here),
         )
         _, spec = self._lookup(name)
         display = root
@@ -287,10 +287,16 @@ class PII:
             if not isinstance(tokens, (list, tuple)):  # a forged body: not a list of envelopes
                 raise DecryptionFailed  # noqa: TRY301 - handled below like every failure to open
             opened = self.sealer.open_message(name, task_id, root, tokens)
-        except KeyStoreUnavailable:
+        except KeyStoreUnavailable as error:  # the database or the master key's KMS (the text says which)
             countdown = self._retry_countdown(task_id)
-            logger.warning(
-                "celery-pii: key store unreachable; task %s[%s] retried in %ss", name, task_id, countdown
+            logger.warning("celery-pii: %s; task %s[%s] retried in %ss", error, name, task_id, countdown)
+            raise self._retry_unopened(task, task_id, tokens, countdown) from None
+        except ConfigurationError as error:
+            # The master key cannot be used (a KMS key disabled or scheduled for deletion,
+            # access revoked): an operator must act, and the message is kept until they have.
+            countdown = self._retry_countdown(task_id)
+            logger.error(  # noqa: TRY400 - the message names the setting; a traceback adds nothing
+                "celery-pii: %s; task %s[%s] not opened, retried in %ss", error, name, task_id, countdown
             )
             raise self._retry_unopened(task, task_id, tokens, countdown) from None
         except SQLAlchemyError as error:

@@ -15,7 +15,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError, Reject
 from kombu.exceptions import DecodeError
 
-from celery_pii import DecryptionFailed, KeyDestroyed, _envelope, get_pii
+from celery_pii import ConfigurationError, DecryptionFailed, KeyDestroyed, _envelope, get_pii
 from celery_pii._keys import KeySpec
 from celery_pii._quarantine import QUARANTINE_HEADER
 from celery_pii._sealer import EMBED_KEY, MARKER, derived_key_spec
@@ -429,6 +429,34 @@ class TestKeyOutcomes:
             assert not hasattr(worker_app.tasks["t.retry_once"], "override_max_retries")
         finally:
             proxy.close()
+
+    def test_a_master_key_that_cannot_be_used_keeps_the_task(self, make_app, caplog):
+        """A KMS key disabled while workers run (ConfigurationError on unwrap): retried, not lost.
+
+        The error escaped the opening step: the task failed and its message was
+        acknowledged.  moto does not enforce a disabled key, so the key manager's
+        refusal stands in for KMS's (the first two lookups fail, then it is re-enabled).
+        """
+        worker_app = make_app(pii_key_unavailable_retry_delay=0.2)
+        result = make_app().tasks["t.charge"].delay(CARD, 9)
+        keys = get_pii(worker_app).keys
+        keys.cache.clear()
+        real, refusals = keys.decryption_key, []
+
+        def disabled_twice(key_id, version):
+            if len(refusals) < 2:
+                refusals.append(key_id)
+                msg = "setting pii_master_key: AWS KMS key 'k-1' is missing, disabled or pending deletion"
+                raise ConfigurationError(msg)
+            return real(key_id, version)
+
+        keys.decryption_key = disabled_twice
+        with caplog.at_level(logging.ERROR), _start(worker_app):
+            assert result.get(timeout=30)["card_number"] == CARD
+        assert len(refusals) == 2
+        assert any(
+            "not opened, retried" in r.getMessage() and result.id in r.getMessage() for r in caplog.records
+        )
 
 
 class TestResultsAndLogs:

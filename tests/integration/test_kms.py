@@ -225,6 +225,7 @@ class TestFailures:
             ("encrypt", "DisabledException", 400, ConfigurationError),
             ("decrypt", "KMSInvalidStateException", 400, ConfigurationError),
             ("encrypt", "AccessDeniedException", 400, ConfigurationError),
+            ("decrypt", "DisabledException", 400, ConfigurationError),
             ("encrypt", "InvalidKeyUsageException", 400, ConfigurationError),
             ("decrypt", "IncorrectKeyException", 400, DecryptionFailed),
             ("decrypt", "InvalidKeyUsageException", 400, DecryptionFailed),
