@@ -336,17 +336,6 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
             handler.addFilter(_FILTER)
 
 
-@signals.worker_init.connect(weak=False)
-def _worker_starting(**_: Any) -> None:
-    _context.workers_here.append(True)
-
-
-@signals.worker_shutdown.connect(weak=False)
-def _worker_ended(**_: Any) -> None:
-    if _context.workers_here:
-        _context.workers_here.pop()
-
-
 @signals.worker_process_shutdown.connect(weak=False)
 def _pool_child_ending(**_: Any) -> None:
     # Prefork children end with os._exit (no atexit): their usage counts would be lost.

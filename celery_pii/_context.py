@@ -243,13 +243,6 @@ class _RunState:
 #: The runs whose message the opening step has seen (once per run), by request.
 _runs: weakref.WeakKeyDictionary[Any, _RunState] = weakref.WeakKeyDictionary()
 
-#: One entry per worker running in this process (its pool children inherit them).
-#: A worker publishes calls whose sealed fields it never opened: the errbacks Celery
-#: calls from its main process after a hard time limit or ``Reject``.  They go out
-#: with their markers (the receiving worker parks them), not refused as a client's
-#: marker text is.
-workers_here: list[bool] = []
-
 #: True while ``Task.apply`` runs a task in this thread: an eager call, whose
 #: arguments never left the process.  Not the request's ``is_eager``, which a
 #: message's embed can set.

@@ -28,7 +28,7 @@ from ._paths import Binder, Location, replace_in_copies
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, is_marker, withheld_outcome
+from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, derived_key_spec, is_marker, withheld_outcome
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
@@ -144,6 +144,11 @@ class PII:
         is_carried = carried is not None and carried[0] == bound_id
         tokens: list[str] = list(carried[1]) if is_carried and carried is not None else []
         running = _context.running.get()
+        # Sent for a task that is not running here: the errbacks a worker's main process
+        # publishes after a hard time limit or Reject.  That process never opened their
+        # sealed values, so they go out with their markers (the receiving worker parks
+        # them), not refused as a client's marker text is.
+        on_behalf_of_a_task = running is None and call.options.get("parent_id") is not None
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
         derived = running is not None and (running.is_pii or bool(running.values))
@@ -154,7 +159,7 @@ class PII:
             root,
             seal_all=derived,
             derived_from=source_key,
-            keep_markers=is_carried or bool(_context.workers_here),
+            keep_markers=is_carried or on_behalf_of_a_task,
         )
         _, spec = self._lookup(name)
         display = root
@@ -236,6 +241,12 @@ class PII:
         result_key = None
         if message_key is None and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
+        if message_key is None and outer is not None and outer.result_key is not None:
+            # Run eagerly inside a PII task (``apply()``): what it was given may be the
+            # outer task's subject's data, so its result and what it publishes take that
+            # subject and retention bucket too (and are refused once that key is destroyed).
+            own = result_key or (spec.key_spec if spec is not None else KeySpec(self.settings.default_key))
+            result_key = derived_key_spec(own, outer.result_key)
         _context.start(
             RunningTask(
                 self,

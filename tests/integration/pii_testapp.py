@@ -172,6 +172,18 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
         time.sleep(seconds)
         return email
 
+    @app.task(shared=False, name="t.profile_applies", pii_subject="user_id", pii_fields=["email"])
+    def profile_applies(user_id, email):
+        return app.tasks["t.echo_publishes"].apply(args=(email,)).get()
+
+    @app.task(shared=False, name="t.echo_publishes", pii_fields=["value"])
+    def echo_publishes(value):
+        return app.tasks["t.plain"].delay(value).id
+
+    @app.task(shared=False, name="t.errback_by_id", pii_fields=["card"])
+    def errback_by_id(task_id, card=None):  # an old-style errback: Celery sends it the failed task's id
+        return {"failed": task_id, "card": card}
+
     @app.task(shared=False, name="t.reject_if", pii_fields=["email"])
     def reject_if(email):
         raise Reject("no", requeue=False)

@@ -365,6 +365,20 @@ class TestKeyOutcomes:
         with pytest.raises((KeyDestroyed, DecodeError), match=r"outcome of task .* was not stored"):
             app.AsyncResult(sent.id).get(timeout=5)
 
+    def test_a_task_run_eagerly_inside_a_subjects_task_publishes_under_the_subjects_key(self, app):
+        """t.profile_applies runs t.echo_publishes with apply(); that one publishes t.plain with the email.
+
+        The inner run had no key of the subject (only its own): what it published
+        outlived forget_subject.  It now takes the outer task's subject and bucket.
+        """
+        subject = f"user-{uuid.uuid4()}"
+        with _start(app):
+            published = app.tasks["t.profile_applies"].delay(subject, EMAIL).get(timeout=20)
+            assert app.AsyncResult(published).get(timeout=20) == EMAIL
+        assert get_pii(app).forget_subject(subject) >= 1
+        with pytest.raises(KeyDestroyed):
+            app.AsyncResult(published).get(timeout=5)
+
     def test_forgotten_subject_fails_with_key_destroyed(self, app):
         """After forget_subject, a queued task of that subject fails with KeyDestroyed; others proceed."""
         forgotten = app.tasks["t.profile"].delay("user-1", EMAIL)
@@ -429,6 +443,27 @@ class TestKeyOutcomes:
             assert not hasattr(worker_app.tasks["t.retry_once"], "override_max_retries")
         finally:
             proxy.close()
+
+    def test_errback_the_main_process_sends_is_not_refused(self, make_app, start_worker_process):
+        """After Reject(requeue=False) on prefork, Celery publishes link_error from the main process.
+
+        That process never opened the errback's sealed arguments: it sends the
+        markers as they are (its worker parks them, docs/security.md), rather
+        than refusing them as a client's marker text (which raised inside
+        Celery's pool callback, and the errback was lost).
+        """
+        worker = start_worker_process(pool="prefork", concurrency=1)
+        app = make_app()
+        errback = app.tasks["t.errback_by_id"].s(card=CARD)
+        rejected = app.tasks["t.reject_if"].apply_async((EMAIL,), link_error=errback)
+        deadline = time.monotonic() + 30
+        while not queued_messages(app.conf.pii_quarantine_queue) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        assert parked["headers"]["task"] == "t.errback_by_id"
+        assert parked["headers"]["parent_id"] == rejected.id
+        assert "EncryptionFailed" not in worker.log()
+        assert_no_plaintext(worker.log())
 
     def test_a_master_key_that_cannot_be_used_keeps_the_task(self, make_app, caplog):
         """A KMS key disabled while workers run (ConfigurationError on unwrap): retried, not lost.
