@@ -44,6 +44,7 @@ app.conf.update(
     broker_transport_options={
         "data_folder_in": str(DATA / "broker"),
         "data_folder_out": str(DATA / "broker"),
+        "control_folder": str(DATA / "control"),  # kombu's default is ./control
         "polling_interval": 0.1,
     },
 )

@@ -25,6 +25,7 @@ CELERY_BROKER_URL = "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "data_folder_in": str(DATA_DIR / "broker"),
     "data_folder_out": str(DATA_DIR / "broker"),
+    "control_folder": str(DATA_DIR / "control"),  # kombu's default is ./control
     "polling_interval": 0.1,
 }
 CELERY_RESULT_BACKEND = f"file://{DATA_DIR / 'results'}"

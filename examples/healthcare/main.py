@@ -69,6 +69,7 @@ def make_app(folder: Path) -> Celery:
         broker_transport_options={
             "data_folder_in": str(folder / "broker"),
             "data_folder_out": str(folder / "broker"),
+            "control_folder": str(folder / "control"),  # kombu's default is ./control
             "polling_interval": 0.1,
         },
         worker_hijack_root_logger=False,

@@ -35,7 +35,13 @@ RAN: list[str] = []  # order ids the task function ran for
 
 
 def broker_options(folder: Path) -> dict[str, object]:
-    return {"data_folder_in": str(folder), "data_folder_out": str(folder), "polling_interval": 0.1}
+    # control_folder: kombu's default is ./control
+    return {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
+        "polling_interval": 0.1,
+    }
 
 
 def old_producer(folder: Path, queue: str) -> Celery:
