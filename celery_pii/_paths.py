@@ -522,21 +522,23 @@ def json_key(key: object) -> str | None:
     """The text JSON writes for a dict key (``1`` -> ``"1"``, ``True`` -> ``"true"``); None if it cannot."""
     if isinstance(key, str):
         return str.__str__(key)  # a str subclass (a str Enum member) is written as its text, not its str()
-    if key is None or isinstance(key, (bool, int, float)):
-        return json.dumps(key if not isinstance(key, int) or isinstance(key, bool) else int(key))
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)
+    if isinstance(key, int):
+        return int.__repr__(key)  # an IntEnum member is written as its number
+    if isinstance(key, float):
+        return json.dumps(float(key))  # NaN and Infinity as JSON writes them
     return None
 
 
 def find_key(value: dict[Any, Any], part: str | int) -> Any:
-    """The key of ``value`` that JSON writes as ``part``, or :data:`_ABSENT`.
+    """The non-str key of ``value`` that JSON writes as ``part`` (absent itself), or :data:`_ABSENT`.
 
     A caller's dict may have non-str keys (``{1: "4111..."}``): the message,
     once JSON, has ``{"1": ...}``, which is where a path ``codes["1"]`` points
     and where the worker looks.  The publisher must find it too, or the value
-    would leave unsealed.
+    would leave unsealed.  Callers look for ``part`` itself first (one lookup).
     """
-    if part in value:
-        return part
     if isinstance(part, str):
         for key in value:
             if type(key) is not str and json_key(key) == part:

@@ -228,18 +228,9 @@ class Sealer:
             )
         except (TypeError, ValueError) as error:
             kind = type(error).__name__
-            where = self._unencodable(key, values, locations)
+            where = _unencodable(key, values, locations)
             msg = f"task {name!r}: the PII value at {where} cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
-
-    def _unencodable(self, key: DataKey, values: list[Any], locations: tuple[Location, ...]) -> str:
-        """Which of the values does not encode, as a path for people (its value is never shown)."""
-        for value, location in zip(values, locations, strict=True):
-            try:
-                _envelope.seal(key, [value], locations=[location], task_name="", task_id="")
-            except (TypeError, ValueError):  # noqa: PERF203 - only on the way to an error message
-                return shown_path(location)
-        return "?"  # only together (none alone): say so without guessing
 
     def _fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
@@ -300,12 +291,12 @@ class Sealer:
         if seal_all:
             found = [(location, value) for location, value, _ in _arguments(args, kwargs, ())]
             if not keep_markers:  # as for declared fields: the caller's text, or a lost envelope
-                arguments: list[Location] = [
-                    *(("args", i) for i, a in enumerate(args) if is_marker(a)),
-                    *(("kwargs", k) for k, v in kwargs.items() if is_marker(v)),
+                marked_arguments: list[Location] = [
+                    *(("args", i) for i, item in enumerate(args) if is_marker(item)),
+                    *(("kwargs", key) for key, item in kwargs.items() if is_marker(item)),
                 ]
-                if arguments:
-                    raise _holds_marker(name, shown_path(arguments[0]))
+                if marked_arguments:
+                    raise _holds_marker(name, shown_path(marked_arguments[0]))
         elif spec is not None and spec.binder is not None:
             # A value that is already a marker (its envelope carried along) is left alone.
             located = spec.binder.locate(args, kwargs)
@@ -350,9 +341,7 @@ class Sealer:
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
                 raise EncryptionFailed(msg)
             if not is_subject_id(subject[1]):
-                msg = (
-                    f"task {name!r}: pii_subject {spec.subject_path!r} is neither a string nor a number here"
-                )
+                msg = f"task {name!r}: pii_subject {spec.subject_path!r} is not a string or an integer here"
                 raise EncryptionFailed(msg)
             base, digest = self.keys.subject_key_id(subject[1])
         policies = [s.retention for s in specs] or [self.settings.default_retention]
@@ -613,6 +602,16 @@ def _is_meta(obj: object) -> bool:
 def _has_canvas(root: Mapping[str, Any]) -> bool:
     """True if a message root embeds later canvas steps (callbacks, errbacks, chain, chord)."""
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
+
+
+def _unencodable(key: DataKey, values: list[Any], locations: tuple[Location, ...]) -> str:
+    """Which of the values does not encode, as a path for people (its value is never shown)."""
+    for value, location in zip(values, locations, strict=True):
+        try:
+            _envelope.seal(key, [value], locations=[location], task_name="", task_id="")
+        except (TypeError, ValueError):  # noqa: PERF203 - only on the way to an error message
+            return shown_path(location)
+    return "?"  # only together (none alone): say so without guessing
 
 
 def _holds_marker(name: str, where: str) -> EncryptionFailed:
