@@ -503,7 +503,9 @@ class KeyManager:
             ).all()
             done = []
             for row in rows:
-                if row.key_id.startswith(RESERVED_PREFIX):
+                # Retired above with an earlier row of its key id (a store may hold two active
+                # versions, made before first uses gave way to each other): rotated once.
+                if row.key_id.startswith(RESERVED_PREFIX) or row.status != ACTIVE:
                     continue
                 reason = "max_messages" if row.usage_count >= self.rotation_max_messages else "age"
                 self._rotate_locked(session, self._lock_rows(session, row.key_id), reason=reason, now=now)
@@ -833,12 +835,35 @@ class KeyManager:
         )
         session.add(row)
         session.flush()
+        self._refuse_second_active(session, row)
         operation = "rotate" if previous is not None else "generate"
         details: dict[str, Any] = {"reason": reason, "algorithm": algorithm.value}
         if previous is not None:
             details["previous_version"] = previous.version
         self._audit(session, spec.key_id, version, operation, **details)
         return row
+
+    @staticmethod
+    def _refuse_second_active(session: Session, row: KeyRow) -> None:
+        """Give way if another version of ``row``'s key id is active too (the caller runs again).
+
+        Under READ COMMITTED (PostgreSQL) a writer that found no active version
+        still sees a version another writer committed since, and numbers its
+        own one higher: the unique (key id, version) does not stop it.  Two
+        active versions of the subject index are two secrets, so one subject
+        under two key ids, of which ``forget_subject`` destroys one.
+
+        Raises:
+            WriteConflict: another writer's version is active.
+        """
+        other = session.scalar(
+            select(KeyRow.version)
+            .where(KeyRow.key_id == row.key_id, KeyRow.status == ACTIVE, KeyRow.id != row.id)
+            .limit(1)
+        )
+        if other is not None:
+            msg = f"key {row.key_id!r}: another process made version {other} active at the same time"
+            raise WriteConflict(msg)
 
     def _rotate_locked(
         self, session: Session, rows: Sequence[KeyRow], *, reason: str, now: datetime | None = None

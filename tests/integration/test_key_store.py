@@ -969,6 +969,60 @@ class TestConcurrency:
         assert [v for v, _ in self._versions(db_url)] == [1, 2, 3, 4, 5]
 
 
+    @staticmethod
+    def _lose_the_race_to(racer, other, action):
+        """Make ``racer``, having found no active version, see ``other`` commit one (``action``) first.
+
+        What happens between two processes' first uses under READ COMMITTED, made
+        certain: ``racer`` then reads the version ``other`` committed when it numbers its own.
+        """
+        inherit = racer._inherit
+        raced = []
+
+        def inherit_after_the_other_committed(session, spec, now):
+            if not raced:
+                raced.append(action(other))
+            return inherit(session, spec, now)
+
+        racer._inherit = inherit_after_the_other_committed
+        return raced
+
+    def test_first_uses_racing_make_one_active_version(self, make_manager, db_url):
+        """A first use that finds no version while another commits one uses that one (not a second active)."""
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN, so two first uses queue instead")
+        first, racer = make_manager(), make_manager()
+        raced = self._lose_the_race_to(racer, first, lambda other: other.encryption_key(KeySpec("shared")))
+        key = racer.encryption_key(KeySpec("shared"))
+        assert raced  # the other process did commit first
+        assert self._versions(db_url) == [(1, "active")]
+        assert key.version == raced[0].version == 1
+
+    def test_first_subjects_racing_share_one_subject_index(self, make_manager, db_url):
+        """Processes naming their first subjects at once agree on its key id, so forget_subject finds it."""
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN, so two first uses queue instead")
+        first, racer = make_manager(), make_manager()
+        raced = self._lose_the_race_to(racer, first, lambda other: other.subject_key_id("cust-42"))
+        assert racer.subject_key_id("cust-42") == raced[0]
+        assert self._versions(db_url, SUBJECT_INDEX_KEY) == [(1, "active")]
+        first.encryption_key(KeySpec(raced[0][0], subject_id=raced[0][1]))
+        assert first.destroy_subject("cust-42") == 1
+        with pytest.raises(KeyDestroyed):
+            racer.decryption_key(raced[0][0], 1)
+
+    def test_one_rotation_per_key_id_with_two_active_versions(self, manager, db_url):
+        """A store holding two active versions of a key (made before first uses gave way) rotates it once."""
+        manager.generate_key("shared")
+        with manager.store.transaction() as session:
+            row = session.scalars(sa.select(KeyRow).where(KeyRow.key_id == "shared")).one()
+            columns = {c.key: getattr(row, c.key) for c in sa.inspect(KeyRow).column_attrs if c.key != "id"}
+            session.add(KeyRow(**{**columns, "version": 2}))
+        rotated = manager.perform_automatic_rotation(now=utcnow() + manager.rotation_interval)
+        assert rotated == ["shared"]
+        assert self._versions(db_url) == [(1, "retired"), (2, "retired"), (3, "active")]
+
+
 class TestWriteConflicts:
     """Lost lock races (deadlocks) are told apart from outages, and key writes run again."""
 
