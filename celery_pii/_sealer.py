@@ -371,19 +371,26 @@ class Sealer:
         opened = []
         for token in tokens:  # a loop: a comprehension's frame costs more on Python 3.10 and 3.11
             opened.append(_envelope.open_task(token, task_id=task_id, task_name=task_name, key_for=key_for))  # noqa: PERF401
-        try:
-            for _, locations, values in opened:
-                set_all_in_place(root, locations, values)
-        except (KeyError, IndexError, TypeError):  # the body no longer has that place
-            raise DecryptionFailed from None
         if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
             key, locations, values = opened[0]
-            return Opened(values, [key], locations)
-        return Opened(
-            [value for _, _, values in opened for value in values],
-            [key for key, _, _ in opened],
-            [location for _, locations, _ in opened for location in locations],
-        )
+            result = Opened(values, [key], locations)
+        else:
+            result = Opened(
+                [value for _, _, values in opened for value in values],
+                [key for key, _, _ in opened],
+                [location for _, locations, _ in opened for location in locations],
+            )
+            # Two envelopes for one place: never a message celery-pii published
+            # (an attacker's pick of envelopes bound to this task id: a retry's and its original's).
+            if len(set(result.locations)) != len(result.locations):
+                raise DecryptionFailed
+        try:
+            # Every envelope's places at once: all or nothing, so a failure leaves no
+            # plaintext in the body that is parked in quarantine.
+            set_all_in_place(root, result.locations, result.values)
+        except (KeyError, IndexError, TypeError):  # the body no longer has that place
+            raise DecryptionFailed from None
+        return result
 
     # -- results --------------------------------------------------------------------------
 
@@ -495,12 +502,14 @@ def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]
     A value sealed inside an embedded step (a chain's next task, a link, a
     chord body, the task a map calls) is opened by the parent's worker and
     then given to that step's task, so that task's name is bound as well: a
-    step relabelled on the broker to another task fails to open.
+    step relabelled on the broker to another task fails to open.  So are its
+    ``immutable`` flag (unset, Celery puts the parent's result first, moving
+    every positional value to the next parameter) and its kind.
 
     Raises:
         KeyError, IndexError, TypeError: a location's containers are not in ``root``.
     """
-    steps: list[str] = []
+    steps: list[object] = []
     every_location = name in _STEP_BOUND
     for location in locations:
         if every_location or location[0] in _EMBED_PARTS:
@@ -510,7 +519,7 @@ def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]
                 # A signature names its task with a string (a map's kwargs hold a whole signature there).
                 step = container.get("task") if isinstance(container, Mapping) else None
                 if isinstance(step, str):
-                    steps.append(step)
+                    steps.append([step, bool(container.get("immutable")), container.get("subtask_type")])
     if name in _ITEM_TASKS:
         steps.append(str(_called_task(root)))
     if not steps:

@@ -233,6 +233,34 @@ class TestAuthenticationFailures:
         parked = queued_messages(app.conf.pii_quarantine_queue)
         assert [m["headers"]["id"] for m in parked] == [message["headers"]["id"]]
 
+    @pytest.mark.parametrize("part", ["chain", "link"])
+    def test_canvas_step_made_mutable_is_parked(self, app, part):
+        """An immutable step flipped to mutable on the broker does not open.
+
+        Celery would put the parent's result first, moving the sealed value
+        into the next parameter, which declares no PII (``label``).
+        """
+        step = app.tasks["t.echo"].si(EMAIL)
+        first = app.tasks["t.echo"].s(CARD)
+        if part == "chain":
+            (first | step).delay()
+        else:
+            first.apply_async(link=step)
+        queue = app.conf.task_default_queue
+        client = redis_client(BROKER_DB)
+        message = json.loads(client.rpop(queue))
+        body = base64.b64decode(message["body"])
+        frame, inner = body[:2], json.loads(body[2:])
+        embedded = inner[2]["chain" if part == "chain" else "callbacks"][0]
+        assert embedded["immutable"] is True
+        embedded["immutable"] = False  # the only edit
+        message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
+        client.rpush(queue, json.dumps(message))
+        with _start(app), pytest.raises(DecryptionFailed):
+            app.AsyncResult(message["headers"]["id"]).get(timeout=20)
+        parked = queued_messages(app.conf.pii_quarantine_queue)
+        assert [m["headers"]["id"] for m in parked] == [message["headers"]["id"]]
+
     def test_undecodable_message_is_quarantined(self, app):
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
         publish_raw(app, b"\x01jthis is not json", {"task": "t.charge", "id": "broken-1", "lang": "py"})

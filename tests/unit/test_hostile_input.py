@@ -757,6 +757,26 @@ class TestReplayAndMove:
         with pytest.raises(DecryptionFailed):
             parse(VALID).open(impostor, task_name=TASK)
 
+    def test_envelopes_are_written_all_or_nothing(self):
+        """A second envelope of this task id whose place the body lacks: not even the first is written.
+
+        Such a pair comes from a retry and its original (both bound to one id);
+        a body left half-opened would be parked in quarantine with plaintext.
+        """
+        elsewhere = _valid_token(locations=(("kwargs", "ssn"),), values=["900-12-3456"])
+        root = _root()
+        with pytest.raises(DecryptionFailed):
+            _sealer().open_message(TASK, TASK_ID, root, [VALID, elsewhere])
+        assert root == _root()
+
+    def test_two_envelopes_for_one_place(self):
+        """Two envelopes of this task id sealing the same places: refused (celery-pii never makes one)."""
+        retried = _valid_token(values=["4242 4242 4242 4242", "bob@example.com"])
+        root = _root()
+        with pytest.raises(DecryptionFailed):
+            _sealer().open_message(TASK, TASK_ID, root, [VALID, retried])
+        assert root == _root()
+
     def test_result_envelope_is_not_a_task_call(self):
         """A result envelope (same key, task id) placed in a task message is refused by the sealer."""
         result = _valid_token(task_name="celery-pii result", kind=Kind.RESULT)
