@@ -124,11 +124,12 @@ def _open_result_hook(value: Any) -> Any:
             raise KeyDestroyed(withheld)
         return value
     failures: list[PIIError] = []
+    group = _current_group()
     for index, pii in enumerate(_candidate_instances()):
         # Several apps in one process (tests, multi-tenant hosts): the result
         # opens with the keys of whichever app's store holds its key.
         try:
-            opened = pii.sealer.open_result(value)
+            opened = pii.sealer.open_result(value, group=group)
         except (KeyNotFound, DecryptionFailed, KeyDestroyed) as error:
             failures.append(error)
             continue
@@ -144,6 +145,19 @@ def _open_result_hook(value: Any) -> Any:
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
     return unreadable_result(value, failures[0])
+
+
+def _current_group() -> str | None:
+    """The group of the task this thread runs: a chord's last part reads its group's parts back.
+
+    Celery's own current task, not celery-pii's context: that last part may
+    be a task without PII whose group holds PII tasks' results.
+    """
+    from celery import current_task  # noqa: PLC0415 - as _candidate_instances
+
+    task = current_task._get_current_object()  # noqa: SLF001 - None outside a task
+    group = getattr(task.request, "group", None) if task is not None else None
+    return group if isinstance(group, str) else None
 
 
 def _candidate_instances() -> list[PII]:

@@ -87,6 +87,12 @@ class RunningTask:
             return False
         return any(request is self._request for request in self._request_stack.stack)
 
+    @property
+    def group(self) -> str | None:
+        """The group the task runs in (a chord's header, a group), if any."""
+        group = getattr(self._request, "group", None)
+        return group if isinstance(group, str) else None
+
     def hide_too(self, args: Any, kwargs: Any) -> None:
         """The task gave its declared fields new values (``self.retry(args=..., kwargs=...)``): hide them too.
 

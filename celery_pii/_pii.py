@@ -460,7 +460,9 @@ class PII:
             return obj
         task_id = obj.get("task_id", running.task_id) if isinstance(obj, dict) else running.task_id
         try:
-            return self.sealer.seal_result(obj, task_id=str(task_id), key_spec=running.result_key)
+            return self.sealer.seal_result(
+                obj, task_id=str(task_id), key_spec=running.result_key, group=running.group
+            )
         except KeyDestroyed as error:
             # The subject was erased, or the retention deadline passed, while the task
             # ran: its outcome must not be readable.  Raising here would leave Celery

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ _RESULT_AD: Final = "celery-pii result"
 # The one location of a result sealed as a whole value (not a result meta).
 _VALUE_FIELD: Final = "value"
 _WHOLE_VALUE: Final = ((_VALUE_FIELD,),)
+# Between the task id and the group a whole value is bound to (never in a task id Celery makes).
+_GROUP_SEPARATOR: Final = "\x00group:"
 _CHORD_UNLOCK: Final = "celery.chord_unlock"
 # Built-in tasks that call another task once per item (``task.map``,
 # ``task.starmap``, ``task.chunks``): each item is that task's arguments.
@@ -394,8 +397,13 @@ class Sealer:
 
     # -- results --------------------------------------------------------------------------
 
-    def seal_result(self, obj: Any, *, task_id: str, key_spec: KeySpec) -> Any:
-        """Seal a stored result: the sensitive fields of a result meta, or a whole value."""
+    def seal_result(self, obj: Any, *, task_id: str, key_spec: KeySpec, group: str | None = None) -> Any:
+        """Seal a stored result: the sensitive fields of a result meta, or a whole value.
+
+        A whole value stored by a task of a ``group`` (a chord part, which the
+        group's last task reads back to call the chord's body) is bound to that
+        group: copied into another chord on the result backend, it does not open.
+        """
         key = self.keys.encryption_key(key_spec)
         if _is_meta(obj):
             fields = [name for name in RESULT_FIELDS if obj.get(name) is not None]
@@ -405,7 +413,8 @@ class Sealer:
             sealed = dict(obj, **dict.fromkeys(fields, MARKER))
             sealed[RESULT_KEY] = token
             return sealed
-        return {RESULT_KEY: self._seal_result_values(key, [obj], [_VALUE_FIELD], task_id)}
+        bound = task_id if group is None else f"{task_id}{_GROUP_SEPARATOR}{_group_digest(group)}"
+        return {RESULT_KEY: self._seal_result_values(key, [obj], [_VALUE_FIELD], bound)}
 
     def _seal_result_values(self, key: Any, values: list[Any], fields: list[str], task_id: str) -> str:
         try:
@@ -422,11 +431,14 @@ class Sealer:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
             raise EncryptionFailed(msg) from None
 
-    def open_result(self, obj: dict[str, Any]) -> OpenedResult:
+    def open_result(self, obj: dict[str, Any], *, group: str | None = None) -> OpenedResult:
         """Open what :meth:`seal_result` made.
 
+        ``group`` is that of the task reading it, if any: a whole value it reads
+        must be of its group (what Celery's chord joins read).
+
         Raises:
-            DecryptionFailed: tampered, or bound to another task id.
+            DecryptionFailed: tampered, bound to another task id, or another group's.
             KeyDestroyed: retention or erasure shredded it.
             KeyNotFound: this key store does not know its key.
             KeyStoreUnavailable: the key store is down (a retry may succeed).
@@ -438,7 +450,12 @@ class Sealer:
         # the two must agree, so a meta is not opened as another task's (nor with
         # its task id taken out).  A whole value sealed alone has no meta around it.
         whole = envelope.locations == _WHOLE_VALUE
-        if not whole:
+        if whole:
+            if group is not None:
+                bound_group = envelope.task_id.partition(_GROUP_SEPARATOR)[2]
+                if bound_group != _group_digest(group):
+                    raise DecryptionFailed
+        else:
             bound = obj.get("task_id")  # a UUID when the caller gave one and the backend kept its type
             if bound is None or str(bound) != envelope.task_id:
                 raise DecryptionFailed
@@ -450,6 +467,11 @@ class Sealer:
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
         return OpenedResult(opened, (envelope.key_id, envelope.key_version), values)
+
+
+def _group_digest(group: str) -> str:
+    # Short (a task id and this fit the envelope's 255 bytes), and never the group id itself.
+    return hashlib.blake2b(group.encode(errors="surrogatepass"), digest_size=8).hexdigest()
 
 
 def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:

@@ -16,11 +16,20 @@ import time
 import pytest
 from celery import chord, group
 from celery.contrib.testing.worker import start_worker
+from celery.exceptions import ChordError
 
 from celery_pii._sealer import EMBED_KEY
 
-from .conftest import BACKEND_DB, EventCapture, RedisMonitor, message_bytes, queued_messages, redis_client
-from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
+from .conftest import (
+    BACKEND_DB,
+    BROKER_DB,
+    EventCapture,
+    RedisMonitor,
+    message_bytes,
+    queued_messages,
+    redis_client,
+)
+from .test_celery_roundtrip import CARD, EMAIL, EMAIL2, assert_no_plaintext
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +149,35 @@ def test_a_result_read_by_a_task_run_eagerly_is_held_by_the_outer_task(app, work
         assert stored is not None
         assert_no_plaintext(stored)
     assert_no_plaintext(caplog.text)
+
+
+def _chord_missing_its_first_part(app, header):
+    """A chord whose first header task never runs (its message is taken off the queue)."""
+    result = chord(group(header))(app.tasks["t.gather"].s())
+    redis_client(BROKER_DB).rpop(app.conf.task_default_queue)  # the oldest: the first header task's
+    return result
+
+
+def test_a_chord_part_copied_into_another_chord_does_not_open(app, caplog):
+    """A join entry of one chord added to another's on the result backend: the body does not run.
+
+    Copied from a chord of one subject into another's, it would run the body
+    on the first subject's data and store what the body returns under the
+    second's key, where forgetting the first subject does not reach it.  The
+    chord's last part here declares no PII: the check is Celery's group, not
+    celery-pii's context.
+    """
+    first = _chord_missing_its_first_part(app, [app.tasks["t.echo"].s(CARD), app.tasks["t.echo"].s(EMAIL2)])
+    with _start(app):
+        first.parent.results[1].get(timeout=30)
+    join = app.backend.get_key_for_group(first.parent.id, ".j")
+    (stolen,) = redis_client(BACKEND_DB).zrange(join, 0, -1)
+    assert_no_plaintext(stolen, secrets=(EMAIL2,))
+    second = _chord_missing_its_first_part(
+        app, [app.tasks["t.echo"].s(CARD), app.tasks["t.plain"].s("no-pii-here")]
+    )
+    redis_client(BACKEND_DB).zadd(app.backend.get_key_for_group(second.parent.id, ".j"), {stolen: 0})
+    with caplog.at_level(logging.ERROR), _start(app), pytest.raises(ChordError):
+        second.get(timeout=30)
+    assert "DecryptionFailed" in caplog.text
+    assert_no_plaintext(caplog.text, secrets=(EMAIL2,))

@@ -968,7 +968,6 @@ class TestConcurrency:
         assert sorted(got) == [2, 3, 4, 5]
         assert [v for v, _ in self._versions(db_url)] == [1, 2, 3, 4, 5]
 
-
     @staticmethod
     def _lose_the_race_to(racer, other, action):
         """Make ``racer``, having found no active version, see ``other`` commit one (``action``) first.
