@@ -350,6 +350,41 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
             handler.addFilter(_FILTER)
 
 
+def _filter_every_handler() -> None:
+    """Put the filter on every handler of every logger there is now.
+
+    Logging set up by the user's own ``setup_logging`` receiver (or by
+    ``dictConfig`` in Django's settings) gets no ``after_setup_logger``, and
+    its handlers may sit on any logger.
+    """
+    _filter_handlers(logging.getLogger())
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            _filter_handlers(logger)
+
+
+def _end_contexts_last() -> None:
+    """Make celery-pii's ``task_postrun`` receiver the last one.
+
+    Receivers run in the order they connected, and this one connected when
+    celery-pii was imported: a user's receiver connected later ran after the
+    task's context ended, and what it raised was logged with nothing hidden.
+    """
+    receivers = signals.task_postrun.receivers
+    if receivers and receivers[-1][1] is _task_finished:
+        return
+    signals.task_postrun.disconnect(_task_finished)
+    signals.task_postrun.connect(_task_finished, weak=False)
+
+
+@signals.celeryd_after_setup.connect(weak=False)
+@signals.worker_process_init.connect(weak=False)
+def _worker_ready_to_run(**_: Any) -> None:
+    # A worker's logging is set up and its tasks (with their modules' receivers) are imported.
+    _filter_every_handler()
+    _end_contexts_last()
+
+
 @signals.worker_process_shutdown.connect(weak=False)
 def _pool_child_ending(**_: Any) -> None:
     # Prefork children end with os._exit (no atexit): their usage counts would be lost.

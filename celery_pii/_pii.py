@@ -24,11 +24,11 @@ from ._config import Settings
 from ._context import RunningTask
 from ._detect import Finding, detect, shown_path
 from ._keys import KeyManager, KeySpec
-from ._paths import Binder, Location, replace_in_copies
+from ._paths import Binder, Location, replace_in_copies, set_all_in_place
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, Opened, Sealed, Sealer, derived_key_spec, is_marker, withheld_outcome
+from ._sealer import EMBED_KEY, MARKER, Opened, Sealed, Sealer, derived_key_spec, is_marker, withheld_outcome
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
@@ -57,9 +57,6 @@ class PII:
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
         self.sealer = Sealer(keys, settings, self._lookup)
-        # Celery stores a task's arguments with its outcome (result_extended), some of
-        # them after the task ended: where values were opened is then kept, to hide them.
-        self.stores_arguments = bool(app.conf.result_extended)
         #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
         self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
         # Attempts to open each task id this process put off (outage, quarantine refused),
@@ -221,10 +218,17 @@ class PII:
         opened_at: Sequence[Location] = ()
         arrived_unsealed = False
         if tokens:
-            opened = self._open_or_handle(task, task_id, _message_root(request, args, kwargs), tokens)
-            values, message_key = opened.values, opened.keys[0]
-            if self.stores_arguments:
-                opened_at = opened.locations
+            root = _message_root(request, args, kwargs)
+            opened = self._open_or_handle(task, task_id, root, tokens)
+            if _holds_markers(root):
+                # A marker no envelope opened (an errback a worker's main process sent with
+                # the markers it never opened, beside a value sealed afresh): never run on
+                # it.  Sealed again as it came, then parked.
+                set_all_in_place(root, opened.locations, [MARKER] * len(opened.locations))
+                self._refuse_unopenable(task, task_id, root, tokens)
+            # Kept to put the markers back when the task ends: Celery uses the request's
+            # arguments after it (result_extended, the errbacks of Reject on solo and threads).
+            values, message_key, opened_at = opened.values, opened.keys[0], opened.locations
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
             values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
@@ -526,6 +530,12 @@ _PUT_OFF_LIMIT: Final = 10_000
 
 # Protocol-2 headers a parked message keeps from its request, besides those it always has.
 _REPLAYED_HEADERS: Final = ("eta", "expires", "timelimit", "shadow", "ignore_result", "origin")
+
+
+def _holds_markers(root: dict[str, Any]) -> bool:
+    """True if an argument of a call is the marker (a sealed value whose envelope is elsewhere)."""
+    kwargs = root["kwargs"]
+    return any(map(is_marker, root["args"])) or any(map(is_marker, kwargs.values()))
 
 
 def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:

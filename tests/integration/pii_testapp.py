@@ -188,6 +188,18 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def reject_if(email):
         raise Reject("no", requeue=False)
 
+    @app.task(shared=False, name="t.errback_reads_request")
+    def errback_reads_request(request, exc, traceback):  # a request-style errback: called in the worker
+        msg = f"no order for {request.args}"
+        raise LookupError(msg)
+
+    @app.task(shared=False, name="t.log_request", bind=True, pii_fields=["email"])
+    def log_request(self, email):
+        from celery.utils.log import get_task_logger
+
+        get_task_logger("pii_testapp.tasks").warning("request %r", self.request)
+        return {"logged": email}
+
     @app.task(
         shared=False,
         name="t.retention_short",
@@ -330,6 +342,30 @@ def _extra_conf():
 
     return json.loads(os.environ.get("PII_TESTAPP_CONF", "{}"))
 
+
+def _own_logging():
+    """The user's own logging (``setup_logging``: Celery then sends no after_setup_logger), and an
+    audit ``task_postrun`` receiver connected after celery-pii's that fails naming the arguments."""
+    import logging
+
+    from celery import signals
+
+    @signals.setup_logging.connect(weak=False)
+    def own_logging(loglevel=None, logfile=None, **_):
+        handler = logging.FileHandler(logfile)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(loglevel)
+
+    @signals.task_postrun.connect(weak=False)
+    def audit_postrun(task=None, args=None, retval=None, **_):
+        if task is not None and task.name == "t.log_request":
+            msg = f"audit could not store {args} {retval}"
+            raise RuntimeError(msg)
+
+
+if os.environ.get("PII_TESTAPP_OWN_LOGGING"):
+    _own_logging()
 
 if os.environ.get("PII_TESTAPP_BROKER"):
     app = make_app(

@@ -26,6 +26,7 @@ from .conftest import (
     REDIS_URL,
     EventCapture,
     TcpProxy,
+    message_bytes,
     publish_raw,
     queued_messages,
     redis_client,
@@ -492,6 +493,20 @@ class TestKeyOutcomes:
         assert parked["headers"]["parent_id"] == rejected.id
         assert "EncryptionFailed" not in worker.log()
         assert_no_plaintext(worker.log())
+
+    def test_a_marker_beside_a_value_sealed_afresh_is_parked(self, app):
+        """Sent on behalf of a task (its markers kept), with a declared value sealed afresh: not run.
+
+        What a worker's main process sends for an errback whose declared field
+        takes the failed task's id: the envelope opens, and the task ran on the
+        marker left in ``label``.  It is parked as it came, sealed.
+        """
+        result = app.tasks["t.echo"].apply_async((CARD,), {"label": MARKER}, parent_id="the-failed-task")
+        with _start(app), pytest.raises(DecryptionFailed):
+            result.get(timeout=20)
+        (parked,) = queued_messages(app.conf.pii_quarantine_queue)
+        assert parked["headers"]["id"] == result.id
+        assert_no_plaintext(message_bytes(parked))
 
     def test_a_master_key_that_cannot_be_used_keeps_the_task(self, make_app, caplog):
         """A KMS key disabled while workers run (ConfigurationError on unwrap): retried, not lost.

@@ -80,6 +80,45 @@ def test_a_rejected_task_leaves_no_opened_value_in_the_result_backend(app, pool)
     assert b'"gold"' in _stored(results[2])  # undeclared values stay visible
 
 
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_an_errback_reading_the_request_after_reject_gets_markers(make_app, pool, caplog):
+    """Without result_extended too: Celery calls a request-style errback from the request it kept.
+
+    On solo and threads that request held the opened values (the markers went
+    back only when Celery would store the arguments), and what the errback
+    raised, naming them, was logged in plaintext.
+    """
+    app = make_app()  # no result_extended
+    errback = app.tasks["t.errback_reads_request"].s()
+    with caplog.at_level(logging.ERROR), _start(app, pool=pool):
+        result = app.tasks["t.reject_if"].apply_async((EMAIL,), link_error=errback)
+        with pytest.raises(Reject):
+            result.get(timeout=20)
+        deadline = time.monotonic() + 10
+        while "no order for" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert f"no order for [{MARKER!r}]" in caplog.text
+    assert_no_plaintext(caplog.text)
+
+
+def test_own_logging_and_a_late_postrun_receiver_log_no_value(app, start_worker_process):
+    """Logging set up by the user's setup_logging receiver, and a task_postrun receiver connected later.
+
+    Celery sends no after_setup_logger then, so the user's handlers had no
+    filter; and celery-pii's postrun receiver ended the task's context before
+    the user's ran, so what it raised was logged with the values.
+    """
+    worker = start_worker_process(pool="prefork", concurrency=1, env={"PII_TESTAPP_OWN_LOGGING": "1"})
+    assert app.tasks["t.log_request"].delay(EMAIL).get(timeout=30) == {"logged": EMAIL}
+    deadline = time.monotonic() + 10
+    while "audit could not store" not in worker.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = worker.log()
+    assert "WARNING pii_testapp.tasks request" in log  # the user's own format: their handler wrote it
+    assert "audit could not store" in log
+    assert_no_plaintext(log)
+
+
 def test_a_rejected_task_on_prefork_still_stores_markers(app, start_worker_process):
     """The worker process never had the opened values: its record holds the message's markers."""
     start_worker_process(pool="prefork", concurrency=1)
