@@ -24,12 +24,14 @@ Where each job lives, and why (see ``../shared/CELERY_INTERNALS.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any, Final
 
-from celery import Celery, signals
+from celery import Celery, signals, states
 from kombu import serialization
+from kombu.exceptions import DecodeError
 
 from . import _context
 from ._config import Settings, settings_from_conf
@@ -147,6 +149,35 @@ def _open_result_hook(value: Any) -> Any:
     return unreadable_result(value, failures[0])
 
 
+def _unreadable_rows_read_as_failures() -> None:
+    """The database backend reads a sealed result that cannot be opened as a failure saying why.
+
+    Key-value backends store a whole meta, which :func:`unreadable_result`
+    turns into a failure meta.  The database backend decodes its ``result``
+    column alone, so the error escaped as kombu's ``DecodeError`` from
+    ``.state`` and ``.get()``, and ``celery.chord_unlock`` (no retry limit)
+    retried forever on an erased header result.
+    """
+    from celery.backends.database import DatabaseBackend  # noqa: PLC0415 - only when set up
+
+    read = DatabaseBackend._get_task_meta_for  # noqa: SLF001
+    if getattr(read, "celery_pii_wrapped", False):
+        return
+
+    def get_task_meta_for(self: DatabaseBackend, task_id: str) -> Any:
+        try:
+            return read(self, task_id)
+        except DecodeError as error:
+            reason = error.args[0] if error.args else None
+            if not isinstance(reason, (KeyDestroyed, DecryptionFailed, KeyNotFound)):
+                raise
+            failure = {"task_id": task_id, "status": states.FAILURE, "traceback": None, "children": None}
+            return self.meta_from_decoded({**failure, "result": self.prepare_exception(reason)})
+
+    get_task_meta_for.celery_pii_wrapped = True  # type: ignore[attr-defined]
+    DatabaseBackend._get_task_meta_for = get_task_meta_for  # noqa: SLF001
+
+
 def _current_group() -> str | None:
     """The group of the task this thread runs: a chord's last part reads its group's parts back.
 
@@ -250,6 +281,7 @@ def setup_pii(app: Celery) -> PII:
     """
     existing = getattr(app, _context.APP_ATTRIBUTE, None)
     if existing is not None:
+        _refuse_changed_settings(existing)
         return existing  # type: ignore[no-any-return]
     settings = settings_from_conf(app.conf)
     _check_celery_config(app, settings)
@@ -270,6 +302,7 @@ def setup_pii(app: Celery) -> PII:
     if "celery_pii.tasks" not in imports:
         app.conf.imports = (*imports, "celery_pii.tasks")
     _install_logging_filter()
+    _unreadable_rows_read_as_failures()
     return pii
 
 
@@ -293,8 +326,35 @@ def _on_parked(app: Any, task_id: str, reason: str) -> None:
 
 
 def _quarantine_queue_of(app: Any) -> str | None:
+    # Asked when a worker's consumer is built: the settings are checked again there.
     found = getattr(app, _context.APP_ATTRIBUTE, None)
-    return None if found is None else found.settings.quarantine_queue
+    if found is None:
+        return None
+    _refuse_changed_settings(found)
+    return found.settings.quarantine_queue  # type: ignore[no-any-return]
+
+
+def _refuse_changed_settings(pii: PII) -> None:
+    """Raise if a setting changed since ``setup_pii`` read them (once).
+
+    Changed after it (phase 3 of a rollout appended after ``setup_pii``), a
+    setting was silently not applied: ``pii_allow_plaintext=False`` left
+    unsealed messages admitted, and ``task_serializer='json'`` would publish
+    plaintext.
+    """
+    now = settings_from_conf(pii.app.conf)
+    changed = [
+        f"pii_{f.name}"
+        for f in dataclasses.fields(now)
+        if getattr(now, f.name) != getattr(pii.settings, f.name)
+    ]
+    if changed:
+        msg = (
+            f"settings {', '.join(changed)}: changed after setup_pii(app), which reads them once; "
+            "set every pii_* setting before calling setup_pii"
+        )
+        raise ConfigurationError(msg)
+    _check_celery_config(pii.app, pii.settings)
 
 
 def _key_manager(settings: Settings) -> KeyManager:

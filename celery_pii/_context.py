@@ -24,7 +24,7 @@ from celery._state import _task_stack
 from ._keys import KeySpec
 from ._paths import Location, replace_in_copies
 from ._redact import Scrubber
-from ._sealer import MARKER, is_marker
+from ._sealer import MARKER, derived_key_spec, is_marker
 
 if TYPE_CHECKING:
     from ._pii import PII
@@ -109,6 +109,20 @@ class RunningTask:
             self._scrubber = None
             _with_values[id(self)] = self
 
+    def read_result(self, key: tuple[str, int], values: list[Any]) -> None:
+        """The task opened a sealed result: it holds those values too.
+
+        Its logs and errors hide them, and what it stores and publishes from
+        now on takes the result's subject and retention bucket (as a chain step
+        given a PII task's return value does), so forgetting that subject
+        reaches the copy as well.
+        """
+        self.values = [*self.values, *values]
+        self._scrubber = None
+        _with_values[id(self)] = self
+        own = self.result_key or KeySpec(self.pii.settings.default_key)
+        self._result_key = derived_key_spec(own, KeySpec(key[0], derived_from=key))
+
     @property
     def scrubber(self) -> Scrubber:
         """Replaces the values opened for this task."""
@@ -152,17 +166,20 @@ def start(task: RunningTask) -> None:
 
 
 def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any]) -> None:
-    """A task with no PII context opened a sealed result: it now holds that PII.
+    """A task opened a sealed result: it now holds that PII.
 
     A chord's body is published by whatever reads its header's results: the
     header task that finishes last (Redis' native join) or
     ``celery.chord_unlock``, neither of them a PII task.  From here until it
     ends, the task runs as one derived from the result (what it publishes is
     sealed whole under the result's key, its outcome is sealed, its logs hide
-    the values), as a chain step given a PII task's return value does.  Outside
-    a task (a client reading its result) nothing changes.
+    the values), as a chain step given a PII task's return value does.  A task
+    with a context already takes the values into it (:meth:`RunningTask.read_result`).
+    Outside a task (a client reading its result) nothing changes.
     """
-    if running.get() is not None:
+    current = running.get()
+    if current is not None:
+        current.read_result(key, values)
         return
     runs = _entered_runs()
     if not runs:

@@ -378,9 +378,10 @@ class KeyManager:
             The new version number.
 
         Raises:
-            ConfigurationError: the key id is malformed or already has an active version.
+            ConfigurationError: the key id is malformed, reserved (``celery_pii.*``,
+                ``subject.*``: the library makes those), or already has an active version.
         """
-        _check_key_id(key_id)
+        _check_user_key_id(key_id)
         chosen = Algorithm(algorithm) if algorithm is not None else self.algorithm
 
         def work(session: Session) -> int:
@@ -1017,6 +1018,15 @@ def check_not_reserved(key_id: str) -> None:
     """
     if isinstance(key_id, str) and key_id.startswith(RESERVED_PREFIX):
         msg = f"key {key_id!r} is celery-pii's own key and is never rotated, retired or destroyed by hand"
+        raise ConfigurationError(msg)
+
+
+def _check_user_key_id(key_id: str) -> None:
+    """What a person may name a key: as ``pii_key=`` (no ``@`` or ``:``, which the library's own ids use)."""
+    from ._config import USER_KEY_ID_HINT, USER_KEY_ID_PATTERN  # noqa: PLC0415 - as _check_key_id
+
+    if not isinstance(key_id, str) or not USER_KEY_ID_PATTERN.match(key_id):
+        msg = f"key ids {USER_KEY_ID_HINT}"
         raise ConfigurationError(msg)
 
 

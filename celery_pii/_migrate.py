@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Final, TextIO
@@ -11,12 +12,14 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, exc, make_url, pool
 from sqlalchemy.engine import URL, Connection
 
 __all__ = ["VERSION_TABLE", "alembic_config", "current_revision", "downgrade", "migrate", "older_revision"]
 
 VERSION_TABLE: Final = "celery_pii_alembic_version"
+# How often a process migrating a SQLite store tries again after running into another's work.
+_SQLITE_ATTEMPTS: Final = 5
 
 
 def _script_location() -> str:
@@ -56,8 +59,26 @@ def migrate(url_or_connection: str | URL | Connection, *, revision: str = "head"
         url_or_connection: a SQLAlchemy URL, or an open ``Connection`` to
             migrate inside the caller's transaction.
         revision: the target revision (``"head"`` for the newest).
+
+    Processes may run it at once (workers and beat starting on a fresh
+    store): on PostgreSQL and MySQL/MariaDB they take turns (a lock in the
+    migrations' environment); SQLite takes no lock, so there a process that
+    ran into another's tables tries again, from the revision the store is at.
     """
-    command.upgrade(alembic_config(url_or_connection), revision)
+    config = alembic_config(url_or_connection)
+    is_sqlite = (
+        not isinstance(url_or_connection, Connection)
+        and make_url(url_or_connection).get_backend_name() == "sqlite"
+    )
+    for attempt in range(_SQLITE_ATTEMPTS if is_sqlite else 1):
+        try:
+            command.upgrade(config, revision)
+        except exc.OperationalError:  # noqa: PERF203 - "table ... already exists", "duplicate column name"
+            if attempt == _SQLITE_ATTEMPTS - 1 or not is_sqlite:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+        else:
+            return
 
 
 def downgrade(url_or_connection: str | URL | Connection, *, revision: str = "base") -> None:

@@ -368,13 +368,17 @@ class Binder:
 
     def display(self, location: Location) -> str:
         """The parameter-name path of a call location, for messages and reprs."""
+        return format_path(self.named(location))
+
+    def named(self, location: Location) -> Location:
+        """A call location (``("args", 1, "x")``) as parameter-name parts (``("other", "x")``)."""
         root, head, rest = location[0], location[1], location[2:]
         if root == "args" and isinstance(head, int):
             names = list(self._index)
             if head < len(names):
-                return format_path((names[head], *rest))
-            return format_path((self._var_positional or "args", head - len(names), *rest))
-        return format_path((head, *rest))
+                return (names[head], *rest)
+            return (self._var_positional or "args", head - len(names), *rest)
+        return (head, *rest)
 
     def _roots(
         self,

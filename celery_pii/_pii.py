@@ -22,13 +22,23 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import _context, _envelope
 from ._config import Settings
 from ._context import RunningTask
-from ._detect import Finding, detect, shown_path
+from ._detect import Finding, detect
 from ._keys import KeyManager, KeySpec
 from ._paths import Binder, Location, replace_in_copies, set_all_in_place
 from ._quarantine import park
 from ._redact import REDACTED, redacted_repr
 from ._retention import RetentionReport, enforce
-from ._sealer import EMBED_KEY, MARKER, Opened, Sealed, Sealer, derived_key_spec, is_marker, withheld_outcome
+from ._sealer import (
+    EMBED_KEY,
+    MARKER,
+    Opened,
+    Sealed,
+    Sealer,
+    derived_key_spec,
+    field_path,
+    is_marker,
+    withheld_outcome,
+)
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
@@ -56,7 +66,8 @@ class PII:
         self.settings = settings
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
-        self.sealer = Sealer(keys, settings, self._lookup)
+        self.sealer = Sealer(keys, settings, self._lookup, self._parameters)
+        self._parameter_binders: dict[str, Binder | None] = {}
         #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
         self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
         # Attempts to open each task id this process put off (outage, quarantine refused),
@@ -120,6 +131,17 @@ class PII:
             spec = default_spec(name, self.settings)
         return True, spec
 
+    def _parameters(self, name: str) -> Binder | None:
+        """The parameters of a registered task's function (to name places as ``pii_fields`` does)."""
+        if name not in self._parameter_binders:
+            spec = self.specs.get(name)
+            task = self.app._tasks.get(name)  # noqa: SLF001 - as _lookup
+            binder = spec.binder if spec is not None else None
+            if binder is None and task is not None:
+                binder = Binder(task.run, [], task=name)
+            self._parameter_binders[name] = binder
+        return self._parameter_binders[name]
+
     def _register(self, task: Any) -> None:
         spec = spec_for_task(task, self.settings)
         if spec is not None:
@@ -179,6 +201,7 @@ class PII:
     def _report_detected(self, name: str, sealed: Sealed) -> dict[str, Any]:
         """Log and count undeclared PII ("warn"), and redact it from the reprs either way."""
         unsealed = [(loc, category) for loc, category in sealed.detected if loc not in sealed.locations]
+        binder = self._parameters(name)
         for location, category in unsealed:
             self.detections[(name, category)] += 1
             logger.warning(
@@ -186,7 +209,7 @@ class PII:
                 "declare it in pii_fields or set pii_detect='encrypt'",
                 name,
                 category,
-                shown_path(location),
+                field_path(binder, location),
             )
         if sealed.truncated and not sealed.token:
             logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)

@@ -41,6 +41,8 @@ REDACTED: Final = "[pii:redacted]"
 # identifying.  It applies to each form of a value (see ``_forms``).
 MIN_SCRUB_LENGTH: Final = 4
 _MAX_SCRUB_DEPTH: Final = 8
+# Exceptions a traceback shows (causes, contexts, group members) that are looked at.
+_MAX_SHOWN_EXCEPTIONS: Final = 256
 # Scalars (besides str) whose text forms are searched for when opened as
 # values, and which are replaced whole when their text shows one.
 _SCALARS: Final = (int, float, Decimal, dt.date, dt.time, UUID, bytes, bytearray)
@@ -104,7 +106,7 @@ class Scrubber:
     def __init__(self, values: Iterable[Any]) -> None:
         needles: set[str] = set()
         for value in values:
-            _collect(value, needles, 0)
+            _collect(value, needles)
         # Longest first, so a value containing another is replaced whole.
         self._needles = sorted((n for n in needles if len(n) >= MIN_SCRUB_LENGTH), key=len, reverse=True)
 
@@ -187,8 +189,15 @@ class Scrubber:
         return kept
 
     def is_clean(self, exc: BaseException) -> bool:
-        """True if no known value is left in what a traceback of ``exc`` shows of it."""
-        return not any(self.contains(text) for text in _shown_text(exc))
+        """True if no known value is left in what a traceback of ``exc`` shows of it.
+
+        An exception chaining more exceptions than are looked at is not clean:
+        a traceback prints them all.
+        """
+        shown = list(_shown_exceptions(exc))
+        if len(shown) >= _MAX_SHOWN_EXCEPTIONS:
+            return False
+        return not any(self.contains(text) for text in _shown_text(shown))
 
     def _held(self, value: Any, owner: BaseException, depth: int) -> Any:
         if value is owner:  # Celery's Retry holds itself in its args
@@ -246,9 +255,9 @@ def _set_quietly(exc: BaseException, name: str, value: Any) -> None:
         setattr(exc, name, value)
 
 
-def _shown_text(exc: BaseException) -> Iterator[str]:
-    """The text a traceback of ``exc`` shows: each chained exception's str, repr and notes."""
-    for current in _shown_exceptions(exc):
+def _shown_text(shown: Iterable[BaseException]) -> Iterator[str]:
+    """The text a traceback shows of these exceptions: each one's str, repr and notes."""
+    for current in shown:
         yield from (_safely(show, current) for show in (str, repr))
         notes = getattr(current, "__notes__", None)
         if isinstance(notes, (list, tuple)):
@@ -263,7 +272,7 @@ def _shown_exceptions(exc: BaseException, *, carried: bool = False) -> Iterator[
     """
     seen: set[int] = set()
     pending: collections.deque[BaseException] = collections.deque([exc])
-    while pending and len(seen) < _MAX_SCRUB_DEPTH * 4:
+    while pending and len(seen) < _MAX_SHOWN_EXCEPTIONS:
         current = pending.popleft()
         if id(current) in seen:
             continue
@@ -285,17 +294,30 @@ def _safely(show: Callable[[BaseException], str], exc: BaseException) -> str:
         return ""
 
 
-def _collect(value: Any, needles: set[str], depth: int) -> None:
-    if depth > _MAX_SCRUB_DEPTH or isinstance(value, bool) or value is None:
-        return
-    if isinstance(value, dict):
-        for item in value.values():
-            _collect(item, needles, depth + 1)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            _collect(item, needles, depth + 1)
-    else:
-        needles.update(_forms(value))
+def _collect(value: Any, needles: set[str]) -> None:
+    """The text forms of every scalar in ``value``, however deep, and of its dict keys that are values.
+
+    A dict key is taken unless it is a ``str`` shaped like a Python identifier
+    (``email``, ``tier``): those name fields, and searching for them would
+    hide every mention of the field's name.  A card number, an email or an
+    integer keying a dict is a value.
+    """
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        if isinstance(current, bool) or current is None:
+            continue
+        if isinstance(current, (dict, list, tuple, set, frozenset)):
+            if id(current) in seen:  # a task's own values (a retry's) may hold themselves
+                continue
+            seen.add(id(current))
+        if isinstance(current, dict):
+            pending.extend(current.values())
+            pending.extend(key for key in current if not (isinstance(key, str) and key.isidentifier()))
+        elif isinstance(current, (list, tuple, set, frozenset)):
+            pending.extend(current)
+        else:
+            needles.update(_forms(current))
 
 
 def _forms(value: Any) -> Iterator[str]:

@@ -112,17 +112,26 @@ class OpenedResult(NamedTuple):
 class Sealer:
     """Seals and opens message roots and results with keys from a KeyManager."""
 
-    def __init__(self, keys: KeyManager, settings: Settings, lookup: SpecLookup) -> None:
+    def __init__(
+        self,
+        keys: KeyManager,
+        settings: Settings,
+        lookup: SpecLookup,
+        parameters: Callable[[str], Binder | None] = lambda _name: None,
+    ) -> None:
         """Create a sealer.
 
         Arguments:
             keys: where data keys come from.
             settings: the validated ``pii_*`` settings.
             lookup: ``name -> (registered here?, spec or None)`` for tasks by name.
+            parameters: ``name -> the task function's parameters`` (a binder), to
+                name places in messages as ``pii_fields`` does.
         """
         self.keys = keys
         self.settings = settings
         self.lookup = lookup
+        self.parameters = parameters
 
     # -- publish --------------------------------------------------------------------------
 
@@ -263,7 +272,9 @@ class Sealer:
         located, truncated = locate_with_status(scanned)
         detected = tuple(located)
         if mode == "refuse" and (detected or truncated):
-            where = ", ".join(sorted({f"{shown_path(loc)} ({category})" for loc, category in detected}))
+            binder = self.parameters(name)
+            shown = {f"{field_path(binder, loc)} ({category})" for loc, category in detected}
+            where = ", ".join(sorted(shown))
             why = f"undeclared PII at {where}" if where else "a payload too large to scan for PII"
             msg = f"task {name!r}: {why}; declare it in pii_fields (pii_detect='refuse'); nothing published"
             raise EncryptionFailed(msg)
@@ -650,6 +661,18 @@ def _holds_marker(name: str, where: str) -> EncryptionFailed:
         f"task {name!r}: {where} holds {MARKER!r}, which stands for a sealed value, "
         "with no envelope for it; nothing was published"
     )
+
+
+def field_path(binder: Binder | None, location: Location) -> str:
+    """Where a value of a call sits, as ``pii_fields`` names it (``other``, not ``args[1]``).
+
+    ``binder`` knows the task function's parameters.  Dict keys that look
+    like PII show as redacted (:func:`shown_path`).  Places outside the
+    task's own arguments (canvas steps) keep their message path.
+    """
+    if binder is not None and len(location) > 1 and location[0] in ("args", "kwargs"):
+        location = binder.named(location)
+    return shown_path(location)
 
 
 def is_marker(value: object) -> bool:

@@ -40,7 +40,10 @@ __all__ = [
 ]
 
 _SETTING: Final = "pii_master_key"
-_GENERATE_HINT: Final = "generate one with `celery -A proj pii master-key generate`"
+# Not `celery pii master-key generate`: loading the app needs the very key that is missing.
+_GENERATE_HINT: Final = (
+    "generate one with `python -c 'import celery_pii; print(celery_pii.generate_master_key())'`"
+)
 _WRAP_FORMAT: Final = b"\x01"
 
 

@@ -241,8 +241,11 @@ class KeyStore:
 
     @property
     def url(self) -> str:
-        """The URL with any password hidden."""
-        return self.engine.url.render_as_string(hide_password=True)
+        """The URL with any password hidden, and the values of its query (``?password=`` works too)."""
+        url = self.engine.url
+        if url.query:
+            url = url.set(query=dict.fromkeys(url.query, "hidden"))
+        return url.render_as_string(hide_password=True)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:

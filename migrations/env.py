@@ -9,10 +9,12 @@ Run it through ``celery_pii.migrate(url_or_connection)`` or
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import Connection, engine_from_config, pool, text
 
 from celery_pii._store import AUDIT_TABLE, KEYS_TABLE, Base
 
@@ -61,10 +63,43 @@ def run_migrations_online() -> None:
     engine = engine_from_config(
         config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
     )
-    with engine.connect() as connection:
+    with engine.connect() as connection, _one_migration_at_a_time(connection):
         _configure(connection=connection)
         with context.begin_transaction():
             context.run_migrations()
+
+
+@contextlib.contextmanager
+def _one_migration_at_a_time(connection: Connection) -> Iterator[None]:
+    """Processes migrating one store at once take turns (workers and beat starting on a fresh store).
+
+    The revision is read once the turn has come, so a process that waited
+    finds the work done.  A lock of the connection's session, not of a
+    transaction: each migration commits on its own.  SQLite takes no such
+    lock; ``celery_pii.migrate`` checks the revision again after an error there.
+    """
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        take, give = "SELECT pg_advisory_lock(:lock)", "SELECT pg_advisory_unlock(:lock)"
+        lock: object = _PG_LOCK
+    elif dialect in ("mysql", "mariadb"):
+        take, give = "SELECT GET_LOCK(:lock, 600)", "SELECT RELEASE_LOCK(:lock)"
+        lock = "celery_pii_migrate"
+    else:
+        yield
+        return
+    connection.execute(text(take), {"lock": lock})
+    connection.commit()
+    try:
+        yield
+    finally:
+        connection.rollback()  # whatever a failed migration left open, so the lock can be given back
+        connection.execute(text(give), {"lock": lock})
+        connection.commit()
+
+
+# pg_advisory_lock's key for migrating celery-pii's tables (any fixed 64-bit number).
+_PG_LOCK = 0x63656C7279706969  # "celrypii"
 
 
 if context.is_offline_mode():

@@ -24,3 +24,15 @@ def rotate(url, master_material, barrier, results, automatic):
         results.put(f"error: {type(error).__name__}: {error}")
     finally:
         manager.store.dispose()
+
+
+def migrate(url, barrier, results):
+    """Create the key store's tables, after all children are ready."""
+    from celery_pii import migrate as migrate_store
+
+    barrier.wait(timeout=60)
+    try:
+        migrate_store(url)
+        results.put("migrated")
+    except Exception as error:  # noqa: BLE001 - reported, so the test fails with a reason
+        results.put(f"error: {type(error).__name__}: {str(error)[:300]}")

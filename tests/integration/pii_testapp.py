@@ -121,6 +121,14 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def read_result(result_id):
         return app.AsyncResult(result_id).result
 
+    @app.task(shared=False, name="t.pii_read_result", pii_fields=["email"])
+    def pii_read_result(email, result_id, fail=False):
+        read = app.AsyncResult(result_id).result
+        if fail:
+            msg = f"could not process {read['email']}"
+            raise ValueError(msg)
+        return {"email": email, "read": read}
+
     @app.task(shared=False, name="t.read_result_eagerly")
     def read_result_eagerly(result_id):
         return {"read": read_result.apply((result_id,)).get()}

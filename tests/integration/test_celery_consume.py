@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 import pytest
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError, Reject
-from kombu.exceptions import DecodeError
 
 from celery_pii import ConfigurationError, DecryptionFailed, KeyDestroyed, _envelope, get_pii
 from celery_pii._keys import KeySpec
@@ -383,16 +382,28 @@ class TestKeyOutcomes:
         """The database backend stores the result alone (no meta to turn into a failure): a placeholder says why."""
         app = make_app(backend="db+" + key_store_url, pii_key_recheck_interval=0.2)
 
-        def done(sent):
-            try:
-                return sent.ready()
-            except (KeyDestroyed, DecodeError):  # stored: reading it says why it is gone
-                return True
-
-        sent = self._erase_while_it_runs(app, get_pii(make_app()), testapp_module, retry=False, until=done)
-        # kombu wraps what a whole stored value raises when read (as for any unreadable one).
-        with pytest.raises((KeyDestroyed, DecodeError), match=r"outcome of task .* was not stored"):
+        sent = self._erase_while_it_runs(
+            app, get_pii(make_app()), testapp_module, retry=False, until=lambda sent: sent.ready()
+        )
+        assert app.AsyncResult(sent.id).state == "FAILURE"
+        with pytest.raises(KeyDestroyed, match=r"outcome of task .* was not stored"):
             app.AsyncResult(sent.id).get(timeout=5)
+
+    def test_an_erased_result_on_the_database_backend_reads_as_a_failure(self, make_app, key_store_url):
+        """As on Redis: its state is FAILURE and get() raises KeyDestroyed (kombu's DecodeError escaped).
+
+        ``celery.chord_unlock`` reads header results this way: it retried
+        forever on an erased one, and the chord never ended.
+        """
+        app = make_app(backend="db+" + key_store_url)
+        with _start(app):
+            profile = app.tasks["t.profile"].delay("user-db", EMAIL)
+            assert profile.get(timeout=20)["email"] == EMAIL
+        get_pii(app).forget_subject("user-db")
+        erased = app.AsyncResult(profile.id)
+        assert erased.state == "FAILURE"
+        with pytest.raises(KeyDestroyed):
+            erased.get(timeout=5)
 
     def test_a_task_run_eagerly_inside_a_subjects_task_publishes_under_the_subjects_key(self, app):
         """t.profile_applies runs t.echo_publishes with apply(); that one publishes t.plain with the email.

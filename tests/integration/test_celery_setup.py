@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery, shared_task
+from celery.contrib.testing.worker import start_worker
 from kombu import serialization
 
 from celery_pii import ConfigurationError, DecryptionFailed, KeyStoreUnavailable, get_pii, setup_pii
@@ -35,6 +36,11 @@ def _app(key_store_url, **conf):
     return app
 
 
+def _start_a_worker(app):
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=5):
+        pass
+
+
 class TestSetup:
     """Installing celery-pii on an app."""
 
@@ -46,6 +52,30 @@ class TestSetup:
         assert get_pii(app) is pii
         assert serialization.registry.name_to_type["pii"] == CONTENT_TYPE
         assert "celery_pii.tasks" in app.conf.imports
+
+    def test_settings_changed_after_setup_are_refused(self, key_store_url):
+        """setup_pii reads the settings once: one changed later is refused, not silently left unapplied.
+
+        Phase 3 of a rollout appended after setup_pii left unsealed messages admitted.
+        """
+        app = _app(key_store_url, accept_content=["pii", "json"], pii_allow_plaintext=True)
+        setup_pii(app)
+        app.conf.update(accept_content=["pii"], pii_allow_plaintext=False)
+        with pytest.raises(ConfigurationError, match="pii_allow_plaintext: changed after setup_pii"):
+            setup_pii(app)
+        with pytest.raises(ConfigurationError, match="pii_allow_plaintext: changed after setup_pii"):
+            _start_a_worker(app)
+        app.conf.pii_detect = "bogus"
+        with pytest.raises(ConfigurationError, match="pii_detect"):
+            setup_pii(app)
+
+    def test_celery_settings_changed_after_setup_are_refused_when_a_worker_starts(self, key_store_url):
+        """task_serializer='json' set after setup_pii would send plaintext: a worker refuses to start."""
+        app = _app(key_store_url)
+        setup_pii(app)
+        app.conf.task_serializer = "json"
+        with pytest.raises(ConfigurationError, match="task_serializer"):
+            _start_a_worker(app)
 
     def test_get_pii_without_setup(self):
         """get_pii on an app without celery-pii says how to fix it."""

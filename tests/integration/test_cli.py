@@ -324,6 +324,10 @@ class TestRealProcess:
         url, drop = _fresh_postgres()
         try:
             pii_command = _celery_pii_process(tmp_path, "freshapp", url)
+            for words in (("--help",), ("keys", "--help")):  # help before the tables exist
+                shown = pii_command(*words)
+                assert shown.returncode == 0, shown.stderr[-2000:]
+                assert "Usage:" in shown.stdout
             unknown = pii_command("db", "upgrade", "--revision", "nope")
             assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
             assert "pii db: " in unknown.stderr and "'nope'" in unknown.stderr
@@ -346,6 +350,8 @@ def test_deferred_checks_only_for_db_commands():
     assert _defers_store_checks(["celery", "-A", "proj", "pii", "scan", "-"])
     assert _defers_store_checks(["celery", "-A", "proj", "pii", "master-key", "generate"])
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "list"])
+    for help_words in (["--help"], ["keys", "--help"], []):  # help, and `pii` alone (which prints it)
+        assert _defers_store_checks(["celery", "-A", "proj", "pii", *help_words])
     assert not _defers_store_checks(["celery", "-A", "db", "worker"])
     # The word "db" elsewhere is no db command: a key id, a queue name.
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "generate", "db"])

@@ -18,7 +18,9 @@ from celery import chord, group
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import ChordError
 
+from celery_pii import get_pii
 from celery_pii._sealer import EMBED_KEY
+from celery_pii.exceptions import KeyDestroyed
 
 from .conftest import (
     BACKEND_DB,
@@ -149,6 +151,32 @@ def test_a_result_read_by_a_task_run_eagerly_is_held_by_the_outer_task(app, work
         assert stored is not None
         assert_no_plaintext(stored)
     assert_no_plaintext(caplog.text)
+
+
+def test_a_pii_task_reading_another_subjects_result_holds_it(app, worker, caplog):
+    """A PII task that reads a subject's sealed result hides it too, and its copy goes with the subject.
+
+    It had its own context already, so the values it read were never added to
+    it: what it raised naming them was logged, sent and stored in plaintext,
+    and what it returned was sealed under its own key, readable after
+    ``forget_subject``.
+    """
+    profile = app.tasks["t.profile"].delay("user-7", EMAIL2)
+    assert profile.get(timeout=30)["email"] == EMAIL2
+    reader = app.tasks["t.pii_read_result"]
+    with caplog.at_level(logging.INFO):
+        failed = reader.delay(EMAIL, profile.id, fail=True)
+        with pytest.raises(ValueError, match="could not process") as raised:
+            failed.get(timeout=30)
+        copied = reader.delay(EMAIL, profile.id)
+        assert copied.get(timeout=30)["read"]["email"] == EMAIL2
+    assert_no_plaintext(str(raised.value), secrets=(EMAIL2,))
+    assert_no_plaintext(caplog.text, secrets=(EMAIL, EMAIL2))
+    for result in (failed, copied):
+        assert_no_plaintext(redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}"), secrets=(EMAIL2,))
+    get_pii(app).forget_subject("user-7")
+    with pytest.raises(KeyDestroyed):
+        app.AsyncResult(copied.id).get(timeout=10)
 
 
 def _chord_missing_its_first_part(app, header):

@@ -33,7 +33,8 @@ class TestModes:
         assert "[pii:redacted]" in message["headers"]["argsrepr"]
         assert_no_plaintext(message["headers"]["argsrepr"] + message["headers"]["kwargsrepr"])
         lines = [r.getMessage() for r in caplog.records if "undeclared PII" in r.getMessage()]
-        assert any("args[0]" in line and "(email)" in line for line in lines)
+        # Named as pii_fields takes it (the parameter, not the message's args[0]).
+        assert any("(email) at note published" in line for line in lines)
         assert any("(phone)" in line for line in lines)
         assert_no_plaintext("\n".join(lines))
         counts = get_pii(app).detections
@@ -97,8 +98,8 @@ class TestModes:
         assert result.get(timeout=30) == {"customer": customer, "length": 1_100_000}
 
     def test_refuse_raises_and_queues_nothing(self, app):
-        """refuse raises EncryptionFailed naming path and category, and nothing is queued."""
-        with pytest.raises(EncryptionFailed, match=r"args\[0\] \(email\)") as info:
+        """refuse raises EncryptionFailed naming path (as pii_fields takes it) and category; nothing is queued."""
+        with pytest.raises(EncryptionFailed, match=r"at note \(email\)") as info:
             app.tasks["t.detect_refuse"].delay(NOTE)
         assert_no_plaintext(str(info.value))
         assert queued_messages(app.conf.task_default_queue) == []
@@ -114,9 +115,9 @@ class TestModes:
         with caplog.at_level(logging.WARNING, logger="celery_pii"):
             app.tasks["t.detect_warn"].delay(contacts)
         lines = [r.getMessage() for r in caplog.records if "undeclared PII" in r.getMessage()]
-        assert any('(email) at args[0].contacts["[pii:redacted]"]' in line for line in lines)
+        assert any('(email) at note.contacts["[pii:redacted]"]' in line for line in lines)
         assert_no_plaintext("\n".join(lines))
-        with pytest.raises(EncryptionFailed, match=r"undeclared PII at args\[0\]\.contacts") as info:
+        with pytest.raises(EncryptionFailed, match=r"undeclared PII at note\.contacts") as info:
             app.tasks["t.detect_refuse"].delay(contacts)
         assert_no_plaintext(str(info.value))
         # A key longer than a field path may be: still the same error, naming no value.

@@ -76,6 +76,27 @@ class TestMigrations:
         assert _tables(empty_db) == {"host_things", "alembic_version", VERSION_TABLE}
         assert current_revision(empty_db) is None
 
+    def test_processes_migrating_at_once(self, empty_db, testapp_module):
+        """Workers and beat starting together on a fresh store each run migrate(): all of them succeed.
+
+        They failed with the database's "already exists" errors (the tables were
+        right in the end, but those processes did not start).
+        """
+        import pii_children
+
+        context = multiprocessing.get_context("spawn")
+        barrier, results = context.Barrier(3), context.Queue()
+        children = [
+            context.Process(target=pii_children.migrate, args=(empty_db, barrier, results)) for _ in range(3)
+        ]
+        for child in children:
+            child.start()
+        got = [results.get(timeout=120) for _ in children]
+        for child in children:
+            child.join(timeout=30)
+        assert got == ["migrated"] * 3
+        assert current_revision(empty_db) == "0005_retired_at_index"
+
     def test_key_ids_become_case_sensitive_on_an_existing_store(self, empty_db):
         """0004 keeps a store's keys and makes 'Payments' and 'payments' two keys (MySQL/MariaDB)."""
         migrate(empty_db, revision="0003_destroyed_at_index")
@@ -384,10 +405,14 @@ class TestKeyManager:
         ]
         assert [r.operation for r in other.audit_trail("Payments")] == ["generate"]
 
-    def test_bad_key_id(self, manager):
-        """Malformed key ids are refused."""
-        with pytest.raises(ConfigurationError, match="key ids"):
-            manager.generate_key("has space")
+    @pytest.mark.parametrize(
+        "key_id",
+        ["has space", "subject.0123abcd", "celery_pii.subject-index", "orders@20270101T000000Z", "a:b"],
+    )
+    def test_bad_key_id(self, manager, key_id):
+        """Malformed key ids are refused, and those the library makes itself (subjects, buckets, its own)."""
+        with pytest.raises(ConfigurationError, match="key ids must be"):
+            manager.generate_key(key_id)
 
 
 class TestCache:
@@ -895,6 +920,19 @@ class TestFailures:
             manager.encryption_key(KeySpec("orders"))
         assert time.monotonic() - started < 10
         assert "postgres@" not in str(info.value)
+
+    def test_passwords_are_hidden_in_the_url_shown(self, empty_db):
+        """A password given in the query (psycopg takes ``?password=``) is hidden as one in the user part is."""
+        if not empty_db.startswith("postgresql"):
+            pytest.skip("the test server's PostgreSQL ignores passwords (trust); MariaDB's root has none")
+        url = sa.engine.make_url(empty_db).set(query={"password": "s3cret-query"})
+        store = KeyStore(url.render_as_string(hide_password=False), connect_timeout=2)
+        with pytest.raises(ConfigurationError, match="no celery-pii tables") as info:
+            store.check_schema()
+        for shown in (str(info.value), store.url):
+            assert "s3cret" not in shown
+            assert "password=hidden" in shown
+        store.dispose()
 
     def test_bad_url(self):
         """A URL without an installed driver is a configuration error naming the setting."""

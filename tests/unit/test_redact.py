@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import sys
 import traceback
@@ -261,6 +262,53 @@ def test_non_string_values_are_scrubbed_in_their_text_forms():
     original = ValueError("bad date", dob, balance)
     assert scrubber.raised(original) is original
     assert original.args == ("bad date", REDACTED, REDACTED)
+
+
+def test_dict_keys_that_are_values_are_scrubbed_and_field_names_are_not():
+    """A card number or email keying a dict is a value; an identifier-shaped key names a field."""
+    scrubber = Scrubber([{"4242424242424242": -5, 90012345: 1, "customer": {EMAIL: "gold"}}])
+    text = scrubber.text("balances 4242424242424242, 90012345 and ann@example.com of customer gold")
+    assert text == f"balances {REDACTED}, {REDACTED} and {REDACTED} of customer {REDACTED}"
+
+
+def test_values_nested_at_any_depth_are_scrubbed():
+    """Values deeper than the rebuilding of objects goes are still known (so tracebacks are checked)."""
+    nested: object = {"email": EMAIL}
+    for level in range(20):
+        nested = {f"level{level}": [nested]}
+    scrubber = Scrubber([nested])
+    assert scrubber.text(f"sent to {EMAIL}") == f"sent to {REDACTED}"
+    assert not scrubber.is_clean(ValueError(f"no account for {EMAIL}"))
+
+
+def test_values_holding_themselves_are_collected_once():
+    """A task's own new values (a retry's arguments) may hold themselves: collecting ends."""
+    looped: list[object] = [CARD]
+    looped.append(looped)
+    assert Scrubber([looped]).text(CARD) == REDACTED
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are new in Python 3.11")
+def test_an_exception_showing_more_exceptions_than_are_looked_at_is_not_clean():
+    """A traceback prints every chained exception: past what is checked, it is replaced, not trusted."""
+
+    def member(index: int, last: bool) -> Exception:
+        cause = LookupError(f"no order for {EMAIL}" if last else "no order")
+        try:
+            try:
+                raise cause
+            except LookupError as inner:
+                raise KeyError(index) from inner
+        except KeyError as error:
+            return error
+
+    group = builtins.ExceptionGroup  # Python 3.11+ (the package supports 3.10)
+    few = group("orders", [member(i, i == 14) for i in range(15)])
+    many = group("orders", [member(i, False) for i in range(300)])
+    scrubber = Scrubber([EMAIL])
+    assert not scrubber.is_clean(few)  # the value sits 46 exceptions deep
+    assert scrubber.is_clean(group("orders", [member(i, False) for i in range(15)]))
+    assert not scrubber.is_clean(many)
 
 
 def test_values_too_short_to_be_meaningful_are_not_scrubbed_from_text():

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -61,6 +65,19 @@ class TestLoading:
         message = str(info.value)
         assert "pii_master_key" in message
         assert expected in message
+
+    def test_the_missing_key_error_gives_a_command_that_runs_without_it(self, monkeypatch):
+        """The hint works where the key is missing (``celery pii master-key generate`` loads the app, which needs it)."""
+        monkeypatch.delenv("PII_TEST_MISSING", raising=False)
+        with pytest.raises(ConfigurationError) as info:
+            load_master_key("env:PII_TEST_MISSING")
+        command = re.search(r"`python -c '([^']+)'`", str(info.value))
+        assert command is not None
+        env = {name: value for name, value in os.environ.items() if name != "CELERY_PII_MASTER_KEY"}
+        printed = subprocess.run(
+            [sys.executable, "-c", command.group(1)], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        assert len(base64.b64decode(printed.strip(), validate=True)) == 32
 
     def test_wrong_length_key_never_echoed(self, monkeypatch):
         """A 31-byte key in the environment is refused without echoing it."""
