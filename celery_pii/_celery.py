@@ -380,10 +380,11 @@ def _key_manager(settings: Settings) -> KeyManager:
     try:
         keys.check_master_key()
     except KeyStoreUnavailable as error:
-        msg = (
-            f"settings pii_key_store_url / pii_master_key: the key store at {store.url} or the "
-            f"master key's KMS cannot be reached ({error})"
-        )
+        if settings.master_key.startswith("aws-kms://"):
+            where = f"settings pii_key_store_url / pii_master_key: the key store at {store.url} or the KMS"
+        else:
+            where = f"setting pii_key_store_url: the key store at {store.url}"
+        msg = f"{where} cannot be reached ({error})"
         raise ConfigurationError(msg) from None
     return keys
 

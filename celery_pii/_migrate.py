@@ -55,15 +55,15 @@ def alembic_config(url_or_connection: str | URL | Connection, *, stdout: TextIO 
 def migrate(url_or_connection: str | URL | Connection, *, revision: str = "head") -> None:
     """Create or upgrade the key store's tables.
 
-    Arguments:
-        url_or_connection: a SQLAlchemy URL, or an open ``Connection`` to
-            migrate inside the caller's transaction.
-        revision: the target revision (``"head"`` for the newest).
-
     Processes may run it at once (workers and beat starting on a fresh
     store): on PostgreSQL and MySQL/MariaDB they take turns (a lock in the
     migrations' environment); SQLite takes no lock, so there a process that
     ran into another's tables tries again, from the revision the store is at.
+
+    Arguments:
+        url_or_connection: a SQLAlchemy URL, or an open ``Connection`` to
+            migrate inside the caller's transaction.
+        revision: the target revision (``"head"`` for the newest).
     """
     config = alembic_config(url_or_connection)
     is_sqlite = (

@@ -77,6 +77,15 @@ class TestSetup:
         with pytest.raises(ConfigurationError, match="task_serializer"):
             _start_a_worker(app)
 
+    def test_an_unreachable_store_at_setup_names_the_setting_and_no_kms(self):
+        """With a master key from the environment, the error names the store alone (it named a KMS too)."""
+        app = _app("postgresql+psycopg://postgres@127.0.0.1:1/test", pii_key_store_connect_timeout=1)
+        with pytest.raises(
+            ConfigurationError, match=r"^setting pii_key_store_url: the key store at .* cannot be reached"
+        ) as info:
+            setup_pii(app)
+        assert "KMS" not in str(info.value)
+
     def test_get_pii_without_setup(self):
         """get_pii on an app without celery-pii says how to fix it."""
         with pytest.raises(ConfigurationError, match="setup_pii"):
