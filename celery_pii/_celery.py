@@ -142,7 +142,8 @@ def _open_result_hook(value: Any) -> Any:
             # migrated, down) does not hold this result's key: try the next one.
             logger.debug("celery-pii: app %r could not look up a result's key", pii.app.main)
             continue
-        _context.derive_from_result(pii, opened.key, opened.values)
+        read_id = opened.value.get("task_id") if isinstance(opened.value, dict) else None
+        _context.derive_from_result(pii, opened.key, opened.values, read_id)
         return opened.value
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
@@ -453,12 +454,12 @@ def _pool_child_ending(**_: Any) -> None:
 
 
 @signals.task_postrun.connect(weak=False)
-def _task_finished(task: Any = None, **_: Any) -> None:
+def _task_finished(task: Any = None, state: str | None = None, **_: Any) -> None:
     # Sent whatever the outcome (Retry, Ignore and Reject included), while the
     # task's request is still the current one.
     if task is not None:
         request = task.request
         try:
-            _context.hide_opened(request)
+            _context.hide_opened(request, rejected=state == states.REJECTED)
         finally:  # the task's context must end whatever happens
             _context.leave(request)

@@ -165,7 +165,7 @@ def start(task: RunningTask) -> None:
         _with_values[id(task)] = task
 
 
-def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any]) -> None:
+def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any], task_id: object = None) -> None:
     """A task opened a sealed result: it now holds that PII.
 
     A chord's body is published by whatever reads its header's results: the
@@ -174,12 +174,15 @@ def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any]) -> Non
     ends, the task runs as one derived from the result (what it publishes is
     sealed whole under the result's key, its outcome is sealed, its logs hide
     the values), as a chain step given a PII task's return value does.  A task
-    with a context already takes the values into it (:meth:`RunningTask.read_result`).
-    Outside a task (a client reading its result) nothing changes.
+    with a context already takes the values into it (:meth:`RunningTask.read_result`),
+    unless it read its own result (``task_id``: the meta's; Celery's backends read
+    a task's current meta before they store the next one).  Outside a task (a
+    client reading its result) nothing changes.
     """
     current = running.get()
     if current is not None:
-        current.read_result(key, values)
+        if task_id is None or str(task_id) != current.task_id:
+            current.read_result(key, values)
         return
     runs = _entered_runs()
     if not runs:
@@ -298,22 +301,31 @@ def enter(request: Any) -> RunningTask | None:
     return outer
 
 
-def hide_opened(request: Any) -> None:
+def hide_opened(request: Any, *, rejected: bool) -> None:
     """A task ends: put the sealed marker back where its message's values were opened.
 
     Celery keeps the request's ``args``/``kwargs`` after the task: on the solo
-    and threads pools they are the very objects the values were opened into,
-    and Celery stores them (``result_extended``) when it records an outcome
-    after the task, from the worker (``Reject(requeue=False)``), when nothing
-    is running any more to seal it.  What lies on the way to an opened place
-    is copied, never changed (the task function may still hold it); only the
-    request's own top-level list and dict are changed in place.
+    and threads pools they are the very objects the values were opened into.
+    It stores them (``result_extended``) when it records an outcome after the
+    task, from the worker (``Reject(requeue=False)``), when nothing is running
+    any more to seal it, and after a ``Reject`` (``rejected``) it gives them to
+    errbacks that take the request.  Otherwise nothing reads them: left as
+    they are (this runs after every task).  What lies on the way to an opened
+    place is copied, never changed (the task function may still hold it); only
+    the request's own top-level list and dict are changed in place.
     """
     current = running.get()
     if current is None or current._request is not request or not current._opened_at:  # noqa: SLF001
         return
+    if not (rejected or current.pii.stores_arguments):
+        return
     root = {"args": getattr(request, "args", None), "kwargs": getattr(request, "kwargs", None)}
-    places = [location for location in current._opened_at if location[0] in root]  # noqa: SLF001
+    opened_at: Sequence[Location] = current._opened_at  # noqa: SLF001
+    places = [
+        location for location in opened_at if location[0] in root and not _mark_argument(root, location)
+    ]
+    if not places:
+        return
     try:
         marked = replace_in_copies(root, places, MARKER)
     except (KeyError, IndexError, TypeError):  # the task changed its arguments' shape: nothing to hide there
@@ -326,6 +338,23 @@ def hide_opened(request: Any) -> None:
             container[:] = copy
         elif isinstance(container, dict):
             container.update(copy)
+
+
+def _mark_argument(root: dict[str, Any], location: Location) -> bool:
+    """Put the marker at an argument itself (most places): in the request's own list or dict.
+
+    Returns:
+        False for a place inside an argument (what leads there is copied).
+    """
+    if len(location) != 2:
+        return False
+    container, key = root[str(location[0])], location[1]
+    if isinstance(container, dict):
+        if key in container:
+            container[key] = MARKER
+    elif isinstance(container, list) and isinstance(key, int) and 0 <= key < len(container):
+        container[key] = MARKER
+    return True
 
 
 def leave(request: Any) -> None:

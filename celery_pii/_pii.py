@@ -67,6 +67,9 @@ class PII:
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
         self.sealer = Sealer(keys, settings, self._lookup, self._parameters)
+        # Celery stores a task's arguments with its outcome (result_extended), some of
+        # them after the task ended: where values were opened is then put back to markers.
+        self.stores_arguments = bool(app.conf.result_extended)
         self._parameter_binders: dict[str, Binder | None] = {}
         #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
         self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -241,15 +244,8 @@ class PII:
         opened_at: Sequence[Location] = ()
         arrived_unsealed = False
         if tokens:
-            root = _message_root(request, args, kwargs)
-            opened = self._open_or_handle(task, task_id, root, tokens)
-            if _holds_markers(root):
-                # A marker no envelope opened (an errback a worker's main process sent with
-                # the markers it never opened, beside a value sealed afresh): never run on
-                # it.  Sealed again as it came, then parked.
-                set_all_in_place(root, opened.locations, [MARKER] * len(opened.locations))
-                self._refuse_unopenable(task, task_id, root, tokens)
-            # Kept to put the markers back when the task ends: Celery uses the request's
+            opened = self._open_message(task, task_id, _message_root(request, args, kwargs), tokens)
+            # Kept to put the markers back when the task ends: Celery may use the request's
             # arguments after it (result_extended, the errbacks of Reject on solo and threads).
             values, message_key, opened_at = opened.values, opened.keys[0], opened.locations
             setattr(request, EMBED_KEY, None)
@@ -300,6 +296,17 @@ class PII:
             )
             self._audit_quietly("tamper_detected", name, task_id, reason="declared fields arrived unsealed")
             raise DecryptionFailed
+
+    def _open_message(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
+        """Open the message's envelopes into ``root``; a marker left after that is never run on."""
+        opened = self._open_or_handle(task, task_id, root, tokens)
+        if _holds_markers(root):
+            # A marker no envelope opened (an errback a worker's main process sent with
+            # the markers it never opened, beside a value sealed afresh).  Sealed again
+            # as it came, then parked.
+            set_all_in_place(root, opened.locations, [MARKER] * len(opened.locations))
+            self._refuse_unopenable(task, task_id, root, tokens)
+        return opened
 
     def _unsealed_values(
         self, task: Task, task_id: str, binder: Binder, args: Any, kwargs: Any
@@ -556,9 +563,12 @@ _REPLAYED_HEADERS: Final = ("eta", "expires", "timelimit", "shadow", "ignore_res
 
 
 def _holds_markers(root: dict[str, Any]) -> bool:
-    """True if an argument of a call is the marker (a sealed value whose envelope is elsewhere)."""
+    """True if an argument of a received call is the marker (a sealed value whose envelope is elsewhere).
+
+    ``in`` compares with ``==``: safe on a decoded message's plain data, and it runs for every task.
+    """
     kwargs = root["kwargs"]
-    return any(map(is_marker, root["args"])) or any(map(is_marker, kwargs.values()))
+    return MARKER in root["args"] or (bool(kwargs) and MARKER in kwargs.values())
 
 
 def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:

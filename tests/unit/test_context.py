@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+from types import SimpleNamespace
 
 import pytest
 from celery import Celery
@@ -165,7 +166,7 @@ def test_markers_go_back_where_values_were_opened_when_the_task_ends(task):
     values = [args[0], customer["email"], kwargs["ssn"]]
     opened_at = [("args", 0), ("args", 2, "email"), ("kwargs", "ssn"), ("chain", 0, "args", 0)]
     _context.running.set(_opened_running(task, request, values, opened_at=opened_at))
-    _context.hide_opened(request)
+    _context.hide_opened(request, rejected=True)
     task.request_stack.pop()
     assert request.args is args  # the very list Celery keeps, changed in place
     assert args == [MARKER, 7, {"email": MARKER, "tier": "gold"}]
@@ -173,12 +174,31 @@ def test_markers_go_back_where_values_were_opened_when_the_task_ends(task):
     assert customer == {"email": "ann@example.com", "tier": "gold"}  # the task function may still hold it
 
 
+@pytest.mark.parametrize(
+    ("rejected", "stores_arguments", "hidden"), [(False, False, False), (False, True, True)]
+)
+def test_markers_go_back_only_where_celery_reads_the_arguments_later(
+    task, rejected, stores_arguments, hidden
+):
+    """After Reject (errbacks taking the request) or with result_extended; otherwise left as they are."""
+    from celery_pii._sealer import MARKER
+
+    args = [CARD]
+    request = Context(id="t-1", args=args, kwargs={})
+    running = _opened_running(task, request, [CARD], opened_at=[("args", 0)])
+    running.pii = SimpleNamespace(stores_arguments=stores_arguments)
+    _context.running.set(running)
+    _context.hide_opened(request, rejected=rejected)
+    task.request_stack.pop()
+    assert args == ([MARKER] if hidden else [CARD])
+
+
 def test_arguments_of_a_call_that_came_unsealed_are_left_alone(task):
     """An eager call's arguments are the caller's own objects: nothing was opened into them."""
     args = [CARD]
     request = Context(id="t-1", args=args, kwargs={})
     _context.running.set(_opened_running(task, request, [CARD], message_key=None, opened_at=()))
-    _context.hide_opened(request)
+    _context.hide_opened(request, rejected=True)
     task.request_stack.pop()
     assert args == [CARD]
 
@@ -188,7 +208,7 @@ def test_the_arguments_of_another_request_are_left_alone(task):
     args = [CARD]
     request = Context(id="t-1", args=args, kwargs={})
     _context.running.set(_opened_running(task, request, [CARD], opened_at=[("args", 0)]))
-    _context.hide_opened(Context(id="other", args=args, kwargs={}))
+    _context.hide_opened(Context(id="other", args=args, kwargs={}), rejected=True)
     task.request_stack.pop()
     assert args == [CARD]
 
