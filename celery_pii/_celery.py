@@ -131,7 +131,7 @@ def _open_result_hook(value: Any) -> Any:
         # Several apps in one process (tests, multi-tenant hosts): the result
         # opens with the keys of whichever app's store holds its key.
         try:
-            opened = pii.sealer.open_result(value, group=group)
+            opened = pii.sealer.open_result(value, group=group, task_id=_context.backend_row.get())
         except (KeyNotFound, DecryptionFailed, KeyDestroyed) as error:
             failures.append(error)
             continue
@@ -151,7 +151,12 @@ def _open_result_hook(value: Any) -> Any:
 
 
 def _unreadable_rows_read_as_failures() -> None:
-    """The database backend reads a sealed result that cannot be opened as a failure saying why.
+    """The database backend reads a row's values only as that task's, or as a failure saying why.
+
+    Its columns (``result``, and ``args``/``kwargs``/``children``) are whole
+    values, sealed bound to the task id of the row they are written to: one
+    copied from another row (another chord's header task, another subject's
+    task) does not open.
 
     Key-value backends store a whole meta, which :func:`unreadable_result`
     turns into a failure meta.  The database backend decodes its ``result``
@@ -161,11 +166,19 @@ def _unreadable_rows_read_as_failures() -> None:
     """
     from celery.backends.database import DatabaseBackend  # noqa: PLC0415 - only when set up
 
-    read = DatabaseBackend._get_task_meta_for  # noqa: SLF001
+    read, store = DatabaseBackend._get_task_meta_for, DatabaseBackend._store_result  # noqa: SLF001
     if getattr(read, "celery_pii_wrapped", False):
         return
 
+    def store_result(self: DatabaseBackend, task_id: str, *args: Any, **kwargs: Any) -> Any:
+        row = _context.backend_row.set(str(task_id))
+        try:
+            return store(self, task_id, *args, **kwargs)
+        finally:
+            _context.backend_row.reset(row)
+
     def get_task_meta_for(self: DatabaseBackend, task_id: str) -> Any:
+        row = _context.backend_row.set(str(task_id))
         try:
             return read(self, task_id)
         except DecodeError as error:
@@ -174,9 +187,12 @@ def _unreadable_rows_read_as_failures() -> None:
                 raise
             failure = {"task_id": task_id, "status": states.FAILURE, "traceback": None, "children": None}
             return self.meta_from_decoded({**failure, "result": self.prepare_exception(reason)})
+        finally:
+            _context.backend_row.reset(row)
 
     get_task_meta_for.celery_pii_wrapped = True  # type: ignore[attr-defined]
     DatabaseBackend._get_task_meta_for = get_task_meta_for  # noqa: SLF001
+    DatabaseBackend._store_result = store_result  # noqa: SLF001
 
 
 def _current_group() -> str | None:

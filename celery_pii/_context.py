@@ -269,6 +269,13 @@ class _RunState:
 #: The runs whose message the opening step has seen (once per run), by request.
 _runs: weakref.WeakKeyDictionary[Any, _RunState] = weakref.WeakKeyDictionary()
 
+#: The task id of the database backend row being written or read: the whole
+#: values in its columns are bound to it (the backend stores them apart from
+#: any meta that would name the task).
+backend_row: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "celery_pii_backend_row", default=None
+)
+
 #: True while ``Task.apply`` runs a task in this thread: an eager call, whose
 #: arguments never left the process.  Not the request's ``is_eager``, which a
 #: message's embed can set.

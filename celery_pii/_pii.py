@@ -492,7 +492,9 @@ class PII:
         """Seal what the result backend stores for a running PII task."""
         if running.result_key is None:
             return obj
-        task_id = obj.get("task_id", running.task_id) if isinstance(obj, dict) else running.task_id
+        task_id = _context.backend_row.get()  # a database backend row: its own task's id
+        if task_id is None:
+            task_id = obj.get("task_id", running.task_id) if isinstance(obj, dict) else running.task_id
         try:
             return self.sealer.seal_result(
                 obj, task_id=str(task_id), key_spec=running.result_key, group=running.group

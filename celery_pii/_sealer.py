@@ -68,6 +68,8 @@ _CHORD_UNLOCK: Final = "celery.chord_unlock"
 _ITEM_TASKS: Final = frozenset(("celery.map", "celery.starmap", "celery.chunks"))
 # Tasks whose own arguments hold canvas steps (their sealed values are bound to those steps' names).
 _STEP_BOUND: Final = _ITEM_TASKS | {_CHORD_UNLOCK}
+# Where a map/starmap/chunks call holds the signature it calls (keyword or positional).
+_CALLED_SIGNATURE: Final = frozenset((("kwargs", "task"), ("args", 0)))
 _EMBED_PARTS: Final = frozenset(EMBED_PARTS)
 # How key ids name a retention bucket (``key@bucket``).
 _BUCKET_FORMAT: Final = "%Y%m%dT%H%M%SZ"
@@ -442,11 +444,15 @@ class Sealer:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
             raise EncryptionFailed(msg) from None
 
-    def open_result(self, obj: dict[str, Any], *, group: str | None = None) -> OpenedResult:
+    def open_result(
+        self, obj: dict[str, Any], *, group: str | None = None, task_id: str | None = None
+    ) -> OpenedResult:
         """Open what :meth:`seal_result` made.
 
         ``group`` is that of the task reading it, if any: a whole value it reads
-        must be of its group (what Celery's chord joins read).
+        must be of its group (what Celery's chord joins read).  ``task_id`` is
+        the task whose result is read, where the backend says (a database row):
+        a whole value must be that task's.
 
         Raises:
             DecryptionFailed: tampered, bound to another task id, or another group's.
@@ -462,10 +468,11 @@ class Sealer:
         # its task id taken out).  A whole value sealed alone has no meta around it.
         whole = envelope.locations == _WHOLE_VALUE
         if whole:
-            if group is not None:
-                bound_group = envelope.task_id.partition(_GROUP_SEPARATOR)[2]
-                if bound_group != _group_digest(group):
-                    raise DecryptionFailed
+            bound_id, _, bound_group = envelope.task_id.partition(_GROUP_SEPARATOR)
+            if group is not None and bound_group != _group_digest(group):
+                raise DecryptionFailed
+            if task_id is not None and bound_id != task_id:
+                raise DecryptionFailed
         else:
             bound = obj.get("task_id")  # a UUID when the caller gave one and the backend kept its type
             if bound is None or str(bound) != envelope.task_id:
@@ -549,11 +556,14 @@ def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]
             container: Any = root
             for part in location[:-1]:
                 container = container[part]
-                # A signature names its task with a string (a map's kwargs hold a whole signature there).
+                # A signature names its task with a string (a map's kwargs hold a whole signature
+                # there, which an embedded map has sealed: the marker in its place is no name).
                 step = container.get("task") if isinstance(container, Mapping) else None
-                if isinstance(step, str):
+                if isinstance(step, str) and not is_marker(step):
                     steps.append([step, bool(container.get("immutable")), container.get("subtask_type")])
-    if name in _ITEM_TASKS:
+    if name in _ITEM_TASKS and not _CALLED_SIGNATURE.intersection(locations):
+        # (A called signature sealed whole, as everything a PII task's step publishes
+        # is, is bound with its name by the seal itself.)
         steps.append(str(_called_task(root)))
     if not steps:
         return name
@@ -722,11 +732,14 @@ def _step_arguments(  # noqa: PLR0913 - one step and how to read it
     *,
     every_step: bool,
 ) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
-    registered, spec = lookup(str(value["task"]))
+    name = str(value["task"])
+    registered, spec = lookup(name)
     # A step of a PII task, of a task this process cannot see, or of some other
-    # canvas primitive (map, chunks) has all of its arguments sealed: we cannot
-    # tell which of them are PII.  The parent's worker opens them again.
-    if kind is None and registered and (spec is None or not spec.is_pii) and not every_step:
+    # canvas primitive (map, starmap, chunks: its items are a task's arguments)
+    # has all of its arguments sealed: we cannot tell which of them are PII.
+    # The parent's worker opens them again.
+    without_pii = registered and (spec is None or not spec.is_pii) and name not in _ITEM_TASKS
+    if kind is None and without_pii and not every_step:
         return
     for location, item, _ in _arguments(value.get("args") or (), kwargs, path):
         yield location, item, spec
@@ -755,6 +768,8 @@ def _items_of(root: Mapping[str, Any], lookup: SpecLookup) -> Iterator[tuple[Loc
     if registered and (spec is None or not spec.is_pii):
         return
     yield location, items, spec
+    # The called signature's own arguments travel with it (Celery does not use them).
+    yield from _embedded(task, ("kwargs", "task") if location[0] == "kwargs" else ("args", 0), lookup)
 
 
 def _outermost(found: list[tuple[Location, Any]]) -> list[tuple[Location, Any]]:

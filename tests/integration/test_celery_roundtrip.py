@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
-from celery import chain, chord, group
+from celery import chain, chord, group, xmap, xstarmap
 from kombu import serialization
 from kombu.exceptions import EncodeError
 
@@ -390,6 +390,31 @@ class TestCanvas:
             assert _envelopes_of(message)
         # A task without PII: its items stay as they are.
         assert not _envelopes_of(messages[4])
+
+    def test_map_starmap_and_chunks_inside_canvas_are_sealed(self, app):
+        """As a chain step or a link, and the called signature's own arguments: sealed too.
+
+        An embedded map is a registered task without PII of its own, so its
+        items (a PII task's arguments) went out in plaintext; and a map's
+        called signature kept the arguments it was given (``echo.s(label=...)``).
+        """
+        plain, echo, charge = app.tasks["t.plain"], app.tasks["t.echo"], app.tasks["t.charge"]
+        chain(plain.si(1), echo.map([CARD, EMAIL])).delay()
+        chain(plain.si(2), charge.starmap([(CARD, 1)])).delay()
+        chain(plain.si(3), charge.chunks([(CARD, 1)], 1)).delay()
+        plain.si(4).apply_async(link=echo.map([EMAIL]))
+        xmap(echo.s(label=EMAIL2), [1, 2], app=app).delay()
+        xstarmap(echo.s(label=EMAIL2), [(1,)], app=app).delay()
+        messages = queued_messages(app.conf.task_default_queue)
+        assert len(messages) == 6
+        for message in messages:
+            assert_no_plaintext(message_bytes(message) + json.dumps(message["headers"]).encode())
+            assert _envelopes_of(message)
+
+    def test_map_inside_a_chain_runs_on_plaintext(self, app, worker):
+        """The embedded map is opened by the step before it and sealed again when published."""
+        mapped = chain(app.tasks["t.plain"].si(1), app.tasks["t.echo"].map([CARD, EMAIL])).delay()
+        assert [r["value"] for r in mapped.get(timeout=30)] == [CARD, EMAIL]
 
     def test_map_starmap_and_chunks_run_on_plaintext(self, app, worker):
         """The called task receives each item's exact plaintext; the results come back, stored sealed."""

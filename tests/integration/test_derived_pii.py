@@ -20,7 +20,7 @@ from celery.exceptions import ChordError
 
 from celery_pii import get_pii
 from celery_pii._sealer import EMBED_KEY
-from celery_pii.exceptions import KeyDestroyed
+from celery_pii.exceptions import DecryptionFailed, KeyDestroyed
 
 from .conftest import (
     BACKEND_DB,
@@ -208,4 +208,39 @@ def test_a_chord_part_copied_into_another_chord_does_not_open(app, caplog):
     with caplog.at_level(logging.ERROR), _start(app), pytest.raises(ChordError):
         second.get(timeout=30)
     assert "DecryptionFailed" in caplog.text
+    assert_no_plaintext(caplog.text, secrets=(EMAIL2,))
+
+
+def test_a_chord_part_copied_on_the_database_backend_does_not_open(make_app, key_store_url, caplog):
+    """The same copy on the database backend (celery.chord_unlock reads the header rows): refused.
+
+    A row's columns are bound to the row's task id: one chord's header result
+    written into another chord's header row does not open there.
+    """
+    from celery.backends.database.models import Task as TaskMeta
+
+    app = make_app(backend="db+" + key_store_url)
+    first = chord(group([app.tasks["t.echo"].s(EMAIL2)]))(app.tasks["t.gather"].s())
+    with _start(app):
+        assert first.get(timeout=30)["results"][0]["value"] == EMAIL2
+    second = chord(group([app.tasks["t.echo"].s(CARD), app.tasks["t.plain"].s("no-pii-here")]))(
+        app.tasks["t.gather"].s()
+    )
+    stolen_id, missing_id = first.parent.results[0].id, second.parent.results[0].id
+    client, queue = redis_client(BROKER_DB), app.conf.task_default_queue
+    kept = [raw for raw in client.lrange(queue, 0, -1) if missing_id.encode() not in raw]
+    client.delete(queue)
+    client.rpush(queue, *reversed(kept))  # as they were, less the first header task's message
+    session = app.backend.ResultSession()
+    try:
+        stolen = session.query(TaskMeta).filter(TaskMeta.task_id == stolen_id).one()
+        copy = TaskMeta(missing_id)
+        copy.status, copy.result, copy.date_done = stolen.status, stolen.result, stolen.date_done
+        session.add(copy)
+        session.commit()
+    finally:
+        session.close()
+    # The body fails (chord_unlock names the header result that does not open), never runs on it.
+    with caplog.at_level(logging.ERROR), _start(app), pytest.raises((ChordError, DecryptionFailed)):
+        second.get(timeout=30)
     assert_no_plaintext(caplog.text, secrets=(EMAIL2,))
