@@ -70,7 +70,7 @@ class PII:
         # Celery stores a task's arguments with its outcome (result_extended), some of
         # them after the task ended: where values were opened is then put back to markers.
         self.stores_arguments = bool(app.conf.result_extended)
-        self._parameter_binders: dict[str, Binder | None] = {}
+        self._parameter_binders: dict[str, Binder] = {}
         #: Undeclared PII seen on publish in "warn" mode, by (task name, category).
         self.detections: collections.Counter[tuple[str, str]] = collections.Counter()
         # Attempts to open each task id this process put off (outage, quarantine refused),
@@ -136,14 +136,19 @@ class PII:
 
     def _parameters(self, name: str) -> Binder | None:
         """The parameters of a registered task's function (to name places as ``pii_fields`` does)."""
-        if name not in self._parameter_binders:
-            spec = self.specs.get(name)
+        binder = self._parameter_binders.get(name)
+        if binder is None:
             task = self.app._tasks.get(name)  # noqa: SLF001 - as _lookup
-            binder = spec.binder if spec is not None else None
-            if binder is None and task is not None:
-                binder = Binder(task.run, [], task=name)
-            self._parameter_binders[name] = binder
-        return self._parameter_binders[name]
+            if task is None:  # sent by name to a task this process does not have: nothing to name
+                return None
+            spec = self.specs.get(name)
+            binder = (
+                spec.binder
+                if spec is not None and spec.binder is not None
+                else Binder(task.run, [], task=name)
+            )
+            self._parameter_binders[name] = binder  # one per registered task
+        return binder
 
     def _register(self, task: Any) -> None:
         spec = spec_for_task(task, self.settings)
