@@ -449,10 +449,10 @@ class Sealer:
     ) -> OpenedResult:
         """Open what :meth:`seal_result` made.
 
-        ``group`` is that of the task reading it, if any: a whole value it reads
-        must be of its group (what Celery's chord joins read).  ``task_id`` is
-        the task whose result is read, where the backend says (a database row):
-        a whole value must be that task's.
+        ``task_id`` is the task whose result is read, where the backend says (a
+        database row): a whole value must be that task's.  Otherwise ``group``
+        is that of the task reading it, if any: a whole value it reads must be
+        of its group (what Redis' chord joins read).
 
         Raises:
             DecryptionFailed: tampered, bound to another task id, or another group's.
@@ -469,9 +469,10 @@ class Sealer:
         whole = envelope.locations == _WHOLE_VALUE
         if whole:
             bound_id, _, bound_group = envelope.task_id.partition(_GROUP_SEPARATOR)
-            if group is not None and bound_group != _group_digest(group):
-                raise DecryptionFailed
-            if task_id is not None and bound_id != task_id:
+            if task_id is not None:
+                if bound_id != task_id:
+                    raise DecryptionFailed
+            elif group is not None and bound_group != _group_digest(group):
                 raise DecryptionFailed
         else:
             bound = obj.get("task_id")  # a UUID when the caller gave one and the backend kept its type

@@ -64,6 +64,33 @@ publish_ticket: contextvars.ContextVar[object] = contextvars.ContextVar(
 ResultHook = Callable[[Any], Any]
 
 
+def _msgpack_plain(value: Any) -> Any:
+    """What msgpack (with ``strict_types``) writes for a subclass or a tuple: its plain value.
+
+    Celery's ``group`` signature is a dict whose ``len()`` counts its tasks:
+    msgpack wrote a dict subclass's map header from ``len()``, and a chain
+    holding a group did not decode.  A str Enum is written as its value, as
+    before.
+
+    Raises:
+        TypeError: not something msgpack writes (as msgpack itself says).
+    """
+    if isinstance(value, dict):
+        return dict(dict.items(value))
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return str.__str__(value)  # the text itself, not a str Enum's name
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    msg = f"can not serialize {type(value).__name__!r} object"
+    raise TypeError(msg)
+
+
 def _msgpack() -> Any:
     try:
         import msgpack  # noqa: PLC0415 - optional extra, imported on use
@@ -161,7 +188,7 @@ class PIISerializer:
                 text: str = kombu_json.dumps(obj)
                 return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
             return (self._orjson_header if by_orjson else self._header) + data
-        packed: bytes = _msgpack().packb(obj, use_bin_type=True)
+        packed: bytes = _msgpack().packb(obj, use_bin_type=True, strict_types=True, default=_msgpack_plain)
         return self._header + packed
 
     def loads(self, data: bytes | str) -> Any:

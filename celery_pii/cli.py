@@ -37,19 +37,20 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _defers_store_checks(argv: Sequence[str]) -> bool:
     """True for ``celery ... pii db ...`` (the store may have no tables yet) and commands needing no store.
 
-    Those are ``scan``, ``master-key generate`` and help (``--help``, or
-    ``pii`` alone).  Only the command itself counts, the words right after
-    ``pii``: ``pii keys generate db`` or ``worker -Q db`` must not skip the
-    check that the master key matches the store.
+    Those are ``scan``, ``master-key generate`` and ``--help``.  Only the
+    command itself counts, the words right after ``pii``: ``pii keys generate
+    db`` or ``worker -Q db`` must not skip the check that the master key
+    matches the store (nor ``worker -Q pii``: ``pii`` alone at the end is no
+    command).  A ``--help`` anywhere after a ``pii`` only prints help.
     """
     words = list(argv)
     for at, word in enumerate(words):  # every "pii": the app itself may be named so (-A pii)
         if word != "pii":
             continue
         command = words[at + 1 : at + 3]
-        if not command or "--help" in words[at + 1 :]:
-            return True
         if command[:1] in (["db"], ["scan"]) or command == ["master-key", "generate"]:
+            return True
+        if "--help" in words[at + 1 :]:
             return True
     return False
 

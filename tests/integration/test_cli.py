@@ -350,8 +350,10 @@ def test_deferred_checks_only_for_db_commands():
     assert _defers_store_checks(["celery", "-A", "proj", "pii", "scan", "-"])
     assert _defers_store_checks(["celery", "-A", "proj", "pii", "master-key", "generate"])
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "list"])
-    for help_words in (["--help"], ["keys", "--help"], []):  # help, and `pii` alone (which prints it)
+    for help_words in (["--help"], ["keys", "--help"]):
         assert _defers_store_checks(["celery", "-A", "proj", "pii", *help_words])
+    # A queue named pii, last on a worker's command line, is no pii command.
+    assert not _defers_store_checks(["celery", "-A", "proj", "worker", "-n", "x", "-Q", "pii"])
     assert not _defers_store_checks(["celery", "-A", "db", "worker"])
     # The word "db" elsewhere is no db command: a key id, a queue name.
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "generate", "db"])

@@ -244,3 +244,13 @@ def test_a_chord_part_copied_on_the_database_backend_does_not_open(make_app, key
     with caplog.at_level(logging.ERROR), _start(app), pytest.raises((ChordError, DecryptionFailed)):
         second.get(timeout=30)
     assert_no_plaintext(caplog.text, secrets=(EMAIL2,))
+
+
+def test_a_task_in_a_group_reads_another_tasks_result_on_the_database_backend(make_app, key_store_url):
+    """Every database row is a whole value: bound to its row, not refused for the reader's group."""
+    app = make_app(backend="db+" + key_store_url)
+    with _start(app):
+        profile = app.tasks["t.profile"].delay("user-g", EMAIL2)
+        assert profile.get(timeout=30)["email"] == EMAIL2
+        readers = group(app.tasks["t.read_result"].s(profile.id) for _ in range(2)).delay()
+        assert [read["email"] for read in readers.get(timeout=30)] == [EMAIL2, EMAIL2]

@@ -40,3 +40,36 @@ def test_what_the_standard_library_wrote_is_read_with_the_checks(monkeypatch):
     loaded = SERIALIZER.loads(frame)
     assert loaded == big
     assert type(loaded["result"]) is int
+
+
+def test_msgpack_writes_canvas_and_subclasses_as_their_plain_values():
+    """A group signature (a dict whose len() counts its tasks) in a body: the msgpack frame decodes.
+
+    msgpack wrote a dict subclass's map header from len(): a chain holding a
+    group did not decode, and the whole canvas was parked as undecodable.
+    """
+    import enum
+
+    from celery import Celery, group
+
+    app = Celery("serializer-test", set_as_current=False)
+
+    @app.task(shared=False)
+    def add(x):
+        return x
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    class Size(enum.IntEnum):
+        ONE = 1
+
+    serializer = PIISerializer("msgpack")
+    body = {"chain": [group(add.s(1), add.s(2))], "pair": (1, 2), "color": Color.RED, "size": Size.ONE}
+    back = serializer.loads(serializer.dumps(body))
+    assert [step["args"] for step in back["chain"][0]["kwargs"]["tasks"]] == [[1], [2]]
+    assert back["pair"] == [1, 2]
+    assert (back["color"], type(back["color"])) == ("red", str)
+    assert (back["size"], type(back["size"])) == (1, int)
+    with pytest.raises(TypeError):
+        serializer.dumps({"when": object()})
