@@ -723,24 +723,22 @@ class KeyManager:
                 )
                 .limit(1)
             ).first()
-            other = None
-            if mine is None:
-                other = session.scalars(
-                    select(KeyRow).where(KeyRow.wrapped_key.is_not(None)).limit(1)
-                ).first()
             if mine is not None:
                 self._unwrap(mine, for_check=True)
+            # Only rows no master key of this process opens.  (Under READ COMMITTED a row
+            # another process wrapped with this same key may appear after the first query.)
+            foreign = session.scalars(
+                select(KeyRow.master_key_ref)
+                .where(
+                    KeyRow.wrapped_key.is_not(None),
+                    KeyRow.master_key_ref.not_in(refs),
+                    KeyRow.master_key_ref_next.is_(None) | KeyRow.master_key_ref_next.not_in(refs),
+                )
+                .limit(1)
+            ).first()
+            if mine is not None:
                 # Two processes with different master keys that both started on an empty
                 # store each created keys; each would fail on the other's at first use.
-                foreign = session.scalars(
-                    select(KeyRow.master_key_ref)
-                    .where(
-                        KeyRow.wrapped_key.is_not(None),
-                        KeyRow.master_key_ref.not_in(refs),
-                        KeyRow.master_key_ref_next.is_(None) | KeyRow.master_key_ref_next.not_in(refs),
-                    )
-                    .limit(1)
-                ).first()
                 if foreign is not None:
                     msg = (
                         "setting pii_master_key: the key store also holds keys wrapped by another master "
@@ -748,11 +746,11 @@ class KeyManager:
                         "master key (to change it, see master-key rotation in docs/operations.md)"
                     )
                     raise ConfigurationError(msg)
-            elif other is not None:
+            elif foreign is not None:
                 msg = (
                     "setting pii_master_key: this master key does not match the key store "
-                    f"(its keys were wrapped by master key {other.master_key_ref}); "
-                    "use the master key the store was created with"
+                    f"(its keys were wrapped by master key {foreign}); use the master key its keys "
+                    "are wrapped under (after a master-key rotation, the new one)"
                 )
                 raise ConfigurationError(msg)
 

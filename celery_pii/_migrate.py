@@ -59,6 +59,10 @@ def migrate(url_or_connection: str | URL | Connection, *, revision: str = "head"
     store): on PostgreSQL and MySQL/MariaDB they take turns (a lock in the
     migrations' environment); SQLite takes no lock, so there a process that
     ran into another's tables tries again, from the revision the store is at.
+    Given a connection, the migration runs in the caller's transaction; on
+    MySQL/MariaDB, which commit each DDL statement at once, it is then
+    neither undone with that transaction nor safe beside other processes
+    migrating: give those a URL.
 
     Arguments:
         url_or_connection: a SQLAlchemy URL, or an open ``Connection`` to
@@ -73,7 +77,8 @@ def migrate(url_or_connection: str | URL | Connection, *, revision: str = "head"
     for attempt in range(_SQLITE_ATTEMPTS if is_sqlite else 1):
         try:
             command.upgrade(config, revision)
-        except exc.OperationalError:  # noqa: PERF203 - "table ... already exists", "duplicate column name"
+        except (exc.OperationalError, CommandError):  # noqa: PERF203 - "table ... already exists",
+            # "duplicate column name", or the revision another process moved on meanwhile
             if attempt == _SQLITE_ATTEMPTS - 1 or not is_sqlite:
                 raise
             time.sleep(0.2 * (attempt + 1))

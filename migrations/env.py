@@ -56,9 +56,10 @@ def run_migrations_online() -> None:
     """Migrate over a shared connection if one was given, else over the configured URL."""
     connection = config.attributes.get("connection")
     if connection is not None:
-        _configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
+        with _one_migration_at_a_time(connection, in_callers_transaction=True):
+            _configure(connection=connection)
+            with context.begin_transaction():
+                context.run_migrations()
         return
     engine = engine_from_config(
         config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
@@ -70,18 +71,31 @@ def run_migrations_online() -> None:
 
 
 @contextlib.contextmanager
-def _one_migration_at_a_time(connection: Connection) -> Iterator[None]:
+def _one_migration_at_a_time(
+    connection: Connection, *, in_callers_transaction: bool = False
+) -> Iterator[None]:
     """Processes migrating one store at once take turns (workers and beat starting on a fresh store).
 
     The revision is read once the turn has come, so a process that waited
-    finds the work done.  A lock of the connection's session, not of a
-    transaction: each migration commits on its own.  SQLite takes no such
-    lock; ``celery_pii.migrate`` checks the revision again after an error there.
+    finds the work done.  On its own connection the lock is the session's:
+    each migration commits on its own.  In the caller's transaction
+    (``migrate(connection)``), PostgreSQL's lock is the transaction's, held
+    until the caller commits (before, another process would not see the
+    tables).  MySQL/MariaDB take none there: they commit each DDL statement
+    at once, and the version row only with the caller (``migrate(url)``
+    takes turns there).  SQLite takes no lock; ``celery_pii.migrate`` tries
+    again after an error there.
     """
     dialect = connection.dialect.name
+    if in_callers_transaction:
+        if dialect == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _PG_LOCK})
+        yield
+        return
+    lock: object
     if dialect == "postgresql":
         take, give = "SELECT pg_advisory_lock(:lock)", "SELECT pg_advisory_unlock(:lock)"
-        lock: object = _PG_LOCK
+        lock = _PG_LOCK
     elif dialect in ("mysql", "mariadb"):
         take, give = "SELECT GET_LOCK(:lock, 600)", "SELECT RELEASE_LOCK(:lock)"
         lock = "celery_pii_migrate"

@@ -26,13 +26,21 @@ def rotate(url, master_material, barrier, results, automatic):
         manager.store.dispose()
 
 
-def migrate(url, barrier, results):
-    """Create the key store's tables, after all children are ready."""
+def migrate(url, barrier, results, in_a_transaction=False):
+    """Create the key store's tables, after all children are ready (by URL, or on an open connection)."""
+    import sqlalchemy as sa
+
     from celery_pii import migrate as migrate_store
 
     barrier.wait(timeout=60)
     try:
-        migrate_store(url)
+        if in_a_transaction:
+            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            with engine.begin() as connection:
+                migrate_store(connection)
+            engine.dispose()
+        else:
+            migrate_store(url)
         results.put("migrated")
     except Exception as error:  # noqa: BLE001 - reported, so the test fails with a reason
         results.put(f"error: {type(error).__name__}: {str(error)[:300]}")

@@ -76,25 +76,32 @@ class TestMigrations:
         assert _tables(empty_db) == {"host_things", "alembic_version", VERSION_TABLE}
         assert current_revision(empty_db) is None
 
-    def test_processes_migrating_at_once(self, empty_db, testapp_module):
+    @pytest.mark.parametrize("connections", [0, 2], ids=["by-url", "some-on-a-connection"])
+    def test_processes_migrating_at_once(self, empty_db, testapp_module, connections):
         """Workers and beat starting together on a fresh store each run migrate(): all of them succeed.
 
         They failed with the database's "already exists" errors (the tables were
-        right in the end, but those processes did not start).
+        right in the end, but those processes did not start).  Given a
+        connection, migrate() takes its turn too, inside the caller's transaction.
         """
+        if connections and not empty_db.startswith("postgresql"):
+            pytest.skip("only PostgreSQL migrates inside a caller's transaction (SQLite takes no lock)")
         import pii_children
 
         context = multiprocessing.get_context("spawn")
-        barrier, results = context.Barrier(3), context.Queue()
+        barrier, results = context.Barrier(4), context.Queue()
         children = [
-            context.Process(target=pii_children.migrate, args=(empty_db, barrier, results)) for _ in range(3)
+            context.Process(
+                target=pii_children.migrate, args=(empty_db, barrier, results, index < connections)
+            )
+            for index in range(4)
         ]
         for child in children:
             child.start()
         got = [results.get(timeout=120) for _ in children]
         for child in children:
             child.join(timeout=30)
-        assert got == ["migrated"] * 3
+        assert got == ["migrated"] * 4
         assert current_revision(empty_db) == "0005_retired_at_index"
 
     def test_key_ids_become_case_sensitive_on_an_existing_store(self, empty_db):
@@ -1047,6 +1054,28 @@ class TestConcurrency:
         assert first.destroy_subject("cust-42") == 1
         with pytest.raises(KeyDestroyed):
             racer.decryption_key(raced[0][0], 1)
+
+    def test_a_process_starting_while_another_makes_the_first_key(self, make_manager, db_url):
+        """The start-up check sees the first key appear (same master key) between its reads: no error.
+
+        Under READ COMMITTED its second read saw the row the first did not, and
+        it reported a master key that does not match, naming its own.
+        """
+        if db_url.startswith("sqlite"):
+            pytest.skip("SQLite takes its write lock at BEGIN, so the two queue instead")
+        starting, other = make_manager(), make_manager()
+        made = []
+
+        def after_the_first_read(conn, cursor, statement, parameters, context, executemany):
+            if not made and "celery_pii_keys" in statement:
+                made.append(other.encryption_key(KeySpec("orders")))
+
+        sa.event.listen(starting.store.engine, "after_cursor_execute", after_the_first_read)
+        try:
+            starting.check_master_key()
+        finally:
+            sa.event.remove(starting.store.engine, "after_cursor_execute", after_the_first_read)
+        assert made  # the other process made the store's first key meanwhile
 
     def test_one_rotation_per_key_id_with_two_active_versions(self, manager, db_url):
         """A store holding two active versions of a key (made before first uses gave way) rotates it once."""
