@@ -40,7 +40,7 @@ from ._paths import replace_in_copies
 from ._pii import PII
 from ._quarantine import make_quarantine_step
 from ._redact import RedactingFilter
-from ._sealer import MARKER, is_marker, is_sealed_result, unreadable_result, withheld_reason
+from ._sealer import MARKER, OpenedResult, is_marker, is_sealed_result, unreadable_result, withheld_reason
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
 from ._store import KeyStore
@@ -59,6 +59,7 @@ __all__ = ["get_pii", "setup_pii"]
 logger = logging.getLogger("celery_pii")
 
 _PLAINTEXT_CONTENT: Final = frozenset(("json", "application/json"))
+_JOIN_ENTRY_LENGTH: Final = 4
 _OUR_CONTENT: Final = frozenset((NAME, CONTENT_TYPE))
 # Celery loggers whose records can carry task arguments or outcomes.
 _CELERY_LOGGERS: Final = (
@@ -143,7 +144,7 @@ def _open_result_hook(value: Any) -> Any:
             logger.debug("celery-pii: app %r could not look up a result's key", pii.app.main)
             continue
         read_id = opened.value.get("task_id") if isinstance(opened.value, dict) else None
-        _context.derive_from_result(pii, opened.key, opened.values, read_id)
+        _context.derive_from_result(pii, opened.key, _values_read(opened), read_id)
         return opened.value
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
@@ -206,6 +207,26 @@ def _current_group() -> str | None:
     task = current_task._get_current_object()  # noqa: SLF001 - None outside a task
     group = getattr(task.request, "group", None) if task is not None else None
     return group if isinstance(group, str) else None
+
+
+def _values_read(opened: OpenedResult) -> list[Any]:
+    """The values a reader of a result now holds: of a chord's join entry, its result alone.
+
+    Redis' native join stores ``[1, task id, state, result]`` per part: the
+    task id and state are Celery's bookkeeping, and hiding them would hide
+    every log line naming that task.
+    """
+    entry = opened.value
+    if (
+        len(opened.values) == 1
+        and isinstance(entry, list)
+        and len(entry) == _JOIN_ENTRY_LENGTH
+        and entry[0] == 1
+        and isinstance(entry[1], str)
+        and entry[2] in states.ALL_STATES
+    ):
+        return [entry[3]]
+    return opened.values
 
 
 def _candidate_instances() -> list[PII]:

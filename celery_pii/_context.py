@@ -15,6 +15,7 @@ and returns may be derived from the outer task's PII.
 from __future__ import annotations
 
 import contextvars
+import operator
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -245,10 +246,24 @@ def scrubber_elsewhere() -> Scrubber | None:
     (or, on the threads pool, while other tasks run; hiding their values there
     too only hides more).
     """
+    global _elsewhere  # noqa: PLW0603 - one cache for the process, replaced whole (no lock needed)
     tasks = list(_with_values.values())  # one step: other threads add and remove
     if not tasks:
         return None
-    return Scrubber([value for task in tasks for value in task.values])
+    # Built once per set of values (every record logged outside a task asks, twice:
+    # the filter sits on loggers and handlers).  A task's values list is replaced,
+    # never changed, when it learns more; holding the lists keeps their identity.
+    lists = tuple(task.values for task in tasks)
+    cached = _elsewhere
+    if cached is not None and len(cached[0]) == len(lists) and all(map(operator.is_, cached[0], lists)):
+        return cached[1]
+    scrubber = Scrubber([value for values in lists for value in values])
+    _elsewhere = (lists, scrubber)
+    return scrubber
+
+
+#: The last scrubber :func:`scrubber_elsewhere` built, with the values lists it was built from.
+_elsewhere: tuple[tuple[list[Any], ...], Scrubber] | None = None
 
 
 # What celery-pii remembers about a task run, by its request object: never as
@@ -366,9 +381,11 @@ def _mark_argument(root: dict[str, Any], location: Location) -> bool:
 
 def leave(request: Any) -> None:
     """A task ends: the context it ran inside (or none) is the running one again."""
+    global _elsewhere  # noqa: PLW0603 - see scrubber_elsewhere
     current = running.get()
-    if current is not None and current._request is request:  # noqa: SLF001
-        _with_values.pop(id(current), None)
+    ending = current is not None and current._request is request  # noqa: SLF001
+    if ending and _with_values.pop(id(current), None) is not None:
+        _elsewhere = None  # it held this task's values: not kept past the task
     state = _runs.get(request)
     if state is not None and state.outer is not _NOT_ENTERED:
         running.set(state.outer)

@@ -107,6 +107,10 @@ class KeyCache:
         if len(self._versions) >= self._cached_sweep_at:
             self._drop_expired(now)
         expiry = now + self.ttl
+        if key.expires_at is not None:
+            # A retention bucket's key opens and seals nothing past its deadline: gone from
+            # memory then, not kept the whole TTL (one such key per bucket, per key id).
+            expiry = min(expiry, now + max(0.0, key.expires_at - time.time()))
         self._versions[(key.key_id, key.version)] = (key, expiry)
         if active:
             self._active[key.key_id] = (key, expiry)

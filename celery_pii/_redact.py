@@ -297,11 +297,13 @@ def _safely(show: Callable[[BaseException], str], exc: BaseException) -> str:
 def _collect(value: Any, needles: set[str]) -> None:
     """The text forms of every scalar in ``value``, however deep, and of its dict keys that are values.
 
-    A dict key is taken unless it is a ``str`` shaped like a Python identifier
-    (``email``, ``tier``): those name fields, and searching for them would
-    hide every mention of the field's name.  A card number, an email or an
-    integer keying a dict is a value.
+    A dict key is taken when detection finds PII in it (a card number, an
+    email keying a dict of balances) or it is not a string (an account
+    number): most keys name fields (``email``, ``Content-Type``, ``first
+    name``), and searching for those would hide every mention of the field.
     """
+    from ._detect import scan_text  # noqa: PLC0415 - _detect imports this module
+
     pending, seen = [value], set()
     while pending:
         current = pending.pop()
@@ -313,7 +315,7 @@ def _collect(value: Any, needles: set[str]) -> None:
             seen.add(id(current))
         if isinstance(current, dict):
             pending.extend(current.values())
-            pending.extend(key for key in current if not (isinstance(key, str) and key.isidentifier()))
+            pending.extend(key for key in current if not isinstance(key, str) or scan_text(key))
         elif isinstance(current, (list, tuple, set, frozenset)):
             pending.extend(current)
         else:

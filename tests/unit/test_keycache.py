@@ -163,3 +163,19 @@ def test_a_sweep_never_brings_back_a_key_forgotten_meanwhile():
         sweeping.join()
         sys.setswitchinterval(switch)
     assert brought_back == 0
+
+
+def test_a_retention_bucket_key_leaves_the_cache_at_its_deadline():
+    """Past its deadline a bucket's key opens and seals nothing: not held the whole TTL."""
+    cache = KeyCache(ttl=3600)
+    doomed = DataKey(
+        "orders@20260101T000000Z", 1, Algorithm.AES_256_GCM, bytes(32), expires_at=time.time() + 0.2
+    )
+    kept = DataKey("orders", 1, Algorithm.AES_256_GCM, bytes(32))
+    cache.put(doomed, active=True)
+    cache.put(kept, active=True)
+    assert cache.holds("orders@20260101T000000Z", 1)
+    time.sleep(0.3)
+    assert not cache.holds("orders@20260101T000000Z", 1)
+    cache._drop_expired(time.monotonic())
+    assert list(cache._versions) == [("orders", 1)]

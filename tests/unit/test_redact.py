@@ -265,10 +265,24 @@ def test_non_string_values_are_scrubbed_in_their_text_forms():
 
 
 def test_dict_keys_that_are_values_are_scrubbed_and_field_names_are_not():
-    """A card number or email keying a dict is a value; an identifier-shaped key names a field."""
-    scrubber = Scrubber([{"4242424242424242": -5, 90012345: 1, "customer": {EMAIL: "gold"}}])
+    """A card number, email or number keying a dict is a value; other keys name fields."""
+    scrubber = Scrubber(
+        [
+            {
+                "4242424242424242": -5,
+                90012345: 1,
+                "customer": {EMAIL: "gold"},
+                "Content-Type": "x",
+                "first name": 1,
+            }
+        ]
+    )
     text = scrubber.text("balances 4242424242424242, 90012345 and ann@example.com of customer gold")
     assert text == f"balances {REDACTED}, {REDACTED} and {REDACTED} of customer {REDACTED}"
+    assert (
+        scrubber.text("missing Content-Type header, no first name")
+        == "missing Content-Type header, no first name"
+    )
 
 
 def test_values_nested_at_any_depth_are_scrubbed():
