@@ -59,8 +59,9 @@ __all__ = ["get_pii", "setup_pii"]
 logger = logging.getLogger("celery_pii")
 
 _PLAINTEXT_CONTENT: Final = frozenset(("json", "application/json"))
-_JOIN_ENTRY_LENGTH: Final = 4
 _OUR_CONTENT: Final = frozenset((NAME, CONTENT_TYPE))
+# Redis' native chord join stores each part as [1, task id, state, result].
+_JOIN_ENTRY_LENGTH: Final = 4
 # Celery loggers whose records can carry task arguments or outcomes.
 _CELERY_LOGGERS: Final = (
     "celery.app.trace",

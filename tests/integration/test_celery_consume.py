@@ -35,6 +35,26 @@ from .test_celery_roundtrip import CARD, EMAIL, SSN, assert_no_plaintext
 pytestmark = pytest.mark.integration
 
 
+def _republish_edited(app, edit):
+    """Take the oldest queued message, change its decoded body with ``edit``, put it back; returns its id."""
+    queue = app.conf.task_default_queue
+    client = redis_client(BROKER_DB)
+    message = json.loads(client.rpop(queue))
+    body = base64.b64decode(message["body"])
+    frame, inner = body[:2], json.loads(body[2:])
+    edit(inner)
+    message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
+    client.rpush(queue, json.dumps(message))
+    return message["headers"]["id"]
+
+
+def _assert_parked_not_run(app, task_id):
+    with _start(app), pytest.raises(DecryptionFailed):
+        app.AsyncResult(task_id).get(timeout=20)
+    parked = queued_messages(app.conf.pii_quarantine_queue)
+    assert [m["headers"]["id"] for m in parked] == [task_id]
+
+
 def _start(app, **options):
     options.setdefault("pool", "solo")
     return start_worker(app, perform_ping_check=False, shutdown_timeout=20, **options)
@@ -214,24 +234,17 @@ class TestAuthenticationFailures:
             first.apply_async(link=notify)
         else:
             app.tasks["t.echo"].map([CARD, EMAIL]).delay()
-        queue = app.conf.task_default_queue
-        client = redis_client(BROKER_DB)
-        message = json.loads(client.rpop(queue))
-        body = base64.b64decode(message["body"])
-        frame, inner = body[:2], json.loads(body[2:])
-        if part == "map":
-            step = inner[1]["task"]
-            assert step["task"] == "t.echo"
-        else:
-            step = inner[2]["chain" if part == "chain" else "callbacks"][0]
-            assert step["task"] == "t.notify"
-        step["task"] = "t.plain"  # the only edit
-        message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
-        client.rpush(queue, json.dumps(message))
-        with _start(app), pytest.raises(DecryptionFailed):
-            app.AsyncResult(message["headers"]["id"]).get(timeout=20)
-        parked = queued_messages(app.conf.pii_quarantine_queue)
-        assert [m["headers"]["id"] for m in parked] == [message["headers"]["id"]]
+
+        def relabel(inner):
+            if part == "map":
+                step = inner[1]["task"]
+                assert step["task"] == "t.echo"
+            else:
+                step = inner[2]["chain" if part == "chain" else "callbacks"][0]
+                assert step["task"] == "t.notify"
+            step["task"] = "t.plain"  # the only edit
+
+        _assert_parked_not_run(app, _republish_edited(app, relabel))
 
     @pytest.mark.parametrize("part", ["chain", "link"])
     def test_canvas_step_made_mutable_is_parked(self, app, part):
@@ -246,20 +259,13 @@ class TestAuthenticationFailures:
             (first | step).delay()
         else:
             first.apply_async(link=step)
-        queue = app.conf.task_default_queue
-        client = redis_client(BROKER_DB)
-        message = json.loads(client.rpop(queue))
-        body = base64.b64decode(message["body"])
-        frame, inner = body[:2], json.loads(body[2:])
-        embedded = inner[2]["chain" if part == "chain" else "callbacks"][0]
-        assert embedded["immutable"] is True
-        embedded["immutable"] = False  # the only edit
-        message["body"] = base64.b64encode(frame + json.dumps(inner).encode()).decode()
-        client.rpush(queue, json.dumps(message))
-        with _start(app), pytest.raises(DecryptionFailed):
-            app.AsyncResult(message["headers"]["id"]).get(timeout=20)
-        parked = queued_messages(app.conf.pii_quarantine_queue)
-        assert [m["headers"]["id"] for m in parked] == [message["headers"]["id"]]
+
+        def make_mutable(inner):
+            embedded = inner[2]["chain" if part == "chain" else "callbacks"][0]
+            assert embedded["immutable"] is True
+            embedded["immutable"] = False  # the only edit
+
+        _assert_parked_not_run(app, _republish_edited(app, make_mutable))
 
     def test_undecodable_message_is_quarantined(self, app):
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""
