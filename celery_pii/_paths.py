@@ -310,6 +310,8 @@ class Binder:
         Raises:
             ValueError: the binder is not simple (its other paths would be missed).
             MarkedValue: a value is ``marker`` and ``keep_marked`` is false.
+            AmbiguousKey: a dict on the way to a value holds two keys JSON
+                writes alike (``1`` and ``"1"``).
         """
         if not self._all_simple:
             msg = f"field paths {self.paths!r} are not all names and dict keys: use locate()"
@@ -346,14 +348,17 @@ class Binder:
                         if keep_marked:
                             continue
                         raise MarkedValue(location)
-                    if location is by_keyword:
-                        if new_kwargs is kwargs:
-                            new_kwargs = dict(kwargs)
-                        _mark_in_copies(new_kwargs, head, rest, marker, made)
-                    else:
-                        if new_args is args:
-                            new_args = list(args)
-                        _mark_in_copies(new_args, index, rest, marker, made)
+                    try:
+                        if location is by_keyword:
+                            if new_kwargs is kwargs:
+                                new_kwargs = dict(kwargs)
+                            _mark_in_copies(new_kwargs, head, rest, marker, made)
+                        else:
+                            if new_args is args:
+                                new_args = list(args)
+                            _mark_in_copies(new_args, index, rest, marker, made)
+                    except AmbiguousKey:
+                        raise AmbiguousKey(location) from None
                 locations.append(location)
                 values.append(value)
         return locations, values, new_args, new_kwargs
@@ -466,13 +471,19 @@ def get_at(root: Mapping[str, Any], location: Location) -> Any:
     return value
 
 
-def replace_in_copies(root: Mapping[str, Any], locations: Iterable[Location], value: Any) -> dict[str, Any]:
+def replace_in_copies(
+    root: Mapping[str, Any], locations: Iterable[Location], value: Any, *, sealing: bool = False
+) -> dict[str, Any]:
     """Return a copy of ``root`` with ``value`` put at each of ``locations``.
 
     Only the containers on the way to a replaced value are copied (tuples
     become lists, as JSON would make them); the caller's objects are never
     changed: a reused signature must not be sealed twice, and the caller's
     data must stay theirs.
+
+    A dict on the way holding two keys JSON writes alike (``1`` and ``"1"``)
+    keeps only the replaced one; when ``sealing``, it raises
+    :class:`AmbiguousKey` instead (see :func:`_own_json_keys`).
     """
     copy = dict(root)
     # The containers made here, by id: all stay alive in the result, so no
@@ -480,15 +491,18 @@ def replace_in_copies(root: Mapping[str, Any], locations: Iterable[Location], va
     made = {id(copy)}
     for location in locations:
         parent: Any = copy
-        for part in location[:-1]:
-            _own_json_keys(parent, part)
-            node = parent[part]
-            if id(node) not in made:
-                node = list(node) if isinstance(node, (list, tuple)) else dict(node)
-                made.add(id(node))
-                parent[part] = node
-            parent = node
-        _own_json_keys(parent, location[-1])
+        try:
+            for part in location[:-1]:
+                _own_json_keys(parent, part, sealing)
+                node = parent[part]
+                if id(node) not in made:
+                    node = list(node) if isinstance(node, (list, tuple)) else dict(node)
+                    made.add(id(node))
+                    parent[part] = node
+                parent = node
+            _own_json_keys(parent, location[-1], sealing)
+        except AmbiguousKey:
+            raise AmbiguousKey(location) from None
         parent[location[-1]] = value
     return copy
 
@@ -506,7 +520,7 @@ def _mark_in_copies(parent: Any, slot: str | int, keys: tuple[str, ...], marker:
             made.add(id(node))
             parent[slot] = node
         parent, slot = node, key
-        _own_json_keys(parent, slot)
+        _own_json_keys(parent, slot, True)
     parent[slot] = marker
 
 
@@ -518,8 +532,23 @@ class MarkedValue(Exception):
         self.location = location
 
 
+class AmbiguousKey(Exception):
+    """A dict on the way to a declared place holds two keys JSON writes alike (``1`` and ``"1"``).
+
+    ``location`` is the declared place (empty where it is not known yet).
+    """
+
+    def __init__(self, location: Location = ()) -> None:
+        super().__init__(location)
+        self.location = location
+
+
 #: What :func:`find_key` returns when no key of the dict is written so.
 _ABSENT: Final = object()
+
+#: How the text JSON writes for a non-str key starts (numbers, ``NaN``) or what it is.
+_NUMBER_STARTS: Final = frozenset("-0123456789N")
+_JSON_WORDS: Final = frozenset(("true", "false", "null", "Infinity"))
 
 
 def json_key(key: object) -> str | None:
@@ -550,18 +579,31 @@ def find_key(value: dict[Any, Any], part: str | int) -> Any:
     return _ABSENT
 
 
-def _own_json_keys(container: Any, key: str | int) -> None:
-    """Make a dict copied here hold ``key`` as JSON writes it, if it holds it as a non-str key.
+def _own_json_keys(container: Any, key: str | int, sealing: bool) -> None:
+    """Make a dict copied here hold ``key`` only as JSON writes it.
 
     The marker must replace the caller's ``{1: value}``, not sit beside it as
     ``{"1": marker}``: JSON would write both, and the plaintext would go too.
+    A dict holding both ``1`` and ``"1"`` has two values JSON writes under one
+    name: sealing refuses it (:class:`AmbiguousKey`: which one the path
+    declares cannot be told, and the other would leave unsealed); a copy made
+    to hide values keeps ``key`` alone.
     """
-    if isinstance(container, dict) and key not in container:
-        found = find_key(container, key)
-        if found is not _ABSENT:
-            renamed = {(key if k is found else k): v for k, v in container.items()}
-            container.clear()
-            container.update(renamed)
+    if not isinstance(container, dict) or not isinstance(key, str):
+        return
+    present = key in container
+    if present and not (key[:1] in _NUMBER_STARTS or key in _JSON_WORDS):
+        return  # the common case: no key other than a str one is written so
+    others = [k for k in container if type(k) is not str and json_key(k) == key]
+    if not others:
+        return
+    if sealing and present + len(others) > 1:
+        raise AmbiguousKey
+    renamed = _ABSENT if present else others.pop(0)
+    dropped = {id(k) for k in others}  # by identity: NaN keys are not equal to themselves
+    kept = {(key if k is renamed else k): v for k, v in container.items() if id(k) not in dropped}
+    container.clear()
+    container.update(kept)
 
 
 def set_in_place(root: Mapping[str, Any], location: Location, value: Any) -> None:

@@ -35,7 +35,7 @@ from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
 from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
-from ._paths import Binder, Location, MarkedValue, get_at, replace_in_copies, set_all_in_place
+from ._paths import AmbiguousKey, Binder, Location, MarkedValue, get_at, replace_in_copies, set_all_in_place
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed
@@ -191,14 +191,17 @@ class Sealer:
                 found = _outermost(found)
         if not found:
             return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
+        locations = tuple(location for location, _ in found)
+        try:
+            sealed_root = replace_in_copies(root, locations, MARKER, sealing=True)
+        except AmbiguousKey as error:
+            raise _ambiguous_key(name, field_path(spec.binder if spec else None, error.location)) from None
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         if derived_from is not None:
             key_spec = derived_key_spec(key_spec, derived_from)
         key = self.keys.encryption_key(key_spec)
-        locations = tuple(location for location, _ in found)
         bound = bound_name(name, root, locations)
         token = self._seal_values(bound, task_id, key, [value for _, value in found], locations)
-        sealed_root = replace_in_copies(root, locations, MARKER)
         return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
 
     def _seal_declared(
@@ -215,6 +218,8 @@ class Sealer:
             marked = binder.mark_simple(args, kwargs, MARKER, keep_marked=keep_markers)
         except MarkedValue as error:
             raise _holds_marker(name, binder.display(error.location)) from None
+        except AmbiguousKey as error:
+            raise _ambiguous_key(name, field_path(binder, error.location)) from None
         found_at, values, sealed_args, sealed_kwargs = marked
         if not values:
             return None
@@ -671,6 +676,13 @@ def _holds_marker(name: str, where: str) -> EncryptionFailed:
     return EncryptionFailed(
         f"task {name!r}: {where} holds {MARKER!r}, which stands for a sealed value, "
         "with no envelope for it; nothing was published"
+    )
+
+
+def _ambiguous_key(name: str, where: str) -> EncryptionFailed:
+    return EncryptionFailed(
+        f"task {name!r}: {where} is reached through a dict holding two keys JSON writes alike "
+        '(such as 1 and "1"): which one is declared cannot be told; nothing was published'
     )
 
 

@@ -531,6 +531,22 @@ class TestSubjects:
         with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
             assert result.get(timeout=20) == {"1": CARD, "2": "kept"}
 
+    @pytest.mark.parametrize("linked", [False, True], ids=["declared-fields", "with-a-link"])
+    def test_a_declared_key_given_both_as_number_and_text_is_refused(self, app, linked):
+        """{1: card, "1": x} is written by JSON with "1" twice: one value would leave unsealed.
+
+        The publisher sealed the str key's value and sent the card under the
+        int key in plaintext (a worker's JSON reader then kept the last one).
+        A call with a link takes the general sealing path.
+        """
+        link = app.tasks["t.plain"].s() if linked else None
+        with pytest.raises(
+            EncryptionFailed, match=r"t\.codes.*codes\[\"1\"\].*two keys JSON writes alike"
+        ) as raised:
+            app.tasks["t.codes"].apply_async(({1: CARD, "1": "gold"},), link=link)
+        assert CARD not in str(raised.value)
+        assert queued_messages(app.conf.task_default_queue) == []
+
     @pytest.mark.parametrize(
         "subject", [None, {"id": "u-1"}, ["u-1"], True, 42.0], ids=["none", "dict", "list", "bool", "float"]
     )

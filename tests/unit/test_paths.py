@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from celery_pii._paths import (
     WILDCARD,
+    AmbiguousKey,
     Binder,
     format_path,
     get_at,
@@ -415,3 +416,44 @@ class TestNonStringKeys:
         assert sealed["kwargs"]["items"][:2] == [{"7": MARK}, {"7": MARK}]
         assert self.CARD not in json.dumps(sealed)
         assert get_at(root, ("kwargs", "items", 0, "7")) == self.CARD
+
+    @pytest.mark.parametrize(
+        ("customer", "written"),
+        [
+            ({1: CARD, "1": "gold"}, "1"),
+            ({"true": "gold", True: CARD}, "true"),
+            ({float("nan"): CARD, float("nan"): "gold"}, "NaN"),  # two keys: NaN is not equal to itself
+        ],
+        ids=["int-and-str", "bool-and-str", "two-nans"],
+    )
+    def test_sealing_refuses_two_keys_json_writes_alike(self, customer, written):
+        """{1: card, "1": x}: JSON writes "1" twice, and only one value could be sealed.
+
+        The path found the str key's value and the marker replaced it: the
+        card under the int key went to the broker in plaintext.
+        """
+        binder = Binder(charge, [f'customer["{written}"]'], task="t")
+        with pytest.raises(AmbiguousKey) as raised:
+            binder.mark_simple(("c", 1, customer), {}, MARK)
+        assert raised.value.location == ("args", 2, written)
+        with pytest.raises(AmbiguousKey) as raised:
+            replace_in_copies({"args": ["c", 1, customer]}, [("args", 2, written)], MARK, sealing=True)
+        assert raised.value.location == ("args", 2, written)
+
+    def test_sealing_refuses_them_on_the_way_to_a_value(self):
+        binder = Binder(charge, ['customer["1"].email'], task="t")
+        customer = {"1": {"email": "ann@example.com"}, 1: {"email": self.CARD}}
+        with pytest.raises(AmbiguousKey) as raised:
+            binder.mark_simple(("c", 1, customer), {}, MARK)
+        assert raised.value.location == ("args", 2, "1", "email")
+
+    def test_a_copy_made_to_hide_values_keeps_one_key_holding_the_marker(self):
+        """Outside sealing (hiding opened values in stored arguments), no value of the text stays."""
+        customer = {float("nan"): self.CARD, "tier": "gold", float("nan"): "ann@example.com"}
+        hidden = replace_in_copies({"args": ["c", 1, customer]}, [("args", 2, "NaN")], MARK)
+        assert hidden["args"][2] == {"NaN": MARK, "tier": "gold"}
+        mixed = {1: self.CARD, "1": "ann@example.com"}
+        assert replace_in_copies({"kwargs": {"customer": mixed}}, [("kwargs", "customer", "1")], MARK) == {
+            "kwargs": {"customer": {"1": MARK}}
+        }
+        assert len(customer) == 3 and len(mixed) == 2  # the caller's dicts are untouched
