@@ -410,6 +410,7 @@ def _key_manager(settings: Settings) -> KeyManager:
         rotation_max_messages=settings.rotation_max_messages,
         max_key_versions=settings.max_key_versions,
         cache_ttl=settings.key_cache_ttl,
+        cache_size=settings.key_cache_size,
         recheck_interval=settings.key_recheck_interval,
         actor=settings.actor,
         previous_master=previous,

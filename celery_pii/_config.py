@@ -50,6 +50,7 @@ class Settings:
     inner_serializer: str
     compression_threshold: int | None
     key_cache_ttl: float
+    key_cache_size: int
     key_recheck_interval: float
     rotation_interval: timedelta
     rotation_max_messages: int
@@ -267,6 +268,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "Seconds a data key stays in process memory; a process that cannot reach the key store "
         "stops using a key destroyed elsewhere within this time.",
         "float",
+    ),
+    Option(
+        "pii_key_cache_size",
+        10_000,
+        _integer(1, 10_000_000),
+        "Data key versions a process keeps in memory (about 3.5 KB each: one per data subject or "
+        "retention bucket met); past it, the longest-held is dropped and read again from the key "
+        "store when next needed.",
+        "int",
     ),
     Option(
         "pii_key_recheck_interval",

@@ -5,7 +5,8 @@ clock read, with no database round trip.  A key destroyed by another process
 is evicted by the key manager's periodic check (``pii_key_recheck_interval``);
 entries also expire after ``pii_key_cache_ttl`` seconds, which bounds how long
 a process that cannot reach the store keeps using one (the destroying process
-evicts at once).
+evicts at once).  At most ``pii_key_cache_size`` versions are held: a worker
+meets one key per data subject, and each costs about 3.5 KB with its cipher.
 
 Usage counts (encryptions per key version) are accumulated here and flushed
 by the key manager in batches, never one database write per message.
@@ -13,6 +14,7 @@ by the key manager in batches, never one database write per message.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Final, TypeVar
@@ -49,11 +51,13 @@ class KeyCache:
         "_versions",
         "hits",
         "misses",
+        "size",
         "ttl",
     )
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, size: int = 10_000) -> None:
         self.ttl = ttl
+        self.size = size
         self._active: dict[str, tuple[DataKey, float]] = {}
         self._versions: dict[tuple[str, int], tuple[DataKey, float]] = {}
         self._destroyed: dict[tuple[str, int], float] = {}
@@ -111,9 +115,31 @@ class KeyCache:
             # A retention bucket's key opens and seals nothing past its deadline: gone from
             # memory then, not kept the whole TTL (one such key per bucket, per key id).
             expiry = min(expiry, now + max(0.0, key.expires_at - time.time()))
-        self._versions[(key.key_id, key.version)] = (key, expiry)
+        entry = (key.key_id, key.version)
+        self._versions.pop(entry, None)  # put back last: the oldest entries are dropped first
+        self._versions[entry] = (key, expiry)
         if active:
             self._active[key.key_id] = (key, expiry)
+        if len(self._versions) > self.size:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Forget the longest-held versions, an eighth of the cache at a time.
+
+        A batch, not one: finding the oldest walks the dict from its start, past
+        the room left by those dropped before.  A dropped key is read from the
+        store again when next needed.
+        """
+        excess = len(self._versions) - self.size
+        if excess <= 0:
+            return
+        # copy(): another thread may add an entry meanwhile (see forget()).
+        oldest = list(itertools.islice(self._versions.copy(), max(excess, self.size // 8)))
+        for key_id, version in oldest:
+            held = self._versions.pop((key_id, version), None)
+            active = self._active.get(key_id)
+            if held is not None and active is not None and active[0] is held[0]:
+                self._active.pop(key_id, None)
 
     def _drop_expired(self, now: float) -> None:
         """Forget keys past their TTL (they are skipped when read, but would stay in memory).

@@ -137,6 +137,7 @@ class KeyManager:
         rotation_max_messages: int = 2**31,
         max_key_versions: int = 5,
         cache_ttl: float = 3600.0,
+        cache_size: int = 10_000,
         recheck_interval: float = 30.0,
         actor: str | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -148,7 +149,7 @@ class KeyManager:
         self.rotation_interval = rotation_interval
         self.rotation_max_messages = rotation_max_messages
         self.max_key_versions = max_key_versions
-        self.cache = KeyCache(cache_ttl)
+        self.cache = KeyCache(cache_ttl, cache_size)
         self.recheck_interval = recheck_interval
         self._next_recheck = time.monotonic() + recheck_interval
         self._changes_since = clock() - _RECHECK_OVERLAP

@@ -115,6 +115,11 @@ class TestSetup:
         """With pii_allow_plaintext=True, workers may also accept legacy json."""
         setup_pii(_app(key_store_url, accept_content=["pii", "json"], pii_allow_plaintext=True))
 
+    def test_key_cache_settings_reach_the_key_manager(self, key_store_url):
+        keys = setup_pii(_app(key_store_url, pii_key_cache_size=64, pii_key_cache_ttl=90)).keys
+        assert (keys.cache.size, keys.cache.ttl) == (64, 90.0)
+        keys.store.dispose()
+
     def test_wrong_master_key_refused_at_start(self, key_store_url, monkeypatch):
         """A master key that cannot unwrap the store's keys stops setup, not the first decrypt."""
         get_pii(_configured(key_store_url)).keys.encryption_key(KeySpec("default"))

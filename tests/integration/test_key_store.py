@@ -442,6 +442,28 @@ class TestCache:
         assert stats.cache_hits >= 1000
         assert stats.cache_misses >= 1
 
+    def test_a_key_dropped_for_size_is_read_again_from_the_store(self, make_manager):
+        """``pii_key_cache_size`` bounds the keys held; one dropped still seals and opens (one read)."""
+        manager = make_manager(cache_size=8)
+        statements = []
+        sa.event.listen(
+            manager.store.engine, "before_cursor_execute", lambda *args: statements.append(args[2])
+        )
+        subjects = [manager.subject_key_id(f"user-{number}@example.com") for number in range(30)]
+        sealed = [
+            manager.encryption_key(KeySpec(key_id, subject_id=digest)).seal(b"5555555555554444", b"ad")
+            for key_id, digest in subjects
+        ]
+        assert len(manager.cache) <= 8
+        statements.clear()
+        first_id = subjects[0][0]
+        assert manager.decryption_key(first_id, 1).open(sealed[0], b"ad") == b"5555555555554444"
+        assert statements  # it had been dropped: read from the store
+        statements.clear()
+        assert manager.decryption_key(first_id, 1).open(sealed[0], b"ad") == b"5555555555554444"
+        assert statements == []  # and held again
+        assert len(manager.cache) <= 8
+
     def test_recheck_evicts_keys_destroyed_by_another_process(self, make_manager):
         """A second manager serves its cached copy until it checks the store, then refuses it."""
         first, second = make_manager(), make_manager(recheck_interval=3600)

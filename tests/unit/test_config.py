@@ -55,6 +55,7 @@ class TestValidation:
                 pii_algorithm="chacha20-poly1305",
                 pii_rotation_interval=3600,
                 pii_key_cache_ttl=timedelta(minutes=5),
+                pii_key_cache_size=500,
                 pii_compression_threshold=None,
                 pii_detect="encrypt",
                 pii_default_retention=RetentionPolicy.delete_after(timedelta(days=30)),
@@ -63,6 +64,7 @@ class TestValidation:
         assert settings.algorithm is Algorithm.CHACHA20_POLY1305
         assert settings.rotation_interval == timedelta(hours=1)
         assert settings.key_cache_ttl == 300.0
+        assert settings.key_cache_size == 500
         assert settings.compression_threshold is None
         assert settings.detect == "encrypt"
 
@@ -76,6 +78,8 @@ class TestValidation:
             ("pii_max_key_versions", "5"),
             ("pii_compression_threshold", -1),
             ("pii_key_cache_ttl", 0),
+            ("pii_key_cache_size", 0),
+            ("pii_key_cache_size", 2.5),
             ("pii_rotation_interval", timedelta(0)),
             ("pii_rotation_interval", "90d"),
             ("pii_redact_headers", "yes"),
