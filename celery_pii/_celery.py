@@ -246,6 +246,25 @@ def _candidate_instances() -> list[PII]:
     return ordered
 
 
+def _with_pii_serializer(send_task_message: Any) -> Any:
+    """Wrap ``app.amqp.send_task_message`` so task messages are always written by ``pii``.
+
+    The body was sealed for it (``create_task_message``): written by another
+    serializer (``apply_async(serializer="json")``, or ``celery call``, whose
+    ``--serializer`` defaults to json) it reaches workers as a content type they
+    refuse, and is parked.
+    """
+
+    def send_with_pii(producer: Any, name: str, message: Any, *args: Any, **options: Any) -> Any:
+        asked = options.get("serializer")
+        if asked not in (None, NAME):
+            logger.info("celery-pii: task %s: serializer %r asked for, %r used", name, asked, NAME)
+            options["serializer"] = NAME
+        return send_task_message(producer, name, message, *args, **options)
+
+    return send_with_pii
+
+
 def _register_serializer(settings: Settings) -> PIISerializer:
     global _serializer  # noqa: PLW0603 - kombu's registry is process-global too
     if _serializer is None:
@@ -335,6 +354,7 @@ def setup_pii(app: Celery) -> PII:
         return pii._create_task_message(original, task_id, name, *args, **options)  # noqa: SLF001
 
     app.amqp.create_task_message = create_task_message
+    app.amqp.send_task_message = _with_pii_serializer(app.amqp.send_task_message)
     hook_registry(app, pii)
     app.steps["consumer"].add(make_quarantine_step(CONTENT_TYPE, _quarantine_queue_of, _on_parked))
     imports = tuple(app.conf.imports or ())

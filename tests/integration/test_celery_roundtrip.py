@@ -282,6 +282,22 @@ class TestWire:
         assert MARKER in sent["args"]
         assert_no_plaintext(repr(sent))
 
+    @pytest.mark.parametrize("asked", ["json", "yaml"])
+    def test_a_call_asking_for_another_serializer_is_written_by_pii(self, app, asked):
+        """``apply_async(serializer="json")`` (and ``celery call``, json by default) still runs.
+
+        The sealed body was written as json: workers refused the content type
+        and parked the message, and the caller's result never came.
+        """
+        from celery.contrib.testing.worker import start_worker
+
+        result = app.tasks["t.echo"].apply_async((CARD,), serializer=asked)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert message["content-type"] == "application/x-celery-pii"
+        assert_no_plaintext(message_bytes(message))
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20)["value"] == CARD
+
     def test_a_field_of_a_task_whose_signature_was_lost_is_sealed_by_position_too(self, app):
         """A decorator without functools.wraps leaves ``(*args, **kwargs)``: the card, given by position, is sealed.
 

@@ -17,7 +17,15 @@ from celery_pii import _celery
 from celery_pii._quarantine import park
 from celery_pii._sources import LocalMasterKey
 
-from .conftest import APP_DIR, BACKEND_DB, BROKER_DB, REDIS_URL, _fresh_postgres, queued_messages
+from .conftest import (
+    APP_DIR,
+    BACKEND_DB,
+    BROKER_DB,
+    REDIS_URL,
+    _fresh_postgres,
+    message_bytes,
+    queued_messages,
+)
 from .test_celery_roundtrip import CARD, EMAIL
 
 pytestmark = pytest.mark.integration
@@ -82,6 +90,21 @@ class TestHelp:
         result = run(cli_app, *command, "--help")
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.output
+
+
+class TestCall:
+    """Celery's own `celery call`, whose --serializer defaults to json."""
+
+    def test_celery_call_publishes_a_sealed_message_workers_accept(self, cli_app, queue_name):
+        """The sealed body went out as json: every worker refused it and parked it."""
+        called = CliRunner().invoke(
+            celery, ["-A", cli_app, "call", "t.echo", "--args", json.dumps([CARD])], catch_exceptions=False
+        )
+        assert called.exit_code == 0, called.output
+        (message,) = queued_messages(queue_name)
+        assert message["content-type"] == "application/x-celery-pii"
+        assert CARD.encode() not in message_bytes(message)
+        assert message["headers"]["id"] == called.output.strip()
 
 
 class TestKeys:
