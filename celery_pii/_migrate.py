@@ -7,15 +7,23 @@ from importlib import resources
 from pathlib import Path
 from typing import Final, TextIO
 
-from alembic import command
+from alembic import command, op
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import create_engine, exc, make_url, pool
+from sqlalchemy import create_engine, exc, inspect, make_url, pool
 from sqlalchemy.engine import URL, Connection
 
-__all__ = ["VERSION_TABLE", "alembic_config", "current_revision", "downgrade", "migrate", "older_revision"]
+__all__ = [
+    "VERSION_TABLE",
+    "alembic_config",
+    "current_revision",
+    "downgrade",
+    "left_by_a_killed_run",
+    "migrate",
+    "older_revision",
+]
 
 VERSION_TABLE: Final = "celery_pii_alembic_version"
 # How often a process migrating a SQLite store tries again after running into another's work.
@@ -120,3 +128,26 @@ def older_revision(connection: Connection) -> tuple[str, str] | None:
     except CommandError:  # a newer release's revision
         return None
     return current, head
+
+
+def left_by_a_killed_run(table: str, *, index: str | None = None, column: str | None = None) -> bool:
+    """In a revision: whether a run of it killed halfway already made this table, index or column.
+
+    MySQL and MariaDB commit each DDL statement at once: a revision killed
+    between two of them leaves the first done and the store at the previous
+    revision, and running it again failed with "already exists".  Each step
+    asks first, there only; elsewhere a revision is one transaction, undone
+    whole, and a step found made would mean another process's work (which
+    the migrations' lock and SQLite's retry handle).
+    """
+    bind = op.get_bind()
+    if bind.dialect.name not in ("mysql", "mariadb"):
+        return False
+    inspector = inspect(bind)  # a fresh one: it caches what it has read
+    if not inspector.has_table(table):
+        return False
+    if index is not None:
+        return any(found["name"] == index for found in inspector.get_indexes(table))
+    if column is not None:
+        return any(found["name"] == column for found in inspector.get_columns(table))
+    return True

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from celery_pii._migrate import left_by_a_killed_run
 from celery_pii._store import UTCDateTime
 
 revision: str = "0001_key_store"
@@ -23,8 +24,33 @@ depends_on: str | Sequence[str] | None = None
 BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+_KEYS_INDEXES = (
+    ("ix_celery_pii_keys_status", "status"),
+    ("ix_celery_pii_keys_next_rotation_at", "next_rotation_at"),
+    ("ix_celery_pii_keys_expires_at", "expires_at"),
+    ("ix_celery_pii_keys_subject_id", "subject_id"),
+)
+_AUDIT_INDEXES = (
+    ("ix_celery_pii_key_audit_key_id", "key_id"),
+    ("ix_celery_pii_key_audit_timestamp", "timestamp"),
+)
+
+
 def upgrade() -> None:
-    """Upgrade schema."""
+    """Upgrade schema (each step skipped if a run killed halfway made it: MySQL/MariaDB)."""
+    if not left_by_a_killed_run("celery_pii_keys"):
+        _create_keys_table()
+    for name, column in _KEYS_INDEXES:
+        if not left_by_a_killed_run("celery_pii_keys", index=name):
+            op.create_index(name, "celery_pii_keys", [column])
+    if not left_by_a_killed_run("celery_pii_key_audit"):
+        _create_audit_table()
+    for name, column in _AUDIT_INDEXES:
+        if not left_by_a_killed_run("celery_pii_key_audit", index=name):
+            op.create_index(name, "celery_pii_key_audit", [column])
+
+
+def _create_keys_table() -> None:
     op.create_table(
         "celery_pii_keys",
         sa.Column("id", BIG_ID, primary_key=True, autoincrement=True),
@@ -48,10 +74,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_celery_pii_keys"),
         sa.UniqueConstraint("key_id", "version", name="uq_celery_pii_keys_key_id"),
     )
-    op.create_index("ix_celery_pii_keys_status", "celery_pii_keys", ["status"])
-    op.create_index("ix_celery_pii_keys_next_rotation_at", "celery_pii_keys", ["next_rotation_at"])
-    op.create_index("ix_celery_pii_keys_expires_at", "celery_pii_keys", ["expires_at"])
-    op.create_index("ix_celery_pii_keys_subject_id", "celery_pii_keys", ["subject_id"])
+
+
+def _create_audit_table() -> None:
     op.create_table(
         "celery_pii_key_audit",
         sa.Column("id", BIG_ID, primary_key=True, autoincrement=True),
@@ -63,8 +88,6 @@ def upgrade() -> None:
         sa.Column("details", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_celery_pii_key_audit"),
     )
-    op.create_index("ix_celery_pii_key_audit_key_id", "celery_pii_key_audit", ["key_id"])
-    op.create_index("ix_celery_pii_key_audit_timestamp", "celery_pii_key_audit", ["timestamp"])
 
 
 def downgrade() -> None:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from celery_pii._migrate import left_by_a_killed_run
+
 revision: str = "0005_retired_at_index"
 down_revision: str | Sequence[str] | None = "0004_binary_key_ids"
 branch_labels: str | Sequence[str] | None = None
@@ -19,8 +21,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Upgrade schema."""
-    op.create_index("ix_celery_pii_keys_retired_at", "celery_pii_keys", ["retired_at"])
+    """Upgrade schema (unless a run killed halfway made the index: MySQL/MariaDB)."""
+    if not left_by_a_killed_run("celery_pii_keys", index="ix_celery_pii_keys_retired_at"):
+        op.create_index("ix_celery_pii_keys_retired_at", "celery_pii_keys", ["retired_at"])
 
 
 def downgrade() -> None:
