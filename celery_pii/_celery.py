@@ -215,19 +215,29 @@ def _values_read(opened: OpenedResult) -> list[Any]:
 
     Redis' native join stores ``[1, task id, state, result]`` per part: the
     task id and state are Celery's bookkeeping, and hiding them would hide
-    every log line naming that task.
+    every log line naming that task.  Of a stored exception, its message
+    alone: its class and module are code, and hiding them would hide every
+    ``ValueError`` the reader logs.
     """
     entry = opened.value
+    values = opened.values
     if (
-        len(opened.values) == 1
+        len(values) == 1
         and isinstance(entry, list)
         and len(entry) == _JOIN_ENTRY_LENGTH
         and entry[0] == 1
         and isinstance(entry[1], str)
         and entry[2] in states.ALL_STATES
     ):
-        return [entry[3]]
-    return opened.values
+        values = [entry[3]]
+    return [_message_of_exception(value) for value in values]
+
+
+def _message_of_exception(value: Any) -> Any:
+    """A stored exception's message (``{"exc_type", "exc_message", "exc_module"}``); else the value."""
+    if isinstance(value, dict) and "exc_type" in value and "exc_message" in value:
+        return value["exc_message"]
+    return value
 
 
 def _candidate_instances() -> list[PII]:

@@ -211,6 +211,45 @@ def test_a_chord_part_copied_into_another_chord_does_not_open(app, caplog):
     assert_no_plaintext(caplog.text, secrets=(EMAIL2,))
 
 
+def test_a_failed_chord_part_is_named_by_its_exception_class(app, caplog):
+    """The last part reads the parts' stored outcomes: a failure's class and module are code, not values.
+
+    They were learnt as values read: "ValueError" was hidden in that task's
+    logs, as in ``Chord ... raised: ChordError("... raised [pii:redacted](...)")``.
+    """
+    result = chord(group([app.tasks["t.echo"].s(EMAIL2), app.tasks["t.fail"].s(CARD)]))(
+        app.tasks["t.gather"].s()
+    )
+    with caplog.at_level(logging.ERROR), _start(app):
+        result.get(timeout=30, propagate=False)
+    assert isinstance(result.result, ChordError)
+    chord_lines = [line for line in caplog.text.splitlines() if "ChordError" in line]
+    assert chord_lines
+    assert all("raised ValueError(" in line for line in chord_lines), chord_lines
+    assert_no_plaintext(caplog.text, secrets=(EMAIL2,))
+
+
+@pytest.mark.parametrize("backend", ["redis", "database"])
+def test_a_task_reading_a_stored_failure_still_names_exception_classes(
+    make_app, key_store_url, backend, caplog
+):
+    """The same for a failure a task reads (``AsyncResult(...).result``), on either kind of backend."""
+    app = make_app(backend="db+" + key_store_url) if backend == "database" else make_app()
+
+    @app.task(shared=False, name="t.raise_read")
+    def raise_read(result_id):
+        raise app.AsyncResult(result_id).result
+
+    with caplog.at_level(logging.INFO), _start(app):
+        failed = app.tasks["t.fail"].delay(CARD)
+        failed.get(timeout=30, propagate=False)
+        read = raise_read.delay(failed.id)
+        read.get(timeout=30, propagate=False)
+    (raised,) = [line for line in caplog.text.splitlines() if f"t.raise_read[{read.id}] raised" in line]
+    assert "ValueError(" in raised
+    assert_no_plaintext(caplog.text)
+
+
 def test_a_chord_part_copied_on_the_database_backend_does_not_open(make_app, key_store_url, caplog):
     """The same copy on the database backend (celery.chord_unlock reads the header rows): refused.
 
