@@ -36,10 +36,10 @@ from kombu.exceptions import DecodeError
 from . import _context
 from ._config import Settings, settings_from_conf
 from ._keys import KeyManager, flush_all_usage
+from ._logfilter import filter_celery_loggers, filter_every_handler
 from ._paths import replace_in_copies
 from ._pii import PII
 from ._quarantine import make_quarantine_step
-from ._redact import RedactingFilter
 from ._sealer import MARKER, OpenedResult, is_marker, is_sealed_result, unreadable_result, withheld_reason
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import load_master_key
@@ -62,14 +62,6 @@ _PLAINTEXT_CONTENT: Final = frozenset(("json", "application/json"))
 _OUR_CONTENT: Final = frozenset((NAME, CONTENT_TYPE))
 # Redis' native chord join stores each part as [1, task id, state, result].
 _JOIN_ENTRY_LENGTH: Final = 4
-# Celery loggers whose records can carry task arguments or outcomes.
-_CELERY_LOGGERS: Final = (
-    "celery.app.trace",
-    "celery.worker.strategy",
-    "celery.worker.request",
-    "celery.worker.consumer.consumer",
-    "celery.task",
-)
 
 _instances: weakref.WeakSet[PII] = weakref.WeakSet()
 _serializer: PIISerializer | None = None
@@ -370,7 +362,7 @@ def setup_pii(app: Celery) -> PII:
     imports = tuple(app.conf.imports or ())
     if "celery_pii.tasks" not in imports:
         app.conf.imports = (*imports, "celery_pii.tasks")
-    _install_logging_filter()
+    filter_celery_loggers()
     _unreadable_rows_read_as_failures()
     return pii
 
@@ -459,39 +451,7 @@ def _key_manager(settings: Settings) -> KeyManager:
     return keys
 
 
-# -- logging -------------------------------------------------------------------------------------
-
-
-_FILTER = RedactingFilter(_context.running.get, _context.scrubber_elsewhere)
-
-
-def _install_logging_filter() -> None:
-    for name in _CELERY_LOGGERS:
-        log = logging.getLogger(name)
-        if _FILTER not in log.filters:
-            log.addFilter(_FILTER)
-
-
-@signals.after_setup_logger.connect(weak=False)
-@signals.after_setup_task_logger.connect(weak=False)
-def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
-    # Handler-level too: records of user task loggers propagate to these.
-    for handler in (logger or logging.getLogger()).handlers:
-        if _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
-
-
-def _filter_every_handler() -> None:
-    """Put the filter on every handler of every logger there is now.
-
-    Logging set up by the user's own ``setup_logging`` receiver (or by
-    ``dictConfig`` in Django's settings) gets no ``after_setup_logger``, and
-    its handlers may sit on any logger.
-    """
-    _filter_handlers(logging.getLogger())
-    for logger in list(logging.Logger.manager.loggerDict.values()):
-        if isinstance(logger, logging.Logger):
-            _filter_handlers(logger)
+# -- worker start ----------------------------------------------------------------------------------
 
 
 def _end_contexts_last() -> None:
@@ -512,7 +472,7 @@ def _end_contexts_last() -> None:
 @signals.worker_process_init.connect(weak=False)
 def _worker_ready_to_run(**_: Any) -> None:
     # A worker's logging is set up and its tasks (with their modules' receivers) are imported.
-    _filter_every_handler()
+    filter_every_handler()
     _end_contexts_last()
 
 

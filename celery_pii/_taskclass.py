@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from celery.app.task import Task
 
 from . import _context
+from ._logfilter import filter_every_handler
 from ._redact import forget_locals
 
 if TYPE_CHECKING:
@@ -116,11 +117,15 @@ def _mark_eager_runs(cls: type[Any]) -> None:
     them are not "arrived unsealed".  The request's ``is_eager`` cannot say
     so: a message's embed sets request attributes, so a forged message could
     claim to be eager and be run on plaintext it was never sealed with.
+
+    Outside a worker, the host's handlers get the log filter first: what the
+    task and its hooks log reaches them, not Celery's loggers.
     """
     original = cls.apply
 
     @functools.wraps(original)
     def apply(self: Task, *args: Any, **kwargs: Any) -> Any:
+        filter_every_handler()
         token = _context.applying.set(True)
         try:
             return original(self, *args, **kwargs)

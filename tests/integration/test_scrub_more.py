@@ -222,3 +222,46 @@ def test_an_eager_pii_task_that_retries_succeeds_with_its_value(make_app):
     assert retry_once.apply((SSN,)).get() == {"ssn": SSN, "retries": 1}
     app.conf.task_always_eager = True
     assert retry_once.delay(ssn=SSN).get() == {"ssn": SSN, "retries": 1}
+
+
+@pytest.mark.parametrize("always_eager", [False, True], ids=["apply", "task_always_eager"])
+def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager):
+    """``task.apply()`` in a web process or a script, or any call in an eager app: hooks see the values.
+
+    What they logged reached the host's handlers unfiltered (only Celery's
+    loggers had the filter outside a worker).
+    """
+    import io
+
+    audit = logging.getLogger("tests.hooks_audit")
+    audit.setLevel(logging.INFO)
+
+    class Audited(app.Task):
+        def on_failure(self, exc, task_id, args, kwargs, einfo):
+            audit.info("on_failure args=%r exc=%s", args, exc)
+
+        def on_success(self, retval, task_id, args, kwargs):
+            audit.info("on_success args=%r retval=%r", args, retval)
+
+    @app.task(shared=False, name="t.audited_outside", base=Audited, pii_fields=["card_number"])
+    def audited(card_number, fail=False):
+        if fail:
+            msg = f"card {card_number} declined"
+            raise ValueError(msg)
+        return {"card": card_number}
+
+    app.conf.task_always_eager = always_eager
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    logging.getLogger().addHandler(handler)
+    try:
+        for fail in (False, True):
+            if always_eager:
+                audited.delay(CARD, fail=fail)
+            else:
+                audited.apply((CARD,), {"fail": fail})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = written.getvalue()
+    assert "on_success args=" in lines and "on_failure args=" in lines
+    assert_no_plaintext(lines)
