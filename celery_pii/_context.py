@@ -25,7 +25,7 @@ from celery._state import _task_stack
 from ._keys import KeySpec
 from ._paths import Location, replace_in_copies
 from ._redact import Scrubber
-from ._sealer import MARKER, derived_key_spec, is_marker
+from ._sealer import MARKER, derived_key_spec, is_marker, opened_with
 
 if TYPE_CHECKING:
     from ._pii import PII
@@ -43,7 +43,7 @@ class RunningTask:
     """
 
     __slots__ = (
-        "_message_key",
+        "_message_keys",
         "_opened_at",
         "_request",
         "_request_stack",
@@ -65,7 +65,7 @@ class RunningTask:
         spec: TaskSpec | None,
         values: list[Any],
         result_key: KeySpec | None,
-        message_key: tuple[str, int] | None = None,
+        message_keys: Sequence[tuple[str, int]] = (),
         request: Any = None,
         request_stack: Any = None,
         *,
@@ -77,7 +77,7 @@ class RunningTask:
         self._request_stack = request_stack
         self.is_pii = spec is not None and spec.is_pii
         self._result_key = result_key
-        self._message_key = message_key
+        self._message_keys = message_keys
         # Where values were opened into the message, when Celery may store the arguments later.
         self._opened_at = opened_at
         self._scrubber: Scrubber | None = None
@@ -122,7 +122,7 @@ class RunningTask:
         self._scrubber = None
         _with_values[id(self)] = self
         own = self.result_key or KeySpec(self.pii.settings.default_key)
-        self._result_key = derived_key_spec(own, KeySpec(key[0], derived_from=key))
+        self._result_key = derived_key_spec(own, KeySpec(key[0], derived_from=(key,)))
 
     @property
     def scrubber(self) -> Scrubber:
@@ -140,8 +140,8 @@ class RunningTask:
         otherwise the one given (a subject's), or the task's own.
         """
         if self._result_key is None:
-            if self._message_key is not None:
-                self._result_key = KeySpec(self._message_key[0], derived_from=self._message_key)
+            if self._message_keys:
+                self._result_key = opened_with(self._message_keys)
             elif self.is_pii:
                 self._result_key = self.pii.sealer.key_spec(
                     self.name, self.spec, {}, [self.spec] if self.spec else []
@@ -199,7 +199,7 @@ def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any], task_i
         pii.specs.get(task.name),
         list(values),
         None,
-        key,
+        (key,),
         request,
         task.request_stack,
     )

@@ -117,11 +117,12 @@ class KeySpec:
     subject_id: str | None = None
     expires_at: datetime | None = None
     retention_deadline: datetime | None = None
-    #: ``(key id, version)`` of the key that opened the data this is derived from
-    #: (a task's result, its retry, its chain's next step).  Once that version is
-    #: destroyed (erasure, retention, by hand) nothing derived from it is sealed:
-    #: not under a version created after the destruction either.
-    derived_from: tuple[str, int] | None = None
+    #: ``(key id, version)`` of each key that opened the data this is derived from
+    #: (a task's result, its retry, its chain's next step, a result it read).  Once
+    #: one of those versions is destroyed (erasure, retention, by hand) nothing
+    #: derived from it is sealed: not under a version created after the
+    #: destruction either.
+    derived_from: tuple[tuple[str, int], ...] = ()
 
 
 class KeyManager:
@@ -185,9 +186,9 @@ class KeyManager:
         now = time.monotonic()
         if now >= self._next_recheck:
             self.recheck_cache()
-        source = spec.derived_from
-        if source is not None and not self.cache.holds(*source, now):
-            self._refuse_derived_from_destroyed(*source)
+        for source in spec.derived_from:
+            if not self.cache.holds(*source, now):
+                self._refuse_derived_from_destroyed(*source)
         key = self.cache.active(spec.key_id, now)
         if key is None or (key.expires_at is not None and key.expires_at <= self._clock().timestamp()):
             # A bucket key past its deadline seals nothing, cached or not (what it
@@ -298,8 +299,8 @@ class KeyManager:
         for _ in range(_RETRIES):
             try:
                 with self.store.transaction() as session:
-                    if spec.derived_from is not None:
-                        self._refuse_if_destroyed(session, *spec.derived_from)
+                    for source in spec.derived_from:
+                        self._refuse_if_destroyed(session, *source)
                     row = self._active_row(session, spec.key_id)
                     if row is None:
                         row = self._insert_version(
@@ -1001,7 +1002,7 @@ def _past_deadline(spec: KeySpec) -> EncryptionFailed | KeyDestroyed:
     message of that bucket (a result, a retry): the source's key is destroyed,
     as for an erasure (``KeyDestroyed``).
     """
-    if spec.derived_from is not None:
+    if spec.derived_from:
         return KeyDestroyed(
             f"key {spec.key_id!r}: its retention deadline has passed; data sealed under it is gone"
         )

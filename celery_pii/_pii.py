@@ -245,14 +245,14 @@ class PII:
         spec = self.specs.get(name)
         tokens = getattr(request, EMBED_KEY, None)
         values: list[Any] = []
-        message_key: tuple[str, int] | None = None
+        message_keys: Sequence[tuple[str, int]] = ()
         opened_at: Sequence[Location] = ()
         arrived_unsealed = False
         if tokens:
             opened = self._open_message(task, task_id, _message_root(request, args, kwargs), tokens)
             # Kept to put the markers back when the task ends: Celery may use the request's
             # arguments after it (result_extended, the errbacks of Reject on solo and threads).
-            values, message_key, opened_at = opened.values, opened.keys[0], opened.locations
+            values, message_keys, opened_at = opened.values, opened.keys, opened.locations
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
             values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
@@ -267,9 +267,9 @@ class PII:
         # a subject's key depends on this call's arguments: find it now, before
         # the task function can change them; other keys are found on first use.
         result_key = None
-        if message_key is None and spec is not None and spec.subject is not None:
+        if not message_keys and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
-        if message_key is None and outer is not None and outer.result_key is not None:
+        if not message_keys and outer is not None and outer.result_key is not None:
             # Run eagerly inside a PII task (``apply()``): what it was given may be the
             # outer task's subject's data, so its result and what it publishes take that
             # subject and retention bucket too (and are refused once that key is destroyed).
@@ -283,7 +283,7 @@ class PII:
                 spec,
                 values,
                 result_key,
-                message_key,
+                message_keys,
                 request,
                 task.request_stack,
                 opened_at=opened_at,

@@ -498,6 +498,19 @@ def _group_digest(group: str) -> str:
     return hashlib.blake2b(group.encode(errors="surrogatepass"), digest_size=8).hexdigest()
 
 
+def opened_with(keys: Sequence[tuple[str, int]]) -> KeySpec:
+    """The key of data derived from a message opened with ``keys`` (its envelopes' keys, first its own).
+
+    The first envelope's key (its subject's, with the subject named, so that a
+    result it then reads cannot take the task to another subject's key), and
+    never once one of those versions is destroyed.
+    """
+    key_id = keys[0][0]
+    base = key_id.partition("@")[0]
+    subject = base[len(SUBJECT_KEY_PREFIX) :] if base.startswith(SUBJECT_KEY_PREFIX) else None
+    return KeySpec(key_id, subject_id=subject, derived_from=tuple(dict.fromkeys(keys)))
+
+
 def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     """The key of a message derived from data sealed under ``source``.
 
@@ -506,14 +519,18 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     key (its own subject's, if it declares one: it cannot be both) and the
     earlier of the two buckets, so forgetting the subject or reaching the
     deadline makes the derived copy unreadable with the source.  Either way
-    it is not sealed once the key version that opened the source is destroyed.
+    it is not sealed once a key version that opened the source, or its own
+    data, is destroyed.
     """
+    derived_from = tuple(dict.fromkeys((*own.derived_from, *source.derived_from)))
     source_base, _, source_bucket = source.key_id.partition("@")
     is_subject = source_base.startswith(SUBJECT_KEY_PREFIX)
     source_subject = source_base[len(SUBJECT_KEY_PREFIX) :] if is_subject else None
     if source_subject is None and not source_bucket:
         # The source's key is kept indefinitely and names no subject.
-        return dataclasses.replace(own, derived_from=source.derived_from) if source.derived_from else own
+        return (
+            dataclasses.replace(own, derived_from=derived_from) if derived_from != own.derived_from else own
+        )
     own_base = own.key_id.partition("@")[0]
     base: str
     subject_id: str | None
@@ -525,12 +542,12 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     if source_bucket:
         buckets.append(datetime.strptime(source_bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
     if not buckets:
-        return KeySpec(base, subject_id=subject_id, derived_from=source.derived_from)
-    return _bucket_key(base, subject_id, min(buckets), derived_from=source.derived_from)
+        return KeySpec(base, subject_id=subject_id, derived_from=derived_from)
+    return _bucket_key(base, subject_id, min(buckets), derived_from=derived_from)
 
 
 def _bucket_key(
-    base: str, subject_id: str | None, bucket: datetime, *, derived_from: tuple[str, int] | None = None
+    base: str, subject_id: str | None, bucket: datetime, *, derived_from: tuple[tuple[str, int], ...] = ()
 ) -> KeySpec:
     """The key of one retention bucket: destroyed at the bucket's moment."""
     return KeySpec(

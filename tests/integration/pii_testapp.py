@@ -129,6 +129,14 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
             raise ValueError(msg)
         return {"email": email, "read": read}
 
+    @app.task(shared=False, name="t.profile_reads_result", pii_subject="user_id", pii_fields=["email"])
+    def profile_reads_result(user_id, email, result_id, wait=False):
+        read = app.AsyncResult(result_id).result
+        if wait:
+            STARTED.set()
+            PROCEED.wait(20)
+        return {"user_id": user_id, "email": email, "read": read}
+
     @app.task(shared=False, name="t.read_result_eagerly")
     def read_result_eagerly(result_id):
         return {"read": read_result.apply((result_id,)).get()}

@@ -339,9 +339,17 @@ class TestKeyOutcomes:
     @pytest.mark.parametrize("source_id", ["default", "subject.abc", "payments@20261201T000000Z"])
     def test_derived_key_names_the_version_that_opened_the_source(self, source_id):
         """Whatever key a derived message takes, it carries the source's opening version along."""
-        opened_with = (source_id, 3)
+        opened_with = ((source_id, 3),)
         derived = derived_key_spec(KeySpec("orders"), KeySpec(source_id, derived_from=opened_with))
         assert derived.derived_from == opened_with
+
+    @pytest.mark.parametrize("source_id", ["default", "subject.abc", "payments@20261201T000000Z"])
+    def test_derived_key_keeps_the_versions_that_opened_its_own_data(self, source_id):
+        """A task's own data and a result it read: destroying either version stops what is derived."""
+        own = KeySpec("subject.mine", subject_id="mine", derived_from=(("subject.mine", 2),))
+        derived = derived_key_spec(own, KeySpec(source_id, derived_from=((source_id, 3),)))
+        assert derived.derived_from == (("subject.mine", 2), (source_id, 3))
+        assert derived.key_id.startswith("subject.mine")  # a subject's data stays under its own key
 
     @staticmethod
     def _erase_while_it_runs(app, eraser, testapp_module, *, retry, until):
@@ -424,6 +432,54 @@ class TestKeyOutcomes:
         assert get_pii(app).forget_subject(subject) >= 1
         with pytest.raises(KeyDestroyed):
             app.AsyncResult(published).get(timeout=5)
+
+    @pytest.mark.parametrize("backend", ["redis", "database"])
+    def test_a_subjects_task_reading_anothers_result_stays_under_its_own_subjects_key(
+        self, make_app, key_store_url, backend
+    ):
+        """Alice's task reads Bob's result: what it stores is erased with Alice (and with Bob).
+
+        It was sealed under Bob's key: after forget_subject(alice) Alice's email
+        stayed readable in its result and stored arguments.
+        """
+        app = make_app(backend="db+" + key_store_url) if backend == "database" else make_app()
+        alice, bob = f"alice-{uuid.uuid4()}", f"bob-{uuid.uuid4()}"
+        with _start(app):
+            bobs = app.tasks["t.profile"].delay(bob, "bob@example.com")
+            bobs.get(timeout=20)
+            alices = app.tasks["t.profile_reads_result"].delay(alice, EMAIL, bobs.id)
+            assert alices.get(timeout=20)["read"]["email"] == "bob@example.com"
+        assert get_pii(app).forget_subject(alice) >= 1
+        with pytest.raises(KeyDestroyed):
+            app.AsyncResult(alices.id).get(timeout=5)
+        assert app.AsyncResult(bobs.id).get(timeout=5)["email"] == "bob@example.com"
+
+    def test_a_task_that_read_anothers_result_stores_nothing_once_its_own_subject_is_erased(
+        self, make_app, testapp_module
+    ):
+        """Derived from two keys, its own and Bob's: Alice erased while it runs, nothing of it is stored.
+
+        Reading Bob's result replaced what it was derived from: its own key's
+        destruction went unseen, and its result was sealed under a version of
+        Alice's key made after her erasure.
+        """
+        app, eraser = make_app(pii_key_recheck_interval=0.2), get_pii(make_app())
+        alice, bob = f"alice-{uuid.uuid4()}", f"bob-{uuid.uuid4()}"
+        testapp_module.STARTED.clear()
+        testapp_module.PROCEED.clear()
+        with _start(app):
+            bobs = app.tasks["t.profile"].delay(bob, "bob@example.com")
+            bobs.get(timeout=20)
+            alices = app.tasks["t.profile_reads_result"].delay(alice, EMAIL, bobs.id, wait=True)
+            assert testapp_module.STARTED.wait(20)
+            assert eraser.forget_subject(alice) == 1
+            time.sleep(0.5)  # the worker's next key check sees the destruction
+            testapp_module.PROCEED.set()
+            with pytest.raises(KeyDestroyed, match=r"outcome of task .* was not stored"):
+                alices.get(timeout=20)
+        alice_key = eraser.keys.subject_key_id(alice)[0]
+        versions = [(k.version, k.status) for k in eraser.keys.list_keys() if k.key_id.startswith(alice_key)]
+        assert versions == [(1, "destroyed")]
 
     def test_forgotten_subject_fails_with_key_destroyed(self, app):
         """After forget_subject, a queued task of that subject fails with KeyDestroyed; others proceed."""

@@ -918,7 +918,7 @@ class TestRetentionKeys:
         with pytest.raises(EncryptionFailed, match="retention deadline"):
             manager.encryption_key(KeySpec("orders@c", expires_at=deadline))
         with pytest.raises(KeyDestroyed, match="retention deadline"):
-            manager.encryption_key(KeySpec("orders@c", derived_from=(key.key_id, key.version)))
+            manager.encryption_key(KeySpec("orders@c", derived_from=((key.key_id, key.version),)))
 
 
 class TestDerivedKeys:
@@ -934,7 +934,7 @@ class TestDerivedKeys:
         manager = make_manager()
         key_id, digest = manager.subject_key_id("abc")
         source = manager.encryption_key(KeySpec(key_id, subject_id=digest))
-        derived = KeySpec(key_id, subject_id=digest, derived_from=(source.key_id, source.version))
+        derived = KeySpec(key_id, subject_id=digest, derived_from=((source.key_id, source.version),))
         eraser = manager if seen == "destroyed here" else make_manager()
         assert eraser.destroy_subject("abc") == 1
         if seen == "checked since":
@@ -964,13 +964,15 @@ class TestDerivedKeys:
         time.sleep(0.6)  # the remembered destruction, and every cached key, expire
         assert manager.encryption_key(fresh).version == 2  # a new task of the subject: v2 cached as active
         with pytest.raises(KeyDestroyed, match="version 1 was destroyed"):
-            manager.encryption_key(KeySpec(key_id, subject_id=digest, derived_from=(key_id, source.version)))
+            manager.encryption_key(
+                KeySpec(key_id, subject_id=digest, derived_from=((key_id, source.version),))
+            )
 
     def test_a_live_source_seals_under_the_active_version(self, manager):
         """A source rotated since (not destroyed): derived data is sealed under the new active version."""
         source = manager.encryption_key(KeySpec("orders"))
         manager.rotate_key("orders")
-        derived = manager.encryption_key(KeySpec("orders", derived_from=(source.key_id, source.version)))
+        derived = manager.encryption_key(KeySpec("orders", derived_from=((source.key_id, source.version),)))
         assert derived.version == 2
 
 
