@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from typing import Any, Final, Protocol
+from urllib.parse import quote, quote_plus
 from uuid import UUID
 
 from celery.exceptions import TaskPredicate
@@ -330,6 +331,12 @@ def _forms(value: Any) -> Iterator[str]:
         yield inside
         yield repr(inside)[1:-1]  # escaped twice: the repr of a message holding a repr
         yield json.dumps(value)[1:-1]
+        # In a URL (an HTTP client's error names the URL it called: ?email=ann%40example.com).
+        yield quote(value, safe="")
+        yield quote(value)
+        yield quote_plus(value)
+        if not value.isascii():  # as UTF-8 bytes (a UnicodeDecodeError shows them)
+            yield repr(value.encode("utf-8", "surrogatepass"))[2:-1]
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
         yield repr(data)[2:-1]

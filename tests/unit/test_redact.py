@@ -7,6 +7,7 @@ import logging
 import sys
 import traceback
 from typing import NamedTuple
+from urllib.parse import quote
 
 import pytest
 from celery.app.trace import LOG_SUCCESS
@@ -233,6 +234,32 @@ def test_a_value_escaped_by_repr_is_scrubbed():
     assert scrubber.raised(original) is original
     assert "Fake Street" not in str(original)
     assert "Fake Street" not in repr(original)
+
+
+def test_values_in_a_url_or_as_utf8_bytes_are_scrubbed():
+    """An HTTP client's error names the URL it called; a UnicodeDecodeError shows a name's UTF-8 bytes.
+
+    ``?email=ann%40example.com`` and ``b'Zo\\xc3\\xab'`` went out in logs and events.
+    """
+    from urllib.parse import urlencode
+
+    name, email = "Zoë Müller-Example", "ann.o'hara+tag@example.com"
+    scrubber = Scrubber([name, email])
+    url = f"https://crm.example.com/api/users?{urlencode({'email': email, 'name': name})}"
+    path = f"https://crm.example.com/api/users/{quote(email)}/{quote(name, safe='')}"
+    for text in (
+        f"404 Client Error: Not Found for url: {url}",
+        f"404 Client Error: Not Found for url: {path}",
+        repr(UnicodeDecodeError("ascii", name.encode(), 2, 3, "ordinal not in range(128)")),
+    ):
+        scrubbed = scrubber.text(text)
+        assert REDACTED in scrubbed
+        for needle in ("ann", "o%27hara", "Zo%C3", "Zo\\xc3", "M%C3%BCller"):
+            assert needle not in scrubbed, scrubbed
+    assert (
+        scrubber.text("https://crm.example.com/api/users?page=2")
+        == "https://crm.example.com/api/users?page=2"
+    )
 
 
 def test_non_string_values_are_scrubbed_in_their_text_forms():
