@@ -356,7 +356,10 @@ def setup_pii(app: Celery) -> PII:
         return pii._create_task_message(original, task_id, name, *args, **options)  # noqa: SLF001
 
     app.amqp.create_task_message = create_task_message
-    app.amqp.send_task_message = _with_pii_serializer(app.amqp.send_task_message)
+    # Wrapped when Celery builds it (first publish): built now, it would read the
+    # Celery settings an app may still change after setup_pii (compression, routing).
+    create_task_sender = app.amqp._create_task_sender  # noqa: SLF001
+    app.amqp._create_task_sender = lambda: _with_pii_serializer(create_task_sender())  # noqa: SLF001
     hook_registry(app, pii)
     app.steps["consumer"].add(make_quarantine_step(CONTENT_TYPE, _quarantine_queue_of, _on_parked))
     imports = tuple(app.conf.imports or ())

@@ -24,9 +24,9 @@ from ._config import Settings
 from ._context import RunningTask
 from ._detect import Finding, detect
 from ._keys import KeyManager, KeySpec
-from ._paths import Binder, Location, replace_in_copies, set_all_in_place
+from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
 from ._quarantine import park
-from ._redact import REDACTED, redacted_repr
+from ._redact import REDACTED, Scrubber, redacted_repr
 from ._retention import RetentionReport, enforce
 from ._sealer import (
     EMBED_KEY,
@@ -191,6 +191,7 @@ class PII:
         _, spec = self._lookup(name)
         display = root
         if sealed is not None:
+            _hide_in_shadow(call, root, sealed.locations)
             root = display = sealed.root
             if sealed.token is not None:
                 tokens.append(sealed.token)
@@ -560,6 +561,18 @@ class _Call:
 
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
+
+
+def _hide_in_shadow(call: _Call, root: dict[str, Any], sealed_at: Sequence[Location]) -> None:
+    """Hide the sealed values in the call's ``shadow`` name (a header, and the name in logs and events).
+
+    ``Task.shadow_name`` is given the call's arguments as they are, before
+    anything is sealed, and the name it makes (or one the caller gives)
+    travels in plaintext.
+    """
+    shadow = call.options.get("shadow")
+    if isinstance(shadow, str) and shadow and sealed_at:
+        call.options["shadow"] = Scrubber(get_at(root, location) for location in sealed_at).text(shadow)
 
 
 # Task ids whose put-off attempts a process remembers (then it forgets them all).

@@ -417,8 +417,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+#: What every record has; other attributes came with ``extra=`` (structured formatters write them out).
+_RECORD_ATTRIBUTES: Final = frozenset(
+    (*vars(logging.LogRecord("", 0, "", 0, "", (), None)), "message", "asctime", "taskName")
+)
+
+
 def _scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
-    """Scrub a record's message, its ``data`` (Celery's trace records) and its traceback."""
+    """Scrub a record's message, its ``extra=`` attributes (Celery's ``data``) and its traceback."""
     try:
         message = record.getMessage()
     except Exception:  # noqa: BLE001 - a bad format string is the logger's problem
@@ -426,9 +432,9 @@ def _scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
     scrubbed = scrubber.text(message)
     if scrubbed != message:
         record.msg, record.args = scrubbed, None
-    data = getattr(record, "data", None)
-    if isinstance(data, dict):
-        record.data = scrubber.value(data)
+    for name, extra in list(vars(record).items()):
+        if name not in _RECORD_ATTRIBUTES:
+            setattr(record, name, scrubber.value(extra))
     _scrub_traceback(record, scrubber)
 
 

@@ -282,6 +282,48 @@ class TestWire:
         assert MARKER in sent["args"]
         assert_no_plaintext(repr(sent))
 
+    def test_celery_settings_changed_after_setup_pii_apply(self, app):
+        """Celery reads its publishing settings when it first publishes: setup_pii must not read them early.
+
+        Wrapping Celery's task sender at setup built it then: compression and
+        delivery mode set afterwards were ignored.
+        """
+        app.conf.task_compression = "zlib"
+        app.conf.task_default_delivery_mode = "transient"
+        app.tasks["t.echo"].delay(CARD)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert message["headers"]["compression"] == "application/x-gzip"
+        assert message["properties"]["delivery_mode"] == 1
+
+    @pytest.mark.parametrize("given", ["shadow_name", "shadow"])
+    def test_a_shadow_name_made_from_a_declared_value_hides_it(self, app, given, caplog):
+        """``shadow_name`` sees the arguments before sealing: its name went out in the header, logs, events."""
+        from celery.contrib.testing.worker import start_worker
+
+        from celery_pii._redact import REDACTED
+
+        def shadow_name(task, args, kwargs, options):
+            return f"notify-{args[0]}"
+
+        options = {"shadow_name": shadow_name} if given == "shadow_name" else {}
+
+        @app.task(shared=False, name="t.shadowed", pii_fields=["email"], **options)
+        def shadowed(email):
+            return email
+
+        sent = shadowed.apply_async((EMAIL,), shadow=f"notify-{EMAIL}" if given == "shadow" else None)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert message["headers"]["shadow"] == f"notify-{REDACTED}"
+        assert_no_plaintext(message_bytes(message))
+        worker = start_worker(
+            app, pool="solo", perform_ping_check=False, shutdown_timeout=20, loglevel="INFO"
+        )
+        with caplog.at_level(logging.INFO), EventCapture(app) as events, worker:
+            assert sent.get(timeout=20) == EMAIL
+        assert f"notify-{REDACTED}[{sent.id}] received" in caplog.text
+        assert_no_plaintext(caplog.text)
+        assert_no_plaintext(repr(events.of_type("task-received")))
+
     @pytest.mark.parametrize("asked", ["json", "yaml"])
     def test_a_call_asking_for_another_serializer_is_written_by_pii(self, app, asked):
         """``apply_async(serializer="json")`` (and ``celery call``, json by default) still runs.

@@ -115,6 +115,35 @@ class TestSetup:
         """With pii_allow_plaintext=True, workers may also accept legacy json."""
         setup_pii(_app(key_store_url, accept_content=["pii", "json"], pii_allow_plaintext=True))
 
+    def test_setup_pii_does_not_connect_the_broker_client(self, key_store_url):
+        """`celery -A proj pii db upgrade` needs no broker: setup_pii imported its client library.
+
+        (It built Celery's task sender, which makes the event dispatcher and
+        its connection: with only part of a transport's dependencies installed,
+        every `pii` command failed.)
+        """
+        import subprocess
+        import sys
+        import textwrap
+
+        script = textwrap.dedent(
+            f"""
+            import sys
+            from celery import Celery
+            from celery_pii import setup_pii
+            app = Celery("x", broker={f"{REDIS_URL}/{BROKER_DB}"!r})
+            app.conf.update(task_serializer="pii", result_serializer="pii", accept_content=["pii"],
+                            pii_key_store_url={key_store_url!r})
+            setup_pii(app)
+            print(sorted(name for name in ("redis", "kombu.transport.redis") if name in sys.modules))
+            """
+        )
+        ran = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert ran.stdout.strip() == "[]"
+
     def test_key_cache_settings_reach_the_key_manager(self, key_store_url):
         keys = setup_pii(_app(key_store_url, pii_key_cache_size=64, pii_key_cache_ttl=90)).keys
         assert (keys.cache.size, keys.cache.ttl) == (64, 90.0)

@@ -51,6 +51,27 @@ def test_success_line_of_a_pii_task_hides_the_return_value_without_building_a_sc
     assert running.scrubber_built == 0
 
 
+def test_attributes_given_with_extra_are_scrubbed():
+    """``log.info("...", extra={...})``: a structured (JSON) formatter writes those attributes out."""
+    running = Running([CARD, EMAIL])
+    logger = logging.getLogger("tests.structured")
+    record = logger.makeRecord(
+        "tests.structured",
+        logging.INFO,
+        __file__,
+        1,
+        "charged",
+        (),
+        None,
+        extra={"customer_email": EMAIL, "ctx": {"card": CARD, "tries": 3}, "attempt": 2},
+    )
+    RedactingFilter(lambda: running).filter(record)
+    assert record.customer_email == REDACTED
+    assert record.ctx == {"card": REDACTED, "tries": 3}
+    assert record.attempt == 2
+    assert (record.msg, record.levelname, record.name) == ("charged", "INFO", "tests.structured")
+
+
 def test_success_format_showing_the_arguments_is_scrubbed():
     running = Running([CARD, EMAIL])
     record = _success("None", msg=LOG_SUCCESS + " %(kwargs)s")
