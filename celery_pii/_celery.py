@@ -383,10 +383,11 @@ def get_pii(app: Celery) -> PII:
     return found  # type: ignore[no-any-return]
 
 
-def _on_parked(app: Any, task_id: str, reason: str) -> None:
+def _on_parked(app: Any, task: str, task_id: str, reason: str) -> None:
     found = getattr(app, _context.APP_ATTRIBUTE, None)
     if found is not None:
-        found._audit_quietly("tamper_detected", "?", task_id, reason=reason)  # noqa: SLF001
+        # The name as the message's headers give it (its audit key id has room for 160 characters).
+        found._audit_quietly("tamper_detected", task[:150], task_id, reason=reason)  # noqa: SLF001
 
 
 def _quarantine_queue_of(app: Any) -> str | None:

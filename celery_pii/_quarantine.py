@@ -95,7 +95,9 @@ def _routing(message: Any) -> dict[str, Any]:
 
 
 def make_quarantine_step(
-    content_type: str, queue_name: Callable[[Any], str | None], on_parked: Callable[[Any, str, str], None]
+    content_type: str,
+    queue_name: Callable[[Any], str | None],
+    on_parked: Callable[[Any, str, str, str], None],
 ) -> type[bootsteps.StartStopStep]:
     """A consumer bootstep that parks undecodable, malformed and refused messages instead of losing them.
 
@@ -103,7 +105,7 @@ def make_quarantine_step(
         content_type: the ``pii`` content type (its undecodable and malformed messages, and those
             for a task the worker does not know, are parked).
         queue_name: ``app -> quarantine queue name``, or ``None`` if the app has no celery-pii.
-        on_parked: ``(app, task id, reason)``, called after parking (audit).
+        on_parked: ``(app, task name, task id, reason)``, called after parking (audit).
     """
 
     class QuarantineStep(bootsteps.StartStopStep):
@@ -233,7 +235,7 @@ def _is_canvas(embed: Mapping[str, Any]) -> bool:
 
 
 def _park_or_requeue(
-    app: Any, name: str, message: Any, reason: str, on_parked: Callable[[Any, str, str], None]
+    app: Any, name: str, message: Any, reason: str, on_parked: Callable[[Any, str, str, str], None]
 ) -> None:
     headers = dict(message.headers) if isinstance(message.headers, dict) else {}
     task_id = str(headers.get("id", "?"))
@@ -259,7 +261,7 @@ def _park_or_requeue(
     # headers are as the broker gave them: quoted, they cannot forge a line or a terminal.
     logger.error("celery-pii: message %r[%r] parked in %s: %s", task, task_id, name, reason)
     message.ack()
-    on_parked(app, task_id, reason)
+    on_parked(app, task, task_id, reason)
 
 
 def _held(queue_name: str, connection: Any) -> list[Any]:

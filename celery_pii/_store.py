@@ -228,8 +228,10 @@ class KeyStore:
                 **_pool_options(parsed),
             )
         except (exc.ArgumentError, ImportError, ValueError) as error:
+            # The driver's module name, never the error's text (it may quote the URL).
+            missing = f": no module {error.name!r}" if isinstance(error, ImportError) and error.name else ""
             msg = (
-                f"setting pii_key_store_url: cannot use this URL ({type(error).__name__}); "
+                f"setting pii_key_store_url: cannot use this URL ({type(error).__name__}{missing}); "
                 "expected e.g. postgresql+psycopg://user@host/db (extra 'postgres'), "
                 "mysql+pymysql://user@host/db (extra 'mysql') or sqlite:///path.db"
             )

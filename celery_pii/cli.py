@@ -254,10 +254,28 @@ def keys_destroy(ctx: click.Context, key_id: str, version: int | None, yes: bool
     click.echo(f"destroyed {_pii(ctx).keys.destroy_key(key_id, version)} version(s) of {key_id}")
 
 
+class _Moment(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A moment in ISO 8601, as ``--json`` prints them (``2026-11-30T10:18:02.060263+00:00``, ``...Z``)."""
+
+    name = "ISO-8601"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a date and time in ISO 8601 (e.g. 2026-11-30T10:18:02Z)", param, ctx)
+
+
 @keys.command(name="audit")
 @click.argument("key_id", required=False)
-@click.option("--since", type=click.DateTime(), default=None, help="Only records at or after (UTC).")
-@click.option("--until", type=click.DateTime(), default=None, help="Only records at or before (UTC).")
+@click.option(
+    "--since", type=_Moment(), default=None, help="Only records at or after (ISO 8601; UTC if no offset)."
+)
+@click.option(
+    "--until", type=_Moment(), default=None, help="Only records at or before (ISO 8601; UTC if no offset)."
+)
 @_json_option
 @click.pass_context
 @_errors
@@ -273,7 +291,9 @@ def keys_audit(
 def _utc(moment: datetime | None) -> datetime | None:
     from datetime import timezone  # noqa: PLC0415
 
-    return None if moment is None else moment.replace(tzinfo=moment.tzinfo or timezone.utc)
+    if moment is None:
+        return None
+    return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @keys.command(name="stats")

@@ -125,6 +125,21 @@ class TestKeys:
         stats = json.loads(run(cli_app, "keys", "stats", "--json").output)
         assert stats["total_keys"] >= 2
 
+    def test_audit_since_takes_the_timestamps_it_prints(self, cli_app):
+        """``--json`` prints ISO 8601 with an offset; ``--since`` refused that form (and ``...Z``)."""
+        assert run(cli_app, "keys", "generate", "cli-when").exit_code == 0
+        (record,) = json.loads(run(cli_app, "keys", "audit", "cli-when", "--json").output)
+        printed = record["timestamp"]
+        for since in (printed, printed.replace("+00:00", "Z"), printed[:19]):
+            shown = run(cli_app, "keys", "audit", "cli-when", "--since", since, "--json")
+            assert shown.exit_code == 0, shown.output
+            assert [r["operation"] for r in json.loads(shown.output)] == ["generate"]
+        later = run(cli_app, "keys", "audit", "cli-when", "--since", "2999-01-01T00:00:00+02:00", "--json")
+        assert json.loads(later.output) == []
+        refused = run(cli_app, "keys", "audit", "--since", "yesterday")
+        assert refused.exit_code == 2
+        assert "ISO 8601" in refused.output
+
     def test_destroy_asks_first(self, cli_app):
         """destroy aborts without confirmation and destroys with --yes."""
         run(cli_app, "keys", "generate", "cli-doomed")

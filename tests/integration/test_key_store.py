@@ -996,6 +996,14 @@ class TestFailures:
         assert time.monotonic() - started < 10
         assert "postgres@" not in str(info.value)
 
+    def test_a_url_whose_driver_is_not_installed_names_the_missing_module(self):
+        """``mysql://`` means MySQLdb to SQLAlchemy (pymysql is ``mysql+pymysql://``): say which module is missing."""
+        with pytest.raises(ConfigurationError) as info:
+            KeyStore("mysql://root:S3cretPw@127.0.0.1/test")
+        assert "pii_key_store_url" in str(info.value)
+        assert "no module 'MySQLdb'" in str(info.value)
+        assert "S3cretPw" not in str(info.value)
+
     def test_passwords_are_hidden_in_the_url_shown(self, empty_db):
         """A password given in the query (psycopg takes ``?password=``) is hidden as one in the user part is."""
         if not empty_db.startswith("postgresql"):

@@ -68,3 +68,33 @@ def test_migrations_are_found_from_a_source_checkout():
     module, location = done.stdout.split()
     assert Path(module).parent == ROOT / "celery_pii"
     assert Path(location) == ROOT / "migrations"
+
+
+def test_the_source_distribution_carries_the_license_docs_and_examples(tmp_path):
+    """The README (the package's long description) links to docs/ and examples/; the license is BSD-3-Clause."""
+    import tarfile
+
+    assert "BSD 3-Clause License" in (ROOT / "LICENSE").read_text()
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    with tarfile.open(tmp_path / built.stdout.strip().splitlines()[-1]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    for expected in (
+        "LICENSE",
+        "docs/security.md",
+        "examples/quickstart/demo.py",
+        "migrations/env.py",
+        "celery_pii/py.typed",
+    ):
+        assert expected in names, expected
