@@ -193,8 +193,7 @@ class PII:
         if sealed is not None:
             _hide_in_shadow(call, root, sealed.locations)
             root = display = sealed.root
-            if sealed.token is not None:
-                tokens.append(sealed.token)
+            tokens.extend(sealed.tokens)
             if sealed.detected or sealed.truncated:
                 display = self._report_detected(name, sealed)
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
@@ -220,7 +219,7 @@ class PII:
                 category,
                 field_path(binder, location),
             )
-        if sealed.truncated and not sealed.token:
+        if sealed.truncated and not sealed.tokens:
             logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)
         located = [loc for loc, _ in unsealed if loc[0] in ("args", "kwargs")]
         return replace_in_copies(sealed.root, located, REDACTED) if located else sealed.root

@@ -78,16 +78,23 @@ SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
 
 class Sealed(NamedTuple):
-    """A sealed message: copies of the root with markers, the envelope, what detection found."""
+    """A sealed message: copies of the root with markers, the envelopes, what detection found."""
 
     root: dict[str, Any]
+    #: The envelope of the values sealed under the message's own key (``None``: there are none).
     token: str | None
-    key_id: str | None
     locations: tuple[Location, ...]
     #: Undeclared PII found by ``pii_detect`` (sealed in "encrypt" mode, only reported in "warn").
     detected: tuple[tuple[Location, str], ...] = ()
     #: True when detection stopped at its caps (every argument was then sealed in "encrypt" mode).
     truncated: bool = False
+    #: Envelopes of embedded steps of other data subjects, one per subject's key.
+    step_tokens: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every envelope, the message's own first."""
+        return [*((self.token,) if self.token is not None else ()), *self.step_tokens]
 
 
 @dataclass(slots=True)
@@ -180,7 +187,9 @@ class Sealer:
         # A task this process does not know (``send_task`` by name): which of its
         # arguments are PII is unknown, so all of them are sealed, as for canvas steps.
         seal_all = seal_all or not registered
-        found, specs = self._fields(name, spec, root, seal_all=seal_all, keep_markers=keep_markers)
+        found, specs, subject_steps = self._fields(
+            name, spec, root, seal_all=seal_all, keep_markers=keep_markers
+        )
         mode = spec.detect if spec is not None else self.settings.detect
         detected: tuple[tuple[Location, str], ...] = ()
         truncated = False
@@ -190,7 +199,7 @@ class Sealer:
             if truncated and extra:  # whole arguments sealed: drop the declared places inside them
                 found = _outermost(found)
         if not found:
-            return Sealed(dict(root), None, None, (), detected, truncated) if detected or truncated else None
+            return Sealed(dict(root), None, (), detected, truncated) if detected or truncated else None
         locations = tuple(location for location, _ in found)
         try:
             sealed_root = replace_in_copies(root, locations, MARKER, sealing=True)
@@ -199,10 +208,86 @@ class Sealer:
         key_spec = self.key_spec(name, spec, root, specs, now=now)
         if derived_from is not None:
             key_spec = derived_key_spec(key_spec, derived_from)
+        own, apart = self._apart_by_subject(
+            root, found, subject_steps, own_key_id=key_spec.key_id, derived_from=derived_from, now=now
+        )
+        token = self._seal_group(name, task_id, root, key_spec, own) if own else None
+        step_tokens = tuple(self._seal_group(name, task_id, root, *group) for group in apart.values())
+        return Sealed(sealed_root, token, locations, detected, truncated, step_tokens)
+
+    def _seal_group(
+        self,
+        name: str,
+        task_id: str,
+        root: Mapping[str, Any],
+        key_spec: KeySpec,
+        found: list[tuple[Location, Any]],
+    ) -> str:
+        """One envelope: the values ``found`` under ``key_spec``'s key, bound to their places."""
         key = self.keys.encryption_key(key_spec)
-        bound = bound_name(name, root, locations)
-        token = self._seal_values(bound, task_id, key, [value for _, value in found], locations)
-        return Sealed(sealed_root, token, key.key_id, locations, detected, truncated)
+        locations = tuple(location for location, _ in found)
+        return self._seal_values(
+            bound_name(name, root, locations), task_id, key, [value for _, value in found], locations
+        )
+
+    def _apart_by_subject(  # noqa: PLR0913 - the message, its values and how its own key was chosen
+        self,
+        root: Mapping[str, Any],
+        found: list[tuple[Location, Any]],
+        subject_steps: Mapping[Location, TaskSpec],
+        *,
+        own_key_id: str,
+        derived_from: KeySpec | None,
+        now: datetime | None,
+    ) -> tuple[list[tuple[Location, Any]], dict[str, tuple[KeySpec, list[tuple[Location, Any]]]]]:
+        """The values sealed under the message's key, and those of embedded steps of other data subjects.
+
+        A chain step, link or chord body of a task with a ``pii_subject`` rides
+        in another task's message: under that message's key, forgetting the
+        step's subject left it readable (and its worker re-sealed it under a
+        new key of the erased subject).  Its arguments go in an envelope under
+        its own subject's key, so the message opens only while every subject
+        in it is still there.
+        """
+        own: list[tuple[Location, Any]] = []
+        apart: dict[str, tuple[KeySpec, list[tuple[Location, Any]]]] = {}
+        step_keys: dict[Location, KeySpec | None] = {}
+        for location, value in found:
+            step_path = location[:-2]
+            step_spec = subject_steps.get(step_path)
+            key_spec = None
+            if step_spec is not None:
+                if step_path not in step_keys:
+                    step_keys[step_path] = self._step_key(root, step_path, step_spec, derived_from, now)
+                key_spec = step_keys[step_path]
+            if key_spec is None or key_spec.key_id == own_key_id:
+                own.append((location, value))
+            else:
+                apart.setdefault(key_spec.key_id, (key_spec, []))[1].append((location, value))
+        return own, apart
+
+    def _step_key(
+        self,
+        root: Mapping[str, Any],
+        step_path: Location,
+        spec: TaskSpec,
+        derived_from: KeySpec | None,
+        now: datetime | None,
+    ) -> KeySpec | None:
+        """The key of an embedded step's own subject; ``None`` if its call does not hold the subject yet.
+
+        (A chain step may get it from its parent's result: published then, it
+        is sealed under its subject's key.)
+        """
+        step = get_at(root, step_path)
+        args, kwargs = step.get("args") or (), step.get("kwargs") or {}
+        subject = next(iter(spec.subject.locate(args, kwargs)), None) if spec.subject is not None else None
+        if subject is None or subject[1] is None or is_marker(subject[1]):
+            return None
+        key_spec = self.key_spec(
+            str(step.get("task")), spec, {"args": args, "kwargs": kwargs}, [spec], now=now
+        )
+        return derived_key_spec(key_spec, derived_from) if derived_from is not None else key_spec
 
     def _seal_declared(
         self, name: str, task_id: str, root: Mapping[str, Any], spec: TaskSpec, *, keep_markers: bool
@@ -231,7 +316,7 @@ class Sealer:
             sealed_root["args"] = sealed_args
         if sealed_kwargs is not kwargs:
             sealed_root["kwargs"] = sealed_kwargs
-        return Sealed(sealed_root, token, key.key_id, locations)
+        return Sealed(sealed_root, token, locations)
 
     def _seal_values(
         self, name: str, task_id: str, key: DataKey, values: list[Any], locations: tuple[Location, ...]
@@ -253,8 +338,12 @@ class Sealer:
 
     def _fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
-    ) -> tuple[list[tuple[Location, Any]], list[TaskSpec]]:
-        """Every value of a message to seal, and the specs whose retention applies to them."""
+    ) -> tuple[list[tuple[Location, Any]], list[TaskSpec], dict[Location, TaskSpec]]:
+        """Every value of a message to seal, the specs whose retention applies to them.
+
+        And the embedded steps of tasks with a ``pii_subject``, by where they
+        sit (their arguments are at ``step + ("args", i)`` or ``("kwargs", k)``).
+        """
         found = self._call_fields(name, spec, root, seal_all=seal_all, keep_markers=keep_markers)
         specs = [spec] if spec is not None else []
         nested: list[tuple[Location, Any, TaskSpec | None]] = []
@@ -264,11 +353,14 @@ class Sealer:
             embedded = root.get(part)
             if embedded is not None:
                 nested.extend(_embedded(embedded, (part,), self.lookup, every_step=seal_all))
+        subject_steps: dict[Location, TaskSpec] = {}
         for location, value, step_spec in nested:
             found.append((location, value))
             if step_spec is not None:  # the step's own retention applies to its values
                 specs.append(step_spec)
-        return found, specs
+                if step_spec.subject is not None and location[0] in _EMBED_PARTS:
+                    subject_steps[location[:-2]] = step_spec
+        return found, specs, subject_steps
 
     def _detect(
         self, name: str, mode: str, root: Mapping[str, Any], found: list[tuple[Location, Any]]

@@ -320,6 +320,62 @@ class TestKeyOutcomes:
         with _start(app, queues=[later]), pytest.raises(KeyDestroyed):
             result.get(timeout=20)
 
+    @staticmethod
+    def _canvas_with_a_subject_step(app, kind, subject):
+        """A message of t.echo (no subject) carrying a step of t.profile for ``subject``; its final result."""
+        from celery import chain, chord
+
+        step = app.tasks["t.profile"].si(subject, EMAIL)
+        first = app.tasks["t.echo"].si(CARD)
+        if kind == "chain":
+            return chain(first, step).delay()
+        if kind == "link":
+            first.link(step)
+            return first.delay()
+        return chord([first], step).delay()
+
+    @pytest.mark.parametrize("kind", ["chain", "link", "chord-body"])
+    def test_a_subjects_step_carried_in_another_message_is_erased_with_the_subject(self, app, kind):
+        """A chain step, link or chord body of Alice's rides in t.echo's message: forgetting her reaches it.
+
+        Its arguments were sealed under the carrying message's key: after
+        forget_subject they still opened, the step ran, and was sealed again
+        under a new version of Alice's key made after her erasure.
+        """
+        alice = f"alice-{uuid.uuid4()}"
+        self._canvas_with_a_subject_step(app, kind, alice)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        tokens = json.loads(base64.b64decode(message["body"])[2:])[2][EMBED_KEY]
+        pii = get_pii(app)
+        alice_key = pii.keys.subject_key_id(alice)[0]
+        assert [_envelope.parse(token).key_id for token in tokens] == ["default", alice_key]
+        assert pii.forget_subject(alice) == 1
+        with _start(app):
+            deadline = time.monotonic() + 20
+            while queued_messages(app.conf.task_default_queue) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1)
+        echo_id = message["headers"]["id"]
+        with pytest.raises(KeyDestroyed):
+            app.AsyncResult(echo_id).get(timeout=5)
+        versions = [(k.version, k.status) for k in pii.keys.list_keys() if k.key_id.startswith(alice_key)]
+        assert versions == [(1, "destroyed")]  # nothing sealed for her since
+
+    @pytest.mark.parametrize("kind", ["chain", "link", "chord-body"])
+    def test_a_subjects_step_carried_in_another_message_runs_while_the_subject_is_there(self, app, kind):
+        alice = f"alice-{uuid.uuid4()}"
+        result = self._canvas_with_a_subject_step(app, kind, alice)
+        with _start(app):
+            if kind == "link":
+                result.get(timeout=20)
+                deadline = time.monotonic() + 20
+                while not result.children and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    result = app.AsyncResult(result.id)
+                    result.get(timeout=5)
+                (result,) = result.children
+            assert result.get(timeout=20) == {"user_id": alice, "email": EMAIL}
+
     def test_derived_key_takes_the_source_subject_and_the_earlier_bucket(self):
         """The derived message's key: the source's subject, the earlier bucket; a plain source changes nothing."""
         own = KeySpec("orders@20270101T000000Z", expires_at=datetime(2027, 1, 1, tzinfo=timezone.utc))

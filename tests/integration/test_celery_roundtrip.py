@@ -139,7 +139,7 @@ class TestRoundTrip:
             assert direct is None
             return
         assert direct.root == general.root
-        assert (direct.locations, direct.key_id) == (general.locations, general.key_id)
+        assert (direct.locations, direct.step_tokens) == (general.locations, general.step_tokens)
         assert _envelope.parse(direct.token).header == _envelope.parse(general.token).header
         for sealed in (direct, general):
             opened = {**sealed.root, "args": list(sealed.root["args"]), "kwargs": dict(sealed.root["kwargs"])}
