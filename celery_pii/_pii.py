@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import _context, _envelope
 from ._config import Settings
 from ._context import RunningTask
-from ._detect import Finding, detect
+from ._detect import Finding, detect, shown_path
 from ._keys import KeyManager, KeySpec
 from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
 from ._quarantine import park
@@ -196,6 +196,9 @@ class PII:
             tokens.extend(sealed.tokens)
             if sealed.detected or sealed.truncated:
                 display = self._report_detected(name, sealed)
+        custom_headers = call.options.get("headers")
+        if custom_headers:
+            self._check_custom_headers(name, spec, custom_headers)
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
             maxsize = self.app.amqp.argsrepr_maxsize
             call.options["argsrepr"] = redacted_repr(tuple(display["args"]), maxsize)
@@ -223,6 +226,36 @@ class PII:
             logger.warning("celery-pii: task %s: payload too large to scan fully for PII", name)
         located = [loc for loc, _ in unsealed if loc[0] in ("args", "kwargs")]
         return replace_in_copies(sealed.root, located, REDACTED) if located else sealed.root
+
+    def _check_custom_headers(self, name: str, spec: TaskSpec | None, headers: Any) -> None:
+        """Report (``warn``) or refuse (``encrypt``, ``refuse``) PII that detection finds in custom headers.
+
+        ``apply_async(headers=...)`` travels as message headers, which are never
+        sealed: "encrypt" cannot seal them, so it refuses them as "refuse" does.
+        """
+        mode = spec.detect if spec is not None else self.settings.detect
+        if mode == "off" or not isinstance(headers, dict):
+            return
+        for header, value in headers.items():
+            categories = sorted({finding.category for finding in detect(value)})
+            if not categories:
+                continue
+            where = shown_path(("headers", header))
+            if mode == "warn":
+                self.detections[(name, categories[0])] += 1
+                logger.warning(
+                    "celery-pii: task %s: PII (%s) in custom header %s published in plaintext; "
+                    "headers are never sealed: pass it as an argument",
+                    name,
+                    ", ".join(categories),
+                    where,
+                )
+                continue
+            msg = (
+                f"task {name!r}: custom header {where} holds PII ({', '.join(categories)}); headers are "
+                f"never sealed: pass it as an argument (pii_detect={mode!r}); nothing published"
+            )
+            raise EncryptionFailed(msg)
 
     def detect(self, value: object) -> list[Finding]:
         """The PII in a JSON-like value, by field path and category (see docs/detection.md).

@@ -106,6 +106,29 @@ class TestModes:
         app.tasks["t.detect_refuse"].delay("a harmless note")
         assert len(queued_messages(app.conf.task_default_queue)) == 1
 
+    @pytest.mark.parametrize("task", ["t.detect_refuse", "t.detect_encrypt"])
+    def test_pii_in_a_custom_header_is_refused(self, app, task):
+        """``apply_async(headers=...)`` is never sealed: refuse (and encrypt, which cannot seal it) refuse it.
+
+        The same email in an argument was refused; in a custom header it went to the broker.
+        """
+        with pytest.raises(
+            EncryptionFailed, match=r"custom header headers\.x-customer holds PII \(email\)"
+        ) as info:
+            app.tasks[task].apply_async(("a harmless note",), headers={"x-customer": EMAIL, "x-trace": "t-1"})
+        assert_no_plaintext(str(info.value))
+        assert queued_messages(app.conf.task_default_queue) == []
+        app.tasks[task].apply_async(("a harmless note",), headers={"x-trace": "t-1"})
+        assert len(queued_messages(app.conf.task_default_queue)) == 1
+
+    def test_pii_in_a_custom_header_is_reported_in_warn_mode(self, app, caplog):
+        with caplog.at_level(logging.WARNING, logger="celery_pii"):
+            app.tasks["t.detect_warn"].apply_async(("a harmless note",), headers={"x-customer": EMAIL})
+        (line,) = [r.getMessage() for r in caplog.records if "custom header" in r.getMessage()]
+        assert "PII (email) in custom header headers.x-customer published in plaintext" in line
+        assert_no_plaintext(line)
+        assert get_pii(app).detections[("t.detect_warn", "email")] == 1
+
     def test_dict_keys_that_look_like_pii_are_not_printed(self, app, caplog):
         """The path of a finding under an email or card used as a dict key names neither.
 
