@@ -487,7 +487,7 @@ def _pool_child_ending(**_: Any) -> None:
 
 
 @signals.task_postrun.connect(weak=False)
-def _task_finished(task: Any = None, state: str | None = None, **_: Any) -> None:
+def _task_finished(task: Any = None, state: str | None = None, retval: Any = None, **_: Any) -> None:
     # Sent whatever the outcome (Retry, Ignore and Reject included), while the
     # task's request is still the current one.
     if task is not None:
@@ -495,4 +495,4 @@ def _task_finished(task: Any = None, state: str | None = None, **_: Any) -> None
         try:
             _context.hide_opened(request, rejected=state == states.REJECTED)
         finally:  # the task's context must end whatever happens
-            _context.leave(request)
+            _context.leave(request, retval if state == states.SUCCESS else None)

@@ -296,6 +296,43 @@ backend_row: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 #: message's embed can set.
 applying: contextvars.ContextVar[bool] = contextvars.ContextVar("celery_pii_applying", default=False)
 
+#: What PII tasks run eagerly outside any task returned (newest last), with the
+#: context each ran in.  Celery's ``chain.apply()`` (and a chord's, a group's
+#: before a task) gives one to the next step's ``apply()`` itself, after the
+#: PII task's context has ended: the step must run as derived from it.
+_eager_outputs: contextvars.ContextVar[tuple[tuple[Any, RunningTask], ...]] = contextvars.ContextVar(
+    "celery_pii_eager_outputs", default=()
+)
+_EAGER_OUTPUTS_KEPT: Final = 8
+
+
+def eager_source(args: Any, kwargs: Any) -> RunningTask | None:
+    """The context of an eager PII run whose return value this eager call is given (a chain's next step).
+
+    Found by identity, in an argument or one level inside one (a chord body
+    gets the list of its header's results).  Its values are added to those of
+    every other such run found, for scrubbing.
+    """
+    outputs = _eager_outputs.get()
+    if not outputs:
+        return None
+    given = [*(args or ()), *((kwargs or {}).values() if isinstance(kwargs, dict) else ())]
+    given += [item for value in given if isinstance(value, (list, tuple)) for item in value]
+    found = [run for output, run in outputs if any(value is output for value in given)]
+    if not found:
+        return None
+    first = found[0]
+    if len(found) > 1:
+        first.values = [value for run in found for value in run.values]
+        first._scrubber = None  # noqa: SLF001 - this module's own class
+    return first
+
+
+def _remember_eager_output(retval: Any, current: RunningTask) -> None:
+    if retval is None or isinstance(retval, (bool, int, float)):
+        return  # small values are shared objects: identity would find them anywhere
+    _eager_outputs.set((*_eager_outputs.get()[-(_EAGER_OUTPUTS_KEPT - 1) :], (retval, current)))
+
 
 def first_opening(request: Any) -> bool:
     """True the first time the opening step sees this run (a subclass of a registered task calls it twice)."""
@@ -379,14 +416,20 @@ def _mark_argument(root: dict[str, Any], location: Location) -> bool:
     return True
 
 
-def leave(request: Any) -> None:
-    """A task ends: the context it ran inside (or none) is the running one again."""
+def leave(request: Any, retval: Any = None) -> None:
+    """A task ends: the context it ran inside (or none) is the running one again.
+
+    ``retval``: what it returned, remembered when it ran eagerly outside any
+    task with PII (see :func:`eager_source`).
+    """
     global _elsewhere  # noqa: PLW0603 - see scrubber_elsewhere
     current = running.get()
     ending = current is not None and current._request is request  # noqa: SLF001
     if ending and _with_values.pop(id(current), None) is not None:
         _elsewhere = None  # it held this task's values: not kept past the task
     state = _runs.get(request)
+    if ending and applying.get() and state is not None and state.outer is None and current is not None:
+        _remember_eager_output(retval, current)
     if state is not None and state.outer is not _NOT_ENTERED:
         running.set(state.outer)
         # Ended: a sealed result read after this (a task_postrun handler connected after

@@ -274,6 +274,9 @@ class PII:
             return
         task_id = str(task_id)  # kombu's JSON envelope reads an id sent as a UUID back as one
         outer = _context.enter(request)
+        if outer is None and _context.applying.get():
+            # A chain's next step run eagerly (chain.apply()), given a PII task's return value.
+            outer = _context.eager_source(args, kwargs)
         name = task.name
         spec = self.specs.get(name)
         tokens = getattr(request, EMBED_KEY, None)

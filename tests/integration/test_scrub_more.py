@@ -265,3 +265,32 @@ def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager
     lines = written.getvalue()
     assert "on_success args=" in lines and "on_failure args=" in lines
     assert_no_plaintext(lines)
+
+
+@pytest.mark.parametrize("kind", ["chain", "chord", "group-then-task"])
+def test_a_step_run_eagerly_after_a_pii_task_keeps_its_output_sealed(app, kind, caplog):
+    """``chain.apply()`` gives a PII task's return value to the next step outside the PII task's context.
+
+    With ``task_store_eager_result`` that step's result (the card) was stored
+    in plaintext, and Celery's success line logged it.
+    """
+    from celery import chord, group
+
+    app.conf.task_always_eager = True
+    app.conf.task_store_eager_result = True
+    echo, gather = app.tasks["t.echo"], app.tasks["t.gather"]
+    with caplog.at_level(logging.INFO):
+        if kind == "chain":
+            result = (echo.s(CARD) | app.tasks["t.plain"].s()).delay()
+            assert result.get()["value"] == CARD
+        elif kind == "chord":
+            result = chord([echo.s(CARD), echo.s(EMAIL)], gather.s()).delay()
+            assert [part["value"] for part in result.get()["results"]] == [CARD, EMAIL]
+        else:
+            result = (group(echo.s(CARD), echo.s(EMAIL)) | gather.s()).delay()
+            assert [part["value"] for part in result.get()["results"]] == [CARD, EMAIL]
+    stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}")
+    assert stored is not None
+    assert_no_plaintext(stored)
+    assert_no_plaintext(caplog.text)
+    assert f"[{result.id}] succeeded" in caplog.text
