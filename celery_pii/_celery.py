@@ -36,7 +36,7 @@ from kombu.exceptions import DecodeError
 from . import _context
 from ._config import Settings, settings_from_conf
 from ._keys import KeyManager, flush_all_usage
-from ._logfilter import filter_celery_loggers, filter_every_handler
+from ._logfilter import filter_celery_loggers
 from ._paths import replace_in_copies
 from ._pii import PII
 from ._quarantine import make_quarantine_step
@@ -475,8 +475,8 @@ def _end_contexts_last() -> None:
 @signals.celeryd_after_setup.connect(weak=False)
 @signals.worker_process_init.connect(weak=False)
 def _worker_ready_to_run(**_: Any) -> None:
-    # A worker's logging is set up and its tasks (with their modules' receivers) are imported.
-    filter_every_handler()
+    # A worker's tasks (with their modules' receivers) are imported (its logging is set up:
+    # _logfilter filters every handler then).
     _end_contexts_last()
 
 

@@ -19,7 +19,7 @@ from celery import signals
 from . import _context
 from ._redact import RedactingFilter
 
-__all__ = ["filter_celery_loggers", "filter_every_handler"]
+__all__ = ["filter_celery_loggers", "filter_every_handler_outside_workers"]
 
 # Celery loggers whose records can carry task arguments or outcomes.
 _CELERY_LOGGERS: Final = (
@@ -61,3 +61,25 @@ def filter_every_handler() -> None:
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
             _filter_handlers(logger)
+
+
+def filter_every_handler_outside_workers() -> None:
+    """:func:`filter_every_handler` before an eager run, unless a worker runs in this process.
+
+    A worker did it when it started, once its logging was set up.  Elsewhere
+    (a web process, a script) logging may change at any time, and a walk
+    costs about 0.1 ms per thousand loggers.
+    """
+    if not _in_a_worker:
+        filter_every_handler()
+
+
+@signals.celeryd_after_setup.connect(weak=False)
+@signals.worker_process_init.connect(weak=False)
+def _worker_started(**_: Any) -> None:
+    global _in_a_worker  # noqa: PLW0603 - one flag for the process
+    _in_a_worker = True
+    filter_every_handler()
+
+
+_in_a_worker = False

@@ -36,6 +36,7 @@ from ._sealer import (
     Sealer,
     derived_key_spec,
     field_path,
+    hide_in_step_shadows,
     is_marker,
     withheld_outcome,
 )
@@ -191,8 +192,7 @@ class PII:
         _, spec = self._lookup(name)
         display = root
         if sealed is not None:
-            _hide_in_shadow(call, root, sealed.locations)
-            root = display = sealed.root
+            root = display = _hide_in_shadows(call, root, sealed)
             tokens.extend(sealed.tokens)
             if sealed.detected or sealed.truncated:
                 display = self._report_detected(name, sealed)
@@ -288,7 +288,7 @@ class PII:
             opened = self._open_message(task, task_id, _message_root(request, args, kwargs), tokens)
             # Kept to put the markers back when the task ends: Celery may use the request's
             # arguments after it (result_extended, the errbacks of Reject on solo and threads).
-            values, message_keys, opened_at = opened.values, opened.keys, opened.locations
+            values, message_keys, opened_at = opened.values, opened.own_keys, opened.locations
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
             values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
@@ -598,16 +598,28 @@ class _Call:
         return {**self.options, **root}
 
 
-def _hide_in_shadow(call: _Call, root: dict[str, Any], sealed_at: Sequence[Location]) -> None:
-    """Hide the sealed values in the call's ``shadow`` name (a header, and the name in logs and events).
+def _hide_in_shadows(call: _Call, root: dict[str, Any], sealed: Sealed) -> dict[str, Any]:
+    """The sealed root, with the sealed values hidden in shadow names: the call's and its steps'.
 
     ``Task.shadow_name`` is given the call's arguments as they are, before
-    anything is sealed, and the name it makes (or one the caller gives)
-    travels in plaintext.
+    anything is sealed, and the name it makes (or one the caller gives, to
+    the call or to a step it carries) travels in plaintext: in a header, and
+    as the task's name in logs, events and ``inspect``.
     """
+    if not sealed.locations:
+        return sealed.root
+    scrubber: Scrubber | None = None
+
+    def scrubbing() -> Scrubber:
+        nonlocal scrubber
+        if scrubber is None:
+            scrubber = Scrubber(get_at(root, location) for location in sealed.locations)
+        return scrubber
+
     shadow = call.options.get("shadow")
-    if isinstance(shadow, str) and shadow and sealed_at:
-        call.options["shadow"] = Scrubber(get_at(root, location) for location in sealed_at).text(shadow)
+    if isinstance(shadow, str) and shadow:
+        call.options["shadow"] = scrubbing().text(shadow)
+    return hide_in_step_shadows(sealed.root, scrubbing)
 
 
 # Task ids whose put-off attempts a process remembers (then it forgets them all).

@@ -331,12 +331,13 @@ def _forms(value: Any) -> Iterator[str]:
         yield inside
         yield repr(inside)[1:-1]  # escaped twice: the repr of a message holding a repr
         yield json.dumps(value)[1:-1]
-        # In a URL (an HTTP client's error names the URL it called: ?email=ann%40example.com).
-        yield quote(value, safe="")
-        yield quote(value)
-        yield quote_plus(value)
-        if not value.isascii():  # as UTF-8 bytes (a UnicodeDecodeError shows them)
-            yield repr(value.encode("utf-8", "surrogatepass"))[2:-1]
+        if len(value) >= MIN_SCRUB_LENGTH:  # encoded, a short value would look long enough
+            # In a URL (an HTTP client's error names the URL it called: ?email=ann%40example.com).
+            yield quote(value, safe="")
+            yield quote(value)
+            yield quote_plus(value)
+            if not value.isascii():  # as UTF-8 bytes (a UnicodeDecodeError shows them)
+                yield repr(value.encode("utf-8", "surrogatepass"))[2:-1]
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
         yield repr(data)[2:-1]
@@ -434,8 +435,19 @@ def _scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
         record.msg, record.args = scrubbed, None
     for name, extra in list(vars(record).items()):
         if name not in _RECORD_ATTRIBUTES:
-            setattr(record, name, scrubber.value(extra))
+            setattr(record, name, _scrubbed_extra(extra, scrubber))
     _scrub_traceback(record, scrubber)
+
+
+def _scrubbed_extra(value: Any, scrubber: Scrubber) -> Any:
+    """An ``extra=`` attribute, scrubbed; a number only when it is a value itself.
+
+    A handler may format it as a number (``%(attempt)d``): one whose digits
+    merely hold a short value (``51234`` holding a PIN ``1234``) keeps its type.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return REDACTED if scrubber.text(str(value)) == REDACTED else value
+    return scrubber.value(value)
 
 
 _TRACEBACK_FORMATTER: Final = logging.Formatter()

@@ -36,6 +36,7 @@ from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
 from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
 from ._paths import AmbiguousKey, Binder, Location, MarkedValue, get_at, replace_in_copies, set_all_in_place
+from ._redact import Scrubber
 from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed
@@ -106,6 +107,9 @@ class Opened:
     keys: list[tuple[str, int]] = field(default_factory=list)
     #: Where the values were put, in their order.
     locations: Sequence[Location] = ()
+    #: The keys of the envelopes holding the task's own arguments (not only those of steps it
+    #: carries, such as a subject's chain step under its own key): what its outcome derives from.
+    own_keys: list[tuple[str, int]] = field(default_factory=list)
 
 
 class OpenedResult(NamedTuple):
@@ -276,13 +280,19 @@ class Sealer:
     ) -> KeySpec | None:
         """The key of an embedded step's own subject; ``None`` if its call does not hold the subject yet.
 
-        (A chain step may get it from its parent's result: published then, it
-        is sealed under its subject's key.)
+        Unless the step is immutable, Celery puts what it is given first (its
+        parent's result, a chord's header results, an errback's request): the
+        subject is bound as the step will be called.  A subject given that
+        way, or not a string or integer (the step is refused when it is
+        published on its own), leaves the step sealed with the message; its
+        worker seals it under its subject's key when it publishes it.
         """
         step = get_at(root, step_path)
         args, kwargs = step.get("args") or (), step.get("kwargs") or {}
+        if not step.get("immutable"):
+            args = (_GIVEN_LATER, *args)
         subject = next(iter(spec.subject.locate(args, kwargs)), None) if spec.subject is not None else None
-        if subject is None or subject[1] is None or is_marker(subject[1]):
+        if subject is None or not is_subject_id(subject[1]):
             return None
         key_spec = self.key_spec(
             str(step.get("task")), spec, {"args": args, "kwargs": kwargs}, [spec], now=now
@@ -346,20 +356,28 @@ class Sealer:
         """
         found = self._call_fields(name, spec, root, seal_all=seal_all, keep_markers=keep_markers)
         specs = [spec] if spec is not None else []
-        nested: list[tuple[Location, Any, TaskSpec | None]] = []
+        items: list[tuple[Location, Any, TaskSpec | None]] = []
         if name in _ITEM_TASKS and not seal_all:
-            nested.extend(_items_of(root, self.lookup))
+            items.extend(_items_of(root, self.lookup))
+        steps: list[tuple[Location, Any, TaskSpec | None]] = []
         for part in EMBED_PARTS:
             embedded = root.get(part)
             if embedded is not None:
-                nested.extend(_embedded(embedded, (part,), self.lookup, every_step=seal_all))
-        subject_steps: dict[Location, TaskSpec] = {}
-        for location, value, step_spec in nested:
+                steps.extend(_embedded(embedded, (part,), self.lookup, every_step=seal_all))
+        args: Sequence[Any] = root.get("args") or ()
+        if name == _CHORD_UNLOCK and len(args) > 1 and not seal_all:
+            # chord_unlock carries the chord body as its second argument
+            # (with ``seal_all`` it is already sealed whole, with the other arguments).
+            steps.extend(_embedded(args[1], ("args", 1), self.lookup))
+        for location, value, step_spec in [*items, *steps]:
             found.append((location, value))
             if step_spec is not None:  # the step's own retention applies to its values
                 specs.append(step_spec)
-                if step_spec.subject is not None and location[0] in _EMBED_PARTS:
-                    subject_steps[location[:-2]] = step_spec
+        subject_steps = {
+            location[:-2]: step_spec
+            for location, _, step_spec in steps
+            if step_spec is not None and step_spec.subject is not None
+        }
         return found, specs, subject_steps
 
     def _detect(
@@ -417,11 +435,6 @@ class Sealer:
             if len(found) != len(located) and not keep_markers:
                 marked = next(location for location, value in located if is_marker(value))
                 raise _holds_marker(name, spec.binder.display(marked))
-        if name == _CHORD_UNLOCK and len(args) > 1 and not seal_all:
-            # chord_unlock carries the chord body as its second argument
-            # (with ``seal_all`` it is already sealed whole, with the other arguments).
-            steps = _embedded(args[1], ("args", 1), self.lookup)
-            found.extend((location, value) for location, value, _ in steps)
         return found
 
     def key_spec(
@@ -486,12 +499,13 @@ class Sealer:
             opened.append(_envelope.open_task(token, task_id=task_id, task_name=task_name, key_for=key_for))  # noqa: PERF401
         if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
             key, locations, values = opened[0]
-            result = Opened(values, [key], locations)
+            result = Opened(values, [key], locations, [key] if _holds_own_arguments(locations) else [])
         else:
             result = Opened(
                 [value for _, _, values in opened for value in values],
                 [key for key, _, _ in opened],
                 [location for _, locations, _ in opened for location in locations],
+                [key for key, locations, _ in opened if _holds_own_arguments(locations)],
             )
             # Two envelopes for one place: never a message celery-pii published
             # (an attacker's pick of envelopes bound to this task id: a retry's and its original's).
@@ -685,6 +699,14 @@ def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]
     return name + "\x00" + json.dumps(steps)
 
 
+def _holds_own_arguments(locations: Sequence[Location]) -> bool:
+    """True if an envelope holds one of the task's own arguments (not only a carried step's)."""
+    return any(location[0] in _OWN_PARTS for location in locations)
+
+
+_OWN_PARTS: Final = frozenset(("args", "kwargs"))
+
+
 def _bound_name_or_refuse(name: str, root: Mapping[str, Any], locations: Sequence[Location]) -> str:
     try:
         return bound_name(name, root, locations)
@@ -840,6 +862,63 @@ def _embedded(
             linked = options.get(option)
             yield from _embedded(linked, (*path, "options", option), lookup, every_step=every_step)
 
+
+def hide_in_step_shadows(root: dict[str, Any], scrubbing: Callable[[], Scrubber]) -> dict[str, Any]:
+    """``root`` with the sealed values hidden in its embedded steps' ``shadow`` names (copies where changed).
+
+    A step's shadow (``sig.set(shadow=...)``) travels in plaintext in the
+    message that carries the step, and names the step in logs and events once
+    it runs.  ``scrubbing`` builds the scrubber of the sealed values (only if
+    a shadow is found).
+    """
+    changed = {}
+    for part in EMBED_PARTS:
+        embedded = root.get(part)
+        if embedded is not None:
+            hidden = _step_shadows_hidden(embedded, scrubbing)
+            if hidden is not embedded:
+                changed[part] = hidden
+    return {**root, **changed} if changed else root
+
+
+def _step_shadows_hidden(value: Any, scrubbing: Callable[[], Scrubber]) -> Any:
+    if isinstance(value, (list, tuple)):
+        items = [_step_shadows_hidden(item, scrubbing) for item in value]
+        return items if any(new is not old for new, old in zip(items, value, strict=True)) else value
+    if not isinstance(value, dict) or "task" not in value:
+        return value
+    changed: dict[str, Any] = {}
+    options = value.get("options")
+    if isinstance(options, dict):
+        new_options = _steps_hidden_in(options, ("link", "link_error"), scrubbing)
+        shadow = options.get("shadow")
+        if isinstance(shadow, str) and shadow and (hidden := scrubbing().text(shadow)) is not shadow:
+            new_options = {**new_options, "shadow": hidden}
+        if new_options is not options:
+            changed["options"] = new_options
+    kwargs = value.get("kwargs")
+    kind = value.get("subtask_type")
+    if kind in _CONTAINERS and isinstance(kwargs, dict):
+        new_kwargs = _steps_hidden_in(kwargs, _CONTAINERS[kind], scrubbing)
+        if new_kwargs is not kwargs:
+            changed["kwargs"] = new_kwargs
+    return {**value, **changed} if changed else value
+
+
+def _steps_hidden_in(
+    container: dict[str, Any], parts: Sequence[str], scrubbing: Callable[[], Scrubber]
+) -> dict[str, Any]:
+    """``container`` with the steps at ``parts`` given hidden shadows (a copy if any changed)."""
+    changed = {}
+    for part in parts:
+        steps = container.get(part)
+        if steps is not None and (hidden := _step_shadows_hidden(steps, scrubbing)) is not steps:
+            changed[part] = hidden
+    return {**container, **changed} if changed else container
+
+
+#: Stands for what Celery puts first in a mutable step's arguments when it calls it.
+_GIVEN_LATER: Final = object()
 
 # Canvas containers and where their steps sit inside their kwargs.
 _CONTAINERS: Final = {"group": ("tasks",), "chain": ("tasks",), "chord": ("header", "body")}

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from celery.app.task import Task
 
 from . import _context
-from ._logfilter import filter_every_handler
+from ._logfilter import filter_every_handler_outside_workers
 from ._redact import forget_locals
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def _mark_eager_runs(cls: type[Any]) -> None:
 
     @functools.wraps(original)
     def apply(self: Task, *args: Any, **kwargs: Any) -> Any:
-        filter_every_handler()
+        filter_every_handler_outside_workers()
         token = _context.applying.set(True)
         try:
             return original(self, *args, **kwargs)

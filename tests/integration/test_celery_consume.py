@@ -376,6 +376,60 @@ class TestKeyOutcomes:
                 (result,) = result.children
             assert result.get(timeout=20) == {"user_id": alice, "email": EMAIL}
 
+    @pytest.mark.parametrize("step", ["by-keyword", "given-by-the-parent", "positional-shifted"])
+    def test_a_subject_step_whose_subject_comes_later_is_sealed_with_the_message(self, app, step):
+        """A mutable chain step gets its parent's result first: its subject is bound as it will be called.
+
+        Bound to its own arguments, ``t.profile.s("welcome-template")`` keyed the
+        step by a made-up subject, and a parent result bound there (a dict)
+        refused the whole chain.
+        """
+        from celery import chain
+
+        alice = f"alice-{uuid.uuid4()}"
+        profile = app.tasks["t.profile"]
+        steps = {
+            "by-keyword": profile.s(user_id=alice),  # the parent's result becomes the email
+            "given-by-the-parent": profile.s(email=EMAIL),  # the parent's result is the subject
+            "positional-shifted": profile.s("welcome-template"),  # ... and this one the email
+        }
+        chain(app.tasks["t.echo"].si(CARD), steps[step]).delay()
+        (message,) = queued_messages(app.conf.task_default_queue)
+        tokens = json.loads(base64.b64decode(message["body"])[2:])[2][EMBED_KEY]
+        pii = get_pii(app)
+        expected = ["default", pii.keys.subject_key_id(alice)[0]] if step == "by-keyword" else ["default"]
+        assert [_envelope.parse(token).key_id for token in tokens] == expected
+
+    def test_a_task_carrying_a_subjects_step_keeps_its_own_result_readable(self, app):
+        """Its own outcome derives from its own arguments: only the step is erased with its subject."""
+        alice = f"alice-{uuid.uuid4()}"
+        carrier = app.tasks["t.plain"].si(123)
+        carrier.link(app.tasks["t.profile"].si(alice, EMAIL))
+        result = carrier.delay()
+        with _start(app):
+            assert result.get(timeout=20) == 123
+        assert get_pii(app).forget_subject(alice) == 1
+        assert app.AsyncResult(result.id).get(timeout=5) == 123
+
+    def test_a_chord_body_carried_by_chord_unlock_is_sealed_under_its_subjects_key(
+        self, make_app, key_store_url
+    ):
+        """On the database backend celery.chord_unlock carries the body: under the body's subject's key."""
+        from celery import chord
+
+        app = make_app(backend="db+" + key_store_url)
+        alice = f"alice-{uuid.uuid4()}"
+        chord([app.tasks["t.echo"].si(CARD)], app.tasks["t.profile"].si(alice, EMAIL)).delay()
+        (unlock,) = [
+            m
+            for m in queued_messages(app.conf.task_default_queue)
+            if m["headers"]["task"] == "celery.chord_unlock"
+        ]
+        tokens = json.loads(base64.b64decode(unlock["body"])[2:])[2][EMBED_KEY]
+        assert [_envelope.parse(token).key_id for token in tokens] == [
+            get_pii(app).keys.subject_key_id(alice)[0]
+        ]
+
     def test_derived_key_takes_the_source_subject_and_the_earlier_bucket(self):
         """The derived message's key: the source's subject, the earlier bucket; a plain source changes nothing."""
         own = KeySpec("orders@20270101T000000Z", expires_at=datetime(2027, 1, 1, tzinfo=timezone.utc))

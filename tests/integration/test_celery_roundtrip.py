@@ -282,6 +282,24 @@ class TestWire:
         assert MARKER in sent["args"]
         assert_no_plaintext(repr(sent))
 
+    @pytest.mark.parametrize("whose", ["the-message's", "the-step's"])
+    def test_a_carried_steps_shadow_hides_the_sealed_values(self, app, whose):
+        """``sig.set(shadow=...)`` on a chain step travels in the carrying message's body."""
+        from celery_pii._redact import REDACTED
+
+        if whose == "the-step's":
+            step = app.tasks["t.echo"].si(EMAIL).set(shadow=f"notify {EMAIL}")
+            shown = f"notify {REDACTED}"
+        else:
+            step = app.tasks["t.plain"].si("x").set(shadow=f"refund {CARD}")
+            shown = f"refund {REDACTED}"
+        chain(app.tasks["t.echo"].si(CARD), step).delay()
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        (carried,) = json.loads(base64.b64decode(message["body"])[2:])[2]["chain"]
+        assert carried["options"]["shadow"] == shown
+        assert step.options["shadow"] != shown  # the caller's signature is left as it was
+
     def test_celery_settings_changed_after_setup_pii_apply(self, app):
         """Celery reads its publishing settings when it first publishes: setup_pii must not read them early.
 

@@ -120,6 +120,18 @@ class TestMigrations:
         finally:
             manager.store.dispose()
 
+    def test_offline_sql_for_mysql_is_written(self):
+        """``alembic upgrade --sql`` writes the SQL without a database: the revisions ask it nothing then."""
+        import io
+
+        written = io.StringIO()
+        config = alembic_config("mysql+pymysql://root@127.0.0.1:1/nowhere")
+        config.output_buffer = written
+        command.upgrade(config, "head", sql=True)
+        sql = written.getvalue()
+        assert "CREATE TABLE celery_pii_keys" in sql
+        assert "CREATE INDEX ix_celery_pii_keys_retired_at" in sql
+
     @pytest.mark.parametrize("connections", [0, 2], ids=["by-url", "some-on-a-connection"])
     def test_processes_migrating_at_once(self, empty_db, testapp_module, connections):
         """Workers and beat starting together on a fresh store each run migrate(): all of them succeed.

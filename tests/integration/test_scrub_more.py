@@ -225,13 +225,17 @@ def test_an_eager_pii_task_that_retries_succeeds_with_its_value(make_app):
 
 
 @pytest.mark.parametrize("always_eager", [False, True], ids=["apply", "task_always_eager"])
-def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager):
+def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager, monkeypatch):
     """``task.apply()`` in a web process or a script, or any call in an eager app: hooks see the values.
 
     What they logged reached the host's handlers unfiltered (only Celery's
     loggers had the filter outside a worker).
     """
     import io
+
+    from celery_pii import _logfilter
+
+    monkeypatch.setattr(_logfilter, "_in_a_worker", False)  # this test process ran in-process workers
 
     audit = logging.getLogger("tests.hooks_audit")
     audit.setLevel(logging.INFO)

@@ -72,6 +72,24 @@ def test_attributes_given_with_extra_are_scrubbed():
     assert (record.msg, record.levelname, record.name) == ("charged", "INFO", "tests.structured")
 
 
+def test_a_number_given_with_extra_stays_a_number_unless_it_is_a_value():
+    """A handler may format it with ``%(attempt)d``: 51234 holding a PIN 1234 is not the PIN."""
+    running = Running(["1234", 4111111111111111])
+    record = logging.getLogger("tests.structured").makeRecord(
+        "tests.structured",
+        logging.INFO,
+        __file__,
+        1,
+        "x",
+        (),
+        None,
+        extra={"attempt": 51234, "card": 4111111111111111},
+    )
+    RedactingFilter(lambda: running).filter(record)
+    assert record.attempt == 51234
+    assert record.card == REDACTED
+
+
 def test_success_format_showing_the_arguments_is_scrubbed():
     running = Running([CARD, EMAIL])
     record = _success("None", msg=LOG_SUCCESS + " %(kwargs)s")
@@ -281,6 +299,13 @@ def test_values_in_a_url_or_as_utf8_bytes_are_scrubbed():
         scrubber.text("https://crm.example.com/api/users?page=2")
         == "https://crm.example.com/api/users?page=2"
     )
+
+
+def test_a_short_value_is_not_searched_for_in_its_longer_encoded_forms():
+    """ "é" percent-encoded is six characters: searched for, it hid every URL holding it."""
+    scrubber = Scrubber(["é", "Zoë Example"])
+    assert scrubber.text("https://example.com/caf%C3%A9") == "https://example.com/caf%C3%A9"
+    assert REDACTED in scrubber.text("name=Zo%C3%AB%20Example")
 
 
 def test_non_string_values_are_scrubbed_in_their_text_forms():
