@@ -38,6 +38,8 @@ from ._sealer import (
     field_path,
     hide_in_step_shadows,
     is_marker,
+    step_holds_marker,
+    steps_hold_markers,
     withheld_outcome,
 )
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
@@ -341,7 +343,7 @@ class PII:
     def _open_message(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         """Open the message's envelopes into ``root``; a marker left after that is never run on."""
         opened = self._open_or_handle(task, task_id, root, tokens)
-        if _holds_markers(root):
+        if _holds_markers(root) or steps_hold_markers(root):
             # A marker no envelope opened (an errback a worker's main process sent with
             # the markers it never opened, beside a value sealed afresh).  Sealed again
             # as it came, then parked.
@@ -401,6 +403,7 @@ class PII:
             # Filed under the message's own key (the reason names the destroyed one, which
             # is that key but for a canvas step's), so its audit trail shows the refusal.
             self._audit_quietly("decrypt_denied", name, task_id, reason=str(error), key_ids=_key_ids(tokens))
+            _drop_errbacks_on_markers(task)
             raise
         except (DecryptionFailed, KeyNotFound):
             self._refuse_unopenable(task, task_id, root, tokens)
@@ -410,6 +413,7 @@ class PII:
 
     def _refuse_unopenable(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> NoReturn:
         """The task does not run: its message is parked, or, if the broker does not take it, kept."""
+        _drop_errbacks_on_markers(task)
         if not self._quarantine(task, task_id, root, tokens):
             # Not parked: publish it again rather than drop it; parking is tried again then.
             raise self._retry_unopened(task, task_id, tokens, self._retry_countdown(task_id)) from None
@@ -596,6 +600,29 @@ class _Call:
 
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
+
+
+def _drop_errbacks_on_markers(task: Task) -> None:
+    """A message that does not open fails its task: its errbacks holding markers are not called.
+
+    Celery calls errbacks that take ``(request, exc, traceback)`` in this
+    process, with the arguments as the message has them: sealed values whose
+    key is destroyed (an erased subject's errback), or whose envelope is gone.
+    """
+    request = task.request
+    errbacks = getattr(request, "errbacks", None)
+    if not errbacks:
+        return
+    kept = [errback for errback in errbacks if not step_holds_marker(errback)]
+    for errback in errbacks:
+        if not any(errback is other for other in kept):
+            logger.warning(
+                "celery-pii: task %s[%s]: errback %r not called: its arguments could not be opened",
+                task.name,
+                request.id,
+                errback.get("task") if isinstance(errback, dict) else "?",
+            )
+    request.errbacks = kept
 
 
 def _hide_in_shadows(call: _Call, root: dict[str, Any], sealed: Sealed) -> dict[str, Any]:

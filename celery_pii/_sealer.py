@@ -281,8 +281,9 @@ class Sealer:
         """The key of an embedded step's own subject; ``None`` if its call does not hold the subject yet.
 
         Unless the step is immutable, Celery puts what it is given first (its
-        parent's result, a chord's header results, an errback's request): the
-        subject is bound as the step will be called.  A subject given that
+        parent's result, a chord's header results): the subject is bound as the
+        step will be called (an errback's, given by keyword only: it gets one
+        argument or three, as its function takes them).  A subject given that
         way, or not a string or integer (the step is refused when it is
         published on its own), leaves the step sealed with the message; its
         worker seals it under its subject's key when it publishes it.
@@ -290,7 +291,10 @@ class Sealer:
         step = get_at(root, step_path)
         args, kwargs = step.get("args") or (), step.get("kwargs") or {}
         if not step.get("immutable"):
-            args = (_GIVEN_LATER, *args)
+            # An errback is given the failed task's id, or (request, exc, traceback), as its
+            # function takes them: its subject is taken by keyword only.
+            is_errback = step_path[0] == "errbacks" or "link_error" in step_path
+            args = () if is_errback else (_GIVEN_LATER, *args)
         subject = next(iter(spec.subject.locate(args, kwargs)), None) if spec.subject is not None else None
         if subject is None or not is_subject_id(subject[1]):
             return None
@@ -786,6 +790,32 @@ _WITHHELD_KEY: Final = "__celery_pii_withheld__"
 
 def _is_meta(obj: object) -> bool:
     return isinstance(obj, dict) and "status" in obj and "task_id" in obj
+
+
+def steps_hold_markers(root: Mapping[str, Any]) -> bool:
+    """True if an embedded step's argument is the marker (after opening: a value whose envelope is gone)."""
+    return _has_canvas(root) and any(step_holds_marker(root.get(part)) for part in EMBED_PARTS)
+
+
+def step_holds_marker(value: Any) -> bool:
+    """True if a step (or a list of them, or one nested in it) has the marker as an argument."""
+    if isinstance(value, (list, tuple)):
+        return any(step_holds_marker(item) for item in value)
+    if not isinstance(value, Mapping) or "task" not in value:
+        return False
+    args, kwargs, kind = value.get("args"), value.get("kwargs"), value.get("subtask_type")
+    if isinstance(args, (list, tuple)) and MARKER in args:
+        return True
+    if isinstance(kwargs, Mapping):
+        if MARKER in kwargs.values():
+            return True
+        parts = _CONTAINERS.get(kind, ()) if isinstance(kind, str) else ()
+        if any(step_holds_marker(kwargs.get(part)) for part in parts):
+            return True
+    options = value.get("options")
+    return isinstance(options, Mapping) and any(
+        step_holds_marker(options.get(option)) for option in ("link", "link_error")
+    )
 
 
 def _has_canvas(root: Mapping[str, Any]) -> bool:

@@ -361,6 +361,40 @@ class TestKeyOutcomes:
         versions = [(k.version, k.status) for k in pii.keys.list_keys() if k.key_id.startswith(alice_key)]
         assert versions == [(1, "destroyed")]  # nothing sealed for her since
 
+    @pytest.mark.parametrize("refused", ["erased", "envelope-dropped"])
+    def test_errbacks_of_a_message_that_does_not_open_are_not_run_on_markers(
+        self, app, testapp_module, refused, caplog
+    ):
+        """Celery calls a (request, exc, traceback) errback in the failed task's process, as the message has it.
+
+        Alice erased (or her envelope dropped), her task failed and its errback
+        ran with ``[pii:sealed]`` for the email it was given.
+        """
+        alice = f"alice-{uuid.uuid4()}"
+        testapp_module.RECEIVED.clear()
+        app.tasks["t.profile"].apply_async((alice, EMAIL), link_error=app.tasks["t.on_error"].s(email=EMAIL))
+        if refused == "erased":
+            assert get_pii(app).forget_subject(alice) == 1
+            task_id = queued_messages(app.conf.task_default_queue)[0]["headers"]["id"]
+            expected = KeyDestroyed
+        else:
+            task_id = _republish_edited(app, lambda inner: inner[2][EMBED_KEY].clear())
+            expected = DecryptionFailed
+        with caplog.at_level(logging.WARNING), _start(app, loglevel="WARNING"), pytest.raises(expected):
+            app.AsyncResult(task_id).get(timeout=20)
+        assert testapp_module.RECEIVED == []
+        assert "errback 't.on_error' not called" in caplog.text
+
+    def test_a_message_whose_step_envelope_was_dropped_is_parked_before_it_runs(self, app):
+        """Drop the subject step's envelope on the broker: the carrying task must not run first.
+
+        It ran, on its own opened values, and failed only when publishing the
+        step (whose markers had no envelope): nothing parked, nothing recorded.
+        """
+        self._canvas_with_a_subject_step(app, "chain", f"alice-{uuid.uuid4()}")
+        task_id = _republish_edited(app, lambda inner: inner[2][EMBED_KEY].pop())
+        _assert_parked_not_run(app, task_id)
+
     @pytest.mark.parametrize("kind", ["chain", "link", "chord-body"])
     def test_a_subjects_step_carried_in_another_message_runs_while_the_subject_is_there(self, app, kind):
         alice = f"alice-{uuid.uuid4()}"
@@ -398,6 +432,23 @@ class TestKeyOutcomes:
         tokens = json.loads(base64.b64decode(message["body"])[2:])[2][EMBED_KEY]
         pii = get_pii(app)
         expected = ["default", pii.keys.subject_key_id(alice)[0]] if step == "by-keyword" else ["default"]
+        assert [_envelope.parse(token).key_id for token in tokens] == expected
+
+    @pytest.mark.parametrize("given", ["by-position", "by-keyword", "immutable"])
+    def test_an_errbacks_subject_is_taken_only_as_it_will_be_called(self, app, given):
+        """A mutable errback gets the failed task's id, or (request, exc, traceback): positions move."""
+        alice = f"alice-{uuid.uuid4()}"
+        profile = app.tasks["t.profile"]
+        errback = {
+            "by-position": profile.s(alice, EMAIL),
+            "by-keyword": profile.s(user_id=alice, email=EMAIL),
+            "immutable": profile.si(alice, EMAIL),
+        }[given]
+        app.tasks["t.echo"].apply_async((CARD,), link_error=errback)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        tokens = json.loads(base64.b64decode(message["body"])[2:])[2][EMBED_KEY]
+        alice_key = get_pii(app).keys.subject_key_id(alice)[0]
+        expected = ["default"] if given == "by-position" else ["default", alice_key]
         assert [_envelope.parse(token).key_id for token in tokens] == expected
 
     def test_a_task_carrying_a_subjects_step_keeps_its_own_result_readable(self, app):
