@@ -34,7 +34,7 @@ from kombu import serialization
 from kombu.exceptions import DecodeError
 
 from . import _context
-from ._config import Settings, settings_from_conf
+from ._config import Settings, as_written, settings_from_conf
 from ._keys import KeyManager, flush_all_usage
 from ._logfilter import filter_celery_loggers
 from ._paths import replace_in_copies
@@ -345,7 +345,10 @@ def setup_pii(app: Celery) -> PII:
         return existing  # type: ignore[no-any-return]
     settings = settings_from_conf(app.conf)
     _check_celery_config(app, settings)
-    keys = _key_manager(settings)
+    try:
+        keys = _key_manager(settings)
+    except ConfigurationError as error:
+        raise as_written(error, app.conf) from None
     serializer = _register_serializer(settings)
     pii = PII(app, settings, keys, serializer)
     setattr(app, _context.APP_ATTRIBUTE, pii)

@@ -27,7 +27,15 @@ from ._retention import MAX_DURATION, RetentionPolicy
 from ._store import ACTOR_MAX_LENGTH
 from .exceptions import ConfigurationError
 
-__all__ = ["DETECT_MODES", "OPTIONS", "Option", "Settings", "reference_markdown", "settings_from_conf"]
+__all__ = [
+    "DETECT_MODES",
+    "OPTIONS",
+    "Option",
+    "Settings",
+    "as_written",
+    "reference_markdown",
+    "settings_from_conf",
+]
 
 DETECT_MODES: Final = ("off", "warn", "encrypt", "refuse")
 INNER_SERIALIZERS: Final = ("json", "msgpack")
@@ -414,6 +422,21 @@ def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
         for option in OPTIONS
     }
     return Settings(**values)
+
+
+def as_written(error: ConfigurationError, conf: Mapping[str, Any]) -> ConfigurationError:
+    """``error`` naming its settings as the configuration spells them (``CELERY_PII_*`` under Django).
+
+    For errors raised after the settings were read (the master key, the key
+    store), which name them by their ``pii_*`` names.
+    """
+    spelled = _pii_keys(conf)
+    text = str(error)
+    renamed = _SETTING_NAME.sub(lambda found: spelled.get(found.group(0), found.group(0)), text)
+    return error if renamed == text else ConfigurationError(renamed)
+
+
+_SETTING_NAME: Final = re.compile(r"\bpii_[a-z_]+\b")
 
 
 def _pii_keys(conf: Mapping[str, Any]) -> dict[str, str]:

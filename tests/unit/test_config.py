@@ -170,6 +170,23 @@ class TestDjango:
         with pytest.raises(ConfigurationError, match=r"^setting pii_algorithm: must be one of"):
             settings_from_conf(_conf(pii_algorithm="aes-128"))
 
+    def test_master_key_and_key_store_errors_name_the_settings_as_written(self, tmp_path, monkeypatch):
+        """Raised once the settings are read (setup_pii), they named pii_master_key / pii_key_store_url."""
+        from celery_pii import setup_pii
+
+        monkeypatch.delenv("PII_TEST_NO_SUCH_VARIABLE", raising=False)
+        (tmp_path / "djkeys.py").write_text(
+            "CELERY_TASK_SERIALIZER = 'pii'\nCELERY_RESULT_SERIALIZER = 'pii'\nCELERY_ACCEPT_CONTENT = ['pii']\n"
+            "CELERY_PII_MASTER_KEY = 'env:PII_TEST_NO_SUCH_VARIABLE'\n"
+            f"CELERY_PII_KEY_STORE_URL = 'sqlite:///{tmp_path}/keys.db'\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj4", set_as_current=False)
+        app.config_from_object("djkeys", namespace="CELERY")
+        with pytest.raises(ConfigurationError, match=r"^setting CELERY_PII_MASTER_KEY: ") as info:
+            setup_pii(app)
+        assert "pii_master_key" not in str(info.value)
+
 
 def test_configuration_doc_is_current():
     """docs/configuration.md is exactly what the settings table generates."""
