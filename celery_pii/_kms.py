@@ -164,7 +164,14 @@ class KmsMasterKey:
             msg = f"setting {_SETTING}: {where} is not a valid KMS key id, ARN or alias"
             raise ConfigurationError(msg) from None
         except BotoCoreError as error:  # connection, timeout, credentials
-            msg = f"{where} cannot be reached: {operation} failed ({type(error).__name__}); retry later"
+            kind = type(error).__name__
+            if kind == "NoCredentialsError":  # none configured, or the instance role's service did not answer
+                msg = (
+                    f"{where} cannot be used: {operation} found no AWS credentials ({kind}); configure them "
+                    "(environment, profile or instance role); retried meanwhile"
+                )
+            else:
+                msg = f"{where} cannot be reached: {operation} failed ({kind}); retry later"
             raise KeyStoreUnavailable(msg) from None
 
 

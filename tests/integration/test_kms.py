@@ -195,7 +195,11 @@ class TestFailures:
         monkeypatch.delenv("AWS_ACCESS_KEY_ID")
         monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
         fresh = KmsMasterKey(master._key_id, endpoint_url=master._endpoint_url)
-        with pytest.raises(KeyStoreUnavailable, match="NoCredentialsError"):
+        # Kept retryable (an instance role's credential service may not answer for a while), but
+        # said as it is: it was "cannot be reached ... retry later", like a network outage.
+        with pytest.raises(
+            KeyStoreUnavailable, match=r"found no AWS credentials \(NoCredentialsError\); configure"
+        ):
             fresh.wrap(MATERIAL, context=CONTEXT)
 
     @pytest.mark.parametrize(
