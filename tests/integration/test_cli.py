@@ -124,6 +124,7 @@ class TestKeys:
         assert [r["operation"] for r in audit] == ["generate", "rotate", "retire"]
         stats = json.loads(run(cli_app, "keys", "stats", "--json").output)
         assert stats["total_keys"] >= 2
+        assert "cache_hits" not in stats  # the CLI process's own cache, always 0: not shown
 
     def test_audit_since_takes_the_timestamps_it_prints(self, cli_app):
         """``--json`` prints ISO 8601 with an offset; ``--since`` refused that form (and ``...Z``)."""
