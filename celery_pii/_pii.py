@@ -36,6 +36,7 @@ from ._sealer import (
     Sealer,
     derived_key_spec,
     field_path,
+    has_canvas,
     hide_in_step_shadows,
     is_marker,
     step_holds_marker,
@@ -633,8 +634,9 @@ def _hide_in_shadows(call: _Call, root: dict[str, Any], sealed: Sealed) -> dict[
     the call or to a step it carries) travels in plaintext: in a header, and
     as the task's name in logs, events and ``inspect``.
     """
-    if not sealed.locations:
-        return sealed.root
+    shadow = call.options.get("shadow")
+    if not (sealed.locations and (shadow or has_canvas(sealed.root))):
+        return sealed.root  # the common case: nothing to look at
     scrubber: Scrubber | None = None
 
     def scrubbing() -> Scrubber:
@@ -643,7 +645,6 @@ def _hide_in_shadows(call: _Call, root: dict[str, Any], sealed: Sealed) -> dict[
             scrubber = Scrubber(get_at(root, location) for location in sealed.locations)
         return scrubber
 
-    shadow = call.options.get("shadow")
     if isinstance(shadow, str) and shadow:
         call.options["shadow"] = scrubbing().text(shadow)
     return hide_in_step_shadows(sealed.root, scrubbing)

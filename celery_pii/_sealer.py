@@ -186,7 +186,7 @@ class Sealer:
             KeyStoreUnavailable: the key is not cached and the store is down.
         """
         registered, spec = self.lookup(name)
-        if spec is not None and spec.simple_sealing and not seal_all and not _has_canvas(root):
+        if spec is not None and spec.simple_sealing and not seal_all and not has_canvas(root):
             return self._seal_declared(name, task_id, root, spec, keep_markers=keep_markers)
         # A task this process does not know (``send_task`` by name): which of its
         # arguments are PII is unknown, so all of them are sealed, as for canvas steps.
@@ -496,7 +496,7 @@ class Sealer:
         """
         key_for = self.keys.decryption_key
         task_name: str | Callable[[tuple[Location, ...]], str] = name
-        if name in _STEP_BOUND or _has_canvas(root):
+        if name in _STEP_BOUND or has_canvas(root):
             task_name = functools.partial(_bound_name_or_refuse, name, root)
         opened = []
         for token in tokens:  # a loop: a comprehension's frame costs more on Python 3.10 and 3.11
@@ -794,7 +794,7 @@ def _is_meta(obj: object) -> bool:
 
 def steps_hold_markers(root: Mapping[str, Any]) -> bool:
     """True if an embedded step's argument is the marker (after opening: a value whose envelope is gone)."""
-    return _has_canvas(root) and any(step_holds_marker(root.get(part)) for part in EMBED_PARTS)
+    return has_canvas(root) and any(step_holds_marker(root.get(part)) for part in EMBED_PARTS)
 
 
 def step_holds_marker(value: Any) -> bool:
@@ -818,7 +818,7 @@ def step_holds_marker(value: Any) -> bool:
     )
 
 
-def _has_canvas(root: Mapping[str, Any]) -> bool:
+def has_canvas(root: Mapping[str, Any]) -> bool:
     """True if a message root embeds later canvas steps (callbacks, errbacks, chain, chord)."""
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
 
