@@ -43,6 +43,7 @@ class RunningTask:
     """
 
     __slots__ = (
+        "_carried_keys",
         "_message_keys",
         "_opened_at",
         "_request",
@@ -70,6 +71,7 @@ class RunningTask:
         request_stack: Any = None,
         *,
         opened_at: Sequence[Location] = (),
+        carried_keys: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.pii, self.name, self.task_id, self.spec, self.values = pii, name, task_id, spec, values
         # Celery's request of this run and the stack it is on, to tell whether it is still running.
@@ -78,6 +80,8 @@ class RunningTask:
         self.is_pii = spec is not None and spec.is_pii
         self._result_key = result_key
         self._message_keys = message_keys
+        # Keys of envelopes of steps the message carries (a subject's chain step, under its key).
+        self._carried_keys = carried_keys
         # Where values were opened into the message, when Celery may store the arguments later.
         self._opened_at = opened_at
         self._scrubber: Scrubber | None = None
@@ -130,6 +134,21 @@ class RunningTask:
         if self._scrubber is None:
             self._scrubber = Scrubber(self.values)
         return self._scrubber
+
+    @property
+    def publish_source(self) -> KeySpec | None:
+        """What the messages this task publishes derive from (``None``: nothing).
+
+        Its own data's key (see :attr:`result_key`), and the keys of the steps
+        its message carried: it publishes those steps, and their subjects and
+        retention buckets go with them (a step re-sealed now would otherwise
+        take the retention bucket of now, not of when it was first sealed).
+        """
+        source = self.result_key
+        for key in self._carried_keys:
+            carried = opened_with([key])
+            source = carried if source is None else derived_key_spec(source, carried)
+        return source
 
     @property
     def result_key(self) -> KeySpec | None:
@@ -322,16 +341,17 @@ def eager_source(args: Any, kwargs: Any) -> RunningTask | None:
     if not found:
         return None
     first = found[0]
-    if len(found) > 1:
-        first.values = [value for run in found for value in run.values]
+    if len(found) > 1:  # a chord body: every part's values (each once, however often this runs)
+        first.values = list({id(value): value for run in found for value in run.values}.values())
         first._scrubber = None  # noqa: SLF001 - this module's own class
     return first
 
 
 def _remember_eager_output(retval: Any, current: RunningTask) -> None:
-    if retval is None or isinstance(retval, (bool, int, float)):
-        return  # small values are shared objects: identity would find them anywhere
-    _eager_outputs.set((*_eager_outputs.get()[-(_EAGER_OUTPUTS_KEPT - 1) :], (retval, current)))
+    # Only containers: strings and numbers may be shared objects ("ok", 1), found by
+    # identity in any later call.
+    if type(retval) in (dict, list, tuple):
+        _eager_outputs.set((*_eager_outputs.get()[-(_EAGER_OUTPUTS_KEPT - 1) :], (retval, current)))
 
 
 def first_opening(request: Any) -> bool:
@@ -428,8 +448,14 @@ def leave(request: Any, retval: Any = None) -> None:
     if ending and _with_values.pop(id(current), None) is not None:
         _elsewhere = None  # it held this task's values: not kept past the task
     state = _runs.get(request)
-    if ending and applying.get() and state is not None and state.outer is None and current is not None:
-        _remember_eager_output(retval, current)
+    if state is not None and state.outer is None:
+        if not applying.get():
+            if _eager_outputs.get():  # a worker's task ended: what ran eagerly inside it is not kept
+                _eager_outputs.set(())
+        elif current is not None:
+            # Run eagerly outside any task, with PII of its own or given by an earlier
+            # eager run: the next step of an eager chain gets what it returned.
+            _remember_eager_output(retval, current)
     if state is not None and state.outer is not _NOT_ENTERED:
         running.set(state.outer)
         # Ended: a sealed result read after this (a task_postrun handler connected after

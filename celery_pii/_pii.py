@@ -183,7 +183,7 @@ class PII:
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
         derived = running is not None and (running.is_pii or bool(running.values))
-        source_key = running.result_key if running is not None and derived else None
+        source_key = running.publish_source if running is not None and derived else None
         sealed = self.sealer.seal_message(
             name,
             bound_id,
@@ -199,7 +199,7 @@ class PII:
             tokens.extend(sealed.tokens)
             if sealed.detected or sealed.truncated:
                 display = self._report_detected(name, sealed)
-        custom_headers = call.options.get("headers")
+        custom_headers = _custom_headers(call.options)
         if custom_headers:
             self._check_custom_headers(name, spec, custom_headers)
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
@@ -233,8 +233,8 @@ class PII:
     def _check_custom_headers(self, name: str, spec: TaskSpec | None, headers: Any) -> None:
         """Report (``warn``) or refuse (``encrypt``, ``refuse``) PII that detection finds in custom headers.
 
-        ``apply_async(headers=...)`` travels as message headers, which are never
-        sealed: "encrypt" cannot seal them, so it refuses them as "refuse" does.
+        ``apply_async(headers=...)`` and stamps travel as message headers, which are
+        never sealed: "encrypt" cannot seal them, so it refuses them as "refuse" does.
         """
         mode = spec.detect if spec is not None else self.settings.detect
         if mode == "off" or not isinstance(headers, dict):
@@ -285,6 +285,7 @@ class PII:
         tokens = getattr(request, EMBED_KEY, None)
         values: list[Any] = []
         message_keys: Sequence[tuple[str, int]] = ()
+        carried_keys: Sequence[tuple[str, int]] = ()
         opened_at: Sequence[Location] = ()
         arrived_unsealed = False
         if tokens:
@@ -292,6 +293,7 @@ class PII:
             # Kept to put the markers back when the task ends: Celery may use the request's
             # arguments after it (result_extended, the errbacks of Reject on solo and threads).
             values, message_keys, opened_at = opened.values, opened.own_keys, opened.locations
+            carried_keys = opened.carried_keys
             setattr(request, EMBED_KEY, None)
         elif spec is not None and spec.binder is not None:
             values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
@@ -326,6 +328,7 @@ class PII:
                 request,
                 task.request_stack,
                 opened_at=opened_at,
+                carried_keys=carried_keys,
             )
         )
         if arrived_unsealed:
@@ -601,6 +604,18 @@ class _Call:
 
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
+
+
+def _custom_headers(options: dict[str, Any]) -> dict[str, Any]:
+    """What a call adds to the message's headers: ``headers={...}`` and Celery's stamps."""
+    given = options.get("headers")
+    headers = dict(given) if isinstance(given, dict) else {}
+    stamps = options.get("stamped_headers")
+    if isinstance(stamps, (list, tuple)):
+        headers.update(
+            (stamp, options[stamp]) for stamp in stamps if isinstance(stamp, str) and stamp in options
+        )
+    return headers
 
 
 def _drop_errbacks_on_markers(task: Task) -> None:

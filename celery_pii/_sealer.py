@@ -111,6 +111,13 @@ class Opened:
     #: carries, such as a subject's chain step under its own key): what its outcome derives from.
     own_keys: list[tuple[str, int]] = field(default_factory=list)
 
+    @property
+    def carried_keys(self) -> list[tuple[str, int]]:
+        """The keys of the other envelopes: of steps the message carries."""
+        if len(self.keys) == len(self.own_keys):
+            return []
+        return [key for key in self.keys if key not in self.own_keys]
+
 
 class OpenedResult(NamedTuple):
     """An opened stored result: the value as it was stored, its key, the values that were sealed."""
@@ -253,6 +260,8 @@ class Sealer:
         its own subject's key, so the message opens only while every subject
         in it is still there.
         """
+        if not subject_steps:
+            return found, {}
         own: list[tuple[Location, Any]] = []
         apart: dict[str, tuple[KeySpec, list[tuple[Location, Any]]]] = {}
         step_keys: dict[Location, KeySpec | None] = {}
@@ -290,11 +299,13 @@ class Sealer:
         """
         step = get_at(root, step_path)
         args, kwargs = step.get("args") or (), step.get("kwargs") or {}
+        name = str(step.get("task"))
         if not step.get("immutable"):
-            # An errback is given the failed task's id, or (request, exc, traceback), as its
-            # function takes them: its subject is taken by keyword only.
-            is_errback = step_path[0] == "errbacks" or "link_error" in step_path
-            args = () if is_errback else (_GIVEN_LATER, *args)
+            if step_path[0] == "errbacks" or "link_error" in step_path:
+                _refuse_positional_errback_subject(name, spec, args, kwargs)
+                args = ()
+            else:
+                args = (_GIVEN_LATER, *args)
         subject = next(iter(spec.subject.locate(args, kwargs)), None) if spec.subject is not None else None
         if subject is None or not is_subject_id(subject[1]):
             return None
@@ -945,6 +956,24 @@ def _steps_hidden_in(
         if steps is not None and (hidden := _step_shadows_hidden(steps, scrubbing)) is not steps:
             changed[part] = hidden
     return {**container, **changed} if changed else container
+
+
+def _refuse_positional_errback_subject(name: str, spec: TaskSpec, args: Any, kwargs: Any) -> None:
+    """A mutable errback's ``pii_subject`` must come by keyword.
+
+    Celery gives it the failed task's id, or ``(request, exc, traceback)``, as
+    its function takes them, before its own arguments: which positional
+    argument is the subject cannot be told here, and sealed with the message
+    it would outlive its subject's erasure.
+    """
+    if spec.subject is None or not args or next(iter(spec.subject.locate((), kwargs)), None) is not None:
+        return
+    msg = (
+        f"errback {name!r}: give its pii_subject {spec.subject_path!r} by keyword "
+        f"({name.rsplit('.', 1)[-1]}.s({spec.subject_path}=...)) or make it immutable (.si(...)): "
+        "Celery puts the failed task's id or its request first; nothing was published"
+    )
+    raise EncryptionFailed(msg)
 
 
 #: Stands for what Celery puts first in a mutable step's arguments when it calls it.

@@ -14,7 +14,14 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError, Reject
 
-from celery_pii import ConfigurationError, DecryptionFailed, KeyDestroyed, _envelope, get_pii
+from celery_pii import (
+    ConfigurationError,
+    DecryptionFailed,
+    EncryptionFailed,
+    KeyDestroyed,
+    _envelope,
+    get_pii,
+)
 from celery_pii._keys import KeySpec
 from celery_pii._quarantine import QUARANTINE_HEADER
 from celery_pii._sealer import EMBED_KEY, MARKER, derived_key_spec
@@ -434,22 +441,50 @@ class TestKeyOutcomes:
         expected = ["default", pii.keys.subject_key_id(alice)[0]] if step == "by-keyword" else ["default"]
         assert [_envelope.parse(token).key_id for token in tokens] == expected
 
-    @pytest.mark.parametrize("given", ["by-position", "by-keyword", "immutable"])
-    def test_an_errbacks_subject_is_taken_only_as_it_will_be_called(self, app, given):
-        """A mutable errback gets the failed task's id, or (request, exc, traceback): positions move."""
+    @pytest.mark.parametrize("given", ["by-keyword", "immutable"])
+    def test_an_errbacks_subject_is_taken_as_it_will_be_called(self, app, given):
+        """A mutable errback gets the failed task's id, or (request, exc, traceback): its own come after."""
         alice = f"alice-{uuid.uuid4()}"
         profile = app.tasks["t.profile"]
-        errback = {
-            "by-position": profile.s(alice, EMAIL),
-            "by-keyword": profile.s(user_id=alice, email=EMAIL),
-            "immutable": profile.si(alice, EMAIL),
-        }[given]
+        errback = profile.s(user_id=alice, email=EMAIL) if given == "by-keyword" else profile.si(alice, EMAIL)
         app.tasks["t.echo"].apply_async((CARD,), link_error=errback)
         (message,) = queued_messages(app.conf.task_default_queue)
         tokens = json.loads(base64.b64decode(message["body"])[2:])[2][EMBED_KEY]
         alice_key = get_pii(app).keys.subject_key_id(alice)[0]
-        expected = ["default"] if given == "by-position" else ["default", alice_key]
-        assert [_envelope.parse(token).key_id for token in tokens] == expected
+        assert [_envelope.parse(token).key_id for token in tokens] == ["default", alice_key]
+
+    def test_a_mutable_errbacks_subject_given_by_position_is_refused(self, app):
+        """Which positional argument is its subject cannot be told: sealed with the message, it outlived erasure."""
+        errback = app.tasks["t.profile"].s(f"alice-{uuid.uuid4()}", EMAIL)
+        with pytest.raises(
+            EncryptionFailed, match=r"errback 't\.profile': give its pii_subject 'user_id' by keyword"
+        ):
+            app.tasks["t.echo"].apply_async((CARD,), link_error=errback)
+        assert queued_messages(app.conf.task_default_queue) == []
+
+    def test_a_carried_step_keeps_its_retention_bucket_when_the_carrier_publishes_it(self, app, queue_name):
+        """A task with no PII of its own carries a step of a short-retention task: published later, same bucket.
+
+        The step was sealed again under the bucket of the moment it was
+        published (its deadline moved by however long the carrier waited).
+        """
+        from celery import chain
+
+        later = f"{queue_name}.later"
+        step = app.tasks["t.retention_short"].si(EMAIL).set(queue=later)
+        chain(app.tasks["t.plain"].si(1), step).delay()
+        (carrier,) = queued_messages(app.conf.task_default_queue)
+        (carried_with,) = json.loads(base64.b64decode(carrier["body"])[2:])[2][EMBED_KEY]
+        first_key = _envelope.parse(carried_with).key_id
+        assert "@" in first_key  # a retention bucket's key
+        time.sleep(1.5)  # past the bucket (a tenth of the 5 s policy, rounded down)
+        with _start(app):
+            deadline = time.monotonic() + 20
+            while not queued_messages(later) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        (published,) = queued_messages(later)
+        tokens = json.loads(base64.b64decode(published["body"])[2:])[2][EMBED_KEY]
+        assert [_envelope.parse(token).key_id for token in tokens] == [first_key]
 
     def test_a_task_carrying_a_subjects_step_keeps_its_own_result_readable(self, app):
         """Its own outcome derives from its own arguments: only the step is erased with its subject."""

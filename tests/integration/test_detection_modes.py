@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -120,6 +121,22 @@ class TestModes:
         assert queued_messages(app.conf.task_default_queue) == []
         app.tasks[task].apply_async(("a harmless note",), headers={"x-trace": "t-1"})
         assert len(queued_messages(app.conf.task_default_queue)) == 1
+
+    @pytest.mark.parametrize("how", ["stamp", "stamped_headers"])
+    def test_pii_in_a_stamp_is_refused_too(self, app, how):
+        """Celery's stamps are headers too: the email went to the broker."""
+        task = app.tasks["t.detect_refuse"]
+        if how == "stamp":
+            signature = task.s("a harmless note")
+            signature.stamp(customer=EMAIL)
+            publish = signature.apply_async
+        else:
+            publish = functools.partial(
+                task.apply_async, ("a harmless note",), stamped_headers=["customer"], customer=EMAIL
+            )
+        with pytest.raises(EncryptionFailed, match=r"custom header headers\.customer holds PII \(email\)"):
+            publish()
+        assert queued_messages(app.conf.task_default_queue) == []
 
     def test_pii_in_a_custom_header_is_reported_in_warn_mode(self, app, caplog):
         with caplog.at_level(logging.WARNING, logger="celery_pii"):

@@ -271,7 +271,9 @@ def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager
     assert_no_plaintext(lines)
 
 
-@pytest.mark.parametrize("kind", ["chain", "chord", "group-then-task"])
+@pytest.mark.parametrize(
+    "kind", ["chain", "chord", "group-then-task", "longer-chain", "chain-through-a-group"]
+)
 def test_a_step_run_eagerly_after_a_pii_task_keeps_its_output_sealed(app, kind, caplog):
     """``chain.apply()`` gives a PII task's return value to the next step outside the PII task's context.
 
@@ -290,11 +292,37 @@ def test_a_step_run_eagerly_after_a_pii_task_keeps_its_output_sealed(app, kind, 
         elif kind == "chord":
             result = chord([echo.s(CARD), echo.s(EMAIL)], gather.s()).delay()
             assert [part["value"] for part in result.get()["results"]] == [CARD, EMAIL]
-        else:
+        elif kind == "group-then-task":
             result = (group(echo.s(CARD), echo.s(EMAIL)) | gather.s()).delay()
             assert [part["value"] for part in result.get()["results"]] == [CARD, EMAIL]
+        elif kind == "longer-chain":  # each step wraps the one before's output in a new dict
+            result = (echo.s(CARD) | gather.s() | gather.s() | gather.s()).delay()
+            assert result.get()["results"]["results"]["results"]["value"] == CARD
+        else:
+            plain = app.tasks["t.plain"]
+            result = (echo.s(CARD) | group(plain.s(), plain.s()) | gather.s()).delay()
+            assert [part["value"] for part in result.get()["results"]] == [CARD, CARD]
     stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}")
     assert stored is not None
     assert_no_plaintext(stored)
     assert_no_plaintext(caplog.text)
     assert f"[{result.id}] succeeded" in caplog.text
+
+
+def test_a_short_string_an_eager_pii_task_returned_does_not_mark_later_calls(app):
+    """Identity finds a chain's next step; "done" is one shared object: any later call with it matched.
+
+    An unrelated eager call given "done" ran as derived from the PII task:
+    its result went under that task's key (unreadable once its subject is erased).
+    """
+    app.conf.task_always_eager = True
+    app.conf.task_store_eager_result = True
+
+    @app.task(shared=False, name="t.says_done", pii_fields=["email"])
+    def says_done(email):
+        return "done"
+
+    assert says_done.apply((EMAIL,)).get() == "done"
+    later = app.tasks["t.plain"].apply(("done",))
+    stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{later.id}")
+    assert b'"result":"done"' in stored.replace(b" ", b"")  # stored as it is: nothing of the PII task's
