@@ -493,14 +493,17 @@ def replace_in_copies(
         parent: Any = copy
         try:
             for part in location[:-1]:
-                _own_json_keys(parent, part, sealing)
+                if type(part) is str and (part not in parent or _may_name_other_keys(part)):
+                    _own_json_keys(parent, part, sealing)
                 node = parent[part]
                 if id(node) not in made:
                     node = list(node) if isinstance(node, (list, tuple)) else dict(node)
                     made.add(id(node))
                     parent[part] = node
                 parent = node
-            _own_json_keys(parent, location[-1], sealing)
+            last = location[-1]
+            if type(last) is str and (last not in parent or _may_name_other_keys(last)):
+                _own_json_keys(parent, last, sealing)
         except AmbiguousKey:
             raise AmbiguousKey(location) from None
         parent[location[-1]] = value
@@ -520,7 +523,8 @@ def _mark_in_copies(parent: Any, slot: str | int, keys: tuple[str, ...], marker:
             made.add(id(node))
             parent[slot] = node
         parent, slot = node, key
-        _own_json_keys(parent, slot, True)
+        if slot not in parent or _may_name_other_keys(slot):
+            _own_json_keys(parent, slot, True)
     parent[slot] = marker
 
 
@@ -579,6 +583,15 @@ def find_key(value: dict[Any, Any], part: str | int) -> Any:
     return _ABSENT
 
 
+def _may_name_other_keys(key: str) -> bool:
+    """True if JSON writes some non-str key as ``key`` (a number, ``true``, ``null``, ``NaN``).
+
+    Callers ask before calling :func:`_own_json_keys` (they run for every
+    field sealed; almost no field name is such a text).
+    """
+    return key[:1] in _NUMBER_STARTS or key in _JSON_WORDS
+
+
 def _own_json_keys(container: Any, key: str | int, sealing: bool) -> None:
     """Make a dict copied here hold ``key`` only as JSON writes it.
 
@@ -592,7 +605,7 @@ def _own_json_keys(container: Any, key: str | int, sealing: bool) -> None:
     if not isinstance(container, dict) or not isinstance(key, str):
         return
     present = key in container
-    if present and not (key[:1] in _NUMBER_STARTS or key in _JSON_WORDS):
+    if present and not _may_name_other_keys(key):
         return  # the common case: no key other than a str one is written so
     others = [k for k in container if type(k) is not str and json_key(k) == key]
     if not others:

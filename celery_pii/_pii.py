@@ -196,12 +196,13 @@ class PII:
         display = root
         if sealed is not None:
             root = display = _hide_in_shadows(call, root, sealed)
-            tokens.extend(sealed.tokens)
+            if sealed.token is not None:
+                tokens.append(sealed.token)
+            tokens.extend(sealed.step_tokens)
             if sealed.detected or sealed.truncated:
                 display = self._report_detected(name, sealed)
-        custom_headers = _custom_headers(call.options)
-        if custom_headers:
-            self._check_custom_headers(name, spec, custom_headers)
+        if call.options.get("headers") or call.options.get("stamped_headers"):
+            self._check_custom_headers(name, spec, _custom_headers(call.options))
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
             maxsize = self.app.amqp.argsrepr_maxsize
             call.options["argsrepr"] = redacted_repr(tuple(display["args"]), maxsize)

@@ -291,11 +291,15 @@ class Sealer:
 
         Unless the step is immutable, Celery puts what it is given first (its
         parent's result, a chord's header results): the subject is bound as the
-        step will be called (an errback's, given by keyword only: it gets one
-        argument or three, as its function takes them).  A subject given that
-        way, or not a string or integer (the step is refused when it is
-        published on its own), leaves the step sealed with the message; its
-        worker seals it under its subject's key when it publishes it.
+        step will be called.  A mutable errback gets one argument or three, as
+        its function takes them: its subject is taken by keyword, and refused
+        by position.  A subject given by the parent, or not a string or
+        integer (the step is refused when it is published on its own), leaves
+        the step sealed with the message; its worker seals it under its
+        subject's key when it publishes it.
+
+        Raises:
+            EncryptionFailed: a mutable errback's subject given by position.
         """
         step = get_at(root, step_path)
         args, kwargs = step.get("args") or (), step.get("kwargs") or {}
@@ -309,9 +313,7 @@ class Sealer:
         subject = next(iter(spec.subject.locate(args, kwargs)), None) if spec.subject is not None else None
         if subject is None or not is_subject_id(subject[1]):
             return None
-        key_spec = self.key_spec(
-            str(step.get("task")), spec, {"args": args, "kwargs": kwargs}, [spec], now=now
-        )
+        key_spec = self.key_spec(name, spec, {"args": args, "kwargs": kwargs}, [spec], now=now)
         return derived_key_spec(key_spec, derived_from) if derived_from is not None else key_spec
 
     def _seal_declared(
@@ -716,7 +718,10 @@ def bound_name(name: str, root: Mapping[str, Any], locations: Sequence[Location]
 
 def _holds_own_arguments(locations: Sequence[Location]) -> bool:
     """True if an envelope holds one of the task's own arguments (not only a carried step's)."""
-    return any(location[0] in _OWN_PARTS for location in locations)
+    for location in locations:  # noqa: SIM110 - a loop, not any(): this runs for every message opened
+        if location[0] in _OWN_PARTS:
+            return True
+    return False
 
 
 _OWN_PARTS: Final = frozenset(("args", "kwargs"))
