@@ -323,6 +323,9 @@ _eager_outputs: contextvars.ContextVar[tuple[tuple[Any, RunningTask], ...]] = co
     "celery_pii_eager_outputs", default=()
 )
 _EAGER_OUTPUTS_KEPT: Final = 8
+#: True once this process has remembered one (most never run tasks eagerly: the
+#: worker path then skips the context-variable lookups).
+eager_outputs_seen = False
 
 
 def eager_source(args: Any, kwargs: Any) -> RunningTask | None:
@@ -348,9 +351,11 @@ def eager_source(args: Any, kwargs: Any) -> RunningTask | None:
 
 
 def _remember_eager_output(retval: Any, current: RunningTask) -> None:
+    global eager_outputs_seen  # noqa: PLW0603 - one flag for the process
     # Only containers: strings and numbers may be shared objects ("ok", 1), found by
     # identity in any later call.
     if type(retval) in (dict, list, tuple):
+        eager_outputs_seen = True
         _eager_outputs.set((*_eager_outputs.get()[-(_EAGER_OUTPUTS_KEPT - 1) :], (retval, current)))
 
 
@@ -450,7 +455,7 @@ def leave(request: Any, retval: Any = None) -> None:
     state = _runs.get(request)
     if state is not None and state.outer is None:
         if not applying.get():
-            if _eager_outputs.get():  # a worker's task ended: what ran eagerly inside it is not kept
+            if eager_outputs_seen and _eager_outputs.get():  # a worker's task ended: not kept past it
                 _eager_outputs.set(())
         elif current is not None:
             # Run eagerly outside any task, with PII of its own or given by an earlier

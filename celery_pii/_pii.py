@@ -278,7 +278,7 @@ class PII:
             return
         task_id = str(task_id)  # kombu's JSON envelope reads an id sent as a UUID back as one
         outer = _context.enter(request)
-        if outer is None and _context.applying.get():
+        if outer is None and _context.eager_outputs_seen and _context.applying.get():
             # A chain's next step run eagerly (chain.apply()), given a PII task's return value.
             outer = _context.eager_source(args, kwargs)
         name = task.name
@@ -348,7 +348,7 @@ class PII:
     def _open_message(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         """Open the message's envelopes into ``root``; a marker left after that is never run on."""
         opened = self._open_or_handle(task, task_id, root, tokens)
-        if _holds_markers(root) or steps_hold_markers(root):
+        if _holds_markers(root):
             # A marker no envelope opened (an errback a worker's main process sent with
             # the markers it never opened, beside a value sealed afresh).  Sealed again
             # as it came, then parked.
@@ -674,12 +674,13 @@ _REPLAYED_HEADERS: Final = ("eta", "expires", "timelimit", "shadow", "ignore_res
 
 
 def _holds_markers(root: dict[str, Any]) -> bool:
-    """True if an argument of a received call is the marker (a sealed value whose envelope is elsewhere).
+    """True if an argument of a received call, or of a step it carries, is the marker.
 
-    ``in`` compares with ``==``: safe on a decoded message's plain data, and it runs for every task.
+    (A sealed value whose envelope is elsewhere, or gone.)  ``in`` compares
+    with ``==``: safe on a decoded message's plain data, and it runs for every task.
     """
     kwargs = root["kwargs"]
-    return MARKER in root["args"] or (bool(kwargs) and MARKER in kwargs.values())
+    return MARKER in root["args"] or (bool(kwargs) and MARKER in kwargs.values()) or steps_hold_markers(root)
 
 
 def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:

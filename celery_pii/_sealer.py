@@ -110,13 +110,8 @@ class Opened:
     #: The keys of the envelopes holding the task's own arguments (not only those of steps it
     #: carries, such as a subject's chain step under its own key): what its outcome derives from.
     own_keys: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def carried_keys(self) -> list[tuple[str, int]]:
-        """The keys of the other envelopes: of steps the message carries."""
-        if len(self.keys) == len(self.own_keys):
-            return []
-        return [key for key in self.keys if key not in self.own_keys]
+    #: The keys of the other envelopes: of steps the message carries.
+    carried_keys: list[tuple[str, int]] = field(default_factory=list)
 
 
 class OpenedResult(NamedTuple):
@@ -516,13 +511,18 @@ class Sealer:
             opened.append(_envelope.open_task(token, task_id=task_id, task_name=task_name, key_for=key_for))  # noqa: PERF401
         if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
             key, locations, values = opened[0]
-            result = Opened(values, [key], locations, [key] if _holds_own_arguments(locations) else [])
+            if _holds_own_arguments(locations):
+                result = Opened(values, [key], locations, [key])
+            else:
+                result = Opened(values, [key], locations, [], [key])
         else:
+            own = [key for key, locations, _ in opened if _holds_own_arguments(locations)]
             result = Opened(
                 [value for _, _, values in opened for value in values],
                 [key for key, _, _ in opened],
                 [location for _, locations, _ in opened for location in locations],
-                [key for key, locations, _ in opened if _holds_own_arguments(locations)],
+                own,
+                [key for key, _, _ in opened if key not in own],
             )
             # Two envelopes for one place: never a message celery-pii published
             # (an attacker's pick of envelopes bound to this task id: a retry's and its original's).
