@@ -177,3 +177,25 @@ class TestModes:
         assert Finding("rows[0].note", "email") in findings
         assert Finding("rows[0].note", "phone") in findings
         assert all(f.path.startswith("rows") for f in findings)
+
+
+@pytest.mark.parametrize("with_headers", [False, True], ids=["plain", "custom-headers"])
+def test_a_refuse_mode_task_retries(make_app, with_headers):
+    """A retry publishes the request's headers again (with celery-pii's envelope list): not PII."""
+    from celery.contrib.testing.worker import start_worker
+
+    app = make_app()
+    attempts = []
+
+    @app.task(shared=False, name="t.refuse_retries", bind=True, pii_detect="refuse", pii_fields=["email"])
+    def refuse_retries(self, email, note):
+        attempts.append(email)
+        if len(attempts) == 1:
+            raise self.retry(countdown=0)
+        return {"email": email, "note": note}
+
+    headers = {"x-trace": "t-1"} if with_headers else None
+    sent = refuse_retries.apply_async((EMAIL, "a harmless note"), headers=headers)
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+        assert sent.get(timeout=20) == {"email": EMAIL, "note": "a harmless note"}
+    assert attempts == [EMAIL, EMAIL]
