@@ -630,15 +630,17 @@ def _drop_errbacks_on_markers(task: Task) -> None:
     errbacks = getattr(request, "errbacks", None)
     if not errbacks:
         return
-    kept = [errback for errback in errbacks if not step_holds_marker(errback)]
+    kept = []
     for errback in errbacks:
-        if not any(errback is other for other in kept):
-            logger.warning(
-                "celery-pii: task %s[%s]: errback %r not called: its arguments could not be opened",
-                task.name,
-                request.id,
-                errback.get("task") if isinstance(errback, dict) else "?",
-            )
+        if not step_holds_marker(errback):
+            kept.append(errback)
+            continue
+        logger.warning(
+            "celery-pii: task %s[%s]: errback %r not called: its arguments could not be opened",
+            task.name,
+            request.id,
+            errback.get("task") if isinstance(errback, dict) else "?",
+        )
     request.errbacks = kept
 
 

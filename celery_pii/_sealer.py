@@ -629,9 +629,14 @@ def opened_with(keys: Sequence[tuple[str, int]]) -> KeySpec:
     never once one of those versions is destroyed.
     """
     key_id = keys[0][0]
-    base = key_id.partition("@")[0]
+    return KeySpec(key_id, subject_id=_key_id_parts(key_id)[2], derived_from=tuple(dict.fromkeys(keys)))
+
+
+def _key_id_parts(key_id: str) -> tuple[str, str, str | None]:
+    """``(base, bucket, subject)`` of a key id: ``subject.<digest>@<bucket>`` has all three."""
+    base, _, bucket = key_id.partition("@")
     subject = base[len(SUBJECT_KEY_PREFIX) :] if base.startswith(SUBJECT_KEY_PREFIX) else None
-    return KeySpec(key_id, subject_id=subject, derived_from=tuple(dict.fromkeys(keys)))
+    return base, bucket, subject
 
 
 def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
@@ -646,9 +651,7 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     data, is destroyed.
     """
     derived_from = tuple(dict.fromkeys((*own.derived_from, *source.derived_from)))
-    source_base, _, source_bucket = source.key_id.partition("@")
-    is_subject = source_base.startswith(SUBJECT_KEY_PREFIX)
-    source_subject = source_base[len(SUBJECT_KEY_PREFIX) :] if is_subject else None
+    source_base, source_bucket, source_subject = _key_id_parts(source.key_id)
     if source_subject is None and not source_bucket:
         # The source's key is kept indefinitely and names no subject.
         return (
@@ -815,23 +818,13 @@ def steps_hold_markers(root: Mapping[str, Any]) -> bool:
 
 def step_holds_marker(value: Any) -> bool:
     """True if a step (or a list of them, or one nested in it) has the marker as an argument."""
-    if isinstance(value, (list, tuple)):
-        return any(step_holds_marker(item) for item in value)
-    if not isinstance(value, Mapping) or "task" not in value:
-        return False
-    args, kwargs, kind = value.get("args"), value.get("kwargs"), value.get("subtask_type")
-    if isinstance(args, (list, tuple)) and MARKER in args:
-        return True
-    if isinstance(kwargs, Mapping):
-        if MARKER in kwargs.values():
+    for _, step in _signatures(value, ()):
+        args, kwargs = step.get("args"), step.get("kwargs")
+        if isinstance(args, (list, tuple)) and MARKER in args:
             return True
-        parts = _CONTAINERS.get(kind, ()) if isinstance(kind, str) else ()
-        if any(step_holds_marker(kwargs.get(part)) for part in parts):
+        if isinstance(kwargs, Mapping) and MARKER in kwargs.values():
             return True
-    options = value.get("options")
-    return isinstance(options, Mapping) and any(
-        step_holds_marker(options.get(option)) for option in ("link", "link_error")
-    )
+    return False
 
 
 def has_canvas(root: Mapping[str, Any]) -> bool:
@@ -889,24 +882,35 @@ def _embedded(
     every argument may be derived from its PII), the arguments of steps that
     declare no PII are sealed too.
     """
+    for step_path, step in _signatures(value, path):
+        kwargs = step.get("kwargs") or {}
+        kind = step.get("subtask_type")
+        if not (kind in _CONTAINERS and isinstance(kwargs, Mapping)):  # a container's steps come next
+            yield from _step_arguments(step, kind, kwargs, step_path, lookup, every_step=every_step)
+
+
+def _signatures(value: Any, path: Location) -> Iterator[tuple[Location, Mapping[str, Any]]]:
+    """Every signature in embedded canvas, with where it sits: one, a list of them, nested ones.
+
+    Depth first: a signature, then the steps of a container (group, chain,
+    chord), then its ``link`` and ``link_error``.
+    """
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            yield from _embedded(item, (*path, i), lookup, every_step=every_step)
+            yield from _signatures(item, (*path, i))
         return
     if not isinstance(value, Mapping) or "task" not in value:
         return
+    yield path, value
     kwargs = value.get("kwargs") or {}
     kind = value.get("subtask_type")
     if kind in _CONTAINERS and isinstance(kwargs, Mapping):
         for part in _CONTAINERS[kind]:
-            yield from _embedded(kwargs.get(part), (*path, "kwargs", part), lookup, every_step=every_step)
-    else:
-        yield from _step_arguments(value, kind, kwargs, path, lookup, every_step=every_step)
+            yield from _signatures(kwargs.get(part), (*path, "kwargs", part))
     options = value.get("options") or {}
     if isinstance(options, Mapping):
         for option in ("link", "link_error"):
-            linked = options.get(option)
-            yield from _embedded(linked, (*path, "options", option), lookup, every_step=every_step)
+            yield from _signatures(options.get(option), (*path, "options", option))
 
 
 def hide_in_step_shadows(root: dict[str, Any], scrubbing: Callable[[], Scrubber]) -> dict[str, Any]:
@@ -917,50 +921,16 @@ def hide_in_step_shadows(root: dict[str, Any], scrubbing: Callable[[], Scrubber]
     it runs.  ``scrubbing`` builds the scrubber of the sealed values (only if
     a shadow is found).
     """
-    changed = {}
+    hidden = []
     for part in EMBED_PARTS:
-        embedded = root.get(part)
-        if embedded is not None:
-            hidden = _step_shadows_hidden(embedded, scrubbing)
-            if hidden is not embedded:
-                changed[part] = hidden
-    return {**root, **changed} if changed else root
-
-
-def _step_shadows_hidden(value: Any, scrubbing: Callable[[], Scrubber]) -> Any:
-    if isinstance(value, (list, tuple)):
-        items = [_step_shadows_hidden(item, scrubbing) for item in value]
-        return items if any(new is not old for new, old in zip(items, value, strict=True)) else value
-    if not isinstance(value, dict) or "task" not in value:
-        return value
-    changed: dict[str, Any] = {}
-    options = value.get("options")
-    if isinstance(options, dict):
-        new_options = _steps_hidden_in(options, ("link", "link_error"), scrubbing)
-        shadow = options.get("shadow")
-        if isinstance(shadow, str) and shadow and (hidden := scrubbing().text(shadow)) is not shadow:
-            new_options = {**new_options, "shadow": hidden}
-        if new_options is not options:
-            changed["options"] = new_options
-    kwargs = value.get("kwargs")
-    kind = value.get("subtask_type")
-    if kind in _CONTAINERS and isinstance(kwargs, dict):
-        new_kwargs = _steps_hidden_in(kwargs, _CONTAINERS[kind], scrubbing)
-        if new_kwargs is not kwargs:
-            changed["kwargs"] = new_kwargs
-    return {**value, **changed} if changed else value
-
-
-def _steps_hidden_in(
-    container: dict[str, Any], parts: Sequence[str], scrubbing: Callable[[], Scrubber]
-) -> dict[str, Any]:
-    """``container`` with the steps at ``parts`` given hidden shadows (a copy if any changed)."""
-    changed = {}
-    for part in parts:
-        steps = container.get(part)
-        if steps is not None and (hidden := _step_shadows_hidden(steps, scrubbing)) is not steps:
-            changed[part] = hidden
-    return {**container, **changed} if changed else container
+        for path, step in _signatures(root.get(part), (part,)):
+            options = step.get("options")
+            shadow = options.get("shadow") if isinstance(options, Mapping) else None
+            if isinstance(shadow, str) and shadow and (text := scrubbing().text(shadow)) is not shadow:
+                hidden.append(((*path, "options", "shadow"), text))
+    for location, text in hidden:  # rare: a step's own shadow holding a sealed value
+        root = replace_in_copies(root, [location], text)
+    return root
 
 
 def _refuse_positional_errback_subject(name: str, spec: TaskSpec, args: Any, kwargs: Any) -> None:
