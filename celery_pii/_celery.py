@@ -137,7 +137,7 @@ def _open_result_hook(value: Any) -> Any:
             logger.debug("celery-pii: app %r could not look up a result's key", pii.app.main)
             continue
         read_id = opened.value.get("task_id") if isinstance(opened.value, dict) else None
-        _context.derive_from_result(pii, opened.key, _values_read(opened), read_id)
+        _context.derive_from_result(pii, opened.keys, _values_read(opened), read_id)
         return opened.value
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))

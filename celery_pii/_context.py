@@ -114,19 +114,19 @@ class RunningTask:
             self._scrubber = None
             _with_values[id(self)] = self
 
-    def read_result(self, key: tuple[str, int], values: list[Any]) -> None:
+    def read_result(self, keys: tuple[tuple[str, int], ...], values: list[Any]) -> None:
         """The task opened a sealed result: it holds those values too.
 
         Its logs and errors hide them, and what it stores and publishes from
         now on takes the result's subject and retention bucket (as a chain step
         given a PII task's return value does), so forgetting that subject
-        reaches the copy as well.
+        reaches the copy as well (``keys``: the result's key, then its co-keys).
         """
         self.values = [*self.values, *values]
         self._scrubber = None
         _with_values[id(self)] = self
         own = self.result_key or KeySpec(self.pii.settings.default_key)
-        self._result_key = derived_key_spec(own, KeySpec(key[0], derived_from=(key,)))
+        self._result_key = derived_key_spec(own, opened_with(keys))
 
     @property
     def scrubber(self) -> Scrubber:
@@ -185,7 +185,9 @@ def start(task: RunningTask) -> None:
         _with_values[id(task)] = task
 
 
-def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any], task_id: object = None) -> None:
+def derive_from_result(
+    pii: PII, keys: tuple[tuple[str, int], ...], values: list[Any], task_id: object = None
+) -> None:
     """A task opened a sealed result: it now holds that PII.
 
     A chord's body is published by whatever reads its header's results: the
@@ -202,7 +204,7 @@ def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any], task_i
     current = running.get()
     if current is not None:
         if task_id is None or str(task_id) != current.task_id:
-            current.read_result(key, values)
+            current.read_result(keys, values)
         return
     runs = _entered_runs()
     if not runs:
@@ -218,7 +220,7 @@ def derive_from_result(pii: PII, key: tuple[str, int], values: list[Any], task_i
         pii.specs.get(task.name),
         list(values),
         None,
-        (key,),
+        keys,
         request,
         task.request_stack,
     )

@@ -7,10 +7,13 @@ per message and key, not one per field).  Layout, all integers big-endian::
     0       1     envelope version (1)
     1       1     flags: bit 0 compressed, bit 1 result (not a task call),
                   bit 2 values use kombu's typed JSON, bit 3 orjson wrote
-                  the values (and they read back equal: see ``_json.encode``)
+                  the values (and they read back equal: see ``_json.encode``),
+                  bit 4 co-keys follow the key id
     2       1     algorithm code
     3       4     key version
     7       1+n   key id (length byte, UTF-8)
+    .       2+..  co-keys, only with flag bit 4: their count, then for each
+                  its algorithm code (1), version (4) and id (length byte)
     .       1+n   task id the values are bound to (length byte)
     .       4+n   locations (length, compact JSON list of location lists)
     .       12    nonce
@@ -22,6 +25,12 @@ version, algorithm, task id, field locations and task name are all
 authenticated: a value moved to another task or field, or a header edited
 to an older version, fails to open.  (The sealer's "task name" also names
 the canvas steps that sealed values sit in: ``_sealer.bound_name``.)
+
+Values derived from several data subjects are sealed under each one's key
+(``KeySpec.co_keys``): the plaintext is sealed with each co-key in turn
+(each layer ``nonce || ciphertext || tag``, with the same associated data),
+and that with the envelope's key.  Opening needs every one of those keys,
+so destroying any of them (erasing any of the subjects) shreds the values.
 
 The sealed plaintext is the JSON list of values, zlib-compressed above a
 threshold.  Plain JSON types go through orjson or the standard library (``_json``);
@@ -75,10 +84,15 @@ _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
 _FLAG_TYPED: Final = 0x04
 _FLAG_ORJSON: Final = 0x08
-_KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED | _FLAG_ORJSON
+_FLAG_CO_KEYS: Final = 0x10
+_KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED | _FLAG_ORJSON | _FLAG_CO_KEYS
 _MAX_SHORT: Final = 255
 _MAX_KEY_VERSION: Final = 2**31 - 1  # the key store's version column
 _FIXED = struct.Struct(">BBBI")
+_CO_KEY = struct.Struct(">BIB")  # algorithm code, version, id length
+_U16 = struct.Struct(">H")
+# A chord body gathering the results of as many subjects' tasks needs as many keys.
+MAX_CO_KEYS: Final = 2**16 - 1
 _LENGTH_BYTE: Final = tuple(bytes((length,)) for length in range(_MAX_SHORT + 1))
 _U32 = struct.Struct(">I")
 
@@ -105,11 +119,11 @@ _RESULT: Final = Kind.RESULT
 class Envelope:
     """A parsed (not yet authenticated) envelope."""
 
-    __slots__ = ("_data", "_end", "_prefix", "locations", "task_id")
+    __slots__ = ("_data", "_end", "_prefix", "co_keys", "locations", "task_id")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
-        self._prefix, self.task_id, self.locations, self._end = _parse_bytes(data)
+        self._prefix, self.task_id, self.locations, self._end, self.co_keys = _parse_bytes(data)
 
     @property
     def key_id(self) -> str:
@@ -150,13 +164,22 @@ class Envelope:
         count = len(self.locations)
         return f"<Envelope {self.key_id!r} v{self.key_version} task {self.task_id!r} {count} value(s)>"
 
-    def open(self, key: DataKey, *, task_name: str) -> list[Any]:
+    @property
+    def keys(self) -> tuple[tuple[str, int], ...]:
+        """``(key id, version)`` of every key needed to open it: its own first, then its co-keys."""
+        return ((self.key_id, self.key_version), *self.co_keys)
+
+    def open(self, key: DataKey, *, task_name: str, co_keys: Sequence[DataKey] = ()) -> list[Any]:
         """Authenticate and decrypt; returns the values in location order.
+
+        ``co_keys`` are the keys :attr:`co_keys` names, in that order.
 
         Raises:
             DecryptionFailed: tampered, wrong key, wrong task, bad format.
         """
-        return _open_values(self._prefix, key, self._data, self._end, task_name, len(self.locations))
+        if (co_keys or self.co_keys) and [(k.key_id, k.version) for k in co_keys] != list(self.co_keys):
+            raise DecryptionFailed
+        return _open_values(self._prefix, key, self._data, self._end, task_name, len(self.locations), co_keys)
 
 
 def open_task(
@@ -165,8 +188,8 @@ def open_task(
     task_id: str,
     task_name: str | Callable[[tuple[Location, ...]], str],
     key_for: Callable[[str, int], DataKey],
-) -> tuple[tuple[str, int], tuple[Location, ...], list[Any]]:
-    """Open the envelope of a task call: its ``(key id, version)``, locations and values.
+) -> tuple[tuple[tuple[str, int], ...], tuple[Location, ...], list[Any]]:
+    """Open the envelope of a task call: the ``(key id, version)`` of its keys, locations and values.
 
     The worker's path, in one step: :func:`parse` and :meth:`Envelope.open`
     without building an :class:`Envelope`.  ``key_for(key_id, version)`` is
@@ -180,24 +203,36 @@ def open_task(
     """
     data = _decode(token)
     try:
-        prefix, bound_id, locations, end = _parse_bytes(data)
+        prefix, bound_id, locations, end, co_keys = _parse_bytes(data)
     except _MALFORMED:
         raise DecryptionFailed from None
     if prefix.kind is not _TASK or bound_id != task_id:
         raise DecryptionFailed
     if not isinstance(task_name, str):
         task_name = task_name(locations)
-    key = key_for(prefix.key_id, prefix.key_version)
-    values = _open_values(prefix, key, data, end, task_name, len(locations))
-    return (prefix.key_id, prefix.key_version), locations, values
+    own = (prefix.key_id, prefix.key_version)
+    key = key_for(*own)
+    if not co_keys:  # nearly every message
+        return (own,), locations, _open_values(prefix, key, data, end, task_name, len(locations))
+    co = [key_for(*co_key) for co_key in co_keys]
+    return (own, *co_keys), locations, _open_values(prefix, key, data, end, task_name, len(locations), co)
 
 
 def _open_values(  # noqa: PLR0913, PLR0917 - the parsed parts of one envelope
-    prefix: _KeyPrefix, key: DataKey, data: bytes, end: int, task_name: str, count: int
+    prefix: _KeyPrefix,
+    key: DataKey,
+    data: bytes,
+    end: int,
+    task_name: str,
+    count: int,
+    co_keys: Sequence[DataKey] = (),
 ) -> list[Any]:
     if key.key_id != prefix.key_id or key.version != prefix.key_version:
         raise DecryptionFailed
-    plaintext = key.open(data, data[:end] + task_name.encode(), end)
+    associated_data = data[:end] + task_name.encode()
+    plaintext = key.open(data, associated_data, end)
+    for co_key in reversed(co_keys):  # sealed with each in turn: the last one's layer is outermost
+        plaintext = co_key.open(plaintext, associated_data)
     if prefix.compressed:
         plaintext = decompress(plaintext, max_size=MAX_PLAINTEXT_BYTES)
     try:
@@ -218,13 +253,17 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     task_id: str,
     kind: Kind = Kind.TASK,
     compression_threshold: int | None = None,
+    co_keys: Sequence[DataKey] = (),
     _nonce: bytes | None = None,
 ) -> str:
     """Seal ``values`` found at ``locations``; returns the envelope as ASCII text.
 
+    With ``co_keys`` (other data subjects' keys), every one of them is needed
+    to open it too.
+
     Raises:
         TypeError: a value cannot be encoded as JSON.
-        EncryptionFailed: the task id does not fit.
+        EncryptionFailed: the task id or a key id does not fit, too many co-keys.
     """
     # This runs for every message published: lookups are inlined, not called.
     flags = _FLAG_RESULT if kind is _RESULT else 0
@@ -235,11 +274,7 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         if by_orjson:
             flags |= _FLAG_ORJSON
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
-        text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
-        try:
-            plaintext = text.encode()
-        except UnicodeEncodeError:  # a lone surrogate beside them: escaped, as plain Celery sends it
-            plaintext = kombu_json.dumps(values, separators=(",", ":")).encode()
+        plaintext = _typed_json(values)
         flags |= _FLAG_TYPED
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)
@@ -250,20 +285,34 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         raise EncryptionFailed(msg)
     if type(locations) is not tuple:
         locations = tuple(locations)
+    if co_keys:
+        flags |= _FLAG_CO_KEYS
     header = b"".join(
         (
             (_key_prefixes.get(key.identity) or _new_key_prefixes(key))[flags],
+            _frame_co_keys(co_keys) if co_keys else b"",
             _LENGTH_BYTE[len(bound_id)],
             bound_id,
             _encoded_locations.get(locations) or _frame_locations(locations),
         )
     )
     associated_data = header + task_name.encode()
+    for co_key in co_keys:
+        plaintext = co_key.seal(plaintext, associated_data)
     if _nonce is None:
         sealed = key.seal(plaintext, associated_data)
     else:  # known-answer tests only
         sealed = key._seal_with_nonce(_nonce, plaintext, associated_data)  # noqa: SLF001
     return binascii.b2a_base64(header + sealed, newline=False).decode("ascii")
+
+
+def _typed_json(values: list[Any]) -> bytes:
+    text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate beside them: escaped, as plain Celery sends it
+        escaped: str = kombu_json.dumps(values, separators=(",", ":"))
+        return escaped.encode()
 
 
 # Every flag combination's key prefix, by key (its id, version and algorithm).
@@ -282,10 +331,7 @@ def _new_key_prefixes(key: DataKey) -> tuple[bytes, ...]:
 
     One prefix for each value of the flags byte, indexed by it.
     """
-    key_id = key.key_id.encode()
-    if len(key_id) > _MAX_SHORT:
-        msg = "key id longer than 255 bytes"
-        raise EncryptionFailed(msg)
+    key_id = _key_id_bytes(key)
     prefixes = tuple(
         _FIXED.pack(ENVELOPE_VERSION, flags, key.algorithm.code, key.version)
         + _LENGTH_BYTE[len(key_id)]
@@ -294,6 +340,26 @@ def _new_key_prefixes(key: DataKey) -> tuple[bytes, ...]:
     )
     _remember(_key_prefixes, key.identity, prefixes)
     return prefixes
+
+
+def _key_id_bytes(key: DataKey) -> bytes:
+    key_id = key.key_id.encode()
+    if len(key_id) > _MAX_SHORT:
+        msg = "key id longer than 255 bytes"
+        raise EncryptionFailed(msg)
+    return key_id
+
+
+def _frame_co_keys(co_keys: Sequence[DataKey]) -> bytes:
+    """The co-keys' count, then each one's algorithm, version and id."""
+    if len(co_keys) > MAX_CO_KEYS:
+        msg = f"data derived from more than {MAX_CO_KEYS} data subjects"
+        raise EncryptionFailed(msg)
+    parts = [_U16.pack(len(co_keys))]
+    for co_key in co_keys:
+        key_id = _key_id_bytes(co_key)
+        parts.append(_CO_KEY.pack(co_key.algorithm.code, co_key.version, len(key_id)) + key_id)
+    return b"".join(parts)
 
 
 def _frame_locations(locations: tuple[Location, ...]) -> bytes:
@@ -352,6 +418,8 @@ class _KeyPrefix(NamedTuple):
     algorithm: Algorithm
     kind: Kind
     compressed: bool
+    #: Co-keys follow the key id.
+    co_keys: bool
     #: How the values' JSON is read: kombu's typed JSON, orjson directly, or with every check.
     read: Callable[[bytes], Any]
 
@@ -362,8 +430,10 @@ class _KeyPrefix(NamedTuple):
 _parsed_prefixes: dict[bytes, _KeyPrefix] = {}
 
 
-def _parse_bytes(data: bytes) -> tuple[_KeyPrefix, str, tuple[Location, ...], int]:
-    """Key prefix, bound task id, locations and where the nonce starts (unauthenticated)."""
+def _parse_bytes(
+    data: bytes,
+) -> tuple[_KeyPrefix, str, tuple[Location, ...], int, tuple[tuple[str, int], ...]]:
+    """Key prefix, bound task id, locations, where the nonce starts and co-keys (unauthenticated)."""
     pos = _FIXED.size + 1
     end = pos + data[pos - 1]
     prefix = data[:end]
@@ -371,6 +441,9 @@ def _parse_bytes(data: bytes) -> tuple[_KeyPrefix, str, tuple[Location, ...], in
     if key is None:
         key = _parse_key_prefix(prefix, end)
         _remember(_parsed_prefixes, prefix, key)
+    co_keys: tuple[tuple[str, int], ...] = ()
+    if key.co_keys:
+        co_keys, end = _parse_co_keys(data, end)
     pos = end + 1
     end = pos + data[pos - 1]
     task_id = data[pos:end].decode()
@@ -382,7 +455,27 @@ def _parse_bytes(data: bytes) -> tuple[_KeyPrefix, str, tuple[Location, ...], in
     pos += where_len
     if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE:
         raise DecryptionFailed
-    return key, task_id, _decode_locations(where), pos
+    return key, task_id, _decode_locations(where), pos, co_keys
+
+
+def _parse_co_keys(data: bytes, pos: int) -> tuple[tuple[tuple[str, int], ...], int]:
+    """``(key id, version)`` of each co-key, and where the task id starts."""
+    (count,) = _U16.unpack_from(data, pos)
+    if not count:
+        raise DecryptionFailed
+    pos += _U16.size
+    co_keys = []
+    for _ in range(count):
+        alg_code, version, size = _CO_KEY.unpack_from(data, pos)
+        pos += _CO_KEY.size
+        raw_id = data[pos : pos + size]
+        pos += size
+        Algorithm.from_code(alg_code)  # one we know, or DecryptionFailed
+        key_id = raw_id.decode()
+        if len(raw_id) != size or not KEY_ID_PATTERN.match(key_id) or version > _MAX_KEY_VERSION:
+            raise DecryptionFailed
+        co_keys.append((key_id, version))
+    return tuple(co_keys), pos
 
 
 def _parse_key_prefix(prefix: bytes, size: int) -> _KeyPrefix:
@@ -400,6 +493,7 @@ def _parse_key_prefix(prefix: bytes, size: int) -> _KeyPrefix:
         algorithm=Algorithm.from_code(alg_code),
         kind=Kind.RESULT if flags & _FLAG_RESULT else Kind.TASK,
         compressed=bool(flags & _FLAG_COMPRESSED),
+        co_keys=bool(flags & _FLAG_CO_KEYS),
         read=_reader(flags),
     )
 

@@ -123,6 +123,11 @@ class KeySpec:
     #: derived from it is sealed: not under a version created after the
     #: destruction either.
     derived_from: tuple[tuple[str, int], ...] = ()
+    #: Ids of other data subjects' keys the data is sealed under too (each one is
+    #: needed to open it): data derived from several subjects (a chord body
+    #: gathering their results, a task reading another subject's result) is
+    #: then erased with any of them, not only with the subject of ``key_id``.
+    co_keys: tuple[str, ...] = ()
 
 
 class KeyManager:

@@ -706,22 +706,17 @@ def _aware(now: datetime | None, method: str) -> datetime | None:
 
 
 def _key_ids(tokens: Any) -> list[str]:
-    """The key ids named by envelopes that at least parse (for logs and audit)."""
+    """The key ids named by envelopes that at least parse (for logs and audit), co-keys included."""
     ids: list[str] = []
     if not isinstance(tokens, (list, tuple)):  # a forged body
         return ids
     for token in tokens:
-        key_id = _key_id_or_none(token)
-        if key_id is not None:
-            ids.append(key_id)
+        try:
+            keys = _envelope.parse(token).keys
+        except DecryptionFailed:
+            continue
+        ids.extend(key_id for key_id, _ in keys)
     return ids
-
-
-def _key_id_or_none(token: object) -> str | None:
-    try:
-        return _envelope.parse(token).key_id
-    except DecryptionFailed:
-        return None
 
 
 # -- task classes ------------------------------------------------------------------------------

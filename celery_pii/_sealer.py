@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Final, NamedTuple, cast
@@ -118,8 +118,8 @@ class OpenedResult(NamedTuple):
     """An opened stored result: the value as it was stored, its key, the values that were sealed."""
 
     value: Any
-    #: ``(key id, version)`` it was sealed under.
-    key: tuple[str, int]
+    #: ``(key id, version)`` of the keys it was sealed under: its own, then its co-keys.
+    keys: tuple[tuple[str, int], ...]
     #: The plaintext values of the sealed fields (what logs and errors must hide from now on).
     values: list[Any]
 
@@ -229,12 +229,17 @@ class Sealer:
         key_spec: KeySpec,
         found: list[tuple[Location, Any]],
     ) -> str:
-        """One envelope: the values ``found`` under ``key_spec``'s key, bound to their places."""
-        key = self.keys.encryption_key(key_spec)
+        """One envelope: the values ``found`` under ``key_spec``'s key(s), bound to their places."""
+        key, co_keys = self._sealing_keys(key_spec)
         locations = tuple(location for location, _ in found)
         return self._seal_values(
-            bound_name(name, root, locations), task_id, key, [value for _, value in found], locations
+            bound_name(name, root, locations), task_id, key, [value for _, value in found], locations, co_keys
         )
+
+    def _sealing_keys(self, key_spec: KeySpec) -> tuple[DataKey, list[DataKey]]:
+        """The key ``key_spec`` names, and its co-keys (other subjects' keys the data is sealed under too)."""
+        key = self.keys.encryption_key(key_spec)
+        return key, [self.keys.encryption_key(_co_key_spec(key_id)) for key_id in key_spec.co_keys]
 
     def _apart_by_subject(  # noqa: PLR0913 - the message, its values and how its own key was chosen
         self,
@@ -340,8 +345,14 @@ class Sealer:
             sealed_root["kwargs"] = sealed_kwargs
         return Sealed(sealed_root, token, locations)
 
-    def _seal_values(
-        self, name: str, task_id: str, key: DataKey, values: list[Any], locations: tuple[Location, ...]
+    def _seal_values(  # noqa: PLR0913, PLR0917 - one envelope's parts
+        self,
+        name: str,
+        task_id: str,
+        key: DataKey,
+        values: list[Any],
+        locations: tuple[Location, ...],
+        co_keys: Sequence[DataKey] = (),
     ) -> str:
         try:
             return _envelope.seal(
@@ -351,6 +362,7 @@ class Sealer:
                 task_name=name,
                 task_id=task_id,
                 compression_threshold=self.settings.compression_threshold,
+                co_keys=co_keys,
             )
         except (TypeError, ValueError) as error:
             kind = type(error).__name__
@@ -510,19 +522,20 @@ class Sealer:
         for token in tokens:  # a loop: a comprehension's frame costs more on Python 3.10 and 3.11
             opened.append(_envelope.open_task(token, task_id=task_id, task_name=task_name, key_for=key_for))  # noqa: PERF401
         if len(opened) == 1:  # nearly every message: its own call's envelope, nothing embedded
-            key, locations, values = opened[0]
+            keys, locations, values = opened[0]
             if _holds_own_arguments(locations):
-                result = Opened(values, [key], locations, [key])
+                result = Opened(values, [*keys], locations, [*keys])
             else:
-                result = Opened(values, [key], locations, [], [key])
+                result = Opened(values, [*keys], locations, [], [*keys])
         else:
-            own = [key for key, locations, _ in opened if _holds_own_arguments(locations)]
+            own = [key for keys, locations, _ in opened if _holds_own_arguments(locations) for key in keys]
+            every_key = [key for keys, _, _ in opened for key in keys]
             result = Opened(
                 [value for _, _, values in opened for value in values],
-                [key for key, _, _ in opened],
+                every_key,
                 [location for _, locations, _ in opened for location in locations],
                 own,
-                [key for key, _, _ in opened if key not in own],
+                [key for key in every_key if key not in own],
             )
             # Two envelopes for one place: never a message celery-pii published
             # (an attacker's pick of envelopes bound to this task id: a retry's and its original's).
@@ -545,28 +558,31 @@ class Sealer:
         group's last task reads back to call the chord's body) is bound to that
         group: copied into another chord on the result backend, it does not open.
         """
-        key = self.keys.encryption_key(key_spec)
+        keys = self._sealing_keys(key_spec)
         if _is_meta(obj):
             fields = [name for name in RESULT_FIELDS if obj.get(name) is not None]
             if not fields:
                 return obj
-            token = self._seal_result_values(key, [obj[name] for name in fields], fields, task_id)
+            token = self._seal_result_values(keys, [obj[name] for name in fields], fields, task_id)
             sealed = dict(obj, **dict.fromkeys(fields, MARKER))
             sealed[RESULT_KEY] = token
             return sealed
         bound = task_id if group is None else f"{task_id}{_GROUP_SEPARATOR}{_group_digest(group)}"
-        return {RESULT_KEY: self._seal_result_values(key, [obj], [_VALUE_FIELD], bound)}
+        return {RESULT_KEY: self._seal_result_values(keys, [obj], [_VALUE_FIELD], bound)}
 
-    def _seal_result_values(self, key: Any, values: list[Any], fields: list[str], task_id: str) -> str:
+    def _seal_result_values(
+        self, keys: tuple[DataKey, list[DataKey]], values: list[Any], fields: list[str], task_id: str
+    ) -> str:
         try:
             return _envelope.seal(
-                key,
+                keys[0],
                 values,
                 locations=[(name,) for name in fields],
                 task_name=_RESULT_AD,
                 task_id=task_id,
                 kind=Kind.RESULT,
                 compression_threshold=self.settings.compression_threshold,
+                co_keys=keys[1],
             )
         except (TypeError, ValueError) as error:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
@@ -606,14 +622,15 @@ class Sealer:
             bound = obj.get("task_id")  # a UUID when the caller gave one and the backend kept its type
             if bound is None or str(bound) != envelope.task_id:
                 raise DecryptionFailed
-        key = self.keys.decryption_key(envelope.key_id, envelope.key_version)
-        values = envelope.open(key, task_name=_RESULT_AD)
+        key_for = self.keys.decryption_key
+        key = key_for(envelope.key_id, envelope.key_version)
+        values = envelope.open(key, task_name=_RESULT_AD, co_keys=[key_for(*co) for co in envelope.co_keys])
         if whole:
-            return OpenedResult(values[0], (envelope.key_id, envelope.key_version), values)
+            return OpenedResult(values[0], envelope.keys, values)
         names = [str(location[0]) for location in envelope.locations]
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
-        return OpenedResult(opened, (envelope.key_id, envelope.key_version), values)
+        return OpenedResult(opened, envelope.keys, values)
 
 
 def _group_digest(group: str) -> str:
@@ -625,11 +642,18 @@ def opened_with(keys: Sequence[tuple[str, int]]) -> KeySpec:
     """The key of data derived from a message opened with ``keys`` (its envelopes' keys, first its own).
 
     The first envelope's key (its subject's, with the subject named, so that a
-    result it then reads cannot take the task to another subject's key), and
-    never once one of those versions is destroyed.
+    result it then reads cannot take the task to another subject's key), the
+    other subjects' keys among ``keys`` beside it (see ``KeySpec.co_keys``),
+    and never once one of those versions is destroyed.
     """
     key_id = keys[0][0]
-    return KeySpec(key_id, subject_id=_key_id_parts(key_id)[2], derived_from=tuple(dict.fromkeys(keys)))
+    subject = _key_id_parts(key_id)[2]
+    return KeySpec(
+        key_id,
+        subject_id=subject,
+        derived_from=tuple(dict.fromkeys(keys)),
+        co_keys=_co_keys(subject, [other for other, _ in keys[1:]]),
+    )
 
 
 def _key_id_parts(key_id: str) -> tuple[str, str, str | None]:
@@ -639,6 +663,24 @@ def _key_id_parts(key_id: str) -> tuple[str, str, str | None]:
     return base, bucket, subject
 
 
+def _co_keys(subject: str | None, key_ids: Iterable[str]) -> tuple[str, ...]:
+    """The ids among ``key_ids`` of keys of data subjects other than ``subject``, one per subject."""
+    by_subject: dict[str, str] = {}
+    for key_id in key_ids:
+        other = _key_id_parts(key_id)[2]
+        if other is not None and other != subject:
+            by_subject.setdefault(other, key_id)
+    return tuple(by_subject.values())
+
+
+def _co_key_spec(key_id: str) -> KeySpec:
+    """The spec of a key named in ``KeySpec.co_keys``: its subject and retention bucket, from its id."""
+    base, bucket, subject = _key_id_parts(key_id)
+    if not bucket:
+        return KeySpec(base, subject_id=subject)
+    return _bucket_key(base, subject, datetime.strptime(bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
+
+
 def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     """The key of a message derived from data sealed under ``source``.
 
@@ -646,17 +688,20 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     has a retention bucket: then the message is sealed under that subject's
     key (its own subject's, if it declares one: it cannot be both) and the
     earlier of the two buckets, so forgetting the subject or reaching the
-    deadline makes the derived copy unreadable with the source.  Either way
-    it is not sealed once a key version that opened the source, or its own
-    data, is destroyed.
+    deadline makes the derived copy unreadable with the source.  When the
+    message and the source are of different subjects, it is sealed under the
+    other subject's key too (``KeySpec.co_keys``): it is erased with either.
+    Either way it is not sealed once a key version that opened the source,
+    or its own data, is destroyed.
     """
     derived_from = tuple(dict.fromkeys((*own.derived_from, *source.derived_from)))
     source_base, source_bucket, source_subject = _key_id_parts(source.key_id)
     if source_subject is None and not source_bucket:
         # The source's key is kept indefinitely and names no subject.
-        return (
-            dataclasses.replace(own, derived_from=derived_from) if derived_from != own.derived_from else own
-        )
+        co_keys = _co_keys(own.subject_id, (*own.co_keys, *source.co_keys))
+        if derived_from == own.derived_from and co_keys == own.co_keys:
+            return own
+        return dataclasses.replace(own, derived_from=derived_from, co_keys=co_keys)
     own_base = own.key_id.partition("@")[0]
     base: str
     subject_id: str | None
@@ -664,16 +709,22 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
         base, subject_id = source_base, source_subject
     else:
         base, subject_id = own_base, own.subject_id
+    co_keys = _co_keys(subject_id, (*own.co_keys, source.key_id, *source.co_keys))
     buckets = [own.expires_at] if own.expires_at is not None else []
     if source_bucket:
         buckets.append(datetime.strptime(source_bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
     if not buckets:
-        return KeySpec(base, subject_id=subject_id, derived_from=derived_from)
-    return _bucket_key(base, subject_id, min(buckets), derived_from=derived_from)
+        return KeySpec(base, subject_id=subject_id, derived_from=derived_from, co_keys=co_keys)
+    return _bucket_key(base, subject_id, min(buckets), derived_from=derived_from, co_keys=co_keys)
 
 
 def _bucket_key(
-    base: str, subject_id: str | None, bucket: datetime, *, derived_from: tuple[tuple[str, int], ...] = ()
+    base: str,
+    subject_id: str | None,
+    bucket: datetime,
+    *,
+    derived_from: tuple[tuple[str, int], ...] = (),
+    co_keys: tuple[str, ...] = (),
 ) -> KeySpec:
     """The key of one retention bucket: destroyed at the bucket's moment."""
     return KeySpec(
@@ -682,6 +733,7 @@ def _bucket_key(
         expires_at=bucket,
         retention_deadline=bucket,
         derived_from=derived_from,
+        co_keys=co_keys,
     )
 
 

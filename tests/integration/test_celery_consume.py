@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime, timezone
 
 import pytest
+from celery import chord
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError, Reject
 
@@ -24,7 +25,7 @@ from celery_pii import (
 )
 from celery_pii._keys import KeySpec
 from celery_pii._quarantine import QUARANTINE_HEADER
-from celery_pii._sealer import EMBED_KEY, MARKER, derived_key_spec
+from celery_pii._sealer import EMBED_KEY, MARKER, derived_key_spec, opened_with
 
 from .conftest import (
     BACKEND_DB,
@@ -532,6 +533,40 @@ class TestKeyOutcomes:
         mine = KeySpec("subject.mine", subject_id="mine")
         assert derived_key_spec(mine, KeySpec("subject.abc")).key_id == "subject.mine"
 
+    def test_derived_key_of_two_subjects_takes_the_other_as_a_co_key(self):
+        """Derived from another subject's data, a subject's message is sealed under both subjects' keys.
+
+        It kept only its own subject's key: erasing the other subject left the
+        copy of that subject's data readable.
+        """
+        mine = KeySpec("subject.mine", subject_id="mine")
+        derived = derived_key_spec(mine, KeySpec("subject.abc@20261201T000000Z"))
+        assert (derived.key_id, derived.co_keys) == (
+            "subject.mine@20261201T000000Z",
+            ("subject.abc@20261201T000000Z",),
+        )
+        # A third subject joins; the same subject again (another bucket) and a plain key add nothing.
+        derived = derived_key_spec(derived, KeySpec("subject.xyz"))
+        derived = derived_key_spec(derived, KeySpec("subject.abc@20280101T000000Z"))
+        derived = derived_key_spec(derived, KeySpec("default"))
+        assert derived.co_keys == ("subject.abc@20261201T000000Z", "subject.xyz")
+        # A key without a subject takes the first subject's key, and its co-keys come along.
+        plain = derived_key_spec(KeySpec("orders"), derived)
+        assert (plain.key_id, plain.co_keys) == ("subject.mine@20261201T000000Z", derived.co_keys)
+        # The subject's own key is never its own co-key.
+        back = derived_key_spec(KeySpec("subject.abc", subject_id="abc"), derived)
+        assert back.key_id.startswith("subject.abc@")
+        assert back.co_keys == ("subject.mine@20261201T000000Z", "subject.xyz")
+
+    def test_opened_with_several_subjects_keys_names_the_others_as_co_keys(self):
+        """What a message opened with several subjects' keys derives goes under all of them."""
+        spec = opened_with(
+            [("subject.mine@20261201T000000Z", 2), ("subject.abc", 1), ("default", 1), ("subject.mine", 3)]
+        )
+        assert (spec.key_id, spec.subject_id) == ("subject.mine@20261201T000000Z", "mine")
+        assert spec.co_keys == ("subject.abc",)
+        assert opened_with([("default", 1)]).co_keys == ()
+
     @pytest.mark.parametrize("source_id", ["default", "subject.abc", "payments@20261201T000000Z"])
     def test_derived_key_names_the_version_that_opened_the_source(self, source_id):
         """Whatever key a derived message takes, it carries the source's opening version along."""
@@ -649,6 +684,53 @@ class TestKeyOutcomes:
         with pytest.raises(KeyDestroyed):
             app.AsyncResult(alices.id).get(timeout=5)
         assert app.AsyncResult(bobs.id).get(timeout=5)["email"] == "bob@example.com"
+
+    @pytest.mark.parametrize("backend", ["redis", "database"])
+    def test_a_subjects_task_reading_anothers_result_is_erased_with_either_subject(
+        self, make_app, key_store_url, backend
+    ):
+        """Alice's task returns Bob's email it read: forgetting Bob makes that copy unreadable too.
+
+        It was sealed under Alice's key alone: after forget_subject(bob), Bob's
+        email stayed readable in Alice's task's result.
+        """
+        app = make_app(backend="db+" + key_store_url) if backend == "database" else make_app()
+        alice, bob = f"alice-{uuid.uuid4()}", f"bob-{uuid.uuid4()}"
+        with _start(app):
+            bobs = app.tasks["t.profile"].delay(bob, "bob@example.com")
+            bobs.get(timeout=20)
+            alices = app.tasks["t.profile_reads_result"].delay(alice, EMAIL, bobs.id)
+            assert alices.get(timeout=20)["read"]["email"] == "bob@example.com"
+        assert app.AsyncResult(alices.id).get(timeout=5)["read"]["email"] == "bob@example.com"
+        assert get_pii(app).forget_subject(bob) >= 1
+        with pytest.raises(KeyDestroyed):
+            app.AsyncResult(alices.id).get(timeout=5)
+
+    @pytest.mark.parametrize("erased", [0, 1])
+    @pytest.mark.parametrize("backend", ["redis", "database"])
+    def test_a_chord_body_gathering_two_subjects_is_erased_with_either(
+        self, make_app, key_store_url, backend, erased
+    ):
+        """A chord body given two subjects' results: forgetting either one shreds its copy.
+
+        It was sealed under the key of one of them (the header task that ended
+        last on Redis, the first result ``celery.chord_unlock`` read on the
+        database backend): erasing the other left that subject's data readable
+        in the body's result.
+        """
+        app = make_app(backend="db+" + key_store_url) if backend == "database" else make_app()
+        subjects = [f"alice-{uuid.uuid4()}", f"bob-{uuid.uuid4()}"]
+        emails = ["alice@example.com", "bob@example.com"]
+        header = [
+            app.tasks["t.profile"].s(subject, email) for subject, email in zip(subjects, emails, strict=True)
+        ]
+        with _start(app):
+            body = chord(header)(app.tasks["t.gather"].s())
+            gathered = body.get(timeout=30)
+        assert sorted(part["email"] for part in gathered["results"]) == emails
+        assert get_pii(app).forget_subject(subjects[erased]) >= 1
+        with pytest.raises(KeyDestroyed):
+            app.AsyncResult(body.id).get(timeout=5)
 
     def test_a_task_that_read_anothers_result_stores_nothing_once_its_own_subject_is_erased(
         self, make_app, testapp_module

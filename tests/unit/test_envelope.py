@@ -242,3 +242,99 @@ def test_limits_are_defined():
     """The parser's bounds exist and are sane (used by the hostile-input tests)."""
     assert _envelope.MAX_LOCATIONS >= 100_000
     assert _envelope.MAX_ENVELOPE_BYTES >= 1024 * 1024
+
+
+ALICE = DataKey("subject.a11ce", 1, Algorithm.AES_256_GCM, bytes(range(1, 33)))
+BOB = DataKey("subject.b0b@20270101T000000Z", 4, Algorithm.CHACHA20_POLY1305, bytes(range(2, 34)))
+
+
+def _open_with_co_keys(raw):
+    return parse(base64.b64encode(raw).decode()).open(KEY, task_name="shop.charge", co_keys=[ALICE, BOB])
+
+
+class TestCoKeys:
+    """Values derived from several data subjects: sealed under each one's key, opened with all of them."""
+
+    def test_every_key_is_needed(self):
+        """Opened with all keys it names; without any one of them, or with another, it does not open."""
+        envelope = parse(_seal(co_keys=[ALICE, BOB]))
+        assert envelope.keys == (("orders", 2), ("subject.a11ce", 1), ("subject.b0b@20270101T000000Z", 4))
+        assert envelope.open(KEY, task_name="shop.charge", co_keys=[ALICE, BOB]) == VALUES
+        other = DataKey("subject.b0b@20270101T000000Z", 4, Algorithm.CHACHA20_POLY1305, bytes(32))
+        for co_keys in ([], [ALICE], [BOB], [BOB, ALICE], [ALICE, other], [ALICE, BOB, BOB]):
+            with pytest.raises(DecryptionFailed):
+                envelope.open(KEY, task_name="shop.charge", co_keys=co_keys)
+
+    def test_layers_are_real(self):
+        """Each co-key encrypts a layer of its own: with the outer key alone, no value is readable."""
+        raw = base64.b64decode(_seal(co_keys=[ALICE]))
+        envelope = parse(base64.b64encode(raw).decode())
+        associated_data = envelope.header + b"shop.charge"
+        inner = KEY.open(raw, associated_data, len(envelope.header))
+        assert b"ann@example.com" not in inner
+        assert ALICE.open(inner, associated_data).decode() == '["4111 1111 1111 1111","ann@example.com"]'
+
+    def test_open_task_asks_for_every_key(self):
+        """The worker's path looks each key up (a destroyed one stops it) and returns them all."""
+        token = _seal(co_keys=[ALICE, BOB])
+        keys = {(key.key_id, key.version): key for key in (KEY, ALICE, BOB)}
+        asked = []
+
+        def key_for(key_id, version):
+            asked.append((key_id, version))
+            return keys[key_id, version]
+
+        opened = _envelope.open_task(token, task_id="id-1", task_name="shop.charge", key_for=key_for)
+        assert opened == (tuple(asked), tuple(LOCATIONS), VALUES)
+        assert asked == [("orders", 2), ("subject.a11ce", 1), ("subject.b0b@20270101T000000Z", 4)]
+
+        def bob_destroyed(key_id, version):
+            if key_id == BOB.key_id:
+                raise LookupError(key_id)
+            return keys[key_id, version]
+
+        with pytest.raises(LookupError):
+            _envelope.open_task(token, task_id="id-1", task_name="shop.charge", key_for=bob_destroyed)
+
+    def test_every_byte_is_protected(self):
+        """Flipping any bit of an envelope with co-keys (their ids and versions included) fails it."""
+        raw = bytearray(base64.b64decode(_seal(co_keys=[ALICE, BOB])))
+        for i in range(len(raw)):
+            tampered = bytearray(raw)
+            tampered[i] ^= 0x01
+            with pytest.raises(DecryptionFailed):
+                _open_with_co_keys(bytes(tampered))
+
+    def test_every_truncation_fails(self):
+        """Every prefix of an envelope with co-keys fails to parse or open."""
+        raw = base64.b64decode(_seal(co_keys=[ALICE, BOB]))
+        for cut in range(len(raw)):
+            with pytest.raises(DecryptionFailed):
+                _open_with_co_keys(raw[:cut])
+
+    def test_a_co_key_block_without_keys_is_refused(self):
+        """The flag with a count of zero is not a format celery-pii writes."""
+        raw = bytearray(base64.b64decode(_seal(co_keys=[ALICE])))
+        start = 8 + len(b"orders")
+        assert raw[start : start + 2] == b"\x00\x01"
+        raw[start + 1] = 0
+        with pytest.raises(DecryptionFailed):
+            parse(base64.b64encode(bytes(raw)).decode())
+
+    def test_results_and_compression_take_co_keys_too(self):
+        """A result envelope, compressed, with a co-key: flags and layers combine."""
+        token = _seal(co_keys=[BOB], kind=Kind.RESULT, compression_threshold=1)
+        envelope = parse(token)
+        assert (envelope.kind, envelope.compressed, envelope.co_keys) == (
+            Kind.RESULT,
+            True,
+            (("subject.b0b@20270101T000000Z", 4),),
+        )
+        assert envelope.open(KEY, task_name="shop.charge", co_keys=[BOB]) == VALUES
+
+    def test_without_co_keys_the_format_is_unchanged(self):
+        """No co-keys: no flag, no block (envelopes of earlier builds and of later ones are alike)."""
+        envelope = parse(_seal())
+        assert envelope.co_keys == ()
+        assert envelope.keys == (("orders", 2),)
+        assert base64.b64decode(_seal())[1] & 0x10 == 0
