@@ -487,10 +487,28 @@ class PII:
                 headers[header] = value
         delivery = request.delivery_info or {}
         try:
+            encoded = self._encode_trusted(body)
+        except (TypeError, ValueError, RecursionError):
+            # Edited on the broker past what can be written again (nested too deep to encode
+            # here): nothing can be parked, and Celery cannot publish it again either.
+            logger.error(  # noqa: TRY400 - the traceback would show only the encoder's recursion
+                "celery-pii: task %s[%s] failed authentication and cannot be encoded to be parked; not run",
+                task.name,
+                task_id,
+            )
+            self._audit_quietly(
+                "tamper_detected",
+                task.name,
+                task_id,
+                key_ids=_key_ids(tokens),
+                reason="not parked: unencodable",
+            )
+            return True
+        try:
             park(
                 self.app,
                 self.settings.quarantine_queue,
-                body=self._encode_trusted(body),
+                body=encoded,
                 content_type=CONTENT_TYPE,
                 content_encoding=CONTENT_ENCODING,
                 headers=headers,

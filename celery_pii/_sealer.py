@@ -733,7 +733,9 @@ _OWN_PARTS: Final = frozenset(("args", "kwargs"))
 def _bound_name_or_refuse(name: str, root: Mapping[str, Any], locations: Sequence[Location]) -> str:
     try:
         return bound_name(name, root, locations)
-    except (KeyError, IndexError, TypeError):  # the body no longer has that place
+    # The body no longer has that place, or a step's fields were edited past what JSON
+    # writes (nested too deep): the message is refused before anything is authenticated.
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError):
         raise DecryptionFailed from None
 
 
