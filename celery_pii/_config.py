@@ -50,9 +50,11 @@ USER_KEY_ID_PATTERN: Final = re.compile(r"(?!celery_pii\.|subject\.)[A-Za-z0-9][
 class Settings:
     """Every ``pii_*`` setting, validated.  Field names drop the ``pii_`` prefix."""
 
-    master_key: str
-    previous_master_key: str | None
-    key_store_url: str
+    # Not in the repr: a static: key, or the key store's password, would reach logs and error
+    # trackers' captured locals with it.
+    master_key: str = dataclasses.field(repr=False)
+    previous_master_key: str | None = dataclasses.field(repr=False)
+    key_store_url: str = dataclasses.field(repr=False)
     algorithm: Algorithm
     default_key: str
     inner_serializer: str

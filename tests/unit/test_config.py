@@ -135,6 +135,24 @@ class TestValidation:
             settings_from_conf(_conf(pii_master_key="c2VjcmV0LWtleS1tYXRlcmlhbA=="))
         assert "c2VjcmV0" not in str(info.value)
 
+    def test_repr_shows_no_secret(self):
+        """The settings' repr (in logs, and in error trackers' captured locals) holds no key or password.
+
+        It showed a static: master key and the key store URL with its password.
+        """
+        key = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI="
+        settings = settings_from_conf(
+            _conf(
+                pii_master_key=f"static:{key}",
+                pii_previous_master_key=f"static:{key[::-1]}",
+                pii_key_store_url="postgresql+psycopg://app:hunter2-db-password@db.example.com/keys",
+            )
+        )
+        shown = repr(settings)
+        assert "default_key=" in shown
+        for secret in (key, key[::-1], "hunter2-db-password"):
+            assert secret not in shown
+
 
 class TestDjango:
     """Settings given Django-style, CELERY_PII_* with namespace='CELERY'."""
