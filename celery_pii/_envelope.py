@@ -71,6 +71,7 @@ MAX_LOCATIONS: Final = 1_000_000
 MAX_LOCATIONS_BYTES: Final = 16 * 1024 * 1024
 MAX_LOCATION_DEPTH: Final = 64
 
+_TOO_LARGE: Final = f"the sealed values are larger than a worker opens ({MAX_PLAINTEXT_BYTES // 2**20} MiB)"
 _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
 _FLAG_TYPED: Final = 0x04
@@ -235,12 +236,10 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         if by_orjson:
             flags |= _FLAG_ORJSON
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
-        text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
-        try:
-            plaintext = text.encode()
-        except UnicodeEncodeError:  # a lone surrogate beside them: escaped, as plain Celery sends it
-            plaintext = kombu_json.dumps(values, separators=(",", ":")).encode()
+        plaintext = _typed_json(values)
         flags |= _FLAG_TYPED
+    if len(plaintext) > MAX_PLAINTEXT_BYTES:  # what opening would refuse: not published at all
+        raise EncryptionFailed(_TOO_LARGE)
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)
         flags |= _FLAG_COMPRESSED
@@ -263,7 +262,18 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         sealed = key.seal(plaintext, associated_data)
     else:  # known-answer tests only
         sealed = key._seal_with_nonce(_nonce, plaintext, associated_data)  # noqa: SLF001
+    if len(header) + len(sealed) > MAX_ENVELOPE_BYTES:
+        raise EncryptionFailed(_TOO_LARGE)
     return binascii.b2a_base64(header + sealed, newline=False).decode("ascii")
+
+
+def _typed_json(values: list[Any]) -> bytes:
+    text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate beside them: escaped, as plain Celery sends it
+        escaped: str = kombu_json.dumps(values, separators=(",", ":"))
+        return escaped.encode()
 
 
 # Every flag combination's key prefix, by key (its id, version and algorithm).

@@ -357,6 +357,9 @@ class Sealer:
             where = _unencodable(key, values, locations)
             msg = f"task {name!r}: the PII value at {where} cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
+        except EncryptionFailed as error:  # too large, a task id or key id too long
+            msg = f"task {name!r}: {error}; nothing was published"
+            raise EncryptionFailed(msg) from None
 
     def _fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
@@ -570,6 +573,9 @@ class Sealer:
             )
         except (TypeError, ValueError) as error:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
+            raise EncryptionFailed(msg) from None
+        except EncryptionFailed as error:
+            msg = f"task result of {task_id}: {error}"
             raise EncryptionFailed(msg) from None
 
     def open_result(

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -160,6 +161,20 @@ class TestRoundTrip:
         ) as info:
             app.tasks["t.charge"].apply_async((CARD, 1), {"customer": customer})
         assert "a set of" not in str(info.value)
+
+    @pytest.mark.parametrize("compressed", [True, False])
+    def test_values_larger_than_a_worker_opens_are_not_published(self, app, compressed):
+        """65 MiB in a declared field: refused when published, not parked by every worker as tampered.
+
+        Sealing took it (compressed to 0.4 MB), and every worker refused it
+        (64 MiB is what opening inflates or reads), parking it with a false
+        ``tamper_detected`` record.
+        """
+        size = 65 * 2**20
+        value = "4" * size if compressed else base64.b64encode(os.urandom(size * 3 // 4)).decode()
+        with pytest.raises(EncryptionFailed, match=r"t\.echo.*larger than a worker opens \(64 MiB\)"):
+            app.tasks["t.echo"].delay(value)
+        assert queued_messages(app.conf.task_default_queue) == []
 
     def test_already_sealed_values_are_left_alone(self, app, worker):
         """A value that is already the sealed marker, its envelope carried along, is not sealed again."""
