@@ -307,7 +307,10 @@ def _check_celery_config(app: Celery, settings: Settings) -> None:
         accepted = conf.get(setting)
         if accepted is None:
             continue
-        accepted = {accepted} if isinstance(accepted, str) else set(accepted)
+        if isinstance(accepted, str):  # kombu would read it letter by letter, and fail at worker start
+            msg = f"setting {setting}: must be a list, e.g. {setting}=['pii']"
+            raise ConfigurationError(msg)
+        accepted = set(accepted)
         if setting == "accept_content" and not accepted & _OUR_CONTENT:
             msg = "setting accept_content: must include 'pii'; use accept_content=['pii']"
             raise ConfigurationError(msg)
@@ -344,8 +347,8 @@ def setup_pii(app: Celery) -> PII:
         _refuse_changed_settings(existing)
         return existing  # type: ignore[no-any-return]
     settings = settings_from_conf(app.conf)
-    _check_celery_config(app, settings)
     try:
+        _check_celery_config(app, settings)
         keys = _key_manager(settings)
     except ConfigurationError as error:
         raise as_written(error, app.conf) from None

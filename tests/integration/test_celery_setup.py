@@ -100,6 +100,9 @@ class TestSetup:
             ({"accept_content": ["pii", "pickle"], "pii_allow_plaintext": True}, "accept_content"),
             ({"result_accept_content": ["pii", "json"]}, "result_accept_content"),
             ({"result_serializer": "json"}, "result_serializer"),
+            # kombu reads a string letter by letter: the worker died at start with KeyError: 'p'.
+            ({"accept_content": "pii"}, r"accept_content: must be a list"),
+            ({"result_accept_content": "pii"}, r"result_accept_content: must be a list"),
             ({"task_protocol": 1}, "task_protocol"),
             ({"pii_detekt": "warn"}, "pii_detekt"),
             ({"pii_master_key": "env:PII_TEST_UNSET_VARIABLE"}, "pii_master_key"),

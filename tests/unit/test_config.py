@@ -205,6 +205,43 @@ class TestDjango:
             setup_pii(app)
         assert "pii_master_key" not in str(info.value)
 
+    def test_celery_settings_are_named_as_written_too(self, tmp_path, monkeypatch):
+        """Errors about Celery's own settings name them as a Django user writes them (CELERY_TASK_SERIALIZER)."""
+        from celery_pii import setup_pii
+
+        (tmp_path / "djceleryside.py").write_text(
+            "CELERY_TASK_SERIALIZER = 'json'\nCELERY_PII_DETECT = 'warn'\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj5", set_as_current=False)
+        app.config_from_object("djceleryside", namespace="CELERY")
+        with pytest.raises(ConfigurationError) as info:
+            setup_pii(app)
+        assert str(info.value) == (
+            "setting CELERY_TASK_SERIALIZER: must be 'pii', or task messages go out in plaintext; "
+            "set CELERY_TASK_SERIALIZER='pii'"
+        )
+
+    def test_settings_without_the_namespace_are_refused(self, tmp_path, monkeypatch):
+        """CELERY_PII_* loaded without namespace='CELERY': refused, not ignored.
+
+        Celery maps its own CELERY_TASK_SERIALIZER and the like without a
+        namespace, so its checks passed, while every CELERY_PII_* setting was
+        ignored (a key store in each host's working directory, keep-forever
+        retention).
+        """
+        (tmp_path / "djnons.py").write_text(
+            "CELERY_TASK_SERIALIZER = 'pii'\nCELERY_PII_KEY_STORE_URL = 'postgresql://db.example.com/keys'\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj6", set_as_current=False)
+        app.config_from_object("djnons")
+        with pytest.raises(
+            ConfigurationError,
+            match=r"^setting CELERY_PII_KEY_STORE_URL is not read: .*namespace='CELERY'",
+        ):
+            settings_from_conf(app.conf)
+
 
 def test_configuration_doc_is_current():
     """docs/configuration.md is exactly what the settings table generates."""
