@@ -30,6 +30,7 @@ import weakref
 from typing import Any, Final
 
 from celery import Celery, signals, states
+from celery.backends.base import DisabledBackend
 from kombu import serialization
 from kombu.exceptions import DecodeError
 
@@ -402,7 +403,30 @@ def _quarantine_queue_of(app: Any) -> str | None:
     if found is None:
         return None
     _refuse_changed_settings(found)
+    _refuse_backend_ignoring_the_serializer(app)
     return found.settings.quarantine_queue  # type: ignore[no-any-return]
+
+
+def _refuse_backend_ignoring_the_serializer(app: Any) -> None:
+    """Raise if the result backend writes results with a serializer of its own, not ``pii``.
+
+    Checked when a worker starts (building the backend before needs what it
+    needs, Django's settings for instance).  django-celery-results'
+    ``django-cache`` backend sets ``pickle`` whatever ``result_serializer``
+    says: results, and the opened arguments ``result_extended`` stores, went
+    to the cache in plaintext.
+    """
+    backend = app.backend
+    serializer = getattr(backend, "serializer", NAME)
+    if isinstance(backend, DisabledBackend) or serializer == NAME:
+        return
+    kind = f"{type(backend).__module__}.{type(backend).__qualname__}"
+    msg = (
+        f"setting result_backend: {kind} writes results with {serializer!r} whatever result_serializer "
+        "says, so results (and result_extended's arguments) would be stored in plaintext; use a backend "
+        "that writes with result_serializer (Redis, a database, django-db, rpc)"
+    )
+    raise ConfigurationError(msg)
 
 
 def _refuse_changed_settings(pii: PII) -> None:

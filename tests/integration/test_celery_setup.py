@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery, shared_task
+from celery.backends.base import KeyValueStoreBackend
 from celery.contrib.testing.worker import start_worker
 from kombu import serialization
 
@@ -34,6 +35,20 @@ def _app(key_store_url, **conf):
     settings.update(conf)
     app.conf.update(settings)
     return app
+
+
+class PicklingBackend(KeyValueStoreBackend):
+    """A backend like django-celery-results' ``django-cache``: it sets its own serializer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serializer = "pickle"
+
+    def get(self, key):
+        return None
+
+    def set(self, key, value):
+        pass
 
 
 def _start_a_worker(app):
@@ -75,6 +90,19 @@ class TestSetup:
         setup_pii(app)
         app.conf.task_serializer = "json"
         with pytest.raises(ConfigurationError, match="task_serializer"):
+            _start_a_worker(app)
+
+    def test_a_worker_refuses_a_backend_writing_with_its_own_serializer(self, key_store_url):
+        """A result backend that pickles whatever result_serializer says (django-celery-results' cache one).
+
+        Results and result_extended's opened arguments went to it in plaintext.
+        """
+        app = _app(key_store_url, result_backend=f"{__name__}:PicklingBackend")
+        setup_pii(app)
+        with pytest.raises(
+            ConfigurationError,
+            match=r"^setting result_backend: .*PicklingBackend writes results with 'pickle'",
+        ):
             _start_a_worker(app)
 
     def test_an_unreachable_store_at_setup_names_the_setting_and_no_kms(self):
