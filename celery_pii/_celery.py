@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import weakref
+from collections.abc import Sequence
 from typing import Any, Final
 
 from celery import Celery, signals, states
@@ -114,11 +116,37 @@ def _mark_declared_fields(obj: Any) -> Any:
     return obj
 
 
+def _celery_subcommand(argv: Sequence[str]) -> str | None:
+    """The ``celery`` subcommand ``argv`` runs (``worker``, ``flower``...): its first positional argument."""
+    takes_value = False
+    for arg in argv[1:]:
+        if takes_value:
+            takes_value = False
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUES:
+            takes_value = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+# Celery's global options followed by a value (``-A proj``; ``--app=proj`` is one argument).
+_GLOBAL_OPTIONS_WITH_VALUES: Final = frozenset(
+    ("-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config", "--workdir")
+)
+
+# Flower (``celery -A proj flower``) imports the app, so it holds the master key, and serves
+# what it reads over HTTP: ``/api/task/result`` and ``/api/task/apply`` returned opened results
+# to whoever could reach it.  In its process sealed results stay sealed (their markers show).
+_IN_FLOWER: Final = _celery_subcommand(sys.argv) == "flower"
+
+
 def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
         withheld = withheld_reason(value)
         if withheld is not None:  # stored in place of a result whose key was destroyed meanwhile
             raise KeyDestroyed(withheld)
+        return value
+    if _IN_FLOWER:
         return value
     failures: list[PIIError] = []
     group = _current_group()

@@ -10,6 +10,7 @@ from kombu import serialization
 
 from celery_pii import ConfigurationError, DecryptionFailed, KeyStoreUnavailable, get_pii, setup_pii
 from celery_pii._keys import KeySpec
+from celery_pii._sealer import MARKER
 from celery_pii._serializer import CONTENT_TYPE
 
 from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL
@@ -291,6 +292,47 @@ class TestSeveralApps:
         assert _open_result_hook(sealed)["result"] == {"ok": 1}
         second.set_current()
         assert _open_result_hook(sealed)["status"] == "SUCCESS"
+
+    def test_flower_shows_results_sealed(self, key_store_url, monkeypatch):
+        """In a Flower process (it imports the app, so it holds the master key) results are not opened.
+
+        Its ``/api/task/result`` and ``/api/task/apply`` served opened results
+        over HTTP to whoever could reach it.
+        """
+        from celery_pii import _celery
+
+        sealer = setup_pii(_app(key_store_url)).sealer
+        meta = {
+            "status": "SUCCESS",
+            "result": {"card": "4111 1111 1111 1111"},
+            "task_id": "t-1",
+            "traceback": None,
+        }
+        sealed = sealer.seal_result(meta, task_id="t-1", key_spec=KeySpec("default"))
+        monkeypatch.setattr(_celery, "_IN_FLOWER", True)
+        assert _celery._open_result_hook(dict(sealed))["result"] == MARKER
+        monkeypatch.setattr(_celery, "_IN_FLOWER", False)
+        assert _celery._open_result_hook(dict(sealed))["result"] == {"card": "4111 1111 1111 1111"}
+
+    @pytest.mark.parametrize(
+        ("argv", "flower"),
+        [
+            (["celery", "-A", "proj", "flower", "--port=5555"], True),
+            (["/usr/bin/celery", "--app=proj", "-b", "redis://", "flower"], True),
+            (["python -m celery", "-A", "flower", "worker", "-l", "INFO"], False),  # an app named flower
+            (["celery", "-A", "proj", "worker", "-n", "flower"], False),
+            (["celery", "-A", "proj", "result", "abc"], False),
+            (["gunicorn", "web:app"], False),
+        ],
+    )
+    def test_a_flower_process_is_told_by_its_command_line(self, argv, flower):
+        """Flower is ``celery [options] flower``: the subcommand, not any argument named so."""
+        import subprocess
+        import sys
+
+        script = f"import sys; sys.argv = {argv!r}; from celery_pii import _celery; print(_celery._IN_FLOWER)"
+        printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        assert printed.stdout.strip() == str(flower)
 
     def test_a_sealed_meta_opens_only_under_its_own_task_id(self, key_store_url):
         """The meta's task id (in the clear) must be the one its envelope is bound to, and be there."""
