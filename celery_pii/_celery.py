@@ -291,6 +291,11 @@ def _with_pii_serializer(send_task_message: Any) -> Any:
         if asked not in (None, NAME):
             logger.info("celery-pii: task %s: serializer %r asked for, %r used", name, asked, NAME)
             options["serializer"] = NAME
+        # A caller's apply_async(argsrepr=..., kwargsrepr=...) (Celery's own way to hide
+        # arguments) stays among the options Celery hands on here, and the broker got them as
+        # message properties: Redis keeps those, in plaintext.  The headers carry celery-pii's.
+        options.pop("argsrepr", None)
+        options.pop("kwargsrepr", None)
         return send_task_message(producer, name, message, *args, **options)
 
     return send_with_pii

@@ -373,6 +373,23 @@ class TestWire:
         with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
             assert result.get(timeout=20)["value"] == CARD
 
+    def test_a_callers_own_argsrepr_does_not_reach_the_broker(self, app):
+        """``apply_async(argsrepr=..., kwargsrepr=...)``, Celery's way to hide arguments, written from them.
+
+        celery-pii replaced the headers, but Celery also handed the options on
+        as message properties: Redis kept the card and email there in plaintext.
+        """
+        app.tasks["t.charge"].apply_async(
+            (CARD, 3),
+            {"customer": {"email": EMAIL}},
+            argsrepr=f"({CARD!r}, 3)",
+            kwargsrepr=f"{{'email': {EMAIL!r}}}",
+        )
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert "argsrepr" not in message["properties"]
+        assert MARKER in message["headers"]["argsrepr"]
+
     def test_a_field_of_a_task_whose_signature_was_lost_is_sealed_by_position_too(self, app):
         """A decorator without functools.wraps leaves ``(*args, **kwargs)``: the card, given by position, is sealed.
 
