@@ -437,6 +437,7 @@ def _quarantine_queue_of(app: Any) -> str | None:
         return None
     _refuse_changed_settings(found)
     _refuse_backend_ignoring_the_serializer(app)
+    found.register_missed()
     return found.settings.quarantine_queue  # type: ignore[no-any-return]
 
 

@@ -46,7 +46,7 @@ from ._sealer import (
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
-from ._taskclass import install_opening
+from ._taskclass import install_opening, wrap_instance_run
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -70,6 +70,8 @@ class PII:
         self.settings = settings
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
+        # Names of the tasks registered here, PII or not (see register_missed).
+        self._registered: set[str] = set()
         self.sealer = Sealer(keys, settings, self._lookup, self._parameters)
         # Celery stores a task's arguments with its outcome (result_extended), some of
         # them after the task ended: where values were opened is then put back to markers.
@@ -134,9 +136,32 @@ class PII:
         if task is None:
             return False, None
         spec = self.specs.get(name)
+        if spec is None and name not in self._registered:
+            # Put in the registry past its hook: its pii_fields were never read, and its
+            # declared fields would go out in plaintext.
+            self._register_missed(task)
+            spec = self.specs.get(name)
         if spec is None and self.settings.detect != "off":
             spec = default_spec(name, self.settings)
         return True, spec
+
+    def register_missed(self) -> None:
+        """Register the app's tasks that reached its registry past celery-pii's hook.
+
+        Every registration goes through ``TaskRegistry.__setitem__``, which
+        celery-pii hooks; a task put there another way (``dict.__setitem__``,
+        another extension's registry) would run without its opening step, and
+        be published with its declared fields in plaintext.  Called when a
+        worker starts, and for a task published before it is registered.
+        """
+        for name, task in list(self.app._tasks.items()):  # noqa: SLF001 - as _lookup
+            if name not in self._registered:
+                self._register_missed(task)
+
+    def _register_missed(self, task: Any) -> None:
+        logger.warning("celery-pii: task %s was registered past celery-pii's hook; registered now", task.name)
+        self._register(task)
+        wrap_instance_run(task)
 
     def _parameters(self, name: str) -> Binder | None:
         """The parameters of a registered task's function (to name places as ``pii_fields`` does)."""
@@ -155,6 +180,7 @@ class PII:
         return binder
 
     def _register(self, task: Any) -> None:
+        self._registered.add(task.name)
         spec = spec_for_task(task, self.settings)
         if spec is not None:
             self.specs[spec.name] = spec

@@ -390,6 +390,33 @@ class TestWire:
         assert "argsrepr" not in message["properties"]
         assert MARKER in message["headers"]["argsrepr"]
 
+    def test_a_task_registered_past_the_hook_is_sealed_and_opened(self, app, caplog):
+        """A task put in the registry with ``dict.__setitem__`` (another extension's registry, say).
+
+        Its pii_fields were never read: it was published with the card in
+        plaintext, argsrepr included, without a warning.
+        """
+        from celery import Task
+        from celery.contrib.testing.worker import start_worker
+
+        class Late(Task):
+            name = "t.late"
+            pii_fields = ("card_number",)
+
+            def run(self, card_number):
+                return {"ends": card_number[-4:]}
+
+        late = Late()
+        late.bind(app)
+        dict.__setitem__(app._tasks, late.name, late)
+        with caplog.at_level(logging.WARNING):
+            result = app.tasks["t.late"].delay(CARD)
+        assert "t.late was registered past celery-pii's hook" in caplog.text
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20) == {"ends": CARD[-4:]}
+
     def test_a_field_of_a_task_whose_signature_was_lost_is_sealed_by_position_too(self, app):
         """A decorator without functools.wraps leaves ``(*args, **kwargs)``: the card, given by position, is sealed.
 
