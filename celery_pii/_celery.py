@@ -41,7 +41,7 @@ from ._config import Settings, as_written, settings_from_conf
 from ._keys import KeyManager, flush_all_usage
 from ._logfilter import filter_celery_loggers
 from ._paths import replace_in_copies
-from ._pii import PII
+from ._pii import PII, check_task_message_arguments
 from ._quarantine import make_quarantine_step
 from ._sealer import MARKER, OpenedResult, is_marker, is_sealed_result, unreadable_result, withheld_reason
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
@@ -386,6 +386,7 @@ def setup_pii(app: Celery) -> PII:
         keys = _key_manager(settings)
     except ConfigurationError as error:
         raise as_written(error, app.conf) from None
+    check_task_message_arguments(app)
     serializer = _register_serializer(settings)
     pii = PII(app, settings, keys, serializer)
     setattr(app, _context.APP_ATTRIBUTE, pii)

@@ -9,8 +9,9 @@ quarantine), and the result serializer calls :meth:`PII.seal_result`.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, NoReturn
 
@@ -637,6 +638,21 @@ class _Call:
         self.options.update(options)
         self.options["task_id"], self.options["name"] = task_id, name
 
+    @classmethod
+    def check_matches(cls, as_task_v2: Callable[..., Any]) -> None:
+        """Raise if Celery's ``as_task_v2`` no longer takes its arguments in the order named here.
+
+        Celery passes them by position: another order would bind callbacks as
+        errbacks, or a chain as a chord, and leave embedded steps unsealed.
+        """
+        names = tuple(inspect.signature(as_task_v2).parameters)[2 : 2 + len(cls._POSITIONAL)]  # after the ids
+        if names != cls._POSITIONAL:
+            msg = (
+                "this Celery's AMQP.as_task_v2 takes its arguments in an order celery-pii does not know; "
+                "install a Celery release celery-pii supports (setup.cfg)"
+            )
+            raise ConfigurationError(msg)
+
     def root(self) -> dict[str, Any]:
         return {
             "args": self.options.get("args") or (),
@@ -649,6 +665,11 @@ class _Call:
 
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
+
+
+def check_task_message_arguments(app: Celery) -> None:
+    """Raise ``ConfigurationError`` if this Celery builds task messages from arguments in another order."""
+    _Call.check_matches(app.amqp.as_task_v2)
 
 
 def _custom_headers(options: dict[str, Any]) -> dict[str, Any]:

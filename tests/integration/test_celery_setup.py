@@ -106,6 +106,57 @@ class TestSetup:
         ):
             _start_a_worker(app)
 
+    def test_a_celery_passing_task_message_arguments_in_another_order_is_refused(
+        self, key_store_url, monkeypatch
+    ):
+        """Celery passes as_task_v2's arguments by position: another order would bind them wrongly, silently.
+
+        (callbacks as errbacks, a chain as a chord: embedded steps unsealed.)
+        """
+        from celery.app.amqp import AMQP
+
+        original = AMQP.as_task_v2
+        setup_pii(_app(key_store_url))  # this Celery's order is the one celery-pii knows
+
+        def swapped(
+            self,
+            task_id,
+            name,
+            args=None,
+            kwargs=None,
+            countdown=None,
+            eta=None,
+            group_id=None,
+            group_index=None,
+            expires=None,
+            retries=0,
+            chord=None,
+            errbacks=None,
+            callbacks=None,
+            **rest,
+        ):
+            return original(
+                self,
+                task_id,
+                name,
+                args,
+                kwargs,
+                countdown,
+                eta,
+                group_id,
+                group_index,
+                expires,
+                retries,
+                chord,
+                callbacks,
+                errbacks,
+                **rest,
+            )
+
+        monkeypatch.setattr(AMQP, "as_task_v2", swapped)
+        with pytest.raises(ConfigurationError, match="as_task_v2 takes its arguments in an order"):
+            setup_pii(_app(key_store_url))
+
     def test_an_unreachable_store_at_setup_names_the_setting_and_no_kms(self):
         """With a master key from the environment, the error names the store alone (it named a KMS too)."""
         app = _app("postgresql+psycopg://postgres@127.0.0.1:1/test", pii_key_store_connect_timeout=1)
