@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import weakref
+from collections.abc import Sequence
 from typing import Any, Final
 
 from celery import Celery, signals, states
+from celery.backends.base import DisabledBackend
 from kombu import serialization
 from kombu.exceptions import DecodeError
 
@@ -38,7 +41,7 @@ from ._config import Settings, as_written, settings_from_conf
 from ._keys import KeyManager, flush_all_usage
 from ._logfilter import filter_celery_loggers
 from ._paths import replace_in_copies
-from ._pii import PII
+from ._pii import PII, check_task_message_arguments
 from ._quarantine import make_quarantine_step
 from ._sealer import MARKER, OpenedResult, is_marker, is_sealed_result, unreadable_result, withheld_reason
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
@@ -113,11 +116,37 @@ def _mark_declared_fields(obj: Any) -> Any:
     return obj
 
 
+def _celery_subcommand(argv: Sequence[str]) -> str | None:
+    """The ``celery`` subcommand ``argv`` runs (``worker``, ``flower``...): its first positional argument."""
+    takes_value = False
+    for arg in argv[1:]:
+        if takes_value:
+            takes_value = False
+        elif arg in _GLOBAL_OPTIONS_WITH_VALUES:
+            takes_value = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+# Celery's global options followed by a value (``-A proj``; ``--app=proj`` is one argument).
+_GLOBAL_OPTIONS_WITH_VALUES: Final = frozenset(
+    ("-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config", "--workdir")
+)
+
+# Flower (``celery -A proj flower``) imports the app, so it holds the master key, and serves
+# what it reads over HTTP: ``/api/task/result`` and ``/api/task/apply`` returned opened results
+# to whoever could reach it.  In its process sealed results stay sealed (their markers show).
+_IN_FLOWER: Final = _celery_subcommand(sys.argv) == "flower"
+
+
 def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
         withheld = withheld_reason(value)
         if withheld is not None:  # stored in place of a result whose key was destroyed meanwhile
             raise KeyDestroyed(withheld)
+        return value
+    if _IN_FLOWER:
         return value
     failures: list[PIIError] = []
     group = _current_group()
@@ -262,6 +291,11 @@ def _with_pii_serializer(send_task_message: Any) -> Any:
         if asked not in (None, NAME):
             logger.info("celery-pii: task %s: serializer %r asked for, %r used", name, asked, NAME)
             options["serializer"] = NAME
+        # A caller's apply_async(argsrepr=..., kwargsrepr=...) (Celery's own way to hide
+        # arguments) stays among the options Celery hands on here, and the broker got them as
+        # message properties: Redis keeps those, in plaintext.  The headers carry celery-pii's.
+        options.pop("argsrepr", None)
+        options.pop("kwargsrepr", None)
         return send_task_message(producer, name, message, *args, **options)
 
     return send_with_pii
@@ -307,7 +341,10 @@ def _check_celery_config(app: Celery, settings: Settings) -> None:
         accepted = conf.get(setting)
         if accepted is None:
             continue
-        accepted = {accepted} if isinstance(accepted, str) else set(accepted)
+        if isinstance(accepted, str):  # kombu would read it letter by letter, and fail at worker start
+            msg = f"setting {setting}: must be a list, e.g. {setting}=['pii']"
+            raise ConfigurationError(msg)
+        accepted = set(accepted)
         if setting == "accept_content" and not accepted & _OUR_CONTENT:
             msg = "setting accept_content: must include 'pii'; use accept_content=['pii']"
             raise ConfigurationError(msg)
@@ -344,11 +381,12 @@ def setup_pii(app: Celery) -> PII:
         _refuse_changed_settings(existing)
         return existing  # type: ignore[no-any-return]
     settings = settings_from_conf(app.conf)
-    _check_celery_config(app, settings)
     try:
+        _check_celery_config(app, settings)
         keys = _key_manager(settings)
     except ConfigurationError as error:
         raise as_written(error, app.conf) from None
+    check_task_message_arguments(app)
     serializer = _register_serializer(settings)
     pii = PII(app, settings, keys, serializer)
     setattr(app, _context.APP_ATTRIBUTE, pii)
@@ -399,7 +437,31 @@ def _quarantine_queue_of(app: Any) -> str | None:
     if found is None:
         return None
     _refuse_changed_settings(found)
+    _refuse_backend_ignoring_the_serializer(app)
+    found.register_missed()
     return found.settings.quarantine_queue  # type: ignore[no-any-return]
+
+
+def _refuse_backend_ignoring_the_serializer(app: Any) -> None:
+    """Raise if the result backend writes results with a serializer of its own, not ``pii``.
+
+    Checked when a worker starts (building the backend before needs what it
+    needs, Django's settings for instance).  django-celery-results'
+    ``django-cache`` backend sets ``pickle`` whatever ``result_serializer``
+    says: results, and the opened arguments ``result_extended`` stores, went
+    to the cache in plaintext.
+    """
+    backend = app.backend
+    serializer = getattr(backend, "serializer", NAME)
+    if isinstance(backend, DisabledBackend) or serializer == NAME:
+        return
+    kind = f"{type(backend).__module__}.{type(backend).__qualname__}"
+    msg = (
+        f"setting result_backend: {kind} writes results with {serializer!r} whatever result_serializer "
+        "says, so results (and result_extended's arguments) would be stored in plaintext; use a backend "
+        "that writes with result_serializer (Redis, a database, django-db, rpc)"
+    )
+    raise ConfigurationError(msg)
 
 
 def _refuse_changed_settings(pii: PII) -> None:

@@ -50,9 +50,11 @@ USER_KEY_ID_PATTERN: Final = re.compile(r"(?!celery_pii\.|subject\.)[A-Za-z0-9][
 class Settings:
     """Every ``pii_*`` setting, validated.  Field names drop the ``pii_`` prefix."""
 
-    master_key: str
-    previous_master_key: str | None
-    key_store_url: str
+    # Not in the repr: a static: key, or the key store's password, would reach logs and error
+    # trackers' captured locals with it.
+    master_key: str = dataclasses.field(repr=False)
+    previous_master_key: str | None = dataclasses.field(repr=False)
+    key_store_url: str = dataclasses.field(repr=False)
     algorithm: Algorithm
     default_key: str
     inner_serializer: str
@@ -406,6 +408,16 @@ def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
     # it learns its namespace prefix (needed by _pii_keys).
     raw = {option.name: conf.get(option.name, option.default) for option in OPTIONS}
     spelled = _pii_keys(conf)
+    if not _prefix(conf):
+        unread = sorted(key for key in conf if key.upper().startswith("CELERY_PII_"))
+        if unread:
+            # Celery maps its own old CELERY_* names without a namespace, not these: they
+            # would be ignored, and every pii_* setting left at its default.
+            msg = (
+                f"setting {unread[0]} is not read: the configuration has no namespace; load it with "
+                "app.config_from_object('django.conf:settings', namespace='CELERY')"
+            )
+            raise ConfigurationError(msg)
     for key, written in spelled.items():
         if key not in _BY_NAME:
             close = difflib.get_close_matches(key, _BY_NAME, n=1)
@@ -425,18 +437,33 @@ def settings_from_conf(conf: Mapping[str, Any]) -> Settings:
 
 
 def as_written(error: ConfigurationError, conf: Mapping[str, Any]) -> ConfigurationError:
-    """``error`` naming its settings as the configuration spells them (``CELERY_PII_*`` under Django).
+    """``error`` naming its settings as the configuration spells them (``CELERY_*`` under Django).
 
     For errors raised after the settings were read (the master key, the key
-    store), which name them by their ``pii_*`` names.
+    store, Celery's own settings), which name them by their lowercase names.
     """
     spelled = _pii_keys(conf)
+    prefix = _prefix(conf)
+
+    def written(found: re.Match[str]) -> str:
+        name = found.group(0)
+        return spelled.get(name) or (prefix + name.upper() if prefix else name)
+
     text = str(error)
-    renamed = _SETTING_NAME.sub(lambda found: spelled.get(found.group(0), found.group(0)), text)
+    renamed = _SETTING_NAME.sub(written, text)
     return error if renamed == text else ConfigurationError(renamed)
 
 
-_SETTING_NAME: Final = re.compile(r"\bpii_[a-z_]+\b")
+# The settings celery-pii's errors name: its own, and the Celery settings it checks.
+_SETTING_NAME: Final = re.compile(
+    r"\b(?:pii_[a-z_]+|task_serializer|task_protocol|result_accept_content|accept_content|result_serializer)\b"
+)
+
+
+def _prefix(conf: Mapping[str, Any]) -> str:
+    """The namespace prefix a configuration was loaded with (``CELERY_`` for Django's), or ``""``."""
+    prefix: str = getattr(conf, "__dict__", {}).get("prefix") or ""
+    return prefix
 
 
 def _pii_keys(conf: Mapping[str, Any]) -> dict[str, str]:
@@ -444,7 +471,7 @@ def _pii_keys(conf: Mapping[str, Any]) -> dict[str, str]:
     # With config_from_object(..., namespace="CELERY"), Django-style keys are
     # stored as CELERY_PII_*; Celery resolves them on get() but keys() shows
     # them as written.
-    prefix: str = getattr(conf, "__dict__", {}).get("prefix") or ""
+    prefix = _prefix(conf)
     found = {}
     for key in conf:
         name = key

@@ -80,6 +80,7 @@ MAX_LOCATIONS: Final = 1_000_000
 MAX_LOCATIONS_BYTES: Final = 16 * 1024 * 1024
 MAX_LOCATION_DEPTH: Final = 64
 
+_TOO_LARGE: Final = f"the sealed values are larger than a worker opens ({MAX_PLAINTEXT_BYTES // 2**20} MiB)"
 _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
 _FLAG_TYPED: Final = 0x04
@@ -276,6 +277,8 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
         plaintext = _typed_json(values)
         flags |= _FLAG_TYPED
+    if len(plaintext) > MAX_PLAINTEXT_BYTES:  # what opening would refuse: not published at all
+        raise EncryptionFailed(_TOO_LARGE)
     if compression_threshold is not None and len(plaintext) > compression_threshold:
         plaintext = compress(plaintext)
         flags |= _FLAG_COMPRESSED
@@ -303,6 +306,8 @@ def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
         sealed = key.seal(plaintext, associated_data)
     else:  # known-answer tests only
         sealed = key._seal_with_nonce(_nonce, plaintext, associated_data)  # noqa: SLF001
+    if len(header) + len(sealed) > MAX_ENVELOPE_BYTES:
+        raise EncryptionFailed(_TOO_LARGE)
     return binascii.b2a_base64(header + sealed, newline=False).decode("ascii")
 
 

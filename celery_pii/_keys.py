@@ -220,9 +220,13 @@ class KeyManager:
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
         with self.store.transaction() as session:
-            row = session.scalars(
-                select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version)
-            ).one_or_none()
+            row = (
+                session.scalars(
+                    select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.version == version)
+                ).one_or_none()
+                if _is_key_id(key_id)
+                else None  # envelopes never name such an id; a caller's typo does
+            )
             if row is None:
                 msg = f"key {key_id!r} version {version} not found in the key store"
                 raise KeyNotFound(msg)
@@ -583,6 +587,8 @@ class KeyManager:
 
     def list_keys(self, key_id: str | None = None, *, limit: int | None = None) -> list[KeyInfo]:
         """Key versions (all, or of one key id), by key id and version; metadata only."""
+        if key_id is not None and not _is_key_id(key_id):
+            return []  # no key store holds it
         query = select(KeyRow).order_by(KeyRow.key_id, KeyRow.version)
         if key_id is not None:
             query = query.where(KeyRow.key_id == key_id)
@@ -636,6 +642,8 @@ class KeyManager:
         limit: int | None = None,
     ) -> list[AuditRecord]:
         """Audit records, oldest first, optionally for one key id and a time window."""
+        if key_id is not None and "\x00" in key_id:
+            return []  # no record names it (PostgreSQL refuses the NUL byte with DataError)
         query = select(AuditRow).order_by(AuditRow.timestamp, AuditRow.id)
         if key_id is not None:
             query = query.where(AuditRow.key_id == key_id)
@@ -1021,7 +1029,8 @@ def check_not_reserved(key_id: str) -> None:
     new version would give every data subject a new key id, and
     ``forget_subject`` would then miss the keys their data is sealed under.
     """
-    if isinstance(key_id, str) and key_id.startswith(RESERVED_PREFIX):
+    _check_key_id(key_id)
+    if key_id.startswith(RESERVED_PREFIX):
         msg = f"key {key_id!r} is celery-pii's own key and is never rotated, retired or destroyed by hand"
         raise ConfigurationError(msg)
 
@@ -1036,11 +1045,16 @@ def _check_user_key_id(key_id: str) -> None:
 
 
 def _check_key_id(key_id: str) -> None:
-    from ._config import KEY_ID_PATTERN  # noqa: PLC0415 - avoid a cycle at import time
-
-    if not isinstance(key_id, str) or not KEY_ID_PATTERN.match(key_id):
+    if not _is_key_id(key_id):
         msg = "key ids are 1-160 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
         raise ConfigurationError(msg)
+
+
+def _is_key_id(key_id: object) -> bool:
+    """True if a key store can hold ``key_id`` (PostgreSQL refuses a NUL byte with DataError)."""
+    from ._config import KEY_ID_PATTERN  # noqa: PLC0415 - avoid a cycle at import time
+
+    return isinstance(key_id, str) and KEY_ID_PATTERN.match(key_id) is not None
 
 
 # Every key manager alive in this process, for what happens to all of them at

@@ -9,8 +9,9 @@ quarantine), and the result serializer calls :meth:`PII.seal_result`.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, NoReturn
 
@@ -46,7 +47,7 @@ from ._sealer import (
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
-from ._taskclass import install_opening
+from ._taskclass import install_opening, wrap_instance_run
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -70,6 +71,8 @@ class PII:
         self.settings = settings
         self.keys = keys
         self.specs: dict[str, TaskSpec] = {}
+        # Names of the tasks registered here, PII or not (see register_missed).
+        self._registered: set[str] = set()
         self.sealer = Sealer(keys, settings, self._lookup, self._parameters)
         # Celery stores a task's arguments with its outcome (result_extended), some of
         # them after the task ended: where values were opened is then put back to markers.
@@ -134,9 +137,32 @@ class PII:
         if task is None:
             return False, None
         spec = self.specs.get(name)
+        if spec is None and name not in self._registered:
+            # Put in the registry past its hook: its pii_fields were never read, and its
+            # declared fields would go out in plaintext.
+            self._register_missed(task)
+            spec = self.specs.get(name)
         if spec is None and self.settings.detect != "off":
             spec = default_spec(name, self.settings)
         return True, spec
+
+    def register_missed(self) -> None:
+        """Register the app's tasks that reached its registry past celery-pii's hook.
+
+        Every registration goes through ``TaskRegistry.__setitem__``, which
+        celery-pii hooks; a task put there another way (``dict.__setitem__``,
+        another extension's registry) would run without its opening step, and
+        be published with its declared fields in plaintext.  Called when a
+        worker starts, and for a task published before it is registered.
+        """
+        for name, task in list(self.app._tasks.items()):  # noqa: SLF001 - as _lookup
+            if name not in self._registered:
+                self._register_missed(task)
+
+    def _register_missed(self, task: Any) -> None:
+        logger.warning("celery-pii: task %s was registered past celery-pii's hook; registered now", task.name)
+        self._register(task)
+        wrap_instance_run(task)
 
     def _parameters(self, name: str) -> Binder | None:
         """The parameters of a registered task's function (to name places as ``pii_fields`` does)."""
@@ -155,6 +181,7 @@ class PII:
         return binder
 
     def _register(self, task: Any) -> None:
+        self._registered.add(task.name)
         spec = spec_for_task(task, self.settings)
         if spec is not None:
             self.specs[spec.name] = spec
@@ -487,10 +514,28 @@ class PII:
                 headers[header] = value
         delivery = request.delivery_info or {}
         try:
+            encoded = self._encode_trusted(body)
+        except (TypeError, ValueError, RecursionError):
+            # Edited on the broker past what can be written again (nested too deep to encode
+            # here): nothing can be parked, and Celery cannot publish it again either.
+            logger.error(  # noqa: TRY400 - the traceback would show only the encoder's recursion
+                "celery-pii: task %s[%s] failed authentication and cannot be encoded to be parked; not run",
+                task.name,
+                task_id,
+            )
+            self._audit_quietly(
+                "tamper_detected",
+                task.name,
+                task_id,
+                key_ids=_key_ids(tokens),
+                reason="not parked: unencodable",
+            )
+            return True
+        try:
             park(
                 self.app,
                 self.settings.quarantine_queue,
-                body=self._encode_trusted(body),
+                body=encoded,
                 content_type=CONTENT_TYPE,
                 content_encoding=CONTENT_ENCODING,
                 headers=headers,
@@ -593,6 +638,21 @@ class _Call:
         self.options.update(options)
         self.options["task_id"], self.options["name"] = task_id, name
 
+    @classmethod
+    def check_matches(cls, as_task_v2: Callable[..., Any]) -> None:
+        """Raise if Celery's ``as_task_v2`` no longer takes its arguments in the order named here.
+
+        Celery passes them by position: another order would bind callbacks as
+        errbacks, or a chain as a chord, and leave embedded steps unsealed.
+        """
+        names = tuple(inspect.signature(as_task_v2).parameters)[2 : 2 + len(cls._POSITIONAL)]  # after the ids
+        if names != cls._POSITIONAL:
+            msg = (
+                "this Celery's AMQP.as_task_v2 takes its arguments in an order celery-pii does not know; "
+                "install a Celery release celery-pii supports (setup.cfg)"
+            )
+            raise ConfigurationError(msg)
+
     def root(self) -> dict[str, Any]:
         return {
             "args": self.options.get("args") or (),
@@ -605,6 +665,11 @@ class _Call:
 
     def arguments(self, root: dict[str, Any]) -> dict[str, Any]:
         return {**self.options, **root}
+
+
+def check_task_message_arguments(app: Celery) -> None:
+    """Raise ``ConfigurationError`` if this Celery builds task messages from arguments in another order."""
+    _Call.check_matches(app.amqp.as_task_v2)
 
 
 def _custom_headers(options: dict[str, Any]) -> dict[str, Any]:

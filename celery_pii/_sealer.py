@@ -369,6 +369,9 @@ class Sealer:
             where = _unencodable(key, values, locations)
             msg = f"task {name!r}: the PII value at {where} cannot be encoded ({kind}); nothing was published"
             raise EncryptionFailed(msg) from None
+        except EncryptionFailed as error:  # too large, a task id or key id too long
+            msg = f"task {name!r}: {error}; nothing was published"
+            raise EncryptionFailed(msg) from None
 
     def _fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
@@ -587,6 +590,9 @@ class Sealer:
         except (TypeError, ValueError) as error:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
             raise EncryptionFailed(msg) from None
+        except EncryptionFailed as error:
+            msg = f"task result of {task_id}: {error}"
+            raise EncryptionFailed(msg) from None
 
     def open_result(
         self, obj: dict[str, Any], *, group: str | None = None, task_id: str | None = None
@@ -785,7 +791,9 @@ _OWN_PARTS: Final = frozenset(("args", "kwargs"))
 def _bound_name_or_refuse(name: str, root: Mapping[str, Any], locations: Sequence[Location]) -> str:
     try:
         return bound_name(name, root, locations)
-    except (KeyError, IndexError, TypeError):  # the body no longer has that place
+    # The body no longer has that place, or a step's fields were edited past what JSON
+    # writes (nested too deep): the message is refused before anything is authenticated.
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError):
         raise DecryptionFailed from None
 
 

@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LocalMasterKey",
     "MasterKey",
+    "MasterKeyFileWarning",
     "StaticMasterKeyWarning",
     "generate_master_key",
     "load_master_key",
@@ -49,6 +51,10 @@ _WRAP_FORMAT: Final = b"\x01"
 
 class StaticMasterKeyWarning(UserWarning):
     """A ``static:`` master key sits in configuration: fine for tests only."""
+
+
+class MasterKeyFileWarning(UserWarning):
+    """A ``file:`` master key that users other than its owner can read or change."""
 
 
 class MasterKey(Protocol):
@@ -138,38 +144,64 @@ def generate_master_key() -> str:
 
 
 def _decode(text: str, origin: str) -> LocalMasterKey:
+    """The master key in ``text`` (base64 of 32 bytes).
+
+    The text is held in no other frame of a traceback it raises: error trackers
+    record frames' locals (Sentry does by default), and a key written as hex,
+    say, is refused here but is the operator's key all the same.  So it is
+    deleted, with what it decoded to, before an error is raised.
+    """
     try:
         material = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         try:
             material = base64.urlsafe_b64decode(text.strip())
         except (binascii.Error, ValueError):
+            del text
             msg = f"setting {_SETTING}: {origin} is not valid base64; {_GENERATE_HINT}"
             raise ConfigurationError(msg) from None
     if len(material) != KEY_SIZE:
+        del text, material
         msg = f"setting {_SETTING}: {origin} must hold base64 of exactly {KEY_SIZE} bytes; {_GENERATE_HINT}"
         raise ConfigurationError(msg)
     return LocalMasterKey(material)
 
 
 def _from_env(name: str, _settings: Settings | None) -> MasterKey:
+    # The value is passed on, never named here (see _decode).
+    return _decode(_environment_value(name), f"environment variable {name}")
+
+
+def _environment_value(name: str) -> str:
     if not name:
         msg = f"setting {_SETTING}: 'env:' needs a variable name, e.g. env:CELERY_PII_MASTER_KEY"
         raise ConfigurationError(msg)
-    value = os.environ.get(name)
-    if not value:
+    if not os.environ.get(name):
         msg = f"setting {_SETTING}: environment variable {name} is not set; {_GENERATE_HINT}"
         raise ConfigurationError(msg)
-    return _decode(value, f"environment variable {name}")
+    return os.environ[name]
 
 
 def _from_file(path: str, _settings: Settings | None) -> MasterKey:
+    # The text is passed on, never named here (see _decode).
+    return _decode(_key_file_text(path), f"key file {path!r}")
+
+
+def _key_file_text(path: str) -> str:
     try:
+        mode = Path(path).stat().st_mode
         text = Path(path).read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         msg = f"setting {_SETTING}: cannot read key file {path!r} ({type(exc).__name__})"
         raise ConfigurationError(msg) from None
-    return _decode(text, f"key file {path!r}")
+    if os.name == "posix" and mode & 0o077:
+        warnings.warn(
+            f"{_SETTING}: key file {path!r} is open to other users (mode {stat.S_IMODE(mode):04o}); "
+            f"chmod 600 it, owned by the user the workers run as",
+            MasterKeyFileWarning,
+            stacklevel=4,
+        )
+    return text
 
 
 def _from_static(text: str, _settings: Settings | None) -> MasterKey:

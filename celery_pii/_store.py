@@ -1,8 +1,9 @@
 """The SQL key store: typed models and the few statements the key manager needs.
 
 Rows hold *wrapped* key material only (wrapped by the master key, never
-stored); destroying a key version deletes its material and keeps its row, so
-the audit trail and ``get_stats`` still see it.
+stored); destroying a key version overwrites its material and keeps its row, so
+the audit trail and ``get_stats`` still see it.  (The database keeps old row
+versions in its own files and logs for a while: docs/retention.md.)
 
 The store knows no Celery and no serializer.  Every database error that a
 retry could cure surfaces as :class:`KeyStoreUnavailable` (with the error's

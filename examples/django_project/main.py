@@ -38,7 +38,7 @@ def main() -> None:
         # proj/celery.py of a Django project, with "django.conf:settings" -> "settings":
         app = Celery("shop", set_as_current=False)
         app.config_from_object("settings", namespace="CELERY")
-        migrate(app.conf.pii_key_store_url)  # in Django: a migration or a deploy step
+        migrate(app.conf.pii_key_store_url)  # in Django: `celery -A proj pii db upgrade`, a deploy step
         pii = setup_pii(app)
 
         @app.task(name="shop.send_receipt", pii_fields=["email"])

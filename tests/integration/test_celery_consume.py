@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -274,6 +275,35 @@ class TestAuthenticationFailures:
             embedded["immutable"] = False  # the only edit
 
         _assert_parked_not_run(app, _republish_edited(app, make_mutable))
+
+    def test_canvas_step_nested_too_deep_to_bind_is_refused_and_audited(self, app):
+        """A step's ``subtask_type`` nested 960 lists deep on the broker: refused as tampered, audited.
+
+        Binding the step's name into the associated data (before anything is
+        authenticated) raised RecursionError: the task failed as if it had run,
+        and nothing was parked or audited.
+        """
+        app.tasks["t.echo"].s(CARD).apply_async(link=app.tasks["t.notify"].s(email=EMAIL))
+
+        def nest(inner):
+            deep: list = []
+            for _ in range(960):  # orjson, which reads the body, refuses 1024 and deeper
+                deep = [deep]
+            inner[2]["callbacks"][0]["subtask_type"] = deep
+
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 2000)  # for this test's own json.dumps of the edited body
+        try:
+            task_id = _republish_edited(app, nest)
+        finally:
+            sys.setrecursionlimit(limit)
+        with _start(app), pytest.raises(DecryptionFailed):
+            app.AsyncResult(task_id).get(timeout=20)
+        audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
+        assert [r.details.get("task_id") for r in audit] == [task_id]
+        # Parked if this Python can write the body again; otherwise the record says it was not.
+        parked = [m["headers"]["id"] for m in queued_messages(app.conf.pii_quarantine_queue)]
+        assert parked == [task_id] or audit[0].details["reason"] == "not parked: unencodable"
 
     def test_undecodable_message_is_quarantined(self, app):
         """A pii message so damaged it cannot be decoded is parked byte for byte, not dropped."""

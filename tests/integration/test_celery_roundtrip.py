@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -160,6 +161,20 @@ class TestRoundTrip:
         ) as info:
             app.tasks["t.charge"].apply_async((CARD, 1), {"customer": customer})
         assert "a set of" not in str(info.value)
+
+    @pytest.mark.parametrize("compressed", [True, False])
+    def test_values_larger_than_a_worker_opens_are_not_published(self, app, compressed):
+        """65 MiB in a declared field: refused when published, not parked by every worker as tampered.
+
+        Sealing took it (compressed to 0.4 MB), and every worker refused it
+        (64 MiB is what opening inflates or reads), parking it with a false
+        ``tamper_detected`` record.
+        """
+        size = 65 * 2**20
+        value = "4" * size if compressed else base64.b64encode(os.urandom(size * 3 // 4)).decode()
+        with pytest.raises(EncryptionFailed, match=r"t\.echo.*larger than a worker opens \(64 MiB\)"):
+            app.tasks["t.echo"].delay(value)
+        assert queued_messages(app.conf.task_default_queue) == []
 
     def test_already_sealed_values_are_left_alone(self, app, worker):
         """A value that is already the sealed marker, its envelope carried along, is not sealed again."""
@@ -357,6 +372,50 @@ class TestWire:
         assert_no_plaintext(message_bytes(message))
         with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
             assert result.get(timeout=20)["value"] == CARD
+
+    def test_a_callers_own_argsrepr_does_not_reach_the_broker(self, app):
+        """``apply_async(argsrepr=..., kwargsrepr=...)``, Celery's way to hide arguments, written from them.
+
+        celery-pii replaced the headers, but Celery also handed the options on
+        as message properties: Redis kept the card and email there in plaintext.
+        """
+        app.tasks["t.charge"].apply_async(
+            (CARD, 3),
+            {"customer": {"email": EMAIL}},
+            argsrepr=f"({CARD!r}, 3)",
+            kwargsrepr=f"{{'email': {EMAIL!r}}}",
+        )
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert "argsrepr" not in message["properties"]
+        assert MARKER in message["headers"]["argsrepr"]
+
+    def test_a_task_registered_past_the_hook_is_sealed_and_opened(self, app, caplog):
+        """A task put in the registry with ``dict.__setitem__`` (another extension's registry, say).
+
+        Its pii_fields were never read: it was published with the card in
+        plaintext, argsrepr included, without a warning.
+        """
+        from celery import Task
+        from celery.contrib.testing.worker import start_worker
+
+        class Late(Task):
+            name = "t.late"
+            pii_fields = ("card_number",)
+
+            def run(self, card_number):
+                return {"ends": card_number[-4:]}
+
+        late = Late()
+        late.bind(app)
+        dict.__setitem__(app._tasks, late.name, late)
+        with caplog.at_level(logging.WARNING):
+            result = app.tasks["t.late"].delay(CARD)
+        assert "t.late was registered past celery-pii's hook" in caplog.text
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20) == {"ends": CARD[-4:]}
 
     def test_a_field_of_a_task_whose_signature_was_lost_is_sealed_by_position_too(self, app):
         """A decorator without functools.wraps leaves ``(*args, **kwargs)``: the card, given by position, is sealed.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery, shared_task
+from celery.backends.base import KeyValueStoreBackend
 from celery.contrib.testing.worker import start_worker
 from kombu import serialization
 
 from celery_pii import ConfigurationError, DecryptionFailed, KeyStoreUnavailable, get_pii, setup_pii
 from celery_pii._keys import KeySpec
+from celery_pii._sealer import MARKER
 from celery_pii._serializer import CONTENT_TYPE
 
 from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL
@@ -34,6 +36,20 @@ def _app(key_store_url, **conf):
     settings.update(conf)
     app.conf.update(settings)
     return app
+
+
+class PicklingBackend(KeyValueStoreBackend):
+    """A backend like django-celery-results' ``django-cache``: it sets its own serializer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serializer = "pickle"
+
+    def get(self, key):
+        return None
+
+    def set(self, key, value):
+        pass
 
 
 def _start_a_worker(app):
@@ -77,6 +93,70 @@ class TestSetup:
         with pytest.raises(ConfigurationError, match="task_serializer"):
             _start_a_worker(app)
 
+    def test_a_worker_refuses_a_backend_writing_with_its_own_serializer(self, key_store_url):
+        """A result backend that pickles whatever result_serializer says (django-celery-results' cache one).
+
+        Results and result_extended's opened arguments went to it in plaintext.
+        """
+        app = _app(key_store_url, result_backend=f"{__name__}:PicklingBackend")
+        setup_pii(app)
+        with pytest.raises(
+            ConfigurationError,
+            match=r"^setting result_backend: .*PicklingBackend writes results with 'pickle'",
+        ):
+            _start_a_worker(app)
+
+    def test_a_celery_passing_task_message_arguments_in_another_order_is_refused(
+        self, key_store_url, monkeypatch
+    ):
+        """Celery passes as_task_v2's arguments by position: another order would bind them wrongly, silently.
+
+        (callbacks as errbacks, a chain as a chord: embedded steps unsealed.)
+        """
+        from celery.app.amqp import AMQP
+
+        original = AMQP.as_task_v2
+        setup_pii(_app(key_store_url))  # this Celery's order is the one celery-pii knows
+
+        def swapped(
+            self,
+            task_id,
+            name,
+            args=None,
+            kwargs=None,
+            countdown=None,
+            eta=None,
+            group_id=None,
+            group_index=None,
+            expires=None,
+            retries=0,
+            chord=None,
+            errbacks=None,
+            callbacks=None,
+            **rest,
+        ):
+            return original(
+                self,
+                task_id,
+                name,
+                args,
+                kwargs,
+                countdown,
+                eta,
+                group_id,
+                group_index,
+                expires,
+                retries,
+                chord,
+                callbacks,
+                errbacks,
+                **rest,
+            )
+
+        monkeypatch.setattr(AMQP, "as_task_v2", swapped)
+        with pytest.raises(ConfigurationError, match="as_task_v2 takes its arguments in an order"):
+            setup_pii(_app(key_store_url))
+
     def test_an_unreachable_store_at_setup_names_the_setting_and_no_kms(self):
         """With a master key from the environment, the error names the store alone (it named a KMS too)."""
         app = _app("postgresql+psycopg://postgres@127.0.0.1:1/test", pii_key_store_connect_timeout=1)
@@ -100,6 +180,9 @@ class TestSetup:
             ({"accept_content": ["pii", "pickle"], "pii_allow_plaintext": True}, "accept_content"),
             ({"result_accept_content": ["pii", "json"]}, "result_accept_content"),
             ({"result_serializer": "json"}, "result_serializer"),
+            # kombu reads a string letter by letter: the worker died at start with KeyError: 'p'.
+            ({"accept_content": "pii"}, r"accept_content: must be a list"),
+            ({"result_accept_content": "pii"}, r"result_accept_content: must be a list"),
             ({"task_protocol": 1}, "task_protocol"),
             ({"pii_detekt": "warn"}, "pii_detekt"),
             ({"pii_master_key": "env:PII_TEST_UNSET_VARIABLE"}, "pii_master_key"),
@@ -260,6 +343,47 @@ class TestSeveralApps:
         assert _open_result_hook(sealed)["result"] == {"ok": 1}
         second.set_current()
         assert _open_result_hook(sealed)["status"] == "SUCCESS"
+
+    def test_flower_shows_results_sealed(self, key_store_url, monkeypatch):
+        """In a Flower process (it imports the app, so it holds the master key) results are not opened.
+
+        Its ``/api/task/result`` and ``/api/task/apply`` served opened results
+        over HTTP to whoever could reach it.
+        """
+        from celery_pii import _celery
+
+        sealer = setup_pii(_app(key_store_url)).sealer
+        meta = {
+            "status": "SUCCESS",
+            "result": {"card": "4111 1111 1111 1111"},
+            "task_id": "t-1",
+            "traceback": None,
+        }
+        sealed = sealer.seal_result(meta, task_id="t-1", key_spec=KeySpec("default"))
+        monkeypatch.setattr(_celery, "_IN_FLOWER", True)
+        assert _celery._open_result_hook(dict(sealed))["result"] == MARKER
+        monkeypatch.setattr(_celery, "_IN_FLOWER", False)
+        assert _celery._open_result_hook(dict(sealed))["result"] == {"card": "4111 1111 1111 1111"}
+
+    @pytest.mark.parametrize(
+        ("argv", "flower"),
+        [
+            (["celery", "-A", "proj", "flower", "--port=5555"], True),
+            (["/usr/bin/celery", "--app=proj", "-b", "redis://", "flower"], True),
+            (["python -m celery", "-A", "flower", "worker", "-l", "INFO"], False),  # an app named flower
+            (["celery", "-A", "proj", "worker", "-n", "flower"], False),
+            (["celery", "-A", "proj", "result", "abc"], False),
+            (["gunicorn", "web:app"], False),
+        ],
+    )
+    def test_a_flower_process_is_told_by_its_command_line(self, argv, flower):
+        """Flower is ``celery [options] flower``: the subcommand, not any argument named so."""
+        import subprocess
+        import sys
+
+        script = f"import sys; sys.argv = {argv!r}; from celery_pii import _celery; print(_celery._IN_FLOWER)"
+        printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        assert printed.stdout.strip() == str(flower)
 
     def test_a_sealed_meta_opens_only_under_its_own_task_id(self, key_store_url):
         """The meta's task id (in the clear) must be the one its envelope is bound to, and be there."""

@@ -427,6 +427,25 @@ class TestKeyManager:
             manager.destroy_key("orders", 7)
         assert manager.destroy_key("orders", 1) == 1
 
+    def test_a_key_id_no_store_can_hold_is_named_as_such(self, manager):
+        """A NUL byte in a key id given to the Python API: a clear error or nothing found, on every backend.
+
+        PostgreSQL refused it with SQLAlchemy's DataError from most methods.
+        """
+        manager.encryption_key(KeySpec("orders"))
+        for operation in (
+            lambda: manager.rotate_key("or\x00ders"),
+            lambda: manager.retire_key("or\x00ders", 1),
+            lambda: manager.destroy_key("or\x00ders"),
+        ):
+            with pytest.raises(ConfigurationError, match="key ids are 1-160 characters"):
+                operation()
+        with pytest.raises(KeyNotFound, match="version 1 not found"):
+            manager.decryption_key("or\x00ders", 1)
+        assert manager.list_keys("or\x00ders") == []
+        assert manager.audit_trail("or\x00ders") == []
+        assert [k.key_id for k in manager.list_keys()] == ["orders"]
+
     def test_automatic_rotation_by_age_and_count(self, make_manager):
         """Keys older than the interval or past the message count rotate; others do not."""
         manager = make_manager(rotation_interval=timedelta(days=1), rotation_max_messages=50)

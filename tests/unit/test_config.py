@@ -135,6 +135,24 @@ class TestValidation:
             settings_from_conf(_conf(pii_master_key="c2VjcmV0LWtleS1tYXRlcmlhbA=="))
         assert "c2VjcmV0" not in str(info.value)
 
+    def test_repr_shows_no_secret(self):
+        """The settings' repr (in logs, and in error trackers' captured locals) holds no key or password.
+
+        It showed a static: master key and the key store URL with its password.
+        """
+        key = "c2VjcmV0LWtleS1tYXRlcmlhbC0wMTIzNDU2Nzg5YWI="
+        settings = settings_from_conf(
+            _conf(
+                pii_master_key=f"static:{key}",
+                pii_previous_master_key=f"static:{key[::-1]}",
+                pii_key_store_url="postgresql+psycopg://app:hunter2-db-password@db.example.com/keys",
+            )
+        )
+        shown = repr(settings)
+        assert "default_key=" in shown
+        for secret in (key, key[::-1], "hunter2-db-password"):
+            assert secret not in shown
+
 
 class TestDjango:
     """Settings given Django-style, CELERY_PII_* with namespace='CELERY'."""
@@ -186,6 +204,43 @@ class TestDjango:
         with pytest.raises(ConfigurationError, match=r"^setting CELERY_PII_MASTER_KEY: ") as info:
             setup_pii(app)
         assert "pii_master_key" not in str(info.value)
+
+    def test_celery_settings_are_named_as_written_too(self, tmp_path, monkeypatch):
+        """Errors about Celery's own settings name them as a Django user writes them (CELERY_TASK_SERIALIZER)."""
+        from celery_pii import setup_pii
+
+        (tmp_path / "djceleryside.py").write_text(
+            "CELERY_TASK_SERIALIZER = 'json'\nCELERY_PII_DETECT = 'warn'\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj5", set_as_current=False)
+        app.config_from_object("djceleryside", namespace="CELERY")
+        with pytest.raises(ConfigurationError) as info:
+            setup_pii(app)
+        assert str(info.value) == (
+            "setting CELERY_TASK_SERIALIZER: must be 'pii', or task messages go out in plaintext; "
+            "set CELERY_TASK_SERIALIZER='pii'"
+        )
+
+    def test_settings_without_the_namespace_are_refused(self, tmp_path, monkeypatch):
+        """CELERY_PII_* loaded without namespace='CELERY': refused, not ignored.
+
+        Celery maps its own CELERY_TASK_SERIALIZER and the like without a
+        namespace, so its checks passed, while every CELERY_PII_* setting was
+        ignored (a key store in each host's working directory, keep-forever
+        retention).
+        """
+        (tmp_path / "djnons.py").write_text(
+            "CELERY_TASK_SERIALIZER = 'pii'\nCELERY_PII_KEY_STORE_URL = 'postgresql://db.example.com/keys'\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        app = Celery("dj6", set_as_current=False)
+        app.config_from_object("djnons")
+        with pytest.raises(
+            ConfigurationError,
+            match=r"^setting CELERY_PII_KEY_STORE_URL is not read: .*namespace='CELERY'",
+        ):
+            settings_from_conf(app.conf)
 
 
 def test_configuration_doc_is_current():

@@ -24,7 +24,8 @@ VALUES = ["4111 1111 1111 1111", "ann@example.com"]
 def _seal(**overrides):
     options = {"locations": LOCATIONS, "task_name": "shop.charge", "task_id": "id-1"}
     options.update(overrides)
-    return seal(overrides.pop("key", KEY), VALUES, **{k: v for k, v in options.items() if k != "key"})
+    values = options.pop("values", VALUES)
+    return seal(overrides.pop("key", KEY), values, **{k: v for k, v in options.items() if k != "key"})
 
 
 def _open(token, key=KEY, task_name="shop.charge"):
@@ -161,6 +162,28 @@ class TestEnvelope:
         with pytest.raises(EncryptionFailed) as info:
             _seal(task_id="x" * 300)
         assert "xxxx" not in str(info.value)
+
+    ONE = (("args", 0),)
+
+    def test_what_opening_refuses_is_not_sealed(self):
+        """Values past opening's limits raise EncryptionFailed when sealed, compressed or not.
+
+        A 65 MiB field sealed compressed into a small envelope every worker then
+        refused (it inflates past ``MAX_PLAINTEXT_BYTES``).
+        """
+        for threshold in (1024, None):
+            with pytest.raises(EncryptionFailed, match="larger than a worker opens"):
+                _seal(
+                    compression_threshold=threshold,
+                    values=["x" * (_envelope.MAX_PLAINTEXT_BYTES + 1)],
+                    locations=self.ONE,
+                )
+        # Within the plaintext limit, but not with the header and tag around it.
+        with pytest.raises(EncryptionFailed, match="larger than a worker opens"):
+            _seal(values=["x" * (_envelope.MAX_PLAINTEXT_BYTES - 10)], locations=self.ONE)
+        assert _open(_seal(values=["x" * 2**20], locations=self.ONE, compression_threshold=1024)) == [
+            "x" * 2**20
+        ]
 
     def test_kombu_types_keep_their_type(self):
         """datetime, Decimal and nested mixes come back with their types."""

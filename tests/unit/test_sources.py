@@ -12,6 +12,7 @@ import pytest
 
 from celery_pii._sources import (
     LocalMasterKey,
+    MasterKeyFileWarning,
     StaticMasterKeyWarning,
     generate_master_key,
     load_master_key,
@@ -34,7 +35,52 @@ class TestLoading:
         """file:PATH reads the key, ignoring surrounding whitespace."""
         path = tmp_path / "mk"
         path.write_text(KEY + "\n")
+        path.chmod(0o600)
         assert isinstance(load_master_key(f"file:{path}"), LocalMasterKey)
+
+    @pytest.mark.parametrize("mode", [0o644, 0o640, 0o606, 0o666])
+    def test_a_key_file_open_to_other_users_warns(self, tmp_path, mode):
+        """A key file the group or others can read or change loads, with a warning naming its mode.
+
+        It loaded silently (SSH refuses such a private key file).
+        """
+        path = tmp_path / "mk"
+        path.write_text(KEY)
+        path.chmod(mode)
+        with pytest.warns(MasterKeyFileWarning, match=f"mode {mode:04o}.*chmod 600"):
+            assert isinstance(load_master_key(f"file:{path}"), LocalMasterKey)
+
+    @pytest.mark.parametrize("source", ["env", "file"])
+    @pytest.mark.parametrize("written", ["hex", "wrong length"])
+    def test_a_refused_key_is_in_no_frame_of_the_traceback(self, tmp_path, monkeypatch, source, written):
+        """An error tracker recording frames' locals (Sentry's default) gets no key from a refused one.
+
+        A key written as hex (``openssl rand -hex 32``) was refused, but it sat
+        in the raising frames' locals (``value``, ``text``): once converted to
+        base64 it is the operator's master key.
+        """
+        material = os.urandom(32)
+        text = material.hex() if written == "hex" else base64.b64encode(material[:31]).decode()
+        if source == "env":
+            monkeypatch.setenv("PII_TEST_MK", text)
+            spec = "env:PII_TEST_MK"
+        else:
+            path = tmp_path / "mk"
+            path.write_text(text)
+            path.chmod(0o600)
+            spec = f"file:{path}"
+        with pytest.raises(ConfigurationError) as info:
+            load_master_key(spec)
+        traceback = info.value.__traceback__.tb_next  # past this test's own frame
+        frames = 0
+        while traceback is not None:
+            for name, value in traceback.tb_frame.f_locals.items():
+                shown = value if isinstance(value, (str, bytes)) else repr(value)
+                assert text not in str(shown), name
+                assert not isinstance(value, bytes) or material[:31] not in value, name
+            frames += 1
+            traceback = traceback.tb_next
+        assert frames >= 3  # load_master_key, the source's loader, _decode
 
     def test_static_warns(self):
         """static: works but warns that it is for tests only."""
