@@ -245,7 +245,7 @@ def _open_values(  # noqa: PLR0913, PLR0917 - the parsed parts of one envelope
     return values
 
 
-def seal(  # noqa: PLR0913 - every argument is part of what the envelope binds
+def seal(  # noqa: C901, PLR0913 - every argument is part of what the envelope binds; inlined (hot path)
     key: DataKey,
     values: Sequence[Any],
     *,
