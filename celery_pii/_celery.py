@@ -3,7 +3,7 @@
 This module installs the hooks; the work they do is the app's :class:`PII`
 object's (``_pii.py``), and the task-class changes are in ``_taskclass.py``.
 
-Where each job lives, and why (see ``../shared/CELERY_INTERNALS.md``):
+Where each job lives, and why (docs/architecture.md has the Celery internals each relies on):
 
 * **Publish** — ``app.amqp.create_task_message`` (``as_task_v2``) is wrapped.
   It is the one place that sees the task name, id, arguments and embedded
