@@ -264,7 +264,8 @@ def seal(  # noqa: C901, PLR0913 - every argument is part of what the envelope b
 
     Raises:
         TypeError: a value cannot be encoded as JSON.
-        EncryptionFailed: the task id or a key id does not fit, too many co-keys.
+        EncryptionFailed: the task id or a key id does not fit, too many co-keys, or the
+            values are larger than a worker opens (``MAX_PLAINTEXT_BYTES``, ``MAX_ENVELOPE_BYTES``).
     """
     # This runs for every message published: lookups are inlined, not called.
     flags = _FLAG_RESULT if kind is _RESULT else 0
