@@ -299,8 +299,9 @@ class TestAuthenticationFailures:
             sys.setrecursionlimit(limit)
         with _start(app), pytest.raises(DecryptionFailed):
             app.AsyncResult(task_id).get(timeout=20)
-        audit = [r for r in get_pii(app).keys.audit_trail() if r.operation == "tamper_detected"]
-        assert [r.details.get("task_id") for r in audit] == [task_id]
+        trail = get_pii(app).keys.audit_trail()
+        audit = [r for r in trail if r.operation == "tamper_detected" and r.details.get("task_id") == task_id]
+        assert len(audit) == 1
         # Parked if this Python can write the body again; otherwise the record says it was not.
         parked = [m["headers"]["id"] for m in queued_messages(app.conf.pii_quarantine_queue)]
         assert parked == [task_id] or audit[0].details["reason"] == "not parked: unencodable"
