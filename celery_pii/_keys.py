@@ -57,8 +57,10 @@ _RETRIES: Final = 5
 # Each check asks for versions destroyed since a little before the previous
 # one, so a destroying host whose clock runs behind, or a slow commit, is not missed.
 _RECHECK_OVERLAP: Final = timedelta(minutes=5)
-# After a check that could not reach the store, wait this many intervals: the
-# check runs on the publish path, and an unreachable host costs a connect timeout.
+# After checks that could not reach the store, wait up to this many intervals (one
+# after the first failure, doubling after each next one): the check runs on the
+# publish path, and an unreachable host costs a connect timeout.  A short outage
+# must not hide an erasure for long: the first check after it comes one interval on.
 _RECHECK_BACKOFF: Final = 10
 _T = TypeVar("_T")
 
@@ -158,6 +160,7 @@ class KeyManager:
         self.cache = KeyCache(cache_ttl, cache_size)
         self.recheck_interval = recheck_interval
         self._next_recheck = time.monotonic() + recheck_interval
+        self._recheck_failures = 0  # checks in a row that could not reach the store
         self._changes_since = clock() - _RECHECK_OVERLAP
         self._actor = actor
         self._clock = clock
@@ -254,8 +257,9 @@ class KeyManager:
         is sealed under (it still opens what it sealed): the next seal reads the
         active version from the store.
         An unreachable store leaves the cache as it is (``pii_key_cache_ttl``
-        still bounds it) and is asked again ten intervals later; publishing and
-        opening go on meanwhile.
+        still bounds it) and is asked again one interval later, then two, four,
+        eight, and ten at most while it stays unreachable; publishing and opening
+        go on meanwhile.
         """
         self._next_recheck = time.monotonic() + self.recheck_interval
         checked_at = self._clock()
@@ -274,12 +278,16 @@ class KeyManager:
                     select(KeyRow.key_id, KeyRow.version).where(KeyRow.retired_at >= since)
                 ).all()
         except KeyStoreUnavailable:
-            self._next_recheck = time.monotonic() + self.recheck_interval * _RECHECK_BACKOFF
+            self._recheck_failures += 1
+            backoff = min(2 ** (self._recheck_failures - 1), _RECHECK_BACKOFF)
+            self._next_recheck = time.monotonic() + self.recheck_interval * backoff
             logger.warning(
                 "celery-pii: could not check the key store for destroyed keys; cached keys are kept "
-                "until a later check (ten pii_key_recheck_interval) or their pii_key_cache_ttl"
+                "until the next check (in %s pii_key_recheck_interval) or their pii_key_cache_ttl",
+                backoff,
             )
             return 0
+        self._recheck_failures = 0
         self._changes_since = checked_at - _RECHECK_OVERLAP
         # Remembered as destroyed: what was derived from them is refused without a round trip.
         evicted = sum(self.cache.forget(key_id, version, destroyed=True) for key_id, version in destroyed)

@@ -659,12 +659,40 @@ class TestCache:
             assert opened.version == 1
             assert "could not check the key store for destroyed keys" in caplog.text
             proxy.restore()
+            # One interval after a single failed check, the next one sees the erasure (it waited
+            # ten: a blip of the store hid forget_subject for five minutes with the defaults).
             time.sleep(0.15)
-            second.decryption_key("orders", 1)  # backing off: one interval later is too early
-            time.sleep(1.0)  # ten intervals after the failed check
             with pytest.raises(KeyDestroyed):
                 second.decryption_key("orders", 1)
             second.store.dispose()
+        finally:
+            proxy.close()
+
+    def test_checks_back_off_while_the_store_stays_unreachable(self, make_manager, db_url):
+        """One interval after a failed check, then two, four, eight, ten at most; one again once it answers."""
+        url = sa.engine.make_url(db_url)
+        if url.host is None:
+            pytest.skip("SQLite has no network to cut")
+        proxy = TcpProxy(url.host, url.port)
+        try:
+            manager = KeyManager(
+                KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1),
+                MASTER,
+                recheck_interval=100.0,
+            )
+            manager.encryption_key(KeySpec("orders"))
+            proxy.cut()
+            waits = []
+            for _ in range(6):
+                manager.recheck_cache()
+                waits.append(round((manager._next_recheck - time.monotonic()) / 100.0))
+            assert waits == [1, 2, 4, 8, 10, 10]
+            proxy.restore()
+            manager.recheck_cache()
+            assert round((manager._next_recheck - time.monotonic()) / 100.0) == 1
+            manager.recheck_cache()
+            assert round((manager._next_recheck - time.monotonic()) / 100.0) == 1
+            manager.store.dispose()
         finally:
             proxy.close()
 
