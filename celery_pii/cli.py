@@ -1,6 +1,7 @@
 """``celery -A proj pii ...``: the operator's commands (entry point group ``celery.commands``).
 
-Every command has ``--help``; errors exit 1, usage errors 2.  Commands that
+Every command has ``--help``; errors exit 1, usage errors 2 (and an app that
+``setup_pii`` refuses as it is imported: Celery reports that).  Commands that
 list things take ``--json``; the others print short human lines.  Commands
 that destroy or replace things ask first (``--yes`` skips the question).
 Nothing here prints a payload value or key material, except ``master-key
