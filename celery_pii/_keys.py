@@ -931,6 +931,7 @@ class KeyManager:
 
     def _destroy_row(self, session: Session, row: KeyRow, *, reason: str) -> None:
         row.status, row.wrapped_key, row.wrapped_key_next = DESTROYED, None, None
+        row.master_key_ref = row.master_key_ref_next = None  # nothing is wrapped by any master key now
         # The moment of destruction, never a run's ``now`` (which decides only what
         # is due): other processes' rechecks look back a few minutes from their
         # own clock, and a long run's start time would fall out of that window.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from ._keys import KeyManager
@@ -198,6 +198,12 @@ def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None
             keys.cache.clear()
             # As in rewrap: rows skipped while locked elsewhere are still unfinished.
             with keys.store.transaction() as session:
+                # Destroyed versions hold no wrapping; an earlier build left them naming their master keys.
+                session.execute(
+                    update(KeyRow)
+                    .where(KeyRow.status == DESTROYED, KeyRow.master_key_ref.is_not(None))
+                    .values(master_key_ref=None, master_key_ref_next=None)
+                )
                 count = select(func.count()).select_from(KeyRow).where(_unfinished(current.ref))
                 remaining = session.scalar(count) or 0
             return RewrapReport(

@@ -54,6 +54,17 @@ class TestRotation:
         during = _seal(switching, "created-during-switch")
         assert _opens(old, during) == b"payload of created-during-switch"
 
+        # A version destroyed between the two steps (retention, an erasure) names no master key either,
+        # nor one an earlier build destroyed (it left the references).
+        switching.destroy_key("k3")
+        engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE celery_pii_keys SET master_key_ref = :ref WHERE key_id = 'k4'"),
+                {"ref": MASTER.ref},
+            )
+        engine.dispose()
+
         # Step 4: the fleet drops pii_previous_master_key first; a process that still has it may not finish.
         with pytest.raises(ConfigurationError, match="pii_previous_master_key is still set"):
             finish(switching)
@@ -67,10 +78,11 @@ class TestRotation:
         engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
         with engine.connect() as connection:
             refs = connection.exec_driver_sql(
-                "SELECT DISTINCT master_key_ref, master_key_ref_next FROM celery_pii_keys WHERE status != 'destroyed'"
+                "SELECT status, master_key_ref, master_key_ref_next FROM celery_pii_keys"
             ).fetchall()
         engine.dispose()
-        assert [tuple(r) for r in refs] == [(NEW.ref, None)]
+        # No row names the old master key (destroyed ones kept it: docs/operations.md says none does).
+        assert {tuple(r) for r in refs} == {("destroyed", None, None), ("active", NEW.ref, None)}
 
     def test_rewrap_resumes_after_an_interruption(self, make_manager):
         """A rewrap stopped half-way picks up where it stopped; nothing is wrapped twice."""
