@@ -511,6 +511,8 @@ def _key_manager(settings: Settings) -> KeyManager:
     try:
         keys.check_master_key()
     except KeyStoreUnavailable as error:
+        if str(error).startswith("setting pii_key_store_url:"):  # names the setting and the store already
+            raise ConfigurationError(str(error)) from None
         if settings.master_key.startswith("aws-kms://"):
             where = f"settings pii_key_store_url / pii_master_key: the key store at {store.url} or the KMS"
         else:

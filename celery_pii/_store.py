@@ -260,7 +260,7 @@ class KeyStore:
             if isinstance(error, exc.DBAPIError) and _is_write_conflict(error):
                 msg = "key store write lost a lock race with a concurrent writer (rolled back)"
                 raise WriteConflict(msg) from None
-            msg = f"key store unreachable ({type(error).__name__})"
+            msg = f"setting pii_key_store_url: key store unreachable ({type(error).__name__}) at {self.url}"
             raise KeyStoreUnavailable(msg) from None
 
     def check_schema(self) -> None:
@@ -278,7 +278,7 @@ class KeyStore:
                 tables = set(inspect(connection).get_table_names())
                 older = older_revision(connection) if {KEYS_TABLE, AUDIT_TABLE} <= tables else None
         except _TRANSIENT as error:
-            msg = f"key store unreachable ({type(error).__name__}) at {self.url}"
+            msg = f"key store unreachable ({type(error).__name__})"
             raise KeyStoreUnavailable(msg) from None
         if not {KEYS_TABLE, AUDIT_TABLE} <= tables:
             msg = (
