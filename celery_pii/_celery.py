@@ -511,13 +511,12 @@ def _key_manager(settings: Settings) -> KeyManager:
     try:
         keys.check_master_key()
     except KeyStoreUnavailable as error:
-        if str(error).startswith("setting pii_key_store_url:"):  # names the setting and the store already
-            raise ConfigurationError(str(error)) from None
         if settings.master_key.startswith("aws-kms://"):
             where = f"settings pii_key_store_url / pii_master_key: the key store at {store.url} or the KMS"
         else:
             where = f"setting pii_key_store_url: the key store at {store.url}"
-        msg = f"{where} cannot be reached ({error})"
+        reason = str(error).removeprefix("setting pii_key_store_url: ")
+        msg = f"{where} cannot be reached ({reason})"
         raise ConfigurationError(msg) from None
     return keys
 

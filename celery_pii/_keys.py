@@ -954,6 +954,15 @@ class KeyManager:
                     f"(key {row.key_id!r} v{row.version} cannot be unwrapped)"
                 )
                 raise ConfigurationError(msg) from None
+            if not {row.master_key_ref, row.master_key_ref_next} & set(self.masters.refs):
+                # Wrapped by a master key this process does not have: a deployment error (a
+                # process started with another key on an empty store), not a forged message.
+                # Raised as such, the message is retried and kept, not parked as tampered.
+                msg = (
+                    f"setting pii_master_key: key {row.key_id!r} v{row.version} is wrapped by another "
+                    f"master key ({row.master_key_ref}); every process must use the same master key"
+                )
+                raise ConfigurationError(msg) from None
             msg = (
                 f"key {row.key_id!r} v{row.version} cannot be unwrapped: wrong master key "
                 "(setting pii_master_key) or damaged row"

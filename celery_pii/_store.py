@@ -260,7 +260,7 @@ class KeyStore:
             if isinstance(error, exc.DBAPIError) and _is_write_conflict(error):
                 msg = "key store write lost a lock race with a concurrent writer (rolled back)"
                 raise WriteConflict(msg) from None
-            msg = f"setting pii_key_store_url: key store unreachable ({type(error).__name__}) at {self.url}"
+            msg = f"setting pii_key_store_url: key store unreachable ({type(error).__name__})"
             raise KeyStoreUnavailable(msg) from None
 
     def check_schema(self) -> None:
