@@ -62,6 +62,11 @@ _RECHECK_OVERLAP: Final = timedelta(minutes=5)
 # publish path, and an unreachable host costs a connect timeout.  A short outage
 # must not hide an erasure for long: the first check after it comes one interval on.
 _RECHECK_BACKOFF: Final = 10
+# How long the periodic work on the publish and consume paths (the check above, the usage
+# flush) waits for the store's answer.  A store that accepts connections and never answers
+# (a stalled pooler or load balancer: TCP timeouts never fire) held every publish of a cached
+# key for as long as it hung; past this the work counts as failed, and its thread is left.
+PERIODIC_ANSWER_TIMEOUT: Final = 10.0
 _T = TypeVar("_T")
 
 
@@ -269,7 +274,8 @@ class KeyManager:
         # A key cached before a destruction older than the TTL has expired since; one
         # loaded after it read the store then: neither needs that destruction.
         since = max(self._changes_since, checked_at - timedelta(seconds=self.cache.ttl) - _RECHECK_OVERLAP)
-        try:
+
+        def changes() -> tuple[Sequence[Any], Sequence[Any]]:
             with self.store.transaction() as session:
                 destroyed = session.execute(
                     select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= since)
@@ -277,6 +283,10 @@ class KeyManager:
                 retired = session.execute(
                     select(KeyRow.key_id, KeyRow.version).where(KeyRow.retired_at >= since)
                 ).all()
+            return destroyed, retired
+
+        try:
+            destroyed, retired = _answered_within(changes, "celery-pii-key-check")
         except KeyStoreUnavailable:
             self._recheck_failures += 1
             backoff = min(2 ** (self._recheck_failures - 1), _RECHECK_BACKOFF)
@@ -783,7 +793,8 @@ class KeyManager:
         if not usage:
             return
         now = self._clock()
-        try:
+
+        def write() -> None:
             with self.store.transaction() as session:
                 # Sorted, so two flushes lock the same rows in the same order (no deadlock).
                 for (key_id, version), count in sorted(usage.items()):
@@ -795,7 +806,12 @@ class KeyManager:
                         .values(usage_count=func.coalesce(KeyRow.usage_count, 0) + count, last_used_at=now)
                         .execution_options(synchronize_session=False)
                     )
+
+        try:
+            _answered_within(write, "celery-pii-usage")
         except KeyStoreUnavailable:
+            # (Unanswered, the write may still land later: then these uses count twice, which
+            # brings a rotation by message count forward, never back.)
             self.cache.give_back_usage(usage)
             log = logger.debug if quiet else logger.warning
             log("celery-pii: usage counts kept in memory; the key store is unreachable")
@@ -1085,6 +1101,37 @@ _live_managers: weakref.WeakSet[KeyManager] = weakref.WeakSet()
 #: worker from shutting down or a pool child from being replaced; the counts
 #: only steer rotation.
 EXIT_FLUSH_TIMEOUT: Final = 5.0
+
+
+def _answered_within(work: Callable[[], _T], name: str) -> _T:
+    """``work()``'s result, if the key store answers it within ``PERIODIC_ANSWER_TIMEOUT`` seconds.
+
+    Run on a thread of its own, which is left to finish (or hang) on its own
+    after that: the publish or task start that waits for it goes on.
+
+    Raises:
+        KeyStoreUnavailable: no answer in time, or what ``work`` raised.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread as it is
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(PERIODIC_ANSWER_TIMEOUT)
+    if not outcome:
+        msg = (
+            f"setting pii_key_store_url: the key store did not answer within {PERIODIC_ANSWER_TIMEOUT:.0f} s"
+        )
+        raise KeyStoreUnavailable(msg)
+    answered, value = outcome[0]
+    if not answered:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def flush_all_usage(timeout: float = EXIT_FLUSH_TIMEOUT) -> None:

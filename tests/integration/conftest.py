@@ -299,6 +299,8 @@ class TcpProxy:
         self.port = self._server.getsockname()[1]
         self._up = threading.Event()
         self._up.set()
+        self._flowing = threading.Event()  # cleared: connections stay open, nothing is forwarded
+        self._flowing.set()
         self._connections = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -325,10 +327,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source, sink):
+    def _pipe(self, source, sink):
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass
@@ -355,8 +357,17 @@ class TcpProxy:
         """Accept connections again."""
         self._up.set()
 
+    def freeze(self):
+        """Hang: connections are accepted and kept open, and nothing is forwarded (a stalled pooler)."""
+        self._flowing.clear()
+
+    def thaw(self):
+        """Forward again what was held."""
+        self._flowing.set()
+
     def close(self):
         """Stop the proxy."""
+        self.thaw()
         self.cut()
         self._server.close()
 

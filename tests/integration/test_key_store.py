@@ -673,6 +673,40 @@ class TestCache:
         finally:
             proxy.close()
 
+    def test_a_store_that_hangs_holds_no_publish_of_a_cached_key(self, db_url, caplog, monkeypatch):
+        """The store accepts and never answers (a stalled pooler): the periodic check gives up, the key serves.
+
+        A publish of a cached key ran the check on the publish path and waited
+        as long as the store hung (90 s and more: TCP timeouts never fire when
+        the peer acknowledges); the usage flush did the same.
+        """
+        from celery_pii import _keys
+
+        url = sa.engine.make_url(db_url)
+        if url.host is None:
+            pytest.skip("SQLite has no network to stall")
+        monkeypatch.setattr(_keys, "PERIODIC_ANSWER_TIMEOUT", 1.0)
+        proxy = TcpProxy(url.host, url.port)
+        try:
+            manager = KeyManager(
+                KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1),
+                MASTER,
+                recheck_interval=0.1,
+            )
+            manager.encryption_key(KeySpec("orders"))
+            proxy.freeze()
+            time.sleep(0.15)  # the next use runs the check
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="celery_pii.keys"):
+                assert manager.encryption_key(KeySpec("orders")).version == 1
+                manager.flush_usage()
+            assert time.monotonic() - started < 5
+            assert "could not check the key store for destroyed keys" in caplog.text
+            assert "usage counts kept in memory" in caplog.text
+            assert manager.cache.take_usage()  # kept, to be written once the store answers
+        finally:
+            proxy.close()
+
     def test_checks_back_off_while_the_store_stays_unreachable(self, make_manager, db_url):
         """One interval after a failed check, then two, four, eight, ten at most; one again once it answers."""
         url = sa.engine.make_url(db_url)
