@@ -236,9 +236,11 @@ class Sealer:
             bound_name(name, root, locations), task_id, key, [value for _, value in found], locations, co_keys
         )
 
-    def _sealing_keys(self, key_spec: KeySpec) -> tuple[DataKey, list[DataKey]]:
+    def _sealing_keys(self, key_spec: KeySpec) -> tuple[DataKey, Sequence[DataKey]]:
         """The key ``key_spec`` names, and its co-keys (other subjects' keys the data is sealed under too)."""
         key = self.keys.encryption_key(key_spec)
+        if not key_spec.co_keys:  # nearly every seal: no list built
+            return key, ()
         return key, [self.keys.encryption_key(_co_key_spec(key_id)) for key_id in key_spec.co_keys]
 
     def _apart_by_subject(  # noqa: PLR0913 - the message, its values and how its own key was chosen
@@ -561,31 +563,31 @@ class Sealer:
         group's last task reads back to call the chord's body) is bound to that
         group: copied into another chord on the result backend, it does not open.
         """
-        keys = self._sealing_keys(key_spec)
+        key, co_keys = self._sealing_keys(key_spec)
         if _is_meta(obj):
             fields = [name for name in RESULT_FIELDS if obj.get(name) is not None]
             if not fields:
                 return obj
-            token = self._seal_result_values(keys, [obj[name] for name in fields], fields, task_id)
+            token = self._seal_result_values(key, co_keys, [obj[name] for name in fields], fields, task_id)
             sealed = dict(obj, **dict.fromkeys(fields, MARKER))
             sealed[RESULT_KEY] = token
             return sealed
         bound = task_id if group is None else f"{task_id}{_GROUP_SEPARATOR}{_group_digest(group)}"
-        return {RESULT_KEY: self._seal_result_values(keys, [obj], [_VALUE_FIELD], bound)}
+        return {RESULT_KEY: self._seal_result_values(key, co_keys, [obj], [_VALUE_FIELD], bound)}
 
     def _seal_result_values(
-        self, keys: tuple[DataKey, list[DataKey]], values: list[Any], fields: list[str], task_id: str
+        self, key: DataKey, co_keys: Sequence[DataKey], values: list[Any], fields: list[str], task_id: str
     ) -> str:
         try:
             return _envelope.seal(
-                keys[0],
+                key,
                 values,
                 locations=[(name,) for name in fields],
                 task_name=_RESULT_AD,
                 task_id=task_id,
                 kind=Kind.RESULT,
                 compression_threshold=self.settings.compression_threshold,
-                co_keys=keys[1],
+                co_keys=co_keys,
             )
         except (TypeError, ValueError) as error:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
@@ -630,7 +632,8 @@ class Sealer:
                 raise DecryptionFailed
         key_for = self.keys.decryption_key
         key = key_for(envelope.key_id, envelope.key_version)
-        values = envelope.open(key, task_name=_RESULT_AD, co_keys=[key_for(*co) for co in envelope.co_keys])
+        co_keys = [key_for(*co) for co in envelope.co_keys] if envelope.co_keys else ()
+        values = envelope.open(key, task_name=_RESULT_AD, co_keys=co_keys)
         if whole:
             return OpenedResult(values[0], envelope.keys, values)
         names = [str(location[0]) for location in envelope.locations]

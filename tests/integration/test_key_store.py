@@ -51,6 +51,12 @@ def _execute(url, sql, **params):
         engine.dispose()
 
 
+def _behind(proxy, url, *, recheck_interval):
+    """A key manager reaching the test database through ``proxy`` (which the test cuts or stalls)."""
+    store = KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1)
+    return KeyManager(store, MASTER, recheck_interval=recheck_interval)
+
+
 class TestMigrations:
     """Alembic migrations: upgrade from empty, downgrade, models == migrations, host left alone."""
 
@@ -649,11 +655,7 @@ class TestCache:
         proxy = TcpProxy(url.host, url.port)
         try:
             first = make_manager()
-            second = KeyManager(
-                KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1),
-                MASTER,
-                recheck_interval=0.1,
-            )
+            second = _behind(proxy, url, recheck_interval=0.1)
             first.encryption_key(KeySpec("orders"))
             second.decryption_key("orders", 1)
             proxy.cut()
@@ -688,11 +690,7 @@ class TestCache:
         monkeypatch.setattr(_keys, "PERIODIC_ANSWER_TIMEOUT", 1.0)
         proxy = TcpProxy(url.host, url.port)
         try:
-            manager = KeyManager(
-                KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1),
-                MASTER,
-                recheck_interval=0.1,
-            )
+            manager = _behind(proxy, url, recheck_interval=0.1)
             manager.encryption_key(KeySpec("orders"))
             proxy.freeze()
             time.sleep(0.15)  # the next use runs the check
@@ -714,11 +712,7 @@ class TestCache:
             pytest.skip("SQLite has no network to cut")
         proxy = TcpProxy(url.host, url.port)
         try:
-            manager = KeyManager(
-                KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1),
-                MASTER,
-                recheck_interval=100.0,
-            )
+            manager = _behind(proxy, url, recheck_interval=100.0)
             manager.encryption_key(KeySpec("orders"))
             proxy.cut()
             waits = []
