@@ -62,11 +62,12 @@ _RECHECK_OVERLAP: Final = timedelta(minutes=5)
 # publish path, and an unreachable host costs a connect timeout.  A short outage
 # must not hide an erasure for long: the first check after it comes one interval on.
 _RECHECK_BACKOFF: Final = 10
-# How long the periodic work on the publish and consume paths (the check above, the usage
-# flush) waits for the store's answer.  A store that accepts connections and never answers
-# (a stalled pooler or load balancer: TCP timeouts never fire) held every publish of a cached
-# key for as long as it hung; past this the work counts as failed, and its thread is left.
-PERIODIC_ANSWER_TIMEOUT: Final = 10.0
+# How long the publish and consume paths wait for the store's answer: loading a key not
+# cached, the periodic check above, the usage flush, an audit record.  A store that accepts
+# connections and never answers (a stalled pooler or load balancer: TCP timeouts never fire)
+# held the publish or the task start for as long as it hung; past this the work counts as
+# failed (KeyStoreUnavailable: the publish fails, the task is retried), and its thread is left.
+STORE_ANSWER_TIMEOUT: Final = 10.0
 _T = TypeVar("_T")
 
 
@@ -227,6 +228,21 @@ class KeyManager:
             return key if key.expires_at is None else self._unexpired(key)
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
+        key, active = _answered_within(lambda: self._read_version(key_id, version), "celery-pii-key-load")
+        if key is None:
+            # The refused message is audited by whoever refused it (it knows the task).
+            self.cache.forget(key_id, version, destroyed=True)
+            raise _destroyed(key_id, version)
+        # If it is the active version, results sealed under this key need no round trip either.
+        self.cache.put(key, active=active)
+        return self._unexpired(key)
+
+    def _read_version(self, key_id: str, version: int) -> tuple[DataKey | None, bool]:
+        """That version from the store, unwrapped (``None`` if destroyed), and whether it is the active one.
+
+        Raises:
+            KeyNotFound: no such key id or version.
+        """
         with self.store.transaction() as session:
             row = (
                 session.scalars(
@@ -238,16 +254,9 @@ class KeyManager:
             if row is None:
                 msg = f"key {key_id!r} version {version} not found in the key store"
                 raise KeyNotFound(msg)
-            destroyed = row.status == DESTROYED
-            active = row.status == ACTIVE
-            key = None if destroyed else self._unwrap(row)
-        if key is None:
-            # The refused message is audited by whoever refused it (it knows the task).
-            self.cache.forget(key_id, version, destroyed=True)
-            raise _destroyed(key_id, version)
-        # If it is the active version, results sealed under this key need no round trip either.
-        self.cache.put(key, active=active)
-        return self._unexpired(key)
+            if row.status == DESTROYED:
+                return None, False
+            return self._unwrap(row), row.status == ACTIVE
 
     def recheck_cache(self) -> int:
         """Evict cached keys that another process destroyed or retired; returns how many versions.
@@ -323,6 +332,16 @@ class KeyManager:
         now = self._clock()
         if spec.expires_at is not None and spec.expires_at <= now:
             raise _past_deadline(spec)
+        key = _answered_within(lambda: self._read_or_create_active(spec, now), "celery-pii-key-load")
+        if key.expires_at is not None and key.expires_at <= now.timestamp():
+            # Not destroyed yet (enforce_retention runs on a schedule), but what it
+            # sealed now would be refused on arrival: say so now, as after the run.
+            raise _past_deadline(spec)
+        self.cache.put(key, active=True)
+        return self.cache.active(spec.key_id) or key
+
+    def _read_or_create_active(self, spec: KeySpec, now: datetime) -> DataKey:
+        """The active version of ``spec.key_id`` from the store, unwrapped; its first version if none."""
         for _ in range(_RETRIES):
             try:
                 with self.store.transaction() as session:
@@ -340,12 +359,7 @@ class KeyManager:
         else:  # pragma: no cover - only under pathological contention
             msg = f"key {spec.key_id!r}: could not create its first version"
             raise KeyStoreUnavailable(msg)
-        if key.expires_at is not None and key.expires_at <= now.timestamp():
-            # Not destroyed yet (enforce_retention runs on a schedule), but what it
-            # sealed now would be refused on arrival: say so now, as after the run.
-            raise _past_deadline(spec)
-        self.cache.put(key, active=True)
-        return self.cache.active(spec.key_id) or key
+        return key
 
     def _refuse_derived_from_destroyed(self, key_id: str, version: int) -> None:
         """Raise :class:`KeyDestroyed` if the version data was opened with is destroyed.
@@ -356,8 +370,12 @@ class KeyManager:
         """
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
-        with self.store.transaction() as session:
-            self._refuse_if_destroyed(session, key_id, version)
+
+        def refuse() -> None:
+            with self.store.transaction() as session:
+                self._refuse_if_destroyed(session, key_id, version)
+
+        _answered_within(refuse, "celery-pii-key-check")
 
     def _refuse_if_destroyed(self, session: Session, key_id: str, version: int) -> None:
         """Raise :class:`KeyDestroyed` if that version is destroyed (or gone from the store).
@@ -733,9 +751,17 @@ class KeyManager:
         return destroyed
 
     def record(self, operation: str, key_id: str, version: int | None = None, **details: Any) -> None:
-        """Append an audit record (e.g. ``tamper_detected``); details name ids, never values."""
-        with self.store.transaction() as session:
-            self._audit(session, key_id, version, operation, **details)
+        """Append an audit record (e.g. ``tamper_detected``); details name ids, never values.
+
+        Waits for the store at most ``STORE_ANSWER_TIMEOUT`` (a worker refusing a
+        message writes one): a late write still lands.
+        """
+
+        def write() -> None:
+            with self.store.transaction() as session:
+                self._audit(session, key_id, version, operation, **details)
+
+        _answered_within(write, "celery-pii-audit")
 
     def check_master_key(self) -> None:
         """Fail at start-up, not at first decrypt, if the master key does not match the store.
@@ -989,13 +1015,17 @@ class KeyManager:
 
     def _load_subject_secret(self) -> bytes:
         key = self._load_active(KeySpec(SUBJECT_INDEX_KEY))
-        with self.store.transaction() as session:
-            row = session.scalars(
-                select(KeyRow).where(KeyRow.key_id == key.key_id, KeyRow.version == key.version)
-            ).one()
-            if row.wrapped_key is None:  # pragma: no cover - the index key is never destroyed
-                raise _destroyed(row.key_id, row.version)
-            secret = self.masters.unwrap(row)
+
+        def read() -> bytes:
+            with self.store.transaction() as session:
+                row = session.scalars(
+                    select(KeyRow).where(KeyRow.key_id == key.key_id, KeyRow.version == key.version)
+                ).one()
+                if row.wrapped_key is None:  # pragma: no cover - the index key is never destroyed
+                    raise _destroyed(row.key_id, row.version)
+                return self.masters.unwrap(row)
+
+        secret = _answered_within(read, "celery-pii-key-load")
         self._subject_secret = secret
         return secret
 
@@ -1104,7 +1134,7 @@ EXIT_FLUSH_TIMEOUT: Final = 5.0
 
 
 def _answered_within(work: Callable[[], _T], name: str) -> _T:
-    """``work()``'s result, if the key store answers it within ``PERIODIC_ANSWER_TIMEOUT`` seconds.
+    """``work()``'s result, if the key store answers it within ``STORE_ANSWER_TIMEOUT`` seconds.
 
     Run on a thread of its own, which is left to finish (or hang) on its own
     after that: the publish or task start that waits for it goes on.
@@ -1122,11 +1152,9 @@ def _answered_within(work: Callable[[], _T], name: str) -> _T:
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
-    thread.join(PERIODIC_ANSWER_TIMEOUT)
+    thread.join(STORE_ANSWER_TIMEOUT)
     if not outcome:
-        msg = (
-            f"setting pii_key_store_url: the key store did not answer within {PERIODIC_ANSWER_TIMEOUT:.0f} s"
-        )
+        msg = f"setting pii_key_store_url: the key store did not answer within {STORE_ANSWER_TIMEOUT:.0f} s"
         raise KeyStoreUnavailable(msg)
     answered, value = outcome[0]
     if not answered:

@@ -687,7 +687,7 @@ class TestCache:
         url = sa.engine.make_url(db_url)
         if url.host is None:
             pytest.skip("SQLite has no network to stall")
-        monkeypatch.setattr(_keys, "PERIODIC_ANSWER_TIMEOUT", 1.0)
+        monkeypatch.setattr(_keys, "STORE_ANSWER_TIMEOUT", 1.0)
         proxy = TcpProxy(url.host, url.port)
         try:
             manager = _behind(proxy, url, recheck_interval=0.1)
@@ -702,6 +702,44 @@ class TestCache:
             assert "could not check the key store for destroyed keys" in caplog.text
             assert "usage counts kept in memory" in caplog.text
             assert manager.cache.take_usage()  # kept, to be written once the store answers
+        finally:
+            proxy.close()
+
+    def test_a_store_that_hangs_fails_a_key_load_in_bounded_time(self, db_url, monkeypatch):
+        """A key not cached, asked of a store that never answers: KeyStoreUnavailable after the wait, not a hang.
+
+        A publish under a new key (a new subject's), a task start needing a
+        version not cached, and a refused message's audit record waited as
+        long as the driver's own timeouts let them (35 s on MariaDB here).
+        Once the store answers again, the same calls work.
+        """
+        from celery_pii import _keys
+
+        url = sa.engine.make_url(db_url)
+        if url.host is None:
+            pytest.skip("SQLite has no network to stall")
+        monkeypatch.setattr(_keys, "STORE_ANSWER_TIMEOUT", 1.0)
+        proxy = TcpProxy(url.host, url.port)
+        try:
+            sealing = _behind(proxy, url, recheck_interval=3600)
+            opening = _behind(proxy, url, recheck_interval=3600)
+            sealing.encryption_key(KeySpec("orders"))
+            proxy.freeze()
+            calls = {
+                "a new key": lambda: sealing.encryption_key(KeySpec("refunds")),
+                "a version not cached": lambda: opening.decryption_key("orders", 1),
+                "a data subject's key id": lambda: sealing.subject_key_id("cust-1"),
+                "an audit record": lambda: opening.record("tamper_detected", "orders", 1, task="t.x"),
+            }
+            for what, call in calls.items():
+                started = time.monotonic()
+                with pytest.raises(KeyStoreUnavailable, match=r"pii_key_store_url.*did not answer"):
+                    call()
+                assert time.monotonic() - started < 5, what
+            assert sealing.encryption_key(KeySpec("orders")).version == 1  # cached: still serves
+            proxy.thaw()
+            assert sealing.encryption_key(KeySpec("refunds")).version == 1
+            assert opening.decryption_key("orders", 1).version == 1
         finally:
             proxy.close()
 
