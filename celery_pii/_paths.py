@@ -175,6 +175,7 @@ class Binder:
         "_unnamed_by_position",
         "_var_keyword",
         "_var_positional",
+        "_whole_if_shape_differs",
         "paths",
     )
 
@@ -184,24 +185,28 @@ class Binder:
         paths: Sequence[str],
         *,
         task: str,
-        unnamed_by_position: bool = True,
+        sealing: bool = True,
     ) -> None:
         """Validate ``paths`` against ``fun``'s parameters.
 
         Arguments:
-            fun: the task function.
+            fun: the task function, as called with a message's arguments.
             paths: the declared field paths.
             task: the task's name, for error messages.
-            unnamed_by_position: whether a name the signature lacks, beside
-                ``*args``, finds every extra positional argument (to seal them);
-                off, it is found only by keyword (a data subject's id must be
-                one value, never a guess).
+            sealing: whether the binder finds what to seal, and so, in doubt,
+                finds more: a name the signature lacks, beside ``*args``, finds
+                every extra positional argument; a path that meets a value of
+                another shape (a text or a list where it goes into a dict) finds
+                that value whole.  Off (a data subject's id: one value, never a
+                guess), only the place the path names is found.
 
         Raises:
             ConfigurationError: a path is malformed or names no parameter.
         """
         try:
-            signature = inspect.signature(fun)
+            # The call's own parameters, as Celery binds them: not through a decorator's
+            # ``__wrapped__`` (see ``_taskclass.call_target``).
+            signature = inspect.signature(fun, follow_wrapped=False)
         except (TypeError, ValueError):
             signature = None
         positional: list[str] = []
@@ -224,7 +229,8 @@ class Binder:
         self._named = frozenset(named)
         self._var_positional = var_positional
         self._var_keyword = var_keyword
-        self._unnamed_by_position = unnamed_by_position and var_positional is not None
+        self._unnamed_by_position = sealing and var_positional is not None
+        self._whole_if_shape_differs = sealing
         self.paths = tuple(paths)
         declared: list[tuple[Part, ...]] = []
         for text in self.paths:
@@ -267,6 +273,10 @@ class Binder:
     def simple(self) -> bool:
         """True if every path is a parameter name followed by dict keys only."""
         return self._all_simple
+
+    def names(self, parameter: str) -> bool:
+        """True if the called function has a parameter of that name (else it can come by keyword only)."""
+        return parameter in self._named
 
     def locate(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[tuple[Location, Any]]:
         """Every declared field present in the call, as ``(location, value)``.
@@ -334,42 +344,52 @@ class Binder:
                 value, location = args[index], by_position
             else:
                 continue
-            for part in rest:
+            keys = rest
+            for depth, part in enumerate(rest):
                 if not isinstance(value, dict):
+                    if value is None or not self._whole_if_shape_differs:
+                        value = _ABSENT
+                    else:  # a text or list where the path goes into a dict: it may hold the field
+                        keys, location = rest[:depth], location[: 2 + depth]
+                        if location in locations:  # another field's path stops there too
+                            value = _ABSENT
                     break
                 if part not in value:
                     part = find_key(value, part)  # noqa: PLW2901 - the caller's {1: ...} is JSON's {"1": ...}
                     if part is _ABSENT:
+                        value = _ABSENT
                         break
                 value = value[part]
-            else:
-                if marker is not None:
-                    if isinstance(value, str) and value == marker:
-                        if keep_marked:
-                            continue
-                        raise MarkedValue(location)
-                    try:
-                        if location is by_keyword:
-                            if new_kwargs is kwargs:
-                                new_kwargs = dict(kwargs)
-                            _mark_in_copies(new_kwargs, head, rest, marker, made)
-                        else:
-                            if new_args is args:
-                                new_args = list(args)
-                            _mark_in_copies(new_args, index, rest, marker, made)
-                    except AmbiguousKey:
-                        raise AmbiguousKey(location) from None
-                locations.append(location)
-                values.append(value)
+            if value is _ABSENT:
+                continue
+            if marker is not None:
+                if isinstance(value, str) and value == marker:
+                    if keep_marked:
+                        continue
+                    raise MarkedValue(location)
+                try:
+                    if location[0] == "kwargs":
+                        if new_kwargs is kwargs:
+                            new_kwargs = dict(kwargs)
+                        _mark_in_copies(new_kwargs, head, keys, marker, made)
+                    else:
+                        if new_args is args:
+                            new_args = list(args)
+                        _mark_in_copies(new_args, index, keys, marker, made)
+                except AmbiguousKey:
+                    raise AmbiguousKey(location) from None
+            locations.append(location)
+            values.append(value)
         return locations, values, new_args, new_kwargs
 
     def _locate_any(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[Location, Any]]:
+        whole = self._whole_if_shape_differs
         for head, rest in self._fields:
             for root, tail in self._roots(head, rest, args, kwargs):
                 if isinstance(root, int):
-                    yield from _walk(args[root], ("args", root), tail)
+                    yield from _walk(args[root], ("args", root), tail, whole)
                 else:
-                    yield from _walk(kwargs[root], ("kwargs", root), tail)
+                    yield from _walk(kwargs[root], ("kwargs", root), tail, whole)
 
     def display(self, location: Location) -> str:
         """The parameter-name path of a call location, for messages and reprs."""
@@ -443,7 +463,10 @@ def _select_keywords(
         yield rest[0], rest[1:]
 
 
-def _walk(value: Any, location: Location, rest: tuple[Part, ...]) -> Iterator[tuple[Location, Any]]:
+def _walk(
+    value: Any, location: Location, rest: tuple[Part, ...], whole: bool
+) -> Iterator[tuple[Location, Any]]:
+    """The values ``rest`` finds in ``value``; with ``whole``, a value of another shape on the way, whole."""
     if not rest:
         yield location, value
         return
@@ -452,13 +475,17 @@ def _walk(value: Any, location: Location, rest: tuple[Part, ...]) -> Iterator[tu
         if isinstance(value, dict):
             key = part if part in value else find_key(value, part)
             if key is not _ABSENT:
-                yield from _walk(value[key], (*location, part), tail)
+                yield from _walk(value[key], (*location, part), tail, whole)
+            return
     elif isinstance(value, (list, tuple)):
         if part is WILDCARD:
             for i, item in enumerate(value):
-                yield from _walk(item, (*location, i), tail)
+                yield from _walk(item, (*location, i), tail, whole)
         elif isinstance(part, int) and part < len(value):
-            yield from _walk(value[part], (*location, part), tail)
+            yield from _walk(value[part], (*location, part), tail, whole)
+        return
+    if whole and value is not None:  # a text or another container where the path goes on: it may hold it
+        yield location, value
 
 
 def get_at(root: Mapping[str, Any], location: Location) -> Any:

@@ -47,7 +47,7 @@ from ._sealer import (
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
-from ._taskclass import install_opening, wrap_instance_run
+from ._taskclass import call_target, install_opening, wrap_instance_run
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -175,7 +175,7 @@ class PII:
             binder = (
                 spec.binder
                 if spec is not None and spec.binder is not None
-                else Binder(task.run, [], task=name)
+                else Binder(call_target(task.run), [], task=name)
             )
             self._parameter_binders[name] = binder  # one per registered task
         return binder

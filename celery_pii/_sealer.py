@@ -35,7 +35,16 @@ from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
 from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
-from ._paths import AmbiguousKey, Binder, Location, MarkedValue, get_at, replace_in_copies, set_all_in_place
+from ._paths import (
+    AmbiguousKey,
+    Binder,
+    Location,
+    MarkedValue,
+    get_at,
+    parse_path,
+    replace_in_copies,
+    set_all_in_place,
+)
 from ._redact import Scrubber
 from ._specs import TaskSpec
 from ._store import utcnow
@@ -494,6 +503,9 @@ class Sealer:
             subject = next(iter(spec.subject.locate(args, kwargs)), None)
             if subject is None or subject[1] is None or is_marker(subject[1]):
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
+                if not spec.subject.names(str(parse_path(spec.subject_path or "", task=name)[0])):
+                    # A decorator's ``(*args, **kwargs)``: by position it could be any argument.
+                    msg += " (the function Celery calls does not name it: pass it by keyword)"
                 raise EncryptionFailed(msg)
             if not is_subject_id(subject[1]):
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is not a string or an integer here"

@@ -87,7 +87,9 @@ def spec_for_task(task: Any, settings: Settings) -> TaskSpec | None:
     options = {option: getattr(task, option, None) for option in TASK_OPTIONS}
     if all(value is None for value in options.values()):
         return None
-    return build_spec(name, task.run, options, settings)
+    from ._taskclass import call_target  # noqa: PLC0415 - it imports the task context, which imports this
+
+    return build_spec(name, call_target(task.run), options, settings)
 
 
 def default_spec(name: str, settings: Settings) -> TaskSpec:
@@ -142,7 +144,7 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
             raise ConfigurationError(msg)
         # Never a guess among positional arguments: a subject's id given so on a task that
         # lost its signature is absent, and publishing refuses (EncryptionFailed).
-        subject = Binder(fun, [subject_path], task=name, unnamed_by_position=False)
+        subject = Binder(fun, [subject_path], task=name, sealing=False)
 
     detect = options.get("pii_detect")
     if detect is None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from celery.app.autoretry import add_autoretry_behaviour
 from celery.app.task import Task
 
 from . import _context
@@ -302,6 +304,35 @@ def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[
 
 def _scrubs(fun: object) -> bool:
     return getattr(fun, _SCRUBS, None) is fun
+
+
+# The code of the ``run`` Celery's ``autoretry_for`` puts on a task: it passes every argument on.
+_AUTORETRY_RUNS: Final = frozenset(
+    const for const in add_autoretry_behaviour.__code__.co_consts if isinstance(const, types.CodeType)
+)
+
+
+def call_target(run: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a task's ``run`` hands its arguments to as given: whose parameters name them.
+
+    Celery calls ``run`` with a message's arguments and checks them against
+    ``run``'s own signature (``getfullargspec`` does not follow ``__wrapped__``).
+    A user's decorator with ``functools.wraps`` points ``__wrapped__`` at the
+    function inside, whose parameters need not be the call's: a decorator that
+    adds or drops an argument shifts every position, and binding by the inner
+    names would seal the wrong argument.  So only the wrappers known to pass
+    every argument on unchanged are looked through: celery-pii's own and
+    autoretry's.  (A user's wrapper that passes them on unchanged can say so by
+    setting its ``__signature__``.)
+    """
+    while True:
+        bound_to = getattr(run, "__self__", None)
+        fun = getattr(run, "__func__", run)
+        inner = getattr(fun, "__wrapped__", None)
+        if inner is None or not (_scrubs(fun) or getattr(fun, "__code__", None) in _AUTORETRY_RUNS):
+            return run
+        # A bound task's ``run`` is a method: what it wraps is bound to the task alike.
+        run = types.MethodType(inner, bound_to) if fun is not run and inspect.isfunction(inner) else inner
 
 
 def hook_registry(app: Celery, pii: PII) -> None:

@@ -7,6 +7,8 @@ fake: Luhn-valid test cards, 9xx-area SSNs (invalid), example.com emails.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import threading
 from typing import Any
@@ -301,6 +303,28 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def wrapped_profile(email, user_id):
         return {"email": email, "user_id": user_id}
 
+    # Decorators with functools.wraps that change the call: Celery calls the wrapper, so the
+    # caller's arguments are the wrapper's, not the inner function's.
+    @app.task(shared=False, name="t.with_session", pii_fields=["card_number"])
+    @_with_session
+    def with_session(session, card_number, amount):
+        return {"session": session, "card_number": card_number, "amount": amount}
+
+    @app.task(shared=False, name="t.with_session_profile", pii_subject="user_id", pii_fields=["email"])
+    @_with_session
+    def with_session_profile(session, user_id, email):
+        return {"session": session, "user_id": user_id, "email": email}
+
+    @app.task(shared=False, name="t.for_tenant", pii_fields=["card_number"])
+    @_for_tenant
+    def for_tenant(card_number, amount):
+        return {"card_number": card_number, "amount": amount}
+
+    @app.task(shared=False, name="t.passed_through", pii_fields=["card_number"])
+    @_passes_through
+    def passed_through(card_number, amount):
+        return {"card_number": card_number, "amount": amount}
+
 
 class _CallableHook:
     """A hook that is an object: Celery calls it without the task."""
@@ -325,6 +349,37 @@ def _logged(fun):
     def wrapper(*args, **kwargs):
         return fun(*args, **kwargs)
 
+    return wrapper
+
+
+def _with_session(fun):
+    """A decorator giving the task function a first argument of its own (a database session, say)."""
+
+    @functools.wraps(fun)
+    def wrapper(*args, **kwargs):
+        return fun("session-1", *args, **kwargs)
+
+    return wrapper
+
+
+def _for_tenant(fun):
+    """A decorator taking a first argument the task function does not get (a tenant, say)."""
+
+    @functools.wraps(fun)
+    def wrapper(tenant, *args, **kwargs):
+        return fun(*args, **kwargs)
+
+    return wrapper
+
+
+def _passes_through(fun):
+    """A decorator that passes every argument on unchanged, and says so with ``__signature__``."""
+
+    @functools.wraps(fun)
+    def wrapper(*args, **kwargs):
+        return fun(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.signature(fun)
     return wrapper
 
 

@@ -443,6 +443,100 @@ class TestWire:
         key_id = _envelope.parse(_envelopes_of(message)[0]).key_id
         assert key_id == get_pii(app).keys.subject_key_id("user-42")[0]
 
+    @pytest.mark.parametrize(
+        ("name", "call", "argsrepr"),
+        [
+            # The wrapper gives the function a first argument: the caller's first is the card.
+            ("t.with_session", (CARD, 10), f"('{MARKER}', '{MARKER}')"),
+            # The wrapper takes a first argument of its own: the caller's second is the card.
+            ("t.for_tenant", ("acme", CARD, 10), f"('acme', '{MARKER}', '{MARKER}')"),
+        ],
+    )
+    def test_a_decorator_that_changes_the_call_seals_by_the_callers_arguments(
+        self, app, name, call, argsrepr
+    ):
+        """Bound by the wrapper Celery calls, not the function behind ``__wrapped__``; the task gets its values.
+
+        ``functools.wraps`` points ``__wrapped__`` at the inner function, whose
+        positions are not the caller's here: the card went out in plaintext and
+        the argument beside it was sealed.
+        """
+        from celery.contrib.testing.worker import start_worker
+
+        result = app.tasks[name].apply_async(call)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert message["headers"]["argsrepr"] == argsrepr
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20)["card_number"] == CARD
+
+    def test_a_subject_behind_a_decorator_that_changes_the_call_must_come_by_name(self, app):
+        """By position it could be another argument (the email here), and forgetting the subject missed it."""
+        from celery.contrib.testing.worker import start_worker
+
+        profile = app.tasks["t.with_session_profile"]
+        with pytest.raises(EncryptionFailed, match=r"pii_subject 'user_id' is absent.*pass it by keyword"):
+            profile.delay("user-42", EMAIL)
+        assert queued_messages(app.conf.task_default_queue) == []
+        result = profile.delay(user_id="user-42", email=EMAIL)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert (
+            _envelope.parse(_envelopes_of(message)[0]).key_id
+            == get_pii(app).keys.subject_key_id("user-42")[0]
+        )
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20) == {"session": "session-1", "user_id": "user-42", "email": EMAIL}
+
+    def test_a_field_inside_a_value_of_another_shape_is_sealed_with_it(self, app):
+        """``customer.email`` with the customer as JSON text or a namedtuple: the customer is sealed whole.
+
+        Plain Celery takes both (a namedtuple is written as a list); the path
+        found no dict, counted as absent, and the email went out in plaintext.
+        """
+        from typing import NamedTuple
+
+        from celery.contrib.testing.worker import start_worker
+
+        class Customer(NamedTuple):
+            email: str
+            tier: str
+
+        customer = Customer(EMAIL, "gold")
+        as_text = json.dumps({"email": EMAIL, "tier": "gold"})
+        items = [{"serial": "SN-1"}, f"serial {CARD}"]
+        results = [
+            app.tasks["t.charge"].delay(CARD, 1, as_text, items),
+            app.tasks["t.charge"].delay(CARD, 2, customer=customer),
+        ]
+        messages = queued_messages(app.conf.task_default_queue)
+        for message in messages:
+            assert_no_plaintext(message_bytes(message))
+        assert [m["headers"]["argsrepr"] for m in messages] == [
+            f"('{MARKER}', 1, '{MARKER}', [{{'serial': '{MARKER}'}}, '{MARKER}'])",
+            f"('{MARKER}', 2)",
+        ]
+        assert messages[1]["headers"]["kwargsrepr"] == f"{{'customer': '{MARKER}'}}"
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert results[0].get(timeout=20) == {
+                "card_number": CARD,
+                "amount": 1,
+                "customer": as_text,
+                "items": items,
+            }
+            assert results[1].get(timeout=20)["customer"] == [EMAIL, "gold"]  # a list, as without celery-pii
+
+    def test_a_decorator_declaring_its_signature_seals_only_the_fields(self, app):
+        """A wrapper that passes its arguments on unchanged and sets ``__signature__`` is bound by it."""
+        from celery.contrib.testing.worker import start_worker
+
+        result = app.tasks["t.passed_through"].delay(CARD, 10)
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert message["headers"]["argsrepr"] == f"('{MARKER}', 10)"
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            assert result.get(timeout=20) == {"card_number": CARD, "amount": 10}
+
     def test_serializer_refuses_unsealed_task_bodies(self, app):
         """A task body that did not pass setup_pii's publish step is refused, not sent."""
         body = ((CARD,), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})

@@ -340,3 +340,48 @@ def test_autoretry_task_declared_before_setup_is_scrubbed(key_store_url, queue_n
     assert events.of_type("task-retried")
     assert events.of_type("task-failed")
     _assert_nothing_shown(events, result, caplog)
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["plain", "bound"])
+def test_autoretry_keeps_the_task_functions_signature(make_app, bind):
+    """Autoretry's ``run`` (and celery-pii's own) pass every argument on: fields are bound by the function's names.
+
+    Only a user's decorator is not looked through (its wrapper may change the
+    call); these are, so a positional subject is found and only the declared
+    field is sealed.
+    """
+    from celery_pii._sealer import MARKER
+    from celery_pii._taskclass import call_target
+
+    from .conftest import message_bytes, queued_messages
+
+    app = make_app()
+
+    def book(*args):
+        card_number, user_id, nights = args[-3:]
+        return {"card_number": card_number, "user_id": user_id, "nights": nights}
+
+    def with_self(self, card_number, user_id, nights):
+        return book(card_number, user_id, nights)
+
+    def without_self(card_number, user_id, nights):
+        return book(card_number, user_id, nights)
+
+    task = app.task(
+        shared=False,
+        name="t.book",
+        bind=bind,
+        pii_fields=["card_number"],
+        pii_subject="user_id",
+        autoretry_for=(ConnectionError,),
+        **RETRY_ONCE_AT_ONCE,
+    )(with_self if bind else without_self)
+    app.finalize()
+    target = call_target(task.run)
+    assert getattr(target, "__func__", target) is (with_self if bind else without_self)
+    result = task.delay(CARD, "user-42", 3)
+    (message,) = queued_messages(app.conf.task_default_queue)
+    assert_no_plaintext(message_bytes(message))
+    assert message["headers"]["argsrepr"] == f"('{MARKER}', '{MARKER}', 3)"
+    with _start(app):
+        assert result.get(timeout=20) == {"card_number": CARD, "user_id": "user-42", "nights": 3}

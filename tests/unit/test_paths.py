@@ -149,11 +149,48 @@ class TestBinder:
         assert sealed == {"args": [1, 2, {"email": "e"}], "kwargs": {"items": items}}
 
     def test_absent_paths_are_fine(self):
-        """A declared path missing from the call yields nothing, including through wrong types."""
-        assert (
-            self._locate(["customer.email", "items[5]", "items[*].x"], (1, 2, "not a dict"), {"items": [1]})
-            == []
+        """A declared path missing from the call yields nothing: no argument, a None, no such key or index."""
+        fields = ["customer.email", "customer.address.zip", "items[5]", "items[*].x"]
+        assert self._locate(fields, (1, 2), {}) == []
+        assert self._locate(fields, (1, 2, None), {"items": None}) == []
+        assert self._locate(fields, (1, 2, {"address": None}), {"items": [{"y": 1}, None]}) == []
+        assert self._locate(fields, (1, 2, {"tier": "gold"}), {"items": []}) == []
+
+    @pytest.mark.parametrize("simple", [True, False], ids=["simple-walk", "general-walk"])
+    def test_a_value_of_another_shape_on_the_way_is_found_whole(self, simple):
+        """Where a path goes into a dict or a list and meets a text, a list or a number, that value is sealed.
+
+        The caller passed the customer as JSON text, or as a namedtuple (which
+        JSON writes as a list): the email was "absent" and went out in plaintext.
+        """
+        email = "ann@example.com"
+        fields = (
+            ["customer.email", "customer.name"] if simple else ["customer.email", "items[*].x", "items[0]"]
         )
+        binder = Binder(charge, fields, task="t")
+        assert binder.simple is simple
+        as_text, as_list = f'{{"email": "{email}"}}', [email, "Ann"]
+        assert binder.locate((1, 2, as_text), {}) == [(("args", 2), as_text)]  # once, for both paths
+        assert binder.locate((1, 2), {"customer": as_list}) == [(("kwargs", "customer"), as_list)]
+        deeper = Binder(charge, ["customer.address.zip"], task="t")
+        assert deeper.locate((1, 2, {"address": "9 Elm St, 90210"}), {}) == [
+            (("args", 2, "address"), "9 Elm St, 90210")
+        ]
+        if simple:
+            marked = binder.mark_simple((1, 2, as_text), {}, "M")
+            assert marked[:3] == ([("args", 2)], [as_text], [1, 2, "M"])
+        else:
+            assert binder.locate((1, 2), {"items": {"x": email}}) == [(("kwargs", "items"), {"x": email})]
+            assert binder.locate((1, 2), {"items": [{"x": 1}, "4111 1111 1111 1111"]}) == [
+                (("kwargs", "items", 1), "4111 1111 1111 1111"),
+                (("kwargs", "items", 0), {"x": 1}),
+            ]
+
+    def test_a_subject_path_meeting_another_shape_finds_nothing(self):
+        """A data subject's id is one value: a text where its path goes into a dict is not taken for it."""
+        subject = Binder(charge, ["customer.id"], task="t", sealing=False)
+        assert subject.locate((1, 2, '{"id": "user-42"}'), {}) == []
+        assert subject.locate((1, 2, {"id": "user-42"}), {}) == [(("args", 2, "id"), "user-42")]
 
     def test_var_positional_and_var_keyword(self):
         """*extra elements and **options keys are addressable by their parameter names."""
@@ -197,7 +234,7 @@ class TestBinder:
         def wrapper(*args, **kwargs):
             """What a decorator without functools.wraps leaves."""
 
-        subject = Binder(wrapper, ["user_id"], task="t", unnamed_by_position=False)
+        subject = Binder(wrapper, ["user_id"], task="t", sealing=False)
         assert subject.locate(("ann@example.com", "user-42"), {}) == []
         assert subject.locate(("ann@example.com",), {"user_id": "user-42"}) == [
             (("kwargs", "user_id"), "user-42")
