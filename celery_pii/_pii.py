@@ -230,6 +230,8 @@ class PII:
                 display = self._report_detected(name, sealed)
         if call.options.get("headers") or call.options.get("stamped_headers"):
             self._check_custom_headers(name, spec, _custom_headers(call.options))
+        if spec is not None and not spec.declared_names.isdisjoint(call.options):
+            _refuse_arguments_among_options(name, spec, call.options)
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
             maxsize = self.app.amqp.argsrepr_maxsize
             call.options["argsrepr"] = redacted_repr(tuple(display["args"]), maxsize)
@@ -670,6 +672,35 @@ class _Call:
 def check_task_message_arguments(app: Celery) -> None:
     """Raise ``ConfigurationError`` if this Celery builds task messages from arguments in another order."""
     _Call.check_matches(app.amqp.as_task_v2)
+
+
+def _refuse_arguments_among_options(name: str, spec: TaskSpec, options: dict[str, Any]) -> None:
+    """Raise if a declared field came as an ``apply_async`` option: ``notify.apply_async((7,), email=...)``.
+
+    Options Celery does not know go to the broker as message properties,
+    never sealed (Redis keeps them in plaintext); the task gets no such
+    argument.  Celery's own options (which a field could be named like) pass.
+    """
+    misplaced = sorted(spec.declared_names.intersection(options) - _CELERY_OPTIONS)
+    if misplaced:
+        msg = (
+            f"task {name!r}: PII field {misplaced[0]!r} was given as an apply_async option, which goes to "
+            "the broker unsealed: pass it in args= or kwargs=; nothing published"
+        )
+        raise EncryptionFailed(msg)
+
+
+# What Celery's apply_async and kombu's publish take as options themselves.
+_CELERY_OPTIONS: Final = frozenset(
+    (
+        *_Call._POSITIONAL,  # noqa: SLF001 - as_task_v2's own, by position
+        *("task_id", "name", "ignore_result", "argsrepr", "kwargsrepr", "stamped_headers", "origin"),
+        *("replaced_task_nesting", "queue", "exchange", "exchange_type", "routing_key", "priority"),
+        *("headers", "serializer", "compression", "retry", "retry_policy", "declare", "delivery_mode"),
+        *("producer", "connection", "link", "link_error", "publisher", "add_to_parent", "mandatory"),
+        *("immediate", "content_type", "content_encoding", "expiration", "timeout", "confirm_timeout"),
+    )
+)
 
 
 def _custom_headers(options: dict[str, Any]) -> dict[str, Any]:

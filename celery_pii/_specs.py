@@ -42,9 +42,13 @@ class TaskSpec:
     #: (names and dict keys) and its one fixed key: no subject, no retention
     #: deadline, no detection.  Set from the fields above.
     simple_sealing: bool = field(init=False)
+    #: The parameter names the declared paths start with (``customer`` of ``customer.email``).
+    declared_names: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         # Worked out once: every publish of the task asks.
+        paths = self.binder.paths if self.binder is not None else ()
+        object.__setattr__(self, "declared_names", frozenset(str(parse_path(p)[0]) for p in paths))
         simple = (
             self.binder is not None
             and self.binder.simple

@@ -56,6 +56,10 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def charge(card_number, amount, customer=None, items=()):
         return {"card_number": card_number, "amount": amount, "customer": customer, "items": list(items)}
 
+    @app.task(shared=False, name="t.headers_field", pii_fields=["email", "headers.auth"])
+    def headers_field(email, headers=None):  # a field named like Celery's headers= option
+        return {"email": email, "headers": headers}
+
     @app.task(shared=False, name="t.echo", pii_fields=["value"])
     def echo(value, label="x"):
         return {"value": value, "type": type(value).__name__, "label": label}

@@ -390,6 +390,22 @@ class TestWire:
         assert "argsrepr" not in message["properties"]
         assert MARKER in message["headers"]["argsrepr"]
 
+    def test_a_field_given_as_an_apply_async_option_is_refused(self, app):
+        """``charge.apply_async((card, 3), customer={...})``: an option, not an argument, sent as a property.
+
+        Celery takes it (``customer`` has a default) and hands it to the broker
+        as a message property: Redis kept the email in plaintext, and the task
+        ran without a customer.  Celery's own options pass, whatever fields are named.
+        """
+        with pytest.raises(EncryptionFailed, match=r"'customer' was given as an apply_async option") as info:
+            app.tasks["t.charge"].apply_async((CARD, 3), customer={"email": EMAIL})
+        assert_no_plaintext(str(info.value))
+        assert queued_messages(app.conf.task_default_queue) == []
+        app.tasks["t.headers_field"].apply_async((EMAIL,), {"headers": {"auth": "x"}}, headers={"trace": "1"})
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+        assert message["headers"]["trace"] == "1"
+
     def test_a_task_registered_past_the_hook_is_sealed_and_opened(self, app, caplog):
         """A task put in the registry with ``dict.__setitem__`` (another extension's registry, say).
 
