@@ -45,7 +45,7 @@ from ._pii import PII, check_task_message_arguments
 from ._quarantine import make_quarantine_step
 from ._sealer import MARKER, OpenedResult, is_marker, is_sealed_result, unreadable_result, withheld_reason
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
-from ._sources import load_master_key
+from ._sources import MasterKey, UnloadedMasterKey, load_master_key
 from ._store import KeyStore
 from ._taskclass import hook_registry
 from .exceptions import (
@@ -72,7 +72,10 @@ _store_checks_deferred = False
 
 
 def defer_store_checks(*, enabled: bool) -> None:
-    """Skip the key-store checks of ``setup_pii`` (for ``celery pii db ...``, which creates the store)."""
+    """Skip the key-store checks of ``setup_pii`` (for ``celery pii db ...``, which creates the store).
+
+    The master key is then not required either: those commands never use it.
+    """
     global _store_checks_deferred  # noqa: PLW0603 - one flag for the process, set by the CLI
     _store_checks_deferred = enabled
 
@@ -488,10 +491,10 @@ def _refuse_changed_settings(pii: PII) -> None:
 
 
 def _key_manager(settings: Settings) -> KeyManager:
-    master = load_master_key(settings.master_key, settings)
+    master = _master_key(settings.master_key, settings)
     previous = None
     if settings.previous_master_key is not None:
-        previous = load_master_key(settings.previous_master_key, settings, setting="pii_previous_master_key")
+        previous = _master_key(settings.previous_master_key, settings, setting="pii_previous_master_key")
     store = KeyStore(settings.key_store_url, connect_timeout=settings.key_store_connect_timeout)
     keys = KeyManager(
         store,
@@ -519,6 +522,16 @@ def _key_manager(settings: Settings) -> KeyManager:
         msg = f"{where} cannot be reached ({reason})"
         raise ConfigurationError(msg) from None
     return keys
+
+
+def _master_key(source: str, settings: Settings, *, setting: str = "pii_master_key") -> MasterKey:
+    """The master key ``source`` names; for a command that needs none, a stand-in if it cannot be loaded."""
+    try:
+        return load_master_key(source, settings, setting=setting)
+    except ConfigurationError as error:
+        if not _store_checks_deferred:
+            raise
+        return UnloadedMasterKey(error)
 
 
 # -- worker start ----------------------------------------------------------------------------------

@@ -36,13 +36,14 @@ __all__ = [
     "MasterKey",
     "MasterKeyFileWarning",
     "StaticMasterKeyWarning",
+    "UnloadedMasterKey",
     "generate_master_key",
     "load_master_key",
     "register_master_key_source",
 ]
 
 _SETTING: Final = "pii_master_key"
-# Not `celery pii master-key generate`: loading the app needs the very key that is missing.
+# Works without an app (`celery -A proj pii master-key generate` needs one that loads).
 _GENERATE_HINT: Final = (
     "generate one with `python -c 'import celery_pii; print(celery_pii.generate_master_key())'`"
 )
@@ -136,6 +137,37 @@ def load_master_key(spec: str, settings: Settings | None = None, *, setting: str
         if setting == _SETTING:
             raise
         raise ConfigurationError(str(error).replace(_SETTING, setting)) from None
+
+
+class UnloadedMasterKey:
+    """Stands in for a master key that could not be loaded, where a command needs none.
+
+    ``celery -A proj pii db upgrade`` (run where the deploy builds, often
+    without secrets), ``pii scan`` and ``pii master-key generate`` (how a first
+    key is made) import the app, and ``setup_pii`` with it.  Any use raises the
+    error loading the key raised.
+    """
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: ConfigurationError) -> None:
+        self._error = str(error)
+
+    def __repr__(self) -> str:
+        return "<UnloadedMasterKey>"
+
+    @property
+    def ref(self) -> str:
+        """Never: raises the error loading the key raised."""
+        raise ConfigurationError(self._error)
+
+    def wrap(self, material: bytes, *, context: bytes) -> bytes:  # noqa: ARG002 - MasterKey's signature
+        """Never: raises the error loading the key raised."""
+        raise ConfigurationError(self._error)
+
+    def unwrap(self, wrapped: bytes, *, context: bytes) -> bytes:  # noqa: ARG002 - MasterKey's signature
+        """Never: raises the error loading the key raised."""
+        raise ConfigurationError(self._error)
 
 
 def generate_master_key() -> str:

@@ -325,8 +325,11 @@ class TestQuarantine:
         assert "setting broker_url: the broker cannot be reached" in listed.output
 
 
-def _celery_pii_process(tmp_path, module, key_store):
-    """``run(*args)``: `celery -A module pii *args` in a new process, for a test app on ``key_store``."""
+def _celery_pii_process(tmp_path, module, key_store, *, master_key=True):
+    """``run(*args)``: `celery -A module pii *args` in a new process, for a test app on ``key_store``.
+
+    Without ``master_key``, the process has no ``CELERY_PII_MASTER_KEY``.
+    """
     (tmp_path / f"{module}.py").write_text(
         textwrap.dedent(
             f"""
@@ -337,7 +340,8 @@ def _celery_pii_process(tmp_path, module, key_store):
         )
     )
     env = {"PYTHONPATH": f"{tmp_path}:{APP_DIR}", "PATH": "/usr/bin:/bin"}
-    env["CELERY_PII_MASTER_KEY"] = os.environ["CELERY_PII_MASTER_KEY"]
+    if master_key:
+        env["CELERY_PII_MASTER_KEY"] = os.environ["CELERY_PII_MASTER_KEY"]
 
     def run_pii(*args):
         command = [sys.executable, "-m", "celery", "-A", module, "pii", *args]
@@ -377,6 +381,31 @@ class TestRealProcess:
             assert generated.returncode == 0, generated.stderr[-2000:]
             listed = pii_command("keys", "list", "--json")
             assert json.loads(listed.stdout)[0]["key_id"] == "proc-key"
+        finally:
+            drop()
+
+    def test_commands_that_use_no_master_key_run_without_one(self, tmp_path):
+        """A deploy step creating the tables, and making a first master key, need no master key; others do.
+
+        `pii db upgrade` and `pii master-key generate` exited 2: setup_pii,
+        run as the app loads, refused the missing key.
+        """
+        url, drop = _fresh_postgres()
+        try:
+            without_key = _celery_pii_process(tmp_path, "nokeyapp", url, master_key=False)
+            upgraded = without_key("db", "upgrade")
+            assert upgraded.returncode == 0, upgraded.stderr[-2000:]
+            generated = without_key("master-key", "generate")
+            assert generated.returncode == 0, generated.stderr[-2000:]
+            assert len(base64.b64decode(generated.stdout.strip(), validate=True)) == 32
+            listed = without_key("keys", "list")
+            assert listed.returncode == 2
+            assert (
+                "setting pii_master_key: environment variable CELERY_PII_MASTER_KEY is not set"
+                in listed.stderr
+            )
+            with_key = _celery_pii_process(tmp_path, "nokeyapp", url)
+            assert with_key("keys", "generate", "after-upgrade").returncode == 0
         finally:
             drop()
 
