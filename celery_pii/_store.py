@@ -260,7 +260,7 @@ class KeyStore:
             if isinstance(error, exc.DBAPIError) and _is_write_conflict(error):
                 msg = "key store write lost a lock race with a concurrent writer (rolled back)"
                 raise WriteConflict(msg) from None
-            msg = f"setting pii_key_store_url: key store unreachable ({type(error).__name__})"
+            msg = f"setting pii_key_store_url: key store unreachable ({failure_reason(error)})"
             raise KeyStoreUnavailable(msg) from None
 
     def check_schema(self) -> None:
@@ -278,7 +278,7 @@ class KeyStore:
                 tables = set(inspect(connection).get_table_names())
                 older = older_revision(connection) if {KEYS_TABLE, AUDIT_TABLE} <= tables else None
         except _TRANSIENT as error:
-            msg = f"key store unreachable ({type(error).__name__})"
+            msg = f"key store unreachable ({failure_reason(error)})"
             raise KeyStoreUnavailable(msg) from None
         if not {KEYS_TABLE, AUDIT_TABLE} <= tables:
             msg = (
@@ -311,6 +311,28 @@ def _forget_connections_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
+# Enough of a driver's message to tell a refused connection from a missing database.
+_REASON_LENGTH: Final = 160
+
+
+def failure_reason(error: BaseException) -> str:
+    """The error's type, and for an operational one the first line of the driver's message.
+
+    Operational errors (connecting, authenticating, a missing database, a lost
+    connection, a lock timeout) name hosts, users, databases and tables, never
+    a row's values: they say why the store cannot be used.  Others say only
+    their type: their text may quote what a statement carried.
+    """
+    kind = type(error).__name__
+    if not isinstance(error, exc.OperationalError):
+        return kind
+    lines = str(error.orig).strip().splitlines()
+    reason = lines[0].strip() if lines else ""
+    if len(reason) > _REASON_LENGTH:
+        reason = reason[: _REASON_LENGTH - 1] + "…"
+    return f"{kind}: {reason}" if reason else kind
 
 
 def _connect_args(url: URL, timeout: float) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ._keys import check_not_reserved
 from ._migrate import current_revision, migrate
 from ._pii import PII
 from ._sources import generate_master_key, load_master_key
+from ._store import failure_reason
 from .exceptions import PIIError
 
 __all__ = ["pii"]
@@ -87,7 +88,7 @@ def _errors(fun: _F) -> _F:
             msg = f"{type(error).__name__}: {error}"
             raise click.ClickException(msg) from None
         except SQLAlchemyError as error:  # the db commands reach the store without the library's wrapping
-            msg = f"setting pii_key_store_url: the key store failed ({type(error).__name__})"
+            msg = f"setting pii_key_store_url: the key store failed ({failure_reason(error)})"
             raise click.ClickException(msg) from None
         except BrokerError as error:
             msg = f"setting broker_url: the broker cannot be reached ({type(error).__name__})"

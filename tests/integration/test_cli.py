@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -354,13 +355,26 @@ class TestRealProcess:
     """The installed `celery` command finds the `pii` subcommand."""
 
     def test_db_upgrade_on_an_unreachable_store_names_the_setting(self, tmp_path):
-        """No traceback and no password: one line naming pii_key_store_url, exit code 1."""
+        """No traceback and no password: one line naming pii_key_store_url and why, exit code 1."""
         store = "postgresql+psycopg://someone:S3cretPw@127.0.0.1:1/nothing?connect_timeout=2"
         upgraded = _celery_pii_process(tmp_path, "downapp", store)("db", "upgrade")
         assert upgraded.returncode == 1
-        assert "setting pii_key_store_url: the key store failed (OperationalError)" in upgraded.stderr
+        assert "setting pii_key_store_url: the key store failed (OperationalError: " in upgraded.stderr
+        assert "Connection refused" in upgraded.stderr  # the driver's reason, which says what to fix
         assert "Traceback" not in upgraded.stderr
         assert "S3cretPw" not in upgraded.stdout + upgraded.stderr
+
+    @pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+    def test_db_upgrade_on_a_missing_database_says_so(self, tmp_path, database):
+        """The first command a new user runs: a database not created yet is named as the reason."""
+        store = {
+            "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/no_such_pii_db",
+            "mariadb": "mysql+pymysql://root@127.0.0.1:3306/no_such_pii_db",
+        }[database]
+        upgraded = _celery_pii_process(tmp_path, f"missing{database}", store)("db", "upgrade")
+        assert upgraded.returncode == 1
+        assert "no_such_pii_db" in upgraded.stderr
+        assert re.search(r"does not exist|Unknown database", upgraded.stderr)
 
     def test_db_upgrade_then_keys_on_a_fresh_store(self, tmp_path):
         """On an empty PostgreSQL schema: `pii db upgrade` works although setup_pii runs at import."""
