@@ -18,13 +18,14 @@ import hmac
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from sqlalchemy import Select, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -1142,6 +1143,8 @@ def _answered_within(work: Callable[[], _T], name: str) -> _T:
     Raises:
         KeyStoreUnavailable: no answer in time, or what ``work`` raised.
     """
+    if _under_eventlet():
+        return _answered_on_an_os_thread(work)
     outcome: list[tuple[bool, Any]] = []
 
     def run() -> None:
@@ -1154,12 +1157,38 @@ def _answered_within(work: Callable[[], _T], name: str) -> _T:
     thread.start()
     thread.join(STORE_ANSWER_TIMEOUT)
     if not outcome:
-        msg = f"setting pii_key_store_url: the key store did not answer within {STORE_ANSWER_TIMEOUT:.0f} s"
-        raise KeyStoreUnavailable(msg)
+        raise _no_answer()
     answered, value = outcome[0]
     if not answered:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+def _under_eventlet() -> bool:
+    """True in a process eventlet has monkey-patched (``celery worker -P eventlet``)."""
+    patcher = sys.modules.get("eventlet.patcher")
+    return patcher is not None and bool(patcher.is_monkey_patched("thread"))
+
+
+def _answered_on_an_os_thread(work: Callable[[], _T]) -> _T:
+    """:func:`_answered_within` under eventlet: ``work`` on eventlet's pool of OS threads.
+
+    There ``threading.Thread`` is a green thread, and psycopg waits for the
+    store in C: the whole worker (every green thread, the one timing the wait
+    too) stood still for as long as the store hung.  Waiting for a pool thread
+    leaves the hub running.
+    """
+    from eventlet import Timeout, tpool  # noqa: PLC0415 - only where eventlet runs the process
+
+    with Timeout(STORE_ANSWER_TIMEOUT, False):  # False: on expiry, leave the block quietly
+        return cast("_T", tpool.execute(work))
+    raise _no_answer()
+
+
+def _no_answer() -> KeyStoreUnavailable:
+    return KeyStoreUnavailable(
+        f"setting pii_key_store_url: the key store did not answer within {STORE_ANSWER_TIMEOUT:.0f} s"
+    )
 
 
 def flush_all_usage(timeout: float = EXIT_FLUSH_TIMEOUT) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -741,6 +742,80 @@ class TestCache:
             assert sealing.encryption_key(KeySpec("refunds")).version == 1
             assert opening.decryption_key("orders", 1).version == 1
         finally:
+            proxy.close()
+
+    def test_a_store_that_hangs_does_not_stop_an_eventlet_worker(self, db_url, tmp_path):
+        """Under eventlet the wait for the store is bounded too, and the other green threads go on.
+
+        There ``threading.Thread`` is a green thread, and psycopg waits in C:
+        the hub stood still, the wait was never timed out, and every task of
+        the worker stopped for as long as the store hung.
+        """
+        import subprocess
+        import sys
+        import textwrap
+
+        pytest.importorskip("eventlet")
+        url = sa.engine.make_url(db_url)
+        if url.host is None:
+            pytest.skip("SQLite has no network to stall")
+        proxy = TcpProxy(url.host, url.port)
+        script = tmp_path / "eventlet_store.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import eventlet
+                eventlet.monkey_patch()
+                import json, os, sys, time
+                from celery_pii import _keys
+                from celery_pii._keys import KeyManager, KeySpec
+                from celery_pii._sources import LocalMasterKey
+                from celery_pii._store import KeyStore
+
+                _keys.STORE_ANSWER_TIMEOUT = 1.0
+                manager = KeyManager(KeyStore(sys.argv[1], connect_timeout=1), LocalMasterKey(os.urandom(32)),
+                                     recheck_interval=3600)
+                assert manager.encryption_key(KeySpec("eventlet-warm")).version >= 1  # answered: on a pool thread
+                print("ready", flush=True)
+                sys.stdin.readline()  # the proxy is frozen now
+                ticks = []
+                def tick():
+                    while True:
+                        ticks.append(time.monotonic())
+                        eventlet.sleep(0.05)
+                eventlet.spawn(tick)
+                started = time.monotonic()
+                try:
+                    manager.encryption_key(KeySpec("eventlet-cold"))
+                    outcome = "answered"
+                except Exception as error:
+                    outcome = type(error).__name__
+                waited = time.monotonic() - started
+                print(json.dumps({"outcome": outcome, "waited": waited, "ticks": len(ticks)}), flush=True)
+                os._exit(0)  # the pool thread still waits on the frozen store
+                """
+            )
+        )
+        through = url.set(port=proxy.port).render_as_string(hide_password=False)
+        process = subprocess.Popen(
+            [sys.executable, str(script), through],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout.readline().strip() == "ready", process.stderr.read()
+            proxy.freeze()
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            report = json.loads(process.stdout.readline())
+            assert report["outcome"] == "KeyStoreUnavailable"
+            assert report["waited"] < 5
+            assert report["ticks"] >= 5  # the other green threads ran meanwhile
+        finally:
+            process.kill()
+            process.communicate(timeout=30)
             proxy.close()
 
     def test_checks_back_off_while_the_store_stays_unreachable(self, make_manager, db_url):
