@@ -34,6 +34,7 @@ callables it needs.
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -43,6 +44,8 @@ from . import _json
 from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
 
 __all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
+
+logger = logging.getLogger("celery_pii")
 
 NAME: Final = "pii"
 CONTENT_TYPE: Final = "application/x-celery-pii"
@@ -208,6 +211,11 @@ class PIISerializer:
             # (the backend decodes every stored result with the current serializer).
             value = _decode(b"j", raw)
         else:
+            if raw[:1] in _JSON_STARTS:  # refused all the same; the fixed message would read as tampering
+                logger.warning(
+                    "celery-pii: refused a stored value celery-pii did not write (plain JSON: a result "
+                    "stored before the switch to pii?); pii_allow_plaintext=True reads them during a rollout"
+                )
             raise DecryptionFailed
         if self._open_result is not None:
             value = self._open_result(value)

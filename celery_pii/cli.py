@@ -413,7 +413,7 @@ def forget_subject(ctx: click.Context, subject_id: str, yes: bool) -> None:
 
 @pii.group(name="quarantine")
 def quarantine() -> None:
-    """Messages parked because they failed authentication or could not be decoded."""
+    """Parked messages: failed authentication, undecodable, of a refused content type or an unknown task."""
 
 
 @quarantine.command(name="list")

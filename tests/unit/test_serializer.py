@@ -73,3 +73,21 @@ def test_msgpack_writes_canvas_and_subclasses_as_their_plain_values():
     assert (back["size"], type(back["size"])) == (1, int)
     with pytest.raises(TypeError):
         serializer.dumps({"when": object()})
+
+
+def test_plain_json_outside_rollout_mode_is_refused_with_a_warning_that_says_what_it_is(caplog):
+    """A result stored as ``json`` before the switch: refused, and the log says why, not "tampered"."""
+    import logging
+
+    from celery_pii.exceptions import DecryptionFailed
+
+    serializer = PIISerializer("json")
+    with caplog.at_level(logging.WARNING, logger="celery_pii"), pytest.raises(DecryptionFailed):
+        serializer.loads(b'{"status": "SUCCESS", "result": "ann@example.com"}')
+    assert "did not write (plain JSON" in caplog.text
+    assert "pii_allow_plaintext" in caplog.text
+    assert "ann@example.com" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="celery_pii"), pytest.raises(DecryptionFailed):
+        serializer.loads(b"\xff\x00 damaged")
+    assert caplog.text == ""
