@@ -304,39 +304,58 @@ def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> list[str]:
     """Re-publish parked messages (all, or those with the given task ids) to where they came from.
 
     The body goes back byte for byte with its original headers; the message
-    is removed from the quarantine only once it has been published.
+    is removed from the quarantine only once it has been published.  Messages
+    are taken one at a time, as many as were parked when the replay began (one
+    parked again meanwhile is not replayed twice): a replay of the whole
+    quarantine holds one message at a time, whatever its size.  Those not
+    asked for are held until the end (so that each is seen once), then put back.
 
     Returns:
         The task ids re-published.
     """
-    replayed = []
+    replayed: list[str] = []
     with app.connection_for_write() as connection:
-        held = _held(queue_name, connection)
+        bound = quarantine_queue(queue_name)(connection.default_channel)
+        bound.declare()
+        parked = bound.queue_declare(passive=True).message_count
         producer = app.amqp.Producer(connection, auto_declare=False)
-        for message in held:
-            info = describe(message)
-            if ids is not None and info["id"] not in ids:
+        passed: list[Any] = []
+        try:
+            for _ in range(parked):
+                message = bound.get(no_ack=False)
+                if message is None:
+                    break
+                if ids is not None and describe(message)["id"] not in ids:
+                    passed.append(message)
+                    continue
+                replayed.append(_republish(app, producer, message))
+        finally:
+            for message in passed:
                 message.requeue()
-                continue
-            original = info["original"]
-            routing_key = original.get("routing_key") or app.conf.task_default_queue
-            headers = {k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER}
-            # Declare the destination if the app knows it, so the message cannot
-            # vanish into an exchange nothing is bound to yet.
-            known = app.amqp.queues.get(routing_key)
-            producer.publish(
-                message.body,
-                exchange=original.get("exchange") or "",
-                routing_key=routing_key,
-                declare=[known] if known is not None else [],
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                headers=headers,
-                retry=True,
-            )
-            message.ack()
-            replayed.append(str(info["id"]))
     return replayed
+
+
+def _republish(app: Any, producer: Any, message: Any) -> str:
+    """Publish a parked message where it came from, then drop it from the quarantine; its task id."""
+    info = describe(message)
+    original = info["original"]
+    routing_key = original.get("routing_key") or app.conf.task_default_queue
+    headers = {k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER}
+    # Declare the destination if the app knows it, so the message cannot
+    # vanish into an exchange nothing is bound to yet.
+    known = app.amqp.queues.get(routing_key)
+    producer.publish(
+        message.body,
+        exchange=original.get("exchange") or "",
+        routing_key=routing_key,
+        declare=[known] if known is not None else [],
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        headers=headers,
+        retry=True,
+    )
+    message.ack()
+    return str(info["id"])
 
 
 def purge(app: Any, queue_name: str) -> int:
