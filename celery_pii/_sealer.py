@@ -503,7 +503,7 @@ class Sealer:
             subject = next(iter(spec.subject.locate(args, kwargs)), None)
             if subject is None or subject[1] is None or is_marker(subject[1]):
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
-                if not spec.subject.names(str(parse_path(spec.subject_path or "", task=name)[0])):
+                if not spec.subject.names(str(parse_path(spec.subject.paths[0], task=name)[0])):
                     # A decorator's ``(*args, **kwargs)``: by position it could be any argument.
                     msg += " (the function Celery calls does not name it: pass it by keyword)"
                 raise EncryptionFailed(msg)
