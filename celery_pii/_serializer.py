@@ -41,6 +41,7 @@ from typing import Any, Final
 from kombu.utils import json as kombu_json
 
 from . import _json
+from ._paths import json_key
 from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
 
 __all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
@@ -92,6 +93,46 @@ def _msgpack_plain(value: Any) -> Any:
         return float(value)
     msg = f"can not serialize {type(value).__name__!r} object"
     raise TypeError(msg)
+
+
+def _msgpack_packed(obj: Any) -> bytes:
+    """``obj`` as msgpack, its dict keys written as JSON writes them if any is not text.
+
+    msgpack writes a key ``1`` as a number, and refuses to read it back
+    (``strict_map_key``: a number key could flood a dict's hash table), so a
+    message with one was parked at the worker as undecodable, and a result
+    with one stored unreadable.  Such keys travel as text, as with ``json``.
+    """
+    msgpack = _msgpack()
+    packed: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=True, default=_msgpack_plain)
+    try:
+        msgpack.unpackb(packed, raw=False)  # what every reader does
+    except ValueError as error:
+        if "map key" not in str(error):  # refused for another reason: so is it by the reader
+            return packed
+        packed = msgpack.packb(_text_keys(obj), use_bin_type=True, strict_types=True, default=_msgpack_plain)
+    return packed
+
+
+def _text_keys(value: Any) -> Any:
+    """``value`` with every dict key as the text JSON writes for it.
+
+    Raises:
+        ValueError: a dict holds two keys written alike (``1`` and ``"1"``),
+            or a key JSON cannot write (the message names neither).
+    """
+    if isinstance(value, dict):
+        copy = {}
+        for key, item in dict.items(value):
+            text = json_key(key)
+            if text is None or text in copy:
+                msg = "a dict key is not text, a number, true, false or null, or two keys are written alike"
+                raise ValueError(msg)
+            copy[text] = _text_keys(item)
+        return copy
+    if isinstance(value, (list, tuple)):
+        return [_text_keys(item) for item in value]
+    return value
 
 
 def _msgpack() -> Any:
@@ -191,8 +232,7 @@ class PIISerializer:
                 text: str = kombu_json.dumps(obj)
                 return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
             return (self._orjson_header if by_orjson else self._header) + data
-        packed: bytes = _msgpack().packb(obj, use_bin_type=True, strict_types=True, default=_msgpack_plain)
-        return self._header + packed
+        return self._header + _msgpack_packed(obj)
 
     def loads(self, data: bytes | str) -> Any:
         """Decode a frame; stored results are opened, task arguments never.

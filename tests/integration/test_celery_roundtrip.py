@@ -96,6 +96,48 @@ class TestRoundTrip:
         assert result["value"] == value
         assert result["type"] == type(value).__name__
 
+    def test_msgpack_carries_number_keys_as_text_as_json_does(self, key_store_url, queue_name, tmp_path):
+        """With the msgpack inner serializer a dict keyed by numbers runs, and a result so keyed reads back.
+
+        The message was parked by the worker as undecodable (audited as
+        tampering), and the result could not be read.  (In a process of its
+        own: the inner serializer is one per process.)
+        """
+        import subprocess
+        import sys
+        import textwrap
+
+        from .conftest import APP_DIR, BROKER_DB, REDIS_URL
+
+        script = tmp_path / "msgpack_keys.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import json
+                from celery.contrib.testing.worker import start_worker
+                from pii_testapp import make_app
+
+                app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                               key_store={key_store_url!r}, queue={queue_name!r}, pii_inner_serializer="msgpack",
+                               worker_hijack_root_logger=False)
+                with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+                    plain = app.tasks["t.plain"].delay({{1: "a", "b": {{2: None}}}}).get(timeout=20)
+                    charged = app.tasks["t.charge"].delay({CARD!r}, 1, {{"email": {EMAIL!r}, 7: "y"}}).get(timeout=20)
+                print(json.dumps({{"plain": plain, "customer": charged["customer"]}}))
+                """
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": APP_DIR}
+        done = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+            "plain": {"1": "a", "b": {"2": None}},
+            "customer": {"email": EMAIL, "7": "y"},
+        }
+        assert queued_messages(f"{queue_name}.quarantine") == []
+
     @pytest.mark.parametrize(
         "label",
         [uuid.UUID(int=7), datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("9.99"), (1, "two")],

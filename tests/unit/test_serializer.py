@@ -91,3 +91,22 @@ def test_plain_json_outside_rollout_mode_is_refused_with_a_warning_that_says_wha
     with caplog.at_level(logging.WARNING, logger="celery_pii"), pytest.raises(DecryptionFailed):
         serializer.loads(b"\xff\x00 damaged")
     assert caplog.text == ""
+
+
+def test_msgpack_writes_keys_that_are_not_text_as_json_does():
+    """``{1: "x"}`` reads back as ``{"1": "x"}``: msgpack wrote the number, which its reader refuses.
+
+    A message holding one was parked at the worker as undecodable (audited as
+    tampering), and a result holding one was stored unreadable.
+    """
+    pytest.importorskip("msgpack")
+    serializer = PIISerializer("msgpack")
+    value = {"totals": {1: 9.5, None: [{True: "x"}]}, "plain": ("a", 2)}
+    assert serializer.loads(serializer.dumps(value)) == {
+        "totals": {"1": 9.5, "null": [{"true": "x"}]},
+        "plain": ["a", 2],
+    }
+    assert serializer.loads(serializer.dumps({"k": "v"})) == {"k": "v"}
+    with pytest.raises(ValueError, match="written alike") as info:
+        serializer.dumps({1: "ann@example.com", "1": "bob@example.com"})
+    assert "example.com" not in str(info.value)
