@@ -25,6 +25,7 @@ Where each job lives, and why (docs/architecture.md has the Celery internals eac
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import weakref
@@ -196,29 +197,75 @@ def _unreadable_rows_read_as_failures() -> None:
     if getattr(read, "celery_pii_wrapped", False):
         return
 
-    def store_result(self: DatabaseBackend, task_id: str, *args: Any, **kwargs: Any) -> Any:
+    def store_result(  # noqa: PLR0913, PLR0917 - DatabaseBackend._store_result's own
+        self: DatabaseBackend,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         row = _context.backend_row.set(str(task_id))
         try:
-            return store(self, task_id, *args, **kwargs)
+            traceback = _sealed_traceback(str(task_id), state, traceback)
+            return store(self, task_id, result, state, traceback, request=request, **kwargs)
         finally:
             _context.backend_row.reset(row)
 
     def get_task_meta_for(self: DatabaseBackend, task_id: str) -> Any:
         row = _context.backend_row.set(str(task_id))
         try:
-            return read(self, task_id)
+            meta = read(self, task_id)
         except DecodeError as error:
             reason = error.args[0] if error.args else None
             if not isinstance(reason, (KeyDestroyed, DecryptionFailed, KeyNotFound)):
                 raise
             failure = {"task_id": task_id, "status": states.FAILURE, "traceback": None, "children": None}
             return self.meta_from_decoded({**failure, "result": self.prepare_exception(reason)})
+        else:
+            if isinstance(meta, dict) and _is_sealed_traceback(meta.get("traceback")):
+                meta["traceback"] = _opened_traceback(str(task_id), meta["traceback"])
+            return meta
         finally:
             _context.backend_row.reset(row)
 
     get_task_meta_for.celery_pii_wrapped = True  # type: ignore[attr-defined]
     DatabaseBackend._get_task_meta_for = get_task_meta_for  # noqa: SLF001
     DatabaseBackend._store_result = store_result  # noqa: SLF001
+
+
+# The database backend writes a failure's traceback to a column of its own, outside
+# any serializer: a PII task's is sealed there as its meta would be, behind this line.
+_SEALED_TRACEBACK: Final = f"{MARKER}\n"
+
+
+def _sealed_traceback(task_id: str, state: str, traceback: str | None) -> str | None:
+    """A PII task's traceback as the database backend's column holds it: sealed, bound to the row."""
+    if not traceback:
+        return traceback
+    meta = {"task_id": task_id, "status": state, "traceback": traceback}
+    sealed = _seal_result_hook(meta)
+    if not is_sealed_result(sealed) and withheld_reason(sealed) is None:  # not a PII task's
+        return traceback
+    return _SEALED_TRACEBACK + json.dumps(sealed)
+
+
+def _is_sealed_traceback(text: object) -> bool:
+    return isinstance(text, str) and text.startswith(_SEALED_TRACEBACK)
+
+
+def _opened_traceback(task_id: str, text: str) -> str:
+    """The traceback :func:`_sealed_traceback` sealed; the marker if it cannot be read here."""
+    try:
+        opened = _open_result_hook(json.loads(text.removeprefix(_SEALED_TRACEBACK)))
+    except (PIIError, ValueError) as error:  # erased, another store's key, damaged: unreadable, said once
+        logger.debug("celery-pii: the traceback of %s cannot be read: %s", task_id, type(error).__name__)
+        return MARKER
+    if not isinstance(opened, dict) or opened.get("task_id") != task_id or is_sealed_result(opened):
+        return MARKER  # another row's (copied here), or left sealed (Flower)
+    traceback = opened.get("traceback")
+    return traceback if isinstance(traceback, str) else MARKER
 
 
 def _current_group() -> str | None:

@@ -69,6 +69,16 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
         msg = f"card {card_number} declined"
         raise ValueError(msg)
 
+    @app.task(shared=False, name="t.lookup_fail")
+    def lookup_fail(x):
+        msg = f"no such item {x}"
+        raise LookupError(msg)
+
+    @app.task(shared=False, name="t.fail_derived", pii_fields=["card_number"])
+    def fail_derived(card_number):
+        msg = f"card {card_number.replace(' ', '')} declined"  # derived: scrubbing does not know it
+        raise ValueError(msg)
+
     @app.task(shared=False, name="t.retry_once", bind=True, pii_fields=["ssn"])
     def retry_once(self, ssn):
         if self.request.retries == 0:

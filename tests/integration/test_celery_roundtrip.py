@@ -745,6 +745,41 @@ class TestCanvas:
         assert final["email"] == EMAIL2
         assert [r["value"] for r in final["results"]] == [CARD]
 
+    def test_a_database_backends_traceback_column_is_sealed(self, make_app, key_store_url):
+        """The traceback column, written outside any serializer, holds a PII task's traceback sealed.
+
+        It held the scrubbed text: a value the task derived from a declared
+        field (the card without its spaces) was stored there in plaintext.
+        Readers with the key get the traceback back; other tasks' stay as they are.
+        """
+        import sqlalchemy as sa
+        from celery.contrib.testing.worker import start_worker
+
+        app = make_app(backend="db+" + key_store_url)
+        failing = app.tasks["t.fail_derived"].delay(CARD)
+        plain = app.tasks["t.lookup_fail"].delay("SKU-7")
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            with pytest.raises(ValueError, match="declined"):
+                failing.get(timeout=20)
+            with pytest.raises(LookupError, match="SKU-7"):
+                plain.get(timeout=20)
+        engine = sa.create_engine(key_store_url)
+        try:
+            with engine.connect() as connection:
+                stored = dict(
+                    connection.execute(
+                        sa.text("SELECT task_id, traceback FROM celery_taskmeta WHERE task_id IN (:a, :b)"),
+                        {"a": failing.id, "b": plain.id},
+                    ).all()
+                )
+        finally:
+            engine.dispose()
+        assert CARD.replace(" ", "") not in stored[failing.id]
+        assert stored[failing.id].startswith(f"{MARKER}\n")
+        assert "no such item SKU-7" in stored[plain.id]
+        reread = app.AsyncResult(failing.id)
+        assert f"card {CARD.replace(' ', '')} declined" in reread.traceback
+
     def test_chord_unlock_retrying_from_the_worker(self, make_app, key_store_url):
         """chord_unlock re-publishes itself while the header runs: sealed whole, and the chord completes.
 
