@@ -275,6 +275,20 @@ class TestScanAndErasure:
         assert result.exit_code == 0 and "destroyed 1 key version" in result.output
 
 
+def _park_undecodable(app, quarantine, task_id, *, back_to):
+    """Park a message of ``t.charge`` that did not decode, which came from (and replays to) ``back_to``."""
+    park(
+        app,
+        quarantine,
+        body=b"\x01jnot really",
+        content_type="application/x-celery-pii",
+        content_encoding="binary",
+        headers={"task": "t.charge", "id": task_id},
+        reason="undecodable",
+        original={"exchange": back_to, "routing_key": back_to},
+    )
+
+
 class TestQuarantine:
     """Listing, replaying and purging parked messages."""
 
@@ -284,16 +298,7 @@ class TestQuarantine:
         app = sys.modules[cli_app].app
         quarantine = app.conf.pii_quarantine_queue
         for task_id in ("parked-1", "parked-2", "parked-3"):
-            park(
-                app,
-                quarantine,
-                body=b"\x01jnot really",
-                content_type="application/x-celery-pii",
-                content_encoding="binary",
-                headers={"task": "t.charge", "id": task_id},
-                reason="undecodable",
-                original={"exchange": queue_name, "routing_key": queue_name},
-            )
+            _park_undecodable(app, quarantine, task_id, back_to=queue_name)
         listed = json.loads(run(cli_app, "quarantine", "list", "--json").output)
         assert sorted(m["id"] for m in listed) == ["parked-1", "parked-2", "parked-3"]
         assert {m["reason"] for m in listed} == {"undecodable"}
@@ -325,17 +330,8 @@ class TestQuarantine:
         quarantine = f"{queue_name}.quarantine"
         ids = [f"parked-{i}" for i in range(12)]
         for task_id in ids:
-            park(
-                app,
-                quarantine,
-                body=b"\x01jnot really",
-                content_type="application/x-celery-pii",
-                content_encoding="binary",
-                headers={"task": "t.charge", "id": task_id},
-                reason="undecodable",
-                # Back to the quarantine's own exchange and queue: parked again on arrival.
-                original={"exchange": quarantine, "routing_key": quarantine},
-            )
+            # Back to the quarantine's own exchange and queue: parked again on arrival.
+            _park_undecodable(app, quarantine, task_id, back_to=quarantine)
         held = []
         with app.connection_for_write() as connection:
             bound = quarantine_queue(quarantine)(connection.default_channel)

@@ -52,6 +52,20 @@ def _execute(url, sql, **params):
         engine.dispose()
 
 
+@pytest.fixture
+def stalling_store(db_url, monkeypatch):
+    """``(proxy, url)``: a proxy to the test database that the test can freeze; the store waited for 1 s."""
+    from celery_pii import _keys
+
+    url = sa.engine.make_url(db_url)
+    if url.host is None:
+        pytest.skip("SQLite has no network to stall")
+    monkeypatch.setattr(_keys, "STORE_ANSWER_TIMEOUT", 1.0)
+    proxy = TcpProxy(url.host, url.port)
+    yield proxy, url
+    proxy.close()
+
+
 def _behind(proxy, url, *, recheck_interval):
     """A key manager reaching the test database through ``proxy`` (which the test cuts or stalls)."""
     store = KeyStore(url.set(port=proxy.port).render_as_string(hide_password=False), connect_timeout=1)
@@ -676,20 +690,14 @@ class TestCache:
         finally:
             proxy.close()
 
-    def test_a_store_that_hangs_holds_no_publish_of_a_cached_key(self, db_url, caplog, monkeypatch):
+    def test_a_store_that_hangs_holds_no_publish_of_a_cached_key(self, stalling_store, caplog):
         """The store accepts and never answers (a stalled pooler): the periodic check gives up, the key serves.
 
         A publish of a cached key ran the check on the publish path and waited
         as long as the store hung (90 s and more: TCP timeouts never fire when
         the peer acknowledges); the usage flush did the same.
         """
-        from celery_pii import _keys
-
-        url = sa.engine.make_url(db_url)
-        if url.host is None:
-            pytest.skip("SQLite has no network to stall")
-        monkeypatch.setattr(_keys, "STORE_ANSWER_TIMEOUT", 1.0)
-        proxy = TcpProxy(url.host, url.port)
+        proxy, url = stalling_store
         try:
             manager = _behind(proxy, url, recheck_interval=0.1)
             manager.encryption_key(KeySpec("orders"))
@@ -706,7 +714,7 @@ class TestCache:
         finally:
             proxy.close()
 
-    def test_a_store_that_hangs_fails_a_key_load_in_bounded_time(self, db_url, monkeypatch):
+    def test_a_store_that_hangs_fails_a_key_load_in_bounded_time(self, stalling_store):
         """A key not cached, asked of a store that never answers: KeyStoreUnavailable after the wait, not a hang.
 
         A publish under a new key (a new subject's), a task start needing a
@@ -714,13 +722,7 @@ class TestCache:
         long as the driver's own timeouts let them (35 s on MariaDB here).
         Once the store answers again, the same calls work.
         """
-        from celery_pii import _keys
-
-        url = sa.engine.make_url(db_url)
-        if url.host is None:
-            pytest.skip("SQLite has no network to stall")
-        monkeypatch.setattr(_keys, "STORE_ANSWER_TIMEOUT", 1.0)
-        proxy = TcpProxy(url.host, url.port)
+        proxy, url = stalling_store
         try:
             sealing = _behind(proxy, url, recheck_interval=3600)
             opening = _behind(proxy, url, recheck_interval=3600)
