@@ -214,3 +214,32 @@ def test_a_retention_bucket_key_leaves_the_cache_at_its_deadline():
     assert not cache.holds("orders@20260101T000000Z", 1)
     cache._drop_expired(time.monotonic())
     assert list(cache._versions) == [("orders", 1)]
+
+
+def test_threads_using_a_key_at_once_lose_no_count():
+    """Every use is counted: threads sealing at once lost a fifth to two fifths of their counts.
+
+    Rotation by message count (``pii_rotation_max_messages``) came late by as much.
+    """
+    cache = KeyCache(ttl=3600)
+    key = DataKey("orders", 1, Algorithm.AES_256_GCM, os.urandom(32))
+    cache.put(key, active=True)
+    threads, uses = 8, 20_000
+    start = threading.Barrier(threads)
+
+    def use() -> None:
+        start.wait()
+        for _ in range(uses):
+            cache.active("orders")
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: the race shows at once
+    try:
+        workers = [threading.Thread(target=use) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert cache.take_usage() == {key.usage_key: threads * uses}
