@@ -344,12 +344,13 @@ class Binder:
                 value, location = args[index], by_position
             else:
                 continue
-            keys = rest
-            for depth, part in enumerate(rest):
+            keys, argument = rest, value
+            for part in rest:
                 if not isinstance(value, dict):
                     if value is None or not self._whole_if_shape_differs:
                         value = _ABSENT
                     else:  # a text or list where the path goes into a dict: it may hold the field
+                        depth = _dict_steps(argument, rest)
                         keys, location = rest[:depth], location[: 2 + depth]
                         if location in locations:  # another field's path stops there too
                             value = _ABSENT
@@ -461,6 +462,17 @@ def _select_keywords(
                 yield key, ()
     elif isinstance(rest[0], str) and rest[0] in kwargs:
         yield rest[0], rest[1:]
+
+
+def _dict_steps(value: Any, keys: tuple[str, ...]) -> int:
+    """How many of ``keys`` lead through dicts from ``value``: where a path meets another shape."""
+    depth = 0
+    for key in keys:
+        if not isinstance(value, dict):
+            break
+        value = value[key if key in value else find_key(value, key)]
+        depth += 1
+    return depth
 
 
 def _walk(
