@@ -223,10 +223,14 @@ class KeyCache:
 
         ``now`` is the caller's ``time.monotonic()`` (the publish path reads it anyway).
         """
-        pending = len(self._uses)
+        pending = self.pending_uses()
         return bool(pending or self._returned) and (
             pending >= FLUSH_EVERY_USES or now - self._usage_since >= FLUSH_EVERY_SECONDS
         )
+
+    def pending_uses(self) -> int:
+        """How many uses were counted since the last :meth:`take_usage`."""
+        return len(self._uses)
 
     def take_usage(self) -> dict[tuple[str, int], int]:
         """Hand over the accumulated counts (and reset them).

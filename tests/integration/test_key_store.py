@@ -596,6 +596,25 @@ class TestCache:
         assert second.decryption_key("orders", 1).version == 1
         assert second.recheck_cache() == 0  # the retired version is no longer the active one here
 
+    def test_a_rotation_run_that_lasts_is_seen_by_other_processes_checks(self, make_manager):
+        """A version retired late in a long run is stamped when it was retired, not when the run began.
+
+        Other processes' checks look back five minutes from their own last
+        check: stamped with a long run's start, the retirement was missed, and
+        they went on sealing under the retired version until their cache
+        expired (an hour by default), past its destruction by pii_max_key_versions.
+        """
+        first = make_manager(rotation_max_messages=1)
+        second = make_manager(recheck_interval=3600)
+        first.encryption_key(KeySpec("orders"))
+        first.encryption_key(KeySpec("orders"))  # past its message count: due
+        assert second.encryption_key(KeySpec("orders")).version == 1
+        second.recheck_cache()  # checked now: its next check looks back five minutes from here
+        run_began = utcnow() - timedelta(minutes=10)  # the run reached "orders" ten minutes in
+        assert first.perform_automatic_rotation(now=run_began) == ["orders"]
+        assert second.recheck_cache() == 1
+        assert second.encryption_key(KeySpec("orders")).version == 2
+
     def test_publish_and_consume_paths_run_the_check_when_due(self, make_manager):
         """With the check due, opening refuses a key destroyed elsewhere and sealing takes a new version."""
         first, second = make_manager(), make_manager(recheck_interval=0.2)
@@ -888,7 +907,7 @@ class TestCache:
         uses = 1
         # One use not written yet (a pause of the machine longer than the flush interval
         # between two uses writes the second at once: use it again then).
-        while not manager.cache._pending_uses:
+        while not manager.cache.pending_uses():
             manager.encryption_key(KeySpec("orders"))
             uses += 1
         locker = sa.create_engine(db_url, poolclass=sa.pool.NullPool).connect()
