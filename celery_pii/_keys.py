@@ -934,10 +934,15 @@ class KeyManager:
         self, session: Session, rows: Sequence[KeyRow], *, reason: str, now: datetime | None = None
     ) -> KeyRow:
         now = now or self._clock()
+        # The moment of retirement, never a run's ``now`` (as ``destroyed_at`` in _destroy_row):
+        # other processes' rechecks look back a few minutes, and missed, the retired version
+        # went on sealing there until its cache entry expired, past its destruction too.
+        retired_at = self._clock()
         latest = rows[-1]
         for row in rows:
             if row.status == ACTIVE:
-                row.status, row.retired_at, row.rotated_at, row.next_rotation_at = RETIRED, now, now, None
+                row.status, row.retired_at, row.rotated_at = RETIRED, retired_at, now
+                row.next_rotation_at = None
         # A key keeps its algorithm across rotations (pii_algorithm is for new key ids).
         new = self._insert_version(
             session,
