@@ -274,6 +274,11 @@ class Binder:
         """True if every path is a parameter name followed by dict keys only."""
         return self._all_simple
 
+    @property
+    def heads(self) -> frozenset[str]:
+        """The parameter names the declared paths start with (``customer`` of ``customer.email``)."""
+        return frozenset(head for head, _ in self._fields)
+
     def names(self, parameter: str) -> bool:
         """True if the called function has a parameter of that name (else it can come by keyword only)."""
         return parameter in self._named

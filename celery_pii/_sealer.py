@@ -41,7 +41,6 @@ from ._paths import (
     Location,
     MarkedValue,
     get_at,
-    parse_path,
     replace_in_copies,
     set_all_in_place,
 )
@@ -503,7 +502,7 @@ class Sealer:
             subject = next(iter(spec.subject.locate(args, kwargs)), None)
             if subject is None or subject[1] is None or is_marker(subject[1]):
                 msg = f"task {name!r}: pii_subject {spec.subject_path!r} is absent from this call"
-                if not spec.subject.names(str(parse_path(spec.subject.paths[0], task=name)[0])):
+                if not all(spec.subject.names(head) for head in spec.subject.heads):
                     # A decorator's ``(*args, **kwargs)``: by position it could be any argument.
                     msg += " (the function Celery calls does not name it: pass it by keyword)"
                 raise EncryptionFailed(msg)

@@ -47,8 +47,8 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         # Worked out once: every publish of the task asks.
-        paths = self.binder.paths if self.binder is not None else ()
-        object.__setattr__(self, "declared_names", frozenset(str(parse_path(p)[0]) for p in paths))
+        heads = self.binder.heads if self.binder is not None else frozenset()
+        object.__setattr__(self, "declared_names", heads)
         simple = (
             self.binder is not None
             and self.binder.simple
