@@ -151,7 +151,7 @@ def _open_result_hook(value: Any) -> Any:
             raise KeyDestroyed(withheld)
         return value
     if _IN_FLOWER:
-        return value
+        return _left_sealed(value)
     failures: list[PIIError] = []
     group = _current_group()
     for index, pii in enumerate(_candidate_instances()):
@@ -175,6 +175,19 @@ def _open_result_hook(value: Any) -> Any:
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
     return unreadable_result(value, failures[0])
+
+
+def _left_sealed(meta: dict[str, Any]) -> dict[str, Any]:
+    """A sealed result as Flower shows it: markers, and a failure's exception one Celery can rebuild.
+
+    Celery rebuilds the exception of a failed (or retried, or revoked) task
+    from its meta's ``result``: the marker there made every read of such a
+    result, ``.state`` included, raise ``ValueError`` (an HTTP 500 in Flower).
+    """
+    if meta.get("status") not in states.EXCEPTION_STATES or meta.get("result") != MARKER:
+        return meta
+    sealed_exception = {"exc_type": PIIError.__name__, "exc_message": [MARKER], "exc_module": PIIError.__module__}
+    return dict(meta, result=sealed_exception)
 
 
 def _unreadable_rows_read_as_failures() -> None:

@@ -365,6 +365,27 @@ class TestSeveralApps:
         monkeypatch.setattr(_celery, "_IN_FLOWER", False)
         assert _celery._open_result_hook(dict(sealed))["result"] == {"card": "4111 1111 1111 1111"}
 
+    @pytest.mark.parametrize("state", ["FAILURE", "RETRY", "REVOKED"])
+    def test_flower_reads_a_sealed_failure_as_a_failure(self, key_store_url, monkeypatch, state):
+        """A failed PII task's result in Flower: its state and a sealed exception, not a crash.
+
+        The marker where Celery rebuilds the exception from made every read of
+        the result (``.state`` too) raise ``ValueError``.
+        """
+        from celery_pii import PIIError, _celery
+
+        app = _app(key_store_url)
+        sealer = setup_pii(app).sealer
+        error = {"exc_type": "ValueError", "exc_message": ["card 4111 1111 1111 1111"], "exc_module": "builtins"}
+        meta = {"status": state, "result": error, "task_id": "t-2", "traceback": "Traceback ..."}
+        sealed = sealer.seal_result(meta, task_id="t-2", key_spec=KeySpec("default"))
+        monkeypatch.setattr(_celery, "_IN_FLOWER", True)
+        read = app.backend.meta_from_decoded(_celery._open_result_hook(dict(sealed)))
+        assert read["status"] == state
+        assert type(read["result"]) is PIIError
+        assert str(read["result"]) == MARKER
+        assert read["traceback"] == MARKER
+
     @pytest.mark.parametrize(
         ("argv", "flower"),
         [
