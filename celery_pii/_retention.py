@@ -41,6 +41,9 @@ _EPOCH: Final = datetime(2000, 1, 1, tzinfo=timezone.utc)
 #: The longest duration a policy or setting may add to "now" (a deadline, a rotation):
 #: beyond it the sum overflows datetime (timedelta.max), and "never" is keep_indefinitely().
 MAX_DURATION: Final = timedelta(days=36525)  # 100 years
+#: The shortest ``delete_after``: a bucket's deadline is rounded down to the second
+#: and a message is sealed only before it, so a shorter life had often ended at once.
+MIN_DURATION: Final = _STEPS[0]
 
 
 class _Kind(enum.Enum):
@@ -68,12 +71,14 @@ class RetentionPolicy:
         """Unreadable once ``duration`` has passed since publishing.
 
         Raises:
-            ConfigurationError: ``duration`` is not a positive timedelta of at most 100 years.
+            ConfigurationError: ``duration`` is not a timedelta of at least a second
+                (deadlines fall on whole seconds: a shorter one had often passed when
+                the message was sealed) and at most 100 years.
         """
-        if not isinstance(duration, timedelta) or not timedelta(0) < duration <= MAX_DURATION:
+        if not isinstance(duration, timedelta) or not MIN_DURATION <= duration <= MAX_DURATION:
             msg = (
-                "RetentionPolicy.delete_after() needs a positive datetime.timedelta of at most 100 years "
-                "(use keep_indefinitely() for no deadline)"
+                "RetentionPolicy.delete_after() needs a datetime.timedelta of at least 1 second (deadlines "
+                "fall on whole seconds) and at most 100 years (use keep_indefinitely() for no deadline)"
             )
             raise ConfigurationError(msg)
         return cls(_Kind.AFTER, duration=duration)

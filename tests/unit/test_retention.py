@@ -16,11 +16,26 @@ NOW = datetime(2026, 11, 28, 12, 34, 56, 789000, tzinfo=timezone.utc)
 class TestConstruction:
     """Tests for building policies."""
 
-    @pytest.mark.parametrize("bad", [timedelta(0), timedelta(seconds=-1), 30, None])
-    def test_delete_after_needs_positive_timedelta(self, bad):
-        """Zero, negative or non-timedelta durations are refused."""
-        with pytest.raises(ConfigurationError, match="positive"):
+    @pytest.mark.parametrize(
+        "bad",
+        [timedelta(0), timedelta(seconds=-1), timedelta(microseconds=1), timedelta(milliseconds=999), 30, None],
+    )
+    def test_delete_after_needs_a_timedelta_of_a_second_or_more(self, bad):
+        """Zero, negative, sub-second or non-timedelta durations are refused.
+
+        A deadline falls on a whole second and nothing is sealed past it: a
+        1 µs policy refused every publish, a 0.5 s one about half of them.
+        """
+        with pytest.raises(ConfigurationError, match="at least 1 second"):
             RetentionPolicy.delete_after(bad)
+
+    @pytest.mark.parametrize("offset", [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=999_999)])
+    def test_the_shortest_policy_leaves_a_deadline_ahead_at_any_moment(self, offset):
+        """One second from any moment (a whole second or just before the next) ends after that moment."""
+        now = datetime(2026, 11, 28, 12, 34, 56, tzinfo=timezone.utc) + offset
+        bucket = RetentionPolicy.delete_after(timedelta(seconds=1)).bucket(now)
+        assert bucket is not None
+        assert now < bucket <= now + timedelta(seconds=1)
 
     @pytest.mark.parametrize("too_long", [timedelta.max, timedelta(days=36526)])
     def test_delete_after_is_at_most_100_years(self, too_long):
