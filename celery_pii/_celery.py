@@ -186,8 +186,8 @@ def _left_sealed(meta: dict[str, Any]) -> dict[str, Any]:
     """
     if meta.get("status") not in states.EXCEPTION_STATES or meta.get("result") != MARKER:
         return meta
-    sealed_exception = {"exc_type": PIIError.__name__, "exc_message": [MARKER], "exc_module": PIIError.__module__}
-    return dict(meta, result=sealed_exception)
+    sealed = {"exc_type": PIIError.__name__, "exc_message": [MARKER], "exc_module": PIIError.__module__}
+    return dict(meta, result=sealed)
 
 
 def _unreadable_rows_read_as_failures() -> None:

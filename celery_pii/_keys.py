@@ -1089,7 +1089,9 @@ def _past_deadline(spec: KeySpec) -> EncryptionFailed | KeyDestroyed:
         return KeyDestroyed(
             f"key {spec.key_id!r}: its retention deadline has passed; data sealed under it is gone"
         )
-    return EncryptionFailed(f"key {spec.key_id!r}: its retention deadline has passed; nothing was sealed")
+    return EncryptionFailed(
+        f"the retention deadline (pii_retention) of key {spec.key_id!r} has passed; nothing was sealed"
+    )
 
 
 def check_not_reserved(key_id: str) -> None:

@@ -238,11 +238,23 @@ class Sealer:
         found: list[tuple[Location, Any]],
     ) -> str:
         """One envelope: the values ``found`` under ``key_spec``'s key(s), bound to their places."""
-        key, co_keys = self._sealing_keys(key_spec)
+        try:
+            key, co_keys = self._sealing_keys(key_spec)
+        except EncryptionFailed as error:
+            msg = f"task {name!r}: {error}"
+            raise EncryptionFailed(msg) from None
         locations = tuple(location for location, _ in found)
         return self._seal_values(
             bound_name(name, root, locations), task_id, key, [value for _, value in found], locations, co_keys
         )
+
+    def _task_key(self, name: str, key_spec: KeySpec) -> DataKey:
+        """The key a message of task ``name`` is sealed under; a deadline already passed names the task."""
+        try:
+            return self.keys.encryption_key(key_spec)
+        except EncryptionFailed as error:  # the key id is celery-pii's: the task is what the user knows
+            msg = f"task {name!r}: {error}"
+            raise EncryptionFailed(msg) from None
 
     def _sealing_keys(self, key_spec: KeySpec) -> tuple[DataKey, Sequence[DataKey]]:
         """The key ``key_spec`` names, and its co-keys (other subjects' keys the data is sealed under too)."""
@@ -345,7 +357,7 @@ class Sealer:
         found_at, values, sealed_args, sealed_kwargs = marked
         if not values:
             return None
-        key = self.keys.encryption_key(spec.key_spec)
+        key = self._task_key(name, spec.key_spec)
         locations = tuple(found_at)
         token = self._seal_values(name, task_id, key, values, locations)
         sealed_root = dict(root)

@@ -376,7 +376,11 @@ class TestSeveralApps:
 
         app = _app(key_store_url)
         sealer = setup_pii(app).sealer
-        error = {"exc_type": "ValueError", "exc_message": ["card 4111 1111 1111 1111"], "exc_module": "builtins"}
+        error = {
+            "exc_type": "ValueError",
+            "exc_message": ["card 4111 1111 1111 1111"],
+            "exc_module": "builtins",
+        }
         meta = {"status": state, "result": error, "task_id": "t-2", "traceback": "Traceback ..."}
         sealed = sealer.seal_result(meta, task_id="t-2", key_spec=KeySpec("default"))
         monkeypatch.setattr(_celery, "_IN_FLOWER", True)

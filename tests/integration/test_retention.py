@@ -106,6 +106,32 @@ class TestEnforceRetention:
         assert pii.specs["t.charge"].retention == RetentionPolicy.keep_indefinitely()
 
 
+class TestPassedDeadline:
+    """A message whose policy's deadline has already passed is not published, and the error says whose."""
+
+    @pytest.mark.parametrize("with_canvas", [False, True])
+    def test_the_error_names_the_task(self, make_app, with_canvas):
+        """It named only the bucket key (``default@...``), an id the user never chose."""
+        from celery_pii import EncryptionFailed
+
+        app = make_app()
+        passed = RetentionPolicy.delete_at(utcnow() - timedelta(days=1))
+
+        @app.task(shared=False, name="t.deadline_passed", pii_fields=["email"], pii_retention=passed)
+        def deadline_passed(email):
+            return email
+
+        call = deadline_passed.s(EMAIL)
+        if with_canvas:  # the general path: a call that embeds a later step
+            call = call.set(link=app.tasks["t.charge"].s())
+        with pytest.raises(
+            EncryptionFailed, match=r"^task 't.deadline_passed': the retention deadline"
+        ) as info:
+            call.delay()
+        assert "nothing was sealed" in str(info.value)
+        assert_no_plaintext(str(info.value))
+
+
 @pytest.mark.slow
 class TestBeat:
     """The beat tasks on a real `celery beat` with a real worker."""

@@ -18,7 +18,14 @@ class TestConstruction:
 
     @pytest.mark.parametrize(
         "bad",
-        [timedelta(0), timedelta(seconds=-1), timedelta(microseconds=1), timedelta(milliseconds=999), 30, None],
+        [
+            timedelta(0),
+            timedelta(seconds=-1),
+            timedelta(microseconds=1),
+            timedelta(milliseconds=999),
+            30,
+            None,
+        ],
     )
     def test_delete_after_needs_a_timedelta_of_a_second_or_more(self, bad):
         """Zero, negative, sub-second or non-timedelta durations are refused.
@@ -29,7 +36,9 @@ class TestConstruction:
         with pytest.raises(ConfigurationError, match="at least 1 second"):
             RetentionPolicy.delete_after(bad)
 
-    @pytest.mark.parametrize("offset", [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=999_999)])
+    @pytest.mark.parametrize(
+        "offset", [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=999_999)]
+    )
     def test_the_shortest_policy_leaves_a_deadline_ahead_at_any_moment(self, offset):
         """One second from any moment (a whole second or just before the next) ends after that moment."""
         now = datetime(2026, 11, 28, 12, 34, 56, tzinfo=timezone.utc) + offset
