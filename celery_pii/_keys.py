@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -703,26 +704,31 @@ class KeyManager:
 
         The hash is keyed by a secret kept in the key store, so a subject id
         (often an email or a user id) cannot be guessed back from a key id.
-        ``42`` and ``"42"`` are the same subject (the CLI gives text).
+        ``42`` and ``"42"`` are the same subject (the CLI gives text), and so
+        are two texts Unicode reads as the same (NFC and NFD forms of ``"zoë"``).
 
         Raises:
-            ConfigurationError: not a string or an integer (``None``, a dict...).
+            ConfigurationError: not a subject id (:func:`subject_text`).
         """
-        if not is_subject_id(subject_id):
-            msg = f"a data subject's id must be a string or an integer, not {type(subject_id).__name__}"
-            raise ConfigurationError(msg)
-        secret = self._subject_secret or self._load_subject_secret()
-        digest = hmac.new(secret, str(subject_id).encode(), hashlib.sha256).hexdigest()[:32]
+        digest = self._subject_digest(_subject_text_or_refuse(subject_id))
         return f"{SUBJECT_KEY_PREFIX}{digest}", digest
+
+    def _subject_digest(self, text: str) -> str:
+        secret = self._subject_secret or self._load_subject_secret()
+        return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:32]
 
     def destroy_subject(self, subject_id: object) -> int:
         """Destroy every key of one data subject (erasure); returns versions destroyed."""
         _, digest = self.subject_key_id(subject_id)
+        digests = [digest]
+        if isinstance(subject_id, str) and subject_id != _subject_text_or_refuse(subject_id):
+            # Builds before subject ids were normalised named keys by the text as given.
+            digests.append(self._subject_digest(subject_id))
         with self.store.transaction() as session:
             rows = self._lock_and_reread(
                 session,
                 select(KeyRow)
-                .where(KeyRow.subject_id == digest, KeyRow.status != DESTROYED)
+                .where(KeyRow.subject_id.in_(digests), KeyRow.status != DESTROYED)
                 .order_by(KeyRow.key_id, KeyRow.version),
             )
             for row in rows:
@@ -1065,13 +1071,50 @@ class KeyManager:
 
 
 def is_subject_id(value: object) -> bool:
-    """True for what may name a data subject: a string or an integer (``str()`` of it is hashed).
+    """True for what may name a data subject (see :func:`subject_text`)."""
+    return subject_text(value) is not None
 
-    ``None`` would make every call without a subject one subject, and a dict
-    or list would hash with its key order and every other field in it.  A
-    float is refused too: ``42.0`` would be another subject than ``42``.
+
+def subject_text(value: object) -> str | None:
+    """The text a data subject's keys are named by (hashed), or ``None`` if ``value`` cannot name one.
+
+    A string that is not blank, in Unicode's composed form (NFC): an erasure
+    request typed on a system that decomposes accents names the same subject.
+    An integer of at most :data:`SUBJECT_INT_BITS` bits, as decimal text.
+    ``None`` or a blank string would make every call without a subject one
+    subject, and a dict or list would hash with its key order and every other
+    field in it.  A float is refused too: ``42.0`` would be another subject
+    than ``42``.  Nor text that UTF-8 cannot write (a lone surrogate).
     """
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        if not unicodedata.is_normalized("NFC", value):
+            value = unicodedata.normalize("NFC", value)
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return None
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() <= SUBJECT_INT_BITS:
+        return str(value)
+    return None
+
+
+#: The largest integer subject id, in bits (a 128-bit UUID's integer fits; Python refuses
+#: to write integers of more than 4300 digits as text).
+SUBJECT_INT_BITS: Final = 256
+
+
+def _subject_text_or_refuse(value: object) -> str:
+    text = subject_text(value)
+    if text is None:
+        msg = (
+            "a data subject's id must be a string (not blank, valid Unicode) or an integer "
+            f"of at most {SUBJECT_INT_BITS} bits, not this {type(value).__name__}"
+        )
+        raise ConfigurationError(msg)
+    return text
 
 
 def _destroyed(key_id: str, version: int) -> KeyDestroyed:

@@ -34,7 +34,7 @@ from ._config import Settings
 from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
-from ._keys import SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
+from ._keys import SUBJECT_INT_BITS, SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
 from ._paths import (
     AmbiguousKey,
     Binder,
@@ -519,7 +519,10 @@ class Sealer:
                     msg += " (the function Celery calls does not name it: pass it by keyword)"
                 raise EncryptionFailed(msg)
             if not is_subject_id(subject[1]):
-                msg = f"task {name!r}: pii_subject {spec.subject_path!r} is not a string or an integer here"
+                msg = (
+                    f"task {name!r}: pii_subject {spec.subject_path!r} is not a data subject's id here "
+                    f"(a string, not blank, or an integer of at most {SUBJECT_INT_BITS} bits)"
+                )
                 raise EncryptionFailed(msg)
             base, digest = self.keys.subject_key_id(subject[1])
         policies = [s.retention for s in specs] or [self.settings.default_retention]

@@ -870,12 +870,41 @@ class TestSubjects:
         assert queued_messages(app.conf.task_default_queue) == []
 
     @pytest.mark.parametrize(
-        "subject", [None, {"id": "u-1"}, ["u-1"], True, 42.0], ids=["none", "dict", "list", "bool", "float"]
+        "subject",
+        [None, {"id": "u-1"}, ["u-1"], True, 42.0, "", "  ", 10**5000, "u-\ud800"],
+        ids=["none", "dict", "list", "bool", "float", "empty", "blank", "huge-int", "lone-surrogate"],
     )
     def test_a_subject_that_is_not_one_id_is_refused(self, app, subject):
-        """None (every such call would share one key) or a container (keyed by all its fields) is no id."""
-        with pytest.raises(EncryptionFailed, match=r"t\.profile.*pii_subject 'user_id'"):
+        """None or a blank string (every such call would share one key), a container (keyed by all its
+        fields), an integer Python will not write as text or text UTF-8 cannot write is no id.
+
+        The last two raised Python's own ValueError and UnicodeEncodeError; a blank one was taken.
+        """
+        with pytest.raises(
+            EncryptionFailed, match=r"t\.profile.*pii_subject 'user_id' is (absent|not a data subject)"
+        ):
             app.tasks["t.profile"].delay(subject, EMAIL)
         assert not queued_messages(app.conf.task_default_queue)
-        with pytest.raises(ConfigurationError, match="must be a string or an integer"):
+        with pytest.raises(
+            ConfigurationError, match=r"must be a string .* or an integer of at most 256 bits"
+        ):
             get_pii(app).forget_subject(subject)
+
+    def test_a_subject_is_named_by_its_text_as_unicode_reads_it(self, app):
+        """An erasure given the decomposed form of a composed name forgets that subject.
+
+        Typed on a system that decomposes accents, ``forget_subject`` destroyed
+        nothing (0, as for an unknown subject) and the data stayed readable.
+        Case and spaces still matter: ``Ann`` and ``ann`` are two subjects.
+        """
+        import unicodedata
+
+        composed = "zo\u00eb@example.com"
+        decomposed = unicodedata.normalize("NFD", composed)
+        assert composed != decomposed
+        keys = get_pii(app).keys
+        assert keys.subject_key_id(decomposed) == keys.subject_key_id(composed)
+        assert keys.subject_key_id("Zo\u00eb@example.com") != keys.subject_key_id(composed)
+        assert keys.subject_key_id(2**256 - 1) == keys.subject_key_id(str(2**256 - 1))
+        app.tasks["t.profile"].delay(composed, EMAIL)
+        assert get_pii(app).forget_subject(decomposed) == 1

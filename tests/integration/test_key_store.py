@@ -996,6 +996,23 @@ class TestSubjects:
         assert reasons == {"forget_subject"}
         assert "ann@example.com" not in str(_execute(db_url, "SELECT * FROM celery_pii_key_audit"))
 
+    def test_forgetting_a_subject_reaches_keys_named_before_ids_were_normalised(self, manager):
+        """Earlier builds hashed the text as given: a decomposed id's keys are destroyed by either form."""
+        import unicodedata
+
+        from celery_pii._keys import SUBJECT_KEY_PREFIX
+
+        decomposed = unicodedata.normalize("NFD", "zo\u00eb@example.com")
+        old_digest = manager._subject_digest(decomposed)  # what an earlier build named its key by
+        new_key_id, new_digest = manager.subject_key_id(decomposed)
+        assert old_digest != new_digest
+        old = manager.encryption_key(KeySpec(f"{SUBJECT_KEY_PREFIX}{old_digest}", subject_id=old_digest))
+        new = manager.encryption_key(KeySpec(new_key_id, subject_id=new_digest))
+        assert manager.destroy_subject(decomposed) == 2
+        for key in (old, new):
+            with pytest.raises(KeyDestroyed):
+                manager.decryption_key(key.key_id, key.version)
+
     def test_subject_hash_survives_a_new_manager(self, make_manager):
         """The subject index key lives in the store, so every process derives the same key id."""
         assert make_manager().subject_key_id(42) == make_manager().subject_key_id(42)
