@@ -39,6 +39,7 @@ from kombu.exceptions import DecodeError
 
 from . import _context
 from ._config import Settings, as_written, settings_from_conf
+from ._heldresults import collecting_keys, guard_celery_result_caches, opened_meta, opened_with_keys
 from ._keys import KeyManager, flush_all_usage
 from ._logfilter import filter_celery_loggers
 from ._paths import replace_in_copies
@@ -171,7 +172,7 @@ def _open_result_hook(value: Any) -> Any:
             continue
         read_id = opened.value.get("task_id") if isinstance(opened.value, dict) else None
         _context.derive_from_result(pii, opened.keys, _values_read(opened), read_id)
-        return opened.value
+        return opened_meta(opened.value, pii, opened.keys)
     # KeyDestroyed says the most (the data is gone on purpose); then DecryptionFailed.
     failures.sort(key=lambda error: (not isinstance(error, KeyDestroyed), isinstance(error, KeyNotFound)))
     return unreadable_result(value, failures[0])
@@ -229,7 +230,8 @@ def _unreadable_rows_read_as_failures() -> None:
     def get_task_meta_for(self: DatabaseBackend, task_id: str) -> Any:
         row = _context.backend_row.set(str(task_id))
         try:
-            meta = read(self, task_id)
+            with collecting_keys() as opened:
+                meta = opened_with_keys(read(self, task_id), opened)
         except DecodeError as error:
             reason = error.args[0] if error.args else None
             if not isinstance(reason, (KeyDestroyed, DecryptionFailed, KeyNotFound)):
@@ -471,6 +473,7 @@ def setup_pii(app: Celery) -> PII:
         app.conf.imports = (*imports, "celery_pii.tasks")
     filter_celery_loggers()
     _unreadable_rows_read_as_failures()
+    guard_celery_result_caches()
     return pii
 
 

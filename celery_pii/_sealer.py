@@ -590,7 +590,7 @@ class Sealer:
         group: copied into another chord on the result backend, it does not open.
         """
         key, co_keys = self._sealing_keys(key_spec)
-        if _is_meta(obj):
+        if is_result_meta(obj):
             fields = [name for name in RESULT_FIELDS if obj.get(name) is not None]
             if not fields:
                 return obj
@@ -848,7 +848,7 @@ def unreadable_result(obj: dict[str, Any], error: Exception) -> Any:
     ``AsyncResult.get()`` raises it, and Celery's backends, which read the
     current meta before every write, keep working.  Anything else re-raises.
     """
-    if not _is_meta(obj):
+    if not is_result_meta(obj):
         raise error
     return _failure_meta(obj, error)
 
@@ -881,7 +881,7 @@ def withheld_outcome(obj: object, reason: str) -> dict[str, Any]:
     (the database backend stores the result alone, a chord part is a list)
     becomes a placeholder that :func:`withheld_reason` recognises when read.
     """
-    if not _is_meta(obj):
+    if not is_result_meta(obj):
         return {_WITHHELD_KEY: reason}
     return _failure_meta(cast("dict[str, Any]", obj), KeyDestroyed(reason))
 
@@ -896,7 +896,7 @@ def withheld_reason(obj: object) -> str | None:
 _WITHHELD_KEY: Final = "__celery_pii_withheld__"
 
 
-def _is_meta(obj: object) -> bool:
+def is_result_meta(obj: object) -> bool:
     return isinstance(obj, dict) and "status" in obj and "task_id" in obj
 
 

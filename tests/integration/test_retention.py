@@ -106,6 +106,51 @@ class TestEnforceRetention:
         assert pii.specs["t.charge"].retention == RetentionPolicy.keep_indefinitely()
 
 
+class TestResultsHeldInMemory:
+    """Results Celery keeps in a client's memory go when their keys go, as stored ones do.
+
+    A new ``AsyncResult(id).get()`` in a process that had read the result
+    before was answered from Celery's memory, in plaintext, after the
+    subject's erasure or the result's retention deadline.
+    """
+
+    @pytest.mark.parametrize("backend", ["redis", "database"])
+    def test_result_cache_max(self, make_app, key_store_url, backend):
+        """``result_cache_max`` keeps successful results: one of a forgotten subject reads as gone."""
+        app = make_app(
+            result_cache_max=100, **({"backend": "db+" + key_store_url} if backend == "database" else {})
+        )
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            forgotten = app.tasks["t.profile"].delay("u-held-1", EMAIL)
+            kept = app.tasks["t.profile"].delay("u-held-2", EMAIL)
+            for sent in (forgotten, kept):
+                assert sent.get(timeout=20)["email"] == EMAIL
+                assert app.AsyncResult(sent.id).get(timeout=5)["email"] == EMAIL  # from the cache
+            assert get_pii(app).forget_subject("u-held-1") >= 1
+            with pytest.raises(KeyDestroyed):
+                app.AsyncResult(forgotten.id).get(timeout=5)
+            assert app.AsyncResult(kept.id).get(timeout=5)["email"] == EMAIL
+
+    def test_the_redis_pubsub_buffer(self, make_app):
+        """A result read by polling arrives again over pub/sub and waits in a buffer, opened.
+
+        After the deadline (enforce_retention) a new read of it raises
+        KeyDestroyed, as a read from the backend does.
+        """
+        app = make_app()
+        pii = get_pii(app)
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            early = app.tasks["t.retention_short"].delay(EMAIL)  # subscribed to its result
+            assert _wait(lambda: _stored_status(early.id) == "SUCCESS")
+            assert early.get(timeout=10) == EMAIL  # read by polling: the published copy stays unread
+            later = app.tasks["t.retention_short"].delay(EMAIL)
+            assert later.get(timeout=10) == EMAIL  # reads the early copy too: into the buffer
+            assert early.id in app.backend.result_consumer._pending_messages
+            pii.enforce_retention(now=utcnow() + timedelta(minutes=5))
+            with pytest.raises(KeyDestroyed):
+                app.AsyncResult(early.id).get(timeout=5)
+
+
 class TestPassedDeadline:
     """A message whose policy's deadline has already passed is not published, and the error says whose."""
 

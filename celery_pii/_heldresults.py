@@ -1,0 +1,119 @@
+"""Opened results that Celery holds in memory are checked again each time they are served.
+
+Celery keeps a result it has read in two places a later, new
+``AsyncResult(id)`` reads from without asking the backend: the backend's
+``result_cache_max`` cache (successful results), and the Redis backend's
+buffer of results that arrived over pub/sub while nobody waited for them
+(a task ``get()`` had already read by polling).  Both hold the result as the
+``pii`` serializer opened it: after its retention deadline or its subject's
+erasure, a new read in that process was still answered, in plaintext, where
+every other process got ``KeyDestroyed``.
+
+A result meta opened here remembers the keys it was opened with
+(:class:`OpenedMeta`); served from either place, its keys are looked up again
+(in the key cache: no round trip while they are cached), and one that has
+gone makes it read as the failure a stored result reads as.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from ._sealer import is_result_meta, unreadable_result
+from .exceptions import KeyDestroyed, KeyNotFound
+
+if TYPE_CHECKING:
+    from ._pii import PII
+
+__all__ = ["OpenedMeta", "collecting_keys", "guard_celery_result_caches", "opened_meta", "opened_with_keys"]
+
+#: ``(key id, version)`` of the keys of one opened value, with the app whose store holds them.
+_Opened = tuple["PII", tuple[tuple[str, int], ...]]
+
+
+class OpenedMeta(dict[str, Any]):
+    """A result meta the ``pii`` serializer opened, and the keys it was opened with."""
+
+    __slots__ = ("opened",)
+
+    opened: tuple[_Opened, ...]
+
+
+def opened_meta(value: Any, pii: PII, keys: tuple[tuple[str, int], ...]) -> Any:
+    """``value`` as the serializer returns it: a result meta remembers ``keys``."""
+    found = _collected.get()
+    if found is not None:  # a database row's columns are opened one by one
+        found.append((pii, keys))
+    if not is_result_meta(value):
+        return value
+    meta = OpenedMeta(value)
+    meta.opened = ((pii, keys),)
+    return meta
+
+
+_collected: contextvars.ContextVar[list[_Opened] | None] = contextvars.ContextVar(
+    "celery_pii_opened_keys", default=None
+)
+
+
+@contextmanager
+def collecting_keys() -> Iterator[list[_Opened]]:
+    """The keys of every value opened meanwhile (the database backend builds its meta from columns)."""
+    found: list[_Opened] = []
+    token = _collected.set(found)
+    try:
+        yield found
+    finally:
+        _collected.reset(token)
+
+
+def opened_with_keys(meta: Any, opened: list[_Opened]) -> Any:
+    """A meta built from opened values, remembering their keys."""
+    if not opened or not isinstance(meta, dict):
+        return meta
+    held = OpenedMeta(meta)
+    held.opened = tuple(opened)
+    return held
+
+
+def as_read_now(backend: Any, meta: Any) -> Any:
+    """``meta``, or the failure it reads as now that one of its keys is gone."""
+    if type(meta) is not OpenedMeta:
+        return meta
+    try:
+        for pii, keys in meta.opened:
+            for key_id, version in keys:
+                pii.keys.decryption_key(key_id, version)  # KeyDestroyed past a deadline or an erasure
+    except (KeyDestroyed, KeyNotFound) as error:
+        return backend.meta_from_decoded(unreadable_result(dict(meta), error))
+    return meta
+
+
+def guard_celery_result_caches() -> None:
+    """Check what ``result_cache_max`` and the Redis pub/sub buffer serve (once per process)."""
+    from celery.backends.asynchronous import AsyncBackendMixin  # noqa: PLC0415 - only when set up
+    from celery.backends.base import Backend  # noqa: PLC0415
+
+    get_task_meta = Backend.get_task_meta
+    if getattr(get_task_meta, "celery_pii_wrapped", False):
+        return
+
+    def checked_get_task_meta(self: Any, task_id: Any, cache: bool = True) -> Any:
+        meta = get_task_meta(self, task_id, cache=cache)
+        checked = as_read_now(self, meta)
+        if checked is not meta:
+            self._cache.pop(task_id, None)
+        return checked
+
+    def checked_from_buffer(self: Any, result: Any) -> None:
+        # Celery's own two lines, with the check between: take() raises Empty when
+        # nothing is buffered, and the caller then subscribes to the task's result.
+        meta = self._pending_messages.take(result.id)
+        result._maybe_set_cache(as_read_now(self, meta))  # noqa: SLF001
+
+    checked_get_task_meta.celery_pii_wrapped = True  # type: ignore[attr-defined]
+    Backend.get_task_meta = checked_get_task_meta
+    AsyncBackendMixin._maybe_resolve_from_buffer = checked_from_buffer  # noqa: SLF001
