@@ -35,7 +35,17 @@ from sqlalchemy.orm import Session
 from ._crypto import Algorithm, DataKey, new_key_material
 from ._keycache import KeyCache
 from ._sources import MasterKey
-from ._store import ACTIVE, DESTROYED, RETIRED, AuditRow, KeyRow, KeyStore, WriteConflict, utcnow
+from ._store import (
+    ACTIVE,
+    DESTROYED,
+    RETIRED,
+    AuditRow,
+    KeyRow,
+    KeyStore,
+    WriteConflict,
+    store_utcnow,
+    utcnow,
+)
 from ._wrapping import MasterKeys, NoWrapping
 from .exceptions import (
     ConfigurationError,
@@ -57,8 +67,13 @@ SUBJECT_INDEX_KEY: Final = RESERVED_PREFIX + "subject-index"
 SUBJECT_KEY_PREFIX: Final = "subject."
 _RETRIES: Final = 5
 # Each check asks for versions destroyed since a little before the previous
-# one, so a destroying host whose clock runs behind, or a slow commit, is not missed.
+# one, so a slow commit is not missed.  Clocks: destructions and retirements are
+# stamped with the later of the host's clock and the key store's, and checks
+# reach back from the earlier of the two, so hosts whose clocks differ from the
+# store's (by any amount) miss nothing.
 _RECHECK_OVERLAP: Final = timedelta(minutes=5)
+# Where a transaction keeps how far the store's clock is ahead of this host's.
+_STORE_LEAD: Final = "celery_pii_store_lead"
 # After checks that could not reach the store, wait up to this many intervals (one
 # after the first failure, doubling after each next one): the check runs on the
 # publish path, and an unreachable host costs a connect timeout.  A short outage
@@ -169,7 +184,7 @@ class KeyManager:
         self.recheck_interval = recheck_interval
         self._next_recheck = time.monotonic() + recheck_interval
         self._recheck_failures = 0  # checks in a row that could not reach the store
-        self._changes_since = clock() - _RECHECK_OVERLAP
+        self._last_check = time.monotonic()  # when the last check that reached the store began
         self._actor = actor
         self._clock = clock
         self._subject_secret: bytes | None = None
@@ -277,17 +292,21 @@ class KeyManager:
         eight, and ten at most while it stays unreachable; publishing and opening
         go on meanwhile.
         """
-        self._next_recheck = time.monotonic() + self.recheck_interval
-        checked_at = self._clock()
+        started = time.monotonic()
+        self._next_recheck = started + self.recheck_interval
         if not len(self.cache):  # nothing to evict; keys loaded later read the store as it is then
-            self._changes_since = checked_at - _RECHECK_OVERLAP
+            self._last_check = started
             return 0
-        # A key cached before a destruction older than the TTL has expired since; one
-        # loaded after it read the store then: neither needs that destruction.
-        since = max(self._changes_since, checked_at - timedelta(seconds=self.cache.ttl) - _RECHECK_OVERLAP)
 
         def changes() -> tuple[Sequence[Any], Sequence[Any]]:
             with self.store.transaction() as session:
+                # Since the previous check, measured back from the earlier of this host's clock
+                # and the store's (stamps are never earlier than the store's clock: _stamp).  A
+                # key cached before a destruction older than the TTL has expired since; one
+                # loaded after it read the store then: neither needs that destruction.
+                elapsed = timedelta(seconds=min(time.monotonic() - self._last_check, self.cache.ttl))
+                own = self._clock()
+                since = min(own, store_utcnow(session) or own) - elapsed - _RECHECK_OVERLAP
                 destroyed = session.execute(
                     select(KeyRow.key_id, KeyRow.version).where(KeyRow.destroyed_at >= since)
                 ).all()
@@ -309,7 +328,7 @@ class KeyManager:
             )
             return 0
         self._recheck_failures = 0
-        self._changes_since = checked_at - _RECHECK_OVERLAP
+        self._last_check = started
         # Remembered as destroyed: what was derived from them is refused without a round trip.
         evicted = sum(self.cache.forget(key_id, version, destroyed=True) for key_id, version in destroyed)
         evicted += sum(self.cache.no_longer_active(key_id, version) for key_id, version in retired)
@@ -486,7 +505,7 @@ class KeyManager:
             if row.status == DESTROYED:
                 raise _destroyed(key_id, version)
             if row.status == ACTIVE:
-                row.status, row.retired_at, row.next_rotation_at = RETIRED, self._clock(), None
+                row.status, row.retired_at, row.next_rotation_at = RETIRED, self._stamp(session), None
                 self._audit(session, key_id, version, "retire")
         self.cache.forget(key_id, version)
 
@@ -943,7 +962,7 @@ class KeyManager:
         # The moment of retirement, never a run's ``now`` (as ``destroyed_at`` in _destroy_row):
         # other processes' rechecks look back a few minutes, and missed, the retired version
         # went on sealing there until its cache entry expired, past its destruction too.
-        retired_at = self._clock()
+        retired_at = self._stamp(session)
         latest = rows[-1]
         for row in rows:
             if row.status == ACTIVE:
@@ -989,9 +1008,24 @@ class KeyManager:
         # The moment of destruction, never a run's ``now`` (which decides only what
         # is due): other processes' rechecks look back a few minutes from their
         # own clock, and a long run's start time would fall out of that window.
-        row.destroyed_at = self._clock()
+        row.destroyed_at = self._stamp(session)
         row.next_rotation_at = None
         self._audit(session, row.key_id, row.version, "destroy", reason=reason)
+
+    def _stamp(self, session: Session) -> datetime:
+        """The moment of a destruction or retirement: this host's clock, or the store's if it is ahead.
+
+        Other processes' checks find what changed since their previous check by
+        these stamps: one from a host whose clock lagged by more than the checks'
+        overlap (five minutes) was never found, and a worker went on opening an
+        erased subject's messages until its cache expired.
+        """
+        lead = session.info.get(_STORE_LEAD)
+        if lead is None:  # asked once per transaction: a retention batch stamps many rows
+            store_now = store_utcnow(session)
+            lead = max(timedelta(0), store_now - self._clock()) if store_now is not None else timedelta(0)
+            session.info[_STORE_LEAD] = lead
+        return self._clock() + lead
 
     def _unwrap(self, row: KeyRow, *, for_check: bool = False) -> DataKey:
         try:

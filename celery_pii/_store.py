@@ -34,6 +34,7 @@ from sqlalchemy import (
     event,
     exc,
     inspect,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, Engine, make_url
@@ -68,6 +69,27 @@ AUDIT_TABLE: Final = "celery_pii_key_audit"
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(timezone.utc)
+
+
+# The key store's own clock, as naive UTC (clock_timestamp(): the moment asked, not the
+# transaction's start).  SQLite's %f is seconds with three decimals.
+_STORE_NOW: Final = {
+    "postgresql": "SELECT timezone('UTC', clock_timestamp())",
+    "mysql": "SELECT UTC_TIMESTAMP(6)",
+    "mariadb": "SELECT UTC_TIMESTAMP(6)",
+    "sqlite": "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')",
+}
+
+
+def store_utcnow(session: Session) -> datetime | None:
+    """The key store's current time (timezone-aware UTC); ``None`` for a database not known here."""
+    query = _STORE_NOW.get(session.get_bind().dialect.name)
+    if query is None:
+        return None
+    value = session.execute(text(query)).scalar_one()
+    if isinstance(value, str):
+        value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")  # noqa: DTZ007 - UTC, made aware below
+    return value.replace(tzinfo=timezone.utc) if isinstance(value, datetime) else None
 
 
 class UTCDateTime(TypeDecorator[datetime]):

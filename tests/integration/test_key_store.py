@@ -408,10 +408,9 @@ class TestKeyManager:
         manager = make_manager(max_key_versions=1, clock=clock)
         for name in ("long-ago-0", "long-ago-1", "long-ago-2", "just-now-0", "just-now-1", "just-now-2"):
             manager.generate_key(name)
-        clock.advance(minutes=-60)
         for name in ("long-ago-0", "long-ago-1", "long-ago-2"):
             manager.rotate_key(name)
-        clock.advance(minutes=60)
+        clock.advance(minutes=60)  # (a clock behind the store's stamps by the store's: not back-dated)
         for name in ("just-now-0", "just-now-1", "just-now-2"):
             manager.rotate_key(name)
         destroyed = manager.enforce_max_versions(batch_size=2)
@@ -636,6 +635,40 @@ class TestCache:
         assert second.recheck_cache() == 0
         behind.destroy_key("orders")  # destroyed_at two minutes before this process's last check
         assert second.recheck_cache() == 1
+
+    @pytest.mark.parametrize("skewed", ["destroyer behind", "checker ahead"])
+    @pytest.mark.parametrize("change", ["destroy", "forget_subject", "rotate"])
+    def test_no_clock_skew_hides_a_change_from_checks(self, make_manager, skewed, change):
+        """Hosts whose clocks differ from the store's by more than the checks' overlap still see changes.
+
+        A destroying host ten minutes behind stamped the destruction before the
+        other process's window: it went on opening the erased subject's messages
+        until its cache expired (an hour by default).
+        """
+        ten_minutes = timedelta(minutes=10)
+        destroyer = make_manager(
+            clock=(lambda: utcnow() - ten_minutes) if skewed == "destroyer behind" else utcnow
+        )
+        checker = make_manager(
+            recheck_interval=3600,
+            clock=(lambda: utcnow() + ten_minutes) if skewed == "checker ahead" else utcnow,
+        )
+        key_id, digest = destroyer.subject_key_id("ann@example.com")
+        spec = KeySpec(key_id, subject_id=digest)
+        destroyer.encryption_key(spec)
+        assert checker.encryption_key(spec).version == 1
+        assert checker.recheck_cache() == 0
+        {
+            "destroy": lambda: destroyer.destroy_key(key_id),
+            "forget_subject": lambda: destroyer.destroy_subject("ann@example.com"),
+            "rotate": lambda: destroyer.rotate_key(key_id),
+        }[change]()
+        assert checker.recheck_cache() == 1
+        if change == "rotate":
+            assert checker.encryption_key(spec).version == 2
+        else:
+            with pytest.raises(KeyDestroyed):
+                checker.decryption_key(key_id, 1)
 
     @pytest.mark.parametrize("run", ["rotation", "retention"])
     def test_destruction_in_a_run_with_an_old_now_is_seen_by_checks(self, make_manager, db_url, run):
