@@ -15,11 +15,12 @@ re-published with ``celery -A proj pii quarantine`` (:func:`list_parked`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from uuid import UUID
 
 from celery import bootsteps
@@ -29,6 +30,7 @@ from kombu.serialization import prepare_accept_content
 
 __all__ = [
     "QUARANTINE_HEADER",
+    "ReplayReport",
     "describe",
     "list_parked",
     "make_quarantine_step",
@@ -300,62 +302,133 @@ def list_parked(app: Any, queue_name: str) -> list[dict[str, Any]]:
                 message.requeue()
 
 
-def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> list[str]:
+class ReplayReport(NamedTuple):
+    """What a replay did: the task ids re-published, and those left parked with why."""
+
+    replayed: list[str]
+    left_parked: list[tuple[str, str]]
+
+
+def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayReport:
     """Re-publish parked messages (all, or those with the given task ids) to where they came from.
 
     The body goes back byte for byte with its original headers; the message
-    is removed from the quarantine only once it has been published.  Messages
-    are taken one at a time, as many as were parked when the replay began (one
-    parked again meanwhile is not replayed twice): a replay of the whole
-    quarantine holds one message at a time, whatever its size.  Those not
-    asked for are held until the end (so that each is seen once), then put back.
-
-    Returns:
-        The task ids re-published.
+    is removed from the quarantine only once the broker has taken it and
+    routed it to a queue (RabbitMQ: ``mandatory`` and publisher confirms).  One
+    with nowhere to go (its queue deleted, its exchange gone) stays parked and
+    is reported; the others are replayed.  Messages are taken one at a time,
+    as many as were parked when the replay began (one parked again meanwhile
+    is not replayed twice): a replay of the whole quarantine holds one message
+    at a time, whatever its size.  Those not asked for, or left parked, are
+    held until the end (so that each is seen once), then put back.
     """
     replayed: list[str] = []
-    with app.connection_for_write() as connection:
-        bound = quarantine_queue(queue_name)(connection.default_channel)
+    left_parked: list[tuple[str, str]] = []
+    # Confirms: the broker says it took each message (and, before that, if it could not route it).
+    with app.connection_for_write(transport_options={"confirm_publish": True}) as connection:
+        bound = quarantine_queue(queue_name)(connection.channel())
         bound.declare()
         parked = bound.queue_declare(passive=True).message_count
-        producer = app.amqp.Producer(connection, auto_declare=False)
+        publisher = _Publisher(app, connection)
         passed: list[Any] = []
         try:
             for _ in range(parked):
                 message = bound.get(no_ack=False)
                 if message is None:
                     break
-                if ids is not None and describe(message)["id"] not in ids:
+                task_id = str(describe(message)["id"])
+                if ids is not None and task_id not in ids:
                     passed.append(message)
                     continue
-                replayed.append(_republish(app, producer, message))
+                refused = publisher.republish(message)
+                if refused is None:
+                    message.ack()
+                    replayed.append(task_id)
+                else:
+                    passed.append(message)
+                    left_parked.append((task_id, refused))
         finally:
             for message in passed:
                 message.requeue()
-    return replayed
+            publisher.close()
+    return ReplayReport(replayed, left_parked)
 
 
-def _republish(app: Any, producer: Any, message: Any) -> str:
-    """Publish a parked message where it came from, then drop it from the quarantine; its task id."""
-    info = describe(message)
-    original = info["original"]
-    routing_key = original.get("routing_key") or app.conf.task_default_queue
-    headers = {k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER}
-    # Declare the destination if the app knows it, so the message cannot
-    # vanish into an exchange nothing is bound to yet.
-    known = app.amqp.queues.get(routing_key)
-    producer.publish(
-        message.body,
-        exchange=original.get("exchange") or "",
-        routing_key=routing_key,
-        declare=[known] if known is not None else [],
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        headers=headers,
-        retry=True,
-    )
-    message.ack()
-    return str(info["id"])
+class _Publisher:
+    """Publishes parked messages back on a channel of its own, and says when the broker could not route one.
+
+    Its own channel: a publish the broker refuses (an exchange that no longer
+    exists) closes the channel it was made on, and with it the parked message
+    held there, whose acknowledgement was then lost after a false success.
+    """
+
+    def __init__(self, app: Any, connection: Any) -> None:
+        self.app = app
+        self.connection = connection
+        self.returned: list[str] = []
+        self.producer: Any = None
+
+    def republish(self, message: Any) -> str | None:
+        """Publish ``message`` where it came from; ``None`` once routed, else why not (it stays parked)."""
+        original = describe(message)["original"]
+        exchange = original.get("exchange") or ""
+        routing_key = original.get("routing_key") or self.app.conf.task_default_queue
+        where = f"exchange {exchange!r} with routing key {routing_key!r}"
+        if self.producer is None:
+            self.returned = []
+            channel = self.connection.channel()
+            # Only AMQP channels hand back what they could not route (Redis routes in the client).
+            on_return = self._on_return if hasattr(channel, "events") else None
+            self.producer = self.app.amqp.Producer(channel, auto_declare=False, on_return=on_return)
+        channel = self.producer.channel
+        # Declare the destination if the app knows it, so the message cannot
+        # vanish into an exchange nothing is bound to yet.
+        known = self.app.amqp.queues.get(routing_key)
+        if known is None and _unroutable_here(channel, exchange, routing_key):
+            return f"nothing is bound to {where}"
+        try:
+            self.producer.publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                declare=[known] if known is not None else [],
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                headers={k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER},
+                mandatory=True,
+                retry=True,
+            )
+        except self.connection.channel_errors as error:  # 404: no such exchange; the channel is closed
+            self.close()
+            return f"the broker refused {where} ({type(error).__name__})"
+        if self.returned:  # RabbitMQ returned it before confirming: no queue is bound there
+            self.returned = []
+            return f"nothing is bound to {where}"
+        return None
+
+    def _on_return(self, _exception: Any, _exchange: str, _routing_key: str, _message: Any) -> None:
+        self.returned.append(_routing_key)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            with contextlib.suppress(Exception):  # already closed by the broker
+                self.producer.channel.close()
+            self.producer = None
+
+
+def _unroutable_here(channel: Any, exchange: str, routing_key: str) -> bool:
+    """True if an in-process-routed transport (Redis) has no queue for it.
+
+    Such transports route in the client: a message nothing is bound to goes to
+    their ``ae.undeliver`` list, where nothing reads it, and ``mandatory`` is
+    not looked at.  RabbitMQ returns such a message instead (see ``_on_return``).
+    """
+    if not exchange or not hasattr(channel, "typeof") or not hasattr(channel, "get_table"):
+        return False
+    try:
+        return not channel.typeof(exchange).lookup(channel.get_table(exchange), exchange, routing_key, None)
+    except KeyError:  # an exchange this transport never saw declared
+        return True
 
 
 def purge(app: Any, queue_name: str) -> int:

@@ -436,12 +436,15 @@ def quarantine_replay(ctx: click.Context, ids: tuple[str, ...], yes: bool) -> No
     """Re-publish parked messages where they came from (after the cause is fixed)."""
     pii_object = _pii(ctx)
     _confirm(f"Re-publish {'the given' if ids else 'all'} parked message(s)?", yes=yes)
-    done = _quarantine.replay(pii_object.app, pii_object.settings.quarantine_queue, set(ids) if ids else None)
-    click.echo(f"replayed {len(done)} message(s)")
-    missing = sorted(set(ids) - set(done))
+    queue = pii_object.settings.quarantine_queue
+    report = _quarantine.replay(pii_object.app, queue, set(ids) if ids else None)
+    click.echo(f"replayed {len(report.replayed)} message(s)")
+    problems = [f"left parked: {task_id}: {why}" for task_id, why in report.left_parked]
+    missing = sorted(set(ids) - set(report.replayed) - {task_id for task_id, _ in report.left_parked})
     if missing:
-        msg = f"not parked: {', '.join(missing)}"
-        raise click.ClickException(msg)
+        problems.append(f"not parked: {', '.join(missing)}")
+    if problems:
+        raise click.ClickException("\n".join(problems))
 
 
 @quarantine.command(name="purge")

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 from celery.bin.celery import celery
 from click.testing import CliRunner
+from kombu import Exchange
 
 from celery_pii import _celery
 from celery_pii._quarantine import park
@@ -27,6 +28,7 @@ from .conftest import (
     _fresh_postgres,
     message_bytes,
     queued_messages,
+    redis_client,
 )
 from .test_celery_roundtrip import CARD, EMAIL
 
@@ -344,7 +346,7 @@ class TestQuarantine:
 
             type(bound).get = counting_get
             try:
-                assert replay(app, quarantine) == ids
+                assert replay(app, quarantine).replayed == ids
             finally:
                 type(bound).get = real_get
         # Each get took one message, and each replayed one came back at the end: the count stays 12.
@@ -354,6 +356,67 @@ class TestQuarantine:
             assert bound.queue_declare(passive=True).message_count == 12
             bound.purge()
             bound.delete()
+
+    @pytest.mark.parametrize("broker", ["redis", "amqp"])
+    def test_a_message_with_nowhere_to_go_stays_parked(self, broker, make_app, queue_name):
+        """Replay keeps a message the broker cannot route, reports it, and replays the others.
+
+        On RabbitMQ, one whose queue had been deleted was dropped by the broker
+        while replay printed "replayed 1" and took it out of the quarantine; one
+        whose exchange was gone closed the channel (a false success for one
+        message, a traceback and nothing replayed for several).
+        """
+        from kombu import Queue
+
+        from celery_pii._quarantine import quarantine_queue, replay
+
+        app = make_app(broker=f"{REDIS_URL}/{BROKER_DB}" if broker == "redis" else RABBITMQ_URL)
+        quarantine = f"{queue_name}.quarantine"
+        unbound = f"{queue_name}.unbound"  # an exchange whose queue was deleted
+        with app.connection_for_write() as connection:
+            Exchange(unbound, type="direct")(connection.default_channel).declare()
+        _park_undecodable(app, quarantine, "nowhere-1", back_to=unbound)
+        _park_undecodable(app, quarantine, "fine-1", back_to=queue_name)
+        gone = [("no-exchange-1", f"{queue_name}.gone")] if broker == "amqp" else []
+        for task_id, exchange in gone:  # Redis routes in the client: any exchange name is declared there
+            _park_undecodable(app, quarantine, task_id, back_to=exchange)
+        _park_undecodable(app, quarantine, "fine-2", back_to=queue_name)
+        report = replay(app, quarantine)
+        assert report.replayed == ["fine-1", "fine-2"]
+        assert [task_id for task_id, _ in report.left_parked] == ["nowhere-1", *(t for t, _ in gone)]
+        assert "nothing is bound to exchange" in report.left_parked[0][1]
+        with app.connection_for_write() as connection:
+            back = Queue(queue_name, no_declare=True)(connection.default_channel)
+            assert [m.headers["id"] for m in iter(lambda: back.get(no_ack=True), None)] == [
+                "fine-1",
+                "fine-2",
+            ]
+            bound = quarantine_queue(quarantine)(connection.default_channel)
+            assert bound.queue_declare(passive=True).message_count == 1 + len(gone)
+            bound.purge()
+            bound.delete()
+            Exchange(unbound)(connection.default_channel).delete()
+        if broker == "redis":  # nothing went to the transport's list of undeliverable messages
+            with redis_client(BROKER_DB) as client:
+                assert client.llen("ae.undeliver") == 0
+
+    def test_replay_says_which_messages_stay_parked(self, cli_app, queue_name):
+        """The command names each message left parked and why, and exits 1 (it printed success)."""
+        run(cli_app, "keys", "list")  # imports the app module
+        app = sys.modules[cli_app].app
+        quarantine = app.conf.pii_quarantine_queue
+        unbound = f"{queue_name}.unbound"
+        with app.connection_for_write() as connection:
+            Exchange(unbound, type="direct")(connection.default_channel).declare()
+        _park_undecodable(app, quarantine, "stays-1", back_to=unbound)
+        _park_undecodable(app, quarantine, "goes-1", back_to=queue_name)
+        replayed = run(cli_app, "quarantine", "replay", "--yes")
+        assert replayed.exit_code == 1
+        assert "replayed 1 message(s)" in replayed.output
+        assert f"left parked: stays-1: nothing is bound to exchange {unbound!r}" in replayed.output
+        listed = json.loads(run(cli_app, "quarantine", "list", "--json").output)
+        assert [m["id"] for m in listed] == ["stays-1"]
+        run(cli_app, "quarantine", "purge", "--yes")
 
     def test_unreachable_broker_names_the_setting(self, tmp_path, monkeypatch, key_store_url):
         """quarantine list with the broker down: one line naming broker_url, exit code 1."""
