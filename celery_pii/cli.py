@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -19,6 +20,7 @@ from typing import Any, Final, TypeVar
 
 import click
 from alembic.util import CommandError as AlembicError
+from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -90,8 +92,8 @@ def _errors(fun: _F) -> _F:
         except SQLAlchemyError as error:  # the db commands reach the store without the library's wrapping
             msg = f"setting pii_key_store_url: the key store failed ({failure_reason(error)})"
             raise click.ClickException(msg) from None
-        except BrokerError as error:
-            msg = f"setting broker_url: the broker cannot be reached ({type(error).__name__})"
+        except (BrokerError, AMQPError) as error:  # down, a refused login, a missing vhost
+            msg = f"setting broker_url: the broker cannot be used ({_broker_reason(error)})"
             raise click.ClickException(msg) from None
         except AlembicError as error:  # `db upgrade --revision` naming no revision, a lost upgrade race
             msg = f"pii db: {error}"
@@ -100,6 +102,20 @@ def _errors(fun: _F) -> _F:
     wrapper.__name__ = fun.__name__
     wrapper.__doc__ = fun.__doc__
     return wrapper  # type: ignore[return-value]
+
+
+def _broker_reason(error: BaseException) -> str:
+    """The error's type and the first line of what the broker or its client said (never a password)."""
+    lines = str(error).strip().splitlines()
+    reason = _URL_PASSWORD.sub(r"\1***@", lines[0].strip()) if lines else ""
+    if len(reason) > _REASON_LENGTH:
+        reason = reason[: _REASON_LENGTH - 1] + "…"
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
+# ``scheme://user:password@``: a client that quotes the URL it was given.
+_URL_PASSWORD: Final = re.compile(r"(\w+://[^:/@\s]*:)[^@\s]*@")
+_REASON_LENGTH: Final = 160
 
 
 def _json_option(fun: _F) -> _F:

@@ -418,13 +418,28 @@ class TestQuarantine:
         assert [m["id"] for m in listed] == ["stays-1"]
         run(cli_app, "quarantine", "purge", "--yes")
 
-    def test_unreachable_broker_names_the_setting(self, tmp_path, monkeypatch, key_store_url):
-        """quarantine list with the broker down: one line naming broker_url, exit code 1."""
-        (tmp_path / "nobrokerapp.py").write_text(
+    @pytest.mark.parametrize(
+        ("broker", "why"),
+        [
+            ("redis://127.0.0.1:1/0", "refused"),
+            ("amqp://guest:not-the-password@127.0.0.1:5672//", "ACCESS_REFUSED"),
+            ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "NOT_ALLOWED"),
+        ],
+        ids=["down", "wrong-password", "no-such-vhost"],
+    )
+    def test_a_broker_that_cannot_be_used_is_named_with_why(
+        self, tmp_path, monkeypatch, key_store_url, broker, why
+    ):
+        """quarantine list: one line naming broker_url and the broker's reason, exit code 1.
+
+        A refused login or a missing vhost on RabbitMQ gave an 80-line traceback.
+        """
+        module = f"nobrokerapp_{abs(hash(broker))}"
+        (tmp_path / f"{module}.py").write_text(
             textwrap.dedent(
                 f"""
                 from pii_testapp import make_app
-                app = make_app(broker="redis://127.0.0.1:1/0", backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                app = make_app(broker={broker!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
                                key_store={key_store_url!r}, queue="cli-no-broker",
                                broker_connection_retry=False, broker_connection_max_retries=0)
                 """
@@ -432,9 +447,12 @@ class TestQuarantine:
         )
         monkeypatch.syspath_prepend(str(tmp_path))
         monkeypatch.syspath_prepend(APP_DIR)
-        listed = run("nobrokerapp", "quarantine", "list")
+        listed = run(module, "quarantine", "list")
         assert listed.exit_code == 1
-        assert "setting broker_url: the broker cannot be reached" in listed.output
+        assert "Traceback" not in listed.output
+        assert "setting broker_url: the broker cannot be used" in listed.output
+        assert why in listed.output
+        assert "not-the-password" not in listed.output
 
 
 def _celery_pii_process(tmp_path, module, key_store, *, master_key=True):
