@@ -463,6 +463,28 @@ class KeyManager:
 
         return self._transact(work)
 
+    def bucket_key_ids(self, key_id: str) -> list[str]:
+        """The retention bucket keys of ``key_id`` (``key_id@<deadline>``) that still seal and open.
+
+        A task with a retention policy seals under these, never under ``key_id`` itself.
+        """
+        if "@" in key_id or not _is_key_id(key_id):
+            return []
+        now = self._clock()
+        with self.store.transaction() as session:
+            rows = session.execute(
+                select(KeyRow.key_id)
+                .where(
+                    _named(KeyRow.key_id, key_id, buckets=True),
+                    KeyRow.key_id != key_id,
+                    KeyRow.status == ACTIVE,
+                    or_(KeyRow.expires_at.is_(None), KeyRow.expires_at > now),
+                )
+                .distinct()
+                .order_by(KeyRow.key_id)
+            ).all()
+        return [row.key_id for row in rows]
+
     def rotate_key(self, key_id: str) -> int:
         """Make a new active version; the previous one is retired (still decrypts).
 
@@ -642,13 +664,18 @@ class KeyManager:
             self.cache.forget(key_id, version, destroyed=True)
         return destroyed
 
-    def list_keys(self, key_id: str | None = None, *, limit: int | None = None) -> list[KeyInfo]:
-        """Key versions (all, or of one key id), by key id and version; metadata only."""
+    def list_keys(
+        self, key_id: str | None = None, *, limit: int | None = None, buckets: bool = False
+    ) -> list[KeyInfo]:
+        """Key versions (all, or of one key id), by key id and version; metadata only.
+
+        With ``buckets``, a key id's retention bucket keys (``key_id@...``) too.
+        """
         if key_id is not None and not _is_key_id(key_id):
             return []  # no key store holds it
         query = select(KeyRow).order_by(KeyRow.key_id, KeyRow.version)
         if key_id is not None:
-            query = query.where(KeyRow.key_id == key_id)
+            query = query.where(_named(KeyRow.key_id, key_id, buckets=buckets))
         if limit is not None:
             query = query.limit(limit)
         with self.store.transaction() as session:
@@ -697,13 +724,14 @@ class KeyManager:
         until: datetime | None = None,
         *,
         limit: int | None = None,
+        buckets: bool = False,
     ) -> list[AuditRecord]:
-        """Audit records, oldest first, optionally for one key id and a time window."""
+        """Audit records, oldest first, optionally for one key id (and its buckets) and a time window."""
         if key_id is not None and "\x00" in key_id:
             return []  # no record names it (PostgreSQL refuses the NUL byte with DataError)
         query = select(AuditRow).order_by(AuditRow.timestamp, AuditRow.id)
         if key_id is not None:
-            query = query.where(AuditRow.key_id == key_id)
+            query = query.where(_named(AuditRow.key_id, key_id, buckets=buckets))
         if since is not None:
             query = query.where(AuditRow.timestamp >= since)
         if until is not None:
@@ -1197,6 +1225,14 @@ def _check_key_id(key_id: str) -> None:
     if not _is_key_id(key_id):
         msg = "key ids are 1-160 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
         raise ConfigurationError(msg)
+
+
+def _named(column: Any, key_id: str, *, buckets: bool) -> Any:
+    """``column`` is ``key_id`` (or, with ``buckets``, one of its retention bucket keys ``key_id@...``)."""
+    if not buckets or "@" in key_id:
+        return column == key_id
+    escaped = key_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return or_(column == key_id, column.like(f"{escaped}@%", escape="\\"))
 
 
 def _is_key_id(key_id: object) -> bool:

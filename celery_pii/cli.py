@@ -31,7 +31,7 @@ from ._migrate import current_revision, migrate
 from ._pii import PII
 from ._sources import generate_master_key, load_master_key
 from ._store import failure_reason
-from .exceptions import PIIError
+from .exceptions import KeyNotFound, PIIError
 
 __all__ = ["pii"]
 
@@ -222,8 +222,8 @@ def keys() -> None:
 @click.pass_context
 @_errors
 def keys_list(ctx: click.Context, key_id: str | None, as_json: bool) -> None:
-    """List key versions (metadata only, never key material)."""
-    rows = [dataclasses.asdict(info) for info in _pii(ctx).keys.list_keys(key_id)]
+    """List key versions (metadata only, never key material); a key id's retention bucket keys too."""
+    rows = [dataclasses.asdict(info) for info in _pii(ctx).keys.list_keys(key_id, buckets=True)]
     _emit(rows, _KEY_COLUMNS, as_json=as_json)
 
 
@@ -243,8 +243,20 @@ def keys_generate(ctx: click.Context, key_id: str, algorithm: str | None) -> Non
 @click.pass_context
 @_errors
 def keys_rotate(ctx: click.Context, key_id: str) -> None:
-    """Make a new active version; older ones still decrypt."""
-    click.echo(f"rotated {key_id} to version {_pii(ctx).keys.rotate_key(key_id)}")
+    """Make a new active version; older ones still decrypt.
+
+    A key id's retention bucket keys (KEY_ID@deadline, what tasks with a
+    pii_retention seal under) are rotated too, those still in use.
+    """
+    manager = _pii(ctx).keys
+    buckets = manager.bucket_key_ids(key_id)
+    try:
+        click.echo(f"rotated {key_id} to version {manager.rotate_key(key_id)}")
+    except KeyNotFound:
+        if not buckets:  # a typo must not look like success
+            raise
+    for bucket in buckets:
+        click.echo(f"rotated {bucket} to version {manager.rotate_key(bucket)}")
 
 
 @keys.command(name="retire")
@@ -265,11 +277,29 @@ def keys_retire(ctx: click.Context, key_id: str, version: int) -> None:
 @click.pass_context
 @_errors
 def keys_destroy(ctx: click.Context, key_id: str, version: int | None, yes: bool) -> None:
-    """Destroy a key's material: everything sealed under it becomes unreadable, for good."""
-    check_not_reserved(key_id)  # refuse before asking, not after the operator said yes
-    which = f"version {version} of {key_id}" if version is not None else f"every version of {key_id}"
+    """Destroy a key's material: everything sealed under it becomes unreadable, for good.
+
+    Without --version, a key id's retention bucket keys (KEY_ID@deadline) go too.
+    """
+    check_not_reserved(key_id)  # refuse, like a key that is not there, before asking
+    manager = _pii(ctx).keys
+    known = manager.list_keys(key_id, buckets=version is None)
+    if version is not None:
+        known = [info for info in known if info.version == version]
+    if not known:
+        which = f"key {key_id!r}" + (f" version {version}" if version is not None else "")
+        msg = f"{which} not found in the key store"
+        raise KeyNotFound(msg)
+    key_ids = sorted({info.key_id for info in known})
+    if version is not None:
+        which = f"version {version} of {key_id}"
+    elif key_ids == [key_id]:
+        which = f"every version of {key_id}"
+    else:
+        which = f"every version of {key_id} and of its retention bucket keys ({len(key_ids)} key ids)"
     _confirm(f"Destroy {which}? Data sealed under it can never be read again", yes=yes)
-    click.echo(f"destroyed {_pii(ctx).keys.destroy_key(key_id, version)} version(s) of {key_id}")
+    for each in key_ids:
+        click.echo(f"destroyed {manager.destroy_key(each, version)} version(s) of {each}")
 
 
 class _Moment(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
@@ -300,8 +330,8 @@ class _Moment(click.ParamType):  # type: ignore[type-arg]  # generic only in new
 def keys_audit(
     ctx: click.Context, key_id: str | None, since: datetime | None, until: datetime | None, as_json: bool
 ) -> None:
-    """The audit trail (generate, rotate, destroy, tamper_detected, ...)."""
-    records = _pii(ctx).keys.audit_trail(key_id, _utc(since), _utc(until))
+    """The audit trail (generate, rotate, destroy, tamper_detected, ...); a key id's buckets' too."""
+    records = _pii(ctx).keys.audit_trail(key_id, _utc(since), _utc(until), buckets=True)
     rows = [dataclasses.asdict(record) for record in records]
     _emit(rows, ("timestamp", "key_id", "version", "operation", "actor", "details"), as_json=as_json)
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 
 import pytest
 from celery.bin.celery import celery
@@ -153,6 +154,47 @@ class TestKeys:
         assert "Aborted" in refused.output
         done = run(cli_app, "keys", "destroy", "cli-doomed", "--yes")
         assert done.exit_code == 0 and "destroyed 1 version" in done.output
+
+    @pytest.mark.parametrize(
+        "command", [["destroy", "cli-never-made"], ["destroy", "cli-made", "--version", "7"]]
+    )
+    def test_destroy_refuses_what_is_not_there_before_asking(self, cli_app, command):
+        """An unknown key or version is KeyNotFound at once: it asked "can never be read again" first."""
+        run(cli_app, "keys", "generate", "cli-made")
+        result = run(cli_app, "keys", *command)  # no answer given: a question would abort
+        assert result.exit_code == 1
+        assert "KeyNotFound" in result.output
+        assert "Destroy" not in result.output
+
+    def test_a_key_ids_retention_buckets_are_handled_with_it(self, cli_app):
+        """A task with a pii_retention seals under KEY@deadline keys: the commands given KEY reach them.
+
+        Following operations.md's steps for a compromised key, rotate and destroy
+        said KeyNotFound and audit printed nothing, as if the key had never been used.
+        """
+        from celery_pii import get_pii
+        from celery_pii._keys import KeySpec
+        from celery_pii._store import utcnow
+
+        run(cli_app, "keys", "list")  # imports the app module
+        manager = get_pii(sys.modules[cli_app].app).keys
+        soon, later = utcnow() + timedelta(days=1), utcnow() + timedelta(days=2)
+        buckets = [f"cli-kept@{moment:%Y%m%dT%H%M%SZ}" for moment in (soon, later)]
+        for bucket, moment in zip(buckets, (soon, later), strict=True):
+            manager.encryption_key(KeySpec(bucket, expires_at=moment))
+        manager.encryption_key(KeySpec("cli-kept-other"))  # another key id, sharing the prefix
+        listed = json.loads(run(cli_app, "keys", "list", "cli-kept", "--json").output)
+        assert sorted({k["key_id"] for k in listed}) == buckets
+        rotated = run(cli_app, "keys", "rotate", "cli-kept")
+        assert rotated.exit_code == 0, rotated.output
+        assert rotated.output.splitlines() == [f"rotated {bucket} to version 2" for bucket in buckets]
+        audit = json.loads(run(cli_app, "keys", "audit", "cli-kept", "--json").output)
+        assert {(r["key_id"], r["operation"]) for r in audit} >= {(b, "rotate") for b in buckets}
+        destroyed = run(cli_app, "keys", "destroy", "cli-kept", "--yes")
+        assert destroyed.exit_code == 0, destroyed.output
+        assert destroyed.output.count("destroyed 2 version(s)") == 2
+        assert {k.status for k in manager.list_keys("cli-kept", buckets=True)} == {"destroyed"}
+        assert {k.status for k in manager.list_keys("cli-kept-other")} == {"active"}
 
     @pytest.mark.parametrize(
         "command",
