@@ -77,6 +77,9 @@ def _pii(ctx: click.Context) -> PII:
     try:
         return _celery.get_pii(_app(ctx))
     except PIIError as error:
+        if ctx.find_root().params.get("app") is None:  # no -A: Celery gave its default app
+            msg = "no Celery app given: run it as `celery -A proj pii ...` (proj calls setup_pii)"
+            raise click.UsageError(msg) from None
         raise click.ClickException(str(error)) from None
 
 
@@ -211,6 +214,10 @@ def _settings_url(ctx: click.Context) -> str:
 _KEY_COLUMNS = ("key_id", "version", "status", "algorithm", "created_at", "expires_at", "usage_count")
 
 
+#: A key version as the store holds it (a 32-bit integer): a larger one is a typo, not a lookup.
+_VERSION: Final = click.IntRange(1, 2**31 - 1)
+
+
 @pii.group(name="keys")
 def keys() -> None:
     """Data keys: list, generate, rotate, retire, destroy, audit, stats."""
@@ -261,7 +268,7 @@ def keys_rotate(ctx: click.Context, key_id: str) -> None:
 
 @keys.command(name="retire")
 @click.argument("key_id")
-@click.argument("version", type=int)
+@click.argument("version", type=_VERSION)
 @click.pass_context
 @_errors
 def keys_retire(ctx: click.Context, key_id: str, version: int) -> None:
@@ -272,7 +279,7 @@ def keys_retire(ctx: click.Context, key_id: str, version: int) -> None:
 
 @keys.command(name="destroy")
 @click.argument("key_id")
-@click.option("--version", type=int, default=None, help="Only this version (default: all).")
+@click.option("--version", type=_VERSION, default=None, help="Only this version (default: all).")
 @_yes_option
 @click.pass_context
 @_errors
@@ -311,9 +318,13 @@ class _Moment(click.ParamType):  # type: ignore[type-arg]  # generic only in new
         if isinstance(value, datetime):
             return value
         try:
-            return datetime.fromisoformat(str(value))
+            moment = datetime.fromisoformat(str(value))
+            _utc(moment)  # in range once moved to UTC (9999-12-31T23:59-05:00 is not)
         except ValueError:
             self.fail(f"{value!r} is not a date and time in ISO 8601 (e.g. 2026-11-30T10:18:02Z)", param, ctx)
+        except OverflowError:
+            self.fail(f"{value!r} is out of range in UTC", param, ctx)
+        return moment
 
 
 @keys.command(name="audit")

@@ -224,6 +224,33 @@ class TestKeys:
         assert run(cli_app, "keys", "retire", "x", "not-a-number").exit_code == 2
         assert run(cli_app, "master-key", "rewrap").exit_code == 2
 
+    @pytest.mark.parametrize(
+        "command",
+        [
+            ["keys", "retire", "cli-orders", "99999999999999999999"],
+            ["keys", "destroy", "cli-orders", "--version", "2147483648"],
+            ["keys", "retire", "cli-orders", "0"],
+            ["keys", "audit", "--until", "9999-12-31T23:59:59-05:00"],
+            ["keys", "audit", "--since", "0001-01-01T00:00:00+05:00"],
+        ],
+        ids=["huge-version", "version-past-32-bits", "version-0", "until-past-9999", "since-before-1"],
+    )
+    def test_out_of_range_arguments_are_usage_errors(self, cli_app, command):
+        """A version the store cannot hold or a moment out of range in UTC: exit 2, naming the option.
+
+        They gave a traceback (SQLite, and the dates), "the key store failed" (PostgreSQL) or KeyNotFound.
+        """
+        result = run(cli_app, *command)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert "Invalid value" in result.output
+
+    def test_without_an_app_it_says_to_give_one(self):
+        """``celery pii ...`` without -A: Celery's default app is no setup_pii app; it said to call setup_pii."""
+        result = CliRunner().invoke(celery, ["pii", "keys", "list"], catch_exceptions=False)
+        assert result.exit_code == 2
+        assert "celery -A proj pii" in result.output
+
 
 class TestMasterKey:
     """Generating and moving to a new master key."""
