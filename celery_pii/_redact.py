@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
@@ -41,6 +42,10 @@ REDACTED: Final = "[pii:redacted]"
 # "42" (or "True") in a message would destroy it, and such values are not
 # identifying.  It applies to each form of a value (see ``_forms``).
 MIN_SCRUB_LENGTH: Final = 4
+#: A number written with separators ("4111 1111 1111 1111", "900-12-3456") is also
+#: searched for as its digits alone, when there are at least this many of them.
+MIN_DIGITS_FORM: Final = 6
+_SEPARATED_DIGITS: Final = re.compile(r"[+(]?[0-9][0-9 ./()+-]*[0-9]")
 _MAX_SCRUB_DEPTH: Final = 8
 # Exceptions a traceback shows (causes, contexts, group members) that are looked at.
 _MAX_SHOWN_EXCEPTIONS: Final = 256
@@ -95,7 +100,8 @@ class Scrubber:
     in: its ``str()``; for strings also the inside of their ``repr()`` (a
     value with a newline or quote appears escaped in the repr of the
     arguments, as in ``MaxRetriesExceededError``), of the repr of that (the
-    repr of such an exception), and of their JSON; for dates and times also
+    repr of such an exception), of their JSON, their lower- and upper-case
+    forms, and, for digits written with separators, the digits alone; for dates and times also
     ``isoformat()`` and ``repr()``; for UUIDs ``hex``; for bytes the inside
     of their repr and their UTF-8 text.  Forms shorter than
     :data:`MIN_SCRUB_LENGTH` characters are not searched for.  Other
@@ -323,6 +329,20 @@ def _collect(value: Any, needles: set[str]) -> None:
             needles.update(_forms(current))
 
 
+def _rewritten(text: str) -> Iterator[str]:
+    """What a task most often makes of a value before it shows it.
+
+    An email normalised (``ANN@EXAMPLE.COM``), a card, SSN or phone number
+    without its spaces, dashes or brackets.
+    """
+    yield text.lower()
+    yield text.upper()
+    if _SEPARATED_DIGITS.fullmatch(text):
+        digits = "".join(char for char in text if char.isdigit())
+        if len(digits) >= MIN_DIGITS_FORM:
+            yield digits
+
+
 def _forms(value: Any) -> Iterator[str]:
     """The text forms ``value`` can show in a message (see :class:`Scrubber`)."""
     if isinstance(value, str):
@@ -338,6 +358,7 @@ def _forms(value: Any) -> Iterator[str]:
             yield quote_plus(value)
             if not value.isascii():  # as UTF-8 bytes (a UnicodeDecodeError shows them)
                 yield repr(value.encode("utf-8", "surrogatepass"))[2:-1]
+            yield from _rewritten(value)
     elif isinstance(value, (bytes, bytearray)):
         data = bytes(value)
         yield repr(data)[2:-1]

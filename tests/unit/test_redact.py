@@ -301,6 +301,30 @@ def test_values_in_a_url_or_as_utf8_bytes_are_scrubbed():
     )
 
 
+def test_values_as_a_task_usually_rewrites_them_are_scrubbed():
+    """A card or SSN without its separators, an email upper- or lower-cased.
+
+    ``card_number.replace(" ", "")`` or ``email.upper()`` in an error message
+    went out in logs, task-failed events and stored tracebacks.
+    """
+    scrubber = Scrubber([CARD, "Ann@Example.com", "900-12-3456", "+1 (555) 010-0000"])
+    text = (
+        "card 4111111111111111 declined for ANN@EXAMPLE.COM (ann@example.com), "
+        "ssn 900123456, phone 15550100000"
+    )
+    scrubbed = scrubber.text(text)
+    for needle in ("4111111111111111", "EXAMPLE", "example", "900123456", "15550100000"):
+        assert needle not in scrubbed, scrubbed
+    assert scrubbed.startswith("card [pii:redacted] declined for [pii:redacted]")
+
+
+def test_short_numbers_are_not_searched_for_without_their_separators():
+    """A value like ``12-34`` is not searched for as ``1234``: that would hide unrelated numbers."""
+    scrubber = Scrubber(["12-34", "ab.cd"])
+    assert scrubber.text("order 1234 of abcd") == "order 1234 of abcd"
+    assert scrubber.text("code 12-34") == f"code {REDACTED}"
+
+
 def test_a_short_value_is_not_searched_for_in_its_longer_encoded_forms():
     """ "é" percent-encoded is six characters: searched for, it hid every URL holding it."""
     scrubber = Scrubber(["é", "Zoë Example"])
