@@ -121,7 +121,7 @@ def _mark_declared_fields(obj: Any) -> Any:
     return obj
 
 
-def _celery_subcommand(argv: Sequence[str]) -> str | None:
+def celery_subcommand(argv: Sequence[str]) -> str | None:
     """The ``celery`` subcommand ``argv`` runs (``worker``, ``flower``...): its first positional argument."""
     takes_value = False
     for arg in argv[1:]:
@@ -142,7 +142,7 @@ _GLOBAL_OPTIONS_WITH_VALUES: Final = frozenset(
 # Flower (``celery -A proj flower``) imports the app, so it holds the master key, and serves
 # what it reads over HTTP: ``/api/task/result`` and ``/api/task/apply`` returned opened results
 # to whoever could reach it.  In its process sealed results stay sealed (their markers show).
-_IN_FLOWER: Final = _celery_subcommand(sys.argv) == "flower"
+_IN_FLOWER: Final = celery_subcommand(sys.argv) == "flower"
 
 
 def _open_result_hook(value: Any) -> Any:

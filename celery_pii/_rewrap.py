@@ -68,7 +68,7 @@ def rewrap(
     throughout.  Rows whose wrappings match none of this process's master keys
     are counted as ``unreadable`` and left alone.
     """
-    _refuse_overwriting_another_rotation(keys, new.ref)
+    refuse_overwriting_another_rotation(keys, new.ref)
     done = unreadable = 0
     after_id = 0
     while True:
@@ -106,7 +106,7 @@ def rewrap(
             return RewrapReport(done=done, skipped=busy, unreadable=unreadable, complete=left == 0)
 
 
-def _refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
+def refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
     """A row's second slot holding a third master key's wrapping is an unfinished rotation.
 
     Re-wrapping would replace that wrapping, and processes on that key would

@@ -131,12 +131,18 @@ def load_master_key(spec: str, settings: Settings | None = None, *, setting: str
         known = ", ".join(sorted(f"{name}:" for name in _SOURCES))
         msg = f"setting {setting}: unknown key source (known: {known})"
         raise ConfigurationError(msg)
-    try:
+    if setting == _SETTING:
         return loader(rest, settings)
+    # Loaders name pii_master_key: another setting or option (--new-master-key) is named as given.
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            key = loader(rest, settings)
     except ConfigurationError as error:
-        if setting == _SETTING:
-            raise
         raise ConfigurationError(str(error).replace(_SETTING, setting)) from None
+    for warning in warned:
+        warnings.warn(str(warning.message).replace(_SETTING, setting), warning.category, stacklevel=2)
+    return key
 
 
 class UnloadedMasterKey:

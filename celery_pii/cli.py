@@ -41,7 +41,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _defers_store_checks(argv: Sequence[str]) -> bool:
     """True for ``celery ... pii db ...`` (the store may have no tables yet) and commands needing no store.
 
-    Those are ``scan``, ``master-key generate`` and ``--help``.  Only the
+    Those are ``scan``, ``master-key generate``, ``--help`` and a group alone.  Only the
     command itself counts, the words right after ``pii``: ``pii keys generate
     db`` or ``worker -Q db`` must not skip the check that the master key
     matches the store (nor ``worker -Q pii``: ``pii`` alone at the end is no
@@ -56,7 +56,13 @@ def _defers_store_checks(argv: Sequence[str]) -> bool:
             return True
         if "--help" in words[at + 1 :]:
             return True
-    return False
+    # ``pii`` or one of its groups alone prints the commands (as --help does).
+    after = words[words.index("pii") + 1 :] if _celery.celery_subcommand(words) == "pii" else None
+    return after is not None and (after == [] or (len(after) == 1 and after[0] in _GROUPS))
+
+
+# ``pii`` and its groups: given alone, they print their commands.
+_GROUPS: Final = frozenset(("db", "keys", "master-key", "quarantine"))
 
 
 # Celery imports this module (an entry point) before it imports the app named
@@ -413,6 +419,7 @@ def master_key_rewrap(
             raise click.ClickException(msg)
         return
     new = load_master_key(str(source), _pii(ctx).settings, setting="--new-master-key")
+    _rewrap.refuse_overwriting_another_rotation(manager, new.ref)  # before asking, not after a yes
     total = _rewrap.pending(manager, new.ref)
     _confirm(f"Re-wrap {total} key version(s) under master key {new.ref}?", yes=yes)
     with click.progressbar(length=total, label="re-wrapping", file=sys.stderr) as bar:

@@ -276,6 +276,19 @@ class TestMasterKey:
             listed["master_key_ref_next"] == LocalMasterKey(bytes([5]) * 32).ref != listed["master_key_ref"]
         )
 
+    def test_a_second_rotation_is_refused_before_asking(self, cli_app, monkeypatch):
+        """Over an unfinished rotation to another key, rewrap asked to re-wrap (and started) first."""
+        run(cli_app, "keys", "generate", "cli-rewrap-twice")
+        # The key test_rewrap moves to (this class shares one store): re-running it resumes.
+        monkeypatch.setenv("PII_TEST_NEW_MASTER", base64.b64encode(bytes([5]) * 32).decode())
+        monkeypatch.setenv("PII_TEST_OTHER_MASTER", base64.b64encode(bytes([7]) * 32).decode())
+        first = run(cli_app, "master-key", "rewrap", "--new-master-key", "env:PII_TEST_NEW_MASTER", "--yes")
+        assert first.exit_code == 0, first.output
+        second = run(cli_app, "master-key", "rewrap", "--new-master-key", "env:PII_TEST_OTHER_MASTER")
+        assert second.exit_code == 1
+        assert "rotation is unfinished" in second.output
+        assert "Re-wrap" not in second.output
+
     def test_rewrap_with_a_busy_row_says_to_run_again(self, tmp_path, monkeypatch, queue_name):
         """A row locked by another transaction is not reported as done: exit 1, run rewrap again."""
         import sqlalchemy as sa
@@ -632,6 +645,10 @@ def test_deferred_checks_only_for_db_commands():
     assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "list"])
     for help_words in (["--help"], ["keys", "--help"]):
         assert _defers_store_checks(["celery", "-A", "proj", "pii", *help_words])
+    # A group alone prints its commands (it went to setup_pii's checks: a traceback with the store down).
+    for group_words in ([], ["keys"], ["master-key"], ["quarantine"], ["db"]):
+        assert _defers_store_checks(["celery", "-A", "proj", "pii", *group_words])
+    assert not _defers_store_checks(["celery", "-A", "proj", "pii", "keys", "list", "db"])
     # A queue named pii, last on a worker's command line, is no pii command.
     assert not _defers_store_checks(["celery", "-A", "proj", "worker", "-n", "x", "-Q", "pii"])
     assert not _defers_store_checks(["celery", "-A", "db", "worker"])

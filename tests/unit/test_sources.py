@@ -84,8 +84,13 @@ class TestLoading:
 
     def test_static_warns(self):
         """static: works but warns that it is for tests only."""
-        with pytest.warns(StaticMasterKeyWarning):
+        with pytest.warns(StaticMasterKeyWarning, match="^pii_master_key uses a static: key"):
             load_master_key(f"static:{KEY}")
+
+    def test_the_warning_names_the_option_it_came_from(self):
+        """A static: key given to ``rewrap --new-master-key`` warned about pii_master_key."""
+        with pytest.warns(StaticMasterKeyWarning, match="^--new-master-key uses a static: key"):
+            load_master_key(f"static:{KEY}", setting="--new-master-key")
 
     def test_urlsafe_base64_accepted(self):
         """URL-safe base64 is accepted too."""
