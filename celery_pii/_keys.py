@@ -1222,8 +1222,11 @@ def _check_user_key_id(key_id: str) -> None:
 
 
 def _check_key_id(key_id: str) -> None:
+    from ._config import USER_KEY_ID_HINT  # noqa: PLC0415 - as _is_key_id
+
     if not _is_key_id(key_id):
-        msg = "key ids are 1-160 characters: letters, digits and _ . : @ - (starting with a letter or digit)"
+        # Said as people name keys (pii_key=): the library's own ids are what `keys list` prints.
+        msg = f"no key is named {key_id!r}: key ids {USER_KEY_ID_HINT}, or are ids `keys list` prints"
         raise ConfigurationError(msg)
 
 
