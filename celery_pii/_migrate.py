@@ -20,6 +20,7 @@ __all__ = [
     "alembic_config",
     "current_revision",
     "downgrade",
+    "known_revision",
     "left_by_a_killed_run",
     "migrate",
     "older_revision",
@@ -108,6 +109,15 @@ def current_revision(url: str | URL) -> str | None:
             return context.get_current_revision()
     finally:
         engine.dispose()
+
+
+def known_revision(revision: str) -> str | None:
+    """The full id of ``revision`` (of this release, or a unique prefix of one); ``None`` if unknown."""
+    try:
+        found = ScriptDirectory(_script_location()).get_revision(revision)
+    except CommandError:
+        return None
+    return found.revision if found is not None else None
 
 
 def older_revision(connection: Connection) -> tuple[str, str] | None:

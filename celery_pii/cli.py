@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import _celery, _quarantine, _rewrap
 from ._detect import locate_with_status, shown_path
 from ._keys import check_not_reserved
-from ._migrate import current_revision, migrate
+from ._migrate import current_revision, known_revision, migrate
 from ._pii import PII
 from ._sources import generate_master_key, load_master_key
 from ._store import failure_reason
@@ -195,10 +195,21 @@ def db() -> None:
 @click.pass_context
 @_errors
 def db_upgrade(ctx: click.Context, revision: str) -> None:
-    """Create or upgrade the key store's tables (pii_key_store_url)."""
+    """Create or upgrade the key store's tables (pii_key_store_url); never downgrades."""
     url = _settings_url(ctx)
+    before = current_revision(url)
+    if before is not None and known_revision(before) is None:
+        msg = (
+            f"the key store is at revision {before}, which this release of celery-pii does not know: "
+            "a newer release upgraded it (db upgrade does not downgrade; use that release)"
+        )
+        raise click.ClickException(msg)
     migrate(url, revision=revision)
-    click.echo(f"key store at revision {current_revision(url)}")
+    now = current_revision(url)
+    click.echo(f"key store at revision {now}")
+    if revision not in ("head", "heads") and now != known_revision(revision):
+        msg = f"the key store was already past revision {revision}: db upgrade does not downgrade"
+        raise click.ClickException(msg)
 
 
 @db.command(name="current")

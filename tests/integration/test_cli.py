@@ -606,6 +606,31 @@ class TestRealProcess:
             assert generated.returncode == 0, generated.stderr[-2000:]
             listed = pii_command("keys", "list", "--json")
             assert json.loads(listed.stdout)[0]["key_id"] == "proc-key"
+            # An older target is no downgrade, and says so (it printed the revision, exit 0).
+            older = pii_command("db", "upgrade", "--revision", "0002_master_key_rotation")
+            assert older.returncode == 1
+            assert "already past revision 0002_master_key_rotation" in older.stderr
+            assert "does not downgrade" in older.stderr
+        finally:
+            drop()
+
+    def test_db_upgrade_on_a_store_a_newer_release_upgraded(self, tmp_path):
+        """A revision this release does not know: say a newer release upgraded the store (Alembic's words)."""
+        import sqlalchemy as sa
+
+        from celery_pii._migrate import VERSION_TABLE, migrate
+
+        url, drop = _fresh_postgres()
+        try:
+            migrate(url)
+            engine = sa.create_engine(url)
+            with engine.begin() as connection:
+                connection.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '0099_future'"))  # noqa: S608
+            engine.dispose()
+            upgraded = _celery_pii_process(tmp_path, "newerapp", url)("db", "upgrade")
+            assert upgraded.returncode == 1
+            assert "revision 0099_future, which this release of celery-pii does not know" in upgraded.stderr
+            assert "Traceback" not in upgraded.stderr
         finally:
             drop()
 
