@@ -481,6 +481,11 @@ def forget_subject(ctx: click.Context, subject_id: str, yes: bool) -> None:
     _confirm("Destroy this data subject's keys? Their sealed data can never be read again", yes=yes)
     destroyed = _pii(ctx).forget_subject(subject_id)
     click.echo(f"destroyed {destroyed} key version(s) of the subject")
+    if not destroyed:  # not an error: a request may name someone never processed (exit 0)
+        click.echo(
+            "no live key of this subject: nothing was sealed for this id as written (case and spaces "
+            "count), or it was forgotten before"
+        )
 
 
 # -- quarantine ---------------------------------------------------------------------------------------

@@ -357,6 +357,10 @@ class TestScanAndErasure:
         pii.keys.encryption_key(KeySpec(key_id, subject_id=digest))
         result = run(cli_app, "forget-subject", "cli-user-7", "--yes")
         assert result.exit_code == 0 and "destroyed 1 key version" in result.output
+        assert "no live key" not in result.output
+        again = run(cli_app, "forget-subject", "CLI-user-7", "--yes")  # another id, as far as keys go
+        assert again.exit_code == 0
+        assert "destroyed 0 key version(s)" in again.output and "no live key of this subject" in again.output
 
 
 def _park_undecodable(app, quarantine, task_id, *, back_to):
