@@ -241,20 +241,11 @@ class Sealer:
         try:
             key, co_keys = self._sealing_keys(key_spec)
         except EncryptionFailed as error:
-            msg = f"task {name!r}: {error}"
-            raise EncryptionFailed(msg) from None
+            raise _naming_the_task(name, error) from None
         locations = tuple(location for location, _ in found)
         return self._seal_values(
             bound_name(name, root, locations), task_id, key, [value for _, value in found], locations, co_keys
         )
-
-    def _task_key(self, name: str, key_spec: KeySpec) -> DataKey:
-        """The key a message of task ``name`` is sealed under; a deadline already passed names the task."""
-        try:
-            return self.keys.encryption_key(key_spec)
-        except EncryptionFailed as error:  # the key id is celery-pii's: the task is what the user knows
-            msg = f"task {name!r}: {error}"
-            raise EncryptionFailed(msg) from None
 
     def _sealing_keys(self, key_spec: KeySpec) -> tuple[DataKey, Sequence[DataKey]]:
         """The key ``key_spec`` names, and its co-keys (other subjects' keys the data is sealed under too)."""
@@ -357,7 +348,10 @@ class Sealer:
         found_at, values, sealed_args, sealed_kwargs = marked
         if not values:
             return None
-        key = self._task_key(name, spec.key_spec)
+        try:
+            key = self.keys.encryption_key(spec.key_spec)
+        except EncryptionFailed as error:  # a deadline passed: name the task (the key id is ours)
+            raise _naming_the_task(name, error) from None
         locations = tuple(found_at)
         token = self._seal_values(name, task_id, key, values, locations)
         sealed_root = dict(root)
@@ -929,6 +923,10 @@ def _unencodable(key: DataKey, values: list[Any], locations: tuple[Location, ...
         except (TypeError, ValueError):  # noqa: PERF203 - only on the way to an error message
             return shown_path(location)
     return "?"  # only together (none alone): say so without guessing
+
+
+def _naming_the_task(name: str, error: EncryptionFailed) -> EncryptionFailed:
+    return EncryptionFailed(f"task {name!r}: {error}")
 
 
 def _holds_marker(name: str, where: str) -> EncryptionFailed:
