@@ -1,8 +1,8 @@
 """Opened results that Celery holds in memory are checked again each time they are served.
 
 Celery keeps a result it has read in two places a later, new
-``AsyncResult(id)`` reads from without asking the backend: the backend's
-``result_cache_max`` cache (successful results), and the Redis backend's
+``AsyncResult(id)`` (or ``GroupResult``) reads from without asking the backend:
+the backend's ``result_cache_max`` cache, and the Redis backend's
 buffer of results that arrived over pub/sub while nobody waited for them
 (a task ``get()`` had already read by polling).  Both hold the result as the
 ``pii`` serializer opened it: after its retention deadline or its subject's
@@ -95,18 +95,25 @@ def as_read_now(backend: Any, meta: Any) -> Any:
 def guard_celery_result_caches() -> None:
     """Check what ``result_cache_max`` and the Redis pub/sub buffer serve (once per process)."""
     from celery.backends.asynchronous import AsyncBackendMixin  # noqa: PLC0415 - only when set up
-    from celery.backends.base import Backend  # noqa: PLC0415
+    from celery.backends.base import Backend, BaseKeyValueStoreBackend  # noqa: PLC0415
 
-    get_task_meta = Backend.get_task_meta
+    get_task_meta, get_many = Backend.get_task_meta, BaseKeyValueStoreBackend.get_many
     if getattr(get_task_meta, "celery_pii_wrapped", False):
         return
 
+    def checked(backend: Any, task_id: Any, meta: Any) -> Any:
+        read = as_read_now(backend, meta)
+        if read is not meta:
+            backend._cache.pop(task_id, None)  # noqa: SLF001 - what Celery serves it from
+        return read
+
     def checked_get_task_meta(self: Any, task_id: Any, cache: bool = True) -> Any:
-        meta = get_task_meta(self, task_id, cache=cache)
-        checked = as_read_now(self, meta)
-        if checked is not meta:
-            self._cache.pop(task_id, None)
-        return checked
+        return checked(self, task_id, get_task_meta(self, task_id, cache=cache))
+
+    def checked_get_many(self: Any, task_ids: Any, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+        # A group's results (GroupResult.get, join_native): ready ones come from the cache too.
+        for task_id, meta in get_many(self, task_ids, *args, **kwargs):
+            yield task_id, checked(self, task_id, meta)
 
     def checked_from_buffer(self: Any, result: Any) -> None:
         # Celery's own two lines, with the check between: take() raises Empty when
@@ -116,4 +123,5 @@ def guard_celery_result_caches() -> None:
 
     checked_get_task_meta.celery_pii_wrapped = True  # type: ignore[attr-defined]
     Backend.get_task_meta = checked_get_task_meta
+    BaseKeyValueStoreBackend.get_many = checked_get_many
     AsyncBackendMixin._maybe_resolve_from_buffer = checked_from_buffer  # noqa: SLF001

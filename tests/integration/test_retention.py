@@ -131,6 +131,20 @@ class TestResultsHeldInMemory:
                 app.AsyncResult(forgotten.id).get(timeout=5)
             assert app.AsyncResult(kept.id).get(timeout=5)["email"] == EMAIL
 
+    def test_result_cache_max_with_a_group(self, make_app):
+        """A group's results read together (join_native) come from the same cache: checked as well."""
+        from celery import group
+
+        app = make_app(result_cache_max=100)
+        profile = app.tasks["t.profile"]
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            both = group(profile.s("u-held-3", EMAIL), profile.s("u-held-4", EMAIL))()
+            both.save()
+            assert [value["email"] for value in both.get(timeout=20)] == [EMAIL, EMAIL]
+            assert get_pii(app).forget_subject("u-held-3") >= 1
+            with pytest.raises(KeyDestroyed):
+                app.GroupResult.restore(both.id).get(timeout=5)
+
     def test_the_redis_pubsub_buffer(self, make_app):
         """A result read by polling arrives again over pub/sub and waits in a buffer, opened.
 
