@@ -365,7 +365,7 @@ class _Publisher:
     def __init__(self, app: Any, connection: Any) -> None:
         self.app = app
         self.connection = connection
-        self.returned: list[str] = []
+        self.returned = False  # set by the broker's basic.return, before it confirms
         self.producer: Any = None
 
     def republish(self, message: Any) -> str | None:
@@ -375,7 +375,6 @@ class _Publisher:
         routing_key = original.get("routing_key") or self.app.conf.task_default_queue
         where = f"exchange {exchange!r} with routing key {routing_key!r}"
         if self.producer is None:
-            self.returned = []
             channel = self.connection.channel()
             # Only AMQP channels hand back what they could not route (Redis routes in the client).
             on_return = self._on_return if hasattr(channel, "events") else None
@@ -400,14 +399,15 @@ class _Publisher:
             )
         except self.connection.channel_errors as error:  # 404: no such exchange; the channel is closed
             self.close()
-            return f"the broker refused {where} ({type(error).__name__})"
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return f"the broker refused {where}: {reason}"
         if self.returned:  # RabbitMQ returned it before confirming: no queue is bound there
-            self.returned = []
+            self.returned = False
             return f"nothing is bound to {where}"
         return None
 
     def _on_return(self, _exception: Any, _exchange: str, _routing_key: str, _message: Any) -> None:
-        self.returned.append(_routing_key)
+        self.returned = True
 
     def close(self) -> None:
         if self.producer is not None:
