@@ -207,6 +207,7 @@ class Sealer:
         mode = spec.detect if spec is not None else self.settings.detect
         detected: tuple[tuple[Location, str], ...] = ()
         truncated = False
+        extra: list[tuple[Location, Any]] = []
         if mode != "off":
             detected, truncated, extra = self._detect(name, mode, root, found)
             found.extend(extra)
@@ -225,17 +226,25 @@ class Sealer:
         own, apart = self._apart_by_subject(
             root, found, subject_steps, own_key_id=key_spec.key_id, derived_from=derived_from, now=now
         )
-        token = self._seal_group(name, task_id, root, key_spec, own) if own else None
-        step_tokens = tuple(self._seal_group(name, task_id, root, *group) for group in apart.values())
+        # Compressed only when it holds the task's declared fields alone: beside its other
+        # arguments (every argument, what detection found, a canvas step's), a value the
+        # caller controls would make the length tell the others (CRIME).
+        compress = not (seal_all or extra or name in _STEP_BOUND or has_canvas(root))
+        token = self._seal_group(name, task_id, root, key_spec, own, compress=compress) if own else None
+        step_tokens = tuple(
+            self._seal_group(name, task_id, root, *group, compress=compress) for group in apart.values()
+        )
         return Sealed(sealed_root, token, locations, detected, truncated, step_tokens)
 
-    def _seal_group(
+    def _seal_group(  # noqa: PLR0913 - one envelope's parts, and whether it may be compressed
         self,
         name: str,
         task_id: str,
         root: Mapping[str, Any],
         key_spec: KeySpec,
         found: list[tuple[Location, Any]],
+        *,
+        compress: bool,
     ) -> str:
         """One envelope: the values ``found`` under ``key_spec``'s key(s), bound to their places."""
         try:
@@ -243,8 +252,9 @@ class Sealer:
         except EncryptionFailed as error:
             raise _naming_the_task(name, error) from None
         locations = tuple(location for location, _ in found)
+        values = [value for _, value in found]
         return self._seal_values(
-            bound_name(name, root, locations), task_id, key, [value for _, value in found], locations, co_keys
+            bound_name(name, root, locations), task_id, key, values, locations, co_keys, compress
         )
 
     def _sealing_keys(self, key_spec: KeySpec) -> tuple[DataKey, Sequence[DataKey]]:
@@ -369,6 +379,7 @@ class Sealer:
         values: list[Any],
         locations: tuple[Location, ...],
         co_keys: Sequence[DataKey] = (),
+        compress: bool = True,
     ) -> str:
         try:
             return _envelope.seal(
@@ -377,7 +388,7 @@ class Sealer:
                 locations=locations,
                 task_name=name,
                 task_id=task_id,
-                compression_threshold=self.settings.compression_threshold,
+                compression_threshold=self.settings.compression_threshold if compress else None,
                 co_keys=co_keys,
             )
         except (TypeError, ValueError) as error:
@@ -606,7 +617,9 @@ class Sealer:
                 task_name=_RESULT_AD,
                 task_id=task_id,
                 kind=Kind.RESULT,
-                compression_threshold=self.settings.compression_threshold,
+                # Never compressed: a result is sealed beside its traceback and, with
+                # result_extended, every argument of the call (see seal_message).
+                compression_threshold=None,
                 co_keys=co_keys,
             )
         except (TypeError, ValueError) as error:

@@ -624,6 +624,59 @@ class TestWire:
         assert replies and all(reply == {"ok": "pong"} for reply in replies.values())
 
 
+class TestCompression:
+    """Only the task's declared fields are compressed together (pii_compression_threshold).
+
+    Compressed beside values a caller controls, a secret's ciphertext length
+    tells it a character at a time (CRIME): a crypto review recovered an SSN
+    from the length of a stored result (result_extended seals every argument
+    with it).  Envelopes holding more than the declared fields are not compressed.
+    """
+
+    BIG = "note " * 400  # compresses well, and is over the 1024-byte threshold
+
+    @staticmethod
+    def _compressed(token):
+        from celery_pii._envelope import parse
+
+        return parse(token).compressed
+
+    def test_declared_fields_alone_are_compressed(self, app):
+        """The task's declared fields alone: as before (the user chose what to declare together)."""
+        sealed = get_pii(app).sealer.seal_message(
+            "t.charge", "c-1", {"args": [self.BIG, 1, {"email": EMAIL}], "kwargs": {}}
+        )
+        assert self._compressed(sealed.token)
+
+    @pytest.mark.parametrize("case", ["every argument", "with a canvas step", "found by detection"])
+    def test_envelopes_holding_more_are_not_compressed(self, app, case):
+        """Every argument (published by a PII task, or a task not known here), a step's, detection's."""
+        sealer = get_pii(app).sealer
+        if case == "every argument":
+            sealed = sealer.seal_message(
+                "t.charge", "c-2", {"args": [self.BIG, 1, {"email": EMAIL}], "kwargs": {}}, seal_all=True
+            )
+        elif case == "with a canvas step":
+            step = dict(app.tasks["t.charge"].s(CARD, 2, {"email": EMAIL}))
+            root = {"args": [self.BIG, 1, {"email": EMAIL}], "kwargs": {}, "callbacks": [step]}
+            sealed = sealer.seal_message("t.charge", "c-3", root)
+        else:
+            sealed = sealer.seal_message(
+                "t.detect_encrypt", "c-4", {"args": [f"{self.BIG} {EMAIL}"], "kwargs": {}}
+            )
+        assert sealed is not None and sealed.token is not None
+        assert not self._compressed(sealed.token)
+
+    def test_results_are_not_compressed(self, app):
+        """A result is sealed beside its traceback and (result_extended) every argument."""
+        from celery_pii._keys import KeySpec
+        from celery_pii._sealer import RESULT_KEY
+
+        meta = {"status": "SUCCESS", "result": self.BIG, "task_id": "c-5", "args": [CARD], "kwargs": {}}
+        sealed = get_pii(app).sealer.seal_result(meta, task_id="c-5", key_spec=KeySpec("default"))
+        assert not self._compressed(sealed[RESULT_KEY])
+
+
 class TestCanvas:
     """Embedded steps are sealed under their own task's fields and open when published."""
 
