@@ -61,6 +61,8 @@ EMBED_KEY: Final = "__celery_pii__"
 RESULT_KEY: Final = "__celery_pii__"
 #: Fields of a stored result's meta that are sealed.
 RESULT_FIELDS: Final = ("result", "traceback", "args", "kwargs")
+# A stored meta's state: sealed beside those (bound), and left readable for Celery.
+_STATUS_FIELD: Final = "status"
 #: Canvas parts of a task message that embed later steps.
 EMBED_PARTS: Final = ("callbacks", "errbacks", "chain", "chord")
 # Associated-data "task name" of result envelopes: results are bound to their
@@ -599,7 +601,10 @@ class Sealer:
             fields = [name for name in RESULT_FIELDS if obj.get(name) is not None]
             if not fields:
                 return obj
-            token = self._seal_result_values(key, co_keys, [obj[name] for name in fields], fields, task_id)
+            # The state stays readable, and is sealed too: opening checks the two agree, so
+            # a FAILURE edited into SUCCESS does not hand its exception back as a value.
+            values = [*(obj[name] for name in fields), obj["status"]]
+            token = self._seal_result_values(key, co_keys, values, [*fields, _STATUS_FIELD], task_id)
             sealed = dict(obj, **dict.fromkeys(fields, MARKER))
             sealed[RESULT_KEY] = token
             return sealed
@@ -672,6 +677,10 @@ class Sealer:
         names = [str(location[0]) for location in envelope.locations]
         opened = {name: value for name, value in obj.items() if name != RESULT_KEY}
         opened.update(zip(names, values, strict=True))
+        if names[-1] == _STATUS_FIELD:  # sealed by builds since it was bound (older ones: not checked)
+            if opened[_STATUS_FIELD] != obj.get(_STATUS_FIELD):
+                raise DecryptionFailed
+            values = values[:-1]  # Celery's state, not a value the reader must keep out of its logs
         return OpenedResult(opened, envelope.keys, values)
 
 

@@ -410,6 +410,30 @@ class TestSeveralApps:
         printed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         assert printed.stdout.strip() == str(flower)
 
+    def test_a_sealed_meta_opens_only_with_the_state_it_was_stored_with(self, key_store_url):
+        """A FAILURE edited into SUCCESS on the backend does not hand its exception back as the value.
+
+        The state stays readable (Celery reads it) and is sealed beside the result:
+        the two must agree.  Metas sealed before the state was (no sealed state) still open.
+        """
+        from celery_pii import DecryptionFailed
+        from celery_pii._sealer import RESULT_KEY
+
+        sealer = setup_pii(_app(key_store_url)).sealer
+        error = {"exc_type": "ValueError", "exc_message": ["card declined"], "exc_module": "builtins"}
+        meta = {"status": "FAILURE", "result": error, "task_id": "t-3", "traceback": None}
+        sealed = sealer.seal_result(meta, task_id="t-3", key_spec=KeySpec("default"))
+        assert sealed["status"] == "FAILURE"
+        opened = sealer.open_result(dict(sealed))
+        assert opened.value["status"] == "FAILURE" and opened.value["result"] == error
+        assert "FAILURE" not in opened.values  # not a value to hide from the reader's logs
+        with pytest.raises(DecryptionFailed):
+            sealer.open_result(dict(sealed, status="SUCCESS"))
+        key = sealer.keys.encryption_key(KeySpec("default"))
+        earlier = dict(meta, result=MARKER)
+        earlier[RESULT_KEY] = sealer._seal_result_values(key, (), [error], ["result"], "t-3")
+        assert sealer.open_result(earlier).value["result"] == error
+
     def test_a_sealed_meta_opens_only_under_its_own_task_id(self, key_store_url):
         """The meta's task id (in the clear) must be the one its envelope is bound to, and be there."""
         from celery_pii._celery import _open_result_hook
