@@ -313,12 +313,49 @@ def seal(  # noqa: C901, PLR0913 - every argument is part of what the envelope b
 
 
 def _typed_json(values: list[Any]) -> bytes:
+    if _holds_typed_lookalike(values):
+        # Its reader would take the dict for a typed value: made into one (a dict become a
+        # datetime), or refused, and an authentic envelope read as tampered.
+        raise TypedLookalike
     text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
     try:
         return text.encode()
     except UnicodeEncodeError:  # a lone surrogate beside them: escaped, as plain Celery sends it
         escaped: str = kombu_json.dumps(values, separators=(",", ":"))
         return escaped.encode()
+
+
+class TypedLookalike(ValueError):
+    """Values that need kombu's typed JSON hold a dict that reads as a typed value."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a dict of exactly '__type__' and '__value__' (kombu's typed JSON) beside a date, Decimal, "
+            "UUID or bytes value would not read back as given"
+        )
+
+
+def _holds_typed_lookalike(values: list[Any]) -> bool:
+    """True if a dict among ``values`` has exactly the keys of kombu's typed JSON (its marker)."""
+    pending: list[Any] = [values]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if isinstance(current, dict):
+            if current.keys() == _TYPED_KEYS:
+                return True
+            children: Any = current.values()
+        elif isinstance(current, (list, tuple)):
+            children = current
+        else:
+            continue
+        if id(current) not in seen:  # encoding refuses a value that holds itself
+            seen.add(id(current))
+            pending.extend(children)
+    return False
+
+
+_TYPED_KEYS: Final = frozenset(("__type__", "__value__"))
 
 
 # Every flag combination's key prefix, by key (its id, version and algorithm).

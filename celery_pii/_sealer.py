@@ -393,6 +393,9 @@ class Sealer:
                 compression_threshold=self.settings.compression_threshold if compress else None,
                 co_keys=co_keys,
             )
+        except _envelope.TypedLookalike as error:
+            msg = f"task {name!r}: the PII values hold {error}; nothing was published"
+            raise EncryptionFailed(msg) from None
         except (TypeError, ValueError) as error:
             kind = type(error).__name__
             where = _unencodable(key, values, locations)
@@ -627,6 +630,9 @@ class Sealer:
                 compression_threshold=None,
                 co_keys=co_keys,
             )
+        except _envelope.TypedLookalike as error:
+            msg = f"task result of {task_id}: {error}"
+            raise EncryptionFailed(msg) from None
         except (TypeError, ValueError) as error:
             msg = f"task result of {task_id}: cannot be encoded ({type(error).__name__})"
             raise EncryptionFailed(msg) from None

@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import ClassVar
 
 import pytest
 from celery import chain, chord, group, xmap, xstarmap
@@ -622,6 +623,46 @@ class TestWire:
             if replies:
                 break
         assert replies and all(reply == {"ok": "pong"} for reply in replies.values())
+
+
+class TestTypedLookalikes:
+    """A dict shaped like kombu's typed JSON beside a date is refused when sealed, not read as forged.
+
+    With a datetime (Decimal, UUID, bytes) in the same envelope, the values
+    travel as kombu's typed JSON, whose reader takes ``{"__type__": ...,
+    "__value__": ...}`` for a typed value: an authentic message was parked as
+    tampered (or the dict came back a datetime).
+    """
+
+    LOOKALIKE: ClassVar = {"__type__": "datetime", "__value__": "soon"}
+
+    def test_a_message_is_refused_naming_the_task(self, app):
+        import datetime as dt
+
+        with pytest.raises(
+            EncryptionFailed, match=r"^task 't\.charge': the PII values hold a dict of exactly"
+        ):
+            app.tasks["t.charge"].delay(self.LOOKALIKE, 1, {"email": dt.date(2024, 1, 1)})
+        assert not queued_messages(app.conf.task_default_queue)
+
+    def test_alone_it_seals_and_opens_as_given(self, app):
+        """Without a typed value beside it, plain JSON carries it: nothing reads it as a type."""
+        sealer = get_pii(app).sealer
+        root = {"args": [self.LOOKALIKE, 1, {"email": EMAIL}], "kwargs": {}}
+        sealed = sealer.seal_message("t.charge", "l-1", root)
+        opened = {"args": [*sealed.root["args"]], "kwargs": {}}
+        opened["args"][2] = dict(opened["args"][2])
+        sealer.open_message("t.charge", "l-1", opened, [sealed.token])
+        assert opened["args"][0] == self.LOOKALIKE
+
+    def test_a_result_is_refused_when_sealed(self, app):
+        import datetime as dt
+
+        from celery_pii._keys import KeySpec
+
+        meta = {"status": "SUCCESS", "result": [self.LOOKALIKE, dt.date(2024, 1, 1)], "task_id": "l-2"}
+        with pytest.raises(EncryptionFailed, match="would not read back as given"):
+            get_pii(app).sealer.seal_result(meta, task_id="l-2", key_spec=KeySpec("default"))
 
 
 class TestCompression:
