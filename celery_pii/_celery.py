@@ -503,20 +503,28 @@ def _quarantine_queue_of(app: Any) -> str | None:
     if found is None:
         return None
     _refuse_changed_settings(found)
-    _refuse_backend_ignoring_the_serializer(app)
+    refuse_backend_ignoring_the_serializer(app)
     found.register_missed()
     return found.settings.quarantine_queue  # type: ignore[no-any-return]
 
 
-def _refuse_backend_ignoring_the_serializer(app: Any) -> None:
+def refuse_backend_ignoring_the_serializer(app: Any) -> None:
     """Raise if the result backend writes results with a serializer of its own, not ``pii``.
 
-    Checked when a worker starts (building the backend before needs what it
-    needs, Django's settings for instance).  django-celery-results'
+    Checked when a worker starts, and before the first eager call that stores
+    its result (``task_store_eager_result``): building the backend earlier
+    needs what it needs, Django's settings for instance.  django-celery-results'
     ``django-cache`` backend sets ``pickle`` whatever ``result_serializer``
     says: results, and the opened arguments ``result_extended`` stores, went
     to the cache in plaintext.
     """
+    try:
+        _refuse_serializer_of_its_own(app)
+    except ConfigurationError as error:
+        raise as_written(error, app.conf) from None
+
+
+def _refuse_serializer_of_its_own(app: Any) -> None:
     backend = app.backend
     serializer = getattr(backend, "serializer", NAME)
     if isinstance(backend, DisabledBackend) or serializer == NAME:

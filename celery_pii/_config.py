@@ -456,7 +456,8 @@ def as_written(error: ConfigurationError, conf: Mapping[str, Any]) -> Configurat
 
 # The settings celery-pii's errors name: its own, and the Celery settings it checks.
 _SETTING_NAME: Final = re.compile(
-    r"\b(?:pii_[a-z_]+|task_serializer|task_protocol|result_accept_content|accept_content|result_serializer)\b"
+    r"\b(?:pii_[a-z_]+|task_serializer|task_protocol|result_accept_content|accept_content|result_serializer"
+    r"|result_backend)\b"
 )
 
 

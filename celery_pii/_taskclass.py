@@ -127,6 +127,8 @@ def _mark_eager_runs(cls: type[Any]) -> None:
 
     @functools.wraps(original)
     def apply(self: Task, *args: Any, **kwargs: Any) -> Any:
+        if self.app.conf.task_store_eager_result:
+            _refuse_storing_in_plaintext(self.app)
         filter_every_handler_outside_workers()
         token = _context.applying.set(True)
         try:
@@ -135,6 +137,23 @@ def _mark_eager_runs(cls: type[Any]) -> None:
             _context.applying.reset(token)
 
     cls.apply = apply
+
+
+def _refuse_storing_in_plaintext(app: Any) -> None:
+    """Before an eager call stores its result: refuse a backend that would write it in plaintext.
+
+    A worker checks when it starts; an app that stores eager results (tests,
+    development) writes through the backend without ever starting one.
+    """
+    if getattr(app, _EAGER_STORE_CHECKED, False):
+        return
+    from ._celery import refuse_backend_ignoring_the_serializer  # noqa: PLC0415 - it imports this module
+
+    refuse_backend_ignoring_the_serializer(app)
+    setattr(app, _EAGER_STORE_CHECKED, True)
+
+
+_EAGER_STORE_CHECKED: Final = "_celery_pii_eager_store_checked"
 
 
 def _hide_retry_arguments(cls: type[Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 from celery import Celery, shared_task
 from celery.backends.base import KeyValueStoreBackend
@@ -41,6 +43,8 @@ def _app(key_store_url, **conf):
 class PicklingBackend(KeyValueStoreBackend):
     """A backend like django-celery-results' ``django-cache``: it sets its own serializer."""
 
+    stored: ClassVar[list[str]] = []  # the keys written, by any instance
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.serializer = "pickle"
@@ -49,7 +53,7 @@ class PicklingBackend(KeyValueStoreBackend):
         return None
 
     def set(self, key, value):
-        pass
+        PicklingBackend.stored.append(key)
 
 
 def _start_a_worker(app):
@@ -105,6 +109,40 @@ class TestSetup:
             match=r"^setting result_backend: .*PicklingBackend writes results with 'pickle'",
         ):
             _start_a_worker(app)
+
+    def test_an_eager_call_storing_its_result_refuses_such_a_backend(self, key_store_url):
+        """task_always_eager + task_store_eager_result wrote through it without a worker ever starting.
+
+        django-cache in a test or development setup: the result and result_extended's
+        arguments went to the cache in plaintext.  Named as the configuration spells it.
+        """
+        app = _app(
+            key_store_url,
+            result_backend=f"{__name__}:PicklingBackend",
+            task_always_eager=True,
+            task_store_eager_result=True,
+            result_extended=True,
+        )
+        setup_pii(app)
+
+        @app.task(name="t.eager_stored", pii_fields=["card"], shared=False)
+        def eager_stored(card):
+            return card
+
+        stored_before = len(PicklingBackend.stored)
+        with pytest.raises(
+            ConfigurationError, match=r"^setting result_backend: .*writes results with 'pickle'"
+        ):
+            eager_stored.delay("4111 1111 1111 1111")
+        assert len(PicklingBackend.stored) == stored_before
+        unstored = _app(key_store_url, result_backend=f"{__name__}:PicklingBackend", task_always_eager=True)
+        setup_pii(unstored)
+
+        @unstored.task(name="t.eager_unstored", pii_fields=["card"], shared=False)
+        def eager_unstored(card):
+            return card[-4:]
+
+        assert eager_unstored.delay("4111 1111 1111 1111").result == "1111"  # nothing stored: nothing refused
 
     def test_a_celery_passing_task_message_arguments_in_another_order_is_refused(
         self, key_store_url, monkeypatch
