@@ -370,10 +370,14 @@ class KeyManager:
                         self._refuse_if_destroyed(session, *source)
                     row = self._active_row(session, spec.key_id)
                     if row is None:
-                        row = self._insert_version(
+                        # Its material is at hand: unwrapping the row just written would be one
+                        # more KMS Decrypt per new key (a new data subject's) for an aws-kms:// key.
+                        row, material = self._insert_version(
                             session, self._inherit(session, spec, now), now, reason="first use"
                         )
-                    key = self._unwrap(row)
+                        key = _data_key(row, material)
+                    else:
+                        key = self._unwrap(row)
                 break
             except (IntegrityError, WriteConflict):  # another process created it first or won a lock: again
                 continue
@@ -457,9 +461,8 @@ class KeyManager:
                 msg = f"key {key_id!r} already exists; rotate it instead"
                 raise ConfigurationError(msg)
             spec = KeySpec(key_id)
-            return self._insert_version(
-                session, spec, self._clock(), reason="generate", algorithm=chosen
-            ).version
+            row, _ = self._insert_version(session, spec, self._clock(), reason="generate", algorithm=chosen)
+            return row.version
 
         return self._transact(work)
 
@@ -931,7 +934,8 @@ class KeyManager:
         reason: str,
         algorithm: Algorithm | None = None,
         previous: KeyRow | None = None,
-    ) -> KeyRow:
+    ) -> tuple[KeyRow, bytes]:
+        """A new version of ``spec.key_id``, active, with its material wrapped; the row and the material."""
         _check_key_id(spec.key_id)
         latest = session.scalar(select(func.max(KeyRow.version)).where(KeyRow.key_id == spec.key_id))
         version = (latest or 0) + 1
@@ -959,7 +963,7 @@ class KeyManager:
         if previous is not None:
             details["previous_version"] = previous.version
         self._audit(session, spec.key_id, version, operation, **details)
-        return row
+        return row, material
 
     @staticmethod
     def _refuse_second_active(session: Session, row: KeyRow) -> None:
@@ -997,7 +1001,7 @@ class KeyManager:
                 row.status, row.retired_at, row.rotated_at = RETIRED, retired_at, now
                 row.next_rotation_at = None
         # A key keeps its algorithm across rotations (pii_algorithm is for new key ids).
-        new = self._insert_version(
+        new, _ = self._insert_version(
             session,
             KeySpec(latest.key_id),
             now,
@@ -1059,7 +1063,7 @@ class KeyManager:
         try:
             if row.wrapped_key is None:
                 raise _destroyed(row.key_id, row.version)
-            algorithm = Algorithm(row.algorithm)
+            Algorithm(row.algorithm)  # one this build knows, or a damaged row (ValueError)
             material = self.masters.unwrap(row)
         except ConfigurationError:  # the master key source itself is misconfigured (e.g. a KMS key)
             raise
@@ -1084,8 +1088,7 @@ class KeyManager:
                 "(setting pii_master_key) or damaged row"
             )
             raise KeyNotFound(msg) from None
-        expires_at = row.expires_at.timestamp() if row.expires_at is not None else None
-        return DataKey(row.key_id, row.version, algorithm, material, expires_at=expires_at)
+        return _data_key(row, material)
 
     def _load_subject_secret(self) -> bytes:
         key = self._load_active(KeySpec(SUBJECT_INDEX_KEY))
@@ -1130,6 +1133,14 @@ class KeyManager:
                     msg = "key store write kept conflicting with concurrent writers"
                     raise KeyStoreUnavailable(msg) from None
         raise AssertionError  # pragma: no cover - the loop always returns or raises
+
+
+def _data_key(row: KeyRow, material: bytes, algorithm: Algorithm | None = None) -> DataKey:
+    """The data key of ``row``, with its unwrapped ``material``."""
+    expires_at = row.expires_at.timestamp() if row.expires_at is not None else None
+    return DataKey(
+        row.key_id, row.version, algorithm or Algorithm(row.algorithm), material, expires_at=expires_at
+    )
 
 
 def is_subject_id(value: object) -> bool:

@@ -119,6 +119,7 @@ class KmsMasterKey:
 
     def _new_client(self) -> Any:
         boto3 = _import_boto3()
+        _keep_bodies_out_of_logs()
         from botocore.config import Config  # noqa: PLC0415 - the optional aws extra
         from botocore.exceptions import NoRegionError  # noqa: PLC0415
 
@@ -173,6 +174,28 @@ class KmsMasterKey:
             else:
                 msg = f"{where} cannot be reached: {operation} failed ({kind}); retry later"
             raise KeyStoreUnavailable(msg) from None
+
+
+class _NoBodies(logging.Filter):
+    """Drops botocore's DEBUG records, which quote requests and responses whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+# At DEBUG (``celery worker -l DEBUG`` sets the root logger so) botocore logs every
+# request's parameters and every response's body: Encrypt's and Decrypt's carry
+# data-key material in plaintext ("Plaintext": ...).  A filter on the loggers
+# themselves holds whatever level or handlers the application configures.
+_BODY_LOGGERS: Final = ("botocore.endpoint", "botocore.parsers")
+_NO_BODIES: Final = _NoBodies()
+
+
+def _keep_bodies_out_of_logs() -> None:
+    for name in _BODY_LOGGERS:
+        body_logger = logging.getLogger(name)
+        if _NO_BODIES not in body_logger.filters:
+            body_logger.addFilter(_NO_BODIES)
 
 
 def _encryption_context(context: bytes) -> dict[str, str]:

@@ -307,6 +307,30 @@ class TestKeyManager:
         assert opening.open(nonce_and_ciphertext, b"aad") == b"4111 1111 1111 1111"
         fresh.check_master_key()
 
+    def test_a_new_key_costs_one_encrypt_and_no_decrypt(self, make_manager, master):
+        """Its material is at hand: the row just written was unwrapped again (a Decrypt per new subject)."""
+        calls = []
+        master._kms().meta.events.register("before-call.kms.*", lambda model, **_: calls.append(model.name))
+        manager = make_manager(master)
+        key = manager.encryption_key(KeySpec("orders-calls"))
+        assert calls == ["Encrypt"]
+        sealed = key.seal(b"4111 1111 1111 1111", b"aad")
+        assert manager.decryption_key("orders-calls", 1).open(sealed, b"aad") == b"4111 1111 1111 1111"
+
+    def test_debug_logging_shows_no_key_material(self, make_manager, master, caplog):
+        """With the root logger at DEBUG (a worker's -l DEBUG), botocore logged KMS bodies whole.
+
+        Decrypt's response and Encrypt's request carry the data key's material.
+        """
+        import logging
+
+        with caplog.at_level(logging.DEBUG):
+            make_manager(master).encryption_key(KeySpec("orders-logged"))
+            make_manager(master).decryption_key("orders-logged", 1)
+        logged = "\n".join(record.getMessage() for record in caplog.records)
+        assert "Plaintext" not in logged
+        assert any(record.name.startswith("botocore") for record in caplog.records)  # it did log
+
     def test_other_kms_key_fails_the_start_up_check(self, make_manager, master, make_kms_key, kms_endpoint):
         make_manager(master).encryption_key(KeySpec("orders"))
         other = make_manager(KmsMasterKey(make_kms_key(), endpoint_url=kms_endpoint))
