@@ -44,9 +44,11 @@ _UNAVAILABLE: Final = frozenset({
 _UNUSABLE_KEY: Final = frozenset({
     "NotFoundException", "DisabledException", "KMSInvalidStateException", "InvalidArnException",
 })  # fmt: skip
-# Any other refusal of Decrypt (InvalidCiphertext, IncorrectKey, InvalidKeyUsage, AccessDenied:
-# the blob names a key we may not use, as Decrypt always gets our KeyId) is DecryptionFailed;
-# any other refusal of Encrypt is a key or policy that cannot serve: ConfigurationError.
+# A wrapped key KMS will not open as given: damaged, or made under another context (moved to
+# another row): DecryptionFailed.  Any other refusal (AccessDenied, IncorrectKey: the alias now
+# names another key) is a deployment error, ConfigurationError: a message whose key it concerns
+# is retried, not parked as tampered, and the error says what to fix.
+_NOT_OURS: Final = frozenset({"InvalidCiphertextException"})
 
 
 class KmsMasterKey:
@@ -63,7 +65,7 @@ class KmsMasterKey:
         ConfigurationError: boto3 is missing, or no AWS region is configured.
     """
 
-    __slots__ = ("_client", "_endpoint_url", "_key_id", "_pid", "_region", "_timeout", "ref")
+    __slots__ = ("_client", "_endpoint_url", "_key_id", "_pid", "_region", "_timeout", "ref", "setting")
 
     def __init__(
         self,
@@ -78,6 +80,8 @@ class KmsMasterKey:
         self._region = region or _arn_region(key_id)
         self._timeout = connect_timeout
         self.ref = f"{_SCHEME}:{key_id}"
+        #: The setting (or option) that named this key, for errors: KMS answers long after loading.
+        self.setting = _SETTING
         self._pid = os.getpid()
         self._client = self._new_client()  # fails now, at start-up, without a region
 
@@ -154,15 +158,27 @@ class KmsMasterKey:
                 msg = f"{where} is unavailable: {operation} failed ({code}); retry later"
                 raise KeyStoreUnavailable(msg) from None
             if code in _UNUSABLE_KEY:
-                msg = f"setting {_SETTING}: {where} is missing, disabled or pending deletion ({code})"
+                msg = f"setting {self.setting}: {where} is missing, disabled or pending deletion ({code})"
                 raise ConfigurationError(msg) from None
-            if operation == "Decrypt":
+            if operation == "Decrypt" and code in _NOT_OURS:
                 logger.debug("celery-pii: %s refused %s (%s)", where, operation, code)
                 raise DecryptionFailed from None
-            msg = f"setting {_SETTING}: {where} cannot be used for {operation} ({code})"
+            if operation == "Decrypt" and code == "IncorrectKeyException":
+                # The row names this key (its reference matches) and another KMS key wrapped it.
+                msg = (
+                    f"setting {self.setting}: {where} is not the KMS key that wrapped this data key "
+                    f"({code}); was the alias pointed at another key? Point it back (and move keys to a "
+                    "new KMS key with `pii master-key rewrap`, docs/operations.md)"
+                )
+                raise ConfigurationError(msg) from None
+            permission = "kms:Decrypt" if operation == "Decrypt" else "kms:Encrypt"
+            msg = (
+                f"setting {self.setting}: {where} cannot be used for {operation} ({code}); "
+                f"the key policy or IAM role must allow {permission}"
+            )
             raise ConfigurationError(msg) from None
         except ParamValidationError:
-            msg = f"setting {_SETTING}: {where} is not a valid KMS key id, ARN or alias"
+            msg = f"setting {self.setting}: {where} is not a valid KMS key id, ARN or alias"
             raise ConfigurationError(msg) from None
         except BotoCoreError as error:  # connection, timeout, credentials
             kind = type(error).__name__

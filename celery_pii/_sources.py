@@ -23,7 +23,7 @@ import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from ._crypto import KEY_SIZE, Algorithm, DataKey
 from .exceptions import ConfigurationError, DecryptionFailed
@@ -142,6 +142,8 @@ def load_master_key(spec: str, settings: Settings | None = None, *, setting: str
         raise ConfigurationError(str(error).replace(_SETTING, setting)) from None
     for warning in warned:
         warnings.warn(str(warning.message).replace(_SETTING, setting), warning.category, stacklevel=2)
+    if hasattr(key, "setting"):  # a key whose errors come later, from its service (aws-kms://)
+        cast("Any", key).setting = setting
     return key
 
 

@@ -157,8 +157,14 @@ class TestWrapping:
             master.unwrap(bytes(wrapped), context=CONTEXT)
 
     def test_other_kms_key_cannot_unwrap(self, master, make_kms_key, kms_endpoint):
+        """Refused, and said to be a deployment error (an alias pointed at another key), not tampering.
+
+        AWS answers IncorrectKeyException; moto answers AccessDeniedException.
+        """
         other = KmsMasterKey(make_kms_key(), endpoint_url=kms_endpoint, region=REGION)
-        with pytest.raises(DecryptionFailed):
+        with pytest.raises(
+            ConfigurationError, match=r"not the KMS key that wrapped|cannot be used for Decrypt"
+        ):
             other.unwrap(master.wrap(MATERIAL, context=CONTEXT), context=CONTEXT)
 
     def test_ref_is_stable_and_not_secret(self, master, key_id, kms_endpoint):
@@ -231,10 +237,13 @@ class TestFailures:
             ("encrypt", "AccessDeniedException", 400, ConfigurationError),
             ("decrypt", "DisabledException", 400, ConfigurationError),
             ("encrypt", "InvalidKeyUsageException", 400, ConfigurationError),
-            ("decrypt", "IncorrectKeyException", 400, DecryptionFailed),
-            ("decrypt", "InvalidKeyUsageException", 400, DecryptionFailed),
+            # A refusal that is no damaged or moved blob is a deployment error (retried, not parked
+            # as tampered): a missing permission, an alias pointed at another key.
+            ("decrypt", "AccessDeniedException", 400, ConfigurationError),
+            ("decrypt", "IncorrectKeyException", 400, ConfigurationError),
+            ("decrypt", "InvalidKeyUsageException", 400, ConfigurationError),
             ("decrypt", "InvalidCiphertextException", 400, DecryptionFailed),
-            ("decrypt", "SomethingNew", 400, DecryptionFailed),
+            ("decrypt", "SomethingNew", 400, ConfigurationError),
             ("encrypt", "ValidationException", 400, ConfigurationError),
         ],
     )
@@ -250,6 +259,16 @@ class TestFailures:
 
 
 class TestLoading:
+    @pytest.mark.parametrize("setting", ["--new-master-key", "pii_previous_master_key"])
+    def test_errors_name_the_setting_that_named_the_key(self, kms_endpoint, setting):
+        """KMS answers long after loading: a typo in rewrap's new key blamed pii_master_key (which was fine)."""
+        settings = _settings(pii_kms_endpoint_url=kms_endpoint, pii_kms_region=REGION)
+        typo = load_master_key("aws-kms://alias/no-such-alias", settings, setting=setting)
+        with pytest.raises(
+            ConfigurationError, match=rf"^setting {setting}: AWS KMS key 'alias/no-such-alias'"
+        ):
+            typo.wrap(MATERIAL, context=CONTEXT)
+
     def test_loader_uses_settings(self, kms_endpoint, key_id):
         settings = _settings(pii_kms_endpoint_url=kms_endpoint, pii_kms_region=REGION)
         master = load_master_key(f"aws-kms://{key_id}", settings)
