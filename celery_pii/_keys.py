@@ -46,7 +46,7 @@ from ._store import (
     store_utcnow,
     utcnow,
 )
-from ._wrapping import MasterKeys, NoWrapping
+from ._wrapping import MasterKeys, NoWrapping, wrap_context
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -823,10 +823,12 @@ class KeyManager:
     def check_master_key(self) -> None:
         """Fail at start-up, not at first decrypt, if the master key does not match the store.
 
+        On a store with no keys yet, the master key wraps and unwraps a probe.
+
         Raises:
             ConfigurationError: keys exist but none can be unwrapped with this master key,
-                or some were wrapped by another master key.
-            KeyStoreUnavailable: the store cannot be reached.
+                or some were wrapped by another master key; or the master key cannot serve.
+            KeyStoreUnavailable: the store (or the master key's KMS) cannot be reached.
         """
         self.store.check_schema()
         refs = self.masters.refs
@@ -869,6 +871,13 @@ class KeyManager:
                     "are wrapped under (after a master-key rotation, the new one)"
                 )
                 raise ConfigurationError(msg)
+        if mine is None and foreign is None:
+            # A new store: nothing to unwrap.  A master key that cannot serve (an aws-kms:// id
+            # misspelt, in another region, or not allowed to encrypt) failed at the first publish.
+            for master in (self.masters.current, self.masters.previous):
+                if master is not None:
+                    probe = wrap_context("celery_pii.start-up-check", 0, self.algorithm.value)
+                    master.unwrap(master.wrap(bytes(32), context=probe), context=probe)
 
     def flush_usage(self, *, quiet: bool = False) -> None:
         """Write accumulated usage counts (one UPDATE per key version, not per message)."""

@@ -350,6 +350,12 @@ class TestKeyManager:
         assert "Plaintext" not in logged
         assert any(record.name.startswith("botocore") for record in caplog.records)  # it did log
 
+    def test_an_unusable_kms_key_fails_the_start_up_check_on_a_new_store(self, make_manager, kms_endpoint):
+        """With no keys to unwrap yet, a misspelt key id passed start-up and failed at the first publish."""
+        typo = make_manager(KmsMasterKey("alias/no-such-alias", endpoint_url=kms_endpoint, region=REGION))
+        with pytest.raises(ConfigurationError, match=r"alias/no-such-alias' is missing"):
+            typo.check_master_key()
+
     def test_other_kms_key_fails_the_start_up_check(self, make_manager, master, make_kms_key, kms_endpoint):
         make_manager(master).encryption_key(KeySpec("orders"))
         other = make_manager(KmsMasterKey(make_kms_key(), endpoint_url=kms_endpoint))
