@@ -188,6 +188,9 @@ class KeyManager:
         self._actor = actor
         self._clock = clock
         self._subject_secret: bytes | None = None
+        # What a wait for the store may be waiting on, for its error.
+        by_service = any(ref.startswith("aws-kms:") for ref in self.masters.refs)
+        self._waited_on = _THE_STORE_OR_KMS if by_service else _THE_STORE
         _live_managers.add(self)
 
     def __repr__(self) -> str:
@@ -245,7 +248,9 @@ class KeyManager:
             return key if key.expires_at is None else self._unexpired(key)
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
-        key, active = _answered_within(lambda: self._read_version(key_id, version), "celery-pii-key-load")
+        key, active = _answered_within(
+            lambda: self._read_version(key_id, version), "celery-pii-key-load", self._waited_on
+        )
         if key is None:
             # The refused message is audited by whoever refused it (it knows the task).
             self.cache.forget(key_id, version, destroyed=True)
@@ -353,7 +358,9 @@ class KeyManager:
         now = self._clock()
         if spec.expires_at is not None and spec.expires_at <= now:
             raise _past_deadline(spec)
-        key = _answered_within(lambda: self._read_or_create_active(spec, now), "celery-pii-key-load")
+        key = _answered_within(
+            lambda: self._read_or_create_active(spec, now), "celery-pii-key-load", self._waited_on
+        )
         if key.expires_at is not None and key.expires_at <= now.timestamp():
             # Not destroyed yet (enforce_retention runs on a schedule), but what it
             # sealed now would be refused on arrival: say so now, as after the run.
@@ -1111,7 +1118,7 @@ class KeyManager:
                     raise _destroyed(row.key_id, row.version)
                 return self.masters.unwrap(row)
 
-        secret = _answered_within(read, "celery-pii-key-load")
+        secret = _answered_within(read, "celery-pii-key-load", self._waited_on)
         self._subject_secret = secret
         return secret
 
@@ -1277,17 +1284,23 @@ _live_managers: weakref.WeakSet[KeyManager] = weakref.WeakSet()
 EXIT_FLUSH_TIMEOUT: Final = 5.0
 
 
-def _answered_within(work: Callable[[], _T], name: str) -> _T:
+_THE_STORE: Final = "setting pii_key_store_url: the key store"
+# With a master key of a service (aws-kms://), a key load waits for it too.
+_THE_STORE_OR_KMS: Final = "the key store (pii_key_store_url) or AWS KMS (pii_master_key)"
+
+
+def _answered_within(work: Callable[[], _T], name: str, waited_on: str = _THE_STORE) -> _T:
     """``work()``'s result, if the key store answers it within ``STORE_ANSWER_TIMEOUT`` seconds.
 
     Run on a thread of its own, which is left to finish (or hang) on its own
     after that: the publish or task start that waits for it goes on.
+    ``waited_on`` names what may not have answered, for the error.
 
     Raises:
         KeyStoreUnavailable: no answer in time, or what ``work`` raised.
     """
     if _under_eventlet():
-        return _answered_on_an_os_thread(work)
+        return _answered_on_an_os_thread(work, waited_on)
     outcome: list[tuple[bool, Any]] = []
 
     def run() -> None:
@@ -1300,7 +1313,7 @@ def _answered_within(work: Callable[[], _T], name: str) -> _T:
     thread.start()
     thread.join(STORE_ANSWER_TIMEOUT)
     if not outcome:
-        raise _no_answer()
+        raise _no_answer(waited_on)
     answered, value = outcome[0]
     if not answered:
         raise value
@@ -1313,7 +1326,7 @@ def _under_eventlet() -> bool:
     return patcher is not None and bool(patcher.is_monkey_patched("thread"))
 
 
-def _answered_on_an_os_thread(work: Callable[[], _T]) -> _T:
+def _answered_on_an_os_thread(work: Callable[[], _T], waited_on: str) -> _T:
     """:func:`_answered_within` under eventlet: ``work`` on eventlet's pool of OS threads.
 
     There ``threading.Thread`` is a green thread, and psycopg waits for the
@@ -1325,13 +1338,11 @@ def _answered_on_an_os_thread(work: Callable[[], _T]) -> _T:
 
     with Timeout(STORE_ANSWER_TIMEOUT, False):  # False: on expiry, leave the block quietly
         return cast("_T", tpool.execute(work))
-    raise _no_answer()
+    raise _no_answer(waited_on)
 
 
-def _no_answer() -> KeyStoreUnavailable:
-    return KeyStoreUnavailable(
-        f"setting pii_key_store_url: the key store did not answer within {STORE_ANSWER_TIMEOUT:.0f} s"
-    )
+def _no_answer(waited_on: str) -> KeyStoreUnavailable:
+    return KeyStoreUnavailable(f"{waited_on} did not answer within {STORE_ANSWER_TIMEOUT:.0f} s")
 
 
 def flush_all_usage(timeout: float = EXIT_FLUSH_TIMEOUT) -> None:

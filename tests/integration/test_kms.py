@@ -356,6 +356,21 @@ class TestKeyManager:
         with pytest.raises(ConfigurationError, match=r"alias/no-such-alias' is missing"):
             typo.check_master_key()
 
+    def test_a_kms_that_does_not_answer_is_named_with_the_store(self, make_manager, master, monkeypatch):
+        """A key load waits for KMS too: the error blamed the key store alone (pii_key_store_url)."""
+        import threading
+
+        from celery_pii import KeyStoreUnavailable, _keys
+
+        monkeypatch.setattr(_keys, "STORE_ANSWER_TIMEOUT", 0.5)
+        released = threading.Event()
+        monkeypatch.setattr(KmsMasterKey, "wrap", lambda *_args, **_kwargs: released.wait(5) and b"")
+        try:
+            with pytest.raises(KeyStoreUnavailable, match=r"the key store \(pii_key_store_url\) or AWS KMS"):
+                make_manager(master).encryption_key(KeySpec("orders-hung"))
+        finally:
+            released.set()
+
     def test_other_kms_key_fails_the_start_up_check(self, make_manager, master, make_kms_key, kms_endpoint):
         make_manager(master).encryption_key(KeySpec("orders"))
         other = make_manager(KmsMasterKey(make_kms_key(), endpoint_url=kms_endpoint))
