@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import unicodedata
+import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1169,7 +1170,8 @@ def subject_text(value: object) -> str | None:
 
     A string that is not blank, in Unicode's composed form (NFC): an erasure
     request typed on a system that decomposes accents names the same subject.
-    An integer of at most :data:`SUBJECT_INT_BITS` bits, as decimal text.
+    An integer of at most :data:`SUBJECT_INT_BITS` bits, as decimal text; a
+    UUID as its canonical text (so ``str(pk)`` names the same subject).
     ``None`` or a blank string would make every call without a subject one
     subject, and a dict or list would hash with its key order and every other
     field in it.  A float is refused too: ``42.0`` would be another subject
@@ -1187,6 +1189,8 @@ def subject_text(value: object) -> str | None:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() <= SUBJECT_INT_BITS:
         return str(value)
+    if isinstance(value, uuid.UUID):  # a primary key (Django's UUIDField): its canonical text
+        return str(value)
     return None
 
 
@@ -1199,8 +1203,8 @@ def _subject_text_or_refuse(value: object) -> str:
     text = subject_text(value)
     if text is None:
         msg = (
-            "a data subject's id must be a string (not blank, valid Unicode) or an integer "
-            f"of at most {SUBJECT_INT_BITS} bits, not this {type(value).__name__}"
+            "a data subject's id must be a string (not blank, valid Unicode), an integer "
+            f"of at most {SUBJECT_INT_BITS} bits or a UUID, not this {type(value).__name__}"
         )
         raise ConfigurationError(msg)
     return text

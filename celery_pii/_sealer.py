@@ -531,7 +531,7 @@ class Sealer:
             if not is_subject_id(subject[1]):
                 msg = (
                     f"task {name!r}: pii_subject {spec.subject_path!r} is not a data subject's id here "
-                    f"(a string, not blank, or an integer of at most {SUBJECT_INT_BITS} bits)"
+                    f"(a string, not blank, an integer of at most {SUBJECT_INT_BITS} bits or a UUID)"
                 )
                 raise EncryptionFailed(msg)
             base, digest = self.keys.subject_key_id(subject[1])

@@ -980,7 +980,7 @@ class TestSubjects:
             app.tasks["t.profile"].delay(subject, EMAIL)
         assert not queued_messages(app.conf.task_default_queue)
         with pytest.raises(
-            ConfigurationError, match=r"must be a string .* or an integer of at most 256 bits"
+            ConfigurationError, match=r"must be a string .*, an integer of at most 256 bits or a UUID"
         ):
             get_pii(app).forget_subject(subject)
 
@@ -1000,5 +1000,9 @@ class TestSubjects:
         assert keys.subject_key_id(decomposed) == keys.subject_key_id(composed)
         assert keys.subject_key_id("Zo\u00eb@example.com") != keys.subject_key_id(composed)
         assert keys.subject_key_id(2**256 - 1) == keys.subject_key_id(str(2**256 - 1))
+        pk = uuid.UUID("12345678-1234-5678-1234-567812345678")  # Django's UUIDField primary keys
+        assert keys.subject_key_id(pk) == keys.subject_key_id(str(pk))
         app.tasks["t.profile"].delay(composed, EMAIL)
         assert get_pii(app).forget_subject(decomposed) == 1
+        app.tasks["t.profile"].delay(pk, EMAIL)
+        assert get_pii(app).forget_subject(str(pk)) == 1
