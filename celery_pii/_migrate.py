@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Final, TextIO
@@ -127,7 +130,8 @@ def older_revision(connection: Connection) -> tuple[str, str] | None:
     (a newer release migrated it: older processes keep working on upgraded
     tables), or at none (tables made another way).
     """
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    with _quiet_alembic():
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     current = context.get_current_revision()
     script = ScriptDirectory(_script_location())
     head = script.get_current_head()
@@ -138,6 +142,23 @@ def older_revision(connection: Connection) -> tuple[str, str] | None:
     except CommandError:  # a newer release's revision
         return None
     return current, head
+
+
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic's INFO lines (``Context impl PostgresqlImpl.``) out of a check that migrates nothing.
+
+    Every process checks the store's revision when ``setup_pii`` runs: once an
+    application's logging is set up (``setup_pii`` from Django's
+    ``AppConfig.ready()``), every command and web process printed two of them.
+    """
+    alembic_logger = logging.getLogger("alembic.runtime.migration")
+    level = alembic_logger.level
+    alembic_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        alembic_logger.setLevel(level)
 
 
 def left_by_a_killed_run(table: str, *, index: str | None = None, column: str | None = None) -> bool:

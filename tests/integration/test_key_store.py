@@ -75,6 +75,26 @@ def _behind(proxy, url, *, recheck_interval):
 class TestMigrations:
     """Alembic migrations: upgrade from empty, downgrade, models == migrations, host left alone."""
 
+    def test_the_start_up_check_logs_nothing_of_alembic(self, empty_db, caplog):
+        """Checking the revision migrates nothing: Alembic's INFO lines printed in every process.
+
+        (Once an app's logging is set up, as with setup_pii in Django's AppConfig.ready().)
+        """
+        from celery_pii._store import KeyStore
+
+        migrate(empty_db)
+        alembic_logger = logging.getLogger("alembic.runtime.migration")
+        alembic_logger.setLevel(logging.INFO)
+        try:
+            with caplog.at_level(logging.INFO):
+                store = KeyStore(empty_db)
+                store.check_schema()
+                store.dispose()
+            assert not [record for record in caplog.records if record.name.startswith("alembic")]
+            assert alembic_logger.level == logging.INFO  # left as the application set it
+        finally:
+            alembic_logger.setLevel(logging.NOTSET)
+
     def test_upgrade_check_downgrade(self, empty_db):
         """Upgrade creates only our tables and version table; check passes; downgrade removes them."""
         _execute(empty_db, "CREATE TABLE host_things (id INTEGER PRIMARY KEY)")
