@@ -76,7 +76,7 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
 
     @app.task(shared=False, name="t.fail_derived", pii_fields=["card_number"])
     def fail_derived(card_number):
-        msg = f"card {card_number.replace(' ', '')} declined"  # derived: scrubbing does not know it
+        msg = f"card {card_number.replace(' ', '-')} declined"  # derived in a form scrubbing does not know
         raise ValueError(msg)
 
     @app.task(shared=False, name="t.retry_once", bind=True, pii_fields=["ssn"])

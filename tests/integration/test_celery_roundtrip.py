@@ -843,7 +843,7 @@ class TestCanvas:
         """The traceback column, written outside any serializer, holds a PII task's traceback sealed.
 
         It held the scrubbed text: a value the task derived from a declared
-        field (the card without its spaces) was stored there in plaintext.
+        field (the card with dashes) was stored there in plaintext.
         Readers with the key get the traceback back; other tasks' stay as they are.
         """
         import sqlalchemy as sa
@@ -868,11 +868,11 @@ class TestCanvas:
                 )
         finally:
             engine.dispose()
-        assert CARD.replace(" ", "") not in stored[failing.id]
+        assert CARD.replace(" ", "-") not in stored[failing.id]
         assert stored[failing.id].startswith(f"{MARKER}\n")
         assert "no such item SKU-7" in stored[plain.id]
         reread = app.AsyncResult(failing.id)
-        assert f"card {CARD.replace(' ', '')} declined" in reread.traceback
+        assert f"card {CARD.replace(' ', '-')} declined" in reread.traceback
 
     def test_chord_unlock_retrying_from_the_worker(self, make_app, key_store_url):
         """chord_unlock re-publishes itself while the header runs: sealed whole, and the chord completes.

@@ -245,11 +245,18 @@ class TestKeys:
         assert "Traceback" not in result.output
         assert "Invalid value" in result.output
 
-    def test_without_an_app_it_says_to_give_one(self):
-        """``celery pii ...`` without -A: Celery's default app is no setup_pii app; it said to call setup_pii."""
-        result = CliRunner().invoke(celery, ["pii", "keys", "list"], catch_exceptions=False)
-        assert result.exit_code == 2
-        assert "celery -A proj pii" in result.output
+    def test_without_an_app_it_says_to_give_one(self, tmp_path):
+        """``celery pii ...`` without -A: Celery's default app is no setup_pii app; it said to call setup_pii.
+
+        In a process of its own: here another test's app may be Celery's current one.
+        """
+        env = {name: value for name, value in os.environ.items() if name != "APP"}
+        result = subprocess.run(
+            [sys.executable, "-m", "celery", "pii", "keys", "list"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "celery -A proj pii" in result.stderr
 
 
 class TestMasterKey:
