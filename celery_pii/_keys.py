@@ -1262,11 +1262,16 @@ def _check_key_id(key_id: str) -> None:
 
 
 def _named(column: Any, key_id: str, *, buckets: bool) -> Any:
-    """``column`` is ``key_id`` (or, with ``buckets``, one of its retention bucket keys ``key_id@...``)."""
+    """``column`` is ``key_id`` (or, with ``buckets``, one of its retention bucket keys ``key_id@...``).
+
+    The prefix is compared with ``=``, which is case-sensitive on every store,
+    not ``LIKE``: SQLite's ignores case, and ``keys destroy Payments`` destroyed
+    the buckets of ``payments`` too.
+    """
     if not buckets or "@" in key_id:
         return column == key_id
-    escaped = key_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return or_(column == key_id, column.like(f"{escaped}@%", escape="\\"))
+    prefix = f"{key_id}@"
+    return or_(column == key_id, func.substr(column, 1, len(prefix)) == prefix)
 
 
 def _is_key_id(key_id: object) -> bool:

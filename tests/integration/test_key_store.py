@@ -1168,6 +1168,21 @@ class TestDestructionRacingRotation:
 class TestRetentionKeys:
     """Bucket keys with an expiry."""
 
+    def test_a_key_ids_buckets_are_its_own_only(self, manager):
+        """``Payments`` reaches ``Payments@...`` only: not ``payments@...`` (SQLite's LIKE ignores case),
+        nor ``Pay_ments@...`` or ``Payments2@...`` (LIKE wildcards, a longer id).
+        """
+        later = utcnow() + timedelta(days=5)
+        for key_id in ("Payments@1", "payments@1", "PaymentsX@1", "Payments2@1", "Payments"):
+            manager.encryption_key(KeySpec(key_id, expires_at=later if "@" in key_id else None))
+        manager.encryption_key(KeySpec("Pay_ments@1", expires_at=later))
+        assert sorted({k.key_id for k in manager.list_keys("Payments", buckets=True)}) == [
+            "Payments",
+            "Payments@1",
+        ]
+        assert manager.bucket_key_ids("Payments") == ["Payments@1"]
+        assert [r.key_id for r in manager.audit_trail("Pay_ments", buckets=True)] == ["Pay_ments@1"]
+
     def test_destroy_expired(self, manager):
         """Versions whose expiry passed are destroyed by destroy_expired, others stay."""
         now = utcnow()
