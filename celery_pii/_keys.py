@@ -777,11 +777,16 @@ class KeyManager:
 
     def destroy_subject(self, subject_id: object) -> int:
         """Destroy every key of one data subject (erasure); returns versions destroyed."""
-        _, digest = self.subject_key_id(subject_id)
-        digests = [digest]
-        if isinstance(subject_id, str) and subject_id != _subject_text_or_refuse(subject_id):
-            # Builds before subject ids were normalised named keys by the text as given.
-            digests.append(self._subject_digest(subject_id))
+        if isinstance(subject_id, str) and not subject_id.strip():
+            # Refused as a subject now; earlier builds took it: their keys can still go.
+            digests = [self._subject_digest(subject_id)]
+        else:
+            digests = [self.subject_key_id(subject_id)[1]]
+        if isinstance(subject_id, str):
+            # Builds before subject ids were normalised named keys by the text as given:
+            # whichever form it arrived in then (composed, decomposed), the request's too.
+            forms = {subject_id, unicodedata.normalize("NFD", subject_id)}
+            digests.extend(self._subject_digest(form) for form in forms if _encodable(form))
         with self.store.transaction() as session:
             rows = self._lock_and_reread(
                 session,
@@ -792,7 +797,7 @@ class KeyManager:
             for row in rows:
                 self._destroy_row(session, row, reason="forget_subject")
             if not rows:
-                self._audit(session, f"{SUBJECT_KEY_PREFIX}{digest}", None, "forget_subject", versions=0)
+                self._audit(session, f"{SUBJECT_KEY_PREFIX}{digests[0]}", None, "forget_subject", versions=0)
         for row in rows:
             self.cache.forget(row.key_id, row.version, destroyed=True)
         return len(rows)
@@ -1192,6 +1197,14 @@ def subject_text(value: object) -> str | None:
     if isinstance(value, uuid.UUID):  # a primary key (Django's UUIDField): its canonical text
         return str(value)
     return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: The largest integer subject id, in bits (a 128-bit UUID's integer fits; Python refuses

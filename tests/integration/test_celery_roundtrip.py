@@ -979,6 +979,9 @@ class TestSubjects:
         ):
             app.tasks["t.profile"].delay(subject, EMAIL)
         assert not queued_messages(app.conf.task_default_queue)
+        if isinstance(subject, str) and not subject.strip():  # earlier builds took it: its keys can go
+            assert get_pii(app).forget_subject(subject) == 0
+            return
         with pytest.raises(
             ConfigurationError, match=r"must be a string .*, an integer of at most 256 bits or a UUID"
         ):

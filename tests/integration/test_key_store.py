@@ -1055,16 +1055,26 @@ class TestSubjects:
 
         from celery_pii._keys import SUBJECT_KEY_PREFIX
 
-        decomposed = unicodedata.normalize("NFD", "zo\u00eb@example.com")
-        old_digest = manager._subject_digest(decomposed)  # what an earlier build named its key by
-        new_key_id, new_digest = manager.subject_key_id(decomposed)
-        assert old_digest != new_digest
-        old = manager.encryption_key(KeySpec(f"{SUBJECT_KEY_PREFIX}{old_digest}", subject_id=old_digest))
-        new = manager.encryption_key(KeySpec(new_key_id, subject_id=new_digest))
-        assert manager.destroy_subject(decomposed) == 2
-        for key in (old, new):
-            with pytest.raises(KeyDestroyed):
-                manager.decryption_key(key.key_id, key.version)
+        composed = "zo\u00eb@example.com"
+        decomposed = unicodedata.normalize("NFD", composed)
+        for erased_as in (decomposed, composed):  # the request in either form
+            old_digest = manager._subject_digest(decomposed)  # what an earlier build named its key by
+            new_key_id, new_digest = manager.subject_key_id(decomposed)
+            assert old_digest != new_digest
+            old = manager.encryption_key(KeySpec(f"{SUBJECT_KEY_PREFIX}{old_digest}", subject_id=old_digest))
+            new = manager.encryption_key(KeySpec(new_key_id, subject_id=new_digest))
+            assert manager.destroy_subject(erased_as) == 2
+            for key in (old, new):
+                with pytest.raises(KeyDestroyed):
+                    manager.decryption_key(key.key_id, key.version)
+
+    def test_a_blank_subject_an_earlier_build_took_can_be_forgotten(self, manager):
+        """Refused as a subject now, ``""`` named keys before: forget_subject("") still destroys them."""
+        from celery_pii._keys import SUBJECT_KEY_PREFIX
+
+        digest = manager._subject_digest("")
+        manager.encryption_key(KeySpec(f"{SUBJECT_KEY_PREFIX}{digest}", subject_id=digest))
+        assert manager.destroy_subject("") == 1
 
     def test_subject_hash_survives_a_new_manager(self, make_manager):
         """The subject index key lives in the store, so every process derives the same key id."""
