@@ -45,7 +45,15 @@ from ._logfilter import filter_celery_loggers
 from ._paths import replace_in_copies
 from ._pii import PII, check_task_message_arguments
 from ._quarantine import make_quarantine_step
-from ._sealer import MARKER, OpenedResult, is_marker, is_sealed_result, unreadable_result, withheld_reason
+from ._sealer import (
+    MARKER,
+    OpenedResult,
+    is_marker,
+    is_result_meta,
+    is_sealed_result,
+    unreadable_result,
+    withheld_reason,
+)
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import MasterKey, UnloadedMasterKey, load_master_key
 from ._store import KeyStore
@@ -178,17 +186,49 @@ def _open_result_hook(value: Any) -> Any:
     return unreadable_result(value, failures[0])
 
 
-def _left_sealed(meta: dict[str, Any]) -> dict[str, Any]:
+def _left_sealed(value: dict[str, Any]) -> Any:
     """A sealed result as Flower shows it: markers, and a failure's exception one Celery can rebuild.
 
     Celery rebuilds the exception of a failed (or retried, or revoked) task
     from its meta's ``result``: the marker there made every read of such a
     result, ``.state`` included, raise ``ValueError`` (an HTTP 500 in Flower).
+    The database backend decodes its ``result`` column alone, before it knows
+    the state: the marker it gets reads as that exception too.
     """
-    if meta.get("status") not in states.EXCEPTION_STATES or meta.get("result") != MARKER:
-        return meta
-    sealed = {"exc_type": PIIError.__name__, "exc_message": [MARKER], "exc_module": PIIError.__module__}
-    return dict(meta, result=sealed)
+    if not is_result_meta(value):
+        return _SEALED_VALUE
+    if value.get("status") not in states.EXCEPTION_STATES or value.get("result") != MARKER:
+        return value
+    return dict(value, result=_SEALED_EXCEPTION)
+
+
+# What a sealed failure reads as in Flower: Celery rebuilds PIIError('[pii:sealed]') from it.
+_SEALED_EXCEPTION: Final = {
+    "exc_type": PIIError.__name__,
+    "exc_message": [MARKER],
+    "exc_module": PIIError.__module__,
+}
+
+
+class _SealedValue(str):
+    """The marker, which Celery also reads as a stored exception (``dict(value)``) where the state says one.
+
+    For a value sealed whole (the database backend's ``result`` column): as a
+    result it is the marker, as a failed task's exception :data:`_SEALED_EXCEPTION`.
+    """
+
+    __slots__ = ()
+
+    def keys(self) -> Any:
+        return _SEALED_EXCEPTION.keys()
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return _SEALED_EXCEPTION[key]
+        return super().__getitem__(key)
+
+
+_SEALED_VALUE: Final = _SealedValue(MARKER)
 
 
 def _unreadable_rows_read_as_failures() -> None:

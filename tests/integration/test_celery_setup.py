@@ -428,6 +428,40 @@ class TestSeveralApps:
         assert str(read["result"]) == MARKER
         assert read["traceback"] == MARKER
 
+    @pytest.mark.parametrize("state", ["SUCCESS", "FAILURE", "RETRY"])
+    def test_flower_reads_a_value_sealed_whole_as_its_state_says(self, key_store_url, monkeypatch, state):
+        """The database backend decodes its result column alone, then builds the meta around it.
+
+        There the marker made a failure's every read raise ValueError ("Exception
+        information must include the exception type"): Flower's HTTP 500.
+        """
+        from celery_pii import PIIError, _celery
+
+        app = _app(key_store_url)
+        sealer = setup_pii(app).sealer
+        error = {
+            "exc_type": "ValueError",
+            "exc_message": ["card 4111 1111 1111 1111"],
+            "exc_module": "builtins",
+        }
+        column = sealer.seal_result(
+            error if state != "SUCCESS" else {"card": "4111"}, task_id="t-4", key_spec=KeySpec("default")
+        )
+        monkeypatch.setattr(_celery, "_IN_FLOWER", True)
+        read = app.backend.meta_from_decoded(
+            {
+                "task_id": "t-4",
+                "status": state,
+                "result": _celery._open_result_hook(column),
+                "traceback": None,
+            }
+        )
+        if state == "SUCCESS":
+            assert read["result"] == MARKER
+        else:
+            assert type(read["result"]) is PIIError
+            assert str(read["result"]) == MARKER
+
     @pytest.mark.parametrize(
         ("argv", "flower"),
         [
