@@ -610,6 +610,9 @@ class TestRealProcess:
             unknown = pii_command("db", "upgrade", "--revision", "nope")
             assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
             assert "pii db: " in unknown.stderr and "'nope'" in unknown.stderr
+            one_step = pii_command("db", "upgrade", "--revision", "+1")  # Alembic's relative form
+            assert one_step.returncode == 0, one_step.stderr[-2000:]
+            assert "key store at revision 0001_key_store" in one_step.stdout
             upgraded = pii_command("db", "upgrade")
             assert upgraded.returncode == 0, upgraded.stderr[-2000:]
             assert "0005_retired_at_index" in upgraded.stdout
