@@ -303,10 +303,12 @@ def list_parked(app: Any, queue_name: str) -> list[dict[str, Any]]:
 
 
 class ReplayReport(NamedTuple):
-    """What a replay did: the task ids re-published, and those left parked with why."""
+    """What a replay did: the task ids re-published, those left parked with why, and why it stopped."""
 
     replayed: list[str]
     left_parked: list[tuple[str, str]]
+    #: Why the replay stopped before the end (the broker connection was lost), if it did.
+    interrupted: str | None = None
 
 
 def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayReport:
@@ -321,9 +323,15 @@ def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayRepo
     is not replayed twice): a replay of the whole quarantine holds one message
     at a time, whatever its size.  Those not asked for, or left parked, are
     held until the end (so that each is seen once), then put back.
+
+    A lost connection stops the replay (what it had not taken stays parked).
+    It is not reconnected: a publish retried on a new connection, then
+    acknowledged on the dead one, left the message both replayed and parked,
+    and the next replay ran it again.
     """
     replayed: list[str] = []
     left_parked: list[tuple[str, str]] = []
+    interrupted: str | None = None
     # Confirms: the broker says it took each message (and, before that, if it could not route it).
     with app.connection_for_write(transport_options={"confirm_publish": True}) as connection:
         bound = quarantine_queue(queue_name)(connection.channel())
@@ -340,18 +348,28 @@ def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayRepo
                 if ids is not None and task_id not in ids:
                     passed.append(message)
                     continue
-                refused = publisher.republish(message)
+                try:
+                    refused = publisher.republish(message)
+                    if refused is None:
+                        message.ack()
+                except connection.connection_errors as error:
+                    # The broker gives back what this connection held unacknowledged.
+                    interrupted = (
+                        f"the broker connection was lost ({type(error).__name__}) while replaying {task_id}, "
+                        f"which may have been published as well as left parked"
+                    )
+                    break
                 if refused is None:
-                    message.ack()
                     replayed.append(task_id)
                 else:
                     passed.append(message)
                     left_parked.append((task_id, refused))
         finally:
-            for message in passed:
-                message.requeue()
+            with contextlib.suppress(*connection.connection_errors):  # lost: the broker requeued them
+                for message in passed:
+                    message.requeue()
             publisher.close()
-    return ReplayReport(replayed, left_parked)
+    return ReplayReport(replayed, left_parked, interrupted)
 
 
 class _Publisher:
@@ -395,7 +413,7 @@ class _Publisher:
                 content_encoding=message.content_encoding,
                 headers={k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER},
                 mandatory=True,
-                retry=True,
+                retry=False,  # never on a new connection: see replay()
             )
         except self.connection.channel_errors as error:  # 404: no such exchange; the channel is closed
             self.close()

@@ -521,8 +521,10 @@ def quarantine_replay(ctx: click.Context, ids: tuple[str, ...], yes: bool) -> No
     report = _quarantine.replay(pii_object.app, queue, set(ids) if ids else None)
     click.echo(f"replayed {len(report.replayed)} message(s)")
     problems = [f"left parked: {task_id}: {why}" for task_id, why in report.left_parked]
+    if report.interrupted is not None:
+        problems.append(f"stopped: {report.interrupted}; the rest stays parked: run replay again")
     missing = sorted(set(ids) - set(report.replayed) - {task_id for task_id, _ in report.left_parked})
-    if missing:
+    if missing and report.interrupted is None:  # an interrupted run did not look at every message
         problems.append(f"not parked: {', '.join(missing)}")
     if problems:
         raise click.ClickException("\n".join(problems))

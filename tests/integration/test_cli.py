@@ -493,6 +493,50 @@ class TestQuarantine:
             with redis_client(BROKER_DB) as client:
                 assert client.llen("ae.undeliver") == 0
 
+    def test_a_connection_lost_mid_replay_runs_nothing_twice(self, make_app, queue_name, monkeypatch):
+        """RabbitMQ drops the connection while the second of three is published.
+
+        The publish was retried on a new connection, then acknowledged on the dead
+        one: the message was both in its queue and still parked, and the next
+        replay ran it again (a traceback said nothing of what had been replayed).
+        """
+        import socket
+
+        from kombu import Queue
+
+        from celery_pii import _quarantine
+        from celery_pii._quarantine import quarantine_queue, replay
+
+        app = make_app(broker=RABBITMQ_URL)
+        quarantine = f"{queue_name}.quarantine"
+        for task_id in ("drop-1", "drop-2", "drop-3"):
+            _park_undecodable(app, quarantine, task_id, back_to=queue_name)
+        republish = _quarantine._Publisher.republish
+        calls = []
+
+        def dropping(publisher, message):
+            calls.append(message)
+            if len(calls) == 2:  # the network goes, under the client's feet
+                publisher.connection.connection.sock.shutdown(socket.SHUT_RDWR)
+            return republish(publisher, message)
+
+        monkeypatch.setattr(_quarantine._Publisher, "republish", dropping)
+        report = replay(app, quarantine)
+        monkeypatch.setattr(_quarantine._Publisher, "republish", republish)
+        assert report.replayed == ["drop-1"]
+        assert report.interrupted is not None and "drop-2" in report.interrupted
+        with app.connection_for_write() as connection:
+            back = Queue(queue_name, no_declare=True)(connection.default_channel)
+            assert [m.headers["id"] for m in iter(lambda: back.get(no_ack=True), None)] == ["drop-1"]
+            bound = quarantine_queue(quarantine)(connection.default_channel)
+            assert bound.queue_declare(passive=True).message_count == 2
+            assert replay(app, quarantine).replayed == ["drop-2", "drop-3"]  # once each, in all
+            assert [m.headers["id"] for m in iter(lambda: back.get(no_ack=True), None)] == [
+                "drop-2",
+                "drop-3",
+            ]
+            bound.delete()
+
     def test_replay_says_which_messages_stay_parked(self, cli_app, queue_name):
         """The command names each message left parked and why, and exits 1 (it printed success)."""
         run(cli_app, "keys", "list")  # imports the app module
