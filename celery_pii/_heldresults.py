@@ -124,4 +124,30 @@ def guard_celery_result_caches() -> None:
     checked_get_task_meta.celery_pii_wrapped = True  # type: ignore[attr-defined]
     Backend.get_task_meta = checked_get_task_meta
     BaseKeyValueStoreBackend.get_many = checked_get_many
+    _guard_rpc_backend(checked)
     AsyncBackendMixin._maybe_resolve_from_buffer = checked_from_buffer  # noqa: SLF001
+
+
+def _guard_rpc_backend(checked: Any) -> None:
+    """The rpc:// backend reads results with a ``get_task_meta`` of its own.
+
+    It serves a result from its cache, or a copy (``dict(...)``, no longer an
+    :class:`OpenedMeta`) of the last one its consumer buffered: each held copy
+    is checked before anything is served, and all go once one fails.
+    """
+    from celery.backends.rpc import RPCBackend  # noqa: PLC0415 - only when set up
+
+    get_task_meta = RPCBackend.get_task_meta
+
+    def checked_get_task_meta(self: Any, task_id: Any, *args: Any, **kwargs: Any) -> Any:
+        buffered = self._pending_messages.get(task_id)
+        for held in (self._cache.get(task_id), buffered[-1] if buffered else None):
+            read = as_read_now(self, held)
+            if read is not held:
+                self._cache.pop(task_id, None)
+                self._pending_messages.pop(task_id, None)
+                return read
+        return checked(self, task_id, get_task_meta(self, task_id, *args, **kwargs))
+
+    RPCBackend.get_task_meta = checked_get_task_meta
+    RPCBackend.poll = checked_get_task_meta  # Celery's alias of it

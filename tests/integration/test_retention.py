@@ -145,6 +145,32 @@ class TestResultsHeldInMemory:
             with pytest.raises(KeyDestroyed):
                 app.GroupResult.restore(both.id).get(timeout=5)
 
+    @pytest.mark.parametrize("held_in", ["buffer", "result_cache_max"])
+    def test_the_rpc_backend(self, make_app, held_in):
+        """rpc:// reads with a get_task_meta of its own: .state and .result served the held plaintext.
+
+        From its cache (result_cache_max), or a copy of what its consumer buffered
+        (a result that arrived while another get() waited).
+        """
+        from .conftest import RABBITMQ_URL
+
+        conf = {"result_cache_max": 100} if held_in == "result_cache_max" else {}
+        app = make_app(broker=RABBITMQ_URL, backend="rpc://", **conf)
+        profile = app.tasks["t.profile"]
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            first = profile.delay("u-rpc-1", EMAIL)
+            if held_in == "result_cache_max":  # polled: the state read goes to the cache
+                assert _wait(lambda: app.AsyncResult(first.id).state == "SUCCESS")
+                assert app.backend._cache.get(first.id)["result"]["email"] == EMAIL
+            else:
+                second = profile.delay("u-rpc-2", EMAIL)
+                assert second.get(timeout=20)["email"] == EMAIL  # the first's result arrives meanwhile
+                assert first.id in app.backend._pending_messages
+            assert get_pii(app).forget_subject("u-rpc-1") >= 1
+            again = app.AsyncResult(first.id)
+            assert again.state == "FAILURE"
+            assert isinstance(again.result, KeyDestroyed)
+
     def test_the_redis_pubsub_buffer(self, make_app):
         """A result read by polling arrives again over pub/sub and waits in a buffer, opened.
 
