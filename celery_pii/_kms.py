@@ -4,8 +4,9 @@ AWS KMS ``Encrypt`` wraps data-key material and ``Decrypt`` unwraps it; the
 master key never leaves KMS.  The row's context (key id, version, algorithm)
 is the KMS *encryption context*, so a wrapped key moved to another row fails.
 An outage (network, throttling, 5xx, credentials) raises KeyStoreUnavailable,
-a missing or disabled KMS key ConfigurationError, and a wrapped key this KMS
-key will not open DecryptionFailed.  There is never a fallback key.
+a wrapped key KMS finds damaged or bound to another context DecryptionFailed,
+and any other refusal (a missing, disabled or other KMS key, a permission
+missing) ConfigurationError, naming what to fix.  There is never a fallback key.
 """
 
 from __future__ import annotations
