@@ -4,7 +4,8 @@ Celery keeps a result it has read in two places a later, new
 ``AsyncResult(id)`` (or ``GroupResult``) reads from without asking the backend:
 the backend's ``result_cache_max`` cache, and the Redis backend's
 buffer of results that arrived over pub/sub while nobody waited for them
-(a task ``get()`` had already read by polling).  Both hold the result as the
+(a task ``get()`` had already read by polling); the ``rpc://`` backend keeps
+a cache and a buffer of its own.  They hold the result as the
 ``pii`` serializer opened it: after its retention deadline or its subject's
 erasure, a new read in that process was still answered, in plaintext, where
 every other process got ``KeyDestroyed``.
@@ -93,7 +94,7 @@ def as_read_now(backend: Any, meta: Any) -> Any:
 
 
 def guard_celery_result_caches() -> None:
-    """Check what ``result_cache_max`` and the Redis pub/sub buffer serve (once per process)."""
+    """Check what ``result_cache_max``, the Redis pub/sub buffer and ``rpc://`` serve (once per process)."""
     from celery.backends.asynchronous import AsyncBackendMixin  # noqa: PLC0415 - only when set up
     from celery.backends.base import Backend, BaseKeyValueStoreBackend  # noqa: PLC0415
 
