@@ -268,7 +268,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "pii_compression_threshold",
         1024,
         _integer(0, 2**31, allow_none=True),
-        "Bytes; sealed plaintext above it is zlib-compressed before encryption. `None` disables.",
+        "Bytes; a task's declared fields above it are zlib-compressed before encryption (never results "
+        "or envelopes holding other arguments: lengths would leak, see security.md). `None` disables.",
         "int or None",
     ),
     Option(
