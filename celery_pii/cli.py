@@ -20,7 +20,6 @@ from typing import Any, Final, TypeVar
 
 import click
 from alembic.util import CommandError as AlembicError
-from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -34,6 +33,13 @@ from ._store import failure_reason
 from .exceptions import KeyNotFound, PIIError
 
 __all__ = ["pii"]
+
+try:  # py-amqp (kombu's own dependency) raises its own errors: a refused login, a missing vhost
+    from amqp.exceptions import AMQPError
+
+    _BROKER_ERRORS: tuple[type[BaseException], ...] = (BrokerError, AMQPError)
+except ImportError:  # pragma: no cover - a kombu without py-amqp
+    _BROKER_ERRORS = (BrokerError,)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -101,7 +107,7 @@ def _errors(fun: _F) -> _F:
         except SQLAlchemyError as error:  # the db commands reach the store without the library's wrapping
             msg = f"setting pii_key_store_url: the key store failed ({failure_reason(error)})"
             raise click.ClickException(msg) from None
-        except (BrokerError, AMQPError) as error:  # down, a refused login, a missing vhost
+        except _BROKER_ERRORS as error:  # down, a refused login, a missing vhost
             msg = f"setting broker_url: the broker cannot be used ({_broker_reason(error)})"
             raise click.ClickException(msg) from None
         except AlembicError as error:  # `db upgrade --revision` naming no revision, a lost upgrade race
