@@ -56,6 +56,14 @@ class PicklingBackend(KeyValueStoreBackend):
         PicklingBackend.stored.append(key)
 
 
+#: A failed PII task's stored exception, as Celery serializes it (its message names the card).
+STORED_ERROR = {
+    "exc_type": "ValueError",
+    "exc_message": ["card 4111 1111 1111 1111"],
+    "exc_module": "builtins",
+}
+
+
 def _start_a_worker(app):
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=5):
         pass
@@ -414,11 +422,7 @@ class TestSeveralApps:
 
         app = _app(key_store_url)
         sealer = setup_pii(app).sealer
-        error = {
-            "exc_type": "ValueError",
-            "exc_message": ["card 4111 1111 1111 1111"],
-            "exc_module": "builtins",
-        }
+        error = STORED_ERROR
         meta = {"status": state, "result": error, "task_id": "t-2", "traceback": "Traceback ..."}
         sealed = sealer.seal_result(meta, task_id="t-2", key_spec=KeySpec("default"))
         monkeypatch.setattr(_celery, "_IN_FLOWER", True)
@@ -439,11 +443,7 @@ class TestSeveralApps:
 
         app = _app(key_store_url)
         sealer = setup_pii(app).sealer
-        error = {
-            "exc_type": "ValueError",
-            "exc_message": ["card 4111 1111 1111 1111"],
-            "exc_module": "builtins",
-        }
+        error = STORED_ERROR
         column = sealer.seal_result(
             error if state != "SUCCESS" else {"card": "4111"}, task_id="t-4", key_spec=KeySpec("default")
         )
