@@ -336,7 +336,8 @@ def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayRepo
     with app.connection_for_write(transport_options={"confirm_publish": True}) as connection:
         bound = quarantine_queue(queue_name)(connection.channel())
         bound.declare()
-        parked = bound.queue_declare(passive=True).message_count
+        # Not passive: Redis knows no queue whose list is empty, and a passive declare of one fails.
+        parked = bound.queue_declare().message_count
         publisher = _Publisher(app, connection)
         passed: list[Any] = []
         try:
