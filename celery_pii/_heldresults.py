@@ -2,7 +2,8 @@
 
 Celery keeps a result it has read in two places a later, new
 ``AsyncResult(id)`` (or ``GroupResult``) reads from without asking the backend:
-the backend's ``result_cache_max`` cache, and the Redis backend's
+the backend's ``result_cache_max`` cache (which also keeps restored groups,
+with their results), and the Redis backend's
 buffer of results that arrived over pub/sub while nobody waited for them
 (a task ``get()`` had already read by polling); the ``rpc://`` backend keeps
 a cache and a buffer of its own.  They hold the result as the
@@ -125,8 +126,30 @@ def guard_celery_result_caches() -> None:
     checked_get_task_meta.celery_pii_wrapped = True  # type: ignore[attr-defined]
     Backend.get_task_meta = checked_get_task_meta
     BaseKeyValueStoreBackend.get_many = checked_get_many
+    Backend.get_group_meta = _fresh_group_results(Backend.get_group_meta)
     _guard_rpc_backend(checked)
     AsyncBackendMixin._maybe_resolve_from_buffer = checked_from_buffer  # noqa: SLF001
+
+
+def _fresh_group_results(get_group_meta: Any) -> Any:
+    """``get_group_meta`` whose group is new each time: its results are read, and checked, again.
+
+    ``result_cache_max`` keeps a group's meta, and with it the restored
+    ``GroupResult`` and its children, each holding the result it had read:
+    ``GroupResult.restore(id)`` handed back the same objects, which served
+    those results without asking the backend, in plaintext after their keys
+    were gone.  A new group of new results is built from the cached ids
+    (no round trip); objects the caller already holds are left alone.
+    """
+    from celery.result import GroupResult, result_from_tuple  # noqa: PLC0415 - only when set up
+
+    def fresh_get_group_meta(self: Any, group_id: Any, cache: bool = True) -> Any:
+        meta = get_group_meta(self, group_id, cache=cache)
+        if isinstance(meta, dict) and isinstance(meta.get("result"), GroupResult):
+            meta = {**meta, "result": result_from_tuple(meta["result"].as_tuple(), self.app)}
+        return meta
+
+    return fresh_get_group_meta
 
 
 def _guard_rpc_backend(checked: Any) -> None:

@@ -145,6 +145,33 @@ class TestResultsHeldInMemory:
             with pytest.raises(KeyDestroyed):
                 app.GroupResult.restore(both.id).get(timeout=5)
 
+    @pytest.mark.parametrize("backend", ["redis", "database"])
+    def test_result_cache_max_with_a_restored_group(self, make_app, key_store_url, backend):
+        """A group restored again is not the one read before: its results are read (and checked) again.
+
+        Celery's cache kept the restored GroupResult itself, with the results
+        its children had read: restored again, it served them in plaintext
+        after the subject's erasure.
+        """
+        from celery import group
+
+        app = make_app(
+            result_cache_max=100, **({"backend": "db+" + key_store_url} if backend == "database" else {})
+        )
+        profile = app.tasks["t.profile"]
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            both = group(profile.s("u-held-5", EMAIL), profile.s("u-held-6", EMAIL))()
+            both.save()
+            restored = app.GroupResult.restore(both.id)
+            assert [value["email"] for value in restored.get(timeout=20)] == [EMAIL, EMAIL]
+            assert get_pii(app).forget_subject("u-held-5") >= 1
+            again = app.GroupResult.restore(both.id)
+            assert [child.id for child in again.results] == [child.id for child in both.results]
+            with pytest.raises(KeyDestroyed):
+                again.get(timeout=5)
+            assert again.results[0].state == "FAILURE"
+            assert again.results[1].get(timeout=5)["email"] == EMAIL
+
     @pytest.mark.parametrize("held_in", ["buffer", "result_cache_max"])
     def test_the_rpc_backend(self, make_app, held_in):
         """rpc:// reads with a get_task_meta of its own: .state and .result served the held plaintext.
