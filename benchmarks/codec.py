@@ -113,7 +113,7 @@ def pii_codec(app: Celery, args: list[Any], kwargs: dict[str, Any]) -> Any:
         sealed = sealer.seal_message("bench.charge", TASK_ID, {"args": args, "kwargs": kwargs, **EMBED})
         root = sealed.root
         body = (root["args"], root["kwargs"], {**EMBED, EMBED_KEY: [sealed.token]})
-        publish_ticket.set(body)
+        publish_ticket.set((body, "bench.charge"))
         content_type, encoding, data = serialization.dumps(body, "pii")
         got_args, got_kwargs, embed = serialization.loads(data, content_type, encoding)
         sealer.open_message(
@@ -326,7 +326,8 @@ def worker_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: bo
     if pii:
         from celery_pii._serializer import publish_ticket
 
-        publish_ticket.set(message.body)  # the publish step's ticket (sealed by create_task_message)
+        # The publish step's ticket (the body was sealed by create_task_message).
+        publish_ticket.set((message.body, "bench.charge"))
     content_type, encoding, data = serialization.dumps(message.body, serializer)
     headers = dict(message.headers)
     tracer = build_tracer("bench.charge", task, app=app, eager=False, propagate=True)

@@ -39,7 +39,7 @@ def wire_bytes(app: Any, args: list[Any], kwargs: dict[str, Any]) -> int:
     root = {"args": args, "kwargs": kwargs, **EMBED}
     sealed = get_pii(app).sealer.seal_message("bench.charge", "0" * 36, root)
     body = (sealed.root["args"], sealed.root["kwargs"], {**EMBED, "pii": [sealed.token]})
-    publish_ticket.set(body)
+    publish_ticket.set((body, "bench.charge"))
     return len(serialization.dumps(body, "pii")[2])
 
 

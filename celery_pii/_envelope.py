@@ -58,7 +58,7 @@ from kombu.utils import json as kombu_json
 from . import _json
 from ._config import KEY_ID_PATTERN
 from ._crypto import NONCE_SIZE, TAG_SIZE, Algorithm, DataKey, compress, decompress
-from ._paths import Location
+from ._paths import Location, json_key
 from .exceptions import DecryptionFailed, EncryptionFailed
 
 __all__ = [
@@ -245,7 +245,7 @@ def _open_values(  # noqa: PLR0913, PLR0917 - the parsed parts of one envelope
     return values
 
 
-def seal(  # noqa: C901, PLR0913 - every argument is part of what the envelope binds; inlined (hot path)
+def seal(  # noqa: C901, PLR0912, PLR0913 - every argument is part of what the envelope binds; inlined (hot path)
     key: DataKey,
     values: Sequence[Any],
     *,
@@ -273,11 +273,14 @@ def seal(  # noqa: C901, PLR0913 - every argument is part of what the envelope b
         values = list(values)
     try:
         plaintext, by_orjson = _json.encode(values, ensure_ascii=False)
-        if by_orjson:
-            flags |= _FLAG_ORJSON
     except (TypeError, ValueError):  # datetime, Decimal, UUID, bytes...: kombu's typed JSON
         plaintext = _typed_json(values)
         flags |= _FLAG_TYPED
+    else:
+        if by_orjson:
+            flags |= _FLAG_ORJSON
+        else:  # orjson refuses non-str keys; the standard library writes 1 and "1" both as "1"
+            _refuse_unfaithful_dicts(values, typed=False)
     if len(plaintext) > MAX_PLAINTEXT_BYTES:  # what opening would refuse: not published at all
         raise EncryptionFailed(_TOO_LARGE)
     if compression_threshold is not None and len(plaintext) > compression_threshold:
@@ -313,10 +316,7 @@ def seal(  # noqa: C901, PLR0913 - every argument is part of what the envelope b
 
 
 def _typed_json(values: list[Any]) -> bytes:
-    if _holds_typed_lookalike(values):
-        # Its reader would take the dict for a typed value: made into one (a dict become a
-        # datetime), or refused, and an authentic envelope read as tampered.
-        raise TypedLookalike
+    _refuse_unfaithful_dicts(values, typed=True)
     text: str = kombu_json.dumps(values, separators=(",", ":"), ensure_ascii=False)
     try:
         return text.encode()
@@ -335,15 +335,39 @@ class TypedLookalike(ValueError):
         )
 
 
-def _holds_typed_lookalike(values: list[Any]) -> bool:
-    """True if a dict among ``values`` has exactly the keys of kombu's typed JSON (its marker)."""
+class TwinKeys(ValueError):
+    """A dict among the values holds two keys JSON writes alike: only one would read back."""
+
+    def __init__(self) -> None:
+        super().__init__('a dict holding two keys JSON writes alike (1 and "1", say) would read back as one')
+
+
+def _refuse_unfaithful_dicts(values: list[Any], *, typed: bool) -> None:
+    """Raise if a dict among ``values`` would not read back as given.
+
+    Two keys JSON writes alike (``1`` and ``"1"``, ``True`` and ``"true"``)
+    read back as one: the value of the other was silently lost.  Only the
+    standard library and kombu's typed JSON write such a dict (orjson refuses
+    non-str keys), so only their documents are walked.  With ``typed``, a dict
+    of exactly kombu's marker keys would read back made into a typed value (a
+    dict become a datetime), or be refused and an authentic envelope read as
+    tampered.
+
+    Raises:
+        TwinKeys, TypedLookalike: as above (neither names a value).
+    """
     pending: list[Any] = [values]
     seen: set[int] = set()
     while pending:
         current = pending.pop()
         if isinstance(current, dict):
-            if current.keys() == _TYPED_KEYS:
-                return True
+            if typed and current.keys() == _TYPED_KEYS:
+                raise TypedLookalike
+            if any(type(key) is not str for key in current):
+                written = [json_key(key) for key in current]
+                # A key JSON cannot write at all (None here) is refused by the encoder itself.
+                if None not in written and len(set(written)) != len(written):
+                    raise TwinKeys
             children: Any = current.values()
         elif isinstance(current, (list, tuple)):
             children = current
@@ -352,7 +376,6 @@ def _holds_typed_lookalike(values: list[Any]) -> bool:
         if id(current) not in seen:  # encoding refuses a value that holds itself
             seen.add(id(current))
             pending.extend(children)
-    return False
 
 
 _TYPED_KEYS: Final = frozenset(("__type__", "__value__"))

@@ -239,7 +239,7 @@ class PII:
         message = original(**call.arguments(root))
         if tokens:
             message.body[2][EMBED_KEY] = tokens
-        publish_ticket.set(message.body)
+        publish_ticket.set((message.body, name))
         return message
 
     def _report_detected(self, name: str, sealed: Sealed) -> dict[str, Any]:
@@ -516,8 +516,8 @@ class PII:
                 headers[header] = value
         delivery = request.delivery_info or {}
         try:
-            encoded = self._encode_trusted(body)
-        except (TypeError, ValueError, RecursionError):
+            encoded = self._encode_trusted(body, task.name)
+        except (TypeError, ValueError, RecursionError, EncryptionFailed):
             # Edited on the broker past what can be written again (nested too deep to encode
             # here): nothing can be parked, and Celery cannot publish it again either.
             logger.error(  # noqa: TRY400 - the traceback would show only the encoder's recursion
@@ -558,9 +558,9 @@ class PII:
         self._audit_quietly("tamper_detected", task.name, task_id, key_ids=key_ids)
         return True
 
-    def _encode_trusted(self, body: Any) -> bytes:
-        """Frame an already-sealed body (for the quarantine: it needs no ticket)."""
-        token = publish_ticket.set(body)
+    def _encode_trusted(self, body: Any, name: str) -> bytes:
+        """Frame an already-sealed body of task ``name`` (for the quarantine: it needs no ticket)."""
+        token = publish_ticket.set((body, name))
         try:
             return self.serializer.dumps(body)
         finally:

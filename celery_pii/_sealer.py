@@ -393,13 +393,15 @@ class Sealer:
                 compression_threshold=self.settings.compression_threshold if compress else None,
                 co_keys=co_keys,
             )
-        except _envelope.TypedLookalike as error:
+        except _envelope.TypedLookalike as error:  # refused only beside another value: no one place
             msg = f"task {name!r}: the PII values hold {error}; nothing was published"
             raise EncryptionFailed(msg) from None
         except (TypeError, ValueError) as error:
+            # Which value it is, named as pii_fields names it (its value is never shown).
+            where = _unencodable(key, values, locations, self.parameters(name))
             kind = type(error).__name__
-            where = _unencodable(key, values, locations)
-            msg = f"task {name!r}: the PII value at {where} cannot be encoded ({kind}); nothing was published"
+            why = f": {error}" if isinstance(error, _envelope.TwinKeys) else f" cannot be encoded ({kind})"
+            msg = f"task {name!r}: the PII value at {where}{why}; nothing was published"
             raise EncryptionFailed(msg) from None
         except EncryptionFailed as error:  # too large, a task id or key id too long
             msg = f"task {name!r}: {error}; nothing was published"
@@ -469,8 +471,22 @@ class Sealer:
                 for location, _ in detected:
                     if location not in seen:
                         seen.add(location)
-                        extra.append((location, get_at(view, location)))
+                        extra.append((location, self._detected_value(name, view, location)))
         return detected, truncated, extra
+
+    def _detected_value(self, name: str, view: Mapping[str, Any], location: Location) -> Any:
+        """The value detection found at ``location``, which a field path can name (or a clear error)."""
+        try:
+            return get_at(view, location)
+        except (KeyError, IndexError, TypeError):
+            # Under a key JSON cannot write ({b"email": ...}, which msgpack carries): its
+            # place has no field path, so it could not be sealed and opened there.
+            where = field_path(self.parameters(name), location)
+            msg = (
+                f"task {name!r}: undeclared PII at {where} sits under a dict key JSON cannot write "
+                "(bytes, say); give its keys as text; nothing was published"
+            )
+            raise EncryptionFailed(msg) from None
 
     def _call_fields(
         self, name: str, spec: TaskSpec | None, root: Mapping[str, Any], *, seal_all: bool, keep_markers: bool
@@ -630,7 +646,7 @@ class Sealer:
                 compression_threshold=None,
                 co_keys=co_keys,
             )
-        except _envelope.TypedLookalike as error:
+        except _UNFAITHFUL as error:
             msg = f"task result of {task_id}: {error}"
             raise EncryptionFailed(msg) from None
         except (TypeError, ValueError) as error:
@@ -943,13 +959,19 @@ def has_canvas(root: Mapping[str, Any]) -> bool:
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
 
 
-def _unencodable(key: DataKey, values: list[Any], locations: tuple[Location, ...]) -> str:
+#: Values that encode, but would not read back as given (the error says why, naming no value).
+_UNFAITHFUL: Final = (_envelope.TypedLookalike, _envelope.TwinKeys)
+
+
+def _unencodable(
+    key: DataKey, values: list[Any], locations: tuple[Location, ...], binder: Binder | None
+) -> str:
     """Which of the values does not encode, as a path for people (its value is never shown)."""
     for value, location in zip(values, locations, strict=True):
         try:
             _envelope.seal(key, [value], locations=[location], task_name="", task_id="")
         except (TypeError, ValueError):  # noqa: PERF203 - only on the way to an error message
-            return shown_path(location)
+            return field_path(binder, location)
     return "?"  # only together (none alone): say so without guessing
 
 

@@ -41,7 +41,8 @@ from typing import Any, Final
 from kombu.utils import json as kombu_json
 
 from . import _json
-from ._paths import json_key
+from ._detect import shown_path
+from ._paths import Location, json_key
 from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
 
 __all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
@@ -58,10 +59,10 @@ _ORJSON: Final = b"o"  # plain JSON that orjson wrote (and read back equal)
 _JSON_STARTS: Final = frozenset((b"{", b"[", b'"'))
 _EMBED_KEYS: Final = frozenset(("callbacks", "errbacks", "chain", "chord"))
 
-#: The last task body that passed the publish step, in this thread/context.
+#: The last task body that passed the publish step in this thread/context, and its task's name.
 #: ``dumps`` accepts a task body only if it *is* that object (identity):
 #: the body tuple is built by ``as_task_v2`` and handed to ``dumps`` unchanged.
-publish_ticket: contextvars.ContextVar[object] = contextvars.ContextVar(
+publish_ticket: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
     "celery_pii_publish_ticket", default=None
 )
 
@@ -95,13 +96,17 @@ def _msgpack_plain(value: Any) -> Any:
     raise TypeError(msg)
 
 
-def _msgpack_packed(obj: Any) -> bytes:
+def _msgpack_packed(obj: Any, *, task_body: bool) -> bytes:
     """``obj`` as msgpack, its dict keys written as JSON writes them if any is not text.
 
     msgpack writes a key ``1`` as a number, and refuses to read it back
     (``strict_map_key``: a number key could flood a dict's hash table), so a
     message with one was parked at the worker as undecodable, and a result
     with one stored unreadable.  Such keys travel as text, as with ``json``.
+
+    Raises:
+        KeyRefused: a dict holds a key JSON cannot write, or two keys JSON
+            writes alike; in a task body, a ``bytes`` key (see :func:`_refuse_bytes_keys`).
     """
     msgpack = _msgpack()
     packed: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=True, default=_msgpack_plain)
@@ -110,29 +115,79 @@ def _msgpack_packed(obj: Any) -> bytes:
     except ValueError as error:
         if "map key" not in str(error):  # refused for another reason: so is it by the reader
             return packed
-        packed = msgpack.packb(_text_keys(obj), use_bin_type=True, strict_types=True, default=_msgpack_plain)
+        keyed = (
+            [_text_keys(part, (name,)) for name, part in zip(_BODY_PARTS, obj, strict=True)]
+            if task_body
+            else _text_keys(obj, ())
+        )
+        packed = msgpack.packb(keyed, use_bin_type=True, strict_types=True, default=_msgpack_plain)
+        return packed
+    if task_body and any(marker in packed for marker in _BIN_MARKERS):
+        _refuse_bytes_keys(obj)
     return packed
 
 
-def _text_keys(value: Any) -> Any:
+#: What a task body's three parts are called in error messages' paths.
+_BODY_PARTS: Final = ("args", "kwargs", "embed")
+
+#: How msgpack starts a ``bytes`` value (bin 8, 16, 32): a body without any of them holds no bytes key.
+_BIN_MARKERS: Final = (b"\xc4", b"\xc5", b"\xc6")
+
+
+class KeyRefused(ValueError):
+    """A dict of a body or result holds keys that cannot travel as they are; names where, not what."""
+
+    def __init__(self, location: Location, why: str) -> None:
+        super().__init__(why)
+        self.location = location
+        self.why = why
+
+
+_NOT_WRITABLE: Final = "holds a key JSON cannot write (only text, numbers, true, false and null can be)"
+_WRITTEN_ALIKE: Final = 'holds two keys JSON writes alike (1 and "1", say), and one would be lost'
+
+
+def _text_keys(value: Any, location: Location) -> Any:
     """``value`` with every dict key as the text JSON writes for it.
 
     Raises:
-        ValueError: a dict holds two keys written alike (``1`` and ``"1"``),
-            or a key JSON cannot write (the message names neither).
+        KeyRefused: a dict holds two keys written alike (``1`` and ``"1"``),
+            or a key JSON cannot write.
     """
     if isinstance(value, dict):
         copy = {}
         for key, item in dict.items(value):
             text = json_key(key)
             if text is None or text in copy:
-                msg = "a dict key is not text, a number, true, false or null, or two keys are written alike"
-                raise ValueError(msg)
-            copy[text] = _text_keys(item)
+                raise KeyRefused(location, _NOT_WRITABLE if text is None else _WRITTEN_ALIKE)
+            copy[text] = _text_keys(item, (*location, text))
         return copy
     if isinstance(value, (list, tuple)):
-        return [_text_keys(item) for item in value]
+        return [_text_keys(item, (*location, i)) for i, item in enumerate(value)]
     return value
+
+
+def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
+    """Refuse a task body with a ``bytes`` dict key (msgpack writes them; JSON cannot).
+
+    Field paths name keys as JSON writes them: a declared field under
+    ``{b"email": ...}`` was never found, so it left unsealed, and the worker,
+    looking the same way, ran the task (redis-py's ``hgetall`` gives such
+    dicts).  ``json`` refuses these keys; so does ``msgpack`` in a task body.
+
+    Raises:
+        KeyRefused: where the first such dict sits.
+    """
+    pending: list[tuple[Location, Any]] = list(zip([(part,) for part in _BODY_PARTS], body, strict=True))
+    while pending:
+        location, value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in dict.items(value):
+                if isinstance(key, bytes):
+                    raise KeyRefused(location, _NOT_WRITABLE)
+                pending.append(((*location, json_key(key) or ""), item))
+        elif isinstance(value, (list, tuple)):
+            pending.extend(((*location, i), item) for i, item in enumerate(value))
 
 
 def _msgpack() -> Any:
@@ -214,8 +269,9 @@ class PIISerializer:
             EncryptionFailed: a task body that was not sealed by ``setup_pii``.
         """
         task_body = is_task_body(obj)
+        ticket = publish_ticket.get() if task_body else None
         if task_body:
-            if publish_ticket.get() is not obj:
+            if ticket is None or ticket[0] is not obj:
                 msg = (
                     "a task body reached the 'pii' serializer without passing celery-pii's publish "
                     "step; call setup_pii(app) on the app that publishes it (nothing was published)"
@@ -232,7 +288,15 @@ class PIISerializer:
                 text: str = kombu_json.dumps(obj)
                 return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
             return (self._orjson_header if by_orjson else self._header) + data
-        return self._header + _msgpack_packed(obj)
+        try:
+            return self._header + _msgpack_packed(obj, task_body=task_body)
+        except KeyRefused as error:
+            where = f"the dict at {shown_path(error.location)}" if error.location else "a dict"
+            if ticket is None:  # a result (the task is not known here)
+                msg = f"{where} {error.why}; nothing was encoded"
+            else:
+                msg = f"task {ticket[1]!r}: {where} {error.why}; give its keys as text; nothing was published"
+            raise EncryptionFailed(msg) from None
 
     def loads(self, data: bytes | str) -> Any:
         """Decode a frame; stored results are opened, task arguments never.

@@ -163,7 +163,7 @@ class TestAuthenticationFailures:
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None, **(embed_extra or {})}
         if embed_pii is not None:
             embed[EMBED_KEY] = embed_pii
-        body = get_pii(app)._encode_trusted((args, {}, embed))
+        body = get_pii(app)._encode_trusted((args, {}, embed), "t.echo")
         task_id = f"forged-{uuid.uuid4()}"
         publish_raw(
             app, body, {"task": "t.echo", "id": task_id, "lang": "py", "retries": 0, **(headers or {})}

@@ -101,8 +101,10 @@ class TestRoundTrip:
         """With the msgpack inner serializer a dict keyed by numbers runs, and a result so keyed reads back.
 
         The message was parked by the worker as undecodable (audited as
-        tampering), and the result could not be read.  (In a process of its
-        own: the inner serializer is one per process.)
+        tampering), and the result could not be read.  A bytes key, which no
+        field path names, is refused at publish: a declared field under one
+        was published unsealed.  (In a process of its own: the inner
+        serializer is one per process.)
         """
         import subprocess
         import sys
@@ -121,10 +123,14 @@ class TestRoundTrip:
                 app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
                                key_store={key_store_url!r}, queue={queue_name!r}, pii_inner_serializer="msgpack",
                                worker_hijack_root_logger=False)
+                try:  # a declared field under a bytes key: found by no path, it was published unsealed
+                    app.tasks["t.charge"].delay({CARD!r}, 1, {{b"email": {EMAIL!r}}})
+                except Exception as error:
+                    refused = str(error)
                 with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
                     plain = app.tasks["t.plain"].delay({{1: "a", "b": {{2: None}}}}).get(timeout=20)
                     charged = app.tasks["t.charge"].delay({CARD!r}, 1, {{"email": {EMAIL!r}, 7: "y"}}).get(timeout=20)
-                print(json.dumps({{"plain": plain, "customer": charged["customer"]}}))
+                print(json.dumps({{"plain": plain, "customer": charged["customer"], "refused": refused}}))
                 """
             )
         )
@@ -133,10 +139,11 @@ class TestRoundTrip:
             [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-            "plain": {"1": "a", "b": {"2": None}},
-            "customer": {"email": EMAIL, "7": "y"},
-        }
+        printed = json.loads(done.stdout.strip().splitlines()[-1])
+        assert printed.pop("refused").startswith(
+            "task 't.charge': the dict at args[2] holds a key JSON cannot"
+        )
+        assert printed == {"plain": {"1": "a", "b": {"2": None}}, "customer": {"email": EMAIL, "7": "y"}}
         assert queued_messages(f"{queue_name}.quarantine") == []
 
     @pytest.mark.parametrize(
@@ -197,13 +204,24 @@ class TestRoundTrip:
         assert queued_messages(app.conf.task_default_queue) == []
 
     def test_a_value_that_cannot_be_encoded_is_named_by_its_place(self, app):
-        """Among several declared fields, the error says which one (never its value)."""
+        """Among several declared fields, the error says which one as pii_fields does (never its value).
+
+        Passed by position, it was named by its place in the message (``args[2].email``).
+        """
         customer = {"email": {"a set of", "values"}}
-        with pytest.raises(
-            EncryptionFailed, match=r"t\.charge.*value at kwargs\.customer\.email cannot"
-        ) as info:
-            app.tasks["t.charge"].apply_async((CARD, 1), {"customer": customer})
+        with pytest.raises(EncryptionFailed, match=r"t\.charge.*value at customer\.email cannot") as info:
+            app.tasks["t.charge"].apply_async((CARD, 1, customer))
         assert "a set of" not in str(info.value)
+
+    @pytest.mark.parametrize("twins", [{1: EMAIL, "1": "second"}, {True: EMAIL, "true": "second"}])
+    def test_a_value_holding_two_keys_json_writes_alike_is_refused(self, app, twins):
+        """Sealed as one JSON value, ``{1: a, "1": b}`` read back as ``{"1": b}``: the other value was lost."""
+        with pytest.raises(
+            EncryptionFailed, match=r"t\.echo.*value at value: a dict holding two keys"
+        ) as info:
+            app.tasks["t.echo"].delay(twins)
+        assert EMAIL not in str(info.value)
+        assert queued_messages(app.conf.task_default_queue) == []
 
     @pytest.mark.parametrize("compressed", [True, False])
     def test_values_larger_than_a_worker_opens_are_not_published(self, app, compressed):

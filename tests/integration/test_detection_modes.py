@@ -79,6 +79,18 @@ class TestModes:
             delivered = result.get(timeout=20)
         assert delivered == {"note": "note", "extra": {"1": CARD, "null": EMAIL, "2.5": "nothing"}}
 
+    def test_encrypt_refuses_what_it_finds_under_a_key_json_cannot_write(self, app):
+        """{b"email": ...} (msgpack carries bytes keys): no field path names the place, so no envelope could.
+
+        It failed with a bare ``KeyError`` naming neither the task nor the place.
+        """
+        with pytest.raises(
+            EncryptionFailed, match=r"t\.detect_encrypt.*at extra\[.*sits under a dict key"
+        ) as info:
+            app.tasks["t.detect_encrypt"].delay("note", extra={b"contact": EMAIL})
+        assert_no_plaintext(str(info.value))
+        assert queued_messages(app.conf.task_default_queue) == []
+
     def test_encrypt_seals_everything_when_the_scan_is_truncated(self, app, worker):
         """Past the scan caps, encrypt mode seals every argument rather than guess."""
         huge = "x" * 1_100_000

@@ -87,7 +87,7 @@ def test_message_the_quarantine_cannot_take_is_kept(make_app, queue_name, caplog
         conflicting.bind(connection.default_channel).declare()
         try:
             embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-            body = get_pii(app)._encode_trusted(([MARKER], {}, embed))  # markers, envelope gone
+            body = get_pii(app)._encode_trusted(([MARKER], {}, embed), "t.echo")  # markers, envelope gone
             publish_raw(app, body, {"task": "t.echo", "id": "kept-1", "lang": "py", "retries": 0})
             with caplog.at_level(logging.INFO), _start(app):
                 deadline = time.monotonic() + 10

@@ -191,6 +191,24 @@ class TestEnvelope:
         token = seal(KEY, values, locations=[("a",), ("b",), ("c",)], task_name="t", task_id="")
         assert parse(token).open(KEY, task_name="t") == values
 
+    @pytest.mark.parametrize(
+        "beside", [[], [datetime(2026, 1, 2, tzinfo=timezone.utc)]], ids=["json", "typed"]
+    )
+    @pytest.mark.parametrize(
+        "twins",
+        [{1: "a", "1": "b"}, {True: "a", "true": "b"}, {None: "a", "null": "b"}, {1.0: "a", "1.0": "b"}],
+    )
+    def test_two_keys_json_writes_alike_are_refused(self, twins, beside):
+        """Written alike, two keys read back as one: the other value was lost, sealed and opened fine."""
+        values = [*beside, {"nested": [twins]}]
+        with pytest.raises(_envelope.TwinKeys, match="two keys JSON writes alike"):
+            seal(KEY, values, locations=[("a",), ("b",)][: len(values)], task_name="t", task_id="")
+
+    def test_non_str_keys_written_differently_still_seal(self):
+        """Keys JSON writes as different texts are fine; they read back as those texts."""
+        token = seal(KEY, [{1: "a", "2": "b", None: "c"}], locations=self.ONE, task_name="t", task_id="")
+        assert parse(token).open(KEY, task_name="t") == [{"1": "a", "2": "b", "null": "c"}]
+
 
 JSON_VALUES = st.recursive(
     st.none()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from celery_pii import _json
-from celery_pii._serializer import FRAME_VERSION, PIISerializer
+from celery_pii._serializer import FRAME_VERSION, PIISerializer, publish_ticket
+from celery_pii.exceptions import EncryptionFailed
 
 SERIALIZER = PIISerializer("json")
 RESULT = {"status": "SUCCESS", "result": {"total": 99.5, "items": ["a", "b"]}, "task_id": "id-1"}
@@ -107,6 +108,45 @@ def test_msgpack_writes_keys_that_are_not_text_as_json_does():
         "plain": ["a", 2],
     }
     assert serializer.loads(serializer.dumps({"k": "v"})) == {"k": "v"}
-    with pytest.raises(ValueError, match="written alike") as info:
-        serializer.dumps({1: "ann@example.com", "1": "bob@example.com"})
+    with pytest.raises(
+        EncryptionFailed, match=r"^the dict at totals holds two keys JSON writes alike"
+    ) as info:
+        serializer.dumps({"totals": {1: "ann@example.com", "1": "bob@example.com"}})
     assert "example.com" not in str(info.value)
+
+
+def _body(args, kwargs, name="t.charge"):
+    """A task body as the publish step hands it to the serializer, with its ticket."""
+    body = (args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    publish_ticket.set((body, name))
+    return body
+
+
+def test_msgpack_refuses_task_bodies_with_keys_that_paths_cannot_name():
+    """A bytes key (redis-py's ``hgetall``): a declared field under it was not found, and left unsealed.
+
+    The refusal names the task and where the dict is, never a key or value.
+    Two keys JSON writes alike are refused in a body the same way.
+    """
+    pytest.importorskip("msgpack")
+    serializer = PIISerializer("msgpack")
+    refused = [
+        ([1, {"customer": {b"email": "ann@example.com"}}], {}, r"args\[1\]\.customer holds a key JSON"),
+        ([], {"c": [{b"ssn": "900-11-2222"}]}, r"kwargs\.c\[0\] holds a key JSON cannot"),
+        ([{1: "ann@example.com", "1": "x"}], {}, r"args\[0\] holds two keys JSON writes alike"),
+        ([{1: "ann@example.com", b"k": "x"}], {}, r"args\[0\] holds a key JSON cannot write"),
+    ]
+    for args, kwargs, where in refused:
+        with pytest.raises(EncryptionFailed, match=rf"^task 't\.charge': the dict at {where}") as info:
+            serializer.dumps(_body(args, kwargs))
+        assert "example.com" not in str(info.value) and "900-" not in str(info.value)
+        assert "email" not in str(info.value) and "ssn" not in str(info.value)
+    # What msgpack starts bytes with, in text and in a bytes value: not a key, so written as it is.
+    fine = _body(["Łukasz Ćwik", b"\xc4\xc5\xc6 raw"], {"note": {"Ąę": b"x"}})
+    assert serializer.loads(serializer.dumps(fine)) == [
+        ["Łukasz Ćwik", b"\xc4\xc5\xc6 raw"],
+        {"note": {"Ąę": b"x"}},
+        fine[2],
+    ]
+    # A result is not named by field paths: bytes keys travel as msgpack carries them.
+    assert serializer.loads(serializer.dumps({"result": {b"k": 1}})) == {"result": {b"k": 1}}
