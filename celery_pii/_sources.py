@@ -47,6 +47,11 @@ _SETTING: Final = "pii_master_key"
 _GENERATE_HINT: Final = (
     "generate one with `python -c 'import celery_pii; print(celery_pii.generate_master_key())'`"
 )
+_PREVIOUS_SETTING: Final = "pii_previous_master_key"
+_PREVIOUS_HINT: Final = (
+    "give it the master key being replaced (the one the store's keys are wrapped under), "
+    "or remove the setting once no key needs it (see 'Master-key rotation' in docs/operations.md)"
+)
 _WRAP_FORMAT: Final = b"\x01"
 
 
@@ -139,7 +144,10 @@ def load_master_key(spec: str, settings: Settings | None = None, *, setting: str
             warnings.simplefilter("always")
             key = loader(rest, settings)
     except ConfigurationError as error:
-        raise ConfigurationError(str(error).replace(_SETTING, setting)) from None
+        text = str(error).replace(_SETTING, setting)
+        if setting == _PREVIOUS_SETTING:  # a new key opens nothing the old one wrapped
+            text = text.replace(_GENERATE_HINT, _PREVIOUS_HINT)
+        raise ConfigurationError(text) from None
     for warning in warned:
         warnings.warn(str(warning.message).replace(_SETTING, setting), warning.category, stacklevel=2)
     if hasattr(key, "setting"):  # a key whose errors come later, from its service (aws-kms://)

@@ -130,6 +130,20 @@ class TestLoading:
         ).stdout
         assert len(base64.b64decode(printed.strip(), validate=True)) == 32
 
+    @pytest.mark.parametrize(
+        "spec",
+        ["env:PII_TEST_MISSING", "static:not*base64*at*all", "static:" + base64.b64encode(b"x").decode()],
+    )
+    def test_a_previous_key_that_cannot_be_loaded_is_not_told_to_be_generated(self, spec, monkeypatch):
+        """The previous master key is the one being replaced: a new one would open nothing it wrapped."""
+        monkeypatch.delenv("PII_TEST_MISSING", raising=False)
+        with pytest.raises(ConfigurationError) as info:
+            load_master_key(spec, setting="pii_previous_master_key")
+        message = str(info.value)
+        assert message.startswith("setting pii_previous_master_key: ")
+        assert "generate" not in message
+        assert "the master key being replaced" in message
+
     def test_wrong_length_key_never_echoed(self, monkeypatch):
         """A 31-byte key in the environment is refused without echoing it."""
         value = base64.b64encode(b"k" * 31).decode()
