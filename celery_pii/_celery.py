@@ -98,6 +98,10 @@ def _seal_result_hook(obj: Any) -> Any:
     if running is None and isinstance(obj, dict):
         # Stored from another thread (update_state from a thread the task started).
         running = _context.running_with_id(obj.get("task_id"))
+        if running is None:  # ... even after the task ended
+            ended = _context.ended_with_id(obj.get("task_id"))
+            if ended is not None:
+                return ended.pii.seal_late_result(obj, ended)
     if running is None:
         return _mark_declared_fields(obj)
     return running.pii.seal_result(obj, running)

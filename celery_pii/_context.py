@@ -14,11 +14,12 @@ and returns may be derived from the outer task's PII.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import operator
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from celery._state import _task_stack
 
@@ -260,6 +261,44 @@ def running_with_id(task_id: object) -> RunningTask | None:
     return None
 
 
+class EndedTask(NamedTuple):
+    """A PII task that ended in this process: what a result stored for it later is sealed with.
+
+    No values: nothing of the task's PII is kept past its end.
+    """
+
+    pii: PII
+    name: str
+    task_id: str
+    result_key: KeySpec
+    group: str | None
+
+
+#: The PII tasks that ended here most recently, by id, oldest first (see :func:`ended_with_id`).
+_ended: collections.OrderedDict[str, EndedTask] = collections.OrderedDict()
+#: How many are remembered: a thread storing for a task this many PII tasks ago is not recognised.
+ENDED_KEPT: Final = 4096
+
+
+def ended_with_id(task_id: object) -> EndedTask | None:
+    """The PII task that ended in this process whose id is ``task_id``, if it is among the last ones.
+
+    A thread the task started may still call ``update_state(task_id=...)``
+    after the task returned: that result is sealed under the task's key too.
+    """
+    return _ended.get(str(task_id))
+
+
+def _remember_ended(task: RunningTask) -> None:
+    result_key = task.result_key
+    if result_key is None:  # no PII: its results are stored as they are
+        return
+    _ended[task.task_id] = EndedTask(task.pii, task.name, task.task_id, result_key, task.group)
+    _ended.move_to_end(task.task_id)
+    while len(_ended) > ENDED_KEPT:
+        _ended.popitem(last=False)
+
+
 def scrubber_elsewhere() -> Scrubber | None:
     """A scrubber of the values of every task running in this process; ``None`` if none is.
 
@@ -454,6 +493,8 @@ def leave(request: Any, retval: Any = None) -> None:
     ending = current is not None and current._request is request  # noqa: SLF001
     if ending and _with_values.pop(id(current), None) is not None:
         _elsewhere = None  # it held this task's values: not kept past the task
+    if ending and current is not None and (current.is_pii or current.values):
+        _remember_ended(current)
     state = _runs.get(request)
     if state is not None and state.outer is None:
         if not applying.get():

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _context, _envelope
 from ._config import Settings
-from ._context import RunningTask
+from ._context import EndedTask, RunningTask
 from ._detect import Finding, detect, shown_path
 from ._keys import KeyManager, KeySpec
 from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
@@ -55,6 +55,7 @@ from .exceptions import (
     KeyDestroyed,
     KeyNotFound,
     KeyStoreUnavailable,
+    PIIError,
 )
 
 __all__ = ["PII"]
@@ -585,8 +586,22 @@ class PII:
 
     # -- results -------------------------------------------------------------------------------
 
-    def seal_result(self, obj: Any, running: RunningTask) -> Any:
-        """Seal what the result backend stores for a running PII task."""
+    def seal_late_result(self, obj: Any, ended: EndedTask) -> Any:
+        """Seal what is stored for a PII task after it ended here (a thread it started); never raises.
+
+        Celery stores some outcomes itself after a task's end (on the solo and
+        threads pools): nothing may stop it recording them, so a key that cannot
+        be had withholds the outcome rather than raise.
+        """
+        try:
+            return self.seal_result(obj, ended)
+        except PIIError as error:
+            where = f"{ended.name}[{ended.task_id}]"
+            logger.warning("celery-pii: task %s: outcome not stored: %s", where, error)
+            return withheld_outcome(obj, f"the outcome of task {where} was not stored: {error}")
+
+    def seal_result(self, obj: Any, running: RunningTask | EndedTask) -> Any:
+        """Seal what the result backend stores for a running (or just ended) PII task."""
         if running.result_key is None:
             return obj
         task_id = _context.backend_row.get()  # a database backend row: its own task's id

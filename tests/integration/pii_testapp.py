@@ -178,6 +178,26 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
         time.sleep(seconds)
         return "done"
 
+    @app.task(
+        shared=False,
+        name="t.profile_reports_late",
+        bind=True,
+        ignore_result=True,
+        pii_subject="user_id",
+        pii_fields=["email"],
+    )
+    def profile_reports_late(self, user_id, email):
+        import threading
+        import time
+
+        def report():
+            time.sleep(0.5)  # the task has ended by then
+            self.update_state(task_id=progress_id, state="PROGRESS", meta={"sent_to": email})
+
+        progress_id = self.request.id
+        threading.Thread(target=report).start()
+        return "started"
+
     @app.task(shared=False, name="t.on_error", pii_fields=["email"])
     def on_error(request, exc, traceback, email):
         RECEIVED.append({"email": email, "exc": type(exc).__name__})

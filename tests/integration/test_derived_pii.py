@@ -109,6 +109,28 @@ def test_update_state_from_a_thread_the_task_started(app, worker):
     assert result.get(timeout=20) == "done"
 
 
+def test_update_state_from_a_thread_after_the_task_ended(app, worker):
+    """A thread the task started stores progress after the task returned: sealed all the same.
+
+    Stored in plaintext before (the task's context was gone), where erasing
+    its subject could not reach it.
+    """
+    result = app.tasks["t.profile_reports_late"].delay("u-late-1", EMAIL)
+    key = f"celery-task-meta-{result.id}"
+    deadline = time.monotonic() + 20
+    stored = None
+    while time.monotonic() < deadline and (stored is None or b"PROGRESS" not in stored):
+        stored = redis_client(BACKEND_DB).get(key)
+        time.sleep(0.05)
+    assert stored is not None and b"PROGRESS" in stored
+    assert_no_plaintext(stored, secrets=(EMAIL,))
+    assert app.AsyncResult(result.id).info == {"sent_to": EMAIL}
+    assert get_pii(app).forget_subject("u-late-1") >= 1
+    erased = app.AsyncResult(result.id)
+    assert erased.state == "FAILURE"
+    assert isinstance(erased.info, KeyDestroyed)
+
+
 def test_a_result_read_after_the_task_ended_derives_nothing(app, worker):
     """A task_postrun handler connected after celery-pii's reads a sealed result: no context outlives the task.
 

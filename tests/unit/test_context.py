@@ -75,6 +75,34 @@ def test_leaving_without_entering_changes_nothing(task):
     task.request_stack.pop()
 
 
+def test_ended_pii_tasks_are_remembered_without_values_and_boundedly(task, monkeypatch):
+    """A result stored for a task after its end is sealed with what is kept: its key, never its values."""
+    from celery_pii._keys import KeySpec
+
+    monkeypatch.setattr(_context, "_ended", type(_context._ended)())
+    monkeypatch.setattr(_context, "ENDED_KEPT", 3)
+    for i in range(5):
+        request = Context(id=f"task-{i}", group="g-1")
+        running = RunningTask(
+            None, task.name, f"task-{i}", None, [CARD], KeySpec("orders"), (), request, task.request_stack
+        )
+        task.request_stack.push(request)
+        _context.running.set(running)
+        _context.leave(request)
+        task.request_stack.pop()
+    assert _context.ended_with_id("task-0") is None  # the oldest went: a bounded memory
+    ended = _context.ended_with_id("task-4")
+    assert ended is not None
+    assert (ended.name, ended.task_id, ended.result_key, ended.group) == (
+        task.name,
+        "task-4",
+        KeySpec("orders"),
+        "g-1",
+    )
+    assert CARD not in repr(ended)
+    assert list(_context._ended) == ["task-2", "task-3", "task-4"]
+
+
 def test_result_repr_size_hides_return_values_only_inside_a_context_with_values(task):
     """Celery's saferepr of a return value shows nothing while opened values are around, as usual otherwise."""
     size = ResultReprSize(1024)
