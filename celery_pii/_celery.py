@@ -281,7 +281,8 @@ def _unreadable_rows_read_as_failures() -> None:
             if not isinstance(reason, (KeyDestroyed, DecryptionFailed, KeyNotFound)):
                 raise
             failure = {"task_id": task_id, "status": states.FAILURE, "traceback": None, "children": None}
-            return self.meta_from_decoded({**failure, "result": self.prepare_exception(reason)})
+            facts = _row_facts(self, task_id)
+            return self.meta_from_decoded({**facts, **failure, "result": self.prepare_exception(reason)})
         else:
             if isinstance(meta, dict) and _is_sealed_traceback(meta.get("traceback")):
                 meta["traceback"] = _opened_traceback(str(task_id), meta["traceback"])
@@ -292,6 +293,24 @@ def _unreadable_rows_read_as_failures() -> None:
     get_task_meta_for.celery_pii_wrapped = True  # type: ignore[attr-defined]
     DatabaseBackend._get_task_meta_for = get_task_meta_for  # noqa: SLF001
     DatabaseBackend._store_result = store_result  # noqa: SLF001
+
+
+#: The columns of a database backend's row that hold no value of the task (``result_extended`` adds all
+#: but ``date_done``): read for a row whose values cannot be opened, as a key-value backend's meta keeps them.
+_ROW_FACTS: Final = ("date_done", "name", "worker", "retries", "queue")
+
+
+def _row_facts(backend: Any, task_id: str) -> dict[str, Any]:
+    """When the row's task was done and, with ``result_extended``, which task it was and where it ran."""
+    from celery.backends.database import session_cleanup  # noqa: PLC0415 - only when set up
+
+    row_class = backend.task_cls
+    names = [name for name in _ROW_FACTS if hasattr(row_class, name)]
+    session = backend.ResultSession()
+    with session_cleanup(session):
+        columns = [getattr(row_class, name) for name in names]
+        row = session.query(*columns).filter(row_class.task_id == task_id).first()
+    return dict(zip(names, row, strict=True)) if row is not None else {}
 
 
 # The database backend writes a failure's traceback to a column of its own, outside

@@ -678,6 +678,24 @@ class TestKeyOutcomes:
         get_pii(app).forget_subject("user-db")
         erased = app.AsyncResult(profile.id)
         assert erased.state == "FAILURE"
+        assert erased.date_done is not None  # the row's columns that hold no value are read still
+        with pytest.raises(KeyDestroyed):
+            erased.get(timeout=5)
+
+    def test_an_erased_result_keeps_the_rows_other_columns(self, make_app, key_store_url):
+        """With result_extended: which task ran, where and when stay readable, as on Redis (they were None)."""
+        app = make_app(backend="db+" + key_store_url, result_extended=True)
+        with _start(app):
+            profile = app.tasks["t.profile"].delay("user-db-x", EMAIL)
+            assert profile.get(timeout=20)["email"] == EMAIL
+        before = app.AsyncResult(profile.id)
+        facts = (before.name, before.date_done, before.worker, before.queue)
+        assert None not in facts
+        get_pii(app).forget_subject("user-db-x")
+        erased = app.AsyncResult(profile.id)
+        assert erased.state == "FAILURE"
+        assert (erased.name, erased.date_done, erased.worker, erased.queue) == facts
+        assert erased.args is None and erased.kwargs is None
         with pytest.raises(KeyDestroyed):
             erased.get(timeout=5)
 
