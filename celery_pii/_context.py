@@ -27,6 +27,7 @@ from ._keys import KeySpec
 from ._paths import Location, replace_in_copies
 from ._redact import Scrubber
 from ._sealer import MARKER, derived_key_spec, is_marker, opened_with
+from .exceptions import PIIError
 
 if TYPE_CHECKING:
     from ._pii import PII
@@ -290,7 +291,10 @@ def ended_with_id(task_id: object) -> EndedTask | None:
 
 
 def _remember_ended(task: RunningTask) -> None:
-    result_key = task.result_key
+    try:
+        result_key = task.result_key
+    except PIIError:  # found on first use, and it cannot be: nothing to seal a later result with
+        return
     if result_key is None:  # no PII: its results are stored as they are
         return
     _ended[task.task_id] = EndedTask(task.pii, task.name, task.task_id, result_key, task.group)
