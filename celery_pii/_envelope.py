@@ -81,6 +81,11 @@ MAX_LOCATIONS_BYTES: Final = 16 * 1024 * 1024
 MAX_LOCATION_DEPTH: Final = 64
 
 _TOO_LARGE: Final = f"the sealed values are larger than a worker opens ({MAX_PLAINTEXT_BYTES // 2**20} MiB)"
+_TOO_MANY_PLACES: Final = (
+    f"the sealed values sit in more places than a worker opens ({MAX_LOCATIONS:,}, "
+    f"or {MAX_LOCATIONS_BYTES // 2**20} MiB of their paths)"
+)
+_TOO_DEEP: Final = f"a sealed value sits deeper than a worker opens ({MAX_LOCATION_DEPTH} levels)"
 _FLAG_COMPRESSED: Final = 0x01
 _FLAG_RESULT: Final = 0x02
 _FLAG_TYPED: Final = 0x04
@@ -429,8 +434,20 @@ def _frame_co_keys(co_keys: Sequence[DataKey]) -> bytes:
 
 
 def _frame_locations(locations: tuple[Location, ...]) -> bytes:
-    """The locations as JSON, after their length."""
+    """The locations as JSON, after their length.
+
+    Raises:
+        EncryptionFailed: more locations, or deeper ones, than opening reads
+            (it would refuse the envelope as damaged: a worker parks such a
+            message as tampered with).  Checked here, once per set of places.
+    """
+    if len(locations) > MAX_LOCATIONS:
+        raise EncryptionFailed(_TOO_MANY_PLACES)
+    if any(len(location) > MAX_LOCATION_DEPTH for location in locations):
+        raise EncryptionFailed(_TOO_DEEP)
     where = _json.dumps([list(location) for location in locations], ensure_ascii=False)
+    if len(where) > MAX_LOCATIONS_BYTES:
+        raise EncryptionFailed(_TOO_MANY_PLACES)
     framed = _U32.pack(len(where)) + where
     if len(locations) <= _CACHEABLE_LOCATIONS:
         _remember(_encoded_locations, locations, framed)

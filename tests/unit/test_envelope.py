@@ -185,6 +185,24 @@ class TestEnvelope:
             "x" * 2**20
         ]
 
+    def test_places_opening_refuses_are_not_sealed(self, monkeypatch):
+        """A location deeper than opening reads (a 64-part path behind "args"), or too many: refused when sealed.
+
+        Sealing took them and every worker refused the envelope as damaged,
+        parking an untouched message as tampered with.
+        """
+        deepest = ("args", *(f"k{i}" for i in range(_envelope.MAX_LOCATION_DEPTH - 1)))
+        assert _open(_seal(values=["x"], locations=(deepest,))) == ["x"]
+        with pytest.raises(EncryptionFailed, match="deeper than a worker opens"):
+            _seal(values=["x"], locations=((*deepest, "one more"),))
+        monkeypatch.setattr(_envelope, "MAX_LOCATIONS", 3)
+        places = tuple(("args", i) for i in range(4))
+        with pytest.raises(EncryptionFailed, match="more places than a worker opens"):
+            _seal(values=[1, 2, 3, 4], locations=places)
+        monkeypatch.setattr(_envelope, "MAX_LOCATIONS_BYTES", 40)
+        with pytest.raises(EncryptionFailed, match="more places than a worker opens"):
+            _seal(values=[1, 2], locations=(("args", "a" * 20), ("args", "b" * 20)))
+
     def test_kombu_types_keep_their_type(self):
         """datetime, Decimal and nested mixes come back with their types."""
         values = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("12.30"), {"a": [1, None]}]
