@@ -58,7 +58,7 @@ from kombu.utils import json as kombu_json
 from . import _json
 from ._config import KEY_ID_PATTERN
 from ._crypto import NONCE_SIZE, TAG_SIZE, Algorithm, DataKey, compress, decompress
-from ._paths import Location, json_key
+from ._paths import Location, writes_keys_alike
 from .exceptions import DecryptionFailed, EncryptionFailed
 
 __all__ = [
@@ -368,11 +368,8 @@ def _refuse_unfaithful_dicts(values: list[Any], *, typed: bool) -> None:
         if isinstance(current, dict):
             if typed and current.keys() == _TYPED_KEYS:
                 raise TypedLookalike
-            if any(type(key) is not str for key in current):
-                written = [json_key(key) for key in current]
-                # A key JSON cannot write at all (None here) is refused by the encoder itself.
-                if None not in written and len(set(written)) != len(written):
-                    raise TwinKeys
+            if writes_keys_alike(current):
+                raise TwinKeys
             children: Any = current.values()
         elif isinstance(current, (list, tuple)):
             children = current

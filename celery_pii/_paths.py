@@ -38,10 +38,12 @@ __all__ = [
     "Part",
     "format_path",
     "get_at",
+    "json_key",
     "parse_path",
     "replace_in_copies",
     "set_all_in_place",
     "set_in_place",
+    "writes_keys_alike",
 ]
 
 
@@ -610,6 +612,17 @@ def json_key(key: object) -> str | None:
     if isinstance(key, float):
         return json.dumps(float(key))  # NaN and Infinity as JSON writes them
     return None
+
+
+def writes_keys_alike(value: dict[Any, Any]) -> bool:
+    """True if JSON writes two of the dict's keys as one text (``1`` and ``"1"``): one would be lost.
+
+    Keys JSON cannot write at all are left out (its encoder refuses them itself).
+    """
+    if all(type(key) is str for key in value):
+        return False
+    written = [text for text in map(json_key, value) if text is not None]
+    return len(set(written)) != len(written)
 
 
 def find_key(value: dict[Any, Any], part: str | int) -> Any:

@@ -42,7 +42,7 @@ from kombu.utils import json as kombu_json
 
 from . import _json
 from ._detect import shown_path
-from ._paths import Location, json_key
+from ._paths import Location, json_key, writes_keys_alike
 from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
 
 __all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
@@ -102,7 +102,10 @@ def _msgpack_packed(obj: Any, *, task_body: bool) -> bytes:
     msgpack writes a key ``1`` as a number, and refuses to read it back
     (``strict_map_key``: a number key could flood a dict's hash table), so a
     message with one was parked at the worker as undecodable, and a result
-    with one stored unreadable.  Such keys travel as text, as with ``json``.
+    with one stored unreadable.  Such keys travel as text, as with ``json``;
+    two written alike are refused, as with ``json``.  A ``bytes`` key, which
+    JSON cannot write, travels as it is in a result, and is refused in a task
+    body (see :func:`_refuse_bytes_keys`).
 
     Raises:
         KeyRefused: a dict holds a key JSON cannot write, or two keys JSON
@@ -116,9 +119,9 @@ def _msgpack_packed(obj: Any, *, task_body: bool) -> bytes:
         if "map key" not in str(error):  # refused for another reason: so is it by the reader
             return packed
         keyed = (
-            [_text_keys(part, (name,)) for name, part in zip(_BODY_PARTS, obj, strict=True)]
+            [_text_keys(part, (name,), task_body=True) for name, part in zip(_BODY_PARTS, obj, strict=True)]
             if task_body
-            else _text_keys(obj, ())
+            else _text_keys(obj, (), task_body=False)
         )
         packed = msgpack.packb(keyed, use_bin_type=True, strict_types=True, default=_msgpack_plain)
         return packed
@@ -147,24 +150,55 @@ _NOT_WRITABLE: Final = "holds a key JSON cannot write (only text, numbers, true,
 _WRITTEN_ALIKE: Final = 'holds two keys JSON writes alike (1 and "1", say), and one would be lost'
 
 
-def _text_keys(value: Any, location: Location) -> Any:
-    """``value`` with every dict key as the text JSON writes for it.
+def _text_keys(value: Any, location: Location, *, task_body: bool) -> Any:
+    """``value`` with every dict key as the text JSON writes for it (a result's ``bytes`` keys kept).
 
     Raises:
         KeyRefused: a dict holds two keys written alike (``1`` and ``"1"``),
-            or a key JSON cannot write.
+            or a key JSON cannot write (in a result, one msgpack cannot either).
     """
     if isinstance(value, dict):
-        copy = {}
+        copy: dict[str | bytes, Any] = {}
         for key, item in dict.items(value):
             text = json_key(key)
+            if text is None and not task_body and isinstance(key, bytes):
+                copy[key] = _text_keys(item, location, task_body=task_body)  # msgpack writes it as it is
+                continue
             if text is None or text in copy:
                 raise KeyRefused(location, _NOT_WRITABLE if text is None else _WRITTEN_ALIKE)
-            copy[text] = _text_keys(item, (*location, text))
+            copy[text] = _text_keys(item, (*location, text), task_body=task_body)
         return copy
     if isinstance(value, (list, tuple)):
-        return [_text_keys(item, (*location, i)) for i, item in enumerate(value)]
+        return [_text_keys(item, (*location, i), task_body=task_body) for i, item in enumerate(value)]
     return value
+
+
+def _refuse_keys_written_alike(obj: Any, *, task_body: bool) -> None:
+    """Refuse a body or result holding a dict with two keys JSON writes alike (one would be lost).
+
+    Only the standard library and kombu's typed JSON write such a dict
+    (orjson refuses non-str keys); what they wrote read back with one of the
+    two values, silently.  msgpack refuses them too (:func:`_text_keys`).
+
+    Raises:
+        KeyRefused: where the first such dict sits.
+    """
+    parts: list[Location] = [(part,) for part in _BODY_PARTS] if task_body else [()]
+    pending: list[tuple[Location, Any]] = list(zip(parts, obj if task_body else [obj], strict=True))
+    seen: set[int] = set()
+    while pending:
+        location, value = pending.pop()
+        if isinstance(value, dict):
+            if writes_keys_alike(value):
+                raise KeyRefused(location, _WRITTEN_ALIKE)
+            children = [((*location, json_key(key) or ""), item) for key, item in dict.items(value)]
+        elif isinstance(value, (list, tuple)):
+            children = [((*location, i), item) for i, item in enumerate(value)]
+        else:
+            continue
+        if id(value) not in seen:  # encoding refuses a value that holds itself
+            seen.add(id(value))
+            pending.extend(children)
 
 
 def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
@@ -279,17 +313,8 @@ class PIISerializer:
                 raise EncryptionFailed(msg)
         elif self._seal_result is not None:
             obj = self._seal_result(obj)
-        if self.inner == "json":
-            # JSON writes tuples as lists; given as lists, orjson's output reads back equal (see _json).
-            document = [list(obj[0]), obj[1], obj[2]] if task_body else obj
-            try:
-                data, by_orjson = _json.encode(document)
-            except (TypeError, ValueError):  # a datetime, Decimal, UUID, bytes...
-                text: str = kombu_json.dumps(obj)
-                return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
-            return (self._orjson_header if by_orjson else self._header) + data
         try:
-            return self._header + _msgpack_packed(obj, task_body=task_body)
+            return self._encoded(obj, task_body=task_body)
         except KeyRefused as error:
             where = f"the dict at {shown_path(error.location)}" if error.location else "a dict"
             if ticket is None:  # a result (the task is not known here)
@@ -297,6 +322,26 @@ class PIISerializer:
             else:
                 msg = f"task {ticket[1]!r}: {where} {error.why}; give its keys as text; nothing was published"
             raise EncryptionFailed(msg) from None
+
+    def _encoded(self, obj: Any, *, task_body: bool) -> bytes:
+        """``obj`` framed, by the inner serializer.
+
+        Raises:
+            KeyRefused: a dict whose keys would not read back as given (see :func:`_msgpack_packed`).
+        """
+        if self.inner == "msgpack":
+            return self._header + _msgpack_packed(obj, task_body=task_body)
+        # JSON writes tuples as lists; given as lists, orjson's output reads back equal (see _json).
+        document = [list(obj[0]), obj[1], obj[2]] if task_body else obj
+        try:
+            data, by_orjson = _json.encode(document)
+        except (TypeError, ValueError):  # a datetime, Decimal, UUID, bytes...
+            _refuse_keys_written_alike(obj, task_body=task_body)
+            text: str = kombu_json.dumps(obj)
+            return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
+        if not by_orjson:  # orjson refuses non-str keys; the standard library writes 1 and "1" alike
+            _refuse_keys_written_alike(obj, task_body=task_body)
+        return (self._orjson_header if by_orjson else self._header) + data
 
     def loads(self, data: bytes | str) -> Any:
         """Decode a frame; stored results are opened, task arguments never.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from celery_pii import _json
@@ -148,5 +150,31 @@ def test_msgpack_refuses_task_bodies_with_keys_that_paths_cannot_name():
         {"note": {"Ąę": b"x"}},
         fine[2],
     ]
-    # A result is not named by field paths: bytes keys travel as msgpack carries them.
+    # A result is not named by field paths: bytes keys travel as msgpack carries them,
+    # whatever other keys stand beside them.
     assert serializer.loads(serializer.dumps({"result": {b"k": 1}})) == {"result": {b"k": 1}}
+    assert serializer.loads(serializer.dumps({"result": {b"k": 1, 2: 3}})) == {"result": {b"k": 1, "2": 3}}
+
+
+@pytest.mark.parametrize(
+    ("inner", "beside"),
+    [("json", None), ("json", uuid.UUID(int=1)), ("msgpack", None)],
+    ids=["json", "kombu-typed-json", "msgpack"],
+)
+def test_two_keys_json_writes_alike_are_refused_by_either_inner_serializer(inner, beside):
+    """``{1: a, "1": b}`` read back as ``{"1": b}`` with ``json``: the other value was lost, silently."""
+    if inner == "msgpack":
+        pytest.importorskip("msgpack")
+    serializer = PIISerializer(inner)
+    twins = {1: "ann@example.com", "1": "second", "beside": beside}
+    with pytest.raises(
+        EncryptionFailed, match=r"^the dict at result\.totals holds two keys JSON writes alike"
+    ):
+        serializer.dumps({"status": "SUCCESS", "result": {"totals": twins}})
+    with pytest.raises(
+        EncryptionFailed, match=r"^task 't\.charge': the dict at kwargs\.c\[0\] holds two keys"
+    ):
+        serializer.dumps(_body([], {"c": [twins]}))
+    # Keys written differently are fine, as JSON writes them.
+    apart = {1: "a", "2": "b"}
+    assert serializer.loads(serializer.dumps({"result": apart})) == {"result": {"1": "a", "2": "b"}}
