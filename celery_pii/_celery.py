@@ -95,16 +95,18 @@ def defer_store_checks(*, enabled: bool) -> None:
 
 def _seal_result_hook(obj: Any) -> Any:
     running = _context.running.get()
-    if running is None and isinstance(obj, dict):
-        # Stored from another thread (update_state from a thread the task started).
-        running = _context.running_with_id(obj.get("task_id"))
-        if running is None:  # ... even after the task ended
-            ended = _context.ended_with_id(obj.get("task_id"))
-            if ended is not None:
-                return ended.pii.seal_late_result(obj, ended)
-    if running is None:
-        return _mark_declared_fields(obj)
-    return running.pii.seal_result(obj, running)
+    if running is not None:
+        return running.pii.seal_result(obj, running)
+    if not isinstance(obj, dict):
+        return obj
+    task_id = obj.get("task_id")
+    elsewhere = _context.running_with_id(task_id)  # update_state from a thread the task started
+    if elsewhere is not None:
+        return elsewhere.pii.seal_result(obj, elsewhere)
+    ended = _context.ended_with_id(task_id)  # ... even after the task ended
+    if ended is not None:
+        return ended.pii.seal_late_result(obj, ended)
+    return _mark_declared_fields(obj)
 
 
 def _mark_declared_fields(obj: Any) -> Any:

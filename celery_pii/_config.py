@@ -76,10 +76,6 @@ class Settings:
     kms_region: str | None
     actor: str | None
 
-    def replace(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (validated by the caller)."""
-        return dataclasses.replace(self, **changes)
-
 
 Converter = Callable[[Any, str], Any]
 
@@ -361,7 +357,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "pii_key_store_connect_timeout",
         5.0,
         _seconds(0.1, 300),
-        "Seconds to wait for the key store before raising `KeyStoreUnavailable`.",
+        "Seconds to wait for a connection to the key store before raising `KeyStoreUnavailable` "
+        "(an answer on the publish and consume paths is waited for 10 s at most, whatever this is).",
         "float",
     ),
     Option(

@@ -415,7 +415,8 @@ def first_opening(request: Any) -> bool:
 def enter(request: Any) -> RunningTask | None:
     """A task starts: nothing is running for it yet; returns the task it runs inside, if any.
 
-    The outer task is remembered on the request, for :func:`leave`.  A context
+    The outer task is remembered for this run (in ``_runs``, keyed by the
+    request, never on the request itself: see :class:`_RunState`), for :func:`leave`.  A context
     left behind by a task that ended without :func:`leave` (its process was
     being torn down) is not an outer task.
     """
@@ -450,9 +451,7 @@ def hide_opened(request: Any, *, rejected: bool) -> None:
         return
     root = {"args": getattr(request, "args", None), "kwargs": getattr(request, "kwargs", None)}
     opened_at: Sequence[Location] = current._opened_at  # noqa: SLF001
-    places = [
-        location for location in opened_at if location[0] in root and not _mark_argument(root, location)
-    ]
+    places = _mark_arguments(root, opened_at)
     if not places:
         return
     try:
@@ -469,21 +468,28 @@ def hide_opened(request: Any, *, rejected: bool) -> None:
             container.update(copy)
 
 
-def _mark_argument(root: dict[str, Any], location: Location) -> bool:
-    """Put the marker at an argument itself (most places): in the request's own list or dict.
+def _mark_arguments(root: dict[str, Any], opened_at: Sequence[Location]) -> list[Location]:
+    """Put the marker at each opened place that is an argument itself (most places).
+
+    In the request's own list or dict, where the argument is still there.
 
     Returns:
-        False for a place inside an argument (what leads there is copied).
+        The places inside an argument, left to the caller (what leads there is copied).
     """
-    if len(location) != 2:
-        return False
-    container, key = root[str(location[0])], location[1]
-    if isinstance(container, dict):
-        if key in container:
+    inside: list[Location] = []
+    for location in opened_at:
+        if location[0] not in root:
+            continue
+        if len(location) != 2:
+            inside.append(location)
+            continue
+        container, key = root[str(location[0])], location[1]
+        if isinstance(container, dict):
+            if key in container:
+                container[key] = MARKER
+        elif isinstance(container, list) and isinstance(key, int) and 0 <= key < len(container):
             container[key] = MARKER
-    elif isinstance(container, list) and isinstance(key, int) and 0 <= key < len(container):
-        container[key] = MARKER
-    return True
+    return inside
 
 
 def leave(request: Any, retval: Any = None) -> None:
@@ -515,8 +521,9 @@ def leave(request: Any, retval: Any = None) -> None:
         state.outer = _NOT_ENTERED
 
 
-# Envelopes carried from a task that could not open them (key store down) to
-# its own retry message, so the retry keeps the ciphertext it came with.
+# Envelopes carried from a task that could not open them (key store down, or the
+# quarantine refused it) to its own retry message, so the retry keeps the
+# ciphertext it came with.
 carried: contextvars.ContextVar[tuple[str, tuple[str, ...]] | None] = contextvars.ContextVar(
     "celery_pii_carried", default=None
 )

@@ -588,7 +588,8 @@ class KeyManager:
         Safe to run from two processes at once: rows being rotated elsewhere
         are skipped, and a rotated key is no longer due, so each due key gets
         exactly one new version.  Works in batches (bounded memory); with
-        ``max_keys`` it stops after that many and the next run goes on.
+        ``max_keys`` it stops after the batch in which it reached that many
+        (at least ``max_keys``), and the next run goes on.
 
         Returns:
             The key ids rotated by this call.
@@ -1164,12 +1165,10 @@ class KeyManager:
         raise AssertionError  # pragma: no cover - the loop always returns or raises
 
 
-def _data_key(row: KeyRow, material: bytes, algorithm: Algorithm | None = None) -> DataKey:
+def _data_key(row: KeyRow, material: bytes) -> DataKey:
     """The data key of ``row``, with its unwrapped ``material``."""
     expires_at = row.expires_at.timestamp() if row.expires_at is not None else None
-    return DataKey(
-        row.key_id, row.version, algorithm or Algorithm(row.algorithm), material, expires_at=expires_at
-    )
+    return DataKey(row.key_id, row.version, Algorithm(row.algorithm), material, expires_at=expires_at)
 
 
 def is_subject_id(value: object) -> bool:
@@ -1326,7 +1325,8 @@ def _answered_within(work: Callable[[], _T], name: str, waited_on: str = _THE_ST
     ``waited_on`` names what may not have answered, for the error.
 
     Raises:
-        KeyStoreUnavailable: no answer in time, or what ``work`` raised.
+        KeyStoreUnavailable: no answer in time.
+        Exception: whatever ``work`` raised, unchanged.
     """
     if _under_eventlet():
         return _answered_on_an_os_thread(work, waited_on)

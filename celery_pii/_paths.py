@@ -12,10 +12,12 @@ Grammar (DESIGN §1)::
 A parsed path is a tuple of parts: ``str`` (dict key or parameter name),
 ``int`` (list index) or :data:`WILDCARD`.
 
-A *location* is a concrete path inside a task call ``(args, kwargs)``: its
-first part is an ``int`` for a positional argument or a ``str`` for a keyword
-argument; the rest are dict keys and list indices.  The envelope records
-locations, so opening never needs the task's signature.
+A *location* is a concrete place in a message root: ``("args", i, ...)`` for
+a positional argument, ``("kwargs", name, ...)`` for a keyword argument, or
+``(part, ...)`` inside an embedded canvas part (``callbacks``, ``errbacks``,
+``chain``, ``chord``: see ``_sealer``); the rest are dict keys (as JSON writes
+them) and list indices.  The envelope records locations, so opening never
+needs the task's signature.
 
 This module does no I/O and imports no Celery.
 """

@@ -828,6 +828,3 @@ def _key_ids(tokens: Any) -> list[str]:
             continue
         ids.extend(key_id for key_id, _ in keys)
     return ids
-
-
-# -- task classes ------------------------------------------------------------------------------

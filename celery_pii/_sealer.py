@@ -14,8 +14,8 @@ the *parent* message, because the worker opens them before Celery publishes
 them as messages of their own, where they are sealed again under their own
 task's fields, id and key.
 
-This module knows no Celery objects beyond plain dicts and lists; it imports
-no Celery.
+This module knows no Celery objects beyond plain dicts and lists (it imports
+Celery only through the scrubber of ``_redact``, for one exception type).
 """
 
 from __future__ import annotations
@@ -318,8 +318,8 @@ class Sealer:
         parent's result, a chord's header results): the subject is bound as the
         step will be called.  A mutable errback gets one argument or three, as
         its function takes them: its subject is taken by keyword, and refused
-        by position.  A subject given by the parent, or not a string or
-        integer (the step is refused when it is published on its own), leaves
+        by position.  A subject given by the parent, or not a subject id
+        (:func:`is_subject_id`; the step is refused when it is published on its own), leaves
         the step sealed with the message; its worker seals it under its
         subject's key when it publishes it.
 

@@ -42,7 +42,7 @@ class KeyStoreUnavailable(PIIError):
 
 
 class KeyNotFound(PIIError):
-    """No data key exists for the given key id (and version)."""
+    """No usable data key for the given key id (and version): absent, or its row cannot be unwrapped."""
 
 
 class KeyDestroyed(PIIError):
