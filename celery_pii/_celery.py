@@ -97,9 +97,9 @@ def _seal_result_hook(obj: Any) -> Any:
     running = _context.running.get()
     if running is not None:
         return running.pii.seal_result(obj, running)
-    if not isinstance(obj, dict):
+    task_id = _stored_for(obj)
+    if task_id is None:
         return obj
-    task_id = obj.get("task_id")
     elsewhere = _context.running_with_id(task_id)  # update_state from a thread the task started
     if elsewhere is not None:
         return elsewhere.pii.seal_result(obj, elsewhere)
@@ -107,6 +107,34 @@ def _seal_result_hook(obj: Any) -> Any:
     if ended is not None:
         return ended.pii.seal_late_result(obj, ended)
     return _mark_declared_fields(obj)
+
+
+def _stored_for(obj: Any) -> str | None:
+    """The task a value stored outside any task's context is stored for, if that can be told.
+
+    A result meta names it; the database backend stores each column alone,
+    in the row of its task; Redis' native chord join stores ``[1, task id,
+    state, result]`` per part.
+    """
+    if isinstance(obj, dict) and "task_id" in obj:
+        return str(obj["task_id"])
+    row = _context.backend_row.get()
+    if row is not None:
+        return row
+    if _is_join_entry(obj):
+        return str(obj[1])
+    return None
+
+
+def _is_join_entry(value: Any) -> bool:
+    """``[1, task id, state, result]``: what Redis' native chord join stores for one part."""
+    return (
+        isinstance(value, list)
+        and len(value) == _JOIN_ENTRY_LENGTH
+        and value[0] == 1
+        and isinstance(value[1], str)
+        and value[2] in states.ALL_STATES
+    )
 
 
 def _mark_declared_fields(obj: Any) -> Any:
@@ -372,14 +400,7 @@ def _values_read(opened: OpenedResult) -> list[Any]:
     """
     entry = opened.value
     values = opened.values
-    if (
-        len(values) == 1
-        and isinstance(entry, list)
-        and len(entry) == _JOIN_ENTRY_LENGTH
-        and entry[0] == 1
-        and isinstance(entry[1], str)
-        and entry[2] in states.ALL_STATES
-    ):
+    if len(values) == 1 and _is_join_entry(entry):
         values = [entry[3]]
     return [_message_of_exception(value) for value in values]
 

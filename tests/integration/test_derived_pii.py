@@ -131,6 +131,30 @@ def test_update_state_from_a_thread_after_the_task_ended(app, worker):
     assert isinstance(erased.info, KeyDestroyed)
 
 
+@pytest.mark.parametrize(
+    "task", ["t.progress_from_thread", "t.profile_reports_late"], ids=["running", "ended"]
+)
+def test_update_state_from_a_thread_on_the_database_backend(make_app, key_store_url, task):
+    """Its column values name no task: the row they are stored in does (they were stored in plaintext)."""
+    import sqlalchemy
+
+    app = make_app(backend="db+" + key_store_url)
+    args = ("u-late-db", EMAIL) if task == "t.profile_reports_late" else (EMAIL,)
+    engine = sqlalchemy.create_engine(key_store_url)
+    query = sqlalchemy.text("select status, result from celery_taskmeta where task_id = :id")
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+        result = app.tasks[task].delay(*args)
+        deadline, row = time.monotonic() + 20, None
+        while time.monotonic() < deadline and (row is None or row[0] != "PROGRESS"):
+            time.sleep(0.05)
+            with engine.connect() as connection:
+                row = connection.execute(query, {"id": result.id}).first()
+        assert row is not None and row[0] == "PROGRESS"
+        assert_no_plaintext(bytes(row[1]), secrets=(EMAIL,))
+        assert EMAIL in json.dumps(app.AsyncResult(result.id).info)
+    engine.dispose()
+
+
 def test_a_result_read_after_the_task_ended_derives_nothing(app, worker):
     """A task_postrun handler connected after celery-pii's reads a sealed result: no context outlives the task.
 

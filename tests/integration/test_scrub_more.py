@@ -82,6 +82,36 @@ def test_a_rejected_task_leaves_no_opened_value_in_the_result_backend(app, pool)
     assert app.AsyncResult(results[2].id).args == [{"email": MARKER, "tier": "gold"}]
 
 
+def test_a_rejected_chord_part_leaves_its_join_entry_sealed(app):
+    """Redis' native join entry ``[1, id, state, result]`` stored after the part's end: sealed, as while it runs.
+
+    Celery records a rejected part's outcome after the task ended; its meta
+    was sealed, its join entry stored as given (the Reject's text holds a
+    form of the value the scrubber does not know).
+    """
+    from celery import chord
+
+    @app.task(shared=False, name="t.reject_part", pii_fields=["email"])
+    def reject_part(email):
+        msg = f"no account for {email.title()}"
+        raise Reject(msg, requeue=False)
+
+    @app.task(shared=False, name="t.gather_plain")
+    def gather_plain(results):
+        return len(results)
+
+    with _start(app):
+        body = chord([reject_part.s(EMAIL)])(gather_plain.s())
+        deadline = time.monotonic() + 20
+        entries: list[bytes] = []
+        while not entries and time.monotonic() < deadline:
+            time.sleep(0.1)
+            entries = redis_client(BACKEND_DB).zrange(f"celery-taskset-meta-{body.parent.id}.j", 0, -1)
+    assert entries
+    for entry in entries:
+        assert_no_plaintext(entry, (EMAIL.title(),))
+
+
 @pytest.mark.parametrize("pool", ["solo", "threads"])
 def test_an_errback_reading_the_request_after_reject_gets_markers(make_app, pool, caplog):
     """Without result_extended too: Celery calls a request-style errback from the request it kept.
