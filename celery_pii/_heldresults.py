@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from celery.result import ResultBase
+
 from ._sealer import is_result_meta, unreadable_result
 from .exceptions import KeyDestroyed, KeyNotFound
 
@@ -107,7 +109,8 @@ def guard_celery_result_caches() -> None:
         read = as_read_now(backend, meta)
         if read is not meta:
             backend._cache.pop(task_id, None)  # noqa: SLF001 - what Celery serves it from
-        return read
+            return read
+        return _served(meta)
 
     def checked_get_task_meta(self: Any, task_id: Any, cache: bool = True) -> Any:
         return checked(self, task_id, get_task_meta(self, task_id, cache=cache))
@@ -129,6 +132,33 @@ def guard_celery_result_caches() -> None:
     Backend.get_group_meta = _fresh_group_results(Backend.get_group_meta)
     _guard_rpc_backend(checked)
     AsyncBackendMixin._maybe_resolve_from_buffer = checked_from_buffer  # noqa: SLF001
+
+
+def _served(meta: Any) -> Any:
+    """A copy of a meta for the ``AsyncResult`` that asked, with its children as ids, not objects.
+
+    Celery's cache hands out the meta it keeps, and ``AsyncResult`` changes it
+    in place: its ``children`` become result objects, which then answer
+    ``.get()`` from what they read, without asking the backend.  Every new
+    ``AsyncResult(parent).children`` got those same objects, and a child's
+    result read once was served in plaintext after its keys were gone.  With
+    a copy, each reader builds children of its own, which read (and are
+    checked) again.
+    """
+    if not isinstance(meta, dict):
+        return meta
+    served: dict[str, Any]
+    if type(meta) is OpenedMeta:
+        served = OpenedMeta(meta)
+        served.opened = meta.opened
+    else:
+        served = dict(meta)
+    children = served.get("children")
+    if children:
+        served["children"] = [
+            child.as_tuple() if isinstance(child, ResultBase) else child for child in children
+        ]
+    return served
 
 
 def _fresh_group_results(get_group_meta: Any) -> Any:

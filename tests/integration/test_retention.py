@@ -172,6 +172,33 @@ class TestResultsHeldInMemory:
             assert again.results[0].state == "FAILURE"
             assert again.results[1].get(timeout=5)["email"] == EMAIL
 
+    def test_result_cache_max_with_a_parents_children(self, make_app):
+        """The children of a cached result are new for each reader: a child read once is read (and checked) again.
+
+        Celery's cache kept the parent's meta, and AsyncResult turned its
+        children into result objects inside it: every new
+        ``AsyncResult(parent).children`` got those objects, which served the
+        child's result in plaintext after its subject's erasure.
+        """
+        app = make_app(result_cache_max=100)
+
+        @app.task(shared=False, name="t.spawns_profile", pii_fields=["email"])
+        def spawns_profile(user_id, email):
+            return app.tasks["t.profile"].delay(user_id, email).id
+
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+            parent = spawns_profile.delay("u-held-7", EMAIL)
+            child_id = parent.get(timeout=20)
+            assert app.AsyncResult(child_id).get(timeout=20)["email"] == EMAIL
+            (child,) = app.AsyncResult(parent.id).children
+            assert child.id == child_id and child.get(timeout=5)["email"] == EMAIL
+            assert get_pii(app).forget_subject("u-held-7") >= 1
+            (again,) = app.AsyncResult(parent.id).children
+            assert again is not child
+            with pytest.raises(KeyDestroyed):
+                again.get(timeout=5)
+            assert app.AsyncResult(parent.id).get(timeout=5) == child_id  # the parent's own result stays
+
     @pytest.mark.parametrize("held_in", ["buffer", "result_cache_max"])
     def test_the_rpc_backend(self, make_app, held_in):
         """rpc:// reads with a get_task_meta of its own: .state and .result served the held plaintext.
