@@ -105,7 +105,7 @@ def make_json_app() -> Celery:
 def pii_codec(app: Celery, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Seal, encode, decode and open one message, as the real paths do."""
     from celery_pii import get_pii
-    from celery_pii._serializer import publish_ticket
+    from celery_pii._serializer import PublishTicket, publish_ticket
 
     sealer = get_pii(app).sealer
 
@@ -113,7 +113,7 @@ def pii_codec(app: Celery, args: list[Any], kwargs: dict[str, Any]) -> Any:
         sealed = sealer.seal_message("bench.charge", TASK_ID, {"args": args, "kwargs": kwargs, **EMBED})
         root = sealed.root
         body = (root["args"], root["kwargs"], {**EMBED, EMBED_KEY: [sealed.token]})
-        publish_ticket.set((body, "bench.charge"))
+        publish_ticket.set(PublishTicket(body, "bench.charge"))
         content_type, encoding, data = serialization.dumps(body, "pii")
         got_args, got_kwargs, embed = serialization.loads(data, content_type, encoding)
         sealer.open_message(
@@ -324,10 +324,10 @@ def worker_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: bo
     message = app.amqp.create_task_message(TASK_ID, "bench.charge", args, kwargs)
     serializer = "pii" if pii else "json"
     if pii:
-        from celery_pii._serializer import publish_ticket
+        from celery_pii._serializer import PublishTicket, publish_ticket
 
         # The publish step's ticket (the body was sealed by create_task_message).
-        publish_ticket.set((message.body, "bench.charge"))
+        publish_ticket.set(PublishTicket(message.body, "bench.charge"))
     content_type, encoding, data = serialization.dumps(message.body, serializer)
     headers = dict(message.headers)
     tracer = build_tracer("bench.charge", task, app=app, eager=False, propagate=True)

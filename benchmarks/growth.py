@@ -34,12 +34,12 @@ FIELD_COUNTS = (1, 2, 5, 10, 20, 50, 100)
 def wire_bytes(app: Any, args: list[Any], kwargs: dict[str, Any]) -> int:
     """Size of the encoded message body as it goes to the broker."""
     from celery_pii import get_pii
-    from celery_pii._serializer import publish_ticket
+    from celery_pii._serializer import PublishTicket, publish_ticket
 
     root = {"args": args, "kwargs": kwargs, **EMBED}
     sealed = get_pii(app).sealer.seal_message("bench.charge", "0" * 36, root)
     body = (sealed.root["args"], sealed.root["kwargs"], {**EMBED, "pii": [sealed.token]})
-    publish_ticket.set((body, "bench.charge"))
+    publish_ticket.set(PublishTicket(body, "bench.charge"))
     return len(serialization.dumps(body, "pii")[2])
 
 

@@ -44,7 +44,7 @@ from ._sealer import (
     steps_hold_markers,
     withheld_outcome,
 )
-from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, publish_ticket
+from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, PublishTicket, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
 from ._store import utcnow
 from ._taskclass import call_target, install_opening, wrap_instance_run
@@ -240,7 +240,9 @@ class PII:
         message = original(**call.arguments(root))
         if tokens:
             message.body[2][EMBED_KEY] = tokens
-        publish_ticket.set((message.body, name))
+        # With msgpack, a bytes key where field paths or detection look is refused (see _serializer).
+        paths_matter = spec is not None or bool(tokens) or has_canvas(root)
+        publish_ticket.set(PublishTicket(message.body, name, paths_matter))
         return message
 
     def _report_detected(self, name: str, sealed: Sealed) -> dict[str, Any]:
@@ -561,7 +563,7 @@ class PII:
 
     def _encode_trusted(self, body: Any, name: str) -> bytes:
         """Frame an already-sealed body of task ``name`` (for the quarantine: it needs no ticket)."""
-        token = publish_ticket.set((body, name))
+        token = publish_ticket.set(PublishTicket(body, name, paths_matter=False))
         try:
             return self.serializer.dumps(body)
         finally:

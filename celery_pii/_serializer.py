@@ -36,16 +36,17 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from kombu.utils import json as kombu_json
 
 from . import _json
 from ._detect import shown_path
 from ._paths import Location, json_key, writes_keys_alike
+from ._redact import REDACTED
 from .exceptions import ConfigurationError, DecryptionFailed, EncryptionFailed
 
-__all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "publish_ticket"]
+__all__ = ["CONTENT_TYPE", "NAME", "PIISerializer", "PublishTicket", "publish_ticket"]
 
 logger = logging.getLogger("celery_pii")
 
@@ -59,10 +60,20 @@ _ORJSON: Final = b"o"  # plain JSON that orjson wrote (and read back equal)
 _JSON_STARTS: Final = frozenset((b"{", b"[", b'"'))
 _EMBED_KEYS: Final = frozenset(("callbacks", "errbacks", "chain", "chord"))
 
-#: The last task body that passed the publish step in this thread/context, and its task's name.
+
+class PublishTicket(NamedTuple):
+    """What the publish step says of the task body it passed."""
+
+    body: object
+    task: str
+    #: Field paths or detection look into its arguments (a ``bytes`` key there is refused).
+    paths_matter: bool = True
+
+
+#: The last task body that passed the publish step in this thread/context.
 #: ``dumps`` accepts a task body only if it *is* that object (identity):
 #: the body tuple is built by ``as_task_v2`` and handed to ``dumps`` unchanged.
-publish_ticket: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
+publish_ticket: contextvars.ContextVar[PublishTicket | None] = contextvars.ContextVar(
     "celery_pii_publish_ticket", default=None
 )
 
@@ -96,7 +107,7 @@ def _msgpack_plain(value: Any) -> Any:
     raise TypeError(msg)
 
 
-def _msgpack_packed(obj: Any, *, task_body: bool) -> bytes:
+def _msgpack_packed(obj: Any, *, task_body: bool, refuse_bytes_keys: bool = False) -> bytes:
     """``obj`` as msgpack, its dict keys written as JSON writes them if any is not text.
 
     msgpack writes a key ``1`` as a number, and refuses to read it back
@@ -104,14 +115,16 @@ def _msgpack_packed(obj: Any, *, task_body: bool) -> bytes:
     message with one was parked at the worker as undecodable, and a result
     with one stored unreadable.  Such keys travel as text, as with ``json``;
     two written alike are refused, as with ``json``.  A ``bytes`` key, which
-    JSON cannot write, travels as it is in a result, and is refused in a task
-    body (see :func:`_refuse_bytes_keys`).
+    JSON cannot write, travels as it is, unless ``refuse_bytes_keys`` (see
+    :func:`_refuse_bytes_keys`).
 
     Raises:
-        KeyRefused: a dict holds a key JSON cannot write, or two keys JSON
-            writes alike; in a task body, a ``bytes`` key (see :func:`_refuse_bytes_keys`).
+        KeyRefused: a dict holds a key neither JSON nor msgpack writes, or two
+            keys JSON writes alike; with ``refuse_bytes_keys``, a ``bytes`` key.
     """
     msgpack = _msgpack()
+    if refuse_bytes_keys:
+        _refuse_bytes_keys(obj)
     packed: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=True, default=_msgpack_plain)
     try:
         msgpack.unpackb(packed, raw=False)  # what every reader does
@@ -119,22 +132,16 @@ def _msgpack_packed(obj: Any, *, task_body: bool) -> bytes:
         if "map key" not in str(error):  # refused for another reason: so is it by the reader
             return packed
         keyed = (
-            [_text_keys(part, (name,), task_body=True) for name, part in zip(_BODY_PARTS, obj, strict=True)]
+            [_text_keys(part, (name,)) for name, part in zip(_BODY_PARTS, obj, strict=True)]
             if task_body
-            else _text_keys(obj, (), task_body=False)
+            else _text_keys(obj, ())
         )
         packed = msgpack.packb(keyed, use_bin_type=True, strict_types=True, default=_msgpack_plain)
-        return packed
-    if task_body and any(marker in packed for marker in _BIN_MARKERS):
-        _refuse_bytes_keys(obj)
     return packed
 
 
 #: What a task body's three parts are called in error messages' paths.
 _BODY_PARTS: Final = ("args", "kwargs", "embed")
-
-#: How msgpack starts a ``bytes`` value (bin 8, 16, 32): a body without any of them holds no bytes key.
-_BIN_MARKERS: Final = (b"\xc4", b"\xc5", b"\xc6")
 
 
 class KeyRefused(ValueError):
@@ -150,26 +157,31 @@ _NOT_WRITABLE: Final = "holds a key JSON cannot write (only text, numbers, true,
 _WRITTEN_ALIKE: Final = 'holds two keys JSON writes alike (1 and "1", say), and one would be lost'
 
 
-def _text_keys(value: Any, location: Location, *, task_body: bool) -> Any:
-    """``value`` with every dict key as the text JSON writes for it (a result's ``bytes`` keys kept).
+def _shown_key(key: Any) -> str:
+    """A dict key as error messages' paths show it: one that is not text may be an account number."""
+    return key if type(key) is str else REDACTED
+
+
+def _text_keys(value: Any, location: Location) -> Any:
+    """``value`` with every dict key as the text JSON writes for it (``bytes`` keys kept).
 
     Raises:
         KeyRefused: a dict holds two keys written alike (``1`` and ``"1"``),
-            or a key JSON cannot write (in a result, one msgpack cannot either).
+            or a key that neither JSON nor msgpack writes.
     """
     if isinstance(value, dict):
         copy: dict[str | bytes, Any] = {}
         for key, item in dict.items(value):
             text = json_key(key)
-            if text is None and not task_body and isinstance(key, bytes):
-                copy[key] = _text_keys(item, location, task_body=task_body)  # msgpack writes it as it is
+            if text is None and isinstance(key, bytes):
+                copy[key] = _text_keys(item, (*location, REDACTED))  # msgpack writes it as it is
                 continue
             if text is None or text in copy:
                 raise KeyRefused(location, _NOT_WRITABLE if text is None else _WRITTEN_ALIKE)
-            copy[text] = _text_keys(item, (*location, text), task_body=task_body)
+            copy[text] = _text_keys(item, (*location, _shown_key(key)))
         return copy
     if isinstance(value, (list, tuple)):
-        return [_text_keys(item, (*location, i), task_body=task_body) for i, item in enumerate(value)]
+        return [_text_keys(item, (*location, i)) for i, item in enumerate(value)]
     return value
 
 
@@ -191,7 +203,7 @@ def _refuse_keys_written_alike(obj: Any, *, task_body: bool) -> None:
         if isinstance(value, dict):
             if writes_keys_alike(value):
                 raise KeyRefused(location, _WRITTEN_ALIKE)
-            children = [((*location, json_key(key) or ""), item) for key, item in dict.items(value)]
+            children = [((*location, _shown_key(key)), item) for key, item in dict.items(value)]
         elif isinstance(value, (list, tuple)):
             children = [((*location, i), item) for i, item in enumerate(value)]
         else:
@@ -207,11 +219,15 @@ def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
     Field paths name keys as JSON writes them: a declared field under
     ``{b"email": ...}`` was never found, so it left unsealed, and the worker,
     looking the same way, ran the task (redis-py's ``hgetall`` gives such
-    dicts).  ``json`` refuses these keys; so does ``msgpack`` in a task body.
+    dicts).  ``json`` refuses these keys; with ``msgpack``, so does the
+    publish step of a task whose arguments field paths or detection look
+    into (a task without PII is published as plain Celery would).
 
     Raises:
         KeyRefused: where the first such dict sits.
     """
+    if not _holds_bytes_key(body):  # the common case, without building a place for every value
+        return
     pending: list[tuple[Location, Any]] = list(zip([(part,) for part in _BODY_PARTS], body, strict=True))
     while pending:
         location, value = pending.pop()
@@ -219,9 +235,22 @@ def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
             for key, item in dict.items(value):
                 if isinstance(key, bytes):
                     raise KeyRefused(location, _NOT_WRITABLE)
-                pending.append(((*location, json_key(key) or ""), item))
+                pending.append(((*location, _shown_key(key)), item))
         elif isinstance(value, (list, tuple)):
             pending.extend(((*location, i), item) for i, item in enumerate(value))
+
+
+def _holds_bytes_key(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, dict):
+            if any(isinstance(key, bytes) for key in current):
+                return True
+            pending.extend(current.values())
+        elif isinstance(current, (list, tuple)):
+            pending.extend(current)
+    return False
 
 
 def _msgpack() -> Any:
@@ -305,7 +334,7 @@ class PIISerializer:
         task_body = is_task_body(obj)
         ticket = publish_ticket.get() if task_body else None
         if task_body:
-            if ticket is None or ticket[0] is not obj:
+            if ticket is None or ticket.body is not obj:
                 msg = (
                     "a task body reached the 'pii' serializer without passing celery-pii's publish "
                     "step; call setup_pii(app) on the app that publishes it (nothing was published)"
@@ -314,23 +343,27 @@ class PIISerializer:
         elif self._seal_result is not None:
             obj = self._seal_result(obj)
         try:
-            return self._encoded(obj, task_body=task_body)
+            return self._encoded(obj, task_body=task_body, ticket=ticket)
         except KeyRefused as error:
             where = f"the dict at {shown_path(error.location)}" if error.location else "a dict"
             if ticket is None:  # a result (the task is not known here)
                 msg = f"{where} {error.why}; nothing was encoded"
             else:
-                msg = f"task {ticket[1]!r}: {where} {error.why}; give its keys as text; nothing was published"
+                msg = (
+                    f"task {ticket.task!r}: {where} {error.why}; give its keys as text; nothing was published"
+                )
             raise EncryptionFailed(msg) from None
 
-    def _encoded(self, obj: Any, *, task_body: bool) -> bytes:
+    def _encoded(self, obj: Any, *, task_body: bool, ticket: PublishTicket | None) -> bytes:
         """``obj`` framed, by the inner serializer.
 
         Raises:
             KeyRefused: a dict whose keys would not read back as given (see :func:`_msgpack_packed`).
         """
         if self.inner == "msgpack":
-            return self._header + _msgpack_packed(obj, task_body=task_body)
+            # The publish step says whether field paths or detection look into the task's arguments.
+            refuse = task_body and ticket is not None and ticket.paths_matter
+            return self._header + _msgpack_packed(obj, task_body=task_body, refuse_bytes_keys=refuse)
         # JSON writes tuples as lists; given as lists, orjson's output reads back equal (see _json).
         document = [list(obj[0]), obj[1], obj[2]] if task_body else obj
         try:

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from celery_pii import _json
-from celery_pii._serializer import FRAME_VERSION, PIISerializer, publish_ticket
+from celery_pii._serializer import FRAME_VERSION, PIISerializer, PublishTicket, publish_ticket
 from celery_pii.exceptions import EncryptionFailed
 
 SERIALIZER = PIISerializer("json")
@@ -120,7 +120,7 @@ def test_msgpack_writes_keys_that_are_not_text_as_json_does():
 def _body(args, kwargs, name="t.charge"):
     """A task body as the publish step hands it to the serializer, with its ticket."""
     body = (args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-    publish_ticket.set((body, name))
+    publish_ticket.set(PublishTicket(body, name))
     return body
 
 
@@ -143,6 +143,19 @@ def test_msgpack_refuses_task_bodies_with_keys_that_paths_cannot_name():
             serializer.dumps(_body(args, kwargs))
         assert "example.com" not in str(info.value) and "900-" not in str(info.value)
         assert "email" not in str(info.value) and "ssn" not in str(info.value)
+    # A key that is not text may be an account number: the place shows it redacted.
+    with pytest.raises(EncryptionFailed) as info:
+        serializer.dumps(_body([{"balances": {87654321: {b"k": 1}}}], {}))
+    assert "87654321" not in str(info.value)
+    assert 'args[0].balances["[pii:redacted]"] holds a key JSON cannot write' in str(info.value)
+    # A task whose arguments no field path or detection looks into: published as plain Celery would.
+    plain = (
+        ["x", {b"counter": b"3"}],
+        {},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    )
+    publish_ticket.set(PublishTicket(plain, "t.plain", paths_matter=False))
+    assert serializer.loads(serializer.dumps(plain))[0] == ["x", {b"counter": b"3"}]
     # What msgpack starts bytes with, in text and in a bytes value: not a key, so written as it is.
     fine = _body(["Łukasz Ćwik", b"\xc4\xc5\xc6 raw"], {"note": {"Ąę": b"x"}})
     assert serializer.loads(serializer.dumps(fine)) == [
