@@ -34,7 +34,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["ORJSON", "dumps", "encode", "loads", "read_own"]
+__all__ = ["ORJSON", "dumps", "encode", "keys_may_collide", "loads", "read_own"]
 
 try:
     import orjson
@@ -135,6 +135,30 @@ def _plain_scalars(obj: Any) -> bool:
         ):
             return False
     return True
+
+
+def keys_may_collide(obj: Any) -> bool:
+    """False when no two dict keys in ``obj`` can be written alike (every key is a ``str``).
+
+    Two keys collide (``1`` and ``"1"``: the reader keeps one) only where a
+    dict has a key that is not a ``str``.  orjson refuses those: asked to
+    write everything else it does not know as ``null``, it refuses only such a
+    key, an integer beyond 64 bits, a lone surrogate or nesting too deep, so
+    when it does not, nothing can collide; when it does, the caller looks.
+    Without orjson it cannot be told cheaply (a walk in Python costs twice the
+    encoding): False, not checked, as in plain Celery (the last key wins).
+    """
+    if not ORJSON:
+        return False
+    try:
+        orjson.dumps(obj, default=_null)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return True
+    return False
+
+
+def _null(_value: object) -> None:
+    return None
 
 
 def _refuse(_value: object) -> Any:

@@ -369,10 +369,12 @@ class PIISerializer:
         try:
             data, by_orjson = _json.encode(document)
         except (TypeError, ValueError):  # a datetime, Decimal, UUID, bytes...
-            _refuse_keys_written_alike(obj, task_body=task_body)
+            if _json.keys_may_collide(document):
+                _refuse_keys_written_alike(obj, task_body=task_body)
             text: str = kombu_json.dumps(obj)
             return bytes((FRAME_VERSION,)) + _TYPED_JSON + text.encode()
-        if not by_orjson:  # orjson refuses non-str keys; the standard library writes 1 and "1" alike
+        # The standard library wrote it (orjson refused, or wrote it otherwise): 1 and "1" alike.
+        if not by_orjson and _json.keys_may_collide(document):
             _refuse_keys_written_alike(obj, task_body=task_body)
         return (self._orjson_header if by_orjson else self._header) + data
 
