@@ -148,12 +148,11 @@ def keys_may_collide(obj: Any) -> bool:
     Without orjson it cannot be told cheaply (a walk in Python costs twice the
     encoding): False, not checked, as in plain Celery (the last key wins).
     """
-    if not ORJSON:
-        return False
-    try:
-        orjson.dumps(obj, default=_null)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return True
+    if orjson is not None:
+        try:
+            orjson.dumps(obj, default=_null)
+        except TypeError:  # orjson.JSONEncodeError is a TypeError
+            return True
     return False
 
 

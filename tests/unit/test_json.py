@@ -286,5 +286,5 @@ def test_keys_may_collide_only_where_a_key_is_not_a_str(value, may_collide):
 
 def test_without_orjson_keys_are_not_looked_at(monkeypatch):
     """Without the ``fast`` extra: not told cheaply, not checked (as plain Celery: the last key wins)."""
-    monkeypatch.setattr(_json, "ORJSON", False)
+    monkeypatch.setattr(_json, "orjson", None)
     assert _json.keys_may_collide({1: "x", "1": "y"}) is False
