@@ -152,6 +152,10 @@ class RunningTask:
             source = carried if source is None else derived_key_spec(source, carried)
         return source
 
+    def kept_after_end(self) -> _Ended:
+        """What a result stored for this task after its end is sealed with (never its values)."""
+        return _Ended(self.pii, self.name, self.spec, self._result_key, self._message_keys, self.group)
+
     @property
     def result_key(self) -> KeySpec | None:
         """The key results of this task are sealed under (``None``: not a PII task).
@@ -161,13 +165,19 @@ class RunningTask:
         otherwise the one given (a subject's), or the task's own.
         """
         if self._result_key is None:
-            if self._message_keys:
-                self._result_key = opened_with(self._message_keys)
-            elif self.is_pii:
-                self._result_key = self.pii.sealer.key_spec(
-                    self.name, self.spec, {}, [self.spec] if self.spec else []
-                )
+            self._result_key = _result_key_of(self.pii, self.name, self.spec, self._message_keys)
         return self._result_key
+
+
+def _result_key_of(
+    pii: PII, name: str, spec: TaskSpec | None, message_keys: Sequence[tuple[str, int]]
+) -> KeySpec | None:
+    """See :attr:`RunningTask.result_key` (found on first use: many tasks store no result)."""
+    if message_keys:
+        return opened_with(message_keys)
+    if spec is not None and spec.is_pii:
+        return pii.sealer.key_spec(name, spec, {}, [spec])
+    return None
 
 
 running: contextvars.ContextVar[RunningTask | None] = contextvars.ContextVar(
@@ -275,8 +285,19 @@ class EndedTask(NamedTuple):
     group: str | None
 
 
-#: The PII tasks that ended here most recently, by id, oldest first (see :func:`ended_with_id`).
-_ended: collections.OrderedDict[str, EndedTask] = collections.OrderedDict()
+class _Ended(NamedTuple):
+    """What is kept of each ended task: its key is found only if a result comes (most never do)."""
+
+    pii: PII
+    name: str
+    spec: TaskSpec | None
+    result_key: KeySpec | None
+    message_keys: Sequence[tuple[str, int]]
+    group: str | None
+
+
+#: The tasks with PII that ended here most recently, by id, oldest first (see :func:`ended_with_id`).
+_ended: collections.OrderedDict[str, _Ended] = collections.OrderedDict()
 #: How many are remembered: a thread storing for a task this many PII tasks ago is not recognised.
 ENDED_KEPT: Final = 4096
 
@@ -287,19 +308,26 @@ def ended_with_id(task_id: object) -> EndedTask | None:
     A thread the task started may still call ``update_state(task_id=...)``
     after the task returned: that result is sealed under the task's key too.
     """
-    return _ended.get(str(task_id))
+    wanted = str(task_id)
+    ended = _ended.get(wanted)
+    if ended is None:
+        return None
+    result_key = ended.result_key
+    if result_key is None:
+        try:
+            result_key = _result_key_of(ended.pii, ended.name, ended.spec, ended.message_keys)
+        except PIIError:  # it cannot be found: nothing to seal a later result with
+            return None
+        if result_key is None:  # no PII: its results are stored as they are
+            return None
+    return EndedTask(ended.pii, ended.name, wanted, result_key, ended.group)
 
 
 def _remember_ended(task: RunningTask) -> None:
-    try:
-        result_key = task.result_key
-    except PIIError:  # found on first use, and it cannot be: nothing to seal a later result with
-        return
-    if result_key is None:  # no PII: its results are stored as they are
-        return
-    _ended[task.task_id] = EndedTask(task.pii, task.name, task.task_id, result_key, task.group)
+    # Every task with PII ends here: the least work that lets a late result be sealed.
+    _ended[task.task_id] = task.kept_after_end()
     _ended.move_to_end(task.task_id)
-    while len(_ended) > ENDED_KEPT:
+    if len(_ended) > ENDED_KEPT:
         _ended.popitem(last=False)
 
 
