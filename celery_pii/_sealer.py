@@ -49,7 +49,29 @@ from ._specs import TaskSpec
 from ._store import utcnow
 from .exceptions import DecryptionFailed, EncryptionFailed, KeyDestroyed
 
-__all__ = ["MARKER", "RESULT_FIELDS", "Opened", "Sealed", "Sealer", "is_marker"]
+# What the rest of the package uses.
+__all__ = [
+    "EMBED_KEY",
+    "MARKER",
+    "RESULT_KEY",
+    "Opened",
+    "OpenedResult",
+    "Sealed",
+    "Sealer",
+    "derived_key_spec",
+    "field_path",
+    "has_canvas",
+    "hide_in_step_shadows",
+    "is_marker",
+    "is_result_meta",
+    "is_sealed_result",
+    "opened_with",
+    "step_holds_marker",
+    "steps_hold_markers",
+    "unreadable_result",
+    "withheld_outcome",
+    "withheld_reason",
+]
 
 #: What a sealed value looks like in the message body (and so in ``inspect``).
 MARKER: Final = "[pii:sealed]"
