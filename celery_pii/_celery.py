@@ -116,11 +116,11 @@ def _stored_for(obj: Any) -> str | None:
     in the row of its task; Redis' native chord join stores ``[1, task id,
     state, result]`` per part.
     """
+    row = _context.backend_row.get()
+    if row is not None:  # whatever the value says: a meta of the caller's may hold a "task_id" too
+        return row
     if isinstance(obj, dict) and "task_id" in obj:
         return str(obj["task_id"])
-    row = _context.backend_row.get()
-    if row is not None:
-        return row
     if _is_join_entry(obj):
         return str(obj[1])
     return None
@@ -133,6 +133,7 @@ def _is_join_entry(value: Any) -> bool:
         and len(value) == _JOIN_ENTRY_LENGTH
         and value[0] == 1
         and isinstance(value[1], str)
+        and isinstance(value[2], str)
         and value[2] in states.ALL_STATES
     )
 

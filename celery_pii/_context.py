@@ -325,8 +325,9 @@ def ended_with_id(task_id: object) -> EndedTask | None:
 
 def _remember_ended(task: RunningTask) -> None:
     # Every task with PII ends here: the least work that lets a late result be sealed.
+    # Removed, then added: at the end (a retry of the same id), with no step another thread could undo.
+    _ended.pop(task.task_id, None)
     _ended[task.task_id] = task.kept_after_end()
-    _ended.move_to_end(task.task_id)
     if len(_ended) > ENDED_KEPT:
         _ended.popitem(last=False)
 

@@ -123,9 +123,9 @@ def _msgpack_packed(obj: Any, *, task_body: bool, refuse_bytes_keys: bool = Fals
             keys JSON writes alike; with ``refuse_bytes_keys``, a ``bytes`` key.
     """
     msgpack = _msgpack()
-    if refuse_bytes_keys:
-        _refuse_bytes_keys(obj)
     packed: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=True, default=_msgpack_plain)
+    if refuse_bytes_keys:  # after packb, which refuses a value that holds itself (the walk would not end)
+        _refuse_bytes_keys(obj)
     try:
         msgpack.unpackb(packed, raw=False)  # what every reader does
     except ValueError as error:

@@ -124,7 +124,7 @@ def test_update_state_from_a_thread_after_the_task_ended(app, worker):
         time.sleep(0.05)
     assert stored is not None and b"PROGRESS" in stored
     assert_no_plaintext(stored, secrets=(EMAIL,))
-    assert app.AsyncResult(result.id).info == {"sent_to": EMAIL}
+    assert app.AsyncResult(result.id).info == {"sent_to": EMAIL, "task_id": "not-this-task"}
     assert get_pii(app).forget_subject("u-late-1") >= 1
     erased = app.AsyncResult(result.id)
     assert erased.state == "FAILURE"

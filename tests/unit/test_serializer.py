@@ -169,6 +169,25 @@ def test_msgpack_refuses_task_bodies_with_keys_that_paths_cannot_name():
     assert serializer.loads(serializer.dumps({"result": {b"k": 1, 2: 3}})) == {"result": {b"k": 1, "2": 3}}
 
 
+@pytest.mark.timeout(20)
+def test_msgpack_refuses_a_body_that_holds_itself_before_looking_for_bytes_keys():
+    """The walk for bytes keys would not end: msgpack refuses such a body first (it hung publishing)."""
+    pytest.importorskip("msgpack")
+    serializer = PIISerializer("msgpack")
+    looped: list[object] = ["x"]
+    looped.append(looped)
+    with pytest.raises(ValueError, match="recursion limit"):
+        serializer.dumps(_body([looped], {}))
+
+
+def test_lists_shaped_almost_like_a_join_entry_are_stored_as_they_are():
+    """``[1, id, <not a state>, x]`` outside any task: not Redis' join entry, and no TypeError (a list is unhashable)."""
+    from celery_pii._celery import _seal_result_hook
+
+    for value in ([1, "order-7", ["a", "b"], 3], [1, "order-7", {"k": 1}, 3]):
+        assert _seal_result_hook(value) is value
+
+
 @pytest.mark.parametrize(
     ("inner", "beside"),
     [("json", None), ("json", uuid.UUID(int=1)), ("msgpack", None)],
