@@ -241,6 +241,7 @@ def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
 
 
 def _holds_bytes_key(value: Any) -> bool:
+    """True if a dict in ``value`` has a ``bytes`` key (``value`` holds no cycle: msgpack wrote it)."""
     pending = [value]
     while pending:
         current = pending.pop()
