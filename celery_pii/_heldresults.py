@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from celery.result import ResultBase
+from celery.result import GroupResult, ResultBase, result_from_tuple
 
 from ._sealer import is_result_meta, unreadable_result
 from .exceptions import KeyDestroyed, KeyNotFound
@@ -171,7 +171,6 @@ def _fresh_group_results(get_group_meta: Any) -> Any:
     were gone.  A new group of new results is built from the cached ids
     (no round trip); objects the caller already holds are left alone.
     """
-    from celery.result import GroupResult, result_from_tuple  # noqa: PLC0415 - only when set up
 
     def fresh_get_group_meta(self: Any, group_id: Any, cache: bool = True) -> Any:
         meta = get_group_meta(self, group_id, cache=cache)
