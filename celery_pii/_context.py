@@ -154,7 +154,9 @@ class RunningTask:
 
     def kept_after_end(self) -> _Ended:
         """What a result stored for this task after its end is sealed with (never its values)."""
-        return _Ended(self.pii, self.name, self.spec, self._result_key, self._message_keys, self.group)
+        return _Ended(
+            weakref.ref(self.pii), self.name, self.spec, self._result_key, self._message_keys, self.group
+        )
 
     @property
     def result_key(self) -> KeySpec | None:
@@ -286,9 +288,13 @@ class EndedTask(NamedTuple):
 
 
 class _Ended(NamedTuple):
-    """What is kept of each ended task: its key is found only if a result comes (most never do)."""
+    """What is kept of each ended task: its key is found only if a result comes (most never do).
 
-    pii: PII
+    Its app's :class:`PII` is held weakly: kept here, an app that went away
+    (a test's, one a process replaced) kept its key store's connections open.
+    """
+
+    pii: weakref.ref[PII]
     name: str
     spec: TaskSpec | None
     result_key: KeySpec | None
@@ -310,17 +316,18 @@ def ended_with_id(task_id: object) -> EndedTask | None:
     """
     wanted = str(task_id)
     ended = _ended.get(wanted)
-    if ended is None:
+    pii = ended.pii() if ended is not None else None
+    if ended is None or pii is None:  # not among the last ones, or its app is gone
         return None
     result_key = ended.result_key
     if result_key is None:
         try:
-            result_key = _result_key_of(ended.pii, ended.name, ended.spec, ended.message_keys)
+            result_key = _result_key_of(pii, ended.name, ended.spec, ended.message_keys)
         except PIIError:  # it cannot be found: nothing to seal a later result with
             return None
         if result_key is None:  # no PII: its results are stored as they are
             return None
-    return EndedTask(ended.pii, ended.name, wanted, result_key, ended.group)
+    return EndedTask(pii, ended.name, wanted, result_key, ended.group)
 
 
 def _remember_ended(task: RunningTask) -> None:

@@ -19,6 +19,13 @@ from celery_pii._taskclass import ResultReprSize, install_opening, wrap_instance
 CARD = "4111 1111 1111 1111"
 
 
+class _AppsPII:
+    """Stands in for an app's PII object (which an ended task's record holds weakly)."""
+
+
+APPS_PII = _AppsPII()
+
+
 @pytest.fixture
 def task():
     app = Celery("context-test", set_as_current=False)
@@ -41,7 +48,7 @@ def _isolated_context():
 def _running_in(task, request):
     task.request_stack.push(request)  # as the tracer does
     return RunningTask(
-        None, task.name, "outer-id", None, ["a value"], None, None, request, task.request_stack
+        APPS_PII, task.name, "outer-id", None, ["a value"], None, None, request, task.request_stack
     )
 
 
@@ -81,10 +88,11 @@ def test_ended_pii_tasks_are_remembered_without_values_and_boundedly(task, monke
 
     monkeypatch.setattr(_context, "_ended", type(_context._ended)())
     monkeypatch.setattr(_context, "ENDED_KEPT", 3)
+    pii = _AppsPII()
     for i in range(5):
         request = Context(id=f"task-{i}", group="g-1")
         running = RunningTask(
-            None, task.name, f"task-{i}", None, [CARD], KeySpec("orders"), (), request, task.request_stack
+            pii, task.name, f"task-{i}", None, [CARD], KeySpec("orders"), (), request, task.request_stack
         )
         task.request_stack.push(request)
         _context.running.set(running)
@@ -101,6 +109,10 @@ def test_ended_pii_tasks_are_remembered_without_values_and_boundedly(task, monke
     )
     assert CARD not in repr(ended)
     assert list(_context._ended) == ["task-2", "task-3", "task-4"]
+    _context.running.set(None)  # what the test set last (a worker's context is set per task)
+    del pii, running, ended
+    # Held weakly: an app that went away (with its key store's connections) is not kept for this.
+    assert _context.ended_with_id("task-4") is None
 
 
 def test_result_repr_size_hides_return_values_only_inside_a_context_with_values(task):
@@ -148,7 +160,7 @@ def _raised_with_opened(task, values):
     task.request_stack.push(Context(id="t-1"))
     _context.running.set(
         RunningTask(
-            None, task.name, "t-1", None, values, None, None, task.request_stack.top, task.request_stack
+            APPS_PII, task.name, "t-1", None, values, None, None, task.request_stack.top, task.request_stack
         )
     )
     try:
@@ -170,7 +182,7 @@ def test_a_run_set_on_the_instance_by_autoretry_scrubs_too():
 def _opened_running(task, request, values, *, message_key="k", opened_at=()):
     task.request_stack.push(request)
     return RunningTask(
-        None,
+        APPS_PII,
         task.name,
         request.id,
         None,
