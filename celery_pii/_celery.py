@@ -457,7 +457,10 @@ def _register_serializer(settings: Settings) -> PIISerializer:
     global _serializer  # noqa: PLW0603 - kombu's registry is process-global too
     if _serializer is None:
         _serializer = PIISerializer(
-            settings.inner_serializer, seal_result=_seal_result_hook, open_result=_open_result_hook
+            settings.inner_serializer,
+            seal_result=_seal_result_hook,
+            open_result=_open_result_hook,
+            legacy_json=_an_app_reads_plain_json,
         )
         serialization.register(
             NAME,
@@ -469,9 +472,17 @@ def _register_serializer(settings: Settings) -> PIISerializer:
     elif _serializer.inner != settings.inner_serializer:
         msg = "setting pii_inner_serializer: every app in one process must use the same inner serializer"
         raise ConfigurationError(msg)
-    if settings.allow_plaintext:
-        _serializer.legacy_json = True
     return _serializer
+
+
+def _an_app_reads_plain_json() -> bool:
+    """An app alive in this process is in rollout mode (``pii_allow_plaintext``).
+
+    The serializer is one per process (kombu's registry is): results stored as
+    ``json`` before the switch are read while such an app lives, and no longer
+    once it has gone (a flag set by it once stayed set for every later app).
+    """
+    return any(pii.settings.allow_plaintext for pii in list(_instances))
 
 
 # -- setup ---------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ class PIISerializer:
         *,
         seal_result: ResultHook | None = None,
         open_result: ResultHook | None = None,
-        legacy_json: bool = False,
+        legacy_json: bool | Callable[[], bool] = False,
     ) -> None:
         """Create the serializer.
 
@@ -312,7 +312,8 @@ class PIISerializer:
                 to encode (it seals results while a PII task runs).
             open_result: called on decoded values; opens sealed results.
             legacy_json: also read unframed JSON (results stored as ``json``
-                before a rollout; see ``pii_allow_plaintext``).
+                before a rollout; see ``pii_allow_plaintext``); a callable is
+                asked each time such a value comes.
         """
         if inner not in _CODECS:
             msg = "setting pii_inner_serializer: must be 'json' or 'msgpack'"
@@ -324,7 +325,13 @@ class PIISerializer:
         self._orjson_header = bytes((FRAME_VERSION,)) + _ORJSON
         self._seal_result = seal_result
         self._open_result = open_result
-        self.legacy_json = legacy_json
+        self._legacy_json = legacy_json
+
+    @property
+    def legacy_json(self) -> bool:
+        """Unframed JSON is read too (see ``legacy_json`` of :meth:`__init__`)."""
+        legacy = self._legacy_json
+        return legacy() if callable(legacy) else legacy
 
     def dumps(self, obj: Any) -> bytes:
         """Encode; task bodies must have passed the publish step.
@@ -391,7 +398,7 @@ class PIISerializer:
             raise DecryptionFailed from None
         if len(raw) >= 2 and raw[0] == FRAME_VERSION:
             value = _decode(raw[1:2], raw[2:])
-        elif self.legacy_json and raw[:1] in _JSON_STARTS:
+        elif raw[:1] in _JSON_STARTS and self.legacy_json:
             # Rollout mode: a result Celery stored as plain json before the switch
             # (the backend decodes every stored result with the current serializer).
             value = _decode(b"j", raw)

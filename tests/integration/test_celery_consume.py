@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -1036,6 +1037,56 @@ class TestRollout:
         task_id = str(uuid4())
         legacy.backend.store_result(task_id, {"total": 3}, "SUCCESS")
         assert app.AsyncResult(task_id).get(timeout=10) == {"total": 3}
+
+    def test_rollout_mode_ends_with_the_app_in_it(self, key_store_url, queue_name, tmp_path):
+        """The serializer is one per process: an app in rollout mode, once gone, left it reading plain json.
+
+        A strict app made after it then read a result celery-pii never wrote.
+        (In a process of its own: this one's earlier tests keep apps alive.)
+        """
+        import subprocess
+        import textwrap
+
+        from .conftest import APP_DIR, BACKEND_DB, REDIS_URL
+
+        script = tmp_path / "rollout_ends.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import gc
+                from uuid import uuid4
+                from celery import Celery
+                from kombu.exceptions import DecodeError
+                from pii_testapp import make_app
+
+                backend = {f"{REDIS_URL}/{BACKEND_DB}"!r}
+                def app(**conf):
+                    return make_app(broker=backend, backend=backend, key_store={key_store_url!r},
+                                    queue={queue_name!r}, **conf)
+
+                rollout = app(accept_content=["pii", "json"], result_accept_content=["pii", "json"],
+                              pii_allow_plaintext=True)
+                legacy = Celery("legacy", backend=backend, set_as_current=False)
+                legacy.conf.update(result_serializer="json")
+                task_id = str(uuid4())
+                legacy.backend.store_result(task_id, {{"total": 3}}, "SUCCESS")
+                print("rollout reads", rollout.AsyncResult(task_id).get(timeout=10))
+                del rollout
+                strict = app()
+                gc.collect()
+                try:
+                    print("strict reads", strict.AsyncResult(task_id).get(timeout=10))
+                except DecodeError:
+                    print("strict refuses")
+                """
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": APP_DIR}
+        done = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.splitlines()[-2:] == ["rollout reads {'total': 3}", "strict refuses"]
 
     @pytest.mark.parametrize("name", ["t.charge", "t.renamed_since"], ids=["known", "unknown-task"])
     def test_legacy_json_is_parked_without_rollout(self, app, caplog, name):
