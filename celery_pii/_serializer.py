@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple
 
 from kombu.utils import json as kombu_json
@@ -195,22 +195,9 @@ def _refuse_keys_written_alike(obj: Any, *, task_body: bool) -> None:
     Raises:
         KeyRefused: where the first such dict sits.
     """
-    parts: list[Location] = [(part,) for part in _BODY_PARTS] if task_body else [()]
-    pending: list[tuple[Location, Any]] = list(zip(parts, obj if task_body else [obj], strict=True))
-    seen: set[int] = set()
-    while pending:
-        location, value = pending.pop()
-        if isinstance(value, dict):
-            if writes_keys_alike(value):
-                raise KeyRefused(location, _WRITTEN_ALIKE)
-            children = [((*location, _shown_key(key)), item) for key, item in dict.items(value)]
-        elif isinstance(value, (list, tuple)):
-            children = [((*location, i), item) for i, item in enumerate(value)]
-        else:
-            continue
-        if id(value) not in seen:  # encoding refuses a value that holds itself
-            seen.add(id(value))
-            pending.extend(children)
+    for location, value in _dicts_in(obj, task_body=task_body):
+        if writes_keys_alike(value):
+            raise KeyRefused(location, _WRITTEN_ALIKE)
 
 
 def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
@@ -228,16 +215,28 @@ def _refuse_bytes_keys(body: tuple[Any, Any, Any]) -> None:
     """
     if not _holds_bytes_key(body):  # the common case, without building a place for every value
         return
-    pending: list[tuple[Location, Any]] = list(zip([(part,) for part in _BODY_PARTS], body, strict=True))
+    for location, value in _dicts_in(body, task_body=True):
+        if any(isinstance(key, bytes) for key in value):
+            raise KeyRefused(location, _NOT_WRITABLE)
+
+
+def _dicts_in(obj: Any, *, task_body: bool) -> Iterator[tuple[Location, dict[Any, Any]]]:
+    """Every dict in a body (its parts named) or a result, with where it sits; each container once."""
+    parts: list[Location] = [(part,) for part in _BODY_PARTS] if task_body else [()]
+    pending: list[tuple[Location, Any]] = list(zip(parts, obj if task_body else [obj], strict=True))
+    seen: set[int] = set()
     while pending:
         location, value = pending.pop()
         if isinstance(value, dict):
-            for key, item in dict.items(value):
-                if isinstance(key, bytes):
-                    raise KeyRefused(location, _NOT_WRITABLE)
-                pending.append(((*location, _shown_key(key)), item))
+            yield location, value
+            children = [((*location, _shown_key(key)), item) for key, item in dict.items(value)]
         elif isinstance(value, (list, tuple)):
-            pending.extend(((*location, i), item) for i, item in enumerate(value))
+            children = [((*location, i), item) for i, item in enumerate(value)]
+        else:
+            continue
+        if id(value) not in seen:  # a value may be reached twice (or hold itself)
+            seen.add(id(value))
+            pending.extend(children)
 
 
 def _holds_bytes_key(value: Any) -> bool:
