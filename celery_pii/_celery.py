@@ -29,7 +29,7 @@ import json
 import logging
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from celery import Celery, signals, states
@@ -267,27 +267,49 @@ _SEALED_VALUE: Final = _SealedValue(MARKER)
 
 
 def _unreadable_rows_read_as_failures() -> None:
-    """The database backend reads a row's values only as that task's, or as a failure saying why.
+    """Celery's database backend reads a row's values only as that task's, or as a failure saying why."""
+    from celery.backends.database import DatabaseBackend  # noqa: PLC0415 - only when set up
+
+    _bind_rows_of(DatabaseBackend, _row_facts)
+
+
+def _adapt_built_backend(backend: Any) -> Any:
+    """What :func:`_unreadable_rows_read_as_failures` does, for django-celery-results' ``django-db``.
+
+    Its backend is a class of its own, importable only once Django is set up
+    (it imports Django models): it is adapted when an app builds it.  Without
+    this its traceback column was stored unsealed, a result copied from
+    another row opened as that row's task, and an erased row read as kombu's
+    ``DecodeError``.
+    """
+    django_backends = sys.modules.get("django_celery_results.backends.database")
+    if django_backends is not None and isinstance(backend, django_backends.DatabaseBackend):
+        _bind_rows_of(django_backends.DatabaseBackend, _django_row_facts)
+    return backend
+
+
+def _bind_rows_of(backend_class: Any, row_facts: Callable[[Any, str], dict[str, Any]]) -> None:
+    """Bind a database backend's rows to their task id; read an unreadable row as a failure.
 
     Its columns (``result``, and ``args``/``kwargs``/``children``) are whole
     values, sealed bound to the task id of the row they are written to: one
     copied from another row (another chord's header task, another subject's
-    task) does not open.
+    task) does not open.  Its ``traceback`` column, written outside any
+    serializer, is sealed for a PII task.
 
     Key-value backends store a whole meta, which :func:`unreadable_result`
-    turns into a failure meta.  The database backend decodes its ``result``
+    turns into a failure meta.  A database backend decodes its ``result``
     column alone, so the error escaped as kombu's ``DecodeError`` from
     ``.state`` and ``.get()``, and ``celery.chord_unlock`` (no retry limit)
-    retried forever on an erased header result.
+    retried forever on an erased header result.  ``row_facts(backend, task_id)``
+    reads the row's other columns for that failure (which task, when, where).
     """
-    from celery.backends.database import DatabaseBackend  # noqa: PLC0415 - only when set up
-
-    read, store = DatabaseBackend._get_task_meta_for, DatabaseBackend._store_result  # noqa: SLF001
+    read, store = backend_class._get_task_meta_for, backend_class._store_result  # noqa: SLF001
     if getattr(read, "celery_pii_wrapped", False):
         return
 
-    def store_result(  # noqa: PLR0913, PLR0917 - DatabaseBackend._store_result's own
-        self: DatabaseBackend,
+    def store_result(  # noqa: PLR0913, PLR0917 - the backends' own _store_result
+        self: Any,
         task_id: str,
         result: Any,
         state: str,
@@ -302,7 +324,7 @@ def _unreadable_rows_read_as_failures() -> None:
         finally:
             _context.backend_row.reset(row)
 
-    def get_task_meta_for(self: DatabaseBackend, task_id: str) -> Any:
+    def get_task_meta_for(self: Any, task_id: str) -> Any:
         row = _context.backend_row.set(str(task_id))
         try:
             with collecting_keys() as opened:
@@ -312,7 +334,7 @@ def _unreadable_rows_read_as_failures() -> None:
             if not isinstance(reason, (KeyDestroyed, DecryptionFailed, KeyNotFound)):
                 raise
             failure = {"task_id": task_id, "status": states.FAILURE, "traceback": None, "children": None}
-            facts = _row_facts(self, task_id)
+            facts = row_facts(self, task_id)
             return self.meta_from_decoded({**facts, **failure, "result": self.prepare_exception(reason)})
         else:
             if isinstance(meta, dict) and _is_sealed_traceback(meta.get("traceback")):
@@ -322,13 +344,15 @@ def _unreadable_rows_read_as_failures() -> None:
             _context.backend_row.reset(row)
 
     get_task_meta_for.celery_pii_wrapped = True  # type: ignore[attr-defined]
-    DatabaseBackend._get_task_meta_for = get_task_meta_for  # noqa: SLF001
-    DatabaseBackend._store_result = store_result  # noqa: SLF001
+    backend_class._get_task_meta_for = get_task_meta_for  # noqa: SLF001
+    backend_class._store_result = store_result  # noqa: SLF001
 
 
 #: The columns of a database backend's row that hold no value of the task (``result_extended`` adds all
 #: but ``date_done``): read for a row whose values cannot be opened, as a key-value backend's meta keeps them.
 _ROW_FACTS: Final = ("date_done", "name", "worker", "retries", "queue")
+#: The same of django-celery-results' rows, named as its own reads name them.
+_DJANGO_ROW_FACTS: Final = ("date_done", "task_name", "worker")
 
 
 def _row_facts(backend: Any, task_id: str) -> dict[str, Any]:
@@ -342,6 +366,13 @@ def _row_facts(backend: Any, task_id: str) -> dict[str, Any]:
         columns = [getattr(row_class, name) for name in names]
         row = session.query(*columns).filter(row_class.task_id == task_id).first()
     return dict(zip(names, row, strict=True)) if row is not None else {}
+
+
+def _django_row_facts(backend: Any, task_id: str) -> dict[str, Any]:
+    """:func:`_row_facts` of a django-celery-results row (through its model's manager)."""
+    rows = backend.TaskModel._default_manager.filter(task_id=task_id)  # noqa: SLF001 - Django's manager
+    facts = rows.values(*_DJANGO_ROW_FACTS).first()
+    return dict(facts) if facts is not None else {}
 
 
 # The database backend writes a failure's traceback to a column of its own, outside
@@ -571,6 +602,10 @@ def setup_pii(app: Celery) -> PII:
         app.conf.imports = (*imports, "celery_pii.tasks")
     filter_celery_loggers()
     _unreadable_rows_read_as_failures()
+    # Backends of their own (django-db) are adapted when built: see _adapt_built_backend.  (None
+    # is built yet: a backend built before the pii serializer exists fails for want of it.)
+    get_backend = app._get_backend  # noqa: SLF001
+    app._get_backend = lambda: _adapt_built_backend(get_backend())  # noqa: SLF001
     guard_celery_result_caches()
     return pii
 
