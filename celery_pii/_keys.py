@@ -26,7 +26,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Final, TypeVar, cast
 
 from sqlalchemy import Select, and_, case, func, or_, select, update
@@ -66,6 +66,8 @@ RESERVED_PREFIX: Final = "celery_pii."
 SUBJECT_INDEX_KEY: Final = RESERVED_PREFIX + "subject-index"
 #: A data subject's key id is this followed by the keyed hash of the subject id.
 SUBJECT_KEY_PREFIX: Final = "subject."
+#: How a retention bucket's key id names its deadline: ``payments@20261201T030000Z``.
+BUCKET_FORMAT: Final = "%Y%m%dT%H%M%SZ"
 _RETRIES: Final = 5
 # Each check asks for versions destroyed since a little before the previous
 # one, so a slow commit is not missed.  Clocks: destructions and retirements are
@@ -384,6 +386,8 @@ class KeyManager:
                     for source in spec.derived_from:
                         self._refuse_if_destroyed(session, *source)
                     row = self._active_row(session, spec.key_id)
+                    if row is None and spec.key_id == SUBJECT_INDEX_KEY:
+                        _refuse_a_second_subject_index(session)
                     if row is None:
                         # Its material is at hand: unwrapping the row just written would be one
                         # more KMS Decrypt per new key (a new data subject's) for an aws-kms:// key.
@@ -795,11 +799,14 @@ class KeyManager:
             # whichever form it arrived in then (composed, decomposed), the request's too.
             forms = {subject_id, unicodedata.normalize("NFD", subject_id)}
             digests.extend(self._subject_digest(form) for form in forms if _encodable(form))
+        # By the key id too (the master key's wrapping authenticates it; the subject_id
+        # column, which nothing does, could be cleared to make erasure miss the keys).
+        by_key_id = [_named(KeyRow.key_id, SUBJECT_KEY_PREFIX + digest, buckets=True) for digest in digests]
         with self.store.transaction() as session:
             rows = self._lock_and_reread(
                 session,
                 select(KeyRow)
-                .where(KeyRow.subject_id.in_(digests), KeyRow.status != DESTROYED)
+                .where(or_(KeyRow.subject_id.in_(digests), *by_key_id), KeyRow.status != DESTROYED)
                 .order_by(KeyRow.key_id, KeyRow.version),
             )
             for row in rows:
@@ -1166,9 +1173,27 @@ class KeyManager:
 
 
 def _data_key(row: KeyRow, material: bytes) -> DataKey:
-    """The data key of ``row``, with its unwrapped ``material``."""
-    expires_at = row.expires_at.timestamp() if row.expires_at is not None else None
+    """The data key of ``row``, with its unwrapped ``material``.
+
+    A retention bucket's deadline is read from its key id, which the master
+    key's wrapping authenticates, not from the ``expires_at`` column, which
+    nothing does: a database writer who cleared or moved it made the data open
+    past its deadline.
+    """
+    deadline = deadline_in_key_id(row.key_id) or row.expires_at
+    expires_at = deadline.timestamp() if deadline is not None else None
     return DataKey(row.key_id, row.version, Algorithm(row.algorithm), material, expires_at=expires_at)
+
+
+def deadline_in_key_id(key_id: str) -> datetime | None:
+    """The deadline a retention bucket's key id names (``key@20261201T030000Z``); ``None`` for another id."""
+    _, at, bucket = key_id.partition("@")
+    if not at:
+        return None
+    try:
+        return datetime.strptime(bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:  # a suffix of another form (tests name buckets freely)
+        return None
 
 
 def is_subject_id(value: object) -> bool:
@@ -1291,6 +1316,37 @@ def _named(column: Any, key_id: str, *, buckets: bool) -> Any:
         return column == key_id
     prefix = f"{key_id}@"
     return or_(column == key_id, func.substr(column, 1, len(prefix)) == prefix)
+
+
+def _refuse_a_second_subject_index(session: Session) -> None:
+    """Raise if the store held a subject index before: a new one would rename every subject's key.
+
+    celery-pii never retires or destroys it, so a store without an active
+    version of it but with one of its rows, or with subjects' keys, was
+    changed by hand (or restored in part): creating a new secret then made
+    every later ``forget_subject`` miss the subjects' keys, and say so as
+    "nothing was sealed for this id".
+
+    Raises:
+        KeyNotFound: naming the key and what to do.
+    """
+    earlier = session.scalar(
+        select(KeyRow.id)
+        .where(
+            or_(
+                KeyRow.key_id == SUBJECT_INDEX_KEY,
+                func.substr(KeyRow.key_id, 1, len(SUBJECT_KEY_PREFIX)) == SUBJECT_KEY_PREFIX,
+            )
+        )
+        .limit(1)
+    )
+    if earlier is not None:
+        msg = (
+            f"key {SUBJECT_INDEX_KEY!r} has no active version, but the key store holds subjects' keys "
+            "made with it (its row was changed or removed by hand); a new one would rename every "
+            "subject's key and erasure would miss them: restore its row from a backup of the key store"
+        )
+        raise KeyNotFound(msg)
 
 
 def _is_key_id(key_id: object) -> bool:

@@ -34,7 +34,7 @@ from ._config import Settings
 from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
-from ._keys import SUBJECT_INT_BITS, SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
+from ._keys import BUCKET_FORMAT, SUBJECT_INT_BITS, SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
 from ._paths import (
     AmbiguousKey,
     Binder,
@@ -104,8 +104,6 @@ _STEP_BOUND: Final = _ITEM_TASKS | {_CHORD_UNLOCK}
 # Where a map/starmap/chunks call holds the signature it calls (keyword or positional).
 _CALLED_SIGNATURE: Final = frozenset((("kwargs", "task"), ("args", 0)))
 _EMBED_PARTS: Final = frozenset(EMBED_PARTS)
-# How key ids name a retention bucket (``key@bucket``).
-_BUCKET_FORMAT: Final = "%Y%m%dT%H%M%SZ"
 
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
@@ -773,7 +771,7 @@ def _co_key_spec(key_id: str) -> KeySpec:
     base, bucket, subject = _key_id_parts(key_id)
     if not bucket:
         return KeySpec(base, subject_id=subject)
-    return _bucket_key(base, subject, datetime.strptime(bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
+    return _bucket_key(base, subject, datetime.strptime(bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc))
 
 
 def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
@@ -807,7 +805,7 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     co_keys = _co_keys(subject_id, (*own.co_keys, source.key_id, *source.co_keys))
     buckets = [own.expires_at] if own.expires_at is not None else []
     if source_bucket:
-        buckets.append(datetime.strptime(source_bucket, _BUCKET_FORMAT).replace(tzinfo=timezone.utc))
+        buckets.append(datetime.strptime(source_bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc))
     if not buckets:
         return KeySpec(base, subject_id=subject_id, derived_from=derived_from, co_keys=co_keys)
     return _bucket_key(base, subject_id, min(buckets), derived_from=derived_from, co_keys=co_keys)
@@ -823,7 +821,7 @@ def _bucket_key(
 ) -> KeySpec:
     """The key of one retention bucket: destroyed at the bucket's moment."""
     return KeySpec(
-        f"{base}@{bucket:{_BUCKET_FORMAT}}",
+        f"{base}@{bucket:{BUCKET_FORMAT}}",
         subject_id=subject_id,
         expires_at=bucket,
         retention_deadline=bucket,

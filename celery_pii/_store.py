@@ -248,7 +248,7 @@ class KeyStore:
                 parsed,
                 pool_pre_ping=True,
                 connect_args=_connect_args(parsed, connect_timeout),
-                **_pool_options(parsed),
+                **_engine_options(parsed),
             )
         except (exc.ArgumentError, ImportError, ValueError) as error:
             # The driver's module name, never the error's text (it may quote the URL).
@@ -368,11 +368,17 @@ def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
     return {}
 
 
-def _pool_options(url: URL) -> dict[str, Any]:
+def _engine_options(url: URL) -> dict[str, Any]:
     if url.get_backend_name() == "sqlite":
         return {}
     # Fail fast when the pool is exhausted rather than hang a publish.
-    return {"pool_size": 5, "max_overflow": 10, "pool_timeout": 10, "pool_recycle": 3600}
+    options: dict[str, Any] = {"pool_size": 5, "max_overflow": 10, "pool_timeout": 10, "pool_recycle": 3600}
+    if url.get_backend_name() in {"mysql", "mariadb"}:
+        # PostgreSQL's default.  MySQL's and MariaDB's, REPEATABLE READ, takes gap locks:
+        # two rotate_keys runs (FOR UPDATE SKIP LOCKED scans, then inserts of new
+        # versions into the same index gaps) deadlocked, and one run's due keys stayed due.
+        options["isolation_level"] = "READ COMMITTED"
+    return options
 
 
 def _serialize_sqlite_writers(engine: Engine) -> None:

@@ -1096,6 +1096,50 @@ class TestSubjects:
         assert [(k.version, k.status) for k in manager.list_keys(SUBJECT_INDEX_KEY)] == [(1, "active")]
         assert make_manager().destroy_subject("ann@example.com") == 1  # a fresh process, as the CLI is
 
+    @pytest.mark.parametrize("change", ["retire", "delete"])
+    def test_a_subject_index_changed_by_hand_is_never_replaced(self, make_manager, db_url, change):
+        """Without an active subject index but with subjects' keys, none is created: erasure would miss them.
+
+        A new secret was created quietly: every subject got a new key id, and
+        forget_subject answered "destroyed 0" while the old messages still opened.
+        """
+        manager = make_manager()
+        key_id, digest = manager.subject_key_id("ann@example.com")
+        manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        if change == "retire":
+            _execute(
+                db_url, "UPDATE celery_pii_keys SET status = 'retired' WHERE key_id = :k", k=SUBJECT_INDEX_KEY
+            )
+        else:
+            _execute(db_url, "DELETE FROM celery_pii_keys WHERE key_id = :k", k=SUBJECT_INDEX_KEY)
+        fresh = make_manager()
+        with pytest.raises(
+            KeyNotFound, match=r"'celery_pii\.subject-index' has no active version.*restore its row"
+        ):
+            fresh.destroy_subject("ann@example.com")
+        with pytest.raises(KeyNotFound, match="subject-index"):
+            fresh.subject_key_id("bob@example.com")
+        assert (
+            _execute(db_url, "SELECT count(*) FROM celery_pii_keys WHERE key_id = :k", k=SUBJECT_INDEX_KEY)[
+                0
+            ][0]
+            <= 1
+        )
+
+    def test_erasure_finds_a_subjects_keys_by_their_key_id(self, manager, db_url):
+        """The subject_id column is not authenticated: cleared, erasure still finds the keys by their ids."""
+        key_id, digest = manager.subject_key_id("ann@example.com")
+        manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        bucket = utcnow().replace(microsecond=0) + timedelta(days=30)
+        manager.encryption_key(
+            KeySpec(f"{key_id}@{bucket:%Y%m%dT%H%M%SZ}", subject_id=digest, expires_at=bucket)
+        )
+        other_id, other_digest = manager.subject_key_id("bob@example.com")
+        manager.encryption_key(KeySpec(other_id, subject_id=other_digest))
+        _execute(db_url, "UPDATE celery_pii_keys SET subject_id = NULL")
+        assert manager.destroy_subject("ann@example.com") == 2
+        assert [(k.key_id, k.status) for k in manager.list_keys(other_id)] == [(other_id, "active")]
+
     def test_every_reserved_key_id_is_refused(self, manager):
         """Any celery_pii.* id is refused by name, even one that does not exist (not KeyNotFound)."""
         with pytest.raises(ConfigurationError, match=r"'celery_pii\.other'"):
@@ -1212,6 +1256,23 @@ class TestRetentionKeys:
         moment[0] += timedelta(seconds=61)
         with pytest.raises(KeyDestroyed, match="retention deadline"):
             manager.decryption_key(key.key_id, key.version)
+
+    @pytest.mark.parametrize("column", [None, "2999-01-01 00:00:00"])
+    def test_a_deadline_is_read_from_the_key_id_not_its_column(self, make_manager, db_url, column):
+        """A bucket's deadline is in its key id, which the master key authenticates: the column is not.
+
+        With its expires_at cleared or moved on by a database writer, a bucket key
+        opened its data past the deadline.
+        """
+        clock = _Clock()
+        clock.now = clock.now.replace(microsecond=0)
+        deadline = clock.now + timedelta(seconds=60)
+        key_id = f"orders@{deadline:%Y%m%dT%H%M%SZ}"
+        make_manager(clock=clock).encryption_key(KeySpec(key_id, expires_at=deadline))
+        _execute(db_url, "UPDATE celery_pii_keys SET expires_at = :e WHERE key_id = :k", e=column, k=key_id)
+        clock.advance(seconds=61)
+        with pytest.raises(KeyDestroyed, match="retention deadline"):
+            make_manager(clock=clock).decryption_key(key_id, 1)
 
     def test_rotating_an_expired_bucket_keeps_its_deadline(self, manager):
         """A bucket key with no active version gets a new one with the same deadline."""
@@ -1391,6 +1452,46 @@ class TestConcurrency:
         assert sorted(rotated[0] + rotated[1]) == ["other", "shared"]
         assert [v for v, _ in self._versions(db_url)] == [1, 2]
         assert [v for v, _ in self._versions(db_url, "other")] == [1, 2]
+
+    def test_rotations_racing_over_many_due_keys_all_finish(self, make_manager, db_url):
+        """Two rotate_keys runs at once over many due keys: no run fails, every key gets one new version.
+
+        On MariaDB (REPEATABLE READ, gap locks) the two runs' scans and inserts
+        deadlocked: one run failed with KeyStoreUnavailable and the due keys of
+        its batch stayed due until the next run.
+        """
+        keys = [f"due-{i:03d}" for i in range(80)]
+        setup = make_manager()
+        for key_id in keys:
+            setup.generate_key(key_id)
+        runners = [make_manager(), make_manager()]
+        for round_ in range(1, 6):
+            when = utcnow() + timedelta(days=100 * round_)
+            start = threading.Barrier(2)
+            rotated, errors = [], []
+
+            def run(manager, when=when, start=start, rotated=rotated, errors=errors):
+                start.wait()
+                try:
+                    rotated.extend(manager.perform_automatic_rotation(now=when))
+                except Exception as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+            threads = [threading.Thread(target=run, args=(runner,)) for runner in runners]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert errors == [], f"round {round_}"
+            assert sorted(rotated) == keys, f"round {round_}"
+
+    def test_mariadb_sessions_read_committed(self, manager, db_url):
+        """The key store runs MySQL/MariaDB transactions as PostgreSQL does (READ COMMITTED: no gap locks)."""
+        if not db_url.startswith("mysql"):
+            pytest.skip("MariaDB only")
+        with manager.store.transaction() as session:
+            level = session.connection().exec_driver_sql("SELECT @@tx_isolation").scalar()
+        assert level == "READ-COMMITTED"
 
     def test_threads_rotating(self, manager, db_url):
         """Threads sharing one manager rotate without duplicates or lost versions."""
