@@ -69,6 +69,8 @@ SUBJECT_KEY_PREFIX: Final = "subject."
 #: How a retention bucket's key id names its deadline: ``payments@20261201T030000Z``.
 BUCKET_FORMAT: Final = "%Y%m%dT%H%M%SZ"
 _RETRIES: Final = 5
+# The start-up check tries this many rows wrapped (their rows say) by this process's master key.
+_ROWS_CHECKED_AT_START: Final = 3
 # Each check asks for versions destroyed since a little before the previous
 # one, so a slow commit is not missed.  Clocks: destructions and retirements are
 # stamped with the later of the host's clock and the key store's, and checks
@@ -861,16 +863,16 @@ class KeyManager:
         self.store.check_schema()
         refs = self.masters.refs
         with self.store.transaction() as session:
-            mine = session.scalars(
+            named_mine = session.scalars(
                 select(KeyRow)
                 .where(
                     KeyRow.wrapped_key.is_not(None),
                     KeyRow.master_key_ref.in_(refs) | KeyRow.master_key_ref_next.in_(refs),
                 )
-                .limit(1)
-            ).first()
-            if mine is not None:
-                self._unwrap(mine, for_check=True)
+                .order_by(KeyRow.id.desc())
+                .limit(_ROWS_CHECKED_AT_START)
+            ).all()
+            mine = self._first_unwrapping(named_mine) if named_mine else None
             # Only rows no master key of this process opens.  (Under READ COMMITTED a row
             # another process wrapped with this same key may appear after the first query.)
             foreign = session.scalars(
@@ -906,6 +908,35 @@ class KeyManager:
                 if master is not None:
                     probe = wrap_context("celery_pii.start-up-check", 0, self.algorithm.value)
                     master.unwrap(master.wrap(bytes(32), context=probe), context=probe)
+
+    def _first_unwrapping(self, rows: Sequence[KeyRow]) -> KeyRow:
+        """The first of ``rows`` (each naming this master key) that unwraps; the others are reported.
+
+        One damaged row (a storage fault, a restore in part, an edit) no longer
+        stops every process from starting, blamed on the master key.
+
+        Raises:
+            ConfigurationError: none of them unwraps.
+        """
+        for index, row in enumerate(rows):
+            try:
+                self._unwrap(row)
+            except KeyNotFound:  # cannot be unwrapped (a master key that cannot serve raises otherwise)
+                continue
+            for damaged in rows[:index]:
+                logger.error(
+                    "celery-pii: key %r version %d cannot be unwrapped with the master key its row names "
+                    "(damaged or edited row): data sealed under it will not open",
+                    damaged.key_id,
+                    damaged.version,
+                )
+            return row
+        names = ", ".join(f"{row.key_id!r} v{row.version}" for row in rows)
+        msg = (
+            f"setting pii_master_key: this master key does not match the key store (keys {names}, whose "
+            "rows name it, cannot be unwrapped with it: a wrong master key, or damaged rows)"
+        )
+        raise ConfigurationError(msg)
 
     def flush_usage(self, *, quiet: bool = False) -> None:
         """Write accumulated usage counts (one UPDATE per key version, not per message)."""
@@ -1096,7 +1127,7 @@ class KeyManager:
             session.info[_STORE_LEAD] = lead
         return self._clock() + lead
 
-    def _unwrap(self, row: KeyRow, *, for_check: bool = False) -> DataKey:
+    def _unwrap(self, row: KeyRow) -> DataKey:
         try:
             if row.wrapped_key is None:
                 raise _destroyed(row.key_id, row.version)
@@ -1105,12 +1136,6 @@ class KeyManager:
         except ConfigurationError:  # the master key source itself is misconfigured (e.g. a KMS key)
             raise
         except (DecryptionFailed, ValueError, NoWrapping):
-            if for_check:
-                msg = (
-                    "setting pii_master_key: this master key does not match the key store "
-                    f"(key {row.key_id!r} v{row.version} cannot be unwrapped)"
-                )
-                raise ConfigurationError(msg) from None
             if not {row.master_key_ref, row.master_key_ref_next} & set(self.masters.refs):
                 # Wrapped by a master key this process does not have: a deployment error (a
                 # process started with another key on an empty store), not a forged message.

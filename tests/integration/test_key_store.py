@@ -303,6 +303,45 @@ class TestEnvelopeEncryption:
             other.check_master_key()
         assert bytes(32).hex() not in str(info.value)
 
+    @staticmethod
+    def _damage(db_url, key_id):
+        """Flip one bit of a row's wrapped key (a storage fault, a restore in part)."""
+        wrapped = bytearray(
+            _execute(db_url, "SELECT wrapped_key FROM celery_pii_keys WHERE key_id = :k", k=key_id)[0][0]
+        )
+        wrapped[-1] ^= 0x01
+        _execute(
+            db_url,
+            "UPDATE celery_pii_keys SET wrapped_key = :w WHERE key_id = :k",
+            w=bytes(wrapped),
+            k=key_id,
+        )
+
+    def test_one_damaged_row_does_not_stop_start_up(self, manager, make_manager, db_url, caplog):
+        """The check reads a few rows: one that does not unwrap is reported, not blamed on the master key.
+
+        One damaged row (the row the check read) stopped every process at its
+        next start, with an error saying the master key does not match.
+        """
+        for key_id in ("orders", "reports", "invoices"):
+            manager.generate_key(key_id)
+        self._damage(db_url, "invoices")  # the newest: the first one read
+        with caplog.at_level(logging.ERROR, logger="celery_pii.keys"):
+            make_manager().check_master_key()
+        assert "'invoices' version 1 cannot be unwrapped with the master key its row names" in caplog.text
+        with pytest.raises(KeyNotFound, match="damaged row"):
+            make_manager().decryption_key("invoices", 1)
+
+    def test_rows_naming_the_master_key_that_none_unwraps_stop_start_up(self, manager, make_manager, db_url):
+        """When no row read unwraps, start-up is refused, naming them and both causes."""
+        for key_id in ("orders", "reports"):
+            manager.generate_key(key_id)
+            self._damage(db_url, key_id)
+        with pytest.raises(
+            ConfigurationError, match=r"^setting pii_master_key: .*'reports' v1, 'orders' v1.*damaged"
+        ):
+            make_manager().check_master_key()
+
     def test_store_holding_keys_of_two_master_keys_is_refused(self, make_manager):
         """Two processes with different master keys both started on an empty store and made keys.
 
