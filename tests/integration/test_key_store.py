@@ -1703,3 +1703,56 @@ class TestWriteConflicts:
 
         with pytest.raises(KeyStoreUnavailable, match="kept conflicting"):
             manager._transact(always_loses)
+
+
+class TestLeastPrivilege:
+    """docs/operations.md's grants: the application never updates or deletes audit records, nor deletes keys."""
+
+    def test_every_key_operation_runs_with_the_documented_grants(self):
+        """A PostgreSQL role with SELECT, INSERT on the audit table (append-only) runs every key operation."""
+        import uuid
+
+        from .conftest import POSTGRES_URL, _fresh_postgres
+
+        url, drop = _fresh_postgres()
+        migrate(url)
+        role = f"pii_app_{uuid.uuid4().hex[:8]}"
+        schema = sa.engine.make_url(url).query["options"].removeprefix("-csearch_path=")
+        grants = [
+            f'CREATE ROLE "{role}" LOGIN',
+            f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"',
+            f'GRANT SELECT ON "{schema}".celery_pii_alembic_version TO "{role}"',
+            f'GRANT SELECT, INSERT, UPDATE ON "{schema}".celery_pii_keys TO "{role}"',
+            f'GRANT SELECT, INSERT ON "{schema}".celery_pii_key_audit TO "{role}"',
+            f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{role}"',
+        ]
+        for statement in grants:
+            _execute(POSTGRES_URL, statement)
+        manager = None
+        try:
+            manager = KeyManager(
+                KeyStore(str(sa.engine.make_url(url).set(username=role))),
+                MASTER,
+                rotation_interval=timedelta(days=1),
+            )
+            manager.check_master_key()
+            manager.generate_key("orders")
+            manager.encryption_key(KeySpec("orders"))
+            manager.flush_usage()
+            manager.rotate_key("orders")
+            manager.retire_key("orders", 1)
+            key_id, digest = manager.subject_key_id("ann@example.com")
+            manager.encryption_key(KeySpec(key_id, subject_id=digest))
+            assert manager.destroy_subject("ann@example.com") == 1
+            manager.encryption_key(KeySpec("orders@x", expires_at=utcnow() + timedelta(seconds=1)))
+            assert manager.destroy_expired(now=utcnow() + timedelta(seconds=5)) == [("orders@x", 1)]
+            assert manager.perform_automatic_rotation(now=utcnow() + timedelta(days=2)) == ["orders"]
+            manager.enforce_max_versions()
+            assert manager.destroy_key("orders", 1) == 1
+            manager.recheck_cache()
+            assert {record.operation for record in manager.audit_trail()} >= {"generate", "rotate", "destroy"}
+        finally:
+            if manager is not None:
+                manager.store.dispose()
+            drop()
+            _execute(POSTGRES_URL, f'DROP ROLE "{role}"')
