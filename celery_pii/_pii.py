@@ -400,7 +400,10 @@ class PII:
         located = binder.locate_apart(args, kwargs)[1]
         eager = _context.applying.get()  # never the request's is_eager: a message's embed sets it
         if eager:  # its arguments never travelled: a marker in them is the caller's own text
-            return list(located), False
+            # With the declared values of the steps it carries, as a worker knows them from the
+            # envelopes: Celery calls an errback taking the request in this task's context.
+            carried = self.sealer.values_in_steps(_message_root(task.request, args, kwargs))
+            return [*located, *carried], False
         values = [value for value in located if not is_marker(value)]
         if len(values) != len(located):  # sealed values whose envelope is gone: never run on markers
             self._refuse_unopenable(task, task_id, _message_root(task.request, args, kwargs), [])

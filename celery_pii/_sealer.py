@@ -579,6 +579,19 @@ class Sealer:
 
     # -- consume --------------------------------------------------------------------------
 
+    def values_in_steps(self, root: Mapping[str, Any]) -> list[Any]:
+        """The declared values of the canvas steps a message root carries (callbacks, errbacks, chain, chord).
+
+        For an eager call, whose steps were never sealed: what a worker learns
+        from the envelopes it opens.
+        """
+        found: list[Any] = []
+        for part in EMBED_PARTS:
+            embedded = root.get(part)
+            if embedded is not None:
+                found.extend(value for _, value, _ in _embedded(embedded, (part,), self.lookup))
+        return found
+
     def open_message(
         self, name: str, task_id: str, root: Mapping[str, Any], tokens: Sequence[object]
     ) -> Opened:

@@ -358,3 +358,39 @@ def test_a_short_string_an_eager_pii_task_returned_does_not_mark_later_calls(app
     later = app.tasks["t.plain"].apply(("done",))
     stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{later.id}")
     assert b'"result":"done"' in stored.replace(b" ", b"")  # stored as it is: nothing of the PII task's
+
+
+def test_an_eager_errback_taking_the_request_has_its_own_fields_hidden(app, monkeypatch):
+    """Celery calls an errback taking the request in the failed task's context, on the errback's own fields.
+
+    On a worker those fields came sealed with the message and were hidden; run
+    eagerly they were never sealed, and what the errback logged or raised
+    showed its own declared email.
+    """
+    import io
+
+    from celery_pii import _logfilter
+
+    monkeypatch.setattr(_logfilter, "_in_a_worker", False)  # this test process ran in-process workers
+
+    @app.task(shared=False, name="t.eager_boom", pii_fields=["card_number"])
+    def boom(card_number):
+        raise ValueError("declined")
+
+    @app.task(shared=False, name="t.eager_notify", pii_fields=["email"])
+    def notify(request, exc, traceback, email=None):
+        logging.getLogger("tests.errback").warning("will email %s about %s", email, request.args[0])
+        msg = f"mail server refused {email}"
+        raise RuntimeError(msg)
+
+    app.conf.task_always_eager = True
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    logging.getLogger().addHandler(handler)
+    try:
+        boom.apply_async((CARD,), link_error=notify.s(email=EMAIL))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = written.getvalue()
+    assert "will email" in lines and "mail server refused" in lines
+    assert_no_plaintext(lines)
