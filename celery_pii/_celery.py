@@ -188,6 +188,15 @@ _GLOBAL_OPTIONS_WITH_VALUES: Final = frozenset(
 _IN_FLOWER: Final = celery_subcommand(sys.argv) == "flower"
 
 
+def _eager_call_as_sent(body: Any) -> Any:
+    """An eager call's ``(args, kwargs)``, its declared values marked as a worker's message holds them."""
+    eager = _context.eager_call.get()
+    if eager is None or not (isinstance(body, tuple) and len(body) == 2):
+        return None
+    pii, name = eager
+    return pii.marked_call(name, *body)
+
+
 def _open_result_hook(value: Any) -> Any:
     if not is_sealed_result(value):
         withheld = withheld_reason(value)
@@ -492,6 +501,7 @@ def _register_serializer(settings: Settings) -> PIISerializer:
             seal_result=_seal_result_hook,
             open_result=_open_result_hook,
             legacy_json=_an_app_reads_plain_json,
+            eager_call=_eager_call_as_sent,
         )
         serialization.register(
             NAME,

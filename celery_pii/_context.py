@@ -396,6 +396,14 @@ backend_row: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 #: message's embed can set.
 applying: contextvars.ContextVar[bool] = contextvars.ContextVar("celery_pii_applying", default=False)
 
+#: The app's PII object and the task's name while an eager ``apply_async``
+#: (``task_always_eager``) has Celery write and read its ``(args, kwargs)``
+#: with the task serializer, before it runs the task: the serializer then
+#: knows which of them a worker's message would carry sealed.
+eager_call: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
+    "celery_pii_eager_call", default=None
+)
+
 #: What PII tasks run eagerly outside any task returned (newest last), with the
 #: context each ran in.  Celery's ``chain.apply()`` (and a chord's, a group's
 #: before a task) gives one to the next step's ``apply()`` itself, after the

@@ -388,6 +388,18 @@ class PII:
             self._refuse_unopenable(task, task_id, root, tokens)
         return opened
 
+    def marked_call(self, name: str, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        """``(args, kwargs)`` of a call of task ``name`` with the marker at its declared fields (copies).
+
+        ``None`` for a task without declared fields here.
+        """
+        spec = self.specs.get(name)
+        if spec is None or spec.binder is None or not isinstance(kwargs, dict):
+            return None
+        locations = spec.binder.locate_apart(args or (), kwargs)[0]
+        marked = replace_in_copies({"args": args or (), "kwargs": kwargs}, locations, MARKER, sealing=True)
+        return marked["args"], marked["kwargs"]
+
     def _unsealed_values(
         self, task: Task, task_id: str, binder: Binder, args: Any, kwargs: Any
     ) -> tuple[list[Any], bool]:

@@ -302,6 +302,7 @@ class PIISerializer:
         seal_result: ResultHook | None = None,
         open_result: ResultHook | None = None,
         legacy_json: bool | Callable[[], bool] = False,
+        eager_call: ResultHook | None = None,
     ) -> None:
         """Create the serializer.
 
@@ -313,6 +314,11 @@ class PIISerializer:
             legacy_json: also read unframed JSON (results stored as ``json``
                 before a rollout; see ``pii_allow_plaintext``); a callable is
                 asked each time such a value comes.
+            eager_call: given what msgpack cannot write and that is not a task
+                body, returns it as a worker's message would carry it (declared
+                values marked) if it is an eager call's ``(args, kwargs)``, else
+                ``None``: then it is written as kombu's typed JSON (it never
+                leaves the process) when msgpack writes the rest.
         """
         if inner not in _CODECS:
             msg = "setting pii_inner_serializer: must be 'json' or 'msgpack'"
@@ -325,6 +331,7 @@ class PIISerializer:
         self._seal_result = seal_result
         self._open_result = open_result
         self._legacy_json = legacy_json
+        self._eager_call = eager_call
 
     @property
     def legacy_json(self) -> bool:
@@ -370,7 +377,17 @@ class PIISerializer:
         if self.inner == "msgpack":
             # The publish step says whether field paths or detection look into the task's arguments.
             refuse = task_body and ticket is not None and ticket.paths_matter
-            return self._header + _msgpack_packed(obj, task_body=task_body, refuse_bytes_keys=refuse)
+            try:
+                return self._header + _msgpack_packed(obj, task_body=task_body, refuse_bytes_keys=refuse)
+            except (TypeError, OverflowError):  # a datetime, Decimal, UUID, an int beyond 64 bits...
+                as_sent = None if task_body or self._eager_call is None else self._eager_call(obj)
+                if as_sent is None:
+                    raise
+                # An eager call's (args, kwargs): a worker's message carries its declared values
+                # sealed (as typed JSON), so only the others must be what msgpack writes.
+                _msgpack_packed(as_sent, task_body=False)
+                typed: str = kombu_json.dumps(obj)
+                return bytes((FRAME_VERSION,)) + _TYPED_JSON + typed.encode()
         # JSON writes tuples as lists; given as lists, orjson's output reads back equal (see _json).
         document = [list(obj[0]), obj[1], obj[2]] if task_body else obj
         try:

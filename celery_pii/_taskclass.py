@@ -122,8 +122,13 @@ def _mark_eager_runs(cls: type[Any]) -> None:
 
     Outside a worker, the host's handlers get the log filter first: what the
     task and its hooks log reaches them, not Celery's loggers.
+
+    ``apply_async`` of an eager app (``task_always_eager``) first has Celery
+    write and read the call's ``(args, kwargs)`` with the task serializer: it
+    says which task's they are (:data:`_context.eager_call`).
     """
     original = cls.apply
+    original_async = cls.apply_async
 
     @functools.wraps(original)
     def apply(self: Task, *args: Any, **kwargs: Any) -> Any:
@@ -131,12 +136,25 @@ def _mark_eager_runs(cls: type[Any]) -> None:
             _refuse_storing_in_plaintext(self.app)
         filter_every_handler_outside_workers()
         token = _context.applying.set(True)
+        eager_call = _context.eager_call.set(None)  # its arguments are written by now
         try:
             return original(self, *args, **kwargs)
         finally:
+            _context.eager_call.reset(eager_call)
             _context.applying.reset(token)
 
+    @functools.wraps(original_async)
+    def apply_async(self: Task, *args: Any, **kwargs: Any) -> Any:
+        if not self.app.conf.task_always_eager:
+            return original_async(self, *args, **kwargs)
+        token = _context.eager_call.set((getattr(self.app, _context.APP_ATTRIBUTE), self.name))
+        try:
+            return original_async(self, *args, **kwargs)
+        finally:
+            _context.eager_call.reset(token)
+
     cls.apply = apply
+    cls.apply_async = apply_async
 
 
 def _refuse_storing_in_plaintext(app: Any) -> None:

@@ -146,6 +146,58 @@ class TestRoundTrip:
         assert printed == {"plain": {"1": "a", "b": {"2": None}}, "customer": {"email": EMAIL, "7": "y"}}
         assert queued_messages(f"{queue_name}.quarantine") == []
 
+    def test_msgpack_eager_calls_take_declared_values_a_worker_takes(
+        self, key_store_url, queue_name, tmp_path
+    ):
+        """With msgpack and task_always_eager, declared datetime, Decimal, UUID and big int values run.
+
+        They travel sealed (as typed JSON) to a worker, but an eager call had
+        msgpack write them as they are: kombu's EncodeError, naming no field,
+        and the task did not run.  An undeclared one is still refused, as a
+        worker's message would be.  (In a process of its own: the inner
+        serializer is one per process.)
+        """
+        import subprocess
+        import sys
+        import textwrap
+
+        from .conftest import APP_DIR, BROKER_DB, REDIS_URL
+
+        script = tmp_path / "msgpack_eager.py"
+        script.write_text(
+            textwrap.dedent(
+                f"""
+                import json
+                from datetime import datetime, timezone
+                from decimal import Decimal
+                from uuid import UUID
+                from pii_testapp import make_app
+
+                app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+                               key_store={key_store_url!r}, queue={queue_name!r}, pii_inner_serializer="msgpack",
+                               task_always_eager=True)
+                values = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("9.99"), UUID(int=7), 2**70]
+                came = [app.tasks["t.echo"].delay(value).get() for value in values]
+                same = [got["value"] == value and type(got["value"]) is type(value) for got, value in zip(came, values)]
+                try:
+                    app.tasks["t.echo"].delay({CARD!r}, label=Decimal("1.5"))
+                    undeclared = "accepted"
+                except Exception as error:
+                    undeclared = type(error).__name__
+                print(json.dumps({{"same": same, "undeclared": undeclared}}))
+                """
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": APP_DIR}
+        done = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+            "same": [True] * 4,
+            "undeclared": "EncodeError",
+        }
+
     @pytest.mark.parametrize(
         "label",
         [uuid.UUID(int=7), datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("9.99"), (1, "two")],
