@@ -106,40 +106,24 @@ class TestRoundTrip:
         was published unsealed.  (In a process of its own: the inner
         serializer is one per process.)
         """
-        import subprocess
-        import sys
-        import textwrap
+        printed = _run_msgpack_app(
+            tmp_path,
+            key_store_url,
+            queue_name,
+            """
+            from celery.contrib.testing.worker import start_worker
 
-        from .conftest import APP_DIR, BROKER_DB, REDIS_URL
-
-        script = tmp_path / "msgpack_keys.py"
-        script.write_text(
-            textwrap.dedent(
-                f"""
-                import json
-                from celery.contrib.testing.worker import start_worker
-                from pii_testapp import make_app
-
-                app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
-                               key_store={key_store_url!r}, queue={queue_name!r}, pii_inner_serializer="msgpack",
-                               worker_hijack_root_logger=False)
-                try:  # a declared field under a bytes key: found by no path, it was published unsealed
-                    app.tasks["t.charge"].delay({CARD!r}, 1, {{b"email": {EMAIL!r}}})
-                except Exception as error:
-                    refused = str(error)
-                with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
-                    plain = app.tasks["t.plain"].delay({{1: "a", "b": {{2: None}}}}).get(timeout=20)
-                    charged = app.tasks["t.charge"].delay({CARD!r}, 1, {{"email": {EMAIL!r}, 7: "y"}}).get(timeout=20)
-                print(json.dumps({{"plain": plain, "customer": charged["customer"], "refused": refused}}))
-                """
-            )
+            try:  # a declared field under a bytes key: found by no path, it was published unsealed
+                app.tasks["t.charge"].delay({CARD!r}, 1, {{b"email": {EMAIL!r}}})
+            except Exception as error:
+                refused = str(error)
+            with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+                plain = app.tasks["t.plain"].delay({{1: "a", "b": {{2: None}}}}).get(timeout=20)
+                charged = app.tasks["t.charge"].delay({CARD!r}, 1, {{"email": {EMAIL!r}, 7: "y"}}).get(timeout=20)
+            print(json.dumps({{"plain": plain, "customer": charged["customer"], "refused": refused}}))
+            """,
+            worker_hijack_root_logger=False,
         )
-        env = {**os.environ, "PYTHONPATH": APP_DIR}
-        done = subprocess.run(
-            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        printed = json.loads(done.stdout.strip().splitlines()[-1])
         assert printed.pop("refused").startswith(
             "task 't.charge': the dict at args[2] holds a key JSON cannot"
         )
@@ -157,43 +141,28 @@ class TestRoundTrip:
         worker's message would be.  (In a process of its own: the inner
         serializer is one per process.)
         """
-        import subprocess
-        import sys
-        import textwrap
+        printed = _run_msgpack_app(
+            tmp_path,
+            key_store_url,
+            queue_name,
+            """
+            from datetime import datetime, timezone
+            from decimal import Decimal
+            from uuid import UUID
 
-        from .conftest import APP_DIR, BROKER_DB, REDIS_URL
-
-        script = tmp_path / "msgpack_eager.py"
-        script.write_text(
-            textwrap.dedent(
-                f"""
-                import json
-                from datetime import datetime, timezone
-                from decimal import Decimal
-                from uuid import UUID
-                from pii_testapp import make_app
-
-                app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
-                               key_store={key_store_url!r}, queue={queue_name!r}, pii_inner_serializer="msgpack",
-                               task_always_eager=True)
-                values = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("9.99"), UUID(int=7), 2**70]
-                came = [app.tasks["t.echo"].delay(value).get() for value in values]
-                same = [got["value"] == value and type(got["value"]) is type(value) for got, value in zip(came, values)]
-                try:
-                    app.tasks["t.echo"].delay({CARD!r}, label=Decimal("1.5"))
-                    undeclared = "accepted"
-                except Exception as error:
-                    undeclared = type(error).__name__
-                print(json.dumps({{"same": same, "undeclared": undeclared}}))
-                """
-            )
+            values = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), Decimal("9.99"), UUID(int=7), 2**70]
+            came = [app.tasks["t.echo"].delay(value).get() for value in values]
+            same = [got["value"] == value and type(got["value"]) is type(value) for got, value in zip(came, values)]
+            try:
+                app.tasks["t.echo"].delay({CARD!r}, label=Decimal("1.5"))
+                undeclared = "accepted"
+            except Exception as error:
+                undeclared = type(error).__name__
+            print(json.dumps({{"same": same, "undeclared": undeclared}}))
+            """,
+            task_always_eager=True,
         )
-        env = {**os.environ, "PYTHONPATH": APP_DIR}
-        done = subprocess.run(
-            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        assert printed == {
             "same": [True] * 4,
             "undeclared": "EncodeError",
         }
@@ -1079,3 +1048,35 @@ class TestSubjects:
         assert get_pii(app).forget_subject(decomposed) == 1
         app.tasks["t.profile"].delay(pk, EMAIL)
         assert get_pii(app).forget_subject(str(pk)) == 1
+
+
+def _run_msgpack_app(tmp_path, key_store_url, queue_name, code, **conf):
+    """Run ``code`` (formatted with CARD and EMAIL) with ``app``, a test app on msgpack, in a process of its own.
+
+    The inner serializer is one per process.  Returns the JSON ``code`` printed last.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    from .conftest import APP_DIR, BROKER_DB, REDIS_URL
+
+    script = tmp_path / "msgpack_app.py"
+    preamble = f"""
+import json
+from pii_testapp import make_app
+
+app = make_app(broker={f"{REDIS_URL}/{BROKER_DB}"!r}, backend={f"{REDIS_URL}/{BACKEND_DB}"!r},
+               key_store={key_store_url!r}, queue={queue_name!r}, pii_inner_serializer="msgpack", **{conf!r})
+"""
+    script.write_text(preamble + textwrap.dedent(code).format(CARD=CARD, EMAIL=EMAIL))
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": APP_DIR},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
