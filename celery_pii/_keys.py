@@ -801,16 +801,8 @@ class KeyManager:
             # whichever form it arrived in then (composed, decomposed), the request's too.
             forms = {subject_id, unicodedata.normalize("NFD", subject_id)}
             digests.extend(self._subject_digest(form) for form in forms if _encodable(form))
-        # By the key id too (the master key's wrapping authenticates it; the subject_id
-        # column, which nothing does, could be cleared to make erasure miss the keys).
-        by_key_id = [_named(KeyRow.key_id, SUBJECT_KEY_PREFIX + digest, buckets=True) for digest in digests]
         with self.store.transaction() as session:
-            rows = self._lock_and_reread(
-                session,
-                select(KeyRow)
-                .where(or_(KeyRow.subject_id.in_(digests), *by_key_id), KeyRow.status != DESTROYED)
-                .order_by(KeyRow.key_id, KeyRow.version),
-            )
+            rows = self._lock_and_reread(session, subject_keys(digests))
             for row in rows:
                 self._destroy_row(session, row, reason="forget_subject")
             if not rows:
@@ -1330,6 +1322,21 @@ def _check_key_id(key_id: str) -> None:
         raise ConfigurationError(msg)
 
 
+def subject_keys(digests: Sequence[str]) -> Select[KeyRow]:
+    """The live versions of the keys of the subjects hashed to ``digests``, bucket keys included.
+
+    Found by the ``subject_id`` column and by the key id too: the master key's
+    wrapping authenticates the key id, not the column, which a database
+    writer could clear to make erasure miss the keys.  Both through an index.
+    """
+    by_key_id = [_named(KeyRow.key_id, SUBJECT_KEY_PREFIX + digest, buckets=True) for digest in digests]
+    return (
+        select(KeyRow)
+        .where(or_(KeyRow.subject_id.in_(digests), *by_key_id), KeyRow.status != DESTROYED)
+        .order_by(KeyRow.key_id, KeyRow.version)
+    )
+
+
 def _named(column: Any, key_id: str, *, buckets: bool) -> Any:
     """``column`` is ``key_id`` (or, with ``buckets``, one of its retention bucket keys ``key_id@...``).
 
@@ -1339,8 +1346,18 @@ def _named(column: Any, key_id: str, *, buckets: bool) -> Any:
     """
     if not buckets or "@" in key_id:
         return column == key_id
-    prefix = f"{key_id}@"
-    return or_(column == key_id, func.substr(column, 1, len(prefix)) == prefix)
+    return or_(column == key_id, _starting(column, f"{key_id}@"))
+
+
+def _starting(column: Any, prefix: str) -> Any:
+    """``column`` starts with ``prefix``: a range the key id's index serves, then the exact test.
+
+    ``substr`` (or ``LIKE``) alone uses no index everywhere: erasure scanned the
+    whole store.  The range is exact only where the column orders by bytes; the
+    ``substr`` test keeps what another collation's range lets in honest.
+    """
+    after = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return and_(column >= prefix, column < after, func.substr(column, 1, len(prefix)) == prefix)
 
 
 def _refuse_a_second_subject_index(session: Session) -> None:
@@ -1353,19 +1370,17 @@ def _refuse_a_second_subject_index(session: Session) -> None:
     "nothing was sealed for this id".
 
     Raises:
+        WriteConflict: another process has just made the first version (it is read instead).
         KeyNotFound: naming the key and what to do.
     """
-    earlier = session.scalar(
-        select(KeyRow.id)
-        .where(
-            or_(
-                KeyRow.key_id == SUBJECT_INDEX_KEY,
-                func.substr(KeyRow.key_id, 1, len(SUBJECT_KEY_PREFIX)) == SUBJECT_KEY_PREFIX,
-            )
-        )
-        .limit(1)
+    statuses = set(session.scalars(select(KeyRow.status).where(KeyRow.key_id == SUBJECT_INDEX_KEY)))
+    if ACTIVE in statuses:  # committed since this transaction looked for it
+        msg = "the subject index was made by another process meanwhile"
+        raise WriteConflict(msg)
+    earlier = statuses or session.scalar(
+        select(KeyRow.id).where(_starting(KeyRow.key_id, SUBJECT_KEY_PREFIX)).limit(1)
     )
-    if earlier is not None:
+    if earlier:
         msg = (
             f"key {SUBJECT_INDEX_KEY!r} has no active version, but the key store holds subjects' keys "
             "made with it (its row was changed or removed by hand); a new one would rename every "

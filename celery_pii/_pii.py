@@ -328,8 +328,8 @@ class PII:
             values, message_keys, opened_at = opened.values, opened.own_keys, opened.locations
             carried_keys = opened.carried_keys
             setattr(request, EMBED_KEY, None)
-        elif spec is not None and spec.binder is not None:
-            values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
+        else:
+            values, arrived_unsealed = self._values_without_envelope(task, task_id, spec, args, kwargs)
         is_pii = spec is not None and spec.is_pii
         if not (is_pii or values):
             _context.running.set(outer)  # inside a PII task, its outcome may be derived from that PII
@@ -400,6 +400,24 @@ class PII:
         marked = replace_in_copies({"args": args or (), "kwargs": kwargs}, locations, MARKER, sealing=True)
         return marked["args"], marked["kwargs"]
 
+    def _values_without_envelope(
+        self, task: Task, task_id: str, spec: TaskSpec | None, args: Any, kwargs: Any
+    ) -> tuple[list[Any], bool]:
+        """The values a call with no envelope holds open, and whether declared ones arrived unsealed.
+
+        Its own declared values (:meth:`_unsealed_values`) and, for an eager
+        call of any task, the declared values of the steps it carries, as a
+        worker knows them from the envelopes: Celery calls an errback taking
+        the request in this task's context, on the errback's own fields.
+        """
+        values: list[Any] = []
+        arrived_unsealed = False
+        if spec is not None and spec.binder is not None:
+            values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
+        if _context.applying.get():
+            values += self.sealer.values_in_steps(_message_root(task.request, args, kwargs))
+        return values, arrived_unsealed
+
     def _unsealed_values(
         self, task: Task, task_id: str, binder: Binder, args: Any, kwargs: Any
     ) -> tuple[list[Any], bool]:
@@ -412,10 +430,7 @@ class PII:
         located = binder.locate_apart(args, kwargs)[1]
         eager = _context.applying.get()  # never the request's is_eager: a message's embed sets it
         if eager:  # its arguments never travelled: a marker in them is the caller's own text
-            # With the declared values of the steps it carries, as a worker knows them from the
-            # envelopes: Celery calls an errback taking the request in this task's context.
-            carried = self.sealer.values_in_steps(_message_root(task.request, args, kwargs))
-            return [*located, *carried], False
+            return list(located), False
         values = [value for value in located if not is_marker(value)]
         if len(values) != len(located):  # sealed values whose envelope is gone: never run on markers
             self._refuse_unopenable(task, task_id, _message_root(task.request, args, kwargs), [])

@@ -739,7 +739,7 @@ class TestCache:
             destroyer.generate_key("orders")
             destroyer.rotate_key("orders")
             # v1 retired well before the run (a version retired moments ago is never destroyed).
-            retired = (earlier - timedelta(hours=1)).replace(tzinfo=None)  # stored as naive UTC
+            retired = f"{earlier - timedelta(hours=1):%Y-%m-%d %H:%M:%S.%f}"  # stored as naive UTC
             _execute(db_url, "UPDATE celery_pii_keys SET retired_at = :t WHERE version = 1", t=retired)
             destroyer.encryption_key(KeySpec("orders"))  # v2 reaches rotation_max_messages
             key_id = "orders"
@@ -752,7 +752,7 @@ class TestCache:
         if run == "rotation":
             assert destroyer.perform_automatic_rotation(now=earlier) == ["orders"]  # v1 goes (max 2)
         else:
-            past = (earlier - timedelta(hours=1)).replace(tzinfo=None)  # stored as naive UTC
+            past = f"{earlier - timedelta(hours=1):%Y-%m-%d %H:%M:%S.%f}"  # stored as naive UTC
             _execute(db_url, "UPDATE celery_pii_keys SET expires_at = :t WHERE key_id = :k", t=past, k=key_id)
             assert destroyer.destroy_expired(now=earlier) == [(key_id, 1)]
         (v1,) = [k for k in destroyer.list_keys(key_id) if k.version == 1]
@@ -1179,6 +1179,32 @@ class TestSubjects:
         assert manager.destroy_subject("ann@example.com") == 2
         assert [(k.key_id, k.status) for k in manager.list_keys(other_id)] == [(other_id, "active")]
 
+    def test_erasure_finds_a_subjects_keys_through_an_index(self, manager, db_url):
+        """Finding a subject's keys by their key ids too uses the key id's index (PostgreSQL's plan says).
+
+        A ``substr`` test alone scanned the whole key store for every erasure
+        (164 ms on 300,000 rows against 0.13 ms).
+        """
+        if not db_url.startswith("postgresql"):
+            pytest.skip("PostgreSQL's EXPLAIN")
+        from celery_pii._keys import subject_keys
+
+        query = subject_keys(["0" * 32, "f" * 32]).with_for_update()
+        engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(  # a store large enough that a scan costs more than the index
+                    "INSERT INTO celery_pii_keys (key_id, version, algorithm, status, created_at, created_by, "
+                    "usage_count, subject_id) SELECT 'subject.' || md5(n::text) || '@20990101T000000Z', 1, "
+                    "'aes-256-gcm', 'active', now(), 'test', 0, md5(n::text) FROM generate_series(1, 20000) n"
+                )
+                connection.exec_driver_sql("ANALYZE celery_pii_keys")
+                compiled = query.compile(connection, compile_kwargs={"literal_binds": True})
+                plan = "\n".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {compiled}"))
+        finally:
+            engine.dispose()
+        assert "Seq Scan" not in plan, plan
+
     def test_every_reserved_key_id_is_refused(self, manager):
         """Any celery_pii.* id is refused by name, even one that does not exist (not KeyNotFound)."""
         with pytest.raises(ConfigurationError, match=r"'celery_pii\.other'"):
@@ -1553,21 +1579,29 @@ class TestConcurrency:
         assert [v for v, _ in self._versions(db_url)] == [1, 2, 3, 4, 5]
 
     @staticmethod
-    def _lose_the_race_to(racer, other, action):
+    def _lose_the_race_to(racer, other, action, at="_inherit"):
         """Make ``racer``, having found no active version, see ``other`` commit one (``action``) first.
 
         What happens between two processes' first uses under READ COMMITTED, made
-        certain: ``racer`` then reads the version ``other`` committed when it numbers its own.
+        certain: ``other`` commits when ``racer`` calls its method ``at`` (by
+        default when it numbers its own version; ``_active_row``: right after it
+        found none).
         """
-        inherit = racer._inherit
+        step = getattr(racer, at)
         raced = []
 
-        def inherit_after_the_other_committed(session, spec, now):
+        def after_the_other_committed(*args):
+            found = step(*args)
             if not raced:
                 raced.append(action(other))
-            return inherit(session, spec, now)
+            return found
 
-        racer._inherit = inherit_after_the_other_committed
+        def before_the_other_committed(*args):
+            if not raced:
+                raced.append(action(other))
+            return step(*args)
+
+        setattr(racer, at, after_the_other_committed if at == "_active_row" else before_the_other_committed)
         return raced
 
     def test_first_uses_racing_make_one_active_version(self, make_manager, db_url):
@@ -1581,12 +1615,17 @@ class TestConcurrency:
         assert self._versions(db_url) == [(1, "active")]
         assert key.version == raced[0].version == 1
 
-    def test_first_subjects_racing_share_one_subject_index(self, make_manager, db_url):
-        """Processes naming their first subjects at once agree on its key id, so forget_subject finds it."""
+    @pytest.mark.parametrize("at", ["_inherit", "_active_row"])
+    def test_first_subjects_racing_share_one_subject_index(self, make_manager, db_url, at):
+        """Processes naming their first subjects at once agree on its key id, so forget_subject finds it.
+
+        The other's index committed right after this one found none made the
+        check for a hand-removed index say "restore its row from a backup".
+        """
         if db_url.startswith("sqlite"):
             pytest.skip("SQLite takes its write lock at BEGIN, so two first uses queue instead")
         first, racer = make_manager(), make_manager()
-        raced = self._lose_the_race_to(racer, first, lambda other: other.subject_key_id("cust-42"))
+        raced = self._lose_the_race_to(racer, first, lambda other: other.subject_key_id("cust-42"), at=at)
         assert racer.subject_key_id("cust-42") == raced[0]
         assert self._versions(db_url, SUBJECT_INDEX_KEY) == [(1, "active")]
         first.encryption_key(KeySpec(raced[0][0], subject_id=raced[0][1]))
