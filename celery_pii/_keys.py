@@ -567,7 +567,8 @@ class KeyManager:
                 destroying what is already destroyed returns 0).
         """
         check_not_reserved(key_id)
-        with self.store.transaction() as session:
+
+        def work(session: Session) -> Sequence[KeyRow]:
             query = select(KeyRow).where(KeyRow.key_id == key_id, KeyRow.status != DESTROYED)
             if version is not None:
                 query = query.where(KeyRow.version == version)
@@ -582,6 +583,9 @@ class KeyManager:
                     which = f"key {key_id!r}" + (f" version {version}" if version is not None else "")
                     msg = f"{which} not found in the key store"
                     raise KeyNotFound(msg)
+            return rows
+
+        rows = self._transact(work)  # a rotation of the key may win a lock race: again
         for row in rows:
             self.cache.forget(row.key_id, row.version, destroyed=True)
         return len(rows)
@@ -801,12 +805,16 @@ class KeyManager:
             # whichever form it arrived in then (composed, decomposed), the request's too.
             forms = {subject_id, unicodedata.normalize("NFD", subject_id)}
             digests.extend(self._subject_digest(form) for form in forms if _encodable(form))
-        with self.store.transaction() as session:
+
+        def work(session: Session) -> Sequence[KeyRow]:
             rows = self._lock_and_reread(session, subject_keys(digests))
             for row in rows:
                 self._destroy_row(session, row, reason="forget_subject")
             if not rows:
                 self._audit(session, f"{SUBJECT_KEY_PREFIX}{digests[0]}", None, "forget_subject", versions=0)
+            return rows
+
+        rows = self._transact(work)  # a rotation of the subject's key may win a lock race: again
         for row in rows:
             self.cache.forget(row.key_id, row.version, destroyed=True)
         return len(rows)

@@ -1743,6 +1743,32 @@ class TestWriteConflicts:
         with pytest.raises(KeyStoreUnavailable, match="kept conflicting"):
             manager._transact(always_loses)
 
+    @pytest.mark.parametrize("erasure", ["forget_subject", "destroy_key"])
+    def test_an_erasure_that_lost_a_lock_race_runs_again(self, manager, erasure):
+        """Erasure rolled back by a lost lock race (a rotation of the same key, on MariaDB) runs again.
+
+        It raised KeyStoreUnavailable to the caller: the erasure request failed.
+        """
+        key_id, digest = manager.subject_key_id("ann@example.com")
+        manager.encryption_key(KeySpec(key_id, subject_id=digest))
+        destroy_row = manager._destroy_row
+        lost = []
+
+        def loses_the_first_race(session, row, **options):
+            if not lost:
+                lost.append(row.key_id)
+                raise WriteConflict("lost")  # what KeyStore.transaction raises for a deadlock victim
+            return destroy_row(session, row, **options)
+
+        manager._destroy_row = loses_the_first_race
+        if erasure == "forget_subject":
+            assert manager.destroy_subject("ann@example.com") == 1
+        else:
+            assert manager.destroy_key(key_id) == 1
+        assert lost == [key_id]
+        with pytest.raises(KeyDestroyed):
+            manager.decryption_key(key_id, 1)
+
 
 class TestLeastPrivilege:
     """docs/operations.md's grants: the application never updates or deletes audit records, nor deletes keys."""
