@@ -1354,18 +1354,21 @@ def _named(column: Any, key_id: str, *, buckets: bool) -> Any:
     """
     if not buckets or "@" in key_id:
         return column == key_id
-    return or_(column == key_id, _starting(column, f"{key_id}@"))
+    return or_(column == key_id, _bucket_keys_of(column, key_id))
 
 
-def _starting(column: Any, prefix: str) -> Any:
-    """``column`` starts with ``prefix``: a range the key id's index serves, then the exact test.
+def _bucket_keys_of(column: Any, key_id: str) -> Any:
+    """``column`` is one of ``key_id``'s retention bucket keys (``key_id@20261201T030000Z``).
 
-    ``substr`` (or ``LIKE``) alone uses no index everywhere: erasure scanned the
-    whole store.  The range is exact only where the column orders by bytes; the
-    ``substr`` test keeps what another collation's range lets in honest.
+    A range the key id's index serves, then the exact test (``substr`` alone,
+    or ``LIKE``, uses no index everywhere: erasure scanned the whole store).
+    ``[key_id@, key_idA)`` holds every bucket key where the column orders by
+    bytes, and also under the linguistic collations PostgreSQL databases often
+    have (``en_US.UTF-8``, ICU): they ignore (or sort first) punctuation such
+    as ``@``, and sort the bucket's first character, a digit, before letters.
     """
-    after = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    return and_(column >= prefix, column < after, func.substr(column, 1, len(prefix)) == prefix)
+    start = f"{key_id}@"
+    return and_(column >= start, column < f"{key_id}A", func.substr(column, 1, len(start)) == start)
 
 
 def _refuse_a_second_subject_index(session: Session) -> None:
@@ -1385,9 +1388,10 @@ def _refuse_a_second_subject_index(session: Session) -> None:
     if ACTIVE in statuses:  # committed since this transaction looked for it
         msg = "the subject index was made by another process meanwhile"
         raise WriteConflict(msg)
-    earlier = statuses or session.scalar(
-        select(KeyRow.id).where(_starting(KeyRow.key_id, SUBJECT_KEY_PREFIX)).limit(1)
-    )
+    # The exact test alone, whatever the collation: this runs only when there is no active index
+    # (the first subject ever, or a store changed by hand).
+    prefix = func.substr(KeyRow.key_id, 1, len(SUBJECT_KEY_PREFIX))
+    earlier = statuses or session.scalar(select(KeyRow.id).where(prefix == SUBJECT_KEY_PREFIX).limit(1))
     if earlier:
         msg = (
             f"key {SUBJECT_INDEX_KEY!r} has no active version, but the key store holds subjects' keys "

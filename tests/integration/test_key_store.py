@@ -1770,6 +1770,61 @@ class TestWriteConflicts:
             manager.decryption_key(key_id, 1)
 
 
+class TestLinguisticCollation:
+    """A PostgreSQL database whose collation ignores punctuation (as ``en_US.UTF-8`` and ICU's do)."""
+
+    @pytest.fixture
+    def icu_url(self):
+        """A migrated key store in a database of its own, ordering text by ICU's rules, punctuation ignored."""
+        import uuid
+
+        from .conftest import POSTGRES_URL
+
+        name = f"pii_test_icu_{uuid.uuid4().hex[:8]}"
+        admin = sa.create_engine(POSTGRES_URL, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(
+                f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
+                "ICU_LOCALE 'en-US-u-ka-shifted' LOCALE 'C.UTF-8'"
+            )
+        url = str(sa.engine.make_url(POSTGRES_URL).set(database=name))
+        try:
+            migrate(url)
+            assert not _execute(url, "SELECT 'subject.ab' < 'subject/'")[0][0]  # as such collations order
+            yield url
+        finally:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+            admin.dispose()
+
+    def test_subject_keys_and_the_index_are_found_by_key_id(self, icu_url):
+        """Erasure by key id finds bucket keys, and a removed index is refused, under such a collation.
+
+        A range on ``subject.`` held nothing there: a subject index removed by
+        hand was made anew, and erasure then destroyed nothing.
+        """
+        manager = KeyManager(KeyStore(icu_url), MASTER)
+        fresh = KeyManager(KeyStore(icu_url), MASTER)
+        try:
+            key_id, digest = manager.subject_key_id("ann@example.com")
+            manager.encryption_key(KeySpec(key_id, subject_id=digest))
+            bucket = utcnow().replace(microsecond=0) + timedelta(days=30)
+            bucket_id = f"{key_id}@{bucket:%Y%m%dT%H%M%SZ}"
+            manager.encryption_key(KeySpec(bucket_id, subject_id=digest, expires_at=bucket))
+            manager.generate_key("pay")
+            manager.encryption_key(KeySpec(f"pay@{bucket:%Y%m%dT%H%M%SZ}", expires_at=bucket))
+            manager.generate_key("pay_x")
+            assert manager.bucket_key_ids("pay") == [f"pay@{bucket:%Y%m%dT%H%M%SZ}"]
+            _execute(icu_url, "UPDATE celery_pii_keys SET subject_id = NULL")
+            _execute(icu_url, "DELETE FROM celery_pii_keys WHERE key_id = :k", k=SUBJECT_INDEX_KEY)
+            with pytest.raises(KeyNotFound, match="subject-index"):
+                fresh.destroy_subject("ann@example.com")
+            assert manager.destroy_subject("ann@example.com") == 2  # its index secret is still in memory
+        finally:
+            manager.store.dispose()
+            fresh.store.dispose()
+
+
 class TestLeastPrivilege:
     """docs/operations.md's grants: the application never updates or deletes audit records, nor deletes keys."""
 
