@@ -341,8 +341,11 @@ class _Moment(click.ParamType):  # type: ignore[type-arg]  # generic only in new
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
         if isinstance(value, datetime):
             return value
+        text = str(value)
+        if text.endswith(("Z", "z")):  # read by fromisoformat from Python 3.11 on only
+            text = text[:-1] + "+00:00"
         try:
-            moment = datetime.fromisoformat(str(value))
+            moment = datetime.fromisoformat(text)
             _utc(moment)  # in range once moved to UTC (9999-12-31T23:59-05:00 is not)
         except ValueError:
             self.fail(f"{value!r} is not a date and time in ISO 8601 (e.g. 2026-11-30T10:18:02Z)", param, ctx)
