@@ -145,9 +145,10 @@ def _mark_eager_runs(cls: type[Any]) -> None:
 
     @functools.wraps(original_async)
     def apply_async(self: Task, *args: Any, **kwargs: Any) -> Any:
-        if not self.app.conf.task_always_eager:
+        pii = getattr(self.app, _context.APP_ATTRIBUTE, None)
+        if pii is None or not self.app.conf.task_always_eager:
             return original_async(self, *args, **kwargs)
-        token = _context.eager_call.set((getattr(self.app, _context.APP_ATTRIBUTE), self.name))
+        token = _context.eager_call.set((pii, self.name))
         try:
             return original_async(self, *args, **kwargs)
         finally:
