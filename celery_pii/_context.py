@@ -396,6 +396,13 @@ backend_row: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 #: message's embed can set.
 applying: contextvars.ContextVar[bool] = contextvars.ContextVar("celery_pii_applying", default=False)
 
+#: The declared values of an eagerly applied chain's or chord's steps, while it runs.
+#: Celery applies each step alone (its request carries no chain or chord): on a
+#: worker each step knows them from the envelopes its message carries.
+eager_canvas_values: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "celery_pii_eager_canvas_values", default=()
+)
+
 #: The app's PII object and the task's name while an eager ``apply_async``
 #: (``task_always_eager``) has Celery write and read its ``(args, kwargs)``
 #: with the task serializer, before it runs the task: the serializer then

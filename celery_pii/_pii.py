@@ -406,9 +406,10 @@ class PII:
         """The values a call with no envelope holds open, and whether declared ones arrived unsealed.
 
         Its own declared values (:meth:`_unsealed_values`) and, for an eager
-        call of any task, the declared values of the steps it carries, as a
-        worker knows them from the envelopes: Celery calls an errback taking
-        the request in this task's context, on the errback's own fields.
+        call of any task, the declared values of the steps it carries, and of
+        the chain or chord it is a step of, as a worker knows them from the
+        envelopes: Celery calls an errback taking the request in this task's
+        context, on the errback's own fields.
         """
         values: list[Any] = []
         arrived_unsealed = False
@@ -416,6 +417,7 @@ class PII:
             values, arrived_unsealed = self._unsealed_values(task, task_id, spec.binder, args, kwargs)
         if _context.applying.get():
             values += self.sealer.values_in_steps(_message_root(task.request, args, kwargs))
+            values += _context.eager_canvas_values.get()
         return values, arrived_unsealed
 
     def _unsealed_values(

@@ -158,6 +158,37 @@ def _mark_eager_runs(cls: type[Any]) -> None:
     cls.apply_async = apply_async
 
 
+def eager_canvas_knows_its_fields() -> None:
+    """An eagerly applied chain or chord: each step it runs knows the declared values of them all.
+
+    Celery's ``chain.apply()`` and ``chord.apply()`` (``task_always_eager``)
+    apply each step alone, its request carrying no chain or chord; on a
+    worker each step's message carries the later steps sealed, and opening
+    them tells its scrubber their values.  A plain first step logged and
+    raised a value a later step declares.  (Idempotent: once per process.)
+    """
+    from celery import canvas  # noqa: PLC0415 - Celery's canvas, only once set up
+
+    for cls in (canvas._chain, canvas._chord):  # noqa: SLF001 - the classes chain() and chord() build
+        original = cls.apply
+        if getattr(original, "celery_pii_wrapped", False):
+            continue
+
+        def apply(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            pii = getattr(self.app, _context.APP_ATTRIBUTE, None)
+            if pii is None:
+                return _original(self, *args, **kwargs)
+            values = pii.sealer.values_in_steps({"chain": [self]})
+            token = _context.eager_canvas_values.set((*_context.eager_canvas_values.get(), *values))
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                _context.eager_canvas_values.reset(token)
+
+        apply.celery_pii_wrapped = True  # type: ignore[attr-defined]
+        cls.apply = apply
+
+
 def _refuse_storing_in_plaintext(app: Any) -> None:
     """Before an eager call stores its result: refuse a backend that would write it in plaintext.
 

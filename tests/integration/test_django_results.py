@@ -64,10 +64,11 @@ def django_app(django_db, make_app):
     return make_app(backend="django-db", result_extended=True)
 
 
-def _column(task_id: str, name: str) -> str:
+def _column(task_id, name):
+    """One column of a task's django_celery_results_taskresult row, as stored."""
     from django_celery_results.models import TaskResult
 
-    return TaskResult.objects.values_list(name, flat=True).get(task_id=task_id)  # type: ignore[no-any-return]
+    return TaskResult.objects.values_list(name, flat=True).get(task_id=task_id)
 
 
 def _run(app, *results):

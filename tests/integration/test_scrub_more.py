@@ -398,3 +398,54 @@ def test_an_eager_errback_taking_the_request_has_its_own_fields_hidden(app, monk
     lines = written.getvalue()
     assert "will email" in lines and "mail server refused" in lines
     assert_no_plaintext(lines)
+
+
+@pytest.mark.parametrize("kind", ["chain", "chord"])
+def test_an_eager_canvas_step_hides_what_a_later_step_declares(app, monkeypatch, kind):
+    """Celery applies an eager chain's or chord's steps one by one, each request carrying no canvas.
+
+    On a worker a plain first step's message carries the later step sealed,
+    so its logs and errors hide that step's declared email; run eagerly the
+    step logged it and raised it in plaintext.
+    """
+    import io
+
+    from celery import chord
+
+    from celery_pii import _logfilter
+
+    monkeypatch.setattr(_logfilter, "_in_a_worker", False)  # this test process ran in-process workers
+    step_log = logging.getLogger("tests.eager_canvas")
+    step_log.setLevel(logging.INFO)  # an in-process worker of an earlier test set the root's level
+
+    @app.task(shared=False, name=f"t.eager_first_{kind}")
+    def first(value):
+        step_log.warning("first step got %s", value)
+        return {"got": "ok"}
+
+    @app.task(shared=False, name=f"t.eager_failing_{kind}")
+    def failing(value):
+        msg = f"no such order {value}"
+        raise ValueError(msg)
+
+    @app.task(shared=False, name=f"t.eager_later_{kind}", pii_fields=["email"])
+    def later(previous, email):
+        return {"email": email}
+
+    app.conf.task_always_eager = True
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    logging.getLogger().addHandler(handler)
+    try:
+        if kind == "chain":
+            (first.s(EMAIL) | later.s(email=EMAIL)).delay().get()
+            with pytest.raises(ValueError, match="no such order") as raised:
+                (failing.s(EMAIL) | later.s(email=EMAIL)).delay().get()
+            assert EMAIL not in str(raised.value)
+        else:
+            chord([first.s(EMAIL), first.s("order-17")], later.s(email=EMAIL)).delay().get()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = written.getvalue()
+    assert "first step got" in lines
+    assert_no_plaintext(lines)
