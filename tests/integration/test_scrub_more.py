@@ -10,7 +10,9 @@ Exceptions show values in forms other than the value itself: escaped by
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
 import logging
 import time
@@ -30,6 +32,18 @@ pytestmark = pytest.mark.integration
 
 ADDRESS = "Ann Example\n1 Fake Street\nSpringfield"
 DOB = dt.date(1980, 1, 2)
+
+
+@contextlib.contextmanager
+def _root_log():
+    """What the root logger's handlers get meanwhile, as text (a handler of the host's, outside a worker)."""
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield written
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 def _start(app, **options):
@@ -263,8 +277,6 @@ def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager
     What they logged reached the host's handlers unfiltered (only Celery's
     loggers had the filter outside a worker).
     """
-    import io
-
     from celery_pii import _logfilter
 
     monkeypatch.setattr(_logfilter, "_in_a_worker", False)  # this test process ran in-process workers
@@ -287,17 +299,12 @@ def test_hooks_logging_arguments_outside_a_worker_are_scrubbed(app, always_eager
         return {"card": card_number}
 
     app.conf.task_always_eager = always_eager
-    written = io.StringIO()
-    handler = logging.StreamHandler(written)
-    logging.getLogger().addHandler(handler)
-    try:
+    with _root_log() as written:
         for fail in (False, True):
             if always_eager:
                 audited.delay(CARD, fail=fail)
             else:
                 audited.apply((CARD,), {"fail": fail})
-    finally:
-        logging.getLogger().removeHandler(handler)
     lines = written.getvalue()
     assert "on_success args=" in lines and "on_failure args=" in lines
     assert_no_plaintext(lines)
@@ -368,8 +375,6 @@ def test_an_eager_errback_taking_the_request_has_its_own_fields_hidden(app, monk
     eagerly they were never sealed, and what the errback logged or raised
     showed its own declared email (of a failed task with PII fields or without).
     """
-    import io
-
     from celery_pii import _logfilter
 
     monkeypatch.setattr(_logfilter, "_in_a_worker", False)  # this test process ran in-process workers
@@ -388,13 +393,8 @@ def test_an_eager_errback_taking_the_request_has_its_own_fields_hidden(app, monk
         raise RuntimeError(msg)
 
     app.conf.task_always_eager = True
-    written = io.StringIO()
-    handler = logging.StreamHandler(written)
-    logging.getLogger().addHandler(handler)
-    try:
+    with _root_log() as written:
         boom.apply_async((CARD if parent == "pii" else "order-17",), link_error=notify.s(email=EMAIL))
-    finally:
-        logging.getLogger().removeHandler(handler)
     lines = written.getvalue()
     assert "will email" in lines and "mail server refused" in lines
     assert_no_plaintext(lines)
@@ -408,8 +408,6 @@ def test_an_eager_canvas_step_hides_what_a_later_step_declares(app, monkeypatch,
     so its logs and errors hide that step's declared email; run eagerly the
     step logged it and raised it in plaintext.
     """
-    import io
-
     from celery import chord
 
     from celery_pii import _logfilter
@@ -433,10 +431,7 @@ def test_an_eager_canvas_step_hides_what_a_later_step_declares(app, monkeypatch,
         return {"email": email}
 
     app.conf.task_always_eager = True
-    written = io.StringIO()
-    handler = logging.StreamHandler(written)
-    logging.getLogger().addHandler(handler)
-    try:
+    with _root_log() as written:
         if kind == "chain":
             (first.s(EMAIL) | later.s(email=EMAIL)).delay().get()
             with pytest.raises(ValueError, match="no such order") as raised:
@@ -444,8 +439,6 @@ def test_an_eager_canvas_step_hides_what_a_later_step_declares(app, monkeypatch,
             assert EMAIL not in str(raised.value)
         else:
             chord([first.s(EMAIL), first.s("order-17")], later.s(email=EMAIL)).delay().get()
-    finally:
-        logging.getLogger().removeHandler(handler)
     lines = written.getvalue()
     assert "first step got" in lines
     assert_no_plaintext(lines)
