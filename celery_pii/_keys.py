@@ -1216,9 +1216,18 @@ def deadline_in_key_id(key_id: str) -> datetime | None:
     if not at:
         return None
     try:
-        return datetime.strptime(bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc)
+        return bucket_moment(bucket)
     except ValueError:  # a suffix of another form (tests name buckets freely)
         return None
+
+
+def bucket_moment(bucket: str) -> datetime:
+    """The deadline a retention bucket names (the ``20261201T030000Z`` of ``key@20261201T030000Z``).
+
+    Raises:
+        ValueError: not a bucket of :data:`BUCKET_FORMAT`.
+    """
+    return datetime.strptime(bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc)
 
 
 def is_subject_id(value: object) -> bool:

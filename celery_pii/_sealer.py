@@ -26,7 +26,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Final, NamedTuple, cast
 
 from . import _envelope
@@ -34,7 +34,15 @@ from ._config import Settings
 from ._crypto import DataKey
 from ._detect import locate_with_status, shown_path
 from ._envelope import Kind
-from ._keys import BUCKET_FORMAT, SUBJECT_INT_BITS, SUBJECT_KEY_PREFIX, KeyManager, KeySpec, is_subject_id
+from ._keys import (
+    BUCKET_FORMAT,
+    SUBJECT_INT_BITS,
+    SUBJECT_KEY_PREFIX,
+    KeyManager,
+    KeySpec,
+    bucket_moment,
+    is_subject_id,
+)
 from ._paths import (
     AmbiguousKey,
     Binder,
@@ -440,11 +448,7 @@ class Sealer:
         items: list[tuple[Location, Any, TaskSpec | None]] = []
         if name in _ITEM_TASKS and not seal_all:
             items.extend(_items_of(root, self.lookup))
-        steps: list[tuple[Location, Any, TaskSpec | None]] = []
-        for part in EMBED_PARTS:
-            embedded = root.get(part)
-            if embedded is not None:
-                steps.extend(_embedded(embedded, (part,), self.lookup, every_step=seal_all))
+        steps = list(_carried_steps(root, self.lookup, every_step=seal_all))
         args: Sequence[Any] = root.get("args") or ()
         if name == _CHORD_UNLOCK and len(args) > 1 and not seal_all:
             # chord_unlock carries the chord body as its second argument
@@ -585,12 +589,7 @@ class Sealer:
         For an eager call, whose steps were never sealed: what a worker learns
         from the envelopes it opens.
         """
-        found: list[Any] = []
-        for part in EMBED_PARTS:
-            embedded = root.get(part)
-            if embedded is not None:
-                found.extend(value for _, value, _ in _embedded(embedded, (part,), self.lookup))
-        return found
+        return [value for _, value, _ in _carried_steps(root, self.lookup)]
 
     def open_message(
         self, name: str, task_id: str, root: Mapping[str, Any], tokens: Sequence[object]
@@ -784,7 +783,7 @@ def _co_key_spec(key_id: str) -> KeySpec:
     base, bucket, subject = _key_id_parts(key_id)
     if not bucket:
         return KeySpec(base, subject_id=subject)
-    return _bucket_key(base, subject, datetime.strptime(bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc))
+    return _bucket_key(base, subject, bucket_moment(bucket))
 
 
 def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
@@ -818,7 +817,7 @@ def derived_key_spec(own: KeySpec, source: KeySpec) -> KeySpec:
     co_keys = _co_keys(subject_id, (*own.co_keys, source.key_id, *source.co_keys))
     buckets = [own.expires_at] if own.expires_at is not None else []
     if source_bucket:
-        buckets.append(datetime.strptime(source_bucket, BUCKET_FORMAT).replace(tzinfo=timezone.utc))
+        buckets.append(bucket_moment(source_bucket))
     if not buckets:
         return KeySpec(base, subject_id=subject_id, derived_from=derived_from, co_keys=co_keys)
     return _bucket_key(base, subject_id, min(buckets), derived_from=derived_from, co_keys=co_keys)
@@ -1041,6 +1040,16 @@ def field_path(binder: Binder | None, location: Location) -> str:
 def is_marker(value: object) -> bool:
     """True for the marker a sealed value leaves in the message body."""
     return isinstance(value, str) and value == MARKER
+
+
+def _carried_steps(
+    root: Mapping[str, Any], lookup: SpecLookup, *, every_step: bool = False
+) -> Iterator[tuple[Location, Any, TaskSpec | None]]:
+    """:func:`_embedded` over every part of a message root that carries canvas (callbacks, errbacks...)."""
+    for part in EMBED_PARTS:
+        embedded = root.get(part)
+        if embedded is not None:
+            yield from _embedded(embedded, (part,), lookup, every_step=every_step)
 
 
 def _embedded(
