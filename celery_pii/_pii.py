@@ -343,12 +343,18 @@ class PII:
         result_key = None
         if not message_keys and spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
-        if not message_keys and outer is not None and outer.result_key is not None:
-            # Run eagerly inside a PII task (``apply()``): what it was given may be the
-            # outer task's subject's data, so its result and what it publishes take that
-            # subject and retention bucket too (and are refused once that key is destroyed).
+        if not message_keys and outer is not None:
             own = result_key or (spec.key_spec if spec is not None else KeySpec(self.settings.default_key))
-            result_key = derived_key_spec(own, outer.result_key)
+            if outer.result_key is not None:
+                # Run eagerly inside a PII task (``apply()``): what it was given may be the
+                # outer task's subject's data, so its result and what it publishes take that
+                # subject and retention bucket too (and are refused once that key is destroyed).
+                result_key = derived_key_spec(own, outer.result_key)
+            elif outer.values:
+                # Given what an eager run holding a later step's values returned (the plain
+                # steps of an eager chain): on a worker that run's message to this step is
+                # sealed whole, under the carried step's key, and so is this step's outcome.
+                result_key = own
         _context.start(
             RunningTask(
                 self,

@@ -442,3 +442,34 @@ def test_an_eager_canvas_step_hides_what_a_later_step_declares(app, monkeypatch,
     lines = written.getvalue()
     assert "first step got" in lines
     assert_no_plaintext(lines)
+
+
+def test_an_eager_chain_stores_sealed_what_a_plain_step_gets_from_a_step_holding_later_values(app):
+    """A plain step after a plain first step that holds a later step's declared email (eager chain).
+
+    On a worker the first step's message to the second is sealed whole (it
+    carries the later step), so the second step's outcome is stored sealed;
+    run eagerly, with ``task_store_eager_result``, it was stored in plaintext.
+    """
+
+    @app.task(shared=False, name="t.eager_hands_on")
+    def hands_on(value):
+        return {"got": value}
+
+    @app.task(shared=False, name="t.eager_wraps")
+    def wraps(previous):
+        return {"again": previous}
+
+    @app.task(shared=False, name="t.eager_declares_later", pii_fields=["email"])
+    def declares(previous, email):
+        return "sent"
+
+    app.conf.task_always_eager = True
+    app.conf.task_store_eager_result = True
+    app.conf.result_extended = True
+    result = (hands_on.s(EMAIL) | wraps.s() | declares.s(email=EMAIL)).delay()
+    assert result.get() == "sent"
+    second = result.parent
+    assert second.get() == {"again": {"got": EMAIL}}  # opened when read back
+    assert_no_plaintext(_stored(second))
+    assert app.AsyncResult(second.id).args == [{"got": EMAIL}]  # result_extended: opened too
