@@ -336,25 +336,7 @@ class PII:
             return
         if outer is not None:  # its logs and errors hide the outer task's values too
             values = [*values, *outer.values]
-        # Results are sealed under the message's own key (its subject, its
-        # retention bucket), so they become unreadable together.  Without one,
-        # a subject's key depends on this call's arguments: find it now, before
-        # the task function can change them; other keys are found on first use.
-        result_key = None
-        if not message_keys and spec is not None and spec.subject is not None:
-            result_key = self._result_key(name, spec, args, kwargs)
-        if not message_keys and outer is not None:
-            own = result_key or (spec.key_spec if spec is not None else KeySpec(self.settings.default_key))
-            if outer.result_key is not None:
-                # Run eagerly inside a PII task (``apply()``): what it was given may be the
-                # outer task's subject's data, so its result and what it publishes take that
-                # subject and retention bucket too (and are refused once that key is destroyed).
-                result_key = derived_key_spec(own, outer.result_key)
-            elif outer.values:
-                # Given what an eager run holding a later step's values returned (the plain
-                # steps of an eager chain): on a worker that run's message to this step is
-                # sealed whole, under the carried step's key, and so is this step's outcome.
-                result_key = own
+        result_key = None if message_keys else self._unsealed_result_key(name, spec, args, kwargs, outer)
         _context.start(
             RunningTask(
                 self,
@@ -382,6 +364,35 @@ class PII:
             )
             self._audit_quietly("tamper_detected", name, task_id, reason="declared fields arrived unsealed")
             raise DecryptionFailed
+
+    def _unsealed_result_key(
+        self, name: str, spec: TaskSpec | None, args: Any, kwargs: Any, outer: RunningTask | None
+    ) -> KeySpec | None:
+        """The key a run that came without a sealed message stores its outcome under, found now.
+
+        Results are sealed under the message's own key (its subject, its
+        retention bucket), so they become unreadable together.  Without one,
+        a subject's key depends on this call's arguments: found now, before
+        the task function can change them; other keys are found on first use
+        (``None``).
+        """
+        result_key = None
+        if spec is not None and spec.subject is not None:
+            result_key = self._result_key(name, spec, args, kwargs)
+        if outer is None:
+            return result_key
+        own = result_key or (spec.key_spec if spec is not None else KeySpec(self.settings.default_key))
+        if outer.result_key is not None:
+            # Run eagerly inside a PII task (``apply()``): what it was given may be the
+            # outer task's subject's data, so its result and what it publishes take that
+            # subject and retention bucket too (and are refused once that key is destroyed).
+            return derived_key_spec(own, outer.result_key)
+        if outer.values:
+            # Given what an eager run holding a later step's values returned (the plain
+            # steps of an eager chain): on a worker that run's message to this step is
+            # sealed whole, under the carried step's key, and so is this step's outcome.
+            return own
+        return result_key
 
     def _open_message(self, task: Task, task_id: str, root: dict[str, Any], tokens: Any) -> Opened:
         """Open the message's envelopes into ``root``; a marker left after that is never run on."""
