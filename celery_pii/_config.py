@@ -512,7 +512,10 @@ def reference_markdown() -> str:
         "",
         "Per-task options: `pii_fields` (field paths, see field-paths.md), `pii_key` (key id),",
         "`pii_retention` (a `RetentionPolicy`), `pii_subject` (field path of the data subject's id),",
-        "`pii_detect` (overrides `pii_detect` for one task).",
+        "`pii_detect` (overrides `pii_detect` for one task). Give them to the task decorator, as class",
+        "attributes of a task class, or in Celery's `task_annotations` (for tasks you cannot decorate).",
+        "Any other `pii_*` task option is refused when the task is registered (a misspelt one would",
+        "otherwise leave the field unsealed).",
         "",
     ]
     return "\n".join(lines)

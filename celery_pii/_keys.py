@@ -44,6 +44,7 @@ from ._store import (
     KeyRow,
     KeyStore,
     WriteConflict,
+    aware,
     store_utcnow,
     utcnow,
 )
@@ -475,7 +476,7 @@ class KeyManager:
                 ``subject.*``: the library makes those), or already has an active version.
         """
         _check_user_key_id(key_id)
-        chosen = Algorithm(algorithm) if algorithm is not None else self.algorithm
+        chosen = _algorithm(algorithm) if algorithm is not None else self.algorithm
 
         def work(session: Session) -> int:
             if self._active_row(session, key_id) is not None:
@@ -605,7 +606,7 @@ class KeyManager:
             The key ids rotated by this call.
         """
         self.flush_usage()
-        now = now or self._clock()
+        now = aware(now, "KeyManager.perform_automatic_rotation: now") or self._clock()
         rotated: list[str] = []
         after_id = 0
 
@@ -761,9 +762,9 @@ class KeyManager:
         query = select(AuditRow).order_by(AuditRow.timestamp, AuditRow.id)
         if key_id is not None:
             query = query.where(_named(AuditRow.key_id, key_id, buckets=buckets))
-        if since is not None:
+        if aware(since, "KeyManager.audit_trail: since") is not None:
             query = query.where(AuditRow.timestamp >= since)
-        if until is not None:
+        if aware(until, "KeyManager.audit_trail: until") is not None:
             query = query.where(AuditRow.timestamp <= until)
         if limit is not None:
             query = query.limit(limit)
@@ -821,7 +822,7 @@ class KeyManager:
 
     def destroy_expired(self, now: datetime | None = None, *, batch_size: int = 500) -> list[tuple[str, int]]:
         """Destroy one batch of versions whose ``expires_at`` has passed (retention)."""
-        now = now or self._clock()
+        now = aware(now, "KeyManager.destroy_expired: now") or self._clock()
         with self.store.transaction() as session:
             rows = session.scalars(
                 select(KeyRow)
@@ -1532,3 +1533,13 @@ def _forget_parents_usage() -> None:
 
 atexit.register(flush_all_usage)
 os.register_at_fork(after_in_child=_forget_parents_usage)
+
+
+def _algorithm(algorithm: Algorithm | str) -> Algorithm:
+    """The algorithm a caller named (``generate_key``), or a ConfigurationError listing the choices."""
+    try:
+        return Algorithm(algorithm)
+    except ValueError:
+        choices = ", ".join(repr(known.value) for known in Algorithm)
+        msg = f"KeyManager.generate_key: algorithm must be one of {choices}"
+        raise ConfigurationError(msg) from None

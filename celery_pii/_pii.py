@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Final, NoReturn
 
 from celery import Celery
+from celery.app.annotations import prepare as prepare_annotations
 from celery.app.task import Task
 from celery.exceptions import Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,7 +47,7 @@ from ._sealer import (
 )
 from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, PIISerializer, PublishTicket, publish_ticket
 from ._specs import TaskSpec, default_spec, spec_for_task
-from ._store import utcnow
+from ._store import aware, utcnow
 from ._taskclass import call_target, install_opening, wrap_instance_run
 from .exceptions import (
     ConfigurationError,
@@ -106,7 +107,7 @@ class PII:
         Raises:
             ConfigurationError: ``now`` without a time zone.
         """
-        return enforce(self.keys.destroy_expired, _aware(now, "enforce_retention") or utcnow())
+        return enforce(self.keys.destroy_expired, aware(now, "PII.enforce_retention: now") or utcnow())
 
     def rotate_keys(self, now: datetime | None = None, *, max_keys: int = 10_000) -> dict[str, Any]:
         """Rotate due keys and trim versions beyond ``pii_max_key_versions`` (one bounded run).
@@ -117,7 +118,7 @@ class PII:
         Raises:
             ConfigurationError: ``now`` without a time zone.
         """
-        rotated = self.keys.perform_automatic_rotation(_aware(now, "rotate_keys"), max_keys=max_keys)
+        rotated = self.keys.perform_automatic_rotation(aware(now, "PII.rotate_keys: now"), max_keys=max_keys)
         trimmed = self.keys.enforce_max_versions()
         return {
             "rotated": len(rotated),
@@ -183,7 +184,7 @@ class PII:
 
     def _register(self, task: Any) -> None:
         self._registered.add(task.name)
-        spec = spec_for_task(task, self.settings)
+        spec = spec_for_task(task, self.settings, prepare_annotations(self.app.conf.task_annotations))
         if spec is not None:
             self.specs[spec.name] = spec
             if spec.retention.is_immediate:
@@ -857,14 +858,6 @@ def _message_root(request: Any, args: Any, kwargs: Any) -> dict[str, Any]:
         "chain": request.chain,
         "chord": request.chord,
     }
-
-
-def _aware(now: datetime | None, method: str) -> datetime | None:
-    """``now`` as given, if it says its time zone (deadlines are compared in UTC)."""
-    if now is not None and now.utcoffset() is None:
-        msg = f"PII.{method}: now must be timezone-aware (e.g. datetime.now(timezone.utc))"
-        raise ConfigurationError(msg)
-    return now
 
 
 def _key_ids(tokens: Any) -> list[str]:

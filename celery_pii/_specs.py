@@ -1,14 +1,17 @@
 """What celery-pii knows about each task: its PII options, validated once.
 
-Users declare options on the task decorator (``@app.task(pii_fields=...)``);
-Celery turns them into class attributes.  They are read and validated when
-the task is registered (or when ``setup_pii`` runs, for tasks registered
-before it), so a malformed path fails at import time, not at first publish.
+Users declare options on the task decorator (``@app.task(pii_fields=...)``),
+as class attributes, or in Celery's ``task_annotations``; Celery turns them
+into class attributes.  They are read and validated when the task is
+registered (or when ``setup_pii`` runs, for tasks registered before it), so
+a malformed path or a misspelt option fails at import time, not at first
+publish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -81,19 +84,46 @@ def check_user_key_id(key_id: object, where: str) -> str:
     return key_id
 
 
-def spec_for_task(task: Any, settings: Settings) -> TaskSpec | None:
+def spec_for_task(task: Any, settings: Settings, annotations: Iterable[Any] = ()) -> TaskSpec | None:
     """Build the spec of a registered task, or ``None`` if it has no PII options.
+
+    ``annotations``: the app's ``task_annotations``, prepared as Celery
+    prepares them (Celery sets them on the task when it binds it, after it
+    registered it: read here, or the options they give would be missed).
 
     Raises:
         ConfigurationError: an option is invalid; the message names the task and option.
     """
     name = str(getattr(task, "name", None) or type(task).__name__)
-    options = {option: getattr(task, option, None) for option in TASK_OPTIONS}
+    options = _options_of(task, name, annotations)
     if all(value is None for value in options.values()):
         return None
     from ._taskclass import call_target  # noqa: PLC0415 - it imports the task context, which imports this
 
     return build_spec(name, call_target(task.run), options, settings)
+
+
+def _options_of(task: Any, name: str, annotations: Iterable[Any]) -> dict[str, Any]:
+    """The task's ``pii_*`` options, as Celery will have set them once the task is bound.
+
+    Raises:
+        ConfigurationError: an option celery-pii does not know (a misspelt
+            ``pii_field`` would otherwise publish the field in plaintext).
+    """
+    from celery.app.annotations import resolve_all  # noqa: PLC0415 - Celery's own order of annotations
+
+    given = {attribute: getattr(task, attribute) for attribute in dir(task) if attribute.startswith("pii_")}
+    for annotation in resolve_all(annotations, task):  # later ones win, as Celery's setattr calls
+        given.update((key, value) for key, value in annotation.items() if key.startswith("pii_"))
+    for option in sorted(set(given) - set(TASK_OPTIONS)):
+        close = difflib.get_close_matches(option, TASK_OPTIONS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        msg = (
+            f"task {name!r}: unknown task option {option}{hint}; celery-pii's task options are "
+            f"{', '.join(TASK_OPTIONS)}"
+        )
+        raise ConfigurationError(msg)
+    return {option: given.get(option) for option in TASK_OPTIONS}
 
 
 def default_spec(name: str, settings: Settings) -> TaskSpec:
@@ -117,7 +147,13 @@ def build_spec(name: str, fun: Any, options: Mapping[str, Any], settings: Settin
         ConfigurationError: naming the task and the option at fault.
     """
     fields = options.get("pii_fields")
-    if fields is not None and (isinstance(fields, str) or not all(isinstance(p, str) for p in fields)):
+    # A collection, read as often as the task is registered: an iterator's paths would be
+    # used up by the first reading, and the fields then published in plaintext.
+    if fields is not None and (
+        isinstance(fields, str)
+        or not isinstance(fields, Collection)
+        or not all(isinstance(p, str) for p in fields)
+    ):
         msg = f"task {name!r}: pii_fields must be a list of field paths (strings)"
         raise ConfigurationError(msg)
     subject_path = options.get("pii_subject")

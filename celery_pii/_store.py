@@ -71,6 +71,18 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(moment: datetime | None, what: str) -> datetime | None:
+    """``moment`` as given, if it says its time zone (the store keeps UTC; a naive time is ambiguous).
+
+    Raises:
+        ConfigurationError: naming ``what`` (``"PII.rotate_keys: now"``).
+    """
+    if moment is not None and moment.utcoffset() is None:
+        msg = f"{what} must be timezone-aware (e.g. datetime.now(timezone.utc))"
+        raise ConfigurationError(msg)
+    return moment
+
+
 # The key store's own clock, as naive UTC (clock_timestamp(): the moment asked, not the
 # transaction's start).  SQLite's %f is seconds with three decimals.
 _STORE_NOW: Final = {

@@ -10,12 +10,19 @@ from celery.backends.base import KeyValueStoreBackend
 from celery.contrib.testing.worker import start_worker
 from kombu import serialization
 
-from celery_pii import ConfigurationError, DecryptionFailed, KeyStoreUnavailable, get_pii, setup_pii
+from celery_pii import (
+    ConfigurationError,
+    DecryptionFailed,
+    EncryptionFailed,
+    KeyStoreUnavailable,
+    get_pii,
+    setup_pii,
+)
 from celery_pii._keys import KeySpec
 from celery_pii._sealer import MARKER
 from celery_pii._serializer import CONTENT_TYPE
 
-from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL
+from .conftest import BACKEND_DB, BROKER_DB, REDIS_URL, message_bytes, queued_messages, redis_client
 from .test_celery_roundtrip import CARD
 
 pytestmark = pytest.mark.integration
@@ -353,6 +360,13 @@ class TestTaskRegistration:
             ({"pii_retention": 30}, "pii_retention"),
             ({"pii_detect": "loud"}, "pii_detect"),
             ({"pii_subject": "user..id"}, "malformed"),
+            # An iterator was used up by the check that its paths are strings: nothing sealed.
+            ({"pii_fields": (path for path in ["email"])}, "list of field paths"),
+            ({"pii_fields": map(str.strip, ["email"])}, "list of field paths"),
+            # A misspelt option was ignored: the field was published in plaintext.
+            ({"pii_field": ["email"]}, r"unknown task option pii_field \(did you mean pii_fields\?\)"),
+            ({"pii_retension": 30}, r"unknown task option pii_retension \(did you mean pii_retention\?\)"),
+            ({"pii_fields": ["email"], "pii_subjet": "user_id"}, "did you mean pii_subject"),
         ],
     )
     def test_invalid_options(self, key_store_url, options, message):
@@ -365,6 +379,71 @@ class TestTaskRegistration:
             @app.task(shared=False, name="reg.options", **options)
             def task(email, user_id=None):
                 return email
+
+    def test_a_misspelt_option_of_a_task_class_fails_at_registration(self, key_store_url):
+        """A class attribute is a task option as the decorator's keyword is."""
+        app = _configured(key_store_url)
+
+        class Charge(app.Task):
+            name = "reg.class_typo"
+            pii_feilds: ClassVar[list[str]] = ["card_number"]
+
+            def run(self, card_number):
+                return None
+
+        with pytest.raises(
+            ConfigurationError, match=r"'reg\.class_typo'.*pii_feilds \(did you mean pii_fields\?\)"
+        ):
+            app.register_task(Charge())
+
+    def test_options_given_by_task_annotations_are_read(self, key_store_url):
+        """Celery sets ``task_annotations`` on a task when it binds it, after registering it.
+
+        The options they gave were read too late: the card was published in
+        plaintext, and ``pii_detect="refuse"`` refused nothing.
+        """
+        queue = "reg-annotations"
+        app = _app(
+            key_store_url,
+            task_annotations=[
+                {"reg.annotated": {"pii_fields": ["card_number"]}},
+                {"reg.annotated_refusing": {"pii_detect": "refuse"}},
+            ],
+        )
+        setup_pii(app)
+
+        @app.task(shared=False, name="reg.annotated")
+        def annotated(card_number, amount):
+            return None
+
+        @app.task(shared=False, name="reg.annotated_refusing")
+        def refusing(note):
+            return None
+
+        with redis_client(BROKER_DB) as client:
+            client.delete(queue)
+        try:
+            annotated.apply_async((CARD, 10), queue=queue)
+            with pytest.raises(EncryptionFailed, match=r"reg\.annotated_refusing"):
+                refusing.apply_async((f"card {CARD}",), queue=queue)
+            [message] = queued_messages(queue)
+        finally:
+            with redis_client(BROKER_DB) as client:
+                client.delete(queue)
+        raw = message_bytes(message)
+        assert CARD.encode() not in raw
+        assert MARKER.encode() in raw
+
+    def test_a_misspelt_option_in_task_annotations_fails_at_registration(self, key_store_url):
+        app = _app(key_store_url, task_annotations={"*": {"pii_detekt": "refuse"}})
+        setup_pii(app)
+
+        @app.task(shared=False, name="reg.annotated_typo")
+        def task(note):
+            return None
+
+        with pytest.raises(ConfigurationError, match=r"pii_detekt \(did you mean pii_detect\?\)"):
+            app.finalize()
 
 
 class TestSeveralApps:

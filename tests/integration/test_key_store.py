@@ -554,6 +554,32 @@ class TestKeyManager:
         assert [r.key_id for r in manager.audit_trail(until=middle)] == ["a"]
         assert [r.key_id for r in manager.audit_trail("b")] == ["b"]
 
+    @pytest.mark.parametrize(
+        ("call", "named"),
+        [
+            (lambda manager, naive: manager.audit_trail(since=naive), "audit_trail: since"),
+            (lambda manager, naive: manager.audit_trail(until=naive), "audit_trail: until"),
+            (lambda manager, naive: manager.destroy_expired(now=naive), "destroy_expired: now"),
+            (lambda manager, naive: manager.perform_automatic_rotation(now=naive), "automatic_rotation: now"),
+        ],
+        ids=["since", "until", "destroy_expired", "rotation"],
+    )
+    def test_a_time_without_a_zone_is_refused_naming_the_argument(self, manager, call, named):
+        """``datetime.now() - timedelta(days=1)`` is what a hurried caller passes.
+
+        The audit trail raised SQLAlchemy's ``StatementError`` (its text the SQL
+        statement), neither a ``PIIError`` nor naming the argument.
+        """
+        manager.generate_key("a")
+        naive = utcnow().replace(tzinfo=None) - timedelta(days=1)
+        with pytest.raises(ConfigurationError, match=rf"{named} must be timezone-aware"):
+            call(manager, naive)
+
+    def test_an_unknown_algorithm_is_refused_with_the_choices(self, manager):
+        with pytest.raises(ConfigurationError, match=r"generate_key: algorithm must be one of 'aes-256-gcm'"):
+            manager.generate_key("a", algorithm="rot13")
+        assert manager.list_keys() == []
+
     def test_key_ids_differing_in_case_are_distinct_keys(self, make_manager):
         """'Payments' and 'payments' are two keys on every backend: destroying one leaves the other."""
         manager = make_manager()
