@@ -230,8 +230,7 @@ class PII:
             tokens.extend(sealed.step_tokens)
             if sealed.detected or sealed.truncated:
                 display = self._report_detected(name, sealed)
-        if call.options.get("headers") or call.options.get("stamped_headers"):
-            self._check_custom_headers(name, spec, _custom_headers(call.options))
+        self._check_headers(name, spec, call.options)
         if spec is not None and not spec.declared_names.isdisjoint(call.options):
             _refuse_arguments_among_options(name, spec, call.options)
         if self.settings.redact_headers and (tokens or (spec is not None and spec.is_pii)):
@@ -264,24 +263,26 @@ class PII:
         located = [loc for loc, _ in unsealed if loc[0] in ("args", "kwargs")]
         return replace_in_copies(sealed.root, located, REDACTED) if located else sealed.root
 
-    def _check_custom_headers(self, name: str, spec: TaskSpec | None, headers: Any) -> None:
-        """Report (``warn``) or refuse (``encrypt``, ``refuse``) PII that detection finds in custom headers.
+    def _check_headers(self, name: str, spec: TaskSpec | None, options: dict[str, Any]) -> None:
+        """Report (``warn``) or refuse (``encrypt``, ``refuse``) PII that detection finds in message headers.
 
-        ``apply_async(headers=...)`` and stamps travel as message headers, which are
-        never sealed: "encrypt" cannot seal them, so it refuses them as "refuse" does.
+        What a call gives that travels as a header (``task_id=``, ``group_id=``,
+        ``shadow=``, ``apply_async(headers=...)`` and stamps) is never sealed,
+        and events, ``inspect``, logs and the result backend's keys show the
+        ids and the name: "encrypt" cannot seal them, so it refuses them as
+        "refuse" does.
         """
         mode = spec.detect if spec is not None else self.settings.detect
-        if mode == "off" or not isinstance(headers, dict):
+        if mode == "off":
             return
-        for header, value in headers.items():
+        for where, value in _headers_of_call(options).items():
             categories = sorted({finding.category for finding in detect(value)})
             if not categories:
                 continue
-            where = shown_path(("headers", header))
             if mode == "warn":
                 self.detections[(name, categories[0])] += 1
                 logger.warning(
-                    "celery-pii: task %s: PII (%s) in custom header %s published in plaintext; "
+                    "celery-pii: task %s: PII (%s) in %s published in plaintext; "
                     "headers are never sealed: pass it as an argument",
                     name,
                     ", ".join(categories),
@@ -289,7 +290,7 @@ class PII:
                 )
                 continue
             msg = (
-                f"task {name!r}: custom header {where} holds PII ({', '.join(categories)}); headers are "
+                f"task {name!r}: {where} holds PII ({', '.join(categories)}); headers are "
                 f"never sealed: pass it as an argument (pii_detect={mode!r}); nothing published"
             )
             raise EncryptionFailed(msg)
@@ -770,15 +771,26 @@ _CELERY_OPTIONS: Final = frozenset(
 )
 
 
-def _custom_headers(options: dict[str, Any]) -> dict[str, Any]:
-    """What a call adds to the message's headers: ``headers={...}`` and Celery's stamps."""
+#: The options of a call Celery sends as message headers of their own (``id``, ``group``, ``shadow``).
+_HEADER_OPTIONS: Final = ("task_id", "group_id", "shadow")
+
+
+def _headers_of_call(options: dict[str, Any]) -> dict[str, Any]:
+    """What a call puts in the message's headers, by how errors name it (``shadow``, ``custom header ...``).
+
+    The ids and shadow name it gives, ``headers={...}`` and Celery's stamps.
+    """
+    headers = {option: options[option] for option in _HEADER_OPTIONS if isinstance(options.get(option), str)}
     given = options.get("headers")
-    headers = dict(given) if isinstance(given, dict) else {}
+    custom = dict(given) if isinstance(given, dict) else {}
     stamps = options.get("stamped_headers")
     if isinstance(stamps, (list, tuple)):
-        headers.update(
+        custom.update(
             (stamp, options[stamp]) for stamp in stamps if isinstance(stamp, str) and stamp in options
         )
+    headers.update(
+        (f"custom header {shown_path(('headers', header))}", value) for header, value in custom.items()
+    )
     return headers
 
 

@@ -150,6 +150,31 @@ class TestModes:
             publish()
         assert queued_messages(app.conf.task_default_queue) == []
 
+    @pytest.mark.parametrize("option", ["task_id", "group_id", "shadow"])
+    def test_pii_in_an_id_or_shadow_name_the_caller_gives_is_refused(self, app, option):
+        """Ids and the shadow name travel as headers, shown by events, ``inspect``, logs and backend keys.
+
+        A ``task_id`` or ``shadow`` built from an email went to the broker
+        under ``refuse``, unreported.
+        """
+        task = app.tasks["t.detect_refuse"]
+        with pytest.raises(
+            EncryptionFailed, match=rf"t\.detect_refuse'?: {option} holds PII \(email\)"
+        ) as info:
+            task.apply_async(("a harmless note",), **{option: f"welcome-{EMAIL}"})
+        assert_no_plaintext(str(info.value))
+        assert queued_messages(app.conf.task_default_queue) == []
+        task.apply_async(("a harmless note",), **{option: "welcome-17"})
+        assert len(queued_messages(app.conf.task_default_queue)) == 1
+
+    def test_pii_in_a_task_id_is_reported_in_warn_mode(self, app, caplog):
+        with caplog.at_level(logging.WARNING, logger="celery_pii"):
+            app.tasks["t.detect_warn"].apply_async(("a harmless note",), task_id=f"welcome-{EMAIL}")
+        (line,) = [r.getMessage() for r in caplog.records if "in task_id" in r.getMessage()]
+        assert "PII (email) in task_id published in plaintext" in line
+        assert_no_plaintext(line)
+        assert get_pii(app).detections[("t.detect_warn", "email")] == 1
+
     def test_pii_in_a_custom_header_is_reported_in_warn_mode(self, app, caplog):
         with caplog.at_level(logging.WARNING, logger="celery_pii"):
             app.tasks["t.detect_warn"].apply_async(("a harmless note",), headers={"x-customer": EMAIL})
