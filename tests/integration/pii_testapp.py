@@ -20,6 +20,8 @@ from celery_pii import RetentionPolicy, setup_pii
 
 #: What inline-called tasks received (in-process workers only; never a broker or log).
 RECEIVED: list[Any] = []
+#: What ``t.lookup_customer`` reads, by customer id (a test fills it: the task's arguments hold no PII).
+CUSTOMERS: dict[str, Any] = {}
 #: t.profile_waits sets STARTED once running, then waits for PROCEED (in-process workers only).
 STARTED = threading.Event()
 PROCEED = threading.Event()
@@ -274,6 +276,10 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     @app.task(shared=False, name="t.detect_nested", pii_detect="encrypt", pii_fields=["customer.email"])
     def detect_nested(customer, document):
         return {"customer": customer, "length": len(document)}
+
+    @app.task(shared=False, name="t.lookup_customer", pii_detect="encrypt")
+    def lookup_customer(customer_id):
+        return CUSTOMERS[customer_id]
 
     @app.task(shared=False, name="t.detect_refuse", pii_detect="refuse")
     def detect_refuse(note):

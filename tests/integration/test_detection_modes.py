@@ -10,7 +10,7 @@ import pytest
 from celery_pii import EncryptionFailed, Finding, get_pii
 from celery_pii._sealer import MARKER
 
-from .conftest import message_bytes, queued_messages
+from .conftest import BACKEND_DB, message_bytes, queued_messages, redis_client
 from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
 
 # Detection must see a valid-format SSN; the 9xx-area test SSN is (rightly) not one.
@@ -55,6 +55,21 @@ class TestModes:
         nested = {"contact": {"ssn": SSN_FORMAT, "label": "home"}, "cards": [CARD, "not a card"]}
         result = app.tasks["t.detect_encrypt"].delay(NOTE, extra=nested)
         assert result.get(timeout=20) == {"note": NOTE, "extra": nested}
+
+    def test_a_task_declaring_a_mode_keeps_what_it_returns_sealed(self, app, worker, testapp_module):
+        """A task whose arguments hold no PII but that returns some (docs/security.md, Outcomes).
+
+        The app-wide mode does not make it a PII task; its own ``pii_detect`` does.
+        """
+        testapp_module.CUSTOMERS["c-17"] = {"card": CARD, "email": EMAIL, "tier": "gold"}
+        try:
+            result = app.tasks["t.lookup_customer"].delay("c-17")
+            assert result.get(timeout=20) == {"card": CARD, "email": EMAIL, "tier": "gold"}
+        finally:
+            testapp_module.CUSTOMERS.clear()
+        stored = redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}")
+        assert MARKER.encode() in stored
+        assert_no_plaintext(stored)
 
     def test_encrypt_leaves_no_plaintext_on_the_wire(self, app):
         """The raw message of an encrypt-mode task holds no detected value."""
