@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any, Final, NamedTuple
 from uuid import UUID
@@ -336,16 +336,10 @@ def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayRepo
     with app.connection_for_write(transport_options={"confirm_publish": True}) as connection:
         bound = quarantine_queue(queue_name)(connection.channel())
         bound.declare()
-        # Not passive: Redis knows no queue whose list is empty, and a passive declare of one fails.
-        parked = bound.queue_declare().message_count
         publisher = _Publisher(app, connection)
         passed: list[Any] = []
         try:
-            for _ in range(parked):
-                message = bound.get(no_ack=False)
-                if message is None:
-                    break
-                task_id = str(describe(message)["id"])
+            for message, task_id in _each_parked(bound):
                 if ids is not None and task_id not in ids:
                     passed.append(message)
                     continue
@@ -371,6 +365,20 @@ def replay(app: Any, queue_name: str, ids: set[str] | None = None) -> ReplayRepo
                     message.requeue()
             publisher.close()
     return ReplayReport(replayed, left_parked, interrupted)
+
+
+def _each_parked(bound: Any) -> Iterator[tuple[Any, str]]:
+    """Parked messages and their task ids, one at a time (unacknowledged), as many as were parked at first.
+
+    One parked again meanwhile is not seen twice.
+    """
+    # Not passive: Redis knows no queue whose list is empty, and a passive declare of one fails.
+    parked = bound.queue_declare().message_count
+    for _ in range(parked):
+        message = bound.get(no_ack=False)
+        if message is None:
+            return
+        yield message, str(describe(message)["id"])
 
 
 class _Publisher:
@@ -456,3 +464,29 @@ def purge(app: Any, queue_name: str) -> int:
         bound = quarantine_queue(queue_name)(connection.default_channel)
         bound.declare()
         return int(bound.purge() or 0)
+
+
+def purge_ids(app: Any, queue_name: str, ids: set[str]) -> list[str]:
+    """Delete the parked messages with these task ids (the others stay parked); returns the ids deleted.
+
+    A plaintext message parked beside the evidence of tampering can go, and
+    the evidence stay.  As :func:`replay`, it holds those it passes over
+    until it ends, then puts them back.
+    """
+    deleted: list[str] = []
+    with app.connection_for_write() as connection:
+        bound = quarantine_queue(queue_name)(connection.channel())
+        bound.declare()
+        passed: list[Any] = []
+        try:
+            for message, task_id in _each_parked(bound):
+                if task_id in ids:
+                    message.ack()
+                    deleted.append(task_id)
+                else:
+                    passed.append(message)
+        finally:
+            with contextlib.suppress(*connection.connection_errors):  # lost: the broker requeued them
+                for message in passed:
+                    message.requeue()
+    return deleted

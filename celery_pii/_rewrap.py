@@ -22,7 +22,7 @@ from ._store import DESTROYED, AuditRow, KeyRow
 from ._wrapping import NoWrapping, add_wrapping, promote
 from .exceptions import ConfigurationError, DecryptionFailed
 
-__all__ = ["RewrapReport", "finish", "pending", "rewrap"]
+__all__ = ["RewrapReport", "abort", "finish", "pending", "rewrap"]
 
 Progress = Callable[[int], None]
 
@@ -110,8 +110,14 @@ def refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
     """A row's second slot holding a third master key's wrapping is an unfinished rotation.
 
     Re-wrapping would replace that wrapping, and processes on that key would
-    lose the row: the earlier rotation must be finished first.
+    lose the row: the earlier rotation must be finished (or abandoned) first.
+    Re-wrapping under this process's own master key is no rotation at all.
     """
+    if new_ref == keys.masters.current.ref:
+        msg = (
+            f"--new-master-key: {new_ref} is this process's own master key (pii_master_key); give the new one"
+        )
+        raise ConfigurationError(msg)
     with keys.store.transaction() as session:
         other = session.scalars(
             select(KeyRow.master_key_ref_next)
@@ -121,7 +127,8 @@ def refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
     if other is not None:
         msg = (
             f"--new-master-key: key versions already hold a second wrapping under master key {other}: an "
-            "earlier master-key rotation is unfinished; finish it (rewrap --finish) before starting another"
+            "earlier master-key rotation is unfinished; finish it (rewrap --finish), or abandon it "
+            "(rewrap --abort), before starting another"
         )
         raise ConfigurationError(msg)
 
@@ -141,14 +148,7 @@ def _refuse_to_finish_early(keys: KeyManager) -> None:
         )
         raise ConfigurationError(msg)
     current = keys.masters.current.ref
-    with keys.store.transaction() as session:
-        records = session.scalars(
-            select(AuditRow.details)
-            .where(AuditRow.key_id == "*", AuditRow.operation == "master_rewrap")
-            .order_by(AuditRow.id.desc())
-            .limit(_RECORDS_SEARCHED)
-        ).all()
-    added = next((r["new_master"] for r in records if isinstance(r, dict) and "new_master" in r), current)
+    added = _last_added(keys) or current
     if added != current:
         msg = (
             f"pii_master_key: this process's master key ({current}) is not the one the last rewrap "
@@ -159,6 +159,18 @@ def _refuse_to_finish_early(keys: KeyManager) -> None:
 
 #: How many of the latest master_rewrap records finish reads to find the last rewrap's.
 _RECORDS_SEARCHED = 1000
+
+
+def _last_added(keys: KeyManager) -> str | None:
+    """The master key the last rewrap added (``None`` if no record of one is among the latest)."""
+    with keys.store.transaction() as session:
+        records = session.scalars(
+            select(AuditRow.details)
+            .where(AuditRow.key_id == "*", AuditRow.operation == "master_rewrap")
+            .order_by(AuditRow.id.desc())
+            .limit(_RECORDS_SEARCHED)
+        ).all()
+    return next((r["new_master"] for r in records if isinstance(r, dict) and "new_master" in r), None)
 
 
 def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None = None) -> RewrapReport:
@@ -172,7 +184,44 @@ def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None
             or its master key is not the one the last rewrap added.
     """
     _refuse_to_finish_early(keys)
+    return _keep_only_current(keys, batch_size, progress, finished=True)
+
+
+def abort(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None = None) -> RewrapReport:
+    """Abandon a master-key rotation: keep only the wrappings under this process's (old) master key.
+
+    For when the new key is lost, wrong or exposed before the rotation is
+    finished.  Run it once every process is back on the old master key
+    alone: the wrappings under the new key are dropped, also from keys that
+    processes on the new key created (they are wrapped under both).
+
+    Raises:
+        ConfigurationError: this process still has ``pii_previous_master_key``,
+            or its master key is the one the last rewrap added (that is
+            finishing the rotation: ``--finish``).
+    """
+    if keys.masters.previous is not None:
+        msg = (
+            "pii_previous_master_key is set: abandon a rotation from a process on the old master key "
+            "alone, once every process (workers, producers, beat) is back on it"
+        )
+        raise ConfigurationError(msg)
+    current = keys.masters.current.ref
+    if _last_added(keys) == current:
+        msg = (
+            f"pii_master_key: this process's master key ({current}) is the one the last rewrap added: "
+            "abandon from a process on the old master key (or finish the rotation with --finish)"
+        )
+        raise ConfigurationError(msg)
+    return _keep_only_current(keys, batch_size, progress, finished=False)
+
+
+def _keep_only_current(
+    keys: KeyManager, batch_size: int, progress: Progress | None, *, finished: bool
+) -> RewrapReport:
+    """Make the current master key's wrapping the only one of every live row that has it."""
     current = keys.masters.current
+    outcome = "finished" if finished else "abandoned"
     done = skipped = 0
     after_id = 0
     while True:
@@ -187,7 +236,8 @@ def finish(keys: KeyManager, *, batch_size: int = 200, progress: Progress | None
             ).all()
             promoted = sum(promote(row, current) for row in rows)
             if promoted:
-                keys._audit(session, "*", None, "master_rewrap", finished=promoted, master=current.ref)  # noqa: SLF001
+                details = {outcome: promoted, "master": current.ref}
+                keys._audit(session, "*", None, "master_rewrap", **details)  # noqa: SLF001
             return len(rows), promoted, len(rows) - promoted, rows[-1].id if rows else start
 
         seen, promoted, left, after_id = keys._transact(batch)  # noqa: SLF001

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _celery, _quarantine, _rewrap
 from ._detect import locate_with_status, shown_path
-from ._keys import check_not_reserved
+from ._keys import KeyManager, check_not_reserved
 from ._migrate import current_revision, known_revision, migrate
 from ._pii import PII
 from ._sources import generate_master_key, load_master_key
@@ -416,28 +416,25 @@ def master_key_generate() -> None:
 @master_key.command(name="rewrap")
 @click.option("--new-master-key", "source", default=None, help="Source of the new key, e.g. env:NEW_KEY.")
 @click.option("--finish", is_flag=True, help="Drop the old wrappings (after every process uses the new key).")
+@click.option(
+    "--abort",
+    is_flag=True,
+    help="Abandon an unfinished rotation: drop the new key's wrappings (every process back on the old key).",
+)
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=200, show_default=True)
 @_yes_option
 @click.pass_context
 @_errors
-def master_key_rewrap(
-    ctx: click.Context, source: str | None, finish: bool, batch_size: int, yes: bool
+def master_key_rewrap(  # noqa: PLR0913, PLR0917 - click passes each option
+    ctx: click.Context, source: str | None, finish: bool, abort: bool, batch_size: int, yes: bool
 ) -> None:
     """Re-wrap every data key under a new master key, in resumable batches (docs/operations.md)."""
-    if finish == (source is not None):
-        msg = "give either --new-master-key SOURCE or --finish"
+    if [source is not None, finish, abort].count(True) != 1:
+        msg = "give one of --new-master-key SOURCE, --finish or --abort"
         raise click.UsageError(msg)
     manager = _pii(ctx).keys
-    if finish:
-        _confirm("Drop the old master key's wrappings? Processes still on it will stop working", yes=yes)
-        report = _rewrap.finish(manager, batch_size=batch_size)
-        click.echo(f"finished {report.done} key version(s); {report.skipped} not finished")
-        if not report.complete:
-            msg = (
-                "some key versions are not finished: not yet re-wrapped under the current master key "
-                "(run rewrap), or busy in another transaction; then run --finish again"
-            )
-            raise click.ClickException(msg)
+    if finish or abort:
+        _end_rotation(manager, "finish" if finish else "abort", batch_size=batch_size, yes=yes)
         return
     new = load_master_key(str(source), _pii(ctx).settings, setting="--new-master-key")
     _rewrap.refuse_overwriting_another_rotation(manager, new.ref)  # before asking, not after a yes
@@ -453,6 +450,25 @@ def master_key_rewrap(
         msg = (
             f"{report.skipped} key version(s) still have no wrapping under {new.ref} "
             "(busy in another transaction, or created during the run); run rewrap again"
+        )
+        raise click.ClickException(msg)
+
+
+def _end_rotation(manager: KeyManager, ending: str, *, batch_size: int, yes: bool) -> None:
+    """``rewrap --finish`` (keep the new master key's wrappings) or ``--abort`` (keep the old one's)."""
+    if ending == "finish":
+        _confirm("Drop the old master key's wrappings? Processes still on it will stop working", yes=yes)
+        report = _rewrap.finish(manager, batch_size=batch_size)
+        outcome = "finished"
+    else:
+        _confirm("Drop the new master key's wrappings? Processes on it will stop working", yes=yes)
+        report = _rewrap.abort(manager, batch_size=batch_size)
+        outcome = "abandoned"
+    click.echo(f"{outcome} {report.done} key version(s); {report.skipped} not {outcome}")
+    if not report.complete:
+        msg = (
+            f"some key versions are not {outcome}: not wrapped under this process's master key "
+            f"(run rewrap), or busy in another transaction; then run --{ending} again"
         )
         raise click.ClickException(msg)
 
@@ -540,11 +556,22 @@ def quarantine_replay(ctx: click.Context, ids: tuple[str, ...], yes: bool) -> No
 
 
 @quarantine.command(name="purge")
+@click.option("--id", "ids", multiple=True, help="Only this task id (repeatable; default: all).")
 @_yes_option
 @click.pass_context
 @_errors
-def quarantine_purge(ctx: click.Context, yes: bool) -> None:
-    """Delete every parked message."""
+def quarantine_purge(ctx: click.Context, ids: tuple[str, ...], yes: bool) -> None:
+    """Delete parked messages (all, or those given by --id)."""
     pii_object = _pii(ctx)
-    _confirm("Delete every parked message?", yes=yes)
-    click.echo(f"purged {_quarantine.purge(pii_object.app, pii_object.settings.quarantine_queue)} message(s)")
+    queue = pii_object.settings.quarantine_queue
+    if not ids:
+        _confirm("Delete every parked message?", yes=yes)
+        click.echo(f"purged {_quarantine.purge(pii_object.app, queue)} message(s)")
+        return
+    _confirm("Delete the given parked message(s)?", yes=yes)
+    deleted = _quarantine.purge_ids(pii_object.app, queue, set(ids))
+    click.echo(f"purged {len(deleted)} message(s)")
+    missing = sorted(set(ids) - set(deleted))
+    if missing:
+        msg = f"not parked: {', '.join(missing)}"
+        raise click.ClickException(msg)

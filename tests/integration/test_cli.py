@@ -296,6 +296,33 @@ class TestMasterKey:
         assert "rotation is unfinished" in second.output
         assert "Re-wrap" not in second.output
 
+    def test_rewrap_abort_abandons_an_unfinished_rotation(self, tmp_path, monkeypatch, queue_name):
+        """``rewrap --abort``: the new key's wrappings go, and another rotation may start."""
+        url, drop = _fresh_postgres()  # its own store: the session's is left midway through a rotation
+        try:
+            from celery_pii._migrate import migrate
+
+            migrate(url)
+            module = _app_module(tmp_path, monkeypatch, url, queue_name)
+            assert run(module, "keys", "generate", "cli-abandoned").exit_code == 0
+            monkeypatch.setenv("PII_TEST_NEW_MASTER", base64.b64encode(bytes([9]) * 32).decode())
+            monkeypatch.setenv("PII_TEST_OTHER_MASTER", base64.b64encode(bytes([10]) * 32).decode())
+            new, other = "env:PII_TEST_NEW_MASTER", "env:PII_TEST_OTHER_MASTER"
+            assert run(module, "master-key", "rewrap", "--new-master-key", new, "--yes").exit_code == 0
+            assert run(module, "master-key", "rewrap", "--new-master-key", other, "--yes").exit_code == 1
+            assert run(module, "master-key", "rewrap", "--abort", "--finish").exit_code == 2  # one of them
+
+            aborted = run(module, "master-key", "rewrap", "--abort", "--yes")
+            assert aborted.exit_code == 0, aborted.output
+            assert "abandoned 1 key version(s); 0 not abandoned" in aborted.output
+            (listed,) = json.loads(run(module, "keys", "list", "cli-abandoned", "--json").output)
+            assert listed["master_key_ref_next"] is None
+            again = run(module, "master-key", "rewrap", "--new-master-key", other, "--yes")
+            assert again.exit_code == 0, again.output
+            _celery.get_pii(sys.modules[module].app).keys.store.dispose()
+        finally:
+            drop()
+
     def test_rewrap_with_a_busy_row_says_to_run_again(self, tmp_path, monkeypatch, queue_name):
         """A row locked by another transaction is not reported as done: exit 1, run rewrap again."""
         import sqlalchemy as sa
@@ -405,7 +432,14 @@ class TestQuarantine:
         assert "x-celery-pii-quarantine" not in back["headers"]
         missing = run(cli_app, "quarantine", "replay", "--id", "parked-9", "--yes")
         assert missing.exit_code == 1 and "not parked: parked-9" in missing.output
-        assert "purged 2" in run(cli_app, "quarantine", "purge", "--yes").output
+        # One message purged by id (a plaintext copy), the other kept (the evidence of tampering).
+        purged = run(cli_app, "quarantine", "purge", "--id", "parked-3", "--id", "parked-9", "--yes")
+        assert purged.exit_code == 1 and "purged 1 message(s)" in purged.output
+        assert "not parked: parked-9" in purged.output
+        assert [m["id"] for m in json.loads(run(cli_app, "quarantine", "list", "--json").output)] == [
+            "parked-1"
+        ]
+        assert "purged 1" in run(cli_app, "quarantine", "purge", "--yes").output
         assert json.loads(run(cli_app, "quarantine", "list", "--json").output) == []
         # Redis has no queue once its list is empty: replaying nothing is not a broker failure.
         nothing = run(cli_app, "quarantine", "replay", "--yes")

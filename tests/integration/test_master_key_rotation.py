@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from celery_pii import ConfigurationError
 from celery_pii._keys import KeySpec
-from celery_pii._rewrap import finish, pending, rewrap
+from celery_pii._rewrap import abort, finish, pending, rewrap
 from celery_pii._sources import LocalMasterKey
 
 from .conftest import MASTER
@@ -133,6 +133,51 @@ class TestRotation:
         ):
             rewrap(old, third)
         assert _opens(make_manager(master=NEW), sealed) == b"payload of midway"
+
+    def test_an_unfinished_rotation_can_be_abandoned(self, make_manager):
+        """The new key is lost (or exposed) before the rotation is finished: the store goes back to the old one.
+
+        There was no way back: another rotation was refused as unfinished,
+        ``finish`` from the old key was refused, and only hand-written SQL
+        could clear the new key's wrappings.
+        """
+        old = make_manager()
+        sealed = _seal(old, "before")
+        assert rewrap(old, NEW).complete
+        switching = make_manager(master=NEW, previous_master=MASTER)
+        during = _seal(switching, "created-during-switch")  # wrapped under NEW first, the old key second
+        third = LocalMasterKey(bytes([8]) * 32)
+        with pytest.raises(
+            ConfigurationError, match=r"unfinished; finish it \(rewrap --finish\), or abandon"
+        ):
+            rewrap(old, third)
+
+        # Refused from a process that still has both keys, or that is on the new key.
+        with pytest.raises(ConfigurationError, match="pii_previous_master_key is set"):
+            abort(switching)
+        with pytest.raises(ConfigurationError, match="is the one the last rewrap added"):
+            abort(make_manager(master=NEW))
+
+        report = abort(old, batch_size=1)
+        assert (report.done, report.complete) == (2, True)
+        assert {(k.master_key_ref, k.master_key_ref_next) for k in old.list_keys()} == {(MASTER.ref, None)}
+        assert [_opens(old, s) for s in (sealed, during)] == [
+            b"payload of before",
+            b"payload of created-during-switch",
+        ]
+        with pytest.raises(ConfigurationError, match="wrapped by another master key"):
+            _opens(make_manager(master=NEW), sealed)
+        assert sum(r.details.get("abandoned", 0) for r in old.audit_trail("*")) == 2  # one record a batch
+        # Another rotation may start now.
+        assert rewrap(old, third).complete
+        assert _opens(make_manager(master=third), during) == b"payload of created-during-switch"
+
+    def test_rewrap_under_the_key_already_in_use_is_refused(self, make_manager):
+        """It reported success having re-wrapped nothing (and left an unfinished rotation as it was)."""
+        old = make_manager()
+        _seal(old, "same")
+        with pytest.raises(ConfigurationError, match="is this process's own master key"):
+            rewrap(old, MASTER)
 
     def test_unreadable_rows_are_counted_not_touched(self, make_manager):
         """A rewrap by a process that holds neither wrapping's key reports those rows."""
