@@ -25,6 +25,7 @@ from . import _context, _envelope
 from ._config import Settings
 from ._context import EndedTask, RunningTask
 from ._detect import Finding, detect, shown_path
+from ._errortrackers import scrub_sentry_events
 from ._keys import KeyManager, KeySpec
 from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
 from ._quarantine import park
@@ -339,21 +340,21 @@ class PII:
         if outer is not None:  # its logs and errors hide the outer task's values too
             values = [*values, *outer.values]
         result_key = None if message_keys else self._unsealed_result_key(name, spec, args, kwargs, outer)
-        _context.start(
-            RunningTask(
-                self,
-                name,
-                task_id,
-                spec,
-                values,
-                result_key,
-                message_keys,
-                request,
-                task.request_stack,
-                opened_at=opened_at,
-                carried_keys=carried_keys,
-            )
+        running = RunningTask(
+            self,
+            name,
+            task_id,
+            spec,
+            values,
+            result_key,
+            message_keys,
+            request,
+            task.request_stack,
+            opened_at=opened_at,
+            carried_keys=carried_keys,
         )
+        _context.start(running)
+        scrub_sentry_events(running)
         if arrived_unsealed:
             # Every publish path of a PII app seals declared fields, so this message
             # bypassed celery-pii.  Refused (its outcome is stored sealed: the context is set).

@@ -480,6 +480,14 @@ def _own_logging():
 if os.environ.get("PII_TESTAPP_OWN_LOGGING"):
     _own_logging()
 
+if os.environ.get("PII_TESTAPP_SENTRY_EVENTS"):
+    from sentry_events import start_sentry
+
+    start_sentry(
+        os.environ["PII_TESTAPP_SENTRY_EVENTS"],
+        send_default_pii=os.environ.get("PII_TESTAPP_SENTRY_DEFAULT_PII") == "1",
+    )
+
 if os.environ.get("PII_TESTAPP_BROKER"):
     app = make_app(
         broker=os.environ["PII_TESTAPP_BROKER"],
