@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,9 +66,14 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         import proj  # noqa: PLC0415 - configured by the environment set just above
 
-        worker = start(["worker", "-P", "solo", "-n", f"proj-{os.getpid()}@%h"], folder, "worker")
+        name = f"proj-{os.getpid()}@{socket.gethostname()}"
+        worker = start(["worker", "-P", "solo", "-n", name], folder, "worker")
         beat = start(["beat", "-s", str(folder / "beat-schedule")], folder, "beat")
         try:
+            # The receipt's key lasts 3 seconds from when it is sealed: publish it once the
+            # worker is up, or a slow start outlives it (the task then fails: KeyDestroyed).
+            if not wait_for(lambda: bool(proj.app.control.ping([name], timeout=0.5))):
+                sys.exit("TIMEOUT: the worker did not start")
             receipt = proj.send_receipt.delay("ann@example.com", "order-7")
             print(f"receipt task: {receipt.get(timeout=60)} (email sealed under a 3-second retention key)")
             subscribed = proj.subscribe.delay("ann@example.com", "weekly")
