@@ -196,13 +196,13 @@ def worker(app):
 # -- helpers to look at what really went over the wire ---------------------------------------------
 
 
-def redis_client(db):
-    """A raw Redis client on the test server."""
+def redis_client(db, **options):
+    """A raw Redis client on the test server (``options``: redis-py's, e.g. ``socket_timeout``)."""
     import redis
 
     host_port = REDIS_URL.split("://", 1)[1]
     host, _, port = host_port.partition(":")
-    return redis.Redis(host=host, port=int(port or 6379), db=db)
+    return redis.Redis(host=host, port=int(port or 6379), db=db, **options)
 
 
 def publish_raw(app, body, headers):
@@ -492,7 +492,8 @@ class RedisMonitor:
         import threading
 
         self.commands = []
-        self._client = redis_client(0)
+        # No read timeout: redis-py 8 gives 5 s, and a slow machine can leave Redis quiet that long.
+        self._client = redis_client(0, socket_timeout=None)
         self._monitor = self._client.monitor()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
