@@ -380,7 +380,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "pii_kms_region",
         None,
         _optional_string,
-        "AWS region for `aws-kms://` master keys (default: the standard AWS settings).",
+        "AWS region for `aws-kms://` master keys (default: a key ARN's own region, then the standard AWS "
+        "settings); must match a key ARN's region.",
         "str or None",
     ),
     Option(

@@ -78,7 +78,15 @@ class KmsMasterKey:
     ) -> None:
         self._key_id = key_id
         self._endpoint_url = endpoint_url
-        self._region = region or _arn_region(key_id)
+        in_arn = _arn_region(key_id)
+        if region and in_arn and region != in_arn:
+            # A KMS key exists in its own region only: requests elsewhere could never find it.
+            msg = (
+                f"setting pii_kms_region: {region!r} is not the region of the KMS key ARN in {_SETTING} "
+                f"({in_arn!r}); remove pii_kms_region or make them agree"
+            )
+            raise ConfigurationError(msg)
+        self._region = region or in_arn
         self._timeout = connect_timeout
         self.ref = f"{_SCHEME}:{key_id}"
         #: The setting (or option) that named this key, for errors: KMS answers long after loading.
@@ -126,7 +134,7 @@ class KmsMasterKey:
         boto3 = _import_boto3()
         _keep_bodies_out_of_logs()
         from botocore.config import Config  # noqa: PLC0415 - the optional aws extra
-        from botocore.exceptions import NoRegionError  # noqa: PLC0415
+        from botocore.exceptions import InvalidRegionError, NoRegionError  # noqa: PLC0415
 
         config = Config(
             connect_timeout=self._timeout,
@@ -142,6 +150,15 @@ class KmsMasterKey:
                 f"setting pii_kms_region: no AWS region for KMS key {self._key_id!r}; "
                 "set pii_kms_region or AWS_DEFAULT_REGION"
             )
+            raise ConfigurationError(msg) from None
+        except InvalidRegionError:
+            if self._region is None:
+                named_by = "the AWS configuration (AWS_DEFAULT_REGION)"
+            elif self._region == _arn_region(self._key_id):
+                named_by = f"setting {_SETTING} (its key ARN's region)"
+            else:
+                named_by = "setting pii_kms_region"
+            msg = f"{named_by}: not a valid AWS region name, for KMS key {self._key_id!r}"
             raise ConfigurationError(msg) from None
 
     @contextmanager
@@ -170,6 +187,12 @@ class KmsMasterKey:
                     f"setting {self.setting}: {where} is not the KMS key that wrapped this data key "
                     f"({code}); was the alias pointed at another key? Point it back (and move keys to a "
                     "new KMS key with `pii master-key rewrap`, docs/operations.md)"
+                )
+                raise ConfigurationError(msg) from None
+            if code == "InvalidKeyUsageException":  # a signing, HMAC or asymmetric key: no IAM change helps
+                msg = (
+                    f"setting {self.setting}: {where} is not a symmetric encryption key ({code}); use a KMS "
+                    "key with KeySpec SYMMETRIC_DEFAULT and KeyUsage ENCRYPT_DECRYPT"
                 )
                 raise ConfigurationError(msg) from None
             permission = "kms:Decrypt" if operation == "Decrypt" else "kms:Encrypt"

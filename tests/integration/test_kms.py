@@ -256,6 +256,9 @@ class TestFailures:
         assert MATERIAL.hex() not in str(caught.value)
         if expected is not DecryptionFailed:
             assert master._key_id in str(caught.value) and code in str(caught.value)
+        if code == "InvalidKeyUsageException":  # a signing or HMAC key: no IAM change helps
+            assert "not a symmetric encryption key" in str(caught.value)
+            assert "IAM" not in str(caught.value)
 
 
 class TestLoading:
@@ -288,6 +291,32 @@ class TestLoading:
         assert str(caught.value) == (
             "setting pii_master_key: aws-kms:// needs the extra: pip install 'celery-pii[aws]'"
         )
+
+    @pytest.mark.parametrize(
+        ("spec", "region", "named"),
+        [
+            ("aws-kms://alias/x", "eu west 1", "setting pii_kms_region"),
+            (
+                "aws-kms://arn:aws:kms:eu_west_1:111122223333:key/1234abcd",
+                None,
+                r"pii_master_key \(its key ARN",
+            ),
+        ],
+    )
+    def test_a_malformed_region_names_where_it_came_from(self, spec, region, named):
+        """botocore's ``InvalidRegionError`` named no setting (and broke ``pii db upgrade``'s import)."""
+        with pytest.raises(ConfigurationError, match=rf"{named}.*not a valid AWS region name"):
+            load_master_key(spec, _settings(pii_kms_region=region))
+
+    def test_a_region_other_than_the_key_arns_is_refused(self):
+        """Requests went to that region, where the key does not exist, without a word."""
+        arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        with pytest.raises(
+            ConfigurationError, match=r"pii_kms_region: 'us-east-1' is not the region of the KMS"
+        ):
+            load_master_key(f"aws-kms://{arn}", _settings(pii_kms_region="us-east-1"))
+        agreeing = load_master_key(f"aws-kms://{arn}", _settings(pii_kms_region="eu-west-1"))
+        assert agreeing._client.meta.region_name == "eu-west-1"
 
     def test_no_region(self, monkeypatch):
         monkeypatch.delenv("AWS_DEFAULT_REGION")
