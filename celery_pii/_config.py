@@ -515,8 +515,9 @@ def reference_markdown() -> str:
         "`pii_retention` (a `RetentionPolicy`), `pii_subject` (field path of the data subject's id),",
         "`pii_detect` (overrides `pii_detect` for one task). Give them to the task decorator, as class",
         "attributes of a task class, or in Celery's `task_annotations` (for tasks you cannot decorate).",
-        "Any other `pii_*` task option is refused when the task is registered (a misspelt one would",
-        "otherwise leave the field unsealed).",
+        "Any other `pii_*` option the decorator, the task's own class body or the annotations give is",
+        "refused when the task is registered (a misspelt one would otherwise leave the field unsealed);",
+        "methods, and attributes a base class carries, are left alone.",
         "",
     ]
     return "\n".join(lines)

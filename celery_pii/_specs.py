@@ -112,10 +112,17 @@ def _options_of(task: Any, name: str, annotations: Iterable[Any]) -> dict[str, A
     """
     from celery.app.annotations import resolve_all  # noqa: PLC0415 - Celery's own order of annotations
 
-    given = {attribute: getattr(task, attribute) for attribute in dir(task) if attribute.startswith("pii_")}
-    for annotation in resolve_all(annotations, task):  # later ones win, as Celery's setattr calls
-        given.update((key, value) for key, value in annotation.items() if key.startswith("pii_"))
-    for option in sorted(set(given) - set(TASK_OPTIONS)):
+    given = {option: getattr(task, option, None) for option in TASK_OPTIONS}  # inherited ones too
+    # What the decorator or the task's own class body sets (base classes may carry helpers and
+    # flags of their own), and the annotations: where a misspelt option would be.
+    declared = {
+        name for name, value in vars(type(task)).items() if name.startswith("pii_") and not callable(value)
+    }
+    # Celery annotates the task class (Task.annotate); later annotations win, as its setattr calls.
+    for annotation in resolve_all(annotations, type(task)):
+        declared.update(key for key in annotation if isinstance(key, str) and key.startswith("pii_"))
+        given.update((key, value) for key, value in annotation.items() if key in given)
+    for option in sorted(declared - set(TASK_OPTIONS)):
         close = difflib.get_close_matches(option, TASK_OPTIONS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         msg = (

@@ -434,6 +434,43 @@ class TestTaskRegistration:
         assert CARD.encode() not in raw
         assert MARKER.encode() in raw
 
+    def test_an_annotation_object_is_given_the_task_class_as_celery_gives_it(self, key_store_url):
+        """Celery's ``Task.annotate`` passes the class: an ``annotate()`` testing it raised TypeError."""
+
+        class Annotations:
+            def annotate(self, task):
+                if issubclass(task, app.Task) and task.name == "reg.annotated_by_object":
+                    return {"pii_fields": ["card_number"]}
+                return None
+
+        app = _app(key_store_url, task_annotations=[Annotations()])
+        pii = setup_pii(app)
+
+        @app.task(shared=False, name="reg.annotated_by_object")
+        def annotated(card_number):
+            return None
+
+        app.finalize()
+        assert pii.specs["reg.annotated_by_object"].declared_names == {"card_number"}
+
+    def test_pii_named_helpers_of_a_base_class_are_no_options(self, key_store_url):
+        """Only what the decorator, the task's own class body or the annotations set can be a misspelt option."""
+        app = _configured(key_store_url)
+
+        class Base(app.Task):
+            abstract = True
+            pii_safe = True  # another library's flag
+
+            def pii_scrub_log(self, text):  # a helper method
+                return text
+
+        @app.task(shared=False, name="reg.with_helpers", base=Base, pii_fields=["card_number"])
+        def with_helpers(card_number):
+            return None
+
+        app.finalize()
+        assert get_pii(app).specs["reg.with_helpers"].declared_names == {"card_number"}
+
     def test_a_misspelt_option_in_task_annotations_fails_at_registration(self, key_store_url):
         app = _app(key_store_url, task_annotations={"*": {"pii_detekt": "refuse"}})
         setup_pii(app)
