@@ -7,7 +7,9 @@ objects celery-pii opened, and, by default (``include_local_variables``), the
 local variables of Celery's ``__protected_call__`` frame, which hold them
 too.  While a task holds opened values, an event processor added to the run's
 own scope, after Sentry's, replaces them in every event of that run: its
-errors, what it logs, its transaction.
+errors, what it logs, its transaction.  A global processor, added once,
+replaces them in whatever else Sentry sends meanwhile (a run Sentry's
+wrapper did not give a scope, threads a task started).
 
 Nothing here imports Sentry: it is looked at only once a process has.
 """
@@ -18,6 +20,8 @@ import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+
+from ._redact import REDACTED
 
 if TYPE_CHECKING:
     from ._context import RunningTask
@@ -39,16 +43,41 @@ def scrub_sentry_events(running: RunningTask) -> None:
     if sentry is None:
         return
     try:
-        from sentry_sdk.integrations.celery import CeleryIntegration  # noqa: PLC0415 - only when Sentry is
-
         client = sentry.get_client()
-        if not client.is_active() or client.get_integration(CeleryIntegration) is None:
-            # Without the integration no scope is the run's own (a processor would outlive
-            # it), and nothing copies the task's arguments into events.
+        if not client.is_active():
             return
-        sentry.get_current_scope().add_event_processor(_processor_for(running))
+        _hide_in_every_event()
+        # Sentry's tracer wrapper gives each run its own scopes (and names the isolation scope
+        # "celery"), where it copies the task's arguments into every event and transaction;
+        # a processor added there, after its own, sees them and ends with the run.  A tracer
+        # Sentry did not wrap (built before sentry_sdk.init, as in a prefork child that calls
+        # it from worker_process_init) runs in the process's scope: the global processor covers it.
+        if getattr(sentry.get_isolation_scope(), "_name", None) == "celery":
+            sentry.get_current_scope().add_event_processor(_processor_for(running))
     except (ImportError, AttributeError, TypeError) as error:  # a Sentry release that moved these
         _warn_once(error)
+
+
+_global_added = False
+
+
+def _hide_in_every_event() -> None:
+    """Once a process: every event sent while a task runs with opened values has them replaced."""
+    global _global_added  # noqa: PLW0603 - one processor a process
+    if not _global_added:
+        from sentry_sdk.scope import add_global_event_processor  # noqa: PLC0415 - only when Sentry is
+
+        add_global_event_processor(_hide_running_values)  # type: ignore[arg-type]  # its Event: a TypedDict
+        _global_added = True
+
+
+def _hide_running_values(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG001
+    """The global processor: the running task's values, or, in a thread a task started, every task's."""
+    from ._context import running, scrubber_elsewhere  # noqa: PLC0415 - it imports this module's importers
+
+    current = running.get()
+    scrubber = scrubber_elsewhere() if current is None else current.scrubber
+    return _scrubbed(event, scrubber, 0) if scrubber else event
 
 
 def _processor_for(running: RunningTask) -> Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]:
@@ -64,15 +93,16 @@ def _scrubbed(value: Any, scrubber: Scrubber, depth: int) -> Any:
     if isinstance(value, str):
         return scrubber.text(value)
     kind = type(value)
-    if depth < _MAX_EVENT_DEPTH:
+    if kind is dict or kind is list or kind is tuple:
+        if depth >= _MAX_EVENT_DEPTH:  # Sentry would write its repr: whole, or not at all
+            return REDACTED if scrubber.contains(repr(value)) else value
         if kind is dict:
             return {
                 _scrubbed(key, scrubber, depth): _scrubbed(item, scrubber, depth + 1)
                 for key, item in value.items()
             }
-        if kind is list or kind is tuple:
-            return kind(_scrubbed(item, scrubber, depth + 1) for item in value)
-    return scrubber.value(value, depth)  # a scalar showing a value, an exception, nested plain data
+        return kind(_scrubbed(item, scrubber, depth + 1) for item in value)
+    return scrubber.value(value)  # a scalar showing a value (an int card number), an exception
 
 
 def _warn_once(error: BaseException) -> None:

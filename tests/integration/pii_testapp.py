@@ -71,6 +71,11 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
         msg = f"card {card_number} declined"
         raise ValueError(msg)
 
+    @app.task(shared=False, name="t.fail_deep", pii_fields=["order.customer.billing.card.number"])
+    def fail_deep(order):
+        msg = "declined"
+        raise ValueError(msg)
+
     @app.task(shared=False, name="t.lookup_fail")
     def lookup_fail(x):
         msg = f"no such item {x}"
@@ -483,10 +488,7 @@ if os.environ.get("PII_TESTAPP_OWN_LOGGING"):
 if os.environ.get("PII_TESTAPP_SENTRY_EVENTS"):
     from sentry_events import start_sentry
 
-    start_sentry(
-        os.environ["PII_TESTAPP_SENTRY_EVENTS"],
-        send_default_pii=os.environ.get("PII_TESTAPP_SENTRY_DEFAULT_PII") == "1",
-    )
+    start_sentry()
 
 if os.environ.get("PII_TESTAPP_BROKER"):
     app = make_app(
@@ -501,3 +503,7 @@ if os.environ.get("PII_TESTAPP_BROKER"):
         task_reject_on_worker_lost=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
         **{**_beat_settings(), **_extra_conf()},
     )
+    if os.environ.get("PII_TESTAPP_SENTRY_EVENTS"):
+        from sentry_events import define_sentry_tasks
+
+        define_sentry_tasks(app)
