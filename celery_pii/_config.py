@@ -257,7 +257,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "pii_inner_serializer",
         "json",
         _choice(INNER_SERIALIZERS),
-        "How the rest of the message body is encoded: `json` or `msgpack` (extra `msgpack`).",
+        "How the rest of the message body is encoded: `json` or `msgpack` (extra `msgpack`; it writes no "
+        "undeclared datetime, Decimal, UUID or integer beyond 64 bits: see migration.md).",
         "str",
     ),
     Option(

@@ -144,6 +144,25 @@ def _msgpack_packed(obj: Any, *, task_body: bool, refuse_bytes_keys: bool = Fals
 _BODY_PARTS: Final = ("args", "kwargs", "embed")
 
 
+def _refuse_unwritable(body: Any, task: str) -> None:
+    """A task body msgpack refused: say which task and where (msgpack's own error names neither).
+
+    Raises:
+        EncryptionFailed: naming the place and the kind of value, never the value.
+    """
+    found = _unwritable_value(list(body), ()) if isinstance(body, (list, tuple)) else None
+    if found is None:
+        return
+    location, kind = found
+    location = (_BODY_PARTS[int(location[0])], *location[1:]) if location else location
+    msg = (
+        f"task {task!r}: the value at {shown_path(location)} is {kind}, which msgpack does not write "
+        "(pii_inner_serializer='msgpack'); pass it as text, declare it in pii_fields (sealed values "
+        "travel as typed JSON), or use the json inner serializer; nothing was published"
+    )
+    raise EncryptionFailed(msg)
+
+
 class KeyRefused(ValueError):
     """A dict of a body or result holds keys that cannot travel as they are; names where, not what."""
 
@@ -151,6 +170,35 @@ class KeyRefused(ValueError):
         super().__init__(why)
         self.location = location
         self.why = why
+
+
+def _unwritable_value(value: Any, location: Location, depth: int = 0) -> tuple[Location, str] | None:
+    """Where the first value msgpack does not write sits, and what it is (``None``: none found).
+
+    What :func:`_msgpack_plain` writes passes: text, bytes, numbers (integers
+    within 64 bits), ``None``, lists, tuples, dicts and their subclasses.
+    """
+    if value is None or isinstance(value, (str, bytes, float)):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**64 else (location, "an integer beyond 64 bits")
+    if depth >= _MSGPACK_NESTING:
+        return None
+    if isinstance(value, dict):
+        places: Iterator[tuple[Any, Any]] = ((_shown_key(key), item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        places = enumerate(value)
+    else:
+        return location, f"a {type(value).__name__}"
+    for place, item in places:
+        found = _unwritable_value(item, (*location, place), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+#: msgpack's own limit on nesting (deeper, it refuses the whole value).
+_MSGPACK_NESTING: Final = 512
 
 
 _NOT_WRITABLE: Final = "holds a key JSON cannot write (only text, numbers, true, false and null can be)"
@@ -382,6 +430,8 @@ class PIISerializer:
             except (TypeError, OverflowError):  # a datetime, Decimal, UUID, an int beyond 64 bits...
                 as_sent = None if task_body or self._eager_call is None else self._eager_call(obj)
                 if as_sent is None:
+                    if task_body and ticket is not None:
+                        _refuse_unwritable(obj, ticket.task)
                     raise
                 # An eager call's (args, kwargs): a worker's message carries its declared values
                 # sealed (as typed JSON), so only the others must be what msgpack writes.

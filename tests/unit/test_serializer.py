@@ -169,6 +169,41 @@ def test_msgpack_refuses_task_bodies_with_keys_that_paths_cannot_name():
     assert serializer.loads(serializer.dumps({"result": {b"k": 1, 2: 3}})) == {"result": {b"k": 1, "2": 3}}
 
 
+def test_msgpack_names_the_task_and_place_of_a_value_it_does_not_write():
+    """msgpack's own error named neither (``can not serialize 'datetime' object``).
+
+    The message names the task, the place and the kind of value, never the value.
+    """
+    import datetime as dt
+    from decimal import Decimal
+
+    pytest.importorskip("msgpack")
+    serializer = PIISerializer("msgpack")
+    refused = [
+        (
+            [],
+            {"u": {"when": [dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)]}},
+            r"kwargs\.u\.when\[0\] is a datetime",
+        ),
+        ([1, 2**64], {}, r"args\[1\] is an integer beyond 64 bits"),
+        ([{"ids": {3, 4}}], {}, r"args\[0\]\.ids is a set"),
+        ([{87654321: Decimal("9.5")}], {}, r'args\[0\]\["\[pii:redacted\]"\] is a Decimal'),
+    ]
+    for args, kwargs, where in refused:
+        with pytest.raises(
+            EncryptionFailed, match=rf"^task 't\.charge': the value at {where}, which msgpack"
+        ) as info:
+            serializer.dumps(_body(args, kwargs))
+        assert (
+            "2026" not in str(info.value)
+            and "9.5" not in str(info.value)
+            and "87654321" not in str(info.value)
+        )
+    # What msgpack writes still travels, up to 64-bit integers both ways.
+    fine = _body([2**64 - 1, -(2**63), 1.5, None, b"x"], {"nested": {"k": ["v"]}})
+    assert serializer.loads(serializer.dumps(fine))[0] == [2**64 - 1, -(2**63), 1.5, None, b"x"]
+
+
 @pytest.mark.timeout(20)
 def test_msgpack_refuses_a_body_that_holds_itself_before_looking_for_bytes_keys():
     """The walk for bytes keys would not end: msgpack refuses such a body first (it hung publishing)."""
