@@ -21,11 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ._redact import REDACTED
-
 if TYPE_CHECKING:
     from ._context import RunningTask
-    from ._redact import Scrubber
 
 __all__ = ["scrub_sentry_events"]
 
@@ -77,32 +74,15 @@ def _hide_running_values(event: dict[str, Any], hint: dict[str, Any]) -> dict[st
 
     current = running.get()
     scrubber = scrubber_elsewhere() if current is None else current.scrubber
-    return _scrubbed(event, scrubber, 0) if scrubber else event
+    return scrubber.value(event, limit=_MAX_EVENT_DEPTH) if scrubber else event
 
 
 def _processor_for(running: RunningTask) -> Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]:
     def hide_opened_values(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG001
         scrubber = running.scrubber  # the values it holds now (a retry's new ones, results it read)
-        return _scrubbed(event, scrubber, 0) if scrubber else event
+        return scrubber.value(event, limit=_MAX_EVENT_DEPTH) if scrubber else event
 
     return hide_opened_values
-
-
-def _scrubbed(value: Any, scrubber: Scrubber, depth: int) -> Any:
-    """A copy of an event with known values replaced (the task's own objects are never changed)."""
-    if isinstance(value, str):
-        return scrubber.text(value)
-    kind = type(value)
-    if kind is dict or kind is list or kind is tuple:
-        if depth >= _MAX_EVENT_DEPTH:  # Sentry would write its repr: whole, or not at all
-            return REDACTED if scrubber.contains(repr(value)) else value
-        if kind is dict:
-            return {
-                _scrubbed(key, scrubber, depth): _scrubbed(item, scrubber, depth + 1)
-                for key, item in value.items()
-            }
-        return kind(_scrubbed(item, scrubber, depth + 1) for item in value)
-    return scrubber.value(value)  # a scalar showing a value (an int card number), an exception
 
 
 def _warn_once(error: BaseException) -> None:

@@ -131,28 +131,42 @@ class Scrubber:
                 text = text.replace(needle, REDACTED)
         return text
 
-    def value(self, value: Any, depth: int = 0) -> Any:
+    def value(self, value: Any, depth: int = 0, *, limit: int = _MAX_SCRUB_DEPTH) -> Any:
         """A copy of ``value`` with known values replaced in its strings.
 
         Only plain data is rebuilt (``list``, ``tuple``, ``dict`` themselves,
         not their subclasses); a scalar whose text shows a known value is
         replaced whole; exceptions are scrubbed in place.  Other objects are
         left alone: a ``Retry``'s signature must stay a signature (Celery
-        re-applies it), with the arguments it was given.
+        re-applies it), with the arguments it was given.  Plain data nested
+        deeper than ``limit`` levels is replaced whole when its repr shows a
+        known value (a formatter or an error tracker writes it as it is).
         """
         if isinstance(value, str):
             return self.text(value)
         kind = type(value)
-        if depth < _MAX_SCRUB_DEPTH:
-            if kind is list or kind is tuple:
-                return kind(self.value(item, depth + 1) for item in value) if value else value
+        if kind is list or kind is tuple or kind is dict:
+            if depth >= limit:
+                return REDACTED if self._repr_may_show(value) else value
             if kind is dict:
-                return {self.value(k, depth + 1): self.value(v, depth + 1) for k, v in value.items()}
+                return {
+                    self.value(k, depth + 1, limit=limit): self.value(v, depth + 1, limit=limit)
+                    for k, v in value.items()
+                }
+            return kind(self.value(item, depth + 1, limit=limit) for item in value) if value else value
+        if depth < limit:
             if isinstance(value, BaseException):
                 self.exception(value, depth + 1)
             elif isinstance(value, _SCALARS) and not isinstance(value, bool):
                 return REDACTED if self.contains(str(value)) or self.contains(repr(value)) else value
         return value
+
+    def _repr_may_show(self, value: Any) -> bool:
+        """True if ``repr(value)`` shows a known value, or cannot be written to tell."""
+        try:
+            return self.contains(repr(value))
+        except Exception:  # noqa: BLE001 - an object's own __repr__ failed: assume the worst
+            return True
 
     def exception(self, exc: BaseException, depth: int = 0) -> None:
         """Scrub an exception in place: args, attributes, notes, and chained causes.

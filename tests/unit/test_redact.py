@@ -72,6 +72,36 @@ def test_attributes_given_with_extra_are_scrubbed():
     assert (record.msg, record.levelname, record.name) == ("charged", "INFO", "tests.structured")
 
 
+def test_an_attribute_nested_deeper_than_scrubbing_goes_is_replaced_whole():
+    """A JSON formatter writes ``extra`` at any depth: past the limit, a branch showing a value goes."""
+    nested: object = {"card": CARD}
+    for _ in range(12):
+        nested = {"inner": [nested]}
+    clean: object = {"tries": 3}
+    for _ in range(12):
+        clean = {"inner": [clean]}
+    record = _record("tests.structured", "charged", ())
+    record.ctx, record.other = nested, clean
+    RedactingFilter(lambda: Running([CARD])).filter(record)
+    assert CARD not in repr(record.ctx)
+    assert REDACTED in repr(record.ctx)
+    assert record.other == clean  # nothing to hide: kept as it was
+
+
+def test_a_deep_branch_whose_repr_fails_is_replaced():
+    """A branch past the limit that cannot be written out to check is not kept."""
+
+    class Unprintable:
+        def __repr__(self):
+            raise RuntimeError
+
+    nested: object = [Unprintable()]
+    for _ in range(12):
+        nested = [nested]
+    assert CARD not in repr(Scrubber([CARD]).value(nested))
+    assert REDACTED in repr(Scrubber([CARD]).value(nested))
+
+
 def test_a_number_given_with_extra_stays_a_number_unless_it_is_a_value():
     """A handler may format it with ``%(attempt)d``: 51234 holding a PIN 1234 is not the PIN."""
     running = Running(["1234", 4111111111111111])
