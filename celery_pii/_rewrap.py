@@ -83,6 +83,11 @@ def rewrap(
             ).all()
             wrapped = failed = 0
             for row in rows:
+                if row.master_key_ref_next is not None:
+                    # A rewrap to another key, run meanwhile, wrote it after the check
+                    # above: replacing its wrapping would strand that key's processes.
+                    # (Locked here, so it cannot be written while this batch runs.)
+                    raise _another_rotation(row.master_key_ref_next)
                 try:
                     material = keys.masters.unwrap(row)
                 except (NoWrapping, DecryptionFailed):
@@ -111,9 +116,12 @@ def refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
 
     Re-wrapping would replace that wrapping, and processes on that key would
     lose the row: the earlier rotation must be finished (or abandoned) first.
-    Re-wrapping under this process's own master key is no rotation at all.
+    Re-wrapping under this process's own master key is no rotation at all,
+    unless the process also has a previous one: then it is step 3 of the
+    procedure, which wraps under the new key what old processes created
+    during the switch.
     """
-    if new_ref == keys.masters.current.ref:
+    if new_ref == keys.masters.current.ref and keys.masters.previous is None:
         msg = (
             f"--new-master-key: {new_ref} is this process's own master key (pii_master_key); give the new one"
         )
@@ -125,12 +133,16 @@ def refuse_overwriting_another_rotation(keys: KeyManager, new_ref: str) -> None:
             .limit(1)
         ).first()
     if other is not None:
-        msg = (
-            f"--new-master-key: key versions already hold a second wrapping under master key {other}: an "
-            "earlier master-key rotation is unfinished; finish it (rewrap --finish), or abandon it "
-            "(rewrap --abort), before starting another"
-        )
-        raise ConfigurationError(msg)
+        raise _another_rotation(other)
+
+
+def _another_rotation(other_ref: str) -> ConfigurationError:
+    msg = (
+        f"--new-master-key: key versions already hold a second wrapping under master key {other_ref}: an "
+        "earlier master-key rotation is unfinished; finish it (rewrap --finish), or abandon it "
+        "(rewrap --abort), before starting another"
+    )
+    return ConfigurationError(msg)
 
 
 def _refuse_to_finish_early(keys: KeyManager) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from celery_pii import ConfigurationError
+from celery_pii import ConfigurationError, _rewrap
 from celery_pii._keys import KeySpec
 from celery_pii._rewrap import abort, finish, pending, rewrap
 from celery_pii._sources import LocalMasterKey
@@ -53,6 +53,11 @@ class TestRotation:
         # Keys created by an upgraded process during the switch still open for old ones.
         during = _seal(switching, "created-during-switch")
         assert _opens(old, during) == b"payload of created-during-switch"
+        # Step 3, from an upgraded process: what old processes created meanwhile gets the new wrapping.
+        by_old = _seal(old, "created-by-an-old-process")
+        assert pending(switching, NEW.ref) == 1
+        assert rewrap(switching, NEW).done == 1
+        assert pending(switching, NEW.ref) == 0
 
         # A version destroyed between the two steps (retention, an erasure) names no master key either,
         # nor one an earlier build destroyed (it left the references).
@@ -71,6 +76,7 @@ class TestRotation:
         done = finish(new_only, batch_size=2)
         assert done.complete
         assert _opens(new_only, sealed[0]) == b"payload of k0"
+        assert _opens(new_only, by_old) == b"payload of created-by-an-old-process"
         # A process left on the old key: a deployment error (its tasks are retried, not parked).
         with pytest.raises(
             ConfigurationError, match="pii_master_key: key 'k0' v1 is wrapped by another master key"
@@ -133,6 +139,27 @@ class TestRotation:
         ):
             rewrap(old, third)
         assert _opens(make_manager(master=NEW), sealed) == b"payload of midway"
+
+    def test_a_rotation_run_alongside_another_does_not_replace_its_wrappings(self, make_manager, monkeypatch):
+        """Two rewraps to different keys, both past the check before either wrote: the later one stops.
+
+        Its check ran before the other rewrap's batches committed (the check
+        is replaced by that moment's result); the second wrappings found in its
+        batches were replaced, stranding every process on the other new key.
+        """
+        old = make_manager()
+        sealed = [_seal(old, f"both{i}") for i in range(3)]
+        assert rewrap(old, NEW, batch_size=2).complete
+        monkeypatch.setattr(_rewrap, "refuse_overwriting_another_rotation", lambda *_: None)
+        third = LocalMasterKey(bytes([8]) * 32)
+        with pytest.raises(
+            ConfigurationError, match=rf"second wrapping under master key {NEW.ref}.*unfinished"
+        ):
+            rewrap(old, third, batch_size=2)
+        assert {k.master_key_ref_next for k in old.list_keys()} == {NEW.ref}
+        assert [_opens(make_manager(master=NEW), s) for s in sealed] == [
+            f"payload of both{i}".encode() for i in range(3)
+        ]
 
     def test_an_unfinished_rotation_can_be_abandoned(self, make_manager):
         """The new key is lost (or exposed) before the rotation is finished: the store goes back to the old one.
