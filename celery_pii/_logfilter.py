@@ -48,6 +48,39 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+        _scrub_what_formatters_add(handler)
+
+
+# Formatters that add to a record's text after the handler's filters ran:
+# structlog's ProcessorFormatter runs processors then (``merge_contextvars``
+# adds what a task bound with ``bind_contextvars``).
+_ADDING_FORMATTERS: Final = ("structlog.",)
+_SCRUBS_OUTPUT: Final = "_celery_pii_scrubs_output"  # marks a handler's format as wrapped
+
+
+def _scrub_what_formatters_add(handler: logging.Handler) -> None:
+    """Have ``handler`` scrub its formatted text too, when its formatter adds to the record.
+
+    Checked on every record: a formatter can be set after this ran.  Other
+    formatters write only what the filter has scrubbed already, and the
+    scrubber is not built for them (Celery's success line of a PII task needs
+    none).
+    """
+    original = handler.format
+    if getattr(original, _SCRUBS_OUTPUT, False):
+        return
+
+    def format(record: logging.LogRecord) -> str:  # noqa: A001 - replaces Handler.format
+        text = original(record)
+        formatter = handler.formatter
+        if formatter is not None and type(formatter).__module__.startswith(_ADDING_FORMATTERS):
+            scrubber = _FILTER.scrubber_now()
+            if scrubber:
+                return scrubber.text(text)
+        return text
+
+    setattr(format, _SCRUBS_OUTPUT, True)
+    handler.format = format  # type: ignore[method-assign]  # this handler's, not its class's
 
 
 def filter_every_handler() -> None:

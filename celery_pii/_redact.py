@@ -52,6 +52,8 @@ _MAX_SHOWN_EXCEPTIONS: Final = 256
 # Scalars (besides str) whose text forms are searched for when opened as
 # values, and which are replaced whole when their text shows one.
 _SCALARS: Final = (int, float, Decimal, dt.date, dt.time, UUID, bytes, bytearray)
+# Plain data rebuilt with its items scrubbed (exactly these types: not their subclasses).
+_CONTAINERS: Final = frozenset({list, tuple, dict, set, frozenset})
 # Attributes some C exceptions keep outside ``args`` and ``vars()`` and show in their text.
 _TEXT_ATTRIBUTES: Final = ((OSError, ("filename", "filename2")), (SyntaxError, ("filename", "text")))
 # Code flags of frames that can be suspended and resumed (generators, coroutines).
@@ -134,8 +136,8 @@ class Scrubber:
     def value(self, value: Any, depth: int = 0, *, limit: int = _MAX_SCRUB_DEPTH) -> Any:
         """A copy of ``value`` with known values replaced in its strings.
 
-        Only plain data is rebuilt (``list``, ``tuple``, ``dict`` themselves,
-        not their subclasses); a scalar whose text shows a known value is
+        Only plain data is rebuilt (``list``, ``tuple``, ``dict``, ``set``,
+        ``frozenset`` themselves, not their subclasses); a scalar whose text shows a known value is
         replaced whole; exceptions are scrubbed in place.  Other objects are
         left alone: a ``Retry``'s signature must stay a signature (Celery
         re-applies it), with the arguments it was given.  Plain data nested
@@ -145,7 +147,7 @@ class Scrubber:
         if isinstance(value, str):
             return self.text(value)
         kind = type(value)
-        if kind is list or kind is tuple or kind is dict:
+        if kind in _CONTAINERS:
             if depth >= limit:
                 return REDACTED if self._repr_may_show(value) else value
             if kind is dict:
@@ -198,6 +200,9 @@ class Scrubber:
         are kept: replacing them would change what Celery does with the task.
         """
         self.exception(exc)
+        if not isinstance(exc, Exception):
+            self._ending(exc)
+            return exc
         if not isinstance(exc, TaskPredicate):
             return exc if self.is_clean(exc) else RedactedError.standing_in_for(exc)
         # A traceback of it shows the exception it was raised while handling
@@ -208,6 +213,26 @@ class Scrubber:
                 setattr(exc, name, RedactedError.standing_in_for(linked))
         kept: BaseException = exc
         return kept
+
+    def _ending(self, exc: BaseException) -> None:
+        """Scrub, in place, what ends a thread or process (``sys.exit(text)``, ``KeyboardInterrupt``).
+
+        It is kept, type and all, so that the pool ends what it would; Celery's
+        trace lets it through, and the pool prints it or records its repr.  A
+        process that exits prints ``SystemExit.code``, an attribute of its own
+        (set from the arguments once).  One still unclean gets the stand-in's
+        message in their place.
+        """
+        code = exc.code if isinstance(exc, SystemExit) else None
+        if code is not None:
+            code = self.value(code)
+            _set_quietly(exc, "code", code)
+        if self.is_clean(exc) and not self._repr_may_show(code) and not self.contains(_shown_code(code)):
+            return
+        withheld = RedactedError.standing_in_for(exc).args[0]
+        _set_quietly(exc, "args", (withheld,))
+        if isinstance(exc, SystemExit):
+            _set_quietly(exc, "code", withheld)
 
     def is_clean(self, exc: BaseException) -> bool:
         """True if no known value is left in what a traceback of ``exc`` shows of it.
@@ -306,6 +331,14 @@ def _shown_exceptions(exc: BaseException, *, carried: bool = False) -> Iterator[
         grouped = getattr(current, "exceptions", None)  # an exception group's members
         if isinstance(grouped, tuple):
             pending.extend(e for e in grouped if isinstance(e, BaseException))
+
+
+def _shown_code(code: object) -> str:
+    """What a process exiting with ``SystemExit(code)`` prints."""
+    try:
+        return str(code)
+    except Exception:  # noqa: BLE001 - a broken __str__: nothing the scrubber can read
+        return ""
 
 
 def _safely(show: Callable[[BaseException], str], exc: BaseException) -> str:
@@ -425,6 +458,13 @@ class RedactingFilter(logging.Filter):
         self._current = current
         self._elsewhere = elsewhere
 
+    def scrubber_now(self) -> Scrubber | None:
+        """The scrubber for a record logged here and now: the running task's, or other threads' tasks'."""
+        running = self._current()
+        if running is None:
+            return self._elsewhere()
+        return running.scrubber or None
+
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place; never drop it."""
         running = self._current()
@@ -461,13 +501,17 @@ _RECORD_ATTRIBUTES: Final = frozenset(
 
 def _scrub_record(record: logging.LogRecord, scrubber: Scrubber) -> None:
     """Scrub a record's message, its ``extra=`` attributes (Celery's ``data``) and its traceback."""
-    try:
-        message = record.getMessage()
-    except Exception:  # noqa: BLE001 - a bad format string is the logger's problem
-        return
-    scrubbed = scrubber.text(message)
-    if scrubbed != message:
-        record.msg, record.args = scrubbed, None
+    if isinstance(record.msg, dict) and not record.args:
+        # structlog's event dict (``wrap_for_formatter``): its formatter reads it as a dict.
+        record.msg = scrubber.value(record.msg)
+    else:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is the logger's problem
+            return
+        scrubbed = scrubber.text(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
     for name, extra in list(vars(record).items()):
         if name not in _RECORD_ATTRIBUTES:
             setattr(record, name, _scrubbed_extra(extra, scrubber))

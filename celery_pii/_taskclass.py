@@ -350,7 +350,7 @@ def _scrubbing(fun: Callable[..., Any], *, outermost: bool = False) -> Callable[
                 layer.claimed = deferring = True
         try:
             return fun(*args, **kwargs)
-        except Exception as exc:
+        except BaseException as exc:  # also sys.exit(text): a pool prints it (Scrubber.raised keeps its type)
             current = _context.running.get()
             if current is None or not current.scrubber or deferring:
                 raise

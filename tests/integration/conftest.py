@@ -396,6 +396,7 @@ class WorkerProcess:
         import sys
 
         self.logfile = logfile
+        self.stderr = ""  # what it wrote outside its log file, once stopped
         extra_env = env
         env = dict(os.environ)
         env.update(
@@ -441,7 +442,8 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        if self.process.stderr:
+        if self.process.stderr and not self.process.stderr.closed:
+            self.stderr = self.process.stderr.read().decode(errors="replace")
             self.process.stderr.close()
 
     def log(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 import threading
 from typing import Any
 
@@ -70,6 +71,13 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def fail(card_number):
         msg = f"card {card_number} declined"
         raise ValueError(msg)
+
+    @app.task(shared=False, name="t.exit_with", pii_fields=["card_number"])
+    def exit_with(card_number, how="sys.exit"):
+        if how == "sys.exit":
+            sys.exit(f"card {card_number} declined")
+        msg = f"card {card_number}"
+        raise KeyboardInterrupt(msg)
 
     @app.task(shared=False, name="t.fail_deep", pii_fields=["order.customer.billing.card.number"])
     def fail_deep(order):

@@ -10,6 +10,8 @@ backend (a database backend's traceback column is outside any serializer).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import traceback
@@ -385,3 +387,20 @@ def test_autoretry_keeps_the_task_functions_signature(make_app, bind):
     assert message["headers"]["argsrepr"] == f"('{MARKER}', '{MARKER}', 3)"
     with _start(app):
         assert result.get(timeout=20) == {"card_number": CARD, "user_id": "user-42", "nights": 3}
+
+
+@pytest.mark.parametrize("how", ["sys.exit", "KeyboardInterrupt"])
+@pytest.mark.parametrize("pool", ["prefork", "eventlet"])
+def test_a_task_exiting_with_a_value_in_its_message_shows_no_value(app, start_worker_process, pool, how):
+    """``sys.exit(text)`` is no ``Exception``: it leaves Celery's trace, and the pool prints it."""
+    if pool == "eventlet" and importlib.util.find_spec(pool) is None:  # the worker's, not imported here
+        pytest.skip(f"{pool} is not installed")
+    worker = start_worker_process(pool=pool, concurrency=1)
+    result = app.tasks["t.exit_with"].delay(CARD, how)
+    with contextlib.suppress(Exception):  # whether, and how, the pool records it is Celery's
+        result.get(timeout=10)
+    # The exception has been printed, or the pool replaced the process, by now.
+    worker.stop()
+    assert_no_plaintext(worker.log())
+    assert_no_plaintext(worker.stderr)
+    assert_no_plaintext(redis_client(BACKEND_DB).get(f"celery-task-meta-{result.id}") or b"")

@@ -72,6 +72,15 @@ def test_attributes_given_with_extra_are_scrubbed():
     assert (record.msg, record.levelname, record.name) == ("charged", "INFO", "tests.structured")
 
 
+def test_sets_given_with_extra_are_scrubbed():
+    """A JSON formatter writes a set as a list of its items."""
+    record = _record("tests.structured", "charged", ())
+    record.tags, record.frozen = {CARD, "vip"}, frozenset({EMAIL})
+    RedactingFilter(lambda: Running([CARD, EMAIL])).filter(record)
+    assert record.tags == {REDACTED, "vip"}
+    assert record.frozen == frozenset({REDACTED})
+
+
 def test_an_attribute_nested_deeper_than_scrubbing_goes_is_replaced_whole():
     """A JSON formatter writes ``extra`` at any depth: past the limit, a branch showing a value goes."""
     nested: object = {"card": CARD}
@@ -236,6 +245,32 @@ def test_an_exception_scrubbed_clean_is_kept():
     original = ValueError(f"card {CARD} declined")
     assert scrubber.raised(original) is original
     assert str(original) == f"card {REDACTED} declined"
+
+
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])
+def test_what_ends_a_process_keeps_its_type_and_is_scrubbed_in_place(kind):
+    """The pool must still end the thread or process; what it prints (a SystemExit's code too) is scrubbed."""
+    scrubber = Scrubber([CARD])
+    original = kind(f"card {CARD} declined")
+    assert scrubber.raised(original) is original
+    assert str(original) == f"card {REDACTED} declined"
+    assert getattr(original, "code", str(original)) == f"card {REDACTED} declined"
+
+
+def test_an_exit_status_is_kept():
+    """``sys.exit(3)`` still exits with 3."""
+    original = SystemExit(3)
+    assert Scrubber([CARD]).raised(original) is original
+    assert original.code == 3
+
+
+def test_what_ends_a_process_and_cannot_be_scrubbed_has_its_text_withheld():
+    """A code whose text is built elsewhere (printed by the exiting process) gives way to the stand-in's message."""
+    original = SystemExit(_Held(CARD))
+    assert Scrubber([CARD]).raised(original) is original
+    assert CARD not in str(original.code)
+    assert CARD not in str(original)
+    assert "SystemExit raised; its message held PII" in str(original.code)
 
 
 def test_an_unclean_cause_replaces_the_whole_exception():
