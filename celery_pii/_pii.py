@@ -28,7 +28,7 @@ from ._detect import Finding, detect, shown_path
 from ._errortrackers import scrub_sentry_events
 from ._keys import KeyManager, KeySpec
 from ._paths import Binder, Location, get_at, replace_in_copies, set_all_in_place
-from ._quarantine import park
+from ._quarantine import origin, park
 from ._redact import REDACTED, Scrubber, redacted_repr
 from ._retention import RetentionReport, enforce
 from ._sealer import (
@@ -597,7 +597,9 @@ class PII:
                 content_encoding=CONTENT_ENCODING,
                 headers=headers,
                 reason="authentication failed",
-                original={"exchange": delivery.get("exchange"), "routing_key": delivery.get("routing_key")},
+                original=origin(
+                    delivery, {"reply_to": request.reply_to, "correlation_id": request.correlation_id}
+                ),
             )
         except Exception:  # reported; the task still must not run
             logger.exception("celery-pii: could not park task %s[%s] in quarantine", task.name, task_id)

@@ -34,6 +34,7 @@ __all__ = [
     "describe",
     "list_parked",
     "make_quarantine_step",
+    "origin",
     "park",
     "purge",
     "quarantine_queue",
@@ -91,9 +92,36 @@ def park(  # noqa: PLR0913 - the parts of a raw message
         )
 
 
-def _routing(message: Any) -> dict[str, Any]:
-    info = getattr(message, "delivery_info", None) or {}
-    return {"exchange": info.get("exchange"), "routing_key": info.get("routing_key")}
+def origin(delivery_info: Mapping[str, Any] | None, properties: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a message came from, and the properties its replay must carry again.
+
+    ``reply_to`` and ``correlation_id`` take an ``rpc://`` result back to its
+    caller; ``priority`` orders it in a priority queue.
+    """
+    info = delivery_info or {}
+    kept = {"exchange": info.get("exchange"), "routing_key": info.get("routing_key")}
+    for name in _REPLAYED_PROPERTIES:
+        value = properties.get(name, info.get(name))
+        if value is not None:
+            kept[name] = value
+    return kept
+
+
+# Message properties a parked message's replay carries again (see ``origin``).
+_REPLAYED_PROPERTIES: Final = ("reply_to", "correlation_id", "priority")
+
+
+def _replayed_properties(original: Mapping[str, Any]) -> dict[str, Any]:
+    """The properties ``origin`` kept, those of the right type (a parked message can be edited too)."""
+    kept = {name: original.get(name) for name in ("reply_to", "correlation_id")}
+    properties: dict[str, Any] = {name: value for name, value in kept.items() if isinstance(value, str)}
+    priority = original.get("priority")
+    if isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= _MAX_PRIORITY:
+        properties["priority"] = priority
+    return properties
+
+
+_MAX_PRIORITY: Final = 255  # AMQP's
 
 
 def make_quarantine_step(
@@ -251,7 +279,9 @@ def _park_or_requeue(
             content_encoding=message.content_encoding,
             headers=headers,
             reason=reason,
-            original=_routing(message),
+            original=origin(
+                getattr(message, "delivery_info", None), getattr(message, "properties", None) or {}
+            ),
         )
     except Exception:
         # Parking failed: keep the message rather than lose it.
@@ -421,6 +451,7 @@ class _Publisher:
                 content_type=message.content_type,
                 content_encoding=message.content_encoding,
                 headers={k: v for k, v in (message.headers or {}).items() if k != QUARANTINE_HEADER},
+                **_replayed_properties(original),
                 mandatory=True,
                 retry=False,  # never on a new connection: see replay()
             )

@@ -205,7 +205,7 @@ def redis_client(db, **options):
     return redis.Redis(host=host, port=int(port or 6379), db=db, **options)
 
 
-def publish_raw(app, body, headers):
+def publish_raw(app, body, headers, **properties):
     """Put a ``pii`` message on the app's queue as given (a forged, damaged or foreign message)."""
     from kombu import Connection, Exchange, Producer, Queue
 
@@ -220,6 +220,7 @@ def publish_raw(app, body, headers):
             content_type="application/x-celery-pii",
             content_encoding="binary",
             headers=headers,
+            **properties,
         )
 
 

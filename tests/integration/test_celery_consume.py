@@ -16,6 +16,7 @@ import pytest
 from celery import chord
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import MaxRetriesExceededError
+from kombu import Queue
 
 from celery_pii import (
     ConfigurationError,
@@ -26,12 +27,13 @@ from celery_pii import (
     get_pii,
 )
 from celery_pii._keys import KeySpec
-from celery_pii._quarantine import QUARANTINE_HEADER
+from celery_pii._quarantine import QUARANTINE_HEADER, list_parked, replay
 from celery_pii._sealer import EMBED_KEY, MARKER, derived_key_spec, opened_with
 
 from .conftest import (
     BACKEND_DB,
     BROKER_DB,
+    RABBITMQ_URL,
     REDIS_URL,
     EventCapture,
     TcpProxy,
@@ -109,7 +111,7 @@ class TestAuthenticationFailures:
 
         The parked copy keeps what decides how a replay runs (its ETA and expiry, here).
         """
-        app.tasks["t.charge"].apply_async((CARD, 1), countdown=0.5, expires=600)
+        app.tasks["t.charge"].apply_async((CARD, 1), countdown=0.5, expires=600, reply_to="caller-replies")
         task_id = _tamper(app.conf.task_default_queue)
         good = app.tasks["t.charge"].delay(CARD, 2)
         with caplog.at_level(logging.INFO), _start(app):
@@ -123,6 +125,9 @@ class TestAuthenticationFailures:
         assert parked[0]["headers"][QUARANTINE_HEADER]["reason"] == "authentication failed"
         assert parked[0]["headers"]["eta"] is not None
         assert parked[0]["headers"]["expires"] is not None
+        # And where an rpc:// result goes back to (the replay carries them again).
+        original = parked[0]["headers"][QUARANTINE_HEADER]["original"]
+        assert (original["reply_to"], original["correlation_id"]) == ("caller-replies", task_id)
         assert_no_plaintext(json.dumps(parked[0]))
         errors = [
             r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and task_id in r.getMessage()
@@ -315,6 +320,31 @@ class TestAuthenticationFailures:
         assert good.result["amount"] == 3
         assert base64.b64decode(parked["body"]) == b"\x01jthis is not json"
         assert parked["headers"][QUARANTINE_HEADER]["reason"] == "undecodable"
+
+    @pytest.mark.parametrize("broker", ["redis", "amqp"])
+    def test_a_parked_message_is_replayed_with_its_reply_address_and_priority(self, make_app, broker):
+        """Parking kept the body and headers only: a replayed rpc:// call's result went nowhere.
+
+        (And its priority was lost.)
+        """
+        app = make_app(broker=f"{REDIS_URL}/{BROKER_DB}" if broker == "redis" else RABBITMQ_URL)
+        properties = {"reply_to": "caller-replies", "correlation_id": "broken-2", "priority": 6}
+        publish_raw(
+            app, b"\x01jthis is not json", {"task": "t.charge", "id": "broken-2", "lang": "py"}, **properties
+        )
+        good = app.tasks["t.charge"].delay(CARD, 3)
+        quarantine = app.conf.pii_quarantine_queue
+        with _start(app):
+            good.get(timeout=20)
+            deadline = time.monotonic() + 10
+            while not list_parked(app, quarantine) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert replay(app, quarantine).replayed == ["broken-2"]
+        with app.connection_for_write() as connection:
+            back = Queue(app.conf.task_default_queue, no_declare=True)(connection.default_channel)
+            replayed = back.get(no_ack=True)
+        assert replayed.headers["id"] == "broken-2"
+        assert {name: replayed.properties.get(name) for name in properties} == properties
 
     def test_message_renamed_to_an_unknown_task_is_parked(self, app):
         """A sealed message whose task header names a task no worker knows is parked, not rejected.
