@@ -58,6 +58,7 @@ from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import MasterKey, UnloadedMasterKey, load_master_key
 from ._store import KeyStore
 from ._taskclass import eager_canvas_knows_its_fields, hook_registry
+from ._workerlost import resend_sealed_on_worker_lost
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -612,6 +613,7 @@ def setup_pii(app: Celery) -> PII:
         app.conf.imports = (*imports, "celery_pii.tasks")
     filter_celery_loggers()
     eager_canvas_knows_its_fields()
+    resend_sealed_on_worker_lost()
     _unreadable_rows_read_as_failures()
     # Backends of their own (django-db) are adapted when built: see _adapt_built_backend.  (None
     # is built yet: a backend built before the pii serializer exists fails for want of it.)

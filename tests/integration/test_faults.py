@@ -17,6 +17,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from celery.worker.request import Request
 
 from celery_pii import KeyStoreUnavailable, get_pii, migrate
 from celery_pii._keys import KeySpec
@@ -24,7 +25,7 @@ from celery_pii._store import KeyRow
 
 from .conftest import APP_DIR, BACKEND_DB, REDIS_URL, queued_messages
 from .private_services import PrivatePostgres, PrivateRedis
-from .test_celery_roundtrip import EMAIL, assert_no_plaintext
+from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -206,6 +207,23 @@ class TestWorkerKilled:
         os.kill(child, signal.SIGKILL)
         assert result.get(timeout=60) == EMAIL
         assert "WorkerLostError" in worker.log() or "exited with" in worker.log()
+
+
+    def test_task_retry_on_worker_lost_sends_the_sealed_message_again(self, make_app, start_worker_process):
+        """Celery 5.7's setting re-sends the task from the worker's main process, which holds markers.
+
+        The copy was refused (markers are no values to seal) and the task
+        failed with WorkerLostError; it must run again with its values.
+        """
+        if not hasattr(Request, "_retry_worker_lost"):
+            pytest.skip("this Celery has no task_retry_on_worker_lost")
+        app = make_app()
+        conf = json.dumps({"task_retry_on_worker_lost": True})
+        worker = start_worker_process(pool="prefork", concurrency=1, env={"PII_TESTAPP_CONF": conf})
+        result = app.tasks["t.lost_once"].delay(CARD)
+        assert result.get(timeout=60) == {"card_number": CARD, "retries": 1}
+        assert "WorkerLostError" in worker.log()
+        assert_no_plaintext(worker.log())
 
 
 class TestPoolChildrenEnding:
