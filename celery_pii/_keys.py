@@ -985,7 +985,7 @@ class KeyManager:
         )
 
     @staticmethod
-    def _lock_and_reread(session: Session, query: Select[KeyRow]) -> Sequence[KeyRow]:
+    def _lock_and_reread(session: Session, query: Select[Any]) -> Sequence[KeyRow]:
         # Lock, then read again.  Under READ COMMITTED (PostgreSQL) a locking
         # SELECT that waited for a concurrent rotation returns only the rows it
         # saw before waiting, not the version the rotation inserted; the second
@@ -1340,7 +1340,7 @@ def _check_key_id(key_id: str) -> None:
         raise ConfigurationError(msg)
 
 
-def subject_keys(digests: Sequence[str]) -> Select[KeyRow]:
+def subject_keys(digests: Sequence[str]) -> Select[Any]:
     """The live versions of the keys of the subjects hashed to ``digests``, bucket keys included.
 
     Found by the ``subject_id`` column and by the key id too: the master key's

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
+from dateutil.parser import isoparse
+
 from .exceptions import ConfigurationError
 
 __all__ = ["IMMEDIATE_GRACE", "RetentionPolicy", "RetentionReport", "bucket_deadline", "enforce"]
@@ -177,7 +179,7 @@ class RetentionPolicy:
             if kind is _Kind.AFTER:
                 return cls.delete_after(timedelta(seconds=float(data["seconds"])))
             if kind is _Kind.AT:
-                return cls.delete_at(datetime.fromisoformat(str(data["at"])))
+                return cls.delete_at(isoparse(str(data["at"])))  # any Python's fromisoformat would not
         except ConfigurationError:
             raise  # a policy the constructors refuse says why itself
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: inf seconds

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 
 import click
 from alembic.util import CommandError as AlembicError
+from dateutil.parser import isoparse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -341,11 +342,10 @@ class _Moment(click.ParamType):  # type: ignore[type-arg]  # generic only in new
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
         if isinstance(value, datetime):
             return value
-        text = str(value)
-        if text.endswith(("Z", "z")):  # read by fromisoformat from Python 3.11 on only
-            text = text[:-1] + "+00:00"
         try:
-            moment = datetime.fromisoformat(text)
+            # dateutil's, not fromisoformat: before Python 3.11 that reads only what isoformat() writes
+            # (no "Z", "+0000", 1-5 digit fractions or the basic format 20261130T101802Z).
+            moment = isoparse(str(value))
             _utc(moment)  # in range once moved to UTC (9999-12-31T23:59-05:00 is not)
         except ValueError:
             self.fail(f"{value!r} is not a date and time in ISO 8601 (e.g. 2026-11-30T10:18:02Z)", param, ctx)

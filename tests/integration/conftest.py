@@ -118,7 +118,10 @@ def manager(make_manager):
 # -- Celery apps on the real Redis / RabbitMQ and PostgreSQL ---------------------------------------
 
 TEST_MASTER_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # bytes(range(32)), test only
-BROKER_DB, BACKEND_DB = 3, 4
+# Redis databases the tests write to (and the examples test's): point them elsewhere where these hold data.
+BROKER_DB = int(os.environ.get("PII_TEST_REDIS_BROKER_DB", "3"))
+BACKEND_DB = int(os.environ.get("PII_TEST_REDIS_BACKEND_DB", "4"))
+EXAMPLES_DB = int(os.environ.get("PII_TEST_REDIS_EXAMPLES_DB", "7"))
 APP_DIR = str(Path(__file__).parent)
 
 

@@ -19,6 +19,7 @@ from celery.exceptions import MaxRetriesExceededError
 
 from .conftest import (
     BACKEND_DB,
+    BROKER_DB,
     RABBITMQ_URL,
     REDIS_URL,
     EventCapture,
@@ -108,7 +109,7 @@ def _check_plaintext_arrived(got):
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 def test_canary(broker, make_app, start_worker_process, caplog):
     """Known PII through every path appears nowhere Celery writes, and arrives exact."""
-    broker_url = f"{REDIS_URL}/3" if broker == "redis" else RABBITMQ_URL
+    broker_url = f"{REDIS_URL}/{BROKER_DB}" if broker == "redis" else RABBITMQ_URL
     app = make_app(broker=broker_url, result_extended=True, task_send_sent_event=True)
     before = backend_keys()
     capture = RedisMonitor() if broker == "redis" else RabbitFirehose(RABBITMQ_URL)
@@ -137,7 +138,7 @@ def test_canary(broker, make_app, start_worker_process, caplog):
 )
 def test_brokers_and_pools(broker, pool, make_app, start_worker_process):
     """Round trips, canvas and failures work on both brokers with both pools."""
-    broker_url = f"{REDIS_URL}/3" if broker == "redis" else RABBITMQ_URL
+    broker_url = f"{REDIS_URL}/{BROKER_DB}" if broker == "redis" else RABBITMQ_URL
     app = make_app(broker=broker_url, result_extended=True)
     worker = start_worker_process(broker=broker_url, pool=pool, concurrency=2)
     tasks = app.tasks

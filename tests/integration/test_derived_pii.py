@@ -81,14 +81,14 @@ def test_chord_body_published_by_chord_unlock(make_app, key_store_url, caplog):
 def test_steps_without_pii_published_by_a_pii_task_are_sealed(app, worker):
     """link, link_error and chain steps declaring no PII, given a PII task's value, are sealed too."""
     held = f"{app.conf.task_default_queue}.held"
-    redis_client(0).delete(held)
+    redis_client(BROKER_DB).delete(held)
     assert app.tasks["t.publish_steps"].delay(EMAIL, held).get(timeout=30) == "published"
     messages = queued_messages(held)
     assert len(messages) == 3
     for message in messages:
         assert_no_plaintext(message_bytes(message), secrets=(EMAIL,))
         assert json.loads(message_bytes(message).split(b"\n", 1)[1][2:])[2][EMBED_KEY]
-    redis_client(0).delete(held)
+    redis_client(BROKER_DB).delete(held)
 
 
 def test_update_state_from_a_thread_the_task_started(app, worker):

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import EXAMPLES_DB, REDIS_URL
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("broker", [None, "redis://127.0.0.1:6379/7"])
+@pytest.mark.parametrize("broker", [None, f"{REDIS_URL}/{EXAMPLES_DB}"])
 def test_quickstart_demo(broker):
     """The README's demo shows sealed broker contents, the plaintext the task got, and the result."""
     command = [sys.executable, str(ROOT / "examples" / "quickstart" / "demo.py")]

@@ -23,7 +23,7 @@ from celery_pii import KeyStoreUnavailable, get_pii, migrate
 from celery_pii._keys import KeySpec
 from celery_pii._store import KeyRow
 
-from .conftest import APP_DIR, BACKEND_DB, REDIS_URL, queued_messages
+from .conftest import APP_DIR, BACKEND_DB, BROKER_DB, REDIS_URL, queued_messages
 from .private_services import PrivatePostgres, PrivateRedis
 from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
 
@@ -208,7 +208,6 @@ class TestWorkerKilled:
         assert result.get(timeout=60) == EMAIL
         assert "WorkerLostError" in worker.log() or "exited with" in worker.log()
 
-
     def test_task_retry_on_worker_lost_sends_the_sealed_message_again(self, make_app, start_worker_process):
         """Celery 5.7's setting re-sends the task from the worker's main process, which holds markers.
 
@@ -300,7 +299,7 @@ class TestBadMasterKeyAtStart:
         if value is not None:
             env["CELERY_PII_MASTER_KEY"] = value
         env.update(
-            PII_TESTAPP_BROKER=f"{REDIS_URL}/3",
+            PII_TESTAPP_BROKER=f"{REDIS_URL}/{BROKER_DB}",
             PII_TESTAPP_BACKEND=f"{REDIS_URL}/{BACKEND_DB}",
             PII_TESTAPP_KEY_STORE=key_store_url,
             PII_TESTAPP_QUEUE=queue_name,

@@ -73,6 +73,21 @@ class TestConstruction:
         assert RetentionPolicy.from_dict(policy.to_dict()) == policy
         assert repr(policy).startswith(f"RetentionPolicy.{policy.name}(")
 
+    @pytest.mark.parametrize(
+        "written",
+        [
+            "2030-01-01T00:00:00Z",
+            "2030-01-01T00:00:00+0000",
+            "2030-01-01T00:00:00.5+00:00",
+            "20300101T000000Z",
+        ],
+    )
+    def test_from_dict_reads_every_form_of_iso_8601(self, written):
+        """Python 3.10's fromisoformat read only what isoformat() writes: data written elsewhere was refused."""
+        policy = RetentionPolicy.from_dict({"policy": "delete_at", "at": written})
+        assert policy.moment is not None
+        assert abs(policy.moment - datetime(2030, 1, 1, tzinfo=timezone.utc)) <= timedelta(seconds=1)
+
     def test_from_dict_rejects_nonsense(self):
         """Unknown or incomplete data is a ConfigurationError."""
         for data in (
@@ -84,6 +99,7 @@ class TestConstruction:
             {"policy": "delete_after", "seconds": float("nan")},
             {"policy": "delete_after", "seconds": 1e300},
             {"policy": "delete_after", "seconds": timedelta.max.total_seconds()},
+            {"policy": "delete_at", "at": "next tuesday"},
         ):
             with pytest.raises(ConfigurationError):
                 RetentionPolicy.from_dict(data)
