@@ -137,8 +137,8 @@ class Scrubber:
         """A copy of ``value`` with known values replaced in its strings.
 
         Only plain data is rebuilt (``list``, ``tuple``, ``dict``, ``set``,
-        ``frozenset`` themselves, not their subclasses); a scalar whose text shows a known value is
-        replaced whole; exceptions are scrubbed in place.  Other objects are
+        ``frozenset`` themselves, not their subclasses); a scalar whose text
+        shows a known value is replaced whole; exceptions are scrubbed in place.  Other objects are
         left alone: a ``Retry``'s signature must stay a signature (Celery
         re-applies it), with the arguments it was given.  Plain data nested
         deeper than ``limit`` levels is replaced whole when its repr shows a
