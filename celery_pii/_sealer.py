@@ -1072,7 +1072,9 @@ def _signatures(value: Any, path: Location) -> Iterator[tuple[Location, Mapping[
     """Every signature in embedded canvas, with where it sits: one, a list of them, nested ones.
 
     Depth first: a signature, then the steps of a container (group, chain,
-    chord), then its ``link`` and ``link_error``.
+    chord), then its ``link``, ``link_error`` and ``chord``: a step inside a
+    chord's header (a chain, a nested chord, a group a header task replaced
+    itself with) carries the chord's body in its options.
     """
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -1088,8 +1090,12 @@ def _signatures(value: Any, path: Location) -> Iterator[tuple[Location, Mapping[
             yield from _signatures(kwargs.get(part), (*path, "kwargs", part))
     options = value.get("options") or {}
     if isinstance(options, Mapping):
-        for option in ("link", "link_error"):
+        for option in _STEP_OPTIONS:
             yield from _signatures(options.get(option), (*path, "options", option))
+
+
+# A signature's options that hold more signatures (see ``_signatures``).
+_STEP_OPTIONS: Final = ("link", "link_error", "chord")
 
 
 def hide_in_step_shadows(root: dict[str, Any], scrubbing: Callable[[], Scrubber]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, group
 from celery.exceptions import Reject
 
 from celery_pii import RetentionPolicy, setup_pii
@@ -147,6 +147,11 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     @app.task(shared=False, name="t.codes", pii_fields=['codes["1"]'])
     def codes(codes):
         return codes
+
+    @app.task(shared=False, name="t.echo_in_group", bind=True, pii_fields=["value"])
+    def echo_in_group(self, value):
+        """Replaces itself with a group (inside a chord's header: Celery hands it the chord's body)."""
+        return self.replace(group(echo.s(value), echo.s(value)))
 
     @app.task(shared=False, name="t.plain")
     def plain(x):

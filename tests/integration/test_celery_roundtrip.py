@@ -22,7 +22,7 @@ from kombu.exceptions import EncodeError
 from celery_pii import ConfigurationError, EncryptionFailed, _context, _envelope, get_pii
 from celery_pii._sealer import EMBED_KEY, MARKER, Sealer
 
-from .conftest import BACKEND_DB, EventCapture, message_bytes, queued_messages, redis_client
+from .conftest import BACKEND_DB, EventCapture, RedisMonitor, message_bytes, queued_messages, redis_client
 
 pytestmark = pytest.mark.integration
 
@@ -851,6 +851,46 @@ class TestCanvas:
                 stored = client.get(f"celery-task-meta-{result.id}")
                 assert stored is not None
                 assert_no_plaintext(stored)
+
+    def _chords_with_canvas_in_their_headers(self, app):
+        """A chain and a chord inside a chord's header: Celery hands them the chord's body in their options."""
+        plain, echo, collect = app.tasks["t.plain"], app.tasks["t.echo"], app.tasks["t.collect"]
+        return [
+            chord([chain(echo.si(CARD2), plain.s()), echo.s(CARD)], collect.s(EMAIL2)),
+            chord([chord([echo.s(CARD), echo.s(SSN)], collect.s(EMAIL)), echo.s(CARD2)], collect.s(EMAIL2)),
+        ]
+
+    def test_a_chords_body_carried_by_canvas_in_its_header_is_sealed(self, app):
+        """The body's declared email went out in plaintext in every header task's message that carried it."""
+        for canvas in self._chords_with_canvas_in_their_headers(app):
+            canvas.delay()
+        messages = queued_messages(app.conf.task_default_queue)
+        assert len(messages) == 5  # the header tasks: two, then the inner chord's two and a plain one
+        for message in messages:
+            assert_no_plaintext(message_bytes(message))
+            assert _envelopes_of(message)
+
+    def test_a_chords_body_carried_by_canvas_in_its_header_runs_on_plaintext(self, app, worker):
+        """Opened again by the worker: each body receives its own values."""
+        simple, nested = (canvas.delay() for canvas in self._chords_with_canvas_in_their_headers(app))
+        final = simple.get(timeout=30)
+        assert final["email"] == EMAIL2
+        assert sorted(r["value"] for r in final["results"]) == sorted([CARD, CARD2])
+        final = nested.get(timeout=30)
+        assert final["email"] == EMAIL2
+        inner, other = final["results"]
+        assert inner["email"] == EMAIL
+        assert [r["value"] for r in inner["results"]] == [CARD, SSN]
+        assert other["value"] == CARD2
+
+    def test_a_header_task_replaced_by_a_group_seals_the_chords_body(self, app, worker):
+        """Task.replace(group) in a header: the worker publishes the group with the body in its options."""
+        monitor = RedisMonitor()
+        with monitor:
+            result = chord([app.tasks["t.echo_in_group"].s(CARD)], app.tasks["t.collect"].s(EMAIL2)).delay()
+            final = result.get(timeout=30)
+        assert final["email"] == EMAIL2
+        assert_no_plaintext(monitor.captured())
 
     def test_group_and_chord_native_join(self, app, worker):
         """A chord on Redis (native join): header and body receive plaintext."""
