@@ -596,6 +596,12 @@ class KeyManager:
     ) -> list[str]:
         """Rotate every key older than ``pii_rotation_interval`` or past ``pii_rotation_max_messages``.
 
+        The interval is this process's: a version is due once it is that old,
+        or at the ``next_rotation_at`` its creator stamped (with the creator's
+        interval), whichever comes first; so lowering the setting takes effect
+        on existing keys.  A retention bucket past its deadline is not rotated:
+        nothing seals under it any more (``enforce_retention`` destroys it).
+
         Safe to run from two processes at once: rows being rotated elsewhere
         are skipped, and a rotated key is no longer due, so each due key gets
         exactly one new version.  Works in batches (bounded memory); with
@@ -616,7 +622,10 @@ class KeyManager:
                 .where(
                     KeyRow.id > after_id,
                     KeyRow.status == ACTIVE,
-                    (KeyRow.next_rotation_at <= now) | (KeyRow.usage_count >= self.rotation_max_messages),
+                    (KeyRow.next_rotation_at <= now)
+                    | (KeyRow.created_at <= now - self.rotation_interval)
+                    | (KeyRow.usage_count >= self.rotation_max_messages),
+                    KeyRow.expires_at.is_(None) | (KeyRow.expires_at > now),
                 )
                 .order_by(KeyRow.id)
                 .limit(batch_size)

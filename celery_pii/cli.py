@@ -272,23 +272,42 @@ def keys_generate(ctx: click.Context, key_id: str, algorithm: str | None) -> Non
 
 @keys.command(name="rotate")
 @click.argument("key_id")
+@_yes_option
 @click.pass_context
 @_errors
-def keys_rotate(ctx: click.Context, key_id: str) -> None:
-    """Make a new active version; older ones still decrypt.
+def keys_rotate(ctx: click.Context, key_id: str, yes: bool) -> None:
+    """Make a new active version; older ones still decrypt, up to pii_max_key_versions.
 
     A key id's retention bucket keys (KEY_ID@deadline, what tasks with a
-    pii_retention seal under) are rotated too, those still in use.
+    pii_retention seal under) are rotated too, those still in use.  Versions
+    beyond pii_max_key_versions are destroyed, oldest first, as the
+    rotate_keys task does (asked first; those retired only minutes ago stay
+    until a later rotation).
     """
     manager = _pii(ctx).keys
     buckets = manager.bucket_key_ids(key_id)
-    try:
-        click.echo(f"rotated {key_id} to version {manager.rotate_key(key_id)}")
-    except KeyNotFound:
-        if not buckets:  # a typo must not look like success
-            raise
-    for bucket in buckets:
-        click.echo(f"rotated {bucket} to version {manager.rotate_key(bucket)}")
+    live = {each: _live_versions(manager, each) for each in (key_id, *buckets)}
+    limit = manager.max_key_versions
+    if any(len(versions) >= limit for versions in live.values()):
+        _confirm(
+            f"Rotating {key_id} destroys its oldest versions beyond pii_max_key_versions={limit} (those "
+            "not retired just now): data sealed under them can never be read again. Continue?",
+            yes=yes,
+        )
+    for each, before in live.items():
+        try:
+            version = manager.rotate_key(each)
+        except KeyNotFound:
+            if each != key_id or not buckets:  # a typo must not look like success
+                raise
+            continue  # only bucket keys: the key id itself has no version
+        click.echo(f"rotated {each} to version {version}")
+        for gone in sorted(before - _live_versions(manager, each)):
+            click.echo(f"destroyed {each} version {gone} (beyond pii_max_key_versions={limit})")
+
+
+def _live_versions(manager: KeyManager, key_id: str) -> set[int]:
+    return {info.version for info in manager.list_keys(key_id) if info.status != "destroyed"}
 
 
 @keys.command(name="retire")

@@ -9,9 +9,10 @@ import re
 import subprocess
 import sys
 import textwrap
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
 from celery.bin.celery import celery
 from click.testing import CliRunner
 from kombu import Exchange
@@ -19,6 +20,7 @@ from kombu import Exchange
 from celery_pii import _celery
 from celery_pii._quarantine import park
 from celery_pii._sources import LocalMasterKey
+from celery_pii._store import KeyRow
 
 from .conftest import (
     APP_DIR,
@@ -148,6 +150,31 @@ class TestKeys:
         refused = run(cli_app, "keys", "audit", "--since", "yesterday")
         assert refused.exit_code == 2
         assert "ISO 8601" in refused.output
+
+    def test_rotate_past_the_version_limit_asks_first_and_says_what_it_destroyed(
+        self, cli_app, key_store_url
+    ):
+        """It destroyed the oldest version beyond pii_max_key_versions, unasked and unsaid ("rotated ...")."""
+        assert run(cli_app, "keys", "generate", "cli-trim").exit_code == 0
+        for _ in range(4):  # five versions: the limit
+            assert run(cli_app, "keys", "rotate", "cli-trim", "--yes").exit_code == 0
+        engine = sa.create_engine(key_store_url, poolclass=sa.pool.NullPool)
+        with engine.begin() as connection:  # retired long ago: past the grace a fresh retirement gets
+            connection.execute(
+                sa.update(KeyRow)
+                .where(KeyRow.key_id == "cli-trim", KeyRow.status == "retired")
+                .values(retired_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
+            )
+        engine.dispose()
+        refused = run(cli_app, "keys", "rotate", "cli-trim", answer="n\n")
+        assert refused.exit_code == 1
+        assert "destroys its oldest versions beyond pii_max_key_versions=5" in refused.output
+        listed = json.loads(run(cli_app, "keys", "list", "cli-trim", "--json").output)
+        assert [(k["version"], k["status"]) for k in listed][:1] == [(1, "retired")] and len(listed) == 5
+        done = run(cli_app, "keys", "rotate", "cli-trim", answer="y\n")
+        assert done.exit_code == 0
+        assert "rotated cli-trim to version 6" in done.output
+        assert "destroyed cli-trim version 1 (beyond pii_max_key_versions=5)" in done.output
 
     def test_destroy_asks_first(self, cli_app):
         """destroy aborts without confirmation and destroys with --yes."""

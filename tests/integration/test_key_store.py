@@ -545,6 +545,26 @@ class TestKeyManager:
         assert sorted(rotated) == ["busy", "fresh", "old"]
         assert manager.perform_automatic_rotation(now=utcnow() + timedelta(days=2)) == []
 
+    def test_automatic_rotation_takes_the_rotating_process_interval(self, make_manager):
+        """A version created under a longer interval is due by the rotating process's own.
+
+        Its creator's deadline (``next_rotation_at``) decided alone: a lowered
+        ``pii_rotation_interval``, or a beat worker configured apart from the
+        producers, left existing keys on their old deadline.
+        """
+        make_manager(rotation_interval=timedelta(days=90)).encryption_key(KeySpec("payments"))
+        rotating = make_manager(rotation_interval=timedelta(days=30))
+        assert rotating.perform_automatic_rotation(now=utcnow() + timedelta(days=29)) == []
+        assert rotating.perform_automatic_rotation(now=utcnow() + timedelta(days=31)) == ["payments"]
+
+    def test_automatic_rotation_leaves_a_bucket_past_its_deadline(self, manager):
+        """It can seal nothing: a new version of it was counted as rotated, then destroyed with it."""
+        deadline = (utcnow() + timedelta(days=1)).replace(microsecond=0)
+        bucket = manager.encryption_key(KeySpec(f"receipts@{deadline:%Y%m%dT%H%M%SZ}", expires_at=deadline))
+        later = utcnow() + timedelta(days=200)  # past the deadline and the interval both
+        assert manager.perform_automatic_rotation(now=later) == []
+        assert [k.version for k in manager.list_keys(bucket.key_id)] == [1]
+
     def test_audit_trail_filters(self, manager):
         """audit_trail filters by key id and time window, oldest first."""
         manager.generate_key("a")
