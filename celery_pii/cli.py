@@ -261,7 +261,12 @@ def keys_list(ctx: click.Context, key_id: str | None, as_json: bool) -> None:
 
 @keys.command(name="generate")
 @click.argument("key_id")
-@click.option("--algorithm", type=click.Choice(["aes-256-gcm", "chacha20-poly1305"]), default=None)
+@click.option(
+    "--algorithm",
+    type=click.Choice(["aes-256-gcm", "chacha20-poly1305"]),
+    default=None,
+    help="The AEAD of its versions (default: pii_algorithm).",
+)
 @click.pass_context
 @_errors
 def keys_generate(ctx: click.Context, key_id: str, algorithm: str | None) -> None:
@@ -340,6 +345,8 @@ def keys_destroy(ctx: click.Context, key_id: str, version: int | None, yes: bool
     if not known:
         which = f"key {key_id!r}" + (f" version {version}" if version is not None else "")
         msg = f"{which} not found in the key store"
+        if version is not None and manager.bucket_key_ids(key_id):
+            msg += f"; its retention bucket keys take --version with their whole id (keys list {key_id})"
         raise KeyNotFound(msg)
     key_ids = sorted({info.key_id for info in known})
     if version is not None:

@@ -220,6 +220,12 @@ class TestKeys:
         assert rotated.output.splitlines() == [f"rotated {bucket} to version 2" for bucket in buckets]
         audit = json.loads(run(cli_app, "keys", "audit", "cli-kept", "--json").output)
         assert {(r["key_id"], r["operation"]) for r in audit} >= {(b, "rotate") for b in buckets}
+        by_version = run(cli_app, "keys", "destroy", "cli-kept", "--version", "1", "--yes")
+        assert by_version.exit_code == 1
+        assert (
+            "retention bucket keys take --version with their whole id (keys list cli-kept)"
+            in by_version.output
+        )
         destroyed = run(cli_app, "keys", "destroy", "cli-kept", "--yes")
         assert destroyed.exit_code == 0, destroyed.output
         assert destroyed.output.count("destroyed 2 version(s)") == 2
