@@ -12,12 +12,13 @@ Celery's.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Final
 
 from celery import signals
 
 from . import _context
-from ._redact import RedactingFilter
+from ._redact import RedactingFilter, Scrubber
 
 __all__ = ["filter_celery_loggers", "filter_every_handler_outside_workers"]
 
@@ -53,9 +54,22 @@ def _filter_handlers(logger: logging.Logger | None = None, **_: Any) -> None:
 
 # Formatters that add to a record's text after the handler's filters ran:
 # structlog's ProcessorFormatter runs processors then (``merge_contextvars``
-# adds what a task bound with ``bind_contextvars``).
+# adds what a task bound with ``bind_contextvars``), and so do its subclasses.
 _ADDING_FORMATTERS: Final = ("structlog.",)
 _SCRUBS_OUTPUT: Final = "_celery_pii_scrubs_output"  # marks a handler's format as wrapped
+# Terminal colour codes (SGR): a coloured renderer writes them between a card's digit groups.
+_COLOURS: Final = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _adds_to_records(formatter: logging.Formatter) -> bool:
+    kind = type(formatter)
+    adds = _ADDING_BY_TYPE.get(kind)
+    if adds is None:  # a formatter class or two per process: read once each
+        adds = _ADDING_BY_TYPE[kind] = any(k.__module__.startswith(_ADDING_FORMATTERS) for k in kind.__mro__)
+    return adds
+
+
+_ADDING_BY_TYPE: dict[type, bool] = {}
 
 
 def _scrub_what_formatters_add(handler: logging.Handler) -> None:
@@ -73,14 +87,23 @@ def _scrub_what_formatters_add(handler: logging.Handler) -> None:
     def format(record: logging.LogRecord) -> str:  # noqa: A001 - replaces Handler.format
         text = original(record)
         formatter = handler.formatter
-        if formatter is not None and type(formatter).__module__.startswith(_ADDING_FORMATTERS):
-            scrubber = _FILTER.scrubber_now()
-            if scrubber:
-                return scrubber.text(text)
-        return text
+        if formatter is None or not _adds_to_records(formatter):
+            return text
+        scrubber = _FILTER.scrubber_now()
+        return _scrubbed_output(text, scrubber) if scrubber else text
 
     setattr(format, _SCRUBS_OUTPUT, True)
     handler.format = format  # type: ignore[method-assign]  # this handler's, not its class's
+
+
+def _scrubbed_output(text: str, scrubber: Scrubber) -> str:
+    """``text`` scrubbed; without its colours if only they hid a value (the line then loses them)."""
+    text = scrubber.text(text)
+    if "\x1b[" in text:
+        plain = _COLOURS.sub("", text)
+        if scrubber.contains(plain):
+            return scrubber.text(plain)
+    return text
 
 
 def filter_every_handler() -> None:

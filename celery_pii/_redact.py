@@ -18,6 +18,7 @@ logs and the result backend.  For PII tasks:
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import datetime as dt
@@ -25,6 +26,7 @@ import inspect
 import json
 import logging
 import os
+import pickle  # nosec B403 - checks that an exception pickles (_pickles)
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -201,8 +203,7 @@ class Scrubber:
         """
         self.exception(exc)
         if not isinstance(exc, Exception):
-            self._ending(exc)
-            return exc
+            return self._ending(exc)
         if not isinstance(exc, TaskPredicate):
             return exc if self.is_clean(exc) else RedactedError.standing_in_for(exc)
         # A traceback of it shows the exception it was raised while handling
@@ -214,25 +215,36 @@ class Scrubber:
         kept: BaseException = exc
         return kept
 
-    def _ending(self, exc: BaseException) -> None:
-        """Scrub, in place, what ends a thread or process (``sys.exit(text)``, ``KeyboardInterrupt``).
+    def _ending(self, exc: BaseException) -> BaseException:
+        """What leaves the task for what ends a thread or process (``sys.exit(text)``, ``KeyboardInterrupt``).
 
-        It is kept, type and all, so that the pool ends what it would; Celery's
-        trace lets it through, and the pool prints it or records its repr.  A
-        process that exits prints ``SystemExit.code``, an attribute of its own
-        (set from the arguments once).  One still unclean gets the stand-in's
-        message in their place.
+        Scrubbed in place and kept, type and all, so that the pool ends what it
+        would; Celery's trace lets it through, and the pool prints it, records
+        its repr, or sends it to the main process pickled.  A process that
+        exits prints ``SystemExit.code``, an attribute of its own (set from the
+        arguments once).  One still unclean gets the stand-in's message in place
+        of its arguments, if it still pickles so; else (and for a group, whose
+        text is its own) a builtin of its kind stands in for it.
         """
-        code = exc.code if isinstance(exc, SystemExit) else None
-        if code is not None:
-            code = self.value(code)
-            _set_quietly(exc, "code", code)
-        if self.is_clean(exc) and not self._repr_may_show(code) and not self.contains(_shown_code(code)):
-            return
+        if isinstance(exc, SystemExit) and exc.code is not None:
+            _set_quietly(exc, "code", self.value(exc.code))
+        if self._ends_clean(exc):
+            return exc
         withheld = RedactedError.standing_in_for(exc).args[0]
+        group = _base_exception_group()
+        if group is not None and isinstance(exc, group):
+            return group(withheld, [self.raised(member) for member in exc.exceptions])  # type: ignore[no-any-return]
         _set_quietly(exc, "args", (withheld,))
         if isinstance(exc, SystemExit):
             _set_quietly(exc, "code", withheld)
+        if self._ends_clean(exc) and _pickles(exc):
+            return exc
+        kind = next(base for base in _ENDING_KINDS if isinstance(exc, base))
+        return kind(withheld)
+
+    def _ends_clean(self, exc: BaseException) -> bool:
+        code = exc.code if isinstance(exc, SystemExit) else None
+        return self.is_clean(exc) and not self._repr_may_show(code) and not self.contains(_shown_code(code))
 
     def is_clean(self, exc: BaseException) -> bool:
         """True if no known value is left in what a traceback of ``exc`` shows of it.
@@ -331,6 +343,26 @@ def _shown_exceptions(exc: BaseException, *, carried: bool = False) -> Iterator[
         grouped = getattr(current, "exceptions", None)  # an exception group's members
         if isinstance(grouped, tuple):
             pending.extend(e for e in grouped if isinstance(e, BaseException))
+
+
+# The builtin kinds of what ends a thread or process, most specific first (see Scrubber._ending).
+_ENDING_KINDS: Final = (SystemExit, KeyboardInterrupt, GeneratorExit, BaseException)
+
+
+def _base_exception_group() -> Any:
+    """Python 3.11's ``BaseExceptionGroup``, or on 3.10 the exceptiongroup backport's if it is loaded."""
+    return getattr(builtins, "BaseExceptionGroup", None) or getattr(
+        sys.modules.get("exceptiongroup"), "BaseExceptionGroup", None
+    )
+
+
+def _pickles(exc: BaseException) -> bool:
+    """True if ``exc`` comes back from pickling (a prefork child sends it to its main process so)."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301  # nosec B301 - bytes written here
+    except Exception:  # noqa: BLE001 - whatever its constructor or attributes raise
+        return False
+    return True
 
 
 def _shown_code(code: object) -> str:

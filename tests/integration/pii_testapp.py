@@ -84,6 +84,9 @@ def _define_tasks(app: Celery) -> None:  # noqa: C901, PLR0915 - one place for e
     def exit_with(card_number, how="sys.exit"):
         if how == "sys.exit":
             sys.exit(f"card {card_number} declined")
+        if how == "group":  # Python 3.11+
+            group, msg = BaseExceptionGroup, f"group for card {card_number}"  # noqa: F821
+            raise group(msg, [SystemExit(f"card {card_number}")])
         msg = f"card {card_number}"
         raise KeyboardInterrupt(msg)
 

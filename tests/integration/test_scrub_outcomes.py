@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import sys
 import traceback
 from unittest import mock
 
@@ -389,17 +390,26 @@ def test_autoretry_keeps_the_task_functions_signature(make_app, bind):
         assert result.get(timeout=20) == {"card_number": CARD, "user_id": "user-42", "nights": 3}
 
 
-@pytest.mark.parametrize("how", ["sys.exit", "KeyboardInterrupt"])
+@pytest.mark.parametrize("how", ["sys.exit", "KeyboardInterrupt", "group"])
 @pytest.mark.parametrize("pool", ["prefork", "eventlet"])
 def test_a_task_exiting_with_a_value_in_its_message_shows_no_value(app, start_worker_process, pool, how):
-    """``sys.exit(text)`` is no ``Exception``: it leaves Celery's trace, and the pool prints it."""
+    """``sys.exit(text)`` is no ``Exception``: it leaves Celery's trace, and the pool prints it.
+
+    A ``BaseExceptionGroup`` goes to a prefork worker's main process pickled:
+    one whose arguments scrubbing rewrote did not unpickle, and the worker stopped.
+    """
     if pool == "eventlet" and importlib.util.find_spec(pool) is None:  # the worker's, not imported here
         pytest.skip(f"{pool} is not installed")
+    if how == "group" and sys.version_info < (3, 11):
+        pytest.skip("exception groups are new in Python 3.11")
     worker = start_worker_process(pool=pool, concurrency=1)
     result = app.tasks["t.exit_with"].delay(CARD, how)
     with contextlib.suppress(Exception):  # whether, and how, the pool records it is Celery's
         result.get(timeout=10)
     # The exception has been printed, or the pool replaced the process, by now.
+    if how == "group" and pool == "prefork":  # recorded as a failure, and the worker goes on
+        assert result.state == "FAILURE"
+        assert worker.process.poll() is None
     worker.stop()
     assert_no_plaintext(worker.log())
     assert_no_plaintext(worker.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import pickle
 import sys
 import traceback
 from typing import NamedTuple
@@ -255,6 +256,41 @@ def test_what_ends_a_process_keeps_its_type_and_is_scrubbed_in_place(kind):
     assert scrubber.raised(original) is original
     assert str(original) == f"card {REDACTED} declined"
     assert getattr(original, "code", str(original)) == f"card {REDACTED} declined"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are new in Python 3.11")
+def test_a_group_of_what_ends_a_process_is_replaced_by_a_clean_group_that_pickles():
+    """Its text is its own ``message``: arguments rewritten in place showed the card and broke unpickling.
+
+    (A prefork child sends it to the worker's main process pickled: that
+    process stopped, and the task was lost.)
+    """
+    original = BaseExceptionGroup(f"group for card {CARD}", [SystemExit(f"card {CARD}")])  # noqa: F821
+    raised = Scrubber([CARD]).raised(original)
+    shown = "".join(traceback.format_exception(raised))
+    assert CARD not in shown
+    assert "BaseExceptionGroup raised; its message held PII" in shown
+    assert isinstance(raised, BaseExceptionGroup)  # noqa: F821
+    (member,) = pickle.loads(pickle.dumps(raised))  # noqa: S301 - its own bytes.exceptions
+    assert isinstance(member, SystemExit)
+    assert member.code == f"card {REDACTED}"
+
+
+def test_what_ends_a_process_and_cannot_take_a_message_is_replaced_by_its_builtin_kind():
+    """A subclass whose constructor wants other arguments would not unpickle with the stand-in's message."""
+
+    class Exit(SystemExit):
+        def __init__(self, card, reason):
+            super().__init__(reason)
+            self.card = card
+
+        def __str__(self):
+            return f"exit over {self.card}"
+
+    raised = Scrubber([CARD]).raised(Exit(_Held(CARD), "declined"))
+    assert type(raised) is SystemExit
+    assert CARD not in str(raised)
+    assert pickle.loads(pickle.dumps(raised))  # noqa: S301 - its own bytes.code == raised.code
 
 
 def test_an_exit_status_is_kept():

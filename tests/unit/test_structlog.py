@@ -29,21 +29,27 @@ class Running:
         self.scrubber = Scrubber(values)
 
 
+class ProjectFormatter(structlog.stdlib.ProcessorFormatter):
+    """A project's own subclass: its module is the project's, not structlog's."""
+
+
+def _formatter(kind=structlog.stdlib.ProcessorFormatter, renderer=None):
+    return kind(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars],
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer or structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
 @pytest.fixture
 def written():
     """A logger whose handler renders structlog events as JSON, filtered as a worker's handlers are."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.contextvars.merge_contextvars],
-            processors=[
-                structlog.contextvars.merge_contextvars,
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.JSONRenderer(),
-            ],
-        )
-    )
+    handler.setFormatter(_formatter())
     logger = logging.getLogger("tests.structlog")
     logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.INFO)
@@ -83,3 +89,28 @@ def test_values_the_formatter_adds_after_filtering_are_scrubbed(written):
     (line,) = _lines(stream)
     assert line == {"event": "charging now", "card": REDACTED}
     assert CARD not in stream.getvalue()
+
+
+def test_a_subclass_of_structlogs_formatter_is_scrubbed_too(written):
+    """Told apart by its class's module, a project's subclass wrote what it added in plaintext."""
+    logger, stream = written
+    logger.handlers[0].setFormatter(_formatter(ProjectFormatter))
+    structlog.contextvars.bind_contextvars(card=CARD)
+    logger.info("charging")
+    assert _lines(stream) == [{"event": "charging", "card": REDACTED}]
+
+
+def test_colour_codes_between_a_values_parts_do_not_hide_it(written):
+    """A coloured renderer writes each digit group in its own colour: the value never appeared whole."""
+    logger, stream = written
+
+    def colour_each_group(_, __, event_dict):
+        return " ".join(f"\x1b[1;36m{part}\x1b[0m" for part in str(event_dict["card"]).split())
+
+    logger.handlers[0].setFormatter(_formatter(renderer=colour_each_group))
+    structlog.contextvars.bind_contextvars(card=CARD)
+    logger.info("charging")
+    written_text = stream.getvalue()
+    assert written_text.strip() == REDACTED
+    plain = _formatter(renderer=colour_each_group)
+    assert "\x1b[" in plain.format(logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None))
