@@ -198,7 +198,8 @@ class Scrubber:
     def raised(self, exc: BaseException) -> BaseException:
         """What to let leave the task for ``exc``: itself, scrubbed, or its :class:`RedactedError`.
 
-        Celery's control-flow exceptions (``Retry``, ``Ignore``, ``Reject``)
+        What ends a thread or process (no ``Exception``) keeps its kind: see
+        ``_ending``.  Celery's control-flow exceptions (``Retry``, ``Ignore``, ``Reject``)
         are kept: replacing them would change what Celery does with the task.
         """
         self.exception(exc)
