@@ -113,12 +113,13 @@ _REPLAYED_PROPERTIES: Final = ("reply_to", "correlation_id", "priority")
 
 def _replayed_properties(original: Mapping[str, Any]) -> dict[str, Any]:
     """The properties ``origin`` kept, those of the right type (a parked message can be edited too)."""
-    kept = {name: original.get(name) for name in ("reply_to", "correlation_id")}
-    properties: dict[str, Any] = {name: value for name, value in kept.items() if isinstance(value, str)}
-    priority = original.get("priority")
-    if isinstance(priority, int) and not isinstance(priority, bool) and 0 <= priority <= _MAX_PRIORITY:
-        properties["priority"] = priority
-    return properties
+    return {name: original[name] for name in _REPLAYED_PROPERTIES if _well_typed(name, original.get(name))}
+
+
+def _well_typed(name: str, value: object) -> bool:
+    if name == "priority":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_PRIORITY
+    return isinstance(value, str)
 
 
 _MAX_PRIORITY: Final = 255  # AMQP's

@@ -368,16 +368,13 @@ def _pickles(exc: BaseException) -> bool:
 
 def _shown_code(code: object) -> str:
     """What a process exiting with ``SystemExit(code)`` prints."""
-    try:
-        return str(code)
-    except Exception:  # noqa: BLE001 - a broken __str__: nothing the scrubber can read
-        return ""
+    return _safely(str, code)
 
 
-def _safely(show: Callable[[BaseException], str], exc: BaseException) -> str:
+def _safely(show: Callable[[Any], str], value: object) -> str:
     try:
-        return show(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ is printed as a placeholder
+        return show(value)
+    except Exception:  # noqa: BLE001 - a broken __str__ is printed as a placeholder: nothing to read
         return ""
 
 

@@ -179,7 +179,7 @@ class RetentionPolicy:
             if kind is _Kind.AFTER:
                 return cls.delete_after(timedelta(seconds=float(data["seconds"])))
             if kind is _Kind.AT:
-                return cls.delete_at(isoparse(str(data["at"])))  # any Python's fromisoformat would not
+                return cls.delete_at(isoparse(str(data["at"])))  # Python 3.10's fromisoformat would not
         except ConfigurationError:
             raise  # a policy the constructors refuse says why itself
         except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: inf seconds
