@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from celery import states
 from celery._state import _task_stack
 
 from ._keys import KeySpec
@@ -56,6 +57,7 @@ class RunningTask:
         "name",
         "pii",
         "spec",
+        "steps_unopened",
         "task_id",
         "values",
     )
@@ -87,6 +89,9 @@ class RunningTask:
         # Where values were opened into the message, when Celery may store the arguments later.
         self._opened_at = opened_at
         self._scrubber: Scrubber | None = None
+        # The steps it publishes hold markers no envelope here opened: they go out as they
+        # came (a redelivered task's, whose message did not open: see ``_redelivery.py``).
+        self.steps_unopened = False
 
     def is_live(self) -> bool:
         """True while the task's request is on Celery's request stack (it has not ended)."""
@@ -241,6 +246,83 @@ def derive_from_result(
     start(derived)
     for _, inner in runs[1:]:
         _runs[inner].outer = derived
+
+
+class RedeliveryWindow:
+    """A redelivered message being traced, until its task runs (see ``_redelivery.py``)."""
+
+    __slots__ = ("args", "derived", "kwargs", "previous", "request", "task", "task_id", "token")
+
+    def __init__(self, task: Any, task_id: str, args: Any, kwargs: Any, request: dict[str, Any]) -> None:
+        self.task, self.task_id, self.args, self.kwargs, self.request = task, task_id, args, kwargs, request
+        self.previous = running.get()
+        self.derived: RunningTask | None = None
+        self.token = _redelivery.set(self)
+
+
+_redelivery: contextvars.ContextVar[RedeliveryWindow | None] = contextvars.ContextVar(
+    "celery_pii_redelivery", default=None
+)
+
+
+def open_redelivery(
+    task: Any, task_id: object, args: Any, kwargs: Any, request: dict[str, Any]
+) -> RedeliveryWindow:
+    """Celery traces a redelivered message of ``task``: it may send the stored result to the task's steps."""
+    return RedeliveryWindow(task, str(task_id), args, kwargs, request)
+
+
+def close_redelivery(window: RedeliveryWindow) -> None:
+    """The trace ended: a context derived from the stored result ends with it."""
+    global _elsewhere  # noqa: PLW0603 - see scrubber_elsewhere
+    _redelivery.reset(window.token)
+    derived = window.derived
+    if derived is not None:
+        if _with_values.pop(id(derived), None) is not None:
+            _elsewhere = None  # it held the result's values: not kept past the trace
+        if running.get() is derived:
+            running.set(window.previous)
+
+
+def derive_in_redelivery(task_id: object, meta: Any, keys: Sequence[tuple[str, int]]) -> None:
+    """Celery read a redelivered task's stored result before running it: a success is sent on, not rerun.
+
+    A task that already succeeded is not run again
+    (``worker_deduplicate_successful_tasks``): its tracer sends the stored
+    result to the task's callbacks and next chain step.  They are sent as the
+    task would have sent them: their own sealed values opened first (as the
+    task's opening step would have), then everything sealed whole, under keys
+    derived from the result's (``keys``, if it was sealed) and their own.
+    Called for every result meta a backend serves (read or from its cache).
+    """
+    window = _redelivery.get()
+    if (
+        window is None
+        or window.derived is not None
+        or str(task_id) != window.task_id
+        or not isinstance(meta, dict)
+        or meta.get("status") != states.SUCCESS
+        or any(task is window.task for task in _task_stack.stack)  # it runs: its own reads
+    ):
+        return
+    pii: PII = getattr(window.task.app, APP_ATTRIBUTE)
+    steps = pii.open_redelivered_steps(
+        window.task, window.task_id, window.args, window.kwargs, window.request
+    )
+    name = window.task.name
+    derived = RunningTask(
+        pii,
+        name,
+        window.task_id,
+        pii.specs.get(name),
+        [meta.get("result"), *(steps.values if steps is not None else ())],
+        None,
+        keys,
+        carried_keys=steps.carried_keys if steps is not None else (),
+    )
+    derived.steps_unopened = steps is None
+    window.derived = derived
+    start(derived)
 
 
 def _entered_runs() -> list[tuple[Any, Any]]:

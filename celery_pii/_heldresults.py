@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.result import GroupResult, ResultBase, result_from_tuple
 
+from ._context import derive_in_redelivery
 from ._sealer import is_result_meta, unreadable_result
 from .exceptions import KeyDestroyed, KeyNotFound
 
@@ -113,7 +114,9 @@ def guard_celery_result_caches() -> None:
         return _served(meta)
 
     def checked_get_task_meta(self: Any, task_id: Any, cache: bool = True) -> Any:
-        return checked(self, task_id, get_task_meta(self, task_id, cache=cache))
+        meta = checked(self, task_id, get_task_meta(self, task_id, cache=cache))
+        derive_in_redelivery(task_id, meta, _keys_of(meta))
+        return meta
 
     def checked_get_many(self: Any, task_ids: Any, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
         # A group's results (GroupResult.get, join_native): ready ones come from the cache too.
@@ -132,6 +135,13 @@ def guard_celery_result_caches() -> None:
     Backend.get_group_meta = _fresh_group_results(Backend.get_group_meta)
     _guard_rpc_backend(checked)
     AsyncBackendMixin._maybe_resolve_from_buffer = checked_from_buffer  # noqa: SLF001
+
+
+def _keys_of(meta: Any) -> list[tuple[str, int]]:
+    """The keys a meta was opened with, each once (none: it was not sealed)."""
+    if type(meta) is not OpenedMeta:
+        return []
+    return list(dict.fromkeys(key for _, keys in meta.opened for key in keys))
 
 
 def _served(meta: Any) -> Any:

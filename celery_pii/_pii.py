@@ -17,7 +17,7 @@ from typing import Any, Final, NoReturn
 
 from celery import Celery
 from celery.app.annotations import prepare as prepare_annotations
-from celery.app.task import Task
+from celery.app.task import Context, Task
 from celery.exceptions import Reject, Retry
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -208,8 +208,11 @@ class PII:
         # Sent for a task that is not running here: the errbacks a worker's main process
         # publishes after a hard time limit or Reject.  That process never opened their
         # sealed values, so they go out with their markers (the receiving worker parks
-        # them), not refused as a client's marker text is.
-        on_behalf_of_a_task = running is None and call.options.get("parent_id") is not None
+        # them), not refused as a client's marker text is.  So do the steps of a
+        # redelivered task that did not open (see _redelivery.py).
+        on_behalf_of_a_task = call.options.get("parent_id") is not None and (
+            running is None or running.steps_unopened
+        )
         # Published from inside a PII task (a chain step gets its return value,
         # callbacks too): anything in the call may be derived from PII.
         derived = running is not None and (running.is_pii or bool(running.values))
@@ -407,6 +410,30 @@ class PII:
             set_all_in_place(root, opened.locations, [MARKER] * len(opened.locations))
             self._refuse_unopenable(task, task_id, root, tokens)
         return opened
+
+    def open_redelivered_steps(
+        self, task: Task, task_id: str, args: Any, kwargs: Any, request: dict[str, Any]
+    ) -> Opened | None:
+        """Open the envelopes of a redelivered message whose steps Celery sends without running the task.
+
+        See ``_redelivery.py``.  ``None`` when they do not open: the steps go
+        out with their markers and the worker given one parks it, rather than
+        Celery putting the message back again and again.
+        """
+        tokens = request.get(EMBED_KEY)
+        if not tokens:
+            return Opened()
+        root = _message_root(Context(request), args, kwargs)
+        try:
+            return self.sealer.open_message(task.name, task_id, root, tokens)
+        except Exception as error:  # noqa: BLE001 - whatever the cause, the message stays sealed as it came
+            logger.warning(  # the type says enough; a traceback could show SQL
+                "celery-pii: the steps of redelivered task %s[%s] did not open (%s): sent as they came",
+                task.name,
+                task_id,
+                type(error).__name__,
+            )
+            return None
 
     def marked_call(self, name: str, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         """``(args, kwargs)`` of a call of task ``name`` with the marker at its declared fields (copies).

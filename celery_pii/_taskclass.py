@@ -25,6 +25,7 @@ from celery.app.task import Task
 from . import _context
 from ._logfilter import filter_every_handler_outside_workers
 from ._redact import forget_locals
+from ._redelivery import tracing_redeliveries
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -262,6 +263,9 @@ def _wrap_autoretry_runs(cls: type[Any]) -> None:
             and not _scrubs(value)
         ):
             value = _scrubbing(value, outermost=True)
+        elif name == "__trace__" and callable(value):
+            # The tracer a worker builds for the task: it sends a redelivered task's steps.
+            value = tracing_redeliveries(self, value)
         inherited(self, name, value)
 
     setattr(__setattr__, _SCRUBS, __setattr__)
