@@ -313,7 +313,7 @@ def message_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: b
 def worker_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: bool) -> Any:
     """What a worker does per task once a message is in: decode it, then Celery's tracer runs it.
 
-    The tracer is Celery's own (``build_tracer``, as ``fast_trace_task`` uses it),
+    The tracer is Celery's own (``build_tracer``, set as ``task.__trace__``, as ``fast_trace_task`` uses it),
     so a ``pii`` task pays its opening step (``before_start``), its context
     and its ``task_postrun`` receiver here; the task function does nothing.
     """
@@ -330,7 +330,9 @@ def worker_path(app: Celery, args: list[Any], kwargs: dict[str, Any], *, pii: bo
         publish_ticket.set(PublishTicket(message.body, "bench.charge"))
     content_type, encoding, data = serialization.dumps(message.body, serializer)
     headers = dict(message.headers)
-    tracer = build_tracer("bench.charge", task, app=app, eager=False, propagate=True)
+    # Set on the task as a worker sets it (a PII app's task wraps it there: see _redelivery.py).
+    task.__trace__ = build_tracer("bench.charge", task, app=app, eager=False, propagate=True)
+    tracer = task.__trace__
 
     def run() -> None:
         got_args, got_kwargs, embed = serialization.loads(data, content_type, encoding)
