@@ -26,11 +26,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import _celery, _quarantine, _rewrap
 from ._detect import locate_with_status, shown_path
-from ._keys import KeyManager, check_not_reserved
+from ._keys import KeyInfo, KeyManager, check_not_reserved
 from ._migrate import current_revision, known_revision, migrate
 from ._pii import PII
 from ._sources import generate_master_key, load_master_key
-from ._store import failure_reason
+from ._store import DESTROYED, failure_reason, utcnow
 from .exceptions import KeyNotFound, PIIError
 
 __all__ = ["pii"]
@@ -254,9 +254,22 @@ def keys() -> None:
 @click.pass_context
 @_errors
 def keys_list(ctx: click.Context, key_id: str | None, as_json: bool) -> None:
-    """List key versions (metadata only, never key material); a key id's retention bucket keys too."""
-    rows = [dataclasses.asdict(info) for info in _pii(ctx).keys.list_keys(key_id, buckets=True)]
+    """List key versions (metadata only, never key material); a key id's retention bucket keys too.
+
+    A version past its retention deadline (``expires_at``) that the
+    enforce_retention beat task has not destroyed yet opens nowhere any more:
+    it is listed as ``expired``.
+    """
+    now = utcnow()
+    rows = [_listed(info, now) for info in _pii(ctx).keys.list_keys(key_id, buckets=True)]
     _emit(rows, _KEY_COLUMNS, as_json=as_json)
+
+
+def _listed(info: KeyInfo, now: datetime) -> dict[str, Any]:
+    row = dataclasses.asdict(info)
+    if info.status != DESTROYED and info.expires_at is not None and info.expires_at <= now:
+        row["status"] = "expired"
+    return row
 
 
 @keys.command(name="generate")

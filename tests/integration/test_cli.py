@@ -215,6 +215,7 @@ class TestKeys:
         manager.encryption_key(KeySpec("cli-kept-other"))  # another key id, sharing the prefix
         listed = json.loads(run(cli_app, "keys", "list", "cli-kept", "--json").output)
         assert sorted({k["key_id"] for k in listed}) == buckets
+        assert {k["status"] for k in listed} == {"active"}
         rotated = run(cli_app, "keys", "rotate", "cli-kept")
         assert rotated.exit_code == 0, rotated.output
         assert rotated.output.splitlines() == [f"rotated {bucket} to version 2" for bucket in buckets]
@@ -231,6 +232,33 @@ class TestKeys:
         assert destroyed.output.count("destroyed 2 version(s)") == 2
         assert {k.status for k in manager.list_keys("cli-kept", buckets=True)} == {"destroyed"}
         assert {k.status for k in manager.list_keys("cli-kept-other")} == {"active"}
+
+    def test_a_bucket_past_its_deadline_is_listed_as_expired(self, cli_app):
+        """It opens nowhere once its deadline passed; it was listed ``active`` until the beat task destroyed it."""
+        import sqlalchemy as sa
+
+        from celery_pii import get_pii
+        from celery_pii._keys import KeySpec
+        from celery_pii._store import KeyRow, utcnow
+
+        run(cli_app, "keys", "list")  # imports the app module
+        manager = get_pii(sys.modules[cli_app].app).keys
+        moment = utcnow() + timedelta(days=1)
+        bucket = f"cli-lapsed@{moment:%Y%m%dT%H%M%SZ}"
+        manager.encryption_key(KeySpec(bucket, expires_at=moment))
+        with manager.store.transaction() as session:  # its deadline comes
+            session.execute(
+                sa.update(KeyRow)
+                .where(KeyRow.key_id == bucket)
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+        listed = json.loads(run(cli_app, "keys", "list", "cli-lapsed", "--json").output)
+        assert [(k["key_id"], k["status"]) for k in listed] == [(bucket, "expired")]
+        table = run(cli_app, "keys", "list", "cli-lapsed").output.splitlines()
+        assert [line.split()[:3] for line in table if bucket in line] == [[bucket, "1", "expired"]]
+        assert get_pii(sys.modules[cli_app].app).enforce_retention().destroyed_versions == 1
+        listed = json.loads(run(cli_app, "keys", "list", "cli-lapsed", "--json").output)
+        assert [k["status"] for k in listed] == ["destroyed"]
 
     @pytest.mark.parametrize(
         "command",
