@@ -1072,9 +1072,10 @@ def _signatures(value: Any, path: Location) -> Iterator[tuple[Location, Mapping[
     """Every signature in embedded canvas, with where it sits: one, a list of them, nested ones.
 
     Depth first: a signature, then the steps of a container (group, chain,
-    chord), then its ``link``, ``link_error`` and ``chord``: a step inside a
-    chord's header (a chain, a nested chord, a group a header task replaced
-    itself with) carries the chord's body in its options.
+    chord), then its ``link``, ``link_error``, ``chord`` and ``chain``: a step
+    inside a chord's header (a chain, a nested chord, a group a header task
+    replaced itself with) carries the chord's body in its options, and the
+    body the steps chained after the chord.
     """
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -1094,8 +1095,9 @@ def _signatures(value: Any, path: Location) -> Iterator[tuple[Location, Mapping[
             yield from _signatures(options.get(option), (*path, "options", option))
 
 
-# A signature's options that hold more signatures (see ``_signatures``).
-_STEP_OPTIONS: Final = ("link", "link_error", "chord")
+# A signature's options that hold more signatures (see ``_signatures``): a chord's body
+# carries the steps chained after the chord in its ``chain``.
+_STEP_OPTIONS: Final = ("link", "link_error", "chord", "chain")
 
 
 def hide_in_step_shadows(root: dict[str, Any], scrubbing: Callable[[], Scrubber]) -> dict[str, Any]:

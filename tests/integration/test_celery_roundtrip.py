@@ -883,6 +883,24 @@ class TestCanvas:
         assert [r["value"] for r in inner["results"]] == [CARD, SSN]
         assert other["value"] == CARD2
 
+    def test_steps_chained_after_a_chord_are_sealed(self, app):
+        """Celery hands them to the chord's body in its options (``chain``): they went out in plaintext."""
+        echo, collect, notify = app.tasks["t.echo"], app.tasks["t.collect"], app.tasks["t.notify"]
+        chain(chord([echo.s(CARD)], collect.s(EMAIL)), notify.s(EMAIL2)).delay()
+        (message,) = queued_messages(app.conf.task_default_queue)
+        assert_no_plaintext(message_bytes(message))
+
+    def test_steps_chained_after_a_chord_run_on_plaintext(self, app, worker):
+        """A chord inside a chain, the worker publishing its header: nothing in plaintext, values opened."""
+        echo, collect, notify = app.tasks["t.echo"], app.tasks["t.collect"], app.tasks["t.notify"]
+        canvas = chain(echo.s(CARD), chord([notify.s(EMAIL)], collect.s(EMAIL2)), notify.s(SSN))
+        with RedisMonitor() as monitor:
+            final = canvas.delay().get(timeout=30)
+        assert final["email"] == SSN
+        assert final["previous"]["email"] == EMAIL2
+        assert final["previous"]["results"][0]["email"] == EMAIL
+        assert_no_plaintext(monitor.captured())
+
     def test_a_header_task_replaced_by_a_group_seals_the_chords_body(self, app, worker):
         """Task.replace(group) in a header: the worker publishes the group with the body in its options."""
         monitor = RedisMonitor()
