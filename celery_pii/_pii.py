@@ -385,6 +385,10 @@ class PII:
         result_key = None
         if spec is not None and spec.subject is not None:
             result_key = self._result_key(name, spec, args, kwargs)
+        elif _context.applying.get():
+            # An eager map/starmap/chunks of a PII task: its results are that task's.
+            items = self.sealer.items_called(name, {"args": args, "kwargs": kwargs})
+            result_key = items[1] if items is not None else None
         if outer is None:
             return result_key
         own = result_key or (spec.key_spec if spec is not None else KeySpec(self.settings.default_key))
@@ -465,6 +469,9 @@ class PII:
         if _context.applying.get():
             values += self.sealer.values_in_steps(_message_root(task.request, args, kwargs))
             values += _context.eager_canvas_values.get()
+            items = self.sealer.items_called(task.name, {"args": args, "kwargs": kwargs})
+            if items is not None:  # celery.map & co. calling a PII task on each item
+                values += items[0]
         return values, arrived_unsealed
 
     def _unsealed_values(

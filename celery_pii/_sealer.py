@@ -591,6 +591,21 @@ class Sealer:
         """
         return [value for _, value, _ in _carried_steps(root, self.lookup)]
 
+    def items_called(self, name: str, root: Mapping[str, Any]) -> tuple[list[Any], KeySpec] | None:
+        """A map/starmap/chunks call of a PII task: its item values, and the key its message is sealed under.
+
+        For an eager call, whose items were never sealed: a worker knows them
+        from the envelope it opens, and seals the call's result under the
+        message's key.  ``None``: not such a call.
+        """
+        if name not in _ITEM_TASKS:
+            return None
+        found = list(_items_of(root, self.lookup))
+        if not found:
+            return None
+        specs = [spec for _, _, spec in found if spec is not None]
+        return [value for _, value, _ in found], self.key_spec(name, None, root, specs)
+
     def open_message(
         self, name: str, task_id: str, root: Mapping[str, Any], tokens: Sequence[object]
     ) -> Opened:

@@ -301,6 +301,26 @@ class TestRoundTrip:
             assert_no_plaintext(client.get(f"celery-task-meta-{result.id}"))
         assert_no_plaintext(caplog.text)
 
+    def test_eager_map_and_starmap_of_a_pii_task(self, make_app, caplog):
+        """They call the PII task as a function: their success lines and stored results showed its values.
+
+        On a worker the built-in task opens the sealed items and runs as a PII task.
+        """
+        app = make_app(task_always_eager=True, task_store_eager_result=True, result_extended=True)
+        with caplog.at_level(logging.INFO):
+            mapped = app.tasks["t.echo"].map([CARD]).delay()
+            starmapped = app.tasks["t.charge"].starmap([(CARD2, 1)]).delay()
+        assert mapped.get()[0]["value"] == CARD
+        assert starmapped.get()[0]["card_number"] == CARD2
+        assert "succeeded" in caplog.text
+        assert_no_plaintext(caplog.text)
+        with redis_client(BACKEND_DB) as client:
+            for result in (mapped, starmapped):
+                stored = client.get(f"celery-task-meta-{result.id}")
+                assert stored is not None
+                assert_no_plaintext(stored)
+        assert app.AsyncResult(mapped.id).get()[0]["value"] == CARD
+
     def test_a_task_run_inside_a_pii_task(self, make_app):
         """An inner task (eager) gives the outer one its context back; without PII options it shares it.
 
