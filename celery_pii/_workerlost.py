@@ -8,6 +8,13 @@ were refused (they are no values to seal) and the task failed with
 ``WorkerLostError`` instead.  As the retry of a message a worker could not
 open (``PII._retry_unopened``), the copy carries the markers on with their
 envelopes.
+
+A pool process lost after its task stored a success (an OOM kill in a
+``task_postrun`` receiver): that main process reads the stored result back and
+sends it in a ``task-succeeded`` event (``Request._success_was_stored``).  It
+holds the keys, so a sealed result read there comes back opened, and a task
+declaring no PII (a chain step given a PII task's return value) has its
+return value's whole repr sent.  The event is given the marker instead.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Any, Final
 from celery.worker.request import Request
 
 from . import _context
-from ._sealer import EMBED_KEY
+from ._heldresults import OpenedMeta
+from ._sealer import EMBED_KEY, MARKER
 
-__all__ = ["resend_sealed_on_worker_lost"]
+__all__ = ["hide_results_read_after_worker_lost", "resend_sealed_on_worker_lost"]
 
 _WRAPS: Final = "_celery_pii_carries"  # marks the wrapper, so it is installed once
 
@@ -45,3 +53,20 @@ def resend_sealed_on_worker_lost() -> None:
 
     setattr(_retry_worker_lost, _WRAPS, True)
     Request._retry_worker_lost = _retry_worker_lost  # noqa: SLF001 - Celery 5.7+
+
+
+def hide_results_read_after_worker_lost() -> None:
+    """Have the success Celery reads back after losing a pool process go out sealed in its event."""
+    original = getattr(Request, "_success_was_stored", None)
+    if original is None or getattr(original, _WRAPS, False):
+        return
+
+    @functools.wraps(original)
+    def _success_was_stored(self: Request) -> Any:
+        meta = original(self)
+        if isinstance(meta, OpenedMeta):  # a sealed result, opened here: its event shows no value
+            return {**meta, "result": MARKER}
+        return meta
+
+    setattr(_success_was_stored, _WRAPS, True)
+    Request._success_was_stored = _success_was_stored  # noqa: SLF001 - Celery 5.7+

@@ -506,8 +506,43 @@ def _own_logging():
             raise RuntimeError(msg)
 
 
+def _lose_the_pool_process_after(name):
+    """A pool process that dies (SIGKILL) once task ``name`` stored its success, as an OOM kill would."""
+    import signal
+
+    from celery import signals
+
+    @signals.task_postrun.connect(weak=False)
+    def die(task=None, state=None, **_):
+        if task is not None and task.name == name and state == "SUCCESS":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log_revoked_requests():
+    """A ``task_revoked`` receiver (an audit hook) that logs the request's arguments."""
+    import logging
+
+    from celery import signals
+
+    @signals.task_revoked.connect(weak=False)
+    def audit(request=None, terminated=None, **_):
+        logging.getLogger("audit").warning(
+            "revoked %s terminated=%s args=%r kwargs=%r",
+            getattr(request, "id", None),
+            terminated,
+            getattr(request, "args", None),
+            getattr(request, "kwargs", None),
+        )
+
+
 if os.environ.get("PII_TESTAPP_OWN_LOGGING"):
     _own_logging()
+
+if os.environ.get("PII_TESTAPP_LOSE_AFTER"):
+    _lose_the_pool_process_after(os.environ["PII_TESTAPP_LOSE_AFTER"])
+
+if os.environ.get("PII_TESTAPP_LOG_REVOKED"):
+    _log_revoked_requests()
 
 if os.environ.get("PII_TESTAPP_SENTRY_EVENTS"):
     from sentry_events import start_sentry
@@ -522,10 +557,9 @@ if os.environ.get("PII_TESTAPP_BROKER"):
         queue=os.environ["PII_TESTAPP_QUEUE"],
         task_send_sent_event=True,
         worker_send_task_events=True,
-        result_extended=True,
         task_acks_late=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
         task_reject_on_worker_lost=os.environ.get("PII_TESTAPP_ACKS_LATE") == "1",
-        **{**_beat_settings(), **_extra_conf()},
+        **{"result_extended": True, **_beat_settings(), **_extra_conf()},
     )
     if os.environ.get("PII_TESTAPP_SENTRY_EVENTS"):
         from sentry_events import define_sentry_tasks
