@@ -58,7 +58,11 @@ from ._serializer import CONTENT_ENCODING, CONTENT_TYPE, NAME, PIISerializer
 from ._sources import MasterKey, UnloadedMasterKey, load_master_key
 from ._store import KeyStore
 from ._taskclass import eager_canvas_knows_its_fields, hook_registry
-from ._workerlost import hide_results_read_after_worker_lost, resend_sealed_on_worker_lost
+from ._workerlost import (
+    hand_out_requests_with_markers,
+    hide_results_read_after_worker_lost,
+    resend_sealed_on_worker_lost,
+)
 from .exceptions import (
     ConfigurationError,
     DecryptionFailed,
@@ -615,6 +619,7 @@ def setup_pii(app: Celery) -> PII:
     eager_canvas_knows_its_fields()
     resend_sealed_on_worker_lost()
     hide_results_read_after_worker_lost()
+    hand_out_requests_with_markers()
     _unreadable_rows_read_as_failures()
     # Backends of their own (django-db) are adapted when built: see _adapt_built_backend.  (None
     # is built yet: a backend built before the pii serializer exists fails for want of it.)
@@ -775,11 +780,6 @@ def _worker_ready_to_run(**_: Any) -> None:
     # A worker's tasks (with their modules' receivers) are imported (its logging is set up:
     # _logfilter filters every handler then).
     _end_contexts_last()
-
-
-@signals.worker_process_init.connect(weak=False)
-def _in_pool_process(**_: Any) -> None:
-    _context.in_pool_process = True
 
 
 @signals.worker_process_shutdown.connect(weak=False)

@@ -463,10 +463,6 @@ class _RunState:
         self.outer: Any = _NOT_ENTERED
 
 
-#: True in a prefork pool process (``worker_process_init``): the worker's main process
-#: keeps a request of its own for each task (see :func:`hide_opened`).
-in_pool_process = False
-
 #: The runs whose message the opening step has seen (once per run), by request.
 _runs: weakref.WeakKeyDictionary[Any, _RunState] = weakref.WeakKeyDictionary()
 
@@ -571,25 +567,20 @@ def enter(request: Any) -> RunningTask | None:
 def hide_opened(request: Any, *, rejected: bool) -> None:
     """A task ends: put the sealed marker back where its message's values were opened.
 
-    Celery keeps the request's ``args``/``kwargs`` after the task: on the pools
-    that run tasks in the worker's own process (solo, threads, eventlet,
-    gevent) they are the very objects the values were opened into.  It stores
-    them (``result_extended``) when it records an outcome after the task, from
-    the worker (``Reject(requeue=False)``), when nothing is running any more to
-    seal it; after a ``Reject`` (``rejected``) it gives them to errbacks that
-    take the request, and after terminating a task (``revoke(terminate=True)``
-    on eventlet, a hard time limit on gevent) to ``task_revoked`` receivers and
-    errbacks.  In a prefork pool process nothing reads them after the task but
-    for a ``Reject`` or ``result_extended`` (the worker's main process has a
-    copy of its own): left as they are there (this runs after every task).
-    What lies on the way to an opened place is copied, never changed (the task
-    function may still hold it); only the request's own top-level list and
-    dict are changed in place.
+    Celery keeps the request's ``args``/``kwargs`` after the task: on the solo
+    and threads pools they are the very objects the values were opened into.
+    It stores them (``result_extended``) when it records an outcome after the
+    task, from the worker (``Reject(requeue=False)``), when nothing is running
+    any more to seal it, and after a ``Reject`` (``rejected``) it gives them to
+    errbacks that take the request.  Otherwise nothing reads them: left as
+    they are (this runs after every task).  What lies on the way to an opened
+    place is copied, never changed (the task function may still hold it); only
+    the request's own top-level list and dict are changed in place.
     """
     current = running.get()
     if current is None or current._request is not request or not current._opened_at:  # noqa: SLF001
         return
-    if in_pool_process and not (rejected or current.pii.stores_arguments):
+    if not (rejected or current.pii.stores_arguments):
         return
     root = {"args": getattr(request, "args", None), "kwargs": getattr(request, "kwargs", None)}
     opened_at: Sequence[Location] = current._opened_at  # noqa: SLF001

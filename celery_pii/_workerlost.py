@@ -15,6 +15,15 @@ sends it in a ``task-succeeded`` event (``Request._success_was_stored``).  It
 holds the keys, so a sealed result read there comes back opened, and a task
 declaring no PII (a chain step given a PII task's return value) has its
 return value's whole repr sent.  The event is given the marker instead.
+
+The request the worker hands out after it terminated or cancelled a task
+(``Request._context``: to ``task_revoked`` and ``task_retry`` receivers, to
+errbacks taking the request, to what stores the outcome) is built from the
+arguments the task ran on.  On the pools that run tasks in the worker's own
+process (solo, threads, eventlet, gevent) those are the lists the values were
+opened into (Celery's tracer decodes the body again and puts its arguments in
+the request): it is given the arguments as the worker received them, markers
+in place, as on prefork.
 """
 
 from __future__ import annotations
@@ -23,12 +32,17 @@ import functools
 from typing import Any, Final
 
 from celery.worker.request import Request
+from kombu.utils.objects import cached_property
 
 from . import _context
 from ._heldresults import OpenedMeta
 from ._sealer import EMBED_KEY, MARKER
 
-__all__ = ["hide_results_read_after_worker_lost", "resend_sealed_on_worker_lost"]
+__all__ = [
+    "hand_out_requests_with_markers",
+    "hide_results_read_after_worker_lost",
+    "resend_sealed_on_worker_lost",
+]
 
 _WRAPS: Final = "_celery_pii_carries"  # marks the wrapper, so it is installed once
 
@@ -70,3 +84,25 @@ def hide_results_read_after_worker_lost() -> None:
 
     setattr(_success_was_stored, _WRAPS, True)
     Request._success_was_stored = _success_was_stored  # noqa: SLF001 - Celery 5.7+
+
+
+def hand_out_requests_with_markers() -> None:
+    """Have the request the worker hands out after a task hold the markers, whatever the pool."""
+    built = Request.__dict__.get("_context")
+    build = getattr(built, "func", None)
+    if build is None or getattr(build, _WRAPS, False):
+        return
+
+    @functools.wraps(build)
+    def _context_with_markers(self: Request) -> Any:
+        context = build(self)
+        context.args, context.kwargs = (
+            self._args,
+            self._kwargs,
+        )  # as the worker decoded them: markers in place
+        return context
+
+    setattr(_context_with_markers, _WRAPS, True)
+    context = cached_property(_context_with_markers)
+    context.__set_name__(Request, "_context")  # cached under Celery's name, as the class statement would
+    Request._context = context  # noqa: SLF001 - Celery's own, cached per request
