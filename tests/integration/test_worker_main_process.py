@@ -16,17 +16,9 @@ from celery import chain
 
 from .conftest import BACKEND_DB, EventCapture, redis_client
 from .test_celery_roundtrip import CARD, EMAIL, assert_no_plaintext
+from .test_retention import _wait
 
 pytestmark = pytest.mark.integration
-
-
-def _wait(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_a_success_read_back_after_the_pool_process_was_lost(app, start_worker_process):
