@@ -96,10 +96,8 @@ def hand_out_requests_with_markers() -> None:
     @functools.wraps(build)
     def _context_with_markers(self: Request) -> Any:
         context = build(self)
-        context.args, context.kwargs = (
-            self._args,
-            self._kwargs,
-        )  # as the worker decoded them: markers in place
+        # The arguments as the worker decoded them: markers in place.
+        context.args, context.kwargs = self._args, self._kwargs
         return context
 
     setattr(_context_with_markers, _WRAPS, True)
