@@ -256,7 +256,8 @@ class TestKeys:
         assert [(k["key_id"], k["status"]) for k in listed] == [(bucket, "expired")]
         table = run(cli_app, "keys", "list", "cli-lapsed").output.splitlines()
         assert [line.split()[:3] for line in table if bucket in line] == [[bucket, "1", "expired"]]
-        assert get_pii(sys.modules[cli_app].app).enforce_retention().destroyed_versions == 1
+        # (The shared key store may hold other tests' expired buckets: this run destroys them too.)
+        assert bucket in get_pii(sys.modules[cli_app].app).enforce_retention().key_ids
         listed = json.loads(run(cli_app, "keys", "list", "cli-lapsed", "--json").output)
         assert [k["status"] for k in listed] == ["destroyed"]
 
