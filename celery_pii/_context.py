@@ -18,7 +18,7 @@ import collections
 import contextvars
 import operator
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from celery import states
@@ -284,7 +284,9 @@ def close_redelivery(window: RedeliveryWindow) -> None:
             running.set(window.previous)
 
 
-def derive_in_redelivery(task_id: object, meta: Any, keys: Sequence[tuple[str, int]]) -> None:
+def derive_in_redelivery(
+    task_id: object, meta: Any, keys_of: Callable[[Any], Sequence[tuple[str, int]]]
+) -> None:
     """Celery read a redelivered task's stored result before running it: a success is sent on, not rerun.
 
     A task that already succeeded is not run again
@@ -292,8 +294,9 @@ def derive_in_redelivery(task_id: object, meta: Any, keys: Sequence[tuple[str, i
     result to the task's callbacks and next chain step.  They are sent as the
     task would have sent them: their own sealed values opened first (as the
     task's opening step would have), then everything sealed whole, under keys
-    derived from the result's (``keys``, if it was sealed) and their own.
-    Called for every result meta a backend serves (read or from its cache).
+    derived from the result's (``keys_of(meta)``, none if it was not sealed)
+    and their own.  Called for every result meta a backend serves (read or from
+    its cache): anything else returns at the first check.
     """
     window = _redelivery.get()
     if (
@@ -317,7 +320,7 @@ def derive_in_redelivery(task_id: object, meta: Any, keys: Sequence[tuple[str, i
         pii.specs.get(name),
         [meta.get("result"), *(steps.values if steps is not None else ())],
         None,
-        keys,
+        keys_of(meta),
         carried_keys=steps.carried_keys if steps is not None else (),
     )
     derived.steps_unopened = steps is None

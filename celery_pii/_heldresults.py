@@ -115,7 +115,7 @@ def guard_celery_result_caches() -> None:
 
     def checked_get_task_meta(self: Any, task_id: Any, cache: bool = True) -> Any:
         meta = checked(self, task_id, get_task_meta(self, task_id, cache=cache))
-        derive_in_redelivery(task_id, meta, _keys_of(meta))
+        derive_in_redelivery(task_id, meta, _keys_of)  # a worker tracing a redelivery (rare)
         return meta
 
     def checked_get_many(self: Any, task_ids: Any, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
