@@ -36,9 +36,13 @@ def _card(i):
     return f"4000 0000 0000 {i:04d}"
 
 
-def _poll_results(app, task_ids, timeout):
-    """Results polled from the backend (thousands of get() calls would each subscribe), by task id."""
-    deadline = time.monotonic() + timeout
+def _poll_results(app, task_ids, timeout, *, quiet_for=None):
+    """Results polled from the backend (thousands of get() calls would each subscribe), by task id.
+
+    With ``quiet_for``, polling also stops once no task has completed for that many seconds.
+    """
+    now = time.monotonic()
+    deadline, last_progress = now + timeout, now
     done = {}
     while len(done) < len(task_ids) and time.monotonic() < deadline:
         for task_id in task_ids:
@@ -46,6 +50,9 @@ def _poll_results(app, task_ids, timeout):
                 meta = app.backend.get_task_meta(task_id, cache=False)
                 if meta["status"] == "SUCCESS":
                     done[task_id] = meta["result"]
+                    last_progress = time.monotonic()
+        if quiet_for is not None and time.monotonic() - last_progress > quiet_for:
+            break
         time.sleep(0.5)
     return done
 
@@ -81,8 +88,10 @@ class TestBrokerRestart:
         """With acks_late, every one of 2,000 tasks that reaches the worker completes with its exact plaintext."""
         broker = f"{private_redis.url}/0"
         # Messages a worker held unacknowledged when Redis died come back after the
-        # visibility timeout: keep it short so the test does not wait a minute for them.
-        transport = {"visibility_timeout": 10}
+        # visibility timeout, at kombu's next sweep of unacknowledged messages (by
+        # default one in ten of its 10-second ticks): keep both short so the test
+        # does not wait minutes for them.
+        transport = {"visibility_timeout": 10, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
         app = make_app(
             broker=broker,
             task_publish_retry_policy=RETRY_POLICY,
@@ -116,7 +125,9 @@ class TestBrokerRestart:
             # as a process supervisor would.  The messages wait in Redis for it.
             workers[0].stop()
             workers.append(start_worker())
-        done = _poll_results(app, [result.id for result in results], timeout=300)
+        # A message lost with its consumer never comes: stop once nothing has come
+        # for longer than a redelivery takes (visibility timeout, sweep, run).
+        done = _poll_results(app, [result.id for result in results], timeout=300, quiet_for=30)
         for i, result in enumerate(results):
             if result.id in done:
                 assert (done[result.id]["card_number"], done[result.id]["amount"]) == (_card(i), i)

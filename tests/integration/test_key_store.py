@@ -812,12 +812,16 @@ class TestCache:
 
     def test_ttl_still_bounds_the_cache_between_checks(self, make_manager):
         """Without a check, a cached copy is served only until pii_key_cache_ttl runs out."""
-        first, second = make_manager(cache_ttl=0.5), make_manager(cache_ttl=0.5, recheck_interval=3600)
+        # A ttl that a slow store's destroy cannot outlast (0.5 s did, once, on a busy CI machine).
+        ttl = 3.0
+        first, second = make_manager(cache_ttl=ttl), make_manager(cache_ttl=ttl, recheck_interval=3600)
         first.encryption_key(KeySpec("orders"))
+        cached_at = time.monotonic()
         second.decryption_key("orders", 1)
         first.destroy_key("orders")
+        assert time.monotonic() - cached_at < ttl, "the destroy outlasted the ttl: the test proves nothing"
         second.decryption_key("orders", 1)  # cached, and no check due
-        time.sleep(0.6)
+        time.sleep(max(0.0, cached_at + ttl + 0.1 - time.monotonic()))
         with pytest.raises(KeyDestroyed):
             second.decryption_key("orders", 1)
 
