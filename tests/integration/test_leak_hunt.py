@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +28,7 @@ from .conftest import EventCapture, RedisMonitor, queued_messages
 from .test_canary import SECRETS, SERIAL, _backend_dump, _check_plaintext_arrived, _exercise, backend_keys
 from .test_celery_consume import _tamper
 from .test_celery_roundtrip import CARD, EMAIL, EMAIL2
+from .test_examples_more import example_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -124,14 +123,6 @@ def test_every_path_with_warn_and_debug(make_app, start_worker_process, key_stor
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.parent.name)
 def test_examples_log_nothing(script):
     """Every example's log output (stderr) holds none of its PII."""
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CELERY_PII_LOG_LEVEL": "DEBUG"},
-    )
+    done = example_run(script)
     assert done.returncode == 0, done.stderr[-2000:]
     _find(done.stderr, f"the log of {script.parent.name}", EXAMPLE_SECRETS)
