@@ -79,7 +79,7 @@ def _exercise(app):
     running = tasks["t.slow"].delay(EMAIL, 3.0)
     scheduled = tasks["t.slow"].apply_async((EMAIL,), countdown=120)
     time.sleep(1.5)
-    inspect = app.control.inspect(timeout=3)
+    inspect = app.control.inspect(timeout=3, limit=1)  # one worker: its reply ends the wait
     replies = [inspect.active(), inspect.reserved(), inspect.scheduled()]
     got = {name: result.get(timeout=60) for name, result in results.items()}
     with pytest.raises(ValueError, match=r"\[pii:redacted\]"):

@@ -1026,7 +1026,7 @@ class TestResultsAndLogs:
             queued = slow.delay(EMAIL, 0.1)
             scheduled = slow.apply_async((EMAIL,), countdown=30)
             time.sleep(1.0)
-            inspect = app.control.inspect(timeout=3)
+            inspect = app.control.inspect(timeout=3, limit=1)  # one worker: its reply ends the wait
             replies = [inspect.active(), inspect.reserved(), inspect.scheduled()]
             assert running.get(timeout=20) == EMAIL
             queued.get(timeout=20)
