@@ -434,7 +434,10 @@ class WorkerProcess:
             "-Q", queue, "-E", "--without-mingle", "--without-gossip", "--without-heartbeat",
             "-n", f"{queue}@%h",
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A session of its own: kill() ends the worker and its pool processes together.
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
 
     def wait_ready(self, timeout=60):
         """Block until the worker logs that it is ready."""
@@ -460,8 +463,19 @@ class WorkerProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+                self.kill()
+        self._read_stderr()
+
+    def kill(self):
+        """SIGKILL to the worker and its pool processes: for a test that is over (no shutdown to wait for)."""
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self._read_stderr()
+
+    def _read_stderr(self):
         if self.process.stderr and not self.process.stderr.closed:
             self.stderr = self.process.stderr.read().decode(errors="replace")
             self.process.stderr.close()
@@ -503,8 +517,9 @@ def start_worker_process(key_store_url, queue_name, tmp_path):
         return worker.wait_ready() if wait else worker
 
     yield start
+    # The test is over: a warm shutdown (two seconds of a prefork pool's) would serve no one.
     for worker in started:
-        worker.stop()
+        worker.kill()
 
 
 class RedisMonitor:

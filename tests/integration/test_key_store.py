@@ -813,7 +813,7 @@ class TestCache:
     def test_ttl_still_bounds_the_cache_between_checks(self, make_manager):
         """Without a check, a cached copy is served only until pii_key_cache_ttl runs out."""
         # A ttl that a slow store's destroy cannot outlast (0.5 s did, once, on a busy CI machine).
-        ttl = 3.0
+        ttl = 2.0
         first, second = make_manager(cache_ttl=ttl), make_manager(cache_ttl=ttl, recheck_interval=3600)
         first.encryption_key(KeySpec("orders"))
         cached_at = time.monotonic()
