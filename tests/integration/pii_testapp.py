@@ -47,7 +47,9 @@ def make_app(*, broker: str, backend: str, key_store: str, queue: str, **conf: A
         control_exchange=f"{queue}.control",
         event_exchange=f"{queue}.events",
         result_expires=3600,
-        broker_transport_options={"visibility_timeout": 60},
+        # A Redis consumer asks for messages with a BRPOP of this timeout, which a
+        # worker stopping waits out: 0.2 s instead of 1 s, for every test's worker.
+        broker_transport_options={"visibility_timeout": 60, "polling_interval": 0.2},
     )
     app.conf.update(conf)
     setup_pii(app)
