@@ -51,7 +51,7 @@ import json
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from kombu.utils import json as kombu_json
 
@@ -95,6 +95,10 @@ _KNOWN_FLAGS: Final = _FLAG_COMPRESSED | _FLAG_RESULT | _FLAG_TYPED | _FLAG_ORJS
 _MAX_SHORT: Final = 255
 _MAX_KEY_VERSION: Final = 2**31 - 1  # the key store's version column
 _FIXED = struct.Struct(">BBBI")
+# Their sizes as constants (compiled, a Final int is inlined; ``_FIXED.size`` is an attribute
+# lookup); test_envelope checks they agree.
+_FIXED_SIZE: Final = 7
+_U32_SIZE: Final = 4
 _CO_KEY = struct.Struct(">BIB")  # algorithm code, version, id length
 _U16 = struct.Struct(">H")
 # A chord body gathering the results of as many subjects' tasks needs as many keys.
@@ -217,7 +221,7 @@ def open_task(
     if not isinstance(task_name, str):
         task_name = task_name(locations)
     own = (prefix.key_id, prefix.key_version)
-    key = key_for(*own)
+    key = key_for(prefix.key_id, prefix.key_version)  # not key_for(*own): compiled, a call without a tuple
     if not co_keys:  # nearly every message
         return (own,), locations, _open_values(prefix, key, data, end, task_name, len(locations))
     co = [key_for(*co_key) for co_key in co_keys]
@@ -490,18 +494,35 @@ def _decode(token: object) -> bytes:
         raise DecryptionFailed from None
 
 
-class _KeyPrefix(NamedTuple):
-    """What an envelope's first bytes say: the same for every message sealed with one key."""
+class _KeyPrefix:
+    """What an envelope's first bytes say: the same for every message sealed with one key.
 
-    key_id: str
-    key_version: int
-    algorithm: Algorithm
-    kind: Kind
-    compressed: bool
-    #: Co-keys follow the key id.
-    co_keys: bool
-    #: How the values' JSON is read: kombu's typed JSON, orjson directly, or with every check.
-    read: Callable[[bytes], Any]
+    A class with slots, not a NamedTuple: compiled, its fields are read as a
+    native class's (a NamedTuple's go through a descriptor), several per message.
+    """
+
+    __slots__ = ("algorithm", "co_keys", "compressed", "key_id", "key_version", "kind", "read")
+
+    def __init__(  # noqa: PLR0913 - the fields of the prefix
+        self,
+        *,
+        key_id: str,
+        key_version: int,
+        algorithm: Algorithm,
+        kind: Kind,
+        compressed: bool,
+        co_keys: bool,
+        read: Callable[[bytes], Any],
+    ) -> None:
+        self.key_id = key_id
+        self.key_version = key_version
+        self.algorithm = algorithm
+        self.kind = kind
+        self.compressed = compressed
+        #: Co-keys follow the key id.
+        self.co_keys = co_keys
+        #: How the values' JSON is read: kombu's typed JSON, orjson directly, or with every check.
+        self.read = read
 
 
 # Parsed key prefixes by their bytes (bounded like the caches above): the
@@ -514,7 +535,7 @@ def _parse_bytes(
     data: bytes,
 ) -> tuple[_KeyPrefix, str, tuple[Location, ...], int, tuple[tuple[str, int], ...]]:
     """Key prefix, bound task id, locations, where the nonce starts and co-keys (unauthenticated)."""
-    pos = _FIXED.size + 1
+    pos = _FIXED_SIZE + 1
     end = pos + data[pos - 1]
     prefix = data[:end]
     key = _parsed_prefixes.get(prefix)
@@ -530,7 +551,7 @@ def _parse_bytes(
     (where_len,) = _U32.unpack_from(data, end)
     if where_len > MAX_LOCATIONS_BYTES:
         raise DecryptionFailed
-    pos = end + _U32.size
+    pos = end + _U32_SIZE
     where = data[pos : pos + where_len]
     pos += where_len
     if len(where) != where_len or len(data) < pos + NONCE_SIZE + TAG_SIZE:

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from ._crypto import Algorithm, DataKey, new_key_material
 from ._keycache import KeyCache
+from ._keylookup import KeyLookup
 from ._sources import MasterKey
 from ._store import (
     ACTIVE,
@@ -161,7 +162,7 @@ class KeySpec:
     co_keys: tuple[str, ...] = ()
 
 
-class KeyManager:
+class KeyManager(KeyLookup):
     """Generate, rotate, retire, destroy and look up data keys (``pii.keys``)."""
 
     def __init__(  # noqa: PLR0913 - keyword-only configuration, read from Settings
@@ -221,44 +222,17 @@ class KeyManager:
 
     # -- the publish and consume paths -------------------------------------------------------
 
-    def encryption_key(self, spec: KeySpec) -> DataKey:
-        """The active version of ``spec.key_id``, created on first use.
+    # ``encryption_key`` and ``decryption_key`` are KeyLookup's (compiled when built so):
+    # what their cache cannot answer comes here.
 
-        Raises:
-            KeyStoreUnavailable: not cached and the store cannot be reached.
-            EncryptionFailed: a retention bucket whose deadline has passed.
-            KeyDestroyed: the data is derived from a destroyed key version, or from
-                one whose retention deadline has passed (``spec.derived_from``).
-        """
-        now = time.monotonic()
-        if now >= self._next_recheck:
-            self.recheck_cache()
-        for source in spec.derived_from:
-            if not self.cache.holds(*source, now):
-                self._refuse_derived_from_destroyed(*source)
-        key = self.cache.active(spec.key_id, now)
-        if key is None or (key.expires_at is not None and key.expires_at <= self._clock().timestamp()):
-            # A bucket key past its deadline seals nothing, cached or not (what it
-            # sealed would be refused on arrival): the store says what to do.
-            key = self._load_active(spec)
-        if self.cache.flush_due(now):
-            self.flush_usage()
-        return key
-
-    def decryption_key(self, key_id: str, version: int) -> DataKey:
-        """Any live version of a key, for opening.
+    def _load_version(self, key_id: str, version: int) -> DataKey:
+        """That version from the store, for opening: cached, and checked against its deadline.
 
         Raises:
             KeyNotFound: no such key id or version.
             KeyDestroyed: that version was destroyed.
-            KeyStoreUnavailable: not cached and the store cannot be reached.
+            KeyStoreUnavailable: the store cannot be reached.
         """
-        now = time.monotonic()
-        if now >= self._next_recheck:
-            self.recheck_cache()
-        key = self.cache.version(key_id, version, now)
-        if key is not None:
-            return key if key.expires_at is None else self._unexpired(key)
         if self.cache.is_destroyed(key_id, version):
             raise _destroyed(key_id, version)
         key, active = _answered_within(
@@ -355,17 +329,6 @@ class KeyManager:
                 "celery-pii: evicted %d cached key version(s) destroyed or retired elsewhere", evicted
             )
         return evicted
-
-    def _unexpired(self, key: DataKey) -> DataKey:
-        # Past its retention deadline a key opens nothing, in every process,
-        # whether or not enforce_retention has destroyed it yet.
-        if key.expires_at is not None and key.expires_at <= self._clock().timestamp():
-            msg = (
-                f"key {key.key_id!r} version {key.version} was destroyed at its retention deadline; "
-                "data sealed under it is gone"
-            )
-            raise KeyDestroyed(msg)
-        return key
 
     def _load_active(self, spec: KeySpec) -> DataKey:
         now = self._clock()

@@ -702,17 +702,18 @@ def set_all_in_place(root: Mapping[str, Any], locations: Sequence[Location], val
     if len(locations) != len(values):
         msg = "as many values as locations"
         raise ValueError(msg)
-    places = []
+    containers: list[Any] = []  # where each value goes, found before any is written
     for location in locations:
         container: Any = root
-        for part in location[:-1]:
-            container = container[part]
-        last = location[-1]
+        last_at = len(location) - 1
+        for at in range(last_at):  # indexed, not location[:-1]: no tuple made per location
+            container = container[location[at]]
+        last = location[last_at]
         if isinstance(container, list) and isinstance(last, int):
             if not 0 <= last < len(container):  # never appends
                 raise IndexError(last)
         elif not (isinstance(container, dict) and last in container):
             raise KeyError(last)
-        places.append((container, last))
-    for (container, last), value in zip(places, values):  # noqa: B905 - as many places as values
-        container[last] = value
+        containers.append(container)
+    for at, container in enumerate(containers):
+        container[locations[at][-1]] = values[at]

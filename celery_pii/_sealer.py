@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, NamedTuple, cast
 
@@ -116,19 +115,36 @@ _EMBED_PARTS: Final = frozenset(EMBED_PARTS)
 SpecLookup = Callable[[str], "tuple[bool, TaskSpec | None]"]
 
 
-class Sealed(NamedTuple):
-    """A sealed message: copies of the root with markers, the envelopes, what detection found."""
+class Sealed:
+    """A sealed message: copies of the root with markers, the envelopes, what detection found.
 
-    root: dict[str, Any]
-    #: The envelope of the values sealed under the message's own key (``None``: there are none).
-    token: str | None
-    locations: tuple[Location, ...]
-    #: Undeclared PII found by ``pii_detect`` (sealed in "encrypt" mode, only reported in "warn").
-    detected: tuple[tuple[Location, str], ...] = ()
-    #: True when detection stopped at its caps (every argument was then sealed in "encrypt" mode).
-    truncated: bool = False
-    #: Envelopes of embedded steps of other data subjects, one per subject's key.
-    step_tokens: tuple[str, ...] = ()
+    A plain class with slots (a native class when compiled), made for every message published.
+    """
+
+    __slots__ = ("detected", "locations", "root", "step_tokens", "token", "truncated")
+
+    def __init__(  # noqa: PLR0913, PLR0917 - the parts of a sealed message
+        self,
+        root: dict[str, Any],
+        token: str | None,
+        locations: tuple[Location, ...],
+        detected: tuple[tuple[Location, str], ...] = (),
+        truncated: bool = False,
+        step_tokens: tuple[str, ...] = (),
+    ) -> None:
+        self.root = root
+        #: The envelope of the values sealed under the message's own key (``None``: there are none).
+        self.token = token
+        self.locations = locations
+        #: Undeclared PII found by ``pii_detect`` (sealed in "encrypt" mode, only reported in "warn").
+        self.detected = detected
+        #: True when detection stopped at its caps (every argument was then sealed in "encrypt" mode).
+        self.truncated = truncated
+        #: Envelopes of embedded steps of other data subjects, one per subject's key.
+        self.step_tokens = step_tokens
+
+    def __repr__(self) -> str:
+        return f"<Sealed {len(self.locations)} locations, {len(self.tokens)} envelopes>"
 
     @property
     def tokens(self) -> list[str]:
@@ -136,20 +152,33 @@ class Sealed(NamedTuple):
         return [*((self.token,) if self.token is not None else ()), *self.step_tokens]
 
 
-@dataclass(slots=True)
 class Opened:
-    """What opening a message produced: the plaintext values (for scrubbing), the keys, the places."""
+    """What opening a message produced: the plaintext values (for scrubbing), the keys, the places.
 
-    values: list[Any] = field(default_factory=list)
-    #: ``(key id, version)`` of each envelope opened, the message's own first.
-    keys: list[tuple[str, int]] = field(default_factory=list)
-    #: Where the values were put, in their order.
-    locations: Sequence[Location] = ()
-    #: The keys of the envelopes holding the task's own arguments (not only those of steps it
-    #: carries, such as a subject's chain step under its own key): what its outcome derives from.
-    own_keys: list[tuple[str, int]] = field(default_factory=list)
-    #: The keys of the other envelopes: of steps the message carries.
-    carried_keys: list[tuple[str, int]] = field(default_factory=list)
+    A plain class, not a dataclass: compiled (see ``setup.py``) it is a native
+    class, built on every message opened without the dataclass machinery.
+    """
+
+    __slots__ = ("carried_keys", "keys", "locations", "own_keys", "values")
+
+    def __init__(
+        self,
+        values: list[Any] | None = None,
+        keys: list[tuple[str, int]] | None = None,
+        locations: Sequence[Location] = (),
+        own_keys: list[tuple[str, int]] | None = None,
+        carried_keys: list[tuple[str, int]] | None = None,
+    ) -> None:
+        self.values: list[Any] = values if values is not None else []
+        #: ``(key id, version)`` of each envelope opened, the message's own first.
+        self.keys: list[tuple[str, int]] = keys if keys is not None else []
+        #: Where the values were put, in their order.
+        self.locations: Sequence[Location] = locations
+        #: The keys of the envelopes holding the task's own arguments (not only those of steps it
+        #: carries, such as a subject's chain step under its own key): what its outcome derives from.
+        self.own_keys: list[tuple[str, int]] = own_keys if own_keys is not None else []
+        #: The keys of the other envelopes: of steps the message carries.
+        self.carried_keys: list[tuple[str, int]] = carried_keys if carried_keys is not None else []
 
 
 class OpenedResult(NamedTuple):
@@ -940,7 +969,7 @@ def unreadable_result(obj: dict[str, Any], error: Exception) -> Any:
 
 def _failure_meta(obj: dict[str, Any], error: Exception) -> dict[str, Any]:
     """A result meta that says the stored result is gone, and why (no values)."""
-    meta = {name: value for name, value in obj.items() if name not in (RESULT_KEY, *RESULT_FIELDS)}
+    meta = {name: value for name, value in obj.items() if name != RESULT_KEY and name not in RESULT_FIELDS}
     meta.update(
         status="FAILURE",
         result={
@@ -1003,6 +1032,8 @@ def step_holds_marker(value: Any) -> bool:
 
 def has_canvas(root: Mapping[str, Any]) -> bool:
     """True if a message root embeds later canvas steps (callbacks, errbacks, chain, chord)."""
+    if isinstance(root, dict):  # nearly always: compiled, a dict's own lookups are the fast ones
+        return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
     return bool(root.get("callbacks") or root.get("errbacks") or root.get("chain") or root.get("chord"))
 
 

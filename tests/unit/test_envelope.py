@@ -303,6 +303,12 @@ def test_limits_are_defined():
     assert _envelope.MAX_ENVELOPE_BYTES >= 1024 * 1024
 
 
+def test_size_constants_match_the_layout():
+    """The sizes the parser uses as constants are those of the structs that write the layout."""
+    assert _envelope._FIXED.size == _envelope._FIXED_SIZE
+    assert _envelope._U32.size == _envelope._U32_SIZE
+
+
 ALICE = DataKey("subject.a11ce", 1, Algorithm.AES_256_GCM, bytes(range(1, 33)))
 BOB = DataKey("subject.b0b@20270101T000000Z", 4, Algorithm.CHACHA20_POLY1305, bytes(range(2, 34)))
 
